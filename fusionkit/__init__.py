@@ -1,0 +1,43 @@
+"""fusionkit: plugin-based rank-aware top-n encoder fusion for PyTorch.
+
+The public API::
+
+    import fusionkit
+    spec = fusionkit.load_spec("spec.yaml")          # or a dict
+    model = fusionkit.build_model(spec)              # a torch.nn.Module
+    model.save_pretrained("run/model")
+    model = fusionkit.load_model("run/model")
+
+Plugin authors use :data:`fusionkit.hookimpl`. Names are imported lazily so that
+``import fusionkit`` (and ``fusionkit --help``) does not import torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from fusionkit.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_spec": "fusionkit.spec",
+    "dump_spec": "fusionkit.spec",
+    "Spec": "fusionkit.spec",
+    "build_model": "fusionkit.model",
+    "FusionModel": "fusionkit.model",
+    "FusionOutput": "fusionkit.model",
+    "load_model": "fusionkit.checkpoint",
+    "get_registry": "fusionkit.plugins",
+    "option": "fusionkit.config",
+    "blemore_scores": "fusionkit.metrics",
+}
+
+__all__ = ["hookimpl", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fusionkit' has no attribute {name!r}")

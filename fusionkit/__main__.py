@@ -1,0 +1,5 @@
+import sys
+
+from fusionkit.cli import main
+
+sys.exit(main())

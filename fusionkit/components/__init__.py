@@ -1,0 +1,73 @@
+"""The built-in components, registered through the same hooks a third-party plugin uses."""
+
+from __future__ import annotations
+
+from fusionkit.hookspecs import hookimpl
+
+
+@hookimpl
+def register_encoders(register):
+    from fusionkit.components.encoders import FeaturesConfig, FeaturesEncoder
+
+    register("features", FeaturesEncoder, config=FeaturesConfig,
+             description="Pre-extracted vectors, or sequences pooled by mean, stats7 or attention.")
+
+
+@hookimpl
+def register_gates(register):
+    from fusionkit.components import gates
+
+    register("attention", gates.AttentionGate, config=gates.AttentionGateConfig,
+             description="Self-attention across encoder tokens, then a score per token (the seed method).")
+    register("mlp", gates.MLPGate, config=gates.MLPGateConfig, description="Each encoder token scored alone by an MLP.")
+    register("static", gates.StaticGate, config=gates.StaticGateConfig, description="One learned score per encoder.")
+    register("uniform", gates.UniformGate, config=gates.UniformGateConfig,
+             description="Equal scores: naive fusion when top_n covers every encoder.")
+
+
+@hookimpl
+def register_fusions(register):
+    from fusionkit.components import fusions
+
+    register("weighted_sum", fusions.WeightedSumFusion, config=fusions.WeightedSumConfig,
+             description="Gate-weighted sum of the kept encoders (order-free).")
+    register("rank_concat", fusions.RankConcatFusion, config=fusions.RankConcatConfig,
+             description="Kept encoders concatenated in rank order, with rank embeddings.")
+    register("rank_attention", fusions.RankAttentionFusion, config=fusions.RankAttentionConfig,
+             description="A small transformer over the rank-ordered kept encoders.")
+
+
+@hookimpl
+def register_heads(register):
+    from fusionkit.components import heads
+
+    register("presence", heads.presence_head, config=heads.PresenceHeadConfig,
+             description="Sigmoid per label: is each emotion present?")
+    register("salience", heads.salience_head, config=heads.SalienceHeadConfig,
+             description="Softmax over labels: the share of each emotion.")
+    register("classifier", heads.salience_head, config=heads.ClassifierHeadConfig,
+             description="The official baseline head: one hidden ReLU layer, softmax over labels.")
+
+
+@hookimpl
+def register_combiners(register):
+    from fusionkit.components import combiners
+
+    register("product", combiners.ProductCombiner, config=combiners.ProductConfig,
+             description="Normalised p_salience * p_presence^gamma.")
+    register("mean", combiners.MeanCombiner, config=combiners.MeanConfig,
+             description="Mean of salience and normalised presence.")
+    register("salience_only", combiners.SalienceOnlyCombiner, config=combiners.SalienceOnlyConfig,
+             description="The salience (or classifier) head alone.")
+    register("presence_only", combiners.PresenceOnlyCombiner, config=combiners.PresenceOnlyConfig,
+             description="The normalised presence head alone.")
+
+
+@hookimpl
+def register_decoders(register):
+    from fusionkit.components import decoders
+
+    register("blemore", decoders.BlemoreDecoder, config=decoders.BlemoreDecoderConfig,
+             description="The official BlEmoRE alpha/beta rule on the combined distribution.")
+    register("presence_salience", decoders.PresenceSalienceDecoder, config=decoders.PresenceSalienceDecoderConfig,
+             description="Present set from the presence head, ratio from the salience head.")

@@ -1,0 +1,222 @@
+"""Component configs: attrs classes with documented, validated fields.
+
+A plugin describes its parameters with an attrs class whose fields are made with
+:func:`option`::
+
+    @attrs.frozen(kw_only=True)
+    class MyEncoderConfig:
+        dim: int = option(doc="Input feature size.", validator=positive)
+        dropout: float = option(0.1, doc="Dropout rate.", validator=unit_interval)
+
+:func:`structure` turns a plain mapping (from YAML, TOML, JSON or a dict) into
+such a class strictly — unknown keys, wrong types and failed validators are all
+reported, each with its path — and :func:`unstructure` turns it back.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+import cattrs
+
+NOTHING = attrs.NOTHING
+
+
+def option(default: Any = NOTHING, *, doc: str, validator: Any = None, factory: Any = None) -> Any:
+    """An attrs field with a docstring (shown by ``fusionkit spec schema`` and the docs)."""
+    if factory is not None:
+        return attrs.field(factory=factory, validator=validator, metadata={"doc": doc})
+    return attrs.field(default=default, validator=validator, metadata={"doc": doc})
+
+
+def positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: the value must be > 0."""
+    if value is not None and value <= 0:
+        raise ValueError(f"must be > 0, found {value!r}")
+
+
+def non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: the value must be >= 0."""
+    if value is not None and value < 0:
+        raise ValueError(f"must be >= 0, found {value!r}")
+
+
+def unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: the value must lie in [0, 1]."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"must lie in [0, 1], found {value!r}")
+
+
+def _strict(expected: tuple[type, ...], name: str):
+    def hook(value: Any, _type: Any) -> Any:
+        if isinstance(value, bool) and bool not in expected:
+            raise TypeError(f"expected {name}, found {value!r} (bool)")
+        if not isinstance(value, expected):
+            raise TypeError(f"expected {name}, found {value!r} ({type(value).__name__})")
+        return float(value) if name == "float" else value
+
+    return hook
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(int, _strict((int,), "int"))
+    conv.register_structure_hook(float, _strict((int, float), "float"))
+    conv.register_structure_hook(bool, _strict((bool,), "bool"))
+    conv.register_structure_hook(str, _strict((str,), "str"))
+    return conv
+
+
+converter = _make_converter()
+
+
+def type_name(tp: Any) -> str:
+    """A readable name of a field type, as error messages show it."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _found(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _describe(exc: BaseException, path: str, expected: Any, value: Any) -> list[str]:
+    if isinstance(exc, cattrs.BaseValidationError):
+        return [_reword(m) for m in cattrs.transform_error(exc, path=path)]
+    if isinstance(exc, (TypeError, ValueError)) and str(exc).startswith("expected "):
+        return [f"{path}: {exc}"]
+    return [f"{path}: expected {type_name(expected)}, found {_found(value)}"]
+
+
+def _reword(message: str) -> str:
+    text, _, where = message.rpartition(" @ ")
+    return f"{where}: {text}" if where else message
+
+
+def structure(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """Structure ``data`` into the attrs class ``cls``; append every problem to ``problems``.
+
+    Returns the instance, or None when there were problems.
+    """
+    if not isinstance(data, Mapping):
+        problems.append(f"{path}: expected a mapping of {cls.__name__} options, found {_found(data)}")
+        return None
+    attrs.resolve_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    start = len(problems)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            problems.append(
+                f"{path}.{key}: unknown option{hint} Options of {cls.__name__}: {', '.join(fields) or 'none'}"
+            )
+    values: dict[str, Any] = {}
+    for name, field in fields.items():
+        fpath = f"{path}.{name}"
+        if name not in data:
+            if field.default is NOTHING:
+                problems.append(f"{fpath}: required ({type_name(field.type)}), but missing")
+            continue
+        raw = data[name]
+        try:
+            value = converter.structure(raw, field.type)
+        except Exception as exc:
+            problems.extend(_describe(exc, fpath, field.type, raw))
+            continue
+        if field.validator is not None:
+            try:
+                field.validator(None, field, value)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{fpath}: {_validator_text(exc, value)}")
+                continue
+        values[name] = value
+    if len(problems) > start:
+        return None
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{path}: {exc}")
+        return None
+
+
+def _validator_text(exc: BaseException, value: Any) -> str:
+    text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+    if "found" not in text:
+        text = f"{text}; found {_found(value)}"
+    return text
+
+
+def unstructure(instance: Any) -> Any:
+    """The plain-data form of a config (for writing specs and checkpoints)."""
+    return converter.unstructure(instance)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("doc", "") for f in attrs.fields(cls)}
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """A JSON Schema object for an attrs config class (fields, types, defaults, docs)."""
+    attrs.resolve_types(cls)
+    props: dict[str, Any] = {}
+    required: list[str] = []
+    for f in attrs.fields(cls):
+        prop = _type_schema(f.type)
+        doc = f.metadata.get("doc")
+        if doc:
+            prop["description"] = doc
+        if f.default is NOTHING:
+            required.append(f.name)
+        elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
+            prop["default"] = unstructure(f.default.factory())
+        else:
+            prop["default"] = unstructure(f.default)
+        props[f.name] = prop
+    schema: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    if cls.__doc__:
+        schema["description"] = cls.__doc__.strip().splitlines()[0]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is str:
+        return {"type": "string"}
+    if tp is type(None):
+        return {"type": "null"}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_type_schema(a) for a in args]}
+    if origin in (list, tuple) or origin is typing.Sequence:
+        item = args[0] if args else Any
+        return {"type": "array", "items": _type_schema(item)}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _type_schema(args[1]) if len(args) > 1 else {}}
+    if attrs.has(tp):
+        return json_schema(tp)
+    return {}

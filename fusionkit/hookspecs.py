@@ -1,0 +1,84 @@
+"""The hooks a fusionkit plugin can implement: one per component kind.
+
+Every hook receives a ``register`` callable (the "register callback" style of
+pluggy-based tools such as ``llm``)::
+
+    @fusionkit.hookimpl
+    def register_encoders(register):
+        register("my_encoder", MyEncoder, config=MyEncoderConfig,
+                 description="What it is, in one line.")
+
+``register(name, factory, *, config, description)`` records the component under
+``name`` (what a spec writes in ``type:``). ``factory(config, context)`` builds it;
+``config`` is an attrs class describing its parameters. Import heavy optional
+libraries inside the factory, never at module import time.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT_NAME = "fusionkit"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_encoders(register):
+    """Register encoders: turn one input (features or raw data) into a vector [B, D]."""
+
+
+@hookspec
+def register_gates(register):
+    """Register gates: score every encoder for every sample."""
+
+
+@hookspec
+def register_fusions(register):
+    """Register fusions: combine the kept, rank-ordered encoder slots into one vector."""
+
+
+@hookspec
+def register_heads(register):
+    """Register prediction heads: fused vector -> probabilities over the labels."""
+
+
+@hookspec
+def register_combiners(register):
+    """Register combiners: fuse the heads' probabilities into one distribution."""
+
+
+@hookspec
+def register_decoders(register):
+    """Register decoders: probabilities -> BlEmoRE-style predictions."""
+
+
+@hookspec
+def register_adaptation_losses(register):
+    """Register unsupervised domain adaptation losses."""
+
+
+@hookspec
+def register_distill_losses(register):
+    """Register relational distillation losses."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets: builders of feature stores."""
+
+
+#: Component kind -> the hook that registers it. The kind names are the keys a
+#: registry lookup and ``fusionkit plugins --json`` use.
+KIND_HOOKS: dict[str, str] = {
+    "encoder": "register_encoders",
+    "gate": "register_gates",
+    "fusion": "register_fusions",
+    "head": "register_heads",
+    "combiner": "register_combiners",
+    "decoder": "register_decoders",
+    "adaptation_loss": "register_adaptation_losses",
+    "distill_loss": "register_distill_losses",
+    "dataset": "register_datasets",
+}

@@ -1,0 +1,143 @@
+"""The small interfaces every component implements, built-in or third-party.
+
+A factory registered for a kind returns an object of that kind's class here.
+Each takes ``(config, context)``: its attrs config and a :class:`BuildContext`
+saying where in the model it sits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+
+from fusionkit.config import non_negative, option, positive
+
+if TYPE_CHECKING:
+    from fusionkit.selection import Selection
+
+
+@attrs.frozen(kw_only=True)
+class BuildContext:
+    """What a component needs to know about the model it is built into."""
+
+    labels: tuple[str, ...]
+    neutral: str | None
+    latent_dim: int
+    encoder_names: tuple[str, ...]
+    top_n: int = 0
+    in_dim: int = 0
+    encoder_name: str = ""
+    head_roles: tuple[str, ...] = ()
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_encoders(self) -> int:
+        return len(self.encoder_names)
+
+    @property
+    def neutral_index(self) -> int | None:
+        return None if self.neutral is None else self.labels.index(self.neutral)
+
+
+class Encoder(nn.Module):
+    """Turns one input into a vector. ``out_dim`` is the size of that vector.
+
+    ``forward(x, lengths)``: ``x`` is ``[B, D]`` or ``[B, T, D]`` (then ``lengths``
+    ``[B]`` gives the valid frames, or is None when all are valid) -> ``[B, out_dim]``.
+    """
+
+    out_dim: int
+
+
+@attrs.frozen(kw_only=True)
+class GateConfig:
+    """Options every gate has: how many encoders to keep and how to keep the gate alive."""
+
+    top_n: int = option(2, doc="How many encoders each sample keeps, in rank order.", validator=positive)
+    temperature: float = option(1.0, doc="Softmax temperature of the weights over kept scores.", validator=positive)
+    noise: float = option(0.0, doc="Std of Gaussian noise added to the scores in training.", validator=non_negative)
+    warmup_epochs: int = option(
+        0, doc="Epochs of soft warm-up: the last slot mixes every encoder below the top n-1.", validator=non_negative
+    )
+    balance_weight: float = option(
+        0.0, doc="Weight of the load-balance loss that discourages collapse onto one encoder.", validator=non_negative
+    )
+
+
+class Gate(nn.Module):
+    """Scores every encoder token per sample; the shared :meth:`forward` ranks and selects.
+
+    Subclasses implement :meth:`score` only: ``[B, K, d]`` tokens and a ``[B, K]``
+    availability mask -> ``[B, K]`` scores.
+    """
+
+    def __init__(self, config: GateConfig) -> None:
+        super().__init__()
+        self.top_n = config.top_n
+        self.temperature = config.temperature
+        self.noise = config.noise
+        self.warmup_epochs = config.warmup_epochs
+        self.balance_weight = config.balance_weight
+        self.epoch = 0
+
+    def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> Selection:
+        from fusionkit.selection import select_top_n
+
+        scores = self.score(tokens, mask)
+        if self.training and self.noise > 0:
+            scores = scores + self.noise * torch.randn_like(scores)
+        soft_tail = self.training and self.epoch < self.warmup_epochs
+        return select_top_n(scores, mask, self.top_n, self.temperature, soft_tail, self.balance_weight)
+
+
+class Fusion(nn.Module):
+    """Fuses ``[B, n, d]`` rank-ordered slots with weights ``[B, n]`` and a slot mask into ``[B, out_dim]``."""
+
+    out_dim: int
+
+
+class Head(nn.Module):
+    """Fused vector ``[B, d]`` -> logits ``[B, L]``; ``activation`` turns them into probabilities."""
+
+    activation: str = "softmax"
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
+
+
+class Combiner(nn.Module):
+    """Probability-level fusion: presence ``[B, L]`` and/or salience ``[B, L]`` -> one distribution ``[B, L]``."""
+
+    def forward(self, presence: torch.Tensor | None, salience: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Decoder:
+    """Turns probabilities into BlEmoRE predictions; its thresholds can be fitted on validation data.
+
+    :meth:`decode` returns ``(order, saliences)``: ``order`` ``[N, 2]`` label indices
+    (second -1 for a single emotion) and ``saliences`` ``[N, 2]`` on the 0-100 scale.
+    """
+
+    def __init__(self, config: Any, context: BuildContext) -> None:
+        self.config = config
+        self.context = context
+
+    def decode(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def fit(self, outputs: dict[str, np.ndarray], truth: np.ndarray) -> Any:
+        """Search the thresholds on validation data; return the best config (not applied)."""
+        raise NotImplementedError

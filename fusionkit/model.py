@@ -1,0 +1,218 @@
+"""The fusion model: encoders -> projectors -> gate -> top-n selection -> fusion -> heads -> combiner.
+
+:func:`build_model` assembles a :class:`FusionModel` from a spec; every component
+is looked up by name in the plugin registry and built by its factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusionkit.answers import Prediction, from_order
+from fusionkit.errors import DataError, FusionkitError
+from fusionkit.interfaces import BuildContext, Decoder
+from fusionkit.registry import Registry
+from fusionkit.selection import gather_slots
+from fusionkit.spec import Component, ProjectorConfig, Spec, load_spec
+
+
+@dataclass
+class FusionOutput:
+    """Everything one forward pass computed, for training, analysis and plots.
+
+    ``kept`` holds encoder indices (into ``model.encoder_names``) in rank order,
+    -1 for an empty slot. ``presence``/``salience`` are None when the spec has no
+    such head. ``aux_losses`` holds regularisers to add to the training loss.
+    """
+
+    fused: torch.Tensor
+    scores: torch.Tensor
+    kept: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+    presence: torch.Tensor | None
+    salience: torch.Tensor | None
+    logits: dict[str, torch.Tensor]
+    tokens: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Projector(nn.Module):
+    """One encoder's map into the shared latent space: linear or a two-layer MLP."""
+
+    def __init__(self, in_dim: int, latent_dim: int, config: ProjectorConfig) -> None:
+        super().__init__()
+        if config.hidden:
+            layers: list[nn.Module] = [nn.Linear(in_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, latent_dim)]
+        else:
+            layers = [nn.Linear(in_dim, latent_dim)]
+        if config.norm:
+            layers.append(nn.LayerNorm(latent_dim))
+        layers.append(nn.Dropout(config.dropout))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class FusionModel(nn.Module):
+    """A rank-aware top-n fusion model built from a :class:`~fusionkit.spec.Spec`.
+
+    ``forward(inputs, lengths=None, mask=None)``: ``inputs`` maps every encoder
+    name to ``[B, D]`` or ``[B, T, D]``; ``lengths`` maps names of sequence inputs
+    to ``[B]`` valid frame counts; ``mask`` ``[B, K]`` is False where an encoder is
+    missing for a sample (its input values are then ignored).
+    """
+
+    def __init__(self, spec: Spec, registry: Registry | None = None) -> None:
+        super().__init__()
+        if registry is None:
+            from fusionkit.plugins import get_registry
+
+            registry = get_registry()
+        self.spec = spec
+        self.encoder_names: tuple[str, ...] = spec.encoder_names
+        self.labels: tuple[str, ...] = spec.labels
+        ctx = BuildContext(
+            labels=spec.labels, neutral=spec.neutral, latent_dim=spec.latent_dim,
+            encoder_names=spec.encoder_names, head_roles=tuple(spec.heads),
+        )
+        self.encoders = nn.ModuleDict()
+        self.projectors = nn.ModuleDict()
+        for i, enc in enumerate(spec.encoders):
+            module = _build(registry, "encoder", Component(enc.type, enc.config), f"encoders[{i}]",
+                            _evolve(ctx, encoder_name=enc.name))
+            self.encoders[enc.name] = module
+            self.projectors[enc.name] = Projector(module.out_dim, spec.latent_dim, spec.projector)
+        self.identity = nn.Parameter(torch.randn(len(spec.encoders), spec.latent_dim) * 0.02)
+        self.gate = _build(registry, "gate", spec.gate, "gate", ctx)
+        self.top_n: int = spec.gate.config.top_n
+        self.fusion = _build(registry, "fusion", spec.fusion, "fusion", _evolve(ctx, top_n=self.top_n))
+        head_ctx = _evolve(ctx, in_dim=self.fusion.out_dim)
+        self.heads = nn.ModuleDict({role: _build(registry, "head", c, f"heads.{role}", head_ctx) for role, c in spec.heads.items()})
+        self.combiner = _build(registry, "combiner", spec.combiner, "combiner", ctx)
+        self.decoder: Decoder = _build(registry, "decoder", spec.decoder, "decoder", ctx)
+        self._context = ctx
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell epoch-dependent parts (the gate's soft warm-up) where training is."""
+        self.gate.epoch = epoch
+
+    def forward(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        lengths: Mapping[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        self._check_inputs(inputs)
+        lengths = lengths or {}
+        tokens = torch.stack(
+            [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
+            dim=1,
+        ) + self.identity
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        else:
+            mask = mask.to(device=tokens.device, dtype=torch.bool)
+        selection = self.gate(tokens, mask)
+        slots = gather_slots(tokens, selection)
+        fused = self.fusion(slots, selection.weights, selection.slot_mask)
+        logits = {role: head(fused) for role, head in self.heads.items()}
+        probs_by_role = {role: self.heads[role].probabilities(logit) for role, logit in logits.items()}
+        presence = probs_by_role.get("presence")
+        salience = probs_by_role.get("salience")
+        aux = {} if selection.balance_loss is None else {"gate_balance": selection.balance_loss}
+        return FusionOutput(
+            fused=fused, scores=selection.scores, kept=selection.kept, weights=selection.weights,
+            probs=self.combiner(presence, salience), presence=presence, salience=salience,
+            logits=logits, tokens=tokens, aux_losses=aux,
+        )
+
+    def _check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        missing = [n for n in self.encoder_names if n not in inputs]
+        unknown = [n for n in inputs if n not in self.encoders]
+        if missing or unknown:
+            raise DataError(
+                f"model inputs must be keyed by encoder name {list(self.encoder_names)}: "
+                f"missing {missing}, unknown {unknown} (pass zeros and a mask for missing encoders)"
+            )
+
+    @torch.no_grad()
+    def predict(
+        self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> list[Prediction]:
+        """BlEmoRE predictions for a batch, with the model in eval mode and the stored decoder thresholds."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(inputs, lengths, mask)
+        finally:
+            self.train(was_training)
+        order, sal = self.decoder.decode(decoder_inputs(out))
+        return from_order(order, sal, self.labels)
+
+    def set_decoder(self, config: Any) -> None:
+        """Replace the decoder's thresholds (e.g. after fitting on validation data); the spec follows."""
+        self.decoder.config = config
+        self.spec = self.spec.replace(decoder=Component(self.spec.decoder.type, config))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per part of the model."""
+        def count(m: nn.Module | nn.Parameter) -> int:
+            params = [m] if isinstance(m, nn.Parameter) else list(m.parameters())
+            return sum(p.numel() for p in params if p.requires_grad)
+
+        out = {f"encoder:{n}": count(self.encoders[n]) + count(self.projectors[n]) for n in self.encoder_names}
+        out["identity"] = count(self.identity)
+        out["gate"] = count(self.gate)
+        out["fusion"] = count(self.fusion)
+        for role, head in self.heads.items():
+            out[f"head:{role}"] = count(head)
+        out["combiner"] = count(self.combiner)
+        return out
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write spec, ``model.safetensors`` and metadata to ``directory`` atomically."""
+        from fusionkit.checkpoint import save_checkpoint
+
+        save_checkpoint(self, directory)
+
+
+def decoder_inputs(out: FusionOutput) -> dict[str, np.ndarray]:
+    """The probabilities a decoder reads, as NumPy arrays."""
+    arrays = {"probs": out.probs}
+    if out.presence is not None:
+        arrays["presence"] = out.presence
+    if out.salience is not None:
+        arrays["salience"] = out.salience
+    return {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
+
+
+def _evolve(ctx: BuildContext, **changes: Any) -> BuildContext:
+    import attrs
+
+    return attrs.evolve(ctx, **changes)
+
+
+def _build(registry: Registry, kind: str, component: Component, path: str, ctx: BuildContext) -> Any:
+    reg = registry.get(kind, component.type)
+    try:
+        return reg.factory(component.config, ctx)
+    except FusionkitError:
+        raise
+    except Exception as exc:
+        raise FusionkitError(
+            f"{path}: building {kind} {component.type!r} ({reg.provider.describe()}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def build_model(spec: Spec | Mapping[str, Any] | str, registry: Registry | None = None) -> FusionModel:
+    """Build a :class:`FusionModel` from a spec, a spec dict, or a spec file path."""
+    return FusionModel(load_spec(spec, registry=registry), registry=registry)

@@ -1,0 +1,186 @@
+"""Loading plugins: the built-in components and every ``fusionkit`` entry point.
+
+This is the one place plugins are loaded. The built-in components register
+through the very same hooks as a third-party distribution does.
+
+Environment:
+
+- ``FUSIONKIT_PLUGINS=dist1,dist2`` loads only these distributions' entry points;
+- ``FUSIONKIT_DISABLE_PLUGINS=dist1`` skips these;
+- ``FUSIONKIT_STRICT_PLUGINS=1`` turns a plugin that fails to import or to
+  register into an error instead of a report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pluggy
+
+from fusionkit import hookspecs
+from fusionkit.errors import PluginError
+from fusionkit.registry import Provider, Registration, Registry
+
+ENTRY_POINT_GROUP = "fusionkit"
+BUILTIN_MODULE = "fusionkit.components"
+BUILTIN_PLUGIN = "fusionkit"
+
+
+@attrs.frozen
+class PluginInfo:
+    """One plugin as loaded (or as it failed to load)."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@attrs.define
+class LoadedPlugins:
+    """The plugin manager, the registry it filled, and what happened to each plugin."""
+
+    manager: pluggy.PluginManager
+    registry: Registry
+    plugins: list[PluginInfo]
+
+    @property
+    def failed(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if not p.ok]
+
+    def versions(self) -> dict[str, str | None]:
+        """Distribution -> version of every loaded plugin (stored in checkpoints)."""
+        return {p.distribution or p.name: p.version for p in self.plugins if p.ok}
+
+
+def normalize(name: str) -> str:
+    """PEP 503 normalised distribution name, so ``My_Plugin`` matches ``my-plugin``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _env_list(var: str) -> set[str] | None:
+    raw = os.environ.get(var)
+    if raw is None or not raw.strip():
+        return None
+    return {normalize(x) for x in raw.split(",") if x.strip()}
+
+
+def strict_mode() -> bool:
+    return os.environ.get("FUSIONKIT_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _registrar(registry: Registry, kind: str, provider: Provider) -> Callable[..., None]:
+    def register(name: str, factory: Callable[..., Any], *, config: type, description: str = "") -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a {kind} name must be a non-empty string, got {name!r}")
+        if not attrs.has(config):
+            raise TypeError(f"{kind} {name!r}: config must be an attrs class, got {config!r}")
+        if not callable(factory):
+            raise TypeError(f"{kind} {name!r}: factory must be callable, got {factory!r}")
+        registry.add(Registration(kind, name, factory, config, description.strip(), provider))
+
+    return register
+
+
+def load_plugins() -> LoadedPlugins:
+    """Create a plugin manager, load built-ins and entry points, and fill a registry."""
+    strict = strict_mode()
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    registry = Registry()
+    infos: list[PluginInfo] = []
+
+    version = _own_version()
+    manager.register(importlib.import_module(BUILTIN_MODULE), name=BUILTIN_PLUGIN)
+    _register_all(manager, registry, BUILTIN_PLUGIN, Provider(BUILTIN_PLUGIN, "fusionkit", version))
+    infos.append(PluginInfo(BUILTIN_PLUGIN, "fusionkit", version))
+
+    allow = _env_list("FUSIONKIT_PLUGINS")
+    block = _env_list("FUSIONKIT_DISABLE_PLUGINS") or set()
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist is not None else None
+        dist_version = ep.dist.version if ep.dist is not None else None
+        key = normalize(dist or ep.name)
+        if key == "fusionkit" and ep.value == BUILTIN_MODULE:
+            continue
+        if (allow is not None and key not in allow) or key in block:
+            continue
+        provider = Provider(ep.name, dist, dist_version)
+        try:
+            module = ep.load()
+        except Exception as exc:  # a broken plugin must not take the others down
+            info = PluginInfo(ep.name, dist, dist_version, f"import failed: {type(exc).__name__}: {exc}")
+            _fail(info, strict, exc)
+            infos.append(info)
+            continue
+        try:
+            manager.register(module, name=ep.name)
+            _register_all(manager, registry, ep.name, provider)
+        except PluginError:
+            raise
+        except Exception as exc:
+            registry.remove_provider(ep.name)
+            if manager.get_plugin(ep.name) is not None:
+                manager.unregister(name=ep.name)
+            info = PluginInfo(ep.name, dist, dist_version, f"registration failed: {type(exc).__name__}: {exc}")
+            _fail(info, strict, exc)
+            infos.append(info)
+            continue
+        infos.append(PluginInfo(ep.name, dist, dist_version))
+    return LoadedPlugins(manager, registry, infos)
+
+
+def _fail(info: PluginInfo, strict: bool, exc: BaseException) -> None:
+    if strict:
+        raise PluginError(
+            f"plugin {info.name!r} (distribution {info.distribution}) failed: {info.error}. "
+            "Fix or uninstall it, or unset FUSIONKIT_STRICT_PLUGINS to skip it."
+        ) from exc
+
+
+def _register_all(manager: pluggy.PluginManager, registry: Registry, plugin: str, provider: Provider) -> None:
+    """Call one plugin's hook implementations, so each registration knows its provider."""
+    for kind, hook_name in hookspecs.KIND_HOOKS.items():
+        hook = getattr(manager.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            if impl.plugin_name == plugin:
+                impl.function(register=_registrar(registry, kind, provider))
+
+
+def _own_version() -> str | None:
+    try:
+        return metadata.version("fusionkit")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+_loaded: LoadedPlugins | None = None
+
+
+def loaded() -> LoadedPlugins:
+    """The process-wide plugins, loaded on first use."""
+    global _loaded
+    if _loaded is None:
+        _loaded = load_plugins()
+    return _loaded
+
+
+def get_registry() -> Registry:
+    """The process-wide registry of every installed component."""
+    return loaded().registry
+
+
+def reset() -> None:
+    """Forget loaded plugins (the next lookup loads them again, e.g. after env changes)."""
+    global _loaded
+    _loaded = None

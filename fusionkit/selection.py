@@ -1,0 +1,91 @@
+"""Hard top-n selection in rank order, shared by every gate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Selection:
+    """What a gate decided for a batch.
+
+    ``kept`` [B, n]: encoder indices in rank order, -1 for an empty slot (fewer
+    than n encoders available). ``weights`` [B, n]: softmax over the kept scores
+    (0 for empty slots). ``mix`` [B, K]: during soft warm-up, the weights with
+    which the last slot mixes the encoders ranked n or below; otherwise None.
+    """
+
+    scores: torch.Tensor
+    kept: torch.Tensor
+    weights: torch.Tensor
+    slot_mask: torch.Tensor
+    mix: torch.Tensor | None
+    balance_loss: torch.Tensor | None
+
+
+def select_top_n(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    n: int,
+    temperature: float = 1.0,
+    soft_tail: bool = False,
+    balance_weight: float = 0.0,
+) -> Selection:
+    """Keep, per sample, the ``n`` best-scored available encoders in rank order.
+
+    A masked (missing) encoder is never kept; ``n`` at or above the number
+    available keeps all available ones. With ``soft_tail`` the last slot is a
+    softmax-weighted mixture of every encoder not in the first ``n - 1`` slots,
+    so that all encoders and the gate receive gradient early in training.
+    """
+    batch, k = scores.shape
+    neg_inf = torch.finfo(scores.dtype).min
+    masked = scores.masked_fill(~mask, neg_inf)
+    take = min(n, k)
+    top_scores, top_idx = masked.topk(take, dim=1)
+    slot_mask = mask.gather(1, top_idx)
+    logits = (top_scores / temperature).masked_fill(~slot_mask, float("-inf"))
+    weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
+    mix = None
+    if soft_tail:
+        full = torch.softmax((masked / temperature).masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)
+        tail = full.clone()
+        if take > 1:
+            tail.scatter_(1, top_idx[:, : take - 1], 0.0)
+        tail_weight = tail.sum(dim=1, keepdim=True)
+        mix = tail / tail_weight.clamp_min(1e-12)
+        weights = torch.cat([full.gather(1, top_idx[:, : take - 1]), tail_weight], dim=1) * slot_mask
+    kept = top_idx.masked_fill(~slot_mask, -1)
+    if take < n:
+        pad = n - take
+        kept = torch.cat([kept, kept.new_full((batch, pad), -1)], dim=1)
+        weights = torch.cat([weights, weights.new_zeros(batch, pad)], dim=1)
+        slot_mask = torch.cat([slot_mask, slot_mask.new_zeros(batch, pad)], dim=1)
+    balance = _balance_loss(masked, mask, kept, temperature) * balance_weight if balance_weight > 0 else None
+    return Selection(scores, kept, weights, slot_mask, mix, balance)
+
+
+def _balance_loss(masked: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Switch-style load balance: K * sum_k (share of slots given to k) * (mean gate probability of k).
+
+    It is 1 when selection and probabilities are uniform and grows as the gate collapses.
+    """
+    k = masked.shape[1]
+    probs = torch.softmax((masked / temperature).masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)
+    valid = kept >= 0
+    counts = torch.zeros_like(probs).scatter_add_(1, kept.clamp_min(0), valid.to(probs.dtype))
+    share = counts.sum(0) / valid.sum().clamp_min(1)
+    return k * (share.detach() * probs.mean(0)).sum()
+
+
+def gather_slots(tokens: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """The kept tokens ``[B, n, d]`` in rank order (zeros in empty slots; the soft tail mixed in)."""
+    idx = selection.kept.clamp_min(0).unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    slots = tokens.gather(1, idx) * selection.slot_mask.unsqueeze(-1).to(tokens.dtype)
+    if selection.mix is not None:
+        take = min(selection.kept.shape[1], tokens.shape[1])
+        tail = torch.einsum("bk,bkd->bd", selection.mix, tokens)
+        slots = torch.cat([slots[:, : take - 1], tail.unsqueeze(1), slots[:, take:]], dim=1)
+    return slots

@@ -1,0 +1,301 @@
+"""The declarative spec: what a model is made of, as validated attrs classes.
+
+A spec is written in YAML, TOML or JSON (or given as a dict). Every component
+block names a registered component in ``type:``; its other keys are checked
+against that component's attrs config class. A spec never names an import path,
+so loading one cannot execute code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from fusionkit import config as cfg
+from fusionkit.config import non_negative, option, positive, unit_interval
+from fusionkit.errors import SpecError, UnknownComponentError
+from fusionkit.registry import Registry
+
+SPEC_VERSION = 1
+BLEMORE_LABELS = ("ang", "disg", "fea", "hap", "sad", "neu")
+HEAD_ROLES = ("presence", "salience")
+
+
+@attrs.frozen
+class Component:
+    """A component block: the registered ``type`` and its structured config."""
+
+    type: str
+    config: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **cfg.unstructure(self.config)}
+
+
+@attrs.frozen
+class EncoderSpec:
+    """One encoder: the name inputs are keyed by, its registered type and config."""
+
+    name: str
+    type: str
+    config: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, **cfg.unstructure(self.config)}
+
+
+@attrs.frozen(kw_only=True)
+class ProjectorConfig:
+    """Per-encoder projection to the shared latent space."""
+
+    hidden: int = option(0, doc="Hidden size of a two-layer MLP projector; 0 means one linear layer.", validator=non_negative)
+    dropout: float = option(0.1, doc="Dropout after the projection.", validator=unit_interval)
+    norm: bool = option(True, doc="LayerNorm on the projected vector.")
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """Optimisation settings."""
+
+    epochs: int = option(50, doc="Maximum number of epochs.", validator=positive)
+    batch_size: int = option(64, doc="Samples per batch.", validator=positive)
+    lr: float = option(1e-3, doc="Peak learning rate of AdamW.", validator=positive)
+    weight_decay: float = option(1e-2, doc="AdamW weight decay.", validator=non_negative)
+    seed: int = option(0, doc="Seed of every random choice of a run.")
+    grad_clip: float = option(1.0, doc="Gradient norm clip; 0 disables it.", validator=non_negative)
+    patience: int = option(10, doc="Early stopping: epochs without a better validation Score.", validator=positive)
+    salience_weight: float = option(1.0, doc="Weight of the salience KL loss.", validator=non_negative)
+    presence_weight: float = option(1.0, doc="Weight of the presence BCE loss.", validator=non_negative)
+
+
+_TOP_LEVEL = (
+    "spec_version", "labels", "neutral", "latent_dim", "encoders", "projector", "gate", "fusion",
+    "heads", "combiner", "decoder", "adaptation", "train",
+)
+_DEFAULT_BLOCKS: dict[str, Any] = {
+    "gate": {"type": "attention"},
+    "fusion": {"type": "rank_concat"},
+    "heads": {"presence": {"type": "presence"}, "salience": {"type": "salience"}},
+    "combiner": {"type": "product"},
+    "decoder": {"type": "presence_salience"},
+}
+
+
+@attrs.frozen(kw_only=True)
+class Spec:
+    """A whole model: labels, encoders, and one component per stage of the data flow."""
+
+    spec_version: int = SPEC_VERSION
+    labels: tuple[str, ...] = BLEMORE_LABELS
+    neutral: str | None = "neu"
+    latent_dim: int = 256
+    encoders: tuple[EncoderSpec, ...]
+    projector: ProjectorConfig = ProjectorConfig()
+    gate: Component
+    fusion: Component
+    heads: dict[str, Component]
+    combiner: Component
+    decoder: Component
+    adaptation: tuple[Component, ...] = ()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def encoder_names(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.encoders)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec (every default filled in) as plain data."""
+        return {
+            "spec_version": self.spec_version,
+            "labels": list(self.labels),
+            "neutral": self.neutral,
+            "latent_dim": self.latent_dim,
+            "encoders": [e.to_dict() for e in self.encoders],
+            "projector": cfg.unstructure(self.projector),
+            "gate": self.gate.to_dict(),
+            "fusion": self.fusion.to_dict(),
+            "heads": {role: c.to_dict() for role, c in self.heads.items()},
+            "combiner": self.combiner.to_dict(),
+            "decoder": self.decoder.to_dict(),
+            "adaptation": [c.to_dict() for c in self.adaptation],
+            "train": cfg.unstructure(self.train),
+        }
+
+    def replace(self, **changes: Any) -> Spec:
+        return attrs.evolve(self, **changes)
+
+
+def read_spec_file(path: str | Path) -> Any:
+    """Parse a YAML, TOML or JSON file into plain data (never executes code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"{path}: no such file"], source=str(path))
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            return tomllib.loads(text)
+        if suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SpecError([f"cannot parse {path.name}: {exc}"], source=str(path)) from None
+
+
+def load_spec(source: str | Path | Mapping[str, Any] | Spec, registry: Registry | None = None) -> Spec:
+    """Load and validate a spec from a file path or a mapping.
+
+    Raises :class:`SpecError` listing every problem, each with its path.
+    """
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, Mapping):
+        return spec_from_dict(source, registry=registry)
+    data = read_spec_file(source)
+    return spec_from_dict(data, registry=registry, source=str(source))
+
+
+def spec_from_dict(data: Any, registry: Registry | None = None, source: str | None = None) -> Spec:
+    if registry is None:
+        from fusionkit.plugins import get_registry
+
+        registry = get_registry()
+    problems: list[str] = []
+    spec = _structure_spec(data, registry, problems)
+    if problems or spec is None:
+        raise SpecError(problems, source=source)
+    return spec
+
+
+def dump_spec(spec: Spec, path: str | Path) -> None:
+    """Write the resolved spec as YAML (``.yaml``/``.yml``) or JSON (``.json``), atomically."""
+    from fusionkit.files import atomic_write_text
+
+    path = Path(path)
+    data = spec.to_dict()
+    if path.suffix.lower() == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    elif path.suffix.lower() in {".yaml", ".yml"}:
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        raise ValueError(f"cannot write a spec as {path.suffix!r}: use .yaml, .yml or .json")
+    atomic_write_text(path, text)
+
+
+def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec | None:
+    if not isinstance(data, Mapping):
+        problems.append(f"spec: expected a mapping at the top level, found {type(data).__name__}")
+        return None
+    for key in data:
+        if key not in _TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), _TOP_LEVEL, n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            problems.append(f"{key}: unknown top-level key{hint} Keys: {', '.join(_TOP_LEVEL)}")
+
+    values: dict[str, Any] = {}
+    version = data.get("spec_version", SPEC_VERSION)
+    if version != SPEC_VERSION or isinstance(version, bool):
+        problems.append(f"spec_version: expected {SPEC_VERSION}, found {version!r}")
+
+    labels = data.get("labels", list(BLEMORE_LABELS))
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        problems.append(f"labels: expected a non-empty list of label names, found {labels!r}")
+    elif len(set(labels)) != len(labels):
+        problems.append(f"labels: names must be unique, found {labels!r}")
+    else:
+        values["labels"] = tuple(labels)
+    neutral = data.get("neutral", "neu" if "neu" in (labels or []) else None)
+    if neutral is not None and (not isinstance(labels, list) or neutral not in labels):
+        problems.append(f"neutral: expected one of the labels or null, found {neutral!r}")
+    values["neutral"] = neutral
+
+    latent = data.get("latent_dim", 256)
+    if isinstance(latent, bool) or not isinstance(latent, int) or latent <= 0:
+        problems.append(f"latent_dim: expected a positive int, found {latent!r}")
+    values["latent_dim"] = latent
+
+    values["encoders"] = _structure_encoders(data.get("encoders"), registry, problems)
+    values["projector"] = cfg.structure(ProjectorConfig, data.get("projector", {}), "projector", problems)
+    values["train"] = cfg.structure(TrainConfig, data.get("train", {}), "train", problems)
+    for key, kind in (("gate", "gate"), ("fusion", "fusion"), ("combiner", "combiner"), ("decoder", "decoder")):
+        values[key] = structure_component(kind, data.get(key, _DEFAULT_BLOCKS[key]), key, registry, problems)
+    values["heads"] = _structure_heads(data.get("heads", _DEFAULT_BLOCKS["heads"]), registry, problems)
+    adaptation = data.get("adaptation", [])
+    if not isinstance(adaptation, list):
+        problems.append(f"adaptation: expected a list of adaptation loss blocks, found {adaptation!r}")
+        adaptation = []
+    values["adaptation"] = tuple(
+        structure_component("adaptation_loss", block, f"adaptation[{i}]", registry, problems)
+        for i, block in enumerate(adaptation)
+    )
+    if problems:
+        return None
+    return Spec(spec_version=SPEC_VERSION, **values)
+
+
+def _structure_encoders(blocks: Any, registry: Registry, problems: list[str]) -> tuple[EncoderSpec, ...]:
+    if not isinstance(blocks, list) or not blocks:
+        problems.append(f"encoders: expected a non-empty list of encoder blocks, found {blocks!r}")
+        return ()
+    out: list[EncoderSpec] = []
+    seen: dict[str, int] = {}
+    for i, block in enumerate(blocks):
+        path = f"encoders[{i}]"
+        if not isinstance(block, Mapping):
+            problems.append(f"{path}: expected a mapping with name and type, found {block!r}")
+            continue
+        name = block.get("name")
+        if not isinstance(name, str) or not name:
+            problems.append(f"{path}.name: expected a non-empty string, found {name!r}")
+            continue
+        if name in seen:
+            problems.append(f"{path}.name: {name!r} is already the name of encoders[{seen[name]}]; names must be unique")
+        seen.setdefault(name, i)
+        rest = {k: v for k, v in block.items() if k != "name"}
+        comp = structure_component("encoder", rest, path, registry, problems)
+        if comp is not None:
+            out.append(EncoderSpec(name, comp.type, comp.config))
+    return tuple(out)
+
+
+def _structure_heads(blocks: Any, registry: Registry, problems: list[str]) -> dict[str, Component]:
+    if not isinstance(blocks, Mapping) or not blocks:
+        problems.append(f"heads: expected a mapping of role -> head block (roles: {', '.join(HEAD_ROLES)}), found {blocks!r}")
+        return {}
+    out: dict[str, Component] = {}
+    for role, block in blocks.items():
+        if role not in HEAD_ROLES:
+            problems.append(f"heads.{role}: unknown head role; roles are {', '.join(HEAD_ROLES)}")
+            continue
+        comp = structure_component("head", block, f"heads.{role}", registry, problems)
+        if comp is not None:
+            out[role] = comp
+    return out
+
+
+def structure_component(kind: str, block: Any, path: str, registry: Registry, problems: list[str]) -> Component | None:
+    """Validate one ``{type: name, ...options}`` block against the named plugin's config class."""
+    if isinstance(block, str):
+        block = {"type": block}
+    if not isinstance(block, Mapping):
+        problems.append(f"{path}: expected a mapping with a 'type' key, found {block!r}")
+        return None
+    name = block.get("type")
+    if not isinstance(name, str):
+        problems.append(f"{path}.type: expected the name of a registered {kind} ({', '.join(registry.names(kind))}), found {name!r}")
+        return None
+    try:
+        reg = registry.get(kind, name)
+    except UnknownComponentError as exc:
+        problems.append(f"{path}.type: {exc}")
+        return None
+    options = {k: v for k, v in block.items() if k != "type"}
+    config = cfg.structure(reg.config, options, path, problems)
+    return None if config is None else Component(name, config)

@@ -1,0 +1,176 @@
+"""The plugin system: entry points, failures, strict mode, allow/block lists, duplicates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fusionkit import build_model, plugins
+from fusionkit.errors import DuplicateComponentError, PluginError, SpecError, UnknownComponentError
+from fusionkit.spec import load_spec
+
+BROKEN = "raise RuntimeError('boom: this plugin cannot be imported')\n"
+BAD_REGISTER = """
+import fusionkit
+@fusionkit.hookimpl
+def register_gates(register):
+    register("half_gate", object, config=dict, description="config is not an attrs class")
+"""
+GOOD = """
+import attrs, fusionkit
+@attrs.frozen
+class Cfg:
+    pass
+@fusionkit.hookimpl
+def register_combiners(register):
+    register("{name}", lambda config, context: None, config=Cfg, description="test combiner")
+"""
+
+
+def test_builtins_register_through_the_plugin_hooks():
+    state = plugins.load_plugins()
+    builtin = state.manager.get_plugin("fusionkit")
+    assert builtin is not None and builtin.__name__ == "fusionkit.components"
+    reg = state.registry.get("gate", "attention")
+    assert reg.provider.distribution == "fusionkit"
+    assert reg.provider.version
+
+
+def test_template_plugin_is_found_through_its_entry_point_alone():
+    reg = plugins.get_registry().get("encoder", "example_mlp")
+    assert reg.provider.distribution == "fusionkit-example-encoder"
+    assert reg.provider.version == "0.1.0"
+    assert reg.provider.plugin == "example_encoder"
+    assert reg.factory.__module__ == "fusionkit_example_encoder"
+
+
+def test_template_encoder_can_be_named_validated_and_built():
+    import torch
+
+    spec = load_spec({
+        "latent_dim": 16,
+        "encoders": [{"name": "x", "type": "example_mlp", "dim": 10, "out_dim": 8}, {"name": "y", "type": "features", "dim": 3}],
+    })
+    assert spec.encoders[0].config.hidden == 64
+    model = build_model(spec)
+    assert model.encoders["x"].out_dim == 8
+    out = model({"x": torch.randn(5, 10), "y": torch.randn(5, 3)})
+    assert out.probs.shape == (5, 6)
+    with pytest.raises(SpecError) as err:
+        load_spec({"encoders": [{"name": "x", "type": "example_mlp", "dim": 10, "hiden": 3}]})
+    assert "encoders[0].hiden" in str(err.value) and "hidden" in str(err.value)
+
+
+def test_a_plugin_whose_import_raises_is_reported_and_skipped(fake_dist):
+    fake_dist("fk-broken", BROKEN)
+    state = plugins.load_plugins()
+    failed = {p.name: p for p in state.failed}
+    assert "fk_broken" in failed
+    assert failed["fk_broken"].distribution == "fk-broken"
+    assert "boom" in failed["fk_broken"].error and "import failed" in failed["fk_broken"].error
+    # the others keep working
+    assert ("encoder", "example_mlp") in state.registry
+    assert ("gate", "attention") in state.registry
+
+
+def test_strict_mode_turns_a_broken_plugin_into_an_error(fake_dist, monkeypatch):
+    fake_dist("fk-broken", BROKEN)
+    monkeypatch.setenv("FUSIONKIT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="fk_broken.*boom"):
+        plugins.load_plugins()
+
+
+def test_a_plugin_whose_registration_fails_leaves_nothing_behind(fake_dist):
+    fake_dist("fk-badreg", BAD_REGISTER)
+    state = plugins.load_plugins()
+    failed = {p.name: p for p in state.failed}
+    assert "registration failed" in failed["fk_badreg"].error
+    assert ("gate", "half_gate") not in state.registry
+    assert state.manager.get_plugin("fk_badreg") is None
+
+
+def test_allow_and_block_lists(fake_dist, monkeypatch):
+    fake_dist("fk-one", GOOD.format(name="one"))
+    fake_dist("fk-two", GOOD.format(name="two"))
+    state = plugins.load_plugins()
+    assert ("combiner", "one") in state.registry and ("combiner", "two") in state.registry
+
+    monkeypatch.setenv("FUSIONKIT_PLUGINS", "fk_one")  # names are normalised: fk_one == fk-one
+    state = plugins.load_plugins()
+    assert ("combiner", "one") in state.registry
+    assert ("combiner", "two") not in state.registry
+    assert ("encoder", "example_mlp") not in state.registry
+    assert ("gate", "attention") in state.registry  # built-ins always load
+
+    monkeypatch.delenv("FUSIONKIT_PLUGINS")
+    monkeypatch.setenv("FUSIONKIT_DISABLE_PLUGINS", "fk-two,fusionkit-example-encoder")
+    state = plugins.load_plugins()
+    assert ("combiner", "one") in state.registry
+    assert ("combiner", "two") not in state.registry
+    assert ("encoder", "example_mlp") not in state.registry
+
+
+def test_a_name_provided_twice_names_both_providers(fake_dist):
+    fake_dist("fk-dup", GOOD.format(name="product"))
+    with pytest.raises(DuplicateComponentError) as err:
+        plugins.load_plugins()
+    message = str(err.value)
+    assert "fk-dup" in message and "fusionkit" in message and "'product'" in message
+    assert "FUSIONKIT_DISABLE_PLUGINS" in message
+
+
+def test_unknown_name_lists_close_matches_and_installed_plugins():
+    with pytest.raises(UnknownComponentError) as err:
+        plugins.get_registry().get("gate", "atention")
+    message = str(err.value)
+    assert "'attention'" in message and "fusionkit-example-encoder" in message
+
+
+NO_HEAVY = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('timm', 'transformers'):
+            raise ImportError('heavy import of ' + name)
+sys.meta_path.insert(0, Block())
+from fusionkit.cli import main
+code = main(sys.argv[1:])
+heavy = [m for m in sys.modules if m.split('.')[0] in ('timm', 'transformers')]
+assert not heavy, heavy
+print('LOADED', sorted(m for m in sys.modules if m.startswith('fusionkit_')))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv", [["plugins", "--json"], ["spec", "schema"]])
+def test_registering_plugins_imports_no_heavy_dependency(argv):
+    proc = subprocess.run([sys.executable, "-c", NO_HEAVY, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fusionkit_timm" in proc.stdout and "fusionkit_transformers" in proc.stdout
+
+
+def test_building_a_timm_encoder_without_timm_says_what_to_install():
+    pytest.importorskip("torch")
+    try:
+        import timm  # noqa: F401
+        pytest.skip("timm is installed")
+    except ImportError:
+        pass
+    with pytest.raises(Exception, match=r"pip install 'fusionkit-timm\[timm\]'"):
+        build_model({"encoders": [{"name": "img", "type": "timm", "model": "resnet18"}]})
+
+
+def test_plugins_json_lists_every_plugin(fake_dist):
+    root = fake_dist("fk-broken", BROKEN)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "fusionkit", "plugins", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["name"]: row for row in json.loads(proc.stdout)}
+    assert rows["fusionkit"]["provides"]["gate"] == ["attention", "mlp", "static", "uniform"]
+    assert rows["example_encoder"]["version"] == "0.1.0"
+    assert rows["example_encoder"]["provides"] == {"encoder": ["example_mlp"]}
+    assert "boom" in rows["fk_broken"]["error"]

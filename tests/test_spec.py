@@ -1,0 +1,176 @@
+"""The spec: strict validation with paths and hints, round trips, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusionkit.errors import SpecError
+from fusionkit.spec import dump_spec, load_spec
+
+EXAMPLE = Path(__file__).parents[1] / "fusionkit" / "examples" / "blemore.yaml"
+
+
+def base(**changes):
+    spec = {
+        "latent_dim": 32,
+        "encoders": [
+            {"name": "a", "type": "features", "dim": 8},
+            {"name": "b", "type": "features", "dim": 4, "pooling": "stats7"},
+            {"name": "c", "type": "features", "dim": 6},
+        ],
+        "gate": {"type": "attention", "top_n": 2},
+    }
+    spec.update(changes)
+    return spec
+
+
+def problems_of(data) -> list[str]:
+    with pytest.raises(SpecError) as err:
+        load_spec(data)
+    return err.value.problems
+
+
+def test_defaults_are_filled():
+    spec = load_spec({"encoders": [{"name": "a", "type": "features", "dim": 3}]})
+    assert spec.gate.type == "attention" and spec.gate.config.top_n == 2
+    assert spec.fusion.type == "rank_concat"
+    assert set(spec.heads) == {"presence", "salience"}
+    assert spec.labels == ("ang", "disg", "fea", "hap", "sad", "neu") and spec.neutral == "neu"
+    assert spec.encoders[0].config.pooling == "none"
+
+
+def test_wrong_type_names_path_expected_and_found():
+    data = base()
+    data["encoders"][2]["dim"] = "six"
+    (problem,) = problems_of(data)
+    assert problem.startswith("encoders[2].dim:")
+    assert "expected int" in problem and "'six'" in problem
+
+
+def test_float_is_not_silently_truncated_to_int():
+    data = base()
+    data["encoders"][0]["dim"] = 8.5
+    (problem,) = problems_of(data)
+    assert "encoders[0].dim" in problem and "8.5" in problem
+
+
+def test_unknown_type_lists_close_matches_and_installed_plugins():
+    (problem,) = problems_of(base(gate={"type": "attension"}))
+    assert problem.startswith("gate.type:")
+    assert "Did you mean 'attention'" in problem
+    assert "Installed plugins:" in problem and "fusionkit-example-encoder" in problem
+
+
+def test_unknown_option_is_an_error_with_a_suggestion():
+    (problem,) = problems_of(base(gate={"type": "attention", "top_m": 2}))
+    assert problem.startswith("gate.top_m:") and "did you mean 'top_n'" in problem
+
+
+def test_literal_choice_lists_the_choices():
+    data = base()
+    data["encoders"][1]["pooling"] = "max"
+    (problem,) = problems_of(data)
+    assert problem.startswith("encoders[1].pooling:") and "stats7" in problem and "'max'" in problem
+
+
+def test_validator_failure_names_path_and_value():
+    (problem,) = problems_of(base(gate={"type": "attention", "top_n": 0}))
+    assert problem.startswith("gate.top_n:") and "> 0" in problem and "0" in problem
+
+
+def test_missing_required_option():
+    (problem,) = problems_of({"encoders": [{"name": "a", "type": "features"}]})
+    assert problem.startswith("encoders[0].dim:") and "required" in problem
+
+
+def test_every_problem_is_listed_at_once():
+    data = base(latnt_dim=3, fusion={"type": "rank_concat", "out_dim": -1}, heads={"presense": {"type": "presence"}})
+    data["encoders"][1]["name"] = "a"
+    problems = problems_of(data)
+    joined = "\n".join(problems)
+    assert len(problems) == 4, problems
+    assert "latnt_dim" in joined and "did you mean 'latent_dim'" in joined
+    assert "fusion.out_dim" in joined
+    assert "heads.presense" in joined
+    assert "encoders[1].name" in joined and "already" in joined
+
+
+def test_specs_cannot_name_import_paths():
+    (problem,) = problems_of(base(gate={"type": "os.system"}))
+    assert "unknown gate 'os.system'" in problem
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_round_trip_through_a_file(tmp_path, suffix):
+    spec = load_spec(base(adaptation=[]))
+    path = tmp_path / f"spec{suffix}"
+    dump_spec(spec, path)
+    again = load_spec(path)
+    assert again == spec
+    assert again.to_dict() == spec.to_dict()
+
+
+def test_toml_spec_loads(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text(
+        'latent_dim = 16\n[[encoders]]\nname = "a"\ntype = "features"\ndim = 3\n[gate]\ntype = "mlp"\ntop_n = 1\n'
+    )
+    spec = load_spec(path)
+    assert spec.gate.type == "mlp" and spec.gate.config.top_n == 1 and spec.latent_dim == 16
+
+
+def test_parse_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("encoders: [\n")
+    with pytest.raises(SpecError, match="broken.yaml"):
+        load_spec(path)
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fusionkit", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    ok = run_cli("spec", "validate", str(EXAMPLE))
+    assert ok.returncode == 0, ok.stderr
+    assert "valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["encoders"][2]["dim"] = "big"
+    data["gate"]["type"] = "atention"
+    bad.write_text(yaml.safe_dump(data))
+    proc = run_cli("spec", "validate", str(bad))
+    assert proc.returncode == 1
+    assert "encoders[2].dim" in proc.stderr and "gate.type" in proc.stderr and "'attention'" in proc.stderr
+
+
+def test_cli_schema_covers_installed_components():
+    proc = run_cli("spec", "schema")
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    encoder_types = {v["properties"]["type"]["const"] for v in schema["properties"]["encoders"]["items"]["oneOf"]}
+    assert {"features", "example_mlp", "timm"} <= encoder_types
+    gates = {v["properties"]["type"]["const"]: v for v in schema["properties"]["gate"]["oneOf"]}
+    assert gates["attention"]["properties"]["top_n"]["default"] == 2
+    assert gates["attention"]["properties"]["top_n"]["description"]
+
+
+def test_schema_accepts_the_example_and_rejects_a_bad_spec():
+    jsonschema = pytest.importorskip("jsonschema")
+    from fusionkit.plugins import get_registry
+    from fusionkit.schema import spec_schema
+
+    schema = spec_schema(get_registry())
+    data = yaml.safe_load(EXAMPLE.read_text())
+    jsonschema.validate(data, schema)
+    data["gate"]["top_n"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, schema)
