@@ -56,10 +56,14 @@ def to_matrix(predictions: Sequence[Prediction], labels: Sequence[str]) -> np.nd
 
 
 def from_order(order: np.ndarray, saliences: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
-    """Decoder output (``order`` [N, 2] with -1 for none, ``saliences`` [N, 2]) -> predictions."""
+    """Decoder output (``order`` [N, 2] with -1 for none, ``saliences`` [N, 2]) -> predictions.
+
+    Entries are listed in label order, as the official baseline writes them.
+    """
     preds: list[Prediction] = []
     for idx, sal in zip(order.tolist(), saliences.tolist()):
-        preds.append([{"emotion": labels[i], "salience": float(s)} for i, s in zip(idx, sal) if i >= 0])
+        pairs = sorted((i, s) for i, s in zip(idx, sal) if i >= 0)
+        preds.append([{"emotion": labels[i], "salience": float(s)} for i, s in pairs])
     return preds
 
 

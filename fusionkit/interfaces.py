@@ -75,7 +75,7 @@ class Gate(nn.Module):
     """Scores every encoder token per sample; the shared :meth:`forward` ranks and selects.
 
     Subclasses implement :meth:`score` only: ``[B, K, d]`` tokens and a ``[B, K]``
-    availability mask -> ``[B, K]`` scores.
+    availability mask (None when every encoder is available) -> ``[B, K]`` scores.
     """
 
     def __init__(self, config: GateConfig) -> None:
@@ -87,10 +87,10 @@ class Gate(nn.Module):
         self.balance_weight = config.balance_weight
         self.epoch = 0
 
-    def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def score(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> Selection:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> Selection:
         from fusionkit.selection import select_top_n
 
         scores = self.score(tokens, mask)

@@ -54,7 +54,8 @@ class Projector(nn.Module):
             layers = [nn.Linear(in_dim, latent_dim)]
         if config.norm:
             layers.append(nn.LayerNorm(latent_dim))
-        layers.append(nn.Dropout(config.dropout))
+        if config.dropout:
+            layers.append(nn.Dropout(config.dropout))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +117,7 @@ class FusionModel(nn.Module):
             [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
             dim=1,
         ) + self.identity
-        if mask is None:
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        else:
+        if mask is not None:
             mask = mask.to(device=tokens.device, dtype=torch.bool)
         selection = self.gate(tokens, mask)
         slots = gather_slots(tokens, selection)

@@ -27,7 +27,7 @@ class Selection:
 
 def select_top_n(
     scores: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     n: int,
     temperature: float = 1.0,
     soft_tail: bool = False,
@@ -35,19 +35,26 @@ def select_top_n(
 ) -> Selection:
     """Keep, per sample, the ``n`` best-scored available encoders in rank order.
 
-    A masked (missing) encoder is never kept; ``n`` at or above the number
+    ``mask`` [B, K] is False for missing encoders (None: all available). A
+    masked encoder is never kept; ``n`` at or above the number
     available keeps all available ones. With ``soft_tail`` the last slot is a
     softmax-weighted mixture of every encoder not in the first ``n - 1`` slots,
     so that all encoders and the gate receive gradient early in training.
     """
     batch, k = scores.shape
-    neg_inf = torch.finfo(scores.dtype).min
-    masked = scores.masked_fill(~mask, neg_inf)
     take = min(n, k)
-    top_scores, top_idx = masked.topk(take, dim=1)
-    slot_mask = mask.gather(1, top_idx)
-    logits = (top_scores / temperature).masked_fill(~slot_mask, float("-inf"))
-    weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
+    if mask is None:  # every encoder available: no masking work on the hot path
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        masked = scores
+        top_scores, top_idx = scores.topk(take, dim=1)
+        slot_mask = torch.ones_like(top_idx, dtype=torch.bool)
+        weights = torch.softmax(top_scores / temperature, dim=1)
+    else:
+        masked = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        top_scores, top_idx = masked.topk(take, dim=1)
+        slot_mask = mask.gather(1, top_idx)
+        logits = (top_scores / temperature).masked_fill(~slot_mask, float("-inf"))
+        weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
     mix = None
     if soft_tail:
         full = torch.softmax((masked / temperature).masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)

@@ -11,6 +11,8 @@ from fusionkit.interfaces import BuildContext, Decoder
 from fusionkit.metrics import scores_from_matrices
 
 OFFICIAL_GRID = np.linspace(0.05, 0.95, 20)
+THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)
+SHARE_GAP_GRID = np.linspace(0.0, 1.0, 21)
 
 
 @attrs.frozen(kw_only=True)
@@ -29,17 +31,67 @@ class PresenceSalienceDecoderConfig:
     beta: float = option(0.2, doc="Maximum |s1 - s2| / (s1 + s2) of the salience shares for a 50/50 blend.", validator=unit_interval)
 
 
-def _pair(order: np.ndarray, first_larger: np.ndarray, even: np.ndarray, single: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Build (order, saliences) from the two candidates of each row."""
-    n = order.shape[0]
-    out_order = order[:, :2].copy()
+def _pair(chosen: np.ndarray, first_larger: np.ndarray, even: np.ndarray, single: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order [N, 2], saliences [N, 2]) from each row's two candidates and the rule's outcome."""
+    order = chosen.copy()
     sal = np.where(even[:, None], 50.0, np.where(first_larger[:, None], [70.0, 30.0], [30.0, 70.0]))
-    swap = ~even & ~first_larger & ~single  # write the larger share first
-    out_order[swap] = out_order[swap][:, ::-1]
-    sal[swap] = sal[swap][:, ::-1]
-    out_order[single, 1] = -1
+    order[single, 1] = -1
     sal[single] = [100.0, 0.0]
-    return out_order.reshape(n, 2), sal
+    return order, sal
+
+
+def _grid_search(decode, grid_a: np.ndarray, grid_b: np.ndarray, truth: np.ndarray, num_labels: int) -> tuple[float, float]:
+    """The (a, b) pair with the best Score; ties keep the first pair in (a, b) order."""
+    best, best_score = (float(grid_a[0]), float(grid_b[0])), -1.0
+    for a in grid_a:
+        for b in grid_b:
+            order, sal = decode(a, b)
+            score = scores_from_matrices(order_to_matrix(order, sal, num_labels), truth)["score"]
+            if score > best_score:
+                best, best_score = (float(a), float(b)), score
+    return best
+
+
+def blemore_decode(probs: np.ndarray, alpha: float, beta: float, neutral: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The official rule on probability rows ``[N, L]`` -> (order [N, 2], saliences [N, 2]).
+
+    Ties follow the official code: the two kept emotions are the first two of NumPy's
+    default ``argsort`` of the negated row, and "the top emotion" is ``argmax`` over the
+    row with all but those two zeroed (the lower label index among equals).
+    """
+    order = np.argsort(-probs, axis=1)
+    rows = np.arange(len(probs))
+    i1, i2 = order[:, 0], order[:, 1]
+    p1, p2 = probs[rows, i1], probs[rows, i2]
+    kept = np.zeros_like(probs)
+    kept[rows, i1] = p1
+    kept[rows, i2] = p2
+    top = np.argmax(kept, axis=1)
+    single = (p1 < alpha) | (p2 < alpha)
+    chosen = np.stack([np.where(single, top, i1), i2], axis=1)
+    if neutral is not None:
+        has_neutral = ~single & ((i1 == neutral) | (i2 == neutral))
+        other = np.where(i1 == neutral, i2, i1)
+        pick = np.where(probs[rows, other] >= probs[:, neutral], other, neutral)
+        chosen[has_neutral, 0] = pick[has_neutral]
+        single = single | has_neutral
+    even = np.abs(p1 - p2) <= beta
+    return _pair(chosen, p1 >= p2, even, single)
+
+
+def presence_salience_decode(
+    presence: np.ndarray, salience: np.ndarray, threshold: float, beta: float, neutral: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Most present emotion always; the second when its presence >= threshold and neither is neutral."""
+    order = np.argsort(-presence, axis=1, kind="stable")
+    rows = np.arange(len(presence))
+    i1, i2 = order[:, 0], order[:, 1]
+    single = presence[rows, i2] < threshold
+    if neutral is not None:
+        single |= (i1 == neutral) | (i2 == neutral)
+    s1, s2 = salience[rows, i1], salience[rows, i2]
+    even = np.abs(s1 - s2) / np.maximum(s1 + s2, 1e-12) <= beta
+    return _pair(order[:, :2], s1 >= s2, even, single)
 
 
 class BlemoreDecoder(Decoder):
@@ -51,36 +103,11 @@ class BlemoreDecoder(Decoder):
 
     def fit(self, outputs, truth):
         probs = np.asarray(outputs["probs"], dtype=np.float64)
-        best, best_score = None, -1.0
-        for alpha in OFFICIAL_GRID:
-            for beta in OFFICIAL_GRID:
-                order, sal = blemore_decode(probs, alpha, beta, self.context.neutral_index)
-                s = scores_from_matrices(order_to_matrix(order, sal, probs.shape[1]), truth)["score"]
-                if s > best_score:  # strict: ties keep the first pair in (alpha, beta) order
-                    best, best_score = (float(alpha), float(beta)), s
-        return BlemoreDecoderConfig(alpha=best[0], beta=best[1])
-
-
-def blemore_decode(probs: np.ndarray, alpha: float, beta: float, neutral: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The official rule on probability rows ``[N, L]`` -> (order [N, 2], saliences [N, 2])."""
-    order = np.argsort(-probs, axis=1)  # NumPy's default sort, as the official code: ties by index
-    rows = np.arange(len(probs))
-    i1, i2 = order[:, 0], order[:, 1]
-    p1, p2 = probs[rows, i1], probs[rows, i2]
-    single = (p1 < alpha) | (p2 < alpha)
-    chosen = order[:, :2].copy()
-    if neutral is not None:
-        has_neutral = ~single & ((i1 == neutral) | (i2 == neutral))
-        other_is_2 = i1 == neutral
-        other = np.where(other_is_2, i2, i1)
-        p_other = np.where(other_is_2, p2, p1)
-        p_neu = np.where(other_is_2, p1, p2)
-        pick = np.where(p_other >= p_neu, other, neutral)
-        chosen[has_neutral, 0] = pick[has_neutral]
-        single = single | has_neutral
-    even = np.abs(p1 - p2) <= beta
-    first_larger = p1 >= p2
-    return _pair(chosen, first_larger, even, single)
+        alpha, beta = _grid_search(
+            lambda a, b: blemore_decode(probs, a, b, self.context.neutral_index),
+            OFFICIAL_GRID, OFFICIAL_GRID, truth, probs.shape[1],
+        )
+        return BlemoreDecoderConfig(alpha=alpha, beta=beta)
 
 
 class PresenceSalienceDecoder(Decoder):
@@ -102,26 +129,8 @@ class PresenceSalienceDecoder(Decoder):
     def fit(self, outputs, truth):
         presence = np.asarray(outputs["presence"], dtype=np.float64)
         salience = np.asarray(outputs["salience"], dtype=np.float64)
-        best, best_score = None, -1.0
-        for threshold in np.linspace(0.05, 0.95, 19):
-            for beta in np.linspace(0.0, 1.0, 21):
-                order, sal = presence_salience_decode(presence, salience, threshold, beta, self.context.neutral_index)
-                s = scores_from_matrices(order_to_matrix(order, sal, presence.shape[1]), truth)["score"]
-                if s > best_score:
-                    best, best_score = (float(threshold), float(beta)), s
-        return PresenceSalienceDecoderConfig(threshold=best[0], beta=best[1])
-
-
-def presence_salience_decode(
-    presence: np.ndarray, salience: np.ndarray, threshold: float, beta: float, neutral: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-presence, axis=1, kind="stable")
-    rows = np.arange(len(presence))
-    i1, i2 = order[:, 0], order[:, 1]
-    single = presence[rows, i2] < threshold  # the top emotion is always predicted
-    if neutral is not None:
-        single |= (i1 == neutral) | (i2 == neutral)
-    s1, s2 = salience[rows, i1], salience[rows, i2]
-    share_gap = np.abs(s1 - s2) / np.maximum(s1 + s2, 1e-12)
-    even = share_gap <= beta
-    return _pair(order, s1 >= s2, even, single)
+        threshold, beta = _grid_search(
+            lambda t, b: presence_salience_decode(presence, salience, t, b, self.context.neutral_index),
+            THRESHOLD_GRID, SHARE_GAP_GRID, truth, presence.shape[1],
+        )
+        return PresenceSalienceDecoderConfig(threshold=threshold, beta=beta)

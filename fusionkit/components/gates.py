@@ -51,7 +51,7 @@ class AttentionGate(Gate):
 
     def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # A sample with no encoder at all would make attention NaN; let it attend anyway (nothing is kept).
-        padding = ~mask & mask.any(dim=1, keepdim=True)
+        padding = None if mask is None else ~mask & mask.any(dim=1, keepdim=True)
         hidden = self.encoder(tokens, src_key_padding_mask=padding)
         return self.scorer(self.norm(hidden)).squeeze(-1)
 

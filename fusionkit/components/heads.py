@@ -46,6 +46,8 @@ class MLPHead(Head):
             )
         else:
             self.net = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(context.in_dim, context.num_labels))
+        if not config.dropout:
+            self.net = nn.Sequential(*(m for m in self.net if not isinstance(m, nn.Dropout)))
 
     def forward(self, fused):
         return self.net(fused)
