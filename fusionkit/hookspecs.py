@@ -66,7 +66,11 @@ def register_distill_losses(register):
 
 @hookspec
 def register_datasets(register):
-    """Register datasets: builders of feature stores."""
+    """Register datasets: builders of feature stores.
+
+    A dataset factory takes only its config and returns an object with
+    ``build(out_dir, overwrite=False) -> Path`` that writes a feature store.
+    """
 
 
 #: Component kind -> the hook that registers it. The kind names are the keys a

@@ -6,7 +6,7 @@ from typing import Any
 
 from fusionkit import config as cfg
 from fusionkit.registry import Registry
-from fusionkit.spec import HEAD_ROLES, ProjectorConfig, TrainConfig
+from fusionkit.spec import HEAD_ROLES, DataConfig, ProjectorConfig, TrainConfig
 
 
 def _component_schema(registry: Registry, kind: str, with_name: bool = False) -> dict[str, Any]:
@@ -50,6 +50,7 @@ def spec_schema(registry: Registry) -> dict[str, Any]:
             "combiner": _component_schema(registry, "combiner"),
             "decoder": _component_schema(registry, "decoder"),
             "adaptation": {"type": "array", "items": _component_schema(registry, "adaptation_loss")},
+            "data": cfg.json_schema(DataConfig),
             "train": cfg.json_schema(TrainConfig),
         },
     }

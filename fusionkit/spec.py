@@ -13,7 +13,7 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import yaml
@@ -61,6 +61,16 @@ class ProjectorConfig:
 
 
 @attrs.frozen(kw_only=True)
+class DataConfig:
+    """How features are read and prepared."""
+
+    nan_policy: Literal["error", "mask"] = option(
+        "error", doc="NaN/inf in a sample's features: an error naming the samples, or treat that encoder as missing."
+    )
+    standardize: bool = option(True, doc="Standardise each encoder's inputs with statistics of the training rows only.")
+
+
+@attrs.frozen(kw_only=True)
 class TrainConfig:
     """Optimisation settings."""
 
@@ -73,11 +83,13 @@ class TrainConfig:
     patience: int = option(10, doc="Early stopping: epochs without a better validation Score.", validator=positive)
     salience_weight: float = option(1.0, doc="Weight of the salience KL loss.", validator=non_negative)
     presence_weight: float = option(1.0, doc="Weight of the presence BCE loss.", validator=non_negative)
+    schedule: Literal["cosine", "constant"] = option("cosine", doc="Learning-rate schedule after a linear warm-up.")
+    warmup_fraction: float = option(0.05, doc="Share of the steps spent warming the learning rate up.", validator=unit_interval)
 
 
 _TOP_LEVEL = (
     "spec_version", "labels", "neutral", "latent_dim", "encoders", "projector", "gate", "fusion",
-    "heads", "combiner", "decoder", "adaptation", "train",
+    "heads", "combiner", "decoder", "adaptation", "data", "train",
 )
 _DEFAULT_BLOCKS: dict[str, Any] = {
     "gate": {"type": "attention"},
@@ -104,6 +116,7 @@ class Spec:
     combiner: Component
     decoder: Component
     adaptation: tuple[Component, ...] = ()
+    data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
     @property
@@ -125,6 +138,7 @@ class Spec:
             "combiner": self.combiner.to_dict(),
             "decoder": self.decoder.to_dict(),
             "adaptation": [c.to_dict() for c in self.adaptation],
+            "data": cfg.unstructure(self.data),
             "train": cfg.unstructure(self.train),
         }
 
@@ -224,6 +238,7 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
     values["encoders"] = _structure_encoders(data.get("encoders"), registry, problems)
     values["projector"] = cfg.structure(ProjectorConfig, data.get("projector", {}), "projector", problems)
     values["train"] = cfg.structure(TrainConfig, data.get("train", {}), "train", problems)
+    values["data"] = cfg.structure(DataConfig, data.get("data", {}), "data", problems)
     for key, kind in (("gate", "gate"), ("fusion", "fusion"), ("combiner", "combiner"), ("decoder", "decoder")):
         values[key] = structure_component(kind, data.get(key, _DEFAULT_BLOCKS[key]), key, registry, problems)
     values["heads"] = _structure_heads(data.get("heads", _DEFAULT_BLOCKS["heads"]), registry, problems)

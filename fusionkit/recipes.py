@@ -1,0 +1,68 @@
+"""Named spec recipes for the UCI Multiple Features task, shared by the demo and the benchmarks.
+
+- ``baseline``: the official BlEmoRE baseline recipe on one encoder — one hidden ReLU layer
+  (256), softmax over labels trained with KL, Adam-style optimiser at lr 5e-6, weight decay
+  1e-3, batch 32, 200 epochs, constant learning rate, decoded with the official α/β rule.
+- ``single``: one encoder through the fusionkit recipe (presence + salience heads).
+- ``naive``: every encoder, uniform gate (no selection), ``weighted_sum`` or ``rank_concat``
+  (which, with all encoders kept in fixed order, is plain concatenation).
+- ``topn``: rank-aware top-n fusion, attention gate, presence + salience heads, product combiner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+UCI_DIMS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
+UCI_LABELS = ["d0", "d1", "d2", "d3", "d4", "d5"]
+
+FUSION_TRAIN = {"epochs": 60, "batch_size": 64, "lr": 2.0e-3, "weight_decay": 1.0e-2, "patience": 15, "seed": 0}
+
+
+def _base(encoders: dict[str, int], seed: int) -> dict[str, Any]:
+    return {
+        "labels": UCI_LABELS,
+        "neutral": "d5",
+        "latent_dim": 64,
+        "encoders": [{"name": n, "type": "features", "dim": d} for n, d in encoders.items()],
+        "projector": {"hidden": 0, "dropout": 0.1},
+        "train": {**FUSION_TRAIN, "seed": seed},
+    }
+
+
+def baseline(encoder: str, seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
+    spec = _base({encoder: dims[encoder]}, seed)
+    spec.update({
+        "latent_dim": 256,
+        "projector": {"hidden": 0, "dropout": 0.0, "norm": False},
+        "gate": {"type": "uniform", "top_n": 1},
+        "fusion": {"type": "weighted_sum"},
+        "heads": {"salience": {"type": "classifier", "hidden": 256}},
+        "combiner": {"type": "salience_only"},
+        "decoder": {"type": "blemore"},
+        "train": {"epochs": 200, "batch_size": 32, "lr": 5.0e-6, "weight_decay": 1.0e-3, "schedule": "constant",
+                  "warmup_fraction": 0.0, "grad_clip": 0.0, "patience": 200, "seed": seed},
+    })
+    return spec
+
+
+def single(encoder: str, seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
+    spec = _base({encoder: dims[encoder]}, seed)
+    spec.update({"gate": {"type": "uniform", "top_n": 1}, "fusion": {"type": "weighted_sum"}})
+    return spec
+
+
+def naive(fusion: str = "weighted_sum", seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
+    spec = _base(dict(dims), seed)
+    spec.update({"gate": {"type": "uniform", "top_n": len(dims)}, "fusion": {"type": fusion}})
+    return spec
+
+
+def topn(n: int = 2, fusion: str = "rank_concat", gate: str = "attention", seed: int = 0,
+         dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
+    spec = _base(dict(dims), seed)
+    spec.update({
+        "gate": {"type": gate, "top_n": n, "warmup_epochs": 5, "noise": 0.1, "balance_weight": 0.01},
+        "fusion": {"type": fusion},
+    })
+    return spec

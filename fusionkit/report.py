@@ -1,0 +1,144 @@
+"""``fusionkit report RUN``: plots and a markdown summary of a finished run.
+
+Writes RUN/report/: learning_curves.png, kept_per_label.png, presence_confusion.png,
+salience_confusion.png and summary.md. Needs matplotlib (``pip install 'fusionkit[report]'``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusionkit.errors import FusionkitError
+
+RATIO_NAMES = ("single", "50/50", "70/30", "30/70")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise FusionkitError("fusionkit report needs matplotlib: pip install 'fusionkit[report]'") from exc
+    return plt
+
+
+def _ratio(pred: list[dict]) -> str:
+    if len(pred) == 1:
+        return "single"
+    a, b = pred[0]["salience"], pred[1]["salience"]
+    return "50/50" if round(a) == round(b) else ("70/30" if a > b else "30/70")
+
+
+def write_report(run: str | Path) -> Path:
+    """Write the report of a single run directory (or of every fold of a cross-validation run)."""
+    run = Path(run)
+    if (run / "cv.json").exists():
+        folds = sorted(p for p in run.glob("fold*") if (p / "metrics.json").exists())
+        for fold in folds:
+            write_report(fold)
+        cv = json.loads((run / "cv.json").read_text())
+        lines = ["# Cross-validation", "", "| metric | mean | std |", "|---|---|---|"]
+        lines += [f"| {k} | {v['mean']:.3f} | {v['std']:.3f} |" for k, v in cv["test"].items()]
+        lines += ["", "Per fold: " + ", ".join(f"[{p.name}]({p.name}/report/summary.md)" for p in folds)]
+        out = run / "report"
+        out.mkdir(exist_ok=True)
+        (out / "summary.md").write_text("\n".join(lines) + "\n")
+        return out
+    if not (run / "metrics.json").exists():
+        raise FusionkitError(f"{run}: no metrics.json; is it a finished run directory (fusionkit train ... --out {run})?")
+    plt = _pyplot()
+    out = run / "report"
+    out.mkdir(exist_ok=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    split = "test" if "test" in metrics else "val"
+    preds = json.loads((run / f"predictions_{split}.json").read_text())
+    labels = list(metrics[split]["per_label_f1"])
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [r["epoch"] for r in log]
+    for key in sorted({k for r in log for k in r if k not in ("epoch", "lr", "val", "seconds")}):
+        a1.plot(epochs, [r.get(key, np.nan) for r in log], label=key)
+    a1.set(xlabel="epoch", ylabel="training loss", title="Training losses")
+    a1.legend(fontsize=7)
+    for key in ("acc_presence", "acc_salience", "score"):
+        a2.plot(epochs, [r.get("val", {}).get(key, np.nan) for r in log], label=key)
+    a2.axvline(metrics["best_epoch"], color="grey", ls=":", label="best")
+    a2.set(xlabel="epoch", title="Validation")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=110)
+    plt.close(fig)
+
+    kept = metrics[split]["kept_counts"]
+    encoders = list(next(iter(kept.values())))
+    matrix = np.array([[kept[lab][e] for e in encoders] for lab in labels], dtype=float)
+    totals = np.array([sum(1 for r in preds.values() if any(t["emotion"] == lab for t in r["truth"])) for lab in labels])
+    share = matrix / np.maximum(totals[:, None], 1)
+    _heatmap(plt, share, labels, encoders, "How often each encoder is kept, per true label", out / "kept_per_label.png",
+             fmt="{:.2f}", xlabel="encoder", ylabel="true label")
+
+    conf = np.zeros((len(labels), len(labels)))
+    for r in preds.values():
+        for t in r["truth"]:
+            for p in r["prediction"]:
+                conf[labels.index(t["emotion"]), labels.index(p["emotion"])] += 1
+    _heatmap(plt, conf, labels, labels, "Presence: true label vs predicted label", out / "presence_confusion.png",
+             fmt="{:.0f}", xlabel="predicted", ylabel="true")
+
+    columns = ("wrong pair", *RATIO_NAMES)
+    sal = np.zeros((3, len(columns)))
+    for r in preds.values():
+        if len(r["truth"]) != 2:
+            continue
+        truth_order = [t["emotion"] for t in r["truth"]]
+        row = RATIO_NAMES.index(_ratio(r["truth"])) - 1
+        if len(r["prediction"]) == 1:
+            col = "single"
+        elif {p["emotion"] for p in r["prediction"]} != set(truth_order):
+            col = "wrong pair"
+        else:
+            col = _ratio(sorted(r["prediction"], key=lambda e: truth_order.index(e["emotion"])))
+        sal[row, columns.index(col)] += 1
+    _heatmap(plt, sal, RATIO_NAMES[1:], columns, "Salience on blends (ratios in the truth's emotion order)",
+             out / "salience_confusion.png", fmt="{:.0f}", xlabel="predicted", ylabel="true")
+
+    m = metrics[split]
+    lines = [
+        f"# Run {run.name}", "",
+        f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; decoder {metrics['decoder']}.", "",
+        "| split | ACC_presence | ACC_salience | Score | n |", "|---|---|---|---|---|",
+    ]
+    for name in ("val", "test"):
+        if name in metrics:
+            x = metrics[name]
+            lines.append(f"| {name} | {x['acc_presence']:.3f} | {x['acc_salience']:.3f} | {x['score']:.3f} | {x['n']} |")
+    lines += ["", f"Per-label F1 ({split}): " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_label_f1"].items())]
+    if "presence_map" in m:
+        lines.append(f"Presence mAP ({split}): {m['presence_map']:.3f}")
+    lines += ["", "![learning curves](learning_curves.png)", "![kept per label](kept_per_label.png)",
+              "![presence confusion](presence_confusion.png)", "![salience confusion](salience_confusion.png)"]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _heatmap(plt, values: np.ndarray, rows, cols, title: str, path: Path, fmt: str, xlabel: str, ylabel: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(cols), 1.0 + 0.6 * len(rows)))
+    ax.imshow(values, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    top = values.max() if values.size else 0
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if top and values[i, j] > 0.6 * top else "black")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
