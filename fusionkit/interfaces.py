@@ -69,6 +69,13 @@ class GateConfig:
     balance_weight: float = option(
         0.0, doc="Weight of the load-balance loss that discourages collapse onto one encoder.", validator=non_negative
     )
+    supervision: float = option(
+        0.0, doc="Weight of rank supervision: every encoder token also predicts the labels, and the gate learns to "
+        "score encoders by how well their own prediction fits each sample.", validator=non_negative
+    )
+    supervision_temperature: float = option(
+        0.5, doc="Temperature of the rank-supervision target softmax(-per-encoder loss / T).", validator=positive
+    )
 
 
 class Gate(nn.Module):
@@ -85,6 +92,8 @@ class Gate(nn.Module):
         self.noise = config.noise
         self.warmup_epochs = config.warmup_epochs
         self.balance_weight = config.balance_weight
+        self.supervision = config.supervision
+        self.supervision_temperature = config.supervision_temperature
         self.epoch = 0
 
     def score(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

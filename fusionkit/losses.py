@@ -5,16 +5,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusionkit.model import FusionOutput
+from fusionkit.model import FusionModel, FusionOutput
 from fusionkit.spec import TrainConfig
 
 
-def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-encoder deep supervision, and a gate target ranking encoders by their per-sample loss.
+
+    Each token k predicts the labels; its KL to the target is l[b, k]. The gate's softmax over
+    scores is pulled towards softmax(-l / T) (l detached), so it learns to rank encoders by
+    how reliable they are for this sample, including ones it does not currently keep.
+    """
+    log_q = F.log_softmax(out.token_logits, dim=-1)  # [B, K, L]
+    per_token = (target.unsqueeze(1) * (target.unsqueeze(1).clamp_min(1e-12).log() - log_q)).sum(-1)  # [B, K]
+    mask = out.mask if out.mask is not None else torch.ones_like(per_token, dtype=torch.bool)
+    weight = mask.to(per_token.dtype)
+    token_loss = (per_token * weight).sum() / weight.sum().clamp_min(1)
+    gate = model.gate
+    goal = torch.softmax((-per_token.detach() / gate.supervision_temperature).masked_fill(~mask, float("-inf")), dim=1)
+    scores = torch.log_softmax(out.scores.masked_fill(~mask, float("-inf")), dim=1)
+    rank_loss = -(goal.nan_to_num(0.0) * scores.masked_fill(~mask, 0.0)).sum(1).mean()
+    return {"token_kl": gate.supervision * token_loss, "gate_rank": gate.supervision * rank_loss}
+
+
+def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
+                    model: FusionModel | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``target`` [B, L]: soft targets summing to 1 (salience / 100).
 
     presence: binary cross-entropy of each label's presence (target > 0);
     salience: KL(target || softmax) — for a ``classifier`` head too;
-    plus every entry of ``out.aux_losses`` (e.g. the gate balance loss).
+    plus every entry of ``out.aux_losses`` (e.g. the gate balance loss), and the gate's rank
+    supervision when it is switched on.
     """
     parts: dict[str, torch.Tensor] = {}
     if "presence" in out.logits:
@@ -26,5 +47,7 @@ def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig)
             F.log_softmax(out.logits["salience"], dim=-1), target, reduction="batchmean"
         )
     parts.update(out.aux_losses)
+    if out.token_logits is not None and model is not None:
+        parts.update(rank_supervision(model, out, target))
     total = sum(parts.values())
     return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -41,6 +41,8 @@ class FusionOutput:
     logits: dict[str, torch.Tensor]
     tokens: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+    token_logits: torch.Tensor | None = None
 
 
 class Projector(nn.Module):
@@ -93,6 +95,8 @@ class FusionModel(nn.Module):
             self.projectors[enc.name] = Projector(module.out_dim, spec.latent_dim, spec.projector)
         self.identity = nn.Parameter(torch.randn(len(spec.encoders), spec.latent_dim) * 0.02)
         self.gate = _build(registry, "gate", spec.gate, "gate", ctx)
+        # Rank supervision: each encoder token predicts the labels on its own (see fusionkit.losses).
+        self.token_head = nn.Linear(spec.latent_dim, len(spec.labels)) if getattr(self.gate, "supervision", 0) else None
         self.top_n: int = spec.gate.config.top_n
         self.fusion = _build(registry, "fusion", spec.fusion, "fusion", _evolve(ctx, top_n=self.top_n))
         head_ctx = _evolve(ctx, in_dim=self.fusion.out_dim)
@@ -130,7 +134,8 @@ class FusionModel(nn.Module):
         return FusionOutput(
             fused=fused, scores=selection.scores, kept=selection.kept, weights=selection.weights,
             probs=self.combiner(presence, salience), presence=presence, salience=salience,
-            logits=logits, tokens=tokens, aux_losses=aux,
+            logits=logits, tokens=tokens, aux_losses=aux, mask=mask,
+            token_logits=None if self.token_head is None else self.token_head(tokens),
         )
 
     def _check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
@@ -170,7 +175,7 @@ class FusionModel(nn.Module):
 
         out = {f"encoder:{n}": count(self.encoders[n]) + count(self.projectors[n]) for n in self.encoder_names}
         out["identity"] = count(self.identity)
-        out["gate"] = count(self.gate)
+        out["gate"] = count(self.gate) + (count(self.token_head) if self.token_head is not None else 0)
         out["fusion"] = count(self.fusion)
         for role, head in self.heads.items():
             out[f"head:{role}"] = count(head)

@@ -6,7 +6,8 @@
 - ``single``: one encoder through the fusionkit recipe (presence + salience heads).
 - ``naive``: every encoder, uniform gate (no selection), ``weighted_sum`` or ``rank_concat``
   (which, with all encoders kept in fixed order, is plain concatenation).
-- ``topn``: rank-aware top-n fusion, attention gate, presence + salience heads, product combiner.
+- ``topn``: rank-aware top-n fusion, attention gate with rank supervision, soft warm-up, score
+  noise and a small balance loss; presence + salience heads, product combiner.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 UCI_DIMS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
 UCI_LABELS = ["d0", "d1", "d2", "d3", "d4", "d5"]
 
-FUSION_TRAIN = {"epochs": 60, "batch_size": 64, "lr": 2.0e-3, "weight_decay": 1.0e-2, "patience": 15, "seed": 0}
+FUSION_TRAIN = {"epochs": 40, "batch_size": 64, "lr": 2.0e-3, "weight_decay": 1.0e-2, "patience": 10, "seed": 0}
 
 
 def _base(encoders: dict[str, int], seed: int) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def baseline(encoder: str, seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> di
         "combiner": {"type": "salience_only"},
         "decoder": {"type": "blemore"},
         "train": {"epochs": 200, "batch_size": 32, "lr": 5.0e-6, "weight_decay": 1.0e-3, "schedule": "constant",
-                  "warmup_fraction": 0.0, "grad_clip": 0.0, "patience": 200, "seed": seed},
+                  "warmup_fraction": 0.0, "grad_clip": 0.0, "patience": 200, "eval_every": 5, "seed": seed},
     })
     return spec
 
@@ -62,7 +63,7 @@ def topn(n: int = 2, fusion: str = "rank_concat", gate: str = "attention", seed:
          dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
     spec = _base(dict(dims), seed)
     spec.update({
-        "gate": {"type": gate, "top_n": n, "warmup_epochs": 5, "noise": 0.1, "balance_weight": 0.01},
+        "gate": {"type": gate, "top_n": n, "warmup_epochs": 5, "noise": 0.1, "balance_weight": 0.01, "supervision": 1.0},
         "fusion": {"type": fusion},
     })
     return spec

@@ -223,7 +223,7 @@ class Trainer:
                     group["lr"] = train_cfg.lr * _lr_factor(state["step"], total_steps, train_cfg)
                 out = model(*self.store.batch(rows, model.encoder_names))
                 tgt = target[[position[int(i)] for i in rows]]
-                loss, parts = supervised_loss(out, tgt, train_cfg)
+                loss, parts = supervised_loss(out, tgt, train_cfg, model)
                 if extra is not None:
                     terms = extra(out, rows, state["step"] / max(1, total_steps))
                     for k, v in terms.items():
@@ -242,7 +242,10 @@ class Trainer:
             record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                                       **{k: v / len(order) for k, v in sums.items()}}
             improved = True
-            if val_truth is not None:
+            validate = (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == train_cfg.epochs
+            if val_truth is not None and not validate:
+                improved = None
+            elif val_truth is not None:
                 outputs = collect_outputs(model, self.store, self.split.val)
                 model.set_decoder(model.decoder.fit(outputs, val_truth))
                 val = evaluate_outputs(model, outputs, val_truth)
@@ -253,7 +256,7 @@ class Trainer:
             if improved:
                 state["best_epoch"], state["since_best"] = epoch, 0
                 save_checkpoint(model, self.out / "best")
-            else:
+            elif improved is not None:
                 state["since_best"] += 1
             state["epoch"] = epoch + 1
             record["seconds"] = round(time.perf_counter() - started, 3)
