@@ -43,3 +43,34 @@ def fake_dist(tmp_path, monkeypatch):
     yield make
     for module in made:
         sys.modules.pop(module, None)
+
+
+UCI_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "uci-mfeat"
+
+
+@pytest.fixture(scope="session")
+def uci_source():
+    """The real UCI Multiple Features CSVs (shared copy, or $FUSIONKIT_UCI_MFEAT)."""
+    import os
+
+    source = os.environ.get("FUSIONKIT_UCI_MFEAT") or str(UCI_SHARED)
+    if not Path(source).exists():
+        pytest.skip("UCI Multiple Features data not available (set FUSIONKIT_UCI_MFEAT)")
+    return source
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory):
+    from fusionkit.components.datasets import build_dataset
+
+    path = tmp_path_factory.mktemp("stores") / "synthetic"
+    return build_dataset("synthetic", {"samples": 400, "noise": [0.3, 1.0, 3.0], "dim": 8, "seed": 0}, path)
+
+
+def tiny_spec(**train):
+    return {
+        "latent_dim": 16,
+        "encoders": [{"name": f"enc{k}", "type": "features", "dim": 8} for k in range(3)],
+        "gate": {"type": "attention", "top_n": 2, "heads": 2, "noise": 0.1, "warmup_epochs": 1, "supervision": 0.5},
+        "train": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "patience": 10, "seed": 0, **train},
+    }

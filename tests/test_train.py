@@ -1,0 +1,153 @@
+"""Training: reproducibility, resume, folds, standardisation, the command line end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_spec
+from fusionkit.checkpoint import load_model
+from fusionkit.errors import CheckpointError, DataError
+from fusionkit.spec import load_spec
+from fusionkit.store import open_store
+from fusionkit.train import Trainer, make_split, spec_store, train
+
+
+def weights(run):
+    return load_model(run / "best").state_dict()
+
+
+def test_same_seed_same_numbers(synthetic_store, tmp_path):
+    a = train(tiny_spec(), synthetic_store, tmp_path / "a", fold=0, progress=False)
+    b = train(tiny_spec(), synthetic_store, tmp_path / "b", fold=0, progress=False)
+    assert a == b
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = train(tiny_spec(seed=1), synthetic_store, tmp_path / "c", fold=0, progress=False)
+    assert c["test"]["per_label_f1"] != a["test"]["per_label_f1"] or c["val"] != a["val"]
+
+
+def test_a_killed_run_resumes_to_the_same_result(synthetic_store, tmp_path):
+    full = train(tiny_spec(epochs=6), synthetic_store, tmp_path / "full", fold=1, progress=False)
+    spec = load_spec(tiny_spec(epochs=6))
+    store = spec_store(spec, synthetic_store)
+    split = make_split(store, 1)
+    interrupted = Trainer(spec, store, tmp_path / "part", split, progress=False).fit(stop_after_epochs=2)
+    assert interrupted == {"interrupted": True, "epoch": 2}
+    # a line logged for an epoch whose checkpoint never landed is dropped on resume
+    with open(tmp_path / "part" / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"epoch": 2, "loss": 123.0}) + "\n")
+    resumed = Trainer(spec, store, tmp_path / "part", split, progress=False).fit(resume=True)
+    assert resumed == full
+    wf, wp = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(wf[k], wp[k]) for k in wf)
+    log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(6))
+    assert log == [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()] or all(
+        {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        for a, b in zip(log, [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]))
+
+
+def test_resume_needs_a_checkpoint_and_the_same_spec(synthetic_store, tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(tiny_spec(), synthetic_store, tmp_path / "none", fold=0, resume=True, progress=False)
+    spec = load_spec(tiny_spec())
+    store = spec_store(spec, synthetic_store)
+    Trainer(spec, store, tmp_path / "r", make_split(store, 0), progress=False).fit(stop_after_epochs=1)
+    with pytest.raises(CheckpointError, match="different spec"):
+        train(tiny_spec(lr=1e-2), synthetic_store, tmp_path / "r", fold=0, resume=True, progress=False)
+
+
+def test_folds_are_group_disjoint_and_test_is_never_trained_on(synthetic_store):
+    store = open_store(synthetic_store)
+    split = make_split(store, 2)
+    groups = [set(store.groups[idx]) for idx in (split.train, split.val, split.test)]
+    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
+    assert set(store.folds[split.test]) == {2} and set(store.folds[split.val]) == {3}
+    with pytest.raises(DataError, match="--fold 9"):
+        make_split(store, 9)
+
+
+def test_standardisation_uses_training_rows_only(synthetic_store, tmp_path):
+    train(tiny_spec(epochs=1), synthetic_store, tmp_path / "run", fold=0, progress=False)
+    model = load_model(tmp_path / "run" / "best")
+    store = open_store(synthetic_store)
+    split = make_split(store, 0)
+    x = store.encoders["enc1"].data[torch.as_tensor(split.train)]
+    assert torch.allclose(model.encoders["enc1"].input_mean, x.mean(0), atol=1e-6)
+    assert torch.allclose(model.encoders["enc1"].input_std, x.std(0), atol=1e-6)
+    everything = store.encoders["enc1"].data.mean(0)
+    assert not torch.allclose(model.encoders["enc1"].input_mean, everything, atol=1e-4)
+
+
+def test_training_beats_chance_and_decoder_thresholds_come_from_validation(synthetic_store, tmp_path):
+    metrics = train(tiny_spec(epochs=20, lr=1e-2), synthetic_store, tmp_path / "run", fold=0, progress=False)
+    assert metrics["test"]["acc_presence"] > 0.5  # chance is far lower (6 labels, 15 pairs)
+    model = load_model(tmp_path / "run" / "best")
+    assert model.decoder.config.threshold == metrics["decoder"]["threshold"]
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "presence_bce", "salience_kl", "token_kl", "gate_rank", "val", "lr"} <= set(log[0])
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fusionkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def test_command_line_end_to_end(tmp_path):
+    import yaml
+
+    store = tmp_path / "store"
+    proc = cli("data", "build", "synthetic", "--out", store, "--set", "samples=300", "--set", "dim=8",
+               "--set", "noise=[0.3, 1.0, 3.0]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec(epochs=3)))
+    proc = cli("train", spec_file, "--data", store, "--out", tmp_path / "run", "--fold", 0, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "test  ACC_presence" in proc.stdout
+    for name in ("spec.yaml", "run.json", "log.jsonl", "metrics.json", "best/model.safetensors", "last/model.safetensors"):
+        assert (tmp_path / "run" / name).exists(), name
+
+    proc = cli("evaluate", tmp_path / "run", "--data", store, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert f"Score {metrics['test']['score']:.3f}" in proc.stdout
+
+    proc = cli("predict", tmp_path / "run", "--data", store, "--out", tmp_path / "sub.json", "--split", "test",
+               "--id-suffix", ".mov", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    sub = json.loads((tmp_path / "sub.json").read_text())["predictions"]
+    assert len(sub) == metrics["test"]["n"] and all(k.endswith(".mov") for k in sub)
+    for pred in sub.values():
+        assert len(pred) in (1, 2)
+        assert sorted(p["salience"] for p in pred) in ([100.0], [50.0, 50.0], [30.0, 70.0])
+    with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
+        assert json.loads(zf.read("sub.json"))["predictions"] == sub
+
+    proc = cli("predict", tmp_path / "run", "--data", store, "--out", tmp_path / "none.json", cwd=tmp_path)
+    assert proc.returncode == 2 and "no unlabelled samples" in proc.stderr
+    assert not (tmp_path / "none.json").exists()
+
+    proc = cli("report", tmp_path / "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = tmp_path / "run" / "report"
+    for name in ("learning_curves.png", "kept_per_label.png", "presence_confusion.png", "salience_confusion.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert f"{metrics['test']['score']:.3f}" in (report / "summary.md").read_text()
+
+
+def test_cross_validation_reports_mean_and_std(synthetic_store, tmp_path):
+    from fusionkit.train import cross_validate
+
+    summary = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "cv", progress=False)
+    per_fold = [json.loads((tmp_path / "cv" / f"fold{k}" / "metrics.json").read_text())["test"]["score"] for k in range(5)]
+    assert summary["score"]["values"] == per_fold
+    assert summary["score"]["mean"] == pytest.approx(np.mean(per_fold))
+    assert summary["score"]["std"] == pytest.approx(np.std(per_fold))
