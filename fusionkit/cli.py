@@ -100,13 +100,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     if args.cv:
-        summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress)
+        summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress, target=args.target)
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
             print(f"  {key:<13} {value['mean']:.3f} ± {value['std']:.3f}")
         print(f"written to {args.out}/cv.json")
         return 0
-    metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress)
+    metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress,
+                    target=args.target)
     _print_metrics(metrics)
     print(f"run written to {args.out}")
     return 0
@@ -114,7 +115,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _print_metrics(metrics: dict) -> None:
     print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}")
-    for split in ("val", "test"):
+    for split in ("val", "test", "target"):
         if split in metrics:
             m = metrics[split]
             print(f"  {split:<5} ACC_presence {m['acc_presence']:.3f}  ACC_salience {m['acc_salience']:.3f}  "
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--fold", type=int, help="test fold K (fold K+1 validates, the rest train)")
     group.add_argument("--cv", action="store_true", help="cross-validate: every fold the test fold once")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--target", metavar="STORE", help="unlabelled target-domain store for the spec's adaptation losses "
+                   "(default: the rows of --data whose domain is 'target')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

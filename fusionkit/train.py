@@ -20,7 +20,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,16 +157,12 @@ def _lr_factor(step: int, total: int, train) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# Adaptation hooks (issue: domain adaptation) plug in here: a callable that returns extra
-# loss terms for a batch, given the model output and the step's progress in [0, 1].
-ExtraLoss = Callable[[Any, float], dict[str, torch.Tensor]]
-
-
 class Trainer:
     """Trains one model on one split and keeps the run directory up to date."""
 
     def __init__(self, spec: Spec, store: FeatureStore, out: str | os.PathLike, split: Split, *,
-                 progress: bool = True, data_path: str | None = None, extra_loss_factory=None) -> None:
+                 progress: bool = True, data_path: str | None = None, extra_loss_factory=None,
+                 target_store: FeatureStore | None = None) -> None:
         self.spec = spec
         self.store = store
         self.out = Path(out)
@@ -175,6 +170,7 @@ class Trainer:
         self.progress = progress
         self.data_path = data_path or str(store.path)
         self.extra_loss_factory = extra_loss_factory
+        self.target_store = target_store
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
 
@@ -278,13 +274,16 @@ class Trainer:
         metrics: dict[str, Any] = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
                                    "test_fold": self.split.test_fold, "val_fold": self.split.val_fold,
                                    "decoder": {"type": model.spec.decoder.type, **attrs.asdict(model.decoder.config)}}
-        for name, index in (("val", self.split.val), ("test", self.split.test)):
-            if len(index):
-                truth = self.store.truth_matrix(index)
-                outputs = collect_outputs(model, self.store, index)
+        target_store = self.target_store or self.store
+        target = target_store.select(labelled=True) if self.target_store else self.store.select(labelled=True, domain="target")
+        for name, store, index in (("val", self.store, self.split.val), ("test", self.store, self.split.test),
+                                   ("target", target_store, target)):
+            if len(index):  # target labels are read here, for evaluation, and nowhere else
+                truth = store.truth_matrix(index)
+                outputs = collect_outputs(model, store, index)
                 metrics[name] = evaluate_outputs(model, outputs, truth)
                 metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
-                write_predictions(self.out / f"predictions_{name}.json", model, self.store, index, outputs)
+                write_predictions(self.out / f"predictions_{name}.json", model, store, index, outputs)
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         self._update_run(status="finished")
         return metrics
@@ -366,21 +365,28 @@ def _progress(iterable, enabled: bool, **kwargs):
 
 
 def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = None,
-          resume: bool = False, progress: bool = True, extra_loss_factory=None) -> dict[str, Any]:
-    """Train one model; see the module docstring for the folds and the run directory."""
+          resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train one model; see the module docstring for the folds and the run directory.
+
+    With adaptation losses in the spec, unlabelled target batches come from ``target`` (a
+    second store) or, without it, from the rows of ``data`` whose domain is ``target``.
+    Labelled target samples are evaluated ("target" in metrics.json), never trained on.
+    """
     spec = load_spec(spec)
-    if extra_loss_factory is None and spec.adaptation:
+    store = spec_store(spec, data)
+    target_store = spec_store(spec, target) if target is not None else None
+    factory = None
+    if spec.adaptation:
         from fusionkit.adaptation import adaptation_loss_factory
 
-        extra_loss_factory = adaptation_loss_factory(spec)
-    store = spec_store(spec, data)
+        factory = adaptation_loss_factory(spec, target_store)
     split = make_split(store, fold)
-    return Trainer(spec, store, out, split, progress=progress, data_path=str(data),
-                   extra_loss_factory=extra_loss_factory).fit(resume=resume)
+    return Trainer(spec, store, out, split, progress=progress, data_path=str(data), extra_loss_factory=factory,
+                   target_store=target_store).fit(resume=resume)
 
 
 def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
-                   resume: bool = False, progress: bool = True) -> dict[str, Any]:
+                   resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std."""
     spec = load_spec(spec)
     store = spec_store(spec, data)
@@ -390,7 +396,8 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
         fold_dir = Path(out) / f"fold{fold}"
         done = (fold_dir / "metrics.json").exists() and resume
         per_fold[fold] = json.loads((fold_dir / "metrics.json").read_text()) if done else train(
-            spec, data, fold_dir, fold=fold, resume=resume and (fold_dir / "last").exists(), progress=progress)
+            spec, data, fold_dir, fold=fold, resume=resume and (fold_dir / "last").exists(), progress=progress,
+            target=target)
     summary = summarize_folds({f: m["test"] for f, m in per_fold.items()})
     atomic_write_text(Path(out) / "cv.json", json.dumps({"folds": folds, "test": summary}, indent=2) + "\n")
     return summary

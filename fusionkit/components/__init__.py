@@ -83,3 +83,10 @@ def register_datasets(register):
              description="The official BlEmoRE release layout (per-video .npy per encoder and split).")
     register("synthetic", datasets.Synthetic, config=datasets.SyntheticConfig,
              description="Fast synthetic blended data for tests.")
+
+
+@hookimpl
+def register_adaptation_losses(register):
+    from fusionkit.components import adaptation
+
+    adaptation.register(register)

@@ -1,0 +1,63 @@
+"""Running many training runs in parallel worker processes, with a resumable JSONL cache."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+KEY = ("setting", "system", "fold", "seed")
+
+
+def run_one(job: dict) -> dict:
+    """Train one job (one thread) in a temporary run directory; return its metrics."""
+    import torch
+
+    from fusionkit.train import train
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = train(job["spec"], job["store"], Path(tmp) / "run", fold=job["fold"], progress=False)
+    out = {k: job[k] for k in KEY} | {"best_epoch": metrics["best_epoch"], "seconds": round(time.perf_counter() - started, 2)}
+    for split in ("test", "target"):
+        if split in metrics:
+            out[split] = {k: metrics[split][k] for k in ("acc_presence", "acc_salience", "score")}
+    return out
+
+
+def load_cache(cache: Path) -> dict[tuple, dict]:
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            done[tuple(r[k] for k in KEY)] = r
+    return done
+
+
+def run_grid(jobs: list[dict], cache: Path, workers: int) -> dict[tuple, dict]:
+    """Run the jobs not in ``cache`` yet; every finished run is appended to it at once."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = load_cache(cache)
+    todo = [j for j in jobs if tuple(j[k] for k in KEY) not in done]
+    print(f"{len(jobs) - len(todo)} runs cached, {len(todo)} to run", flush=True)
+    started = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool, open(cache, "a") as fh:
+        futures = [pool.submit(run_one, job) for job in todo]
+        for i, fut in enumerate(as_completed(futures), 1):
+            r = fut.result()
+            done[tuple(r[k] for k in KEY)] = r
+            fh.write(json.dumps(r) + "\n")
+            fh.flush()
+            if i % 10 == 0 or i == len(todo):
+                print(f"{i}/{len(todo)} runs, {time.perf_counter() - started:.0f} s", flush=True)
+    return done
+
+
+def mean_std(runs: list[dict], split: str) -> dict[str, tuple[float, float, int]]:
+    return {k: (float(np.mean([r[split][k] for r in runs])), float(np.std([r[split][k] for r in runs])), len(runs))
+            for k in ("acc_presence", "acc_salience", "score")}
