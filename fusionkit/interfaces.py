@@ -150,3 +150,29 @@ class Decoder:
     def fit(self, outputs: dict[str, np.ndarray], truth: np.ndarray) -> Any:
         """Search the thresholds on validation data; return the best config (not applied)."""
         raise NotImplementedError
+
+
+class Dataset:
+    """A dataset plugin: :meth:`generate` gives samples and features, :meth:`build` writes a store.
+
+    Subclasses implement :meth:`generate` and, when their labels are not BlEmoRE's, :meth:`labels`.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def labels(self) -> tuple[str, ...]:
+        from fusionkit.spec import BLEMORE_LABELS
+
+        return BLEMORE_LABELS
+
+    def generate(self) -> tuple[list, dict]:
+        """(samples, encoder name -> [N, D] array or list of N [T, D] arrays)."""
+        raise NotImplementedError
+
+    def build(self, out, overwrite: bool = False):
+        """Write the dataset as a feature store at ``out``; returns its path."""
+        from fusionkit.store import write_store
+
+        samples, features = self.generate()
+        return write_store(out, self.labels(), samples, features, overwrite=overwrite)

