@@ -54,15 +54,14 @@ class AdaptationLoss(nn.Module):
         raise NotImplementedError
 
     def forward(self, source: FusionOutput, target: FusionOutput, progress: float) -> torch.Tensor:
+        """The discrepancy on the fused features, or averaged over encoders; 0 where a side has < 2 samples
+        (a batch of one has no covariance or spread to compare)."""
         if self.config.on == "fused":
-            return self.discrepancy(source.fused, target.fused, progress)
-        losses = []
-        for k in range(source.tokens.shape[1]):
-            s = _available(source, k)
-            t = _available(target, k)
-            if len(s) > 1 and len(t) > 1:
-                losses.append(self.discrepancy(s, t, progress))
-        return torch.stack(losses).mean() if losses else source.tokens.new_zeros(())
+            pairs = [(source.fused, target.fused)]
+        else:
+            pairs = [(_available(source, k), _available(target, k)) for k in range(source.tokens.shape[1])]
+        losses = [self.discrepancy(s, t, progress) for s, t in pairs if len(s) > 1 and len(t) > 1]
+        return torch.stack(losses).mean() if losses else source.fused.new_zeros(())
 
     def scale(self, progress: float) -> float:
         ramp = 1.0 if self.config.warmup <= 0 else min(1.0, progress / self.config.warmup)

@@ -79,6 +79,20 @@ def test_gradient_reversal_flips_the_sign_with_the_scheduled_factor():
     assert torch.equal(x.grad, -0.25 * torch.arange(3.0).expand(5, 3))
 
 
+@pytest.mark.parametrize("on", ["fused", "encoders"])
+def test_a_batch_of_one_gives_zero_not_nan(on):
+    from fusionkit.model import FusionOutput
+
+    def out(n):
+        z = torch.randn(n, 8)
+        return FusionOutput(fused=z, scores=z, kept=z.long(), weights=z, probs=z, presence=None, salience=None,
+                            logits={}, tokens=z.unsqueeze(1))
+
+    for loss in (CoralLoss(CoralConfig(on=on)), MMDLoss(MMDConfig(on=on))):
+        assert float(loss(out(1), out(16), 0.5)) == 0.0
+        assert torch.isfinite(loss(out(16), out(16), 0.5))
+
+
 def test_adaptation_weight_warms_up():
     loss = MMDLoss(MMDConfig(weight=2.0, warmup=0.5))
     assert loss.scale(0.0) == 0.0 and loss.scale(0.25) == pytest.approx(1.0) and loss.scale(0.9) == 2.0
