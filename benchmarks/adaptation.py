@@ -60,8 +60,9 @@ def main() -> None:
     eligible = {n: g for n, g in gains.items() if g["source_points"] >= -1.0}
     best = max(eligible or gains, key=lambda n: (eligible or gains)[n]["target_points"])
     met = best in eligible and gains[best]["target_points"] >= 3.0
+    failed = [r for rs in by.values() for r in rs if "error" in r]
     data = {"machine": machine(), "folds": args.folds, "seeds": args.seeds, "stats": stats, "gains": gains,
-            "best": best, "target_met": met}
+            "best": best, "target_met": met, "failed_runs": failed}
     fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
     rows = [[n, fmt(v["target"]["acc_presence"]), fmt(v["target"]["acc_salience"]), fmt(v["target"]["score"]),
              fmt(v["source"]["score"]), f"{gains[n]['target_points']:+.1f}" if n in gains else "—",
@@ -77,6 +78,8 @@ def main() -> None:
         f"Best adaptation whose source Score drops ≤ 1 point: **{best}** ({gains[best]['target_points']:+.1f} target points, "
         f"{gains[best]['source_points']:+.1f} source). Target (≥ +3 points on target, ≤ 1 point lost on source): "
         f"**{'met' if met else 'not met'}**.",
+        "" if not failed else f"{len(failed)} run(s) diverged (loss NaN) and are left out of the means: "
+        + ", ".join(f"{r['system']} fold {r['fold']} seed {r['seed']}" for r in failed) + ".",
     ])
     write("adaptation", data, section)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ def run_one(job: dict) -> dict:
 
 
 def load_cache(cache: Path) -> dict[tuple, dict]:
+    """Finished runs by key; a failed run is kept (with its error) and not retried."""
     done = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
@@ -48,8 +49,12 @@ def run_grid(jobs: list[dict], cache: Path, workers: int) -> dict[tuple, dict]:
     started = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool, open(cache, "a") as fh:
         futures = [pool.submit(run_one, job) for job in todo]
-        for i, fut in enumerate(as_completed(futures), 1):
-            r = fut.result()
+        for i, (job, fut) in enumerate(zip(todo, futures), 1):
+            try:
+                r = fut.result()
+            except Exception as exc:  # one diverged run must not lose the others; it is reported
+                r = {k: job[k] for k in KEY} | {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"failed: {r}", flush=True)
             done[tuple(r[k] for k in KEY)] = r
             fh.write(json.dumps(r) + "\n")
             fh.flush()
@@ -59,5 +64,7 @@ def run_grid(jobs: list[dict], cache: Path, workers: int) -> dict[tuple, dict]:
 
 
 def mean_std(runs: list[dict], split: str) -> dict[str, tuple[float, float, int]]:
+    """Mean, std and count of each metric over the runs that finished (failed runs hold "error")."""
+    runs = [r for r in runs if "error" not in r]
     return {k: (float(np.mean([r[split][k] for r in runs])), float(np.std([r[split][k] for r in runs])), len(runs))
             for k in ("acc_presence", "acc_salience", "score")}
