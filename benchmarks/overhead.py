@@ -37,6 +37,8 @@ class HandWritten(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.register_buffer("mean", torch.zeros(K, DIM))  # input standardisation, as the features encoder does
+        self.register_buffer("std", torch.ones(K, DIM))
         self.proj = nn.ModuleList(nn.Sequential(nn.Linear(DIM, LATENT), nn.LayerNorm(LATENT)) for _ in range(K))
         self.identity = nn.Parameter(torch.zeros(K, LATENT))
         layer = nn.TransformerEncoderLayer(LATENT, 4, 2 * LATENT, dropout=0.0, batch_first=True, norm_first=True)
@@ -48,7 +50,8 @@ class HandWritten(nn.Module):
         self.salience = nn.Linear(TOP_N * LATENT, LABELS)
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        z = torch.stack([p(x) for p, x in zip(self.proj, xs)], 1) + self.identity
+        z = torch.stack([p(torch.addcmul(-m / s, x, 1 / s)) for p, x, m, s in zip(self.proj, xs, self.mean, self.std)], 1)
+        z = z + self.identity
         s = self.score(self.norm(self.attn(z))).squeeze(-1)
         top, idx = s.topk(TOP_N, dim=1)
         w = torch.softmax(top, dim=1)
@@ -70,6 +73,9 @@ def copy_weights(model: nn.Module, hand: HandWritten) -> None:
     hand.presence.load_state_dict(model.heads["presence"].net[-1].state_dict())
     hand.salience.load_state_dict(model.heads["salience"].net[-1].state_dict())
     with torch.no_grad():
+        for i, name in enumerate(model.encoder_names):
+            hand.mean[i].copy_(model.encoders[name].input_mean)
+            hand.std[i].copy_(model.encoders[name].input_std)
         hand.identity.copy_(model.identity)
         hand.rank.copy_(model.fusion.rank_embedding)
 

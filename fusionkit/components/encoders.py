@@ -76,7 +76,8 @@ class FeaturesEncoder(Encoder):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise DataError(f"encoder {self.name!r}: expected feature size {self.dim}, found input of shape {tuple(x.shape)}")
-        x = (x - self.input_mean) / self.input_std
+        inv_std = self.input_std.reciprocal()
+        x = torch.addcmul(-self.input_mean * inv_std, x, inv_std)  # (x - mean) / std in one pass
         if self.pooling == "none":
             if x.dim() != 2:
                 raise DataError(
