@@ -7,7 +7,7 @@ saying where in the model it sits.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import numpy as np
@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from fusionkit.config import non_negative, option, positive
-
-if TYPE_CHECKING:
-    from fusionkit.selection import Selection
+from fusionkit.selection import Selection, select_top_n
 
 
 @attrs.frozen(kw_only=True)
@@ -100,8 +98,6 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> Selection:
-        from fusionkit.selection import select_top_n
-
         scores = self.score(tokens, mask)
         if self.training and self.noise > 0:
             scores = scores + self.noise * torch.randn_like(scores)

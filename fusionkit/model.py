@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ class FusionModel(nn.Module):
         self.projectors = nn.ModuleDict()
         for i, enc in enumerate(spec.encoders):
             module = _build(registry, "encoder", Component(enc.type, enc.config), f"encoders[{i}]",
-                            _evolve(ctx, encoder_name=enc.name))
+                            attrs.evolve(ctx, encoder_name=enc.name))
             self.encoders[enc.name] = module
             self.projectors[enc.name] = Projector(module.out_dim, spec.latent_dim, spec.projector)
         self.identity = nn.Parameter(torch.randn(len(spec.encoders), spec.latent_dim) * 0.02)
@@ -98,8 +99,8 @@ class FusionModel(nn.Module):
         # Rank supervision: each encoder token predicts the labels on its own (see fusionkit.losses).
         self.token_head = nn.Linear(spec.latent_dim, len(spec.labels)) if getattr(self.gate, "supervision", 0) else None
         self.top_n: int = spec.gate.config.top_n
-        self.fusion = _build(registry, "fusion", spec.fusion, "fusion", _evolve(ctx, top_n=self.top_n))
-        head_ctx = _evolve(ctx, in_dim=self.fusion.out_dim)
+        self.fusion = _build(registry, "fusion", spec.fusion, "fusion", attrs.evolve(ctx, top_n=self.top_n))
+        head_ctx = attrs.evolve(ctx, in_dim=self.fusion.out_dim)
         self.heads = nn.ModuleDict({role: _build(registry, "head", c, f"heads.{role}", head_ctx) for role, c in spec.heads.items()})
         self.combiner = _build(registry, "combiner", spec.combiner, "combiner", ctx)
         self.decoder: Decoder = _build(registry, "decoder", spec.decoder, "decoder", ctx)
@@ -197,12 +198,6 @@ def decoder_inputs(out: FusionOutput) -> dict[str, np.ndarray]:
     if out.salience is not None:
         arrays["salience"] = out.salience
     return {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
-
-
-def _evolve(ctx: BuildContext, **changes: Any) -> BuildContext:
-    import attrs
-
-    return attrs.evolve(ctx, **changes)
 
 
 def _build(registry: Registry, kind: str, component: Component, path: str, ctx: BuildContext) -> Any:

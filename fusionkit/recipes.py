@@ -3,7 +3,6 @@
 - ``baseline``: the official BlEmoRE baseline recipe on one encoder — one hidden ReLU layer
   (256), softmax over labels trained with KL, Adam-style optimiser at lr 5e-6, weight decay
   1e-3, batch 32, 200 epochs, constant learning rate, decoded with the official α/β rule.
-- ``single``: one encoder through the fusionkit recipe (presence + salience heads).
 - ``naive``: every encoder, uniform gate (no selection), ``weighted_sum`` or ``rank_concat``
   (which, with all encoders kept in fixed order, is plain concatenation).
 - ``topn``: rank-aware top-n fusion, attention gate with rank supervision, soft warm-up, score
@@ -44,12 +43,6 @@ def baseline(encoder: str, seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> di
         "train": {"epochs": 200, "batch_size": 32, "lr": 5.0e-6, "weight_decay": 1.0e-3, "schedule": "constant",
                   "warmup_fraction": 0.0, "grad_clip": 0.0, "patience": 200, "eval_every": 5, "seed": seed},
     })
-    return spec
-
-
-def single(encoder: str, seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
-    spec = _base({encoder: dims[encoder]}, seed)
-    spec.update({"gate": {"type": "uniform", "top_n": 1}, "fusion": {"type": "weighted_sum"}})
     return spec
 
 

@@ -62,14 +62,14 @@ def make_split(store: FeatureStore, fold: int | None) -> Split:
     in_fold = store.folds[labelled]
     test = labelled[in_fold == test_fold] if test_fold is not None else labelled[:0]
     val = labelled[in_fold == val_fold]
-    train = labelled[(in_fold != val_fold) & (in_fold != (test_fold if test_fold is not None else -10**9)) & (in_fold >= 0)]
+    train = labelled[(in_fold >= 0) & (in_fold != val_fold) & (in_fold != test_fold if test_fold is not None else True)]
     return Split(train, val, test, test_fold, val_fold)
 
 
 def spec_store(spec: Spec, data: str | os.PathLike) -> FeatureStore:
     """Open a store for a spec: its encoders' feature sizes checked, the spec's NaN policy applied."""
     dims = {e.name: getattr(e.config, "dim", None) for e in spec.encoders}
-    store = open_store(data, {n: d for n, d in dims.items()}, nan_policy=spec.data.nan_policy)
+    store = open_store(data, dims, nan_policy=spec.data.nan_policy)
     if tuple(store.labels) != tuple(spec.labels):
         raise DataError(f"{store.path}: labels {list(store.labels)} differ from the spec's {list(spec.labels)}")
     return store
