@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fusionkit.errors import CheckpointError, SpecError
+from fusionkit.errors import CheckpointError, FusionkitError, SpecError
+from fusionkit.files import check_replaceable, json_marker, make_temp_dir, replace_directory
 from fusionkit.registry import Registry
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ FORMAT_VERSION = 1
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
+#: A directory is a fusionkit checkpoint when its metadata.json carries the format version.
+is_checkpoint = json_marker(METADATA_FILE, "format_version", (FORMAT_VERSION,))
 
 
 def _sha256(path: Path) -> str:
@@ -67,8 +69,9 @@ def save_checkpoint(
     from fusionkit.plugins import loaded
 
     target = Path(directory)
+    check_replaceable(target, "checkpoint", is_checkpoint, flag="saving")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         (tmp / SPEC_FILE).write_text(yaml.safe_dump(model.spec.to_dict(), sort_keys=False), encoding="utf-8")
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -85,22 +88,11 @@ def save_checkpoint(
             "extra": extra_metadata or {},
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        _swap_in(tmp, target)
+        replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _resolve(directory: Path) -> Path:
@@ -117,9 +109,28 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; is {directory} a fusionkit checkpoint (written by save_pretrained)?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        metadata = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(metadata).__name__}; the checkpoint is damaged")
+    components = metadata.get("components", [])
+    fields = ("path", "kind", "type")
+    if not isinstance(components, list) or not all(
+        isinstance(c, dict) and all(isinstance(c.get(f), str) for f in fields) for c in components
+    ):
+        raise CheckpointError(f"{path}: 'components' must be a list of objects with string {', '.join(fields)}; "
+                              "the checkpoint is damaged")
+    if not isinstance(metadata.get("extra", {}), dict):
+        raise CheckpointError(f"{path}: 'extra' must be an object; the checkpoint is damaged")
+    return metadata
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); the checkpoint is damaged") from None
 
 
 def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = None) -> tuple[FusionModel, dict[str, Any], dict]:
@@ -127,6 +138,9 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    import torch
+
+    from fusionkit.hookspecs import KIND_HOOKS
     from fusionkit.model import FusionModel
     from fusionkit.plugins import get_registry
     from fusionkit.spec import read_spec_file, spec_from_dict
@@ -136,14 +150,19 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
     metadata = read_metadata(root)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{root}: checkpoint format {metadata.get('format_version')!r}, this fusionkit reads {FORMAT_VERSION}")
-    for comp in metadata.get("components", []):
-        if (comp["kind"], comp["type"]) not in registry:
-            dist = comp.get("distribution") or comp.get("plugin")
-            raise CheckpointError(
-                f"{root}: {comp['path']} is {comp['kind']} {comp['type']!r}, which no installed plugin provides; "
-                f"it was provided by {dist} {comp.get('version') or ''} when saved. Install that distribution "
-                "(and check `fusionkit plugins`)."
-            )
+    missing = [comp for comp in metadata.get("components", []) if (comp["kind"], comp["type"]) not in registry
+               and comp["kind"] in KIND_HOOKS]
+    if missing:
+        lines = "; ".join(
+            f"{c['path']} is {c['kind']} {c['type']!r}, provided by "
+            f"{c.get('distribution') or c.get('plugin') or 'an unknown distribution'} {c.get('version') or ''}".rstrip()
+            for c in missing
+        )
+        dists = sorted({str(c.get("distribution") or c.get("plugin")) for c in missing})
+        raise CheckpointError(
+            f"{root}: needs {len(missing)} component(s) that no installed plugin provides: {lines}. "
+            f"Install {', '.join(dists)} (and check `fusionkit plugins`)."
+        )
     try:
         spec = spec_from_dict(read_spec_file(root / SPEC_FILE), registry=registry, source=str(root / SPEC_FILE))
     except SpecError as exc:
@@ -162,7 +181,14 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
-    model = FusionModel(spec, registry=registry)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{weights}: weights with NaN or inf in {bad[:5]}; the model diverged or the file was "
+                              "modified. Use an earlier checkpoint or retrain with a lower train.lr.")
+    try:
+        model = FusionModel(spec, registry=registry)
+    except FusionkitError as exc:
+        raise CheckpointError(f"{root}: cannot build the stored model: {exc}") from exc
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

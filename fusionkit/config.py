@@ -16,6 +16,8 @@ reported, each with its path — and :func:`unstructure` turns it back.
 from __future__ import annotations
 
 import difflib
+import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -34,22 +36,46 @@ def option(default: Any = NOTHING, *, doc: str, validator: Any = None, factory: 
     return attrs.field(default=default, validator=validator, metadata={"doc": doc})
 
 
+#: The largest value an integer option may take (sizes, counts, epochs): far above any real
+#: model, low enough that a typo such as ``latent_dim: 1e9`` is caught before allocating.
+MAX_INT_OPTION = 1 << 20
+#: Seeds lie in [0, MAX_SEED], the range NumPy's and torch's generators both accept.
+MAX_SEED = (1 << 63) - 1
+
+
+def _check_number(value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, found {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT_OPTION:
+        raise ValueError(f"must be at most {MAX_INT_OPTION:,}, found {value!r}")
+
+
 def positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    """Validator: the value must be > 0."""
-    if value is not None and value <= 0:
-        raise ValueError(f"must be > 0, found {value!r}")
+    """Validator: the value must be finite and > 0 (integers at most :data:`MAX_INT_OPTION`)."""
+    if value is not None:
+        _check_number(value)
+        if not value > 0:
+            raise ValueError(f"must be > 0, found {value!r}")
 
 
 def non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    """Validator: the value must be >= 0."""
-    if value is not None and value < 0:
-        raise ValueError(f"must be >= 0, found {value!r}")
+    """Validator: the value must be finite and >= 0 (integers at most :data:`MAX_INT_OPTION`)."""
+    if value is not None:
+        _check_number(value)
+        if not value >= 0:
+            raise ValueError(f"must be >= 0, found {value!r}")
 
 
 def unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    """Validator: the value must lie in [0, 1]."""
+    """Validator: the value must lie in [0, 1] (NaN does not)."""
     if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(f"must lie in [0, 1], found {value!r}")
+
+
+def seed_range(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: a seed in [0, 2**63 - 1]."""
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"must lie in [0, {MAX_SEED}], found {value!r}")
 
 
 def _strict(expected: tuple[type, ...], name: str):
@@ -90,8 +116,24 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 6
+_short.maxlevel = 3
+
+
+def short_repr(value: Any) -> str:
+    """A repr bounded in size, for error messages about values that may be huge."""
+    return _short.repr(value)
+
+
+def key_text(key: Any) -> str:
+    """A mapping key as a path element: strings as they are (bounded), anything else by its repr."""
+    return (key if len(key) <= 80 else key[:80] + "...") if isinstance(key, str) else short_repr(key)
+
+
 def _found(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{short_repr(value)} ({type(value).__name__})"
 
 
 def _describe(exc: BaseException, path: str, expected: Any, value: Any) -> list[str]:
@@ -123,7 +165,7 @@ def structure(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             close = difflib.get_close_matches(str(key), list(fields), n=2, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             problems.append(
-                f"{path}.{key}: unknown option{hint} Options of {cls.__name__}: {', '.join(fields) or 'none'}"
+                f"{path}.{key_text(key)}: unknown option{hint}. Options of {cls.__name__}: {', '.join(fields) or 'none'}"
             )
     values: dict[str, Any] = {}
     for name, field in fields.items():

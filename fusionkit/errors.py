@@ -22,12 +22,22 @@ class UnknownComponentError(FusionkitError):
 class SpecError(FusionkitError):
     """A spec is invalid. ``problems`` lists every problem, each naming its path."""
 
+    #: At most this many problems, each at most this many characters, are kept: a hostile
+    #: document must not turn into megabytes of error text.
+    MAX_PROBLEMS = 50
+    MAX_PROBLEM_CHARS = 500
+
     def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
+        total = len(problems)
+        kept = [p if len(p) <= self.MAX_PROBLEM_CHARS else p[: self.MAX_PROBLEM_CHARS] + " ..."
+                for p in list(problems)[: self.MAX_PROBLEMS]]
+        if total > len(kept):
+            kept.append(f"... and {total - len(kept)} more problem(s)")
+        self.problems = kept
         self.source = source
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid spec{where} ({len(self.problems)} problem(s)):\n{lines}")
+        super().__init__(f"invalid spec{where} ({total} problem(s)):\n{lines}")
 
 
 class CheckpointError(FusionkitError):

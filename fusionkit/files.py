@@ -1,11 +1,58 @@
-"""Crash-safe file writes: write a temporary file beside the target, then rename it."""
+"""Crash-safe, owner-checked file writes.
+
+Three rules every writer in fusionkit follows:
+
+- **Atomic**: a file or directory is written beside its target under a temporary name,
+  then renamed onto it, so a crash leaves either the old or the new version.
+- **Ours only**: a directory is replaced only when it is empty or carries the marker of
+  what fusionkit made there (:func:`check_replaceable`); anything else is an error naming
+  what is there.
+- **Umask respected**: temporary files and directories get the permissions an ordinary
+  ``open``/``mkdir`` would give, not the 0600/0700 of :mod:`tempfile`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from fusionkit.errors import FusionkitError
+
+#: Name patterns of the temporary entries fusionkit's writers leave behind when killed.
+TEMP_PATTERNS = (".*.tmp-*", ".*.old-*", ".*.tmp")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_file(directory: Path, name: str) -> Path:
+    """An empty temporary file for ``directory/name``, with umask-respecting permissions."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    os.close(fd)
+    return Path(tmp)
+
+
+def make_temp_dir(directory: Path, name: str) -> Path:
+    """A temporary directory for ``directory/name``, with umask-respecting permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -15,9 +62,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = make_temp_file(path.parent, path.name)
     try:
         write(tmp_path)
         with open(tmp_path, "rb+") as fh:
@@ -30,3 +75,86 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def describe_contents(directory: Path, limit: int = 5) -> str:
+    """A short listing of a directory's entries for error messages."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def json_marker(file: str, key: str, values: tuple[str, ...]) -> Callable[[Path], bool]:
+    """A marker test: ``directory/file`` is a JSON object whose ``key`` is one of ``values``."""
+
+    def test(directory: Path) -> bool:
+        try:
+            data = json.loads((directory / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get(key) in values
+
+    return test
+
+
+def check_replaceable(target: Path, what: str, is_ours: Callable[[Path], bool], flag: str = "--overwrite") -> None:
+    """Raise unless ``target`` may be replaced by a new ``what``: absent, an empty directory, or one ``is_ours``.
+
+    Never replaces a file, a symlink, the current directory or one of its parents.
+    """
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise FusionkitError(f"{target}: exists and is not a directory; choose another output path for the {what}")
+    resolved = target.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise FusionkitError(f"{target}: is the current directory or one of its parents; "
+                             f"give the {what} a directory of its own")
+    if not any(target.iterdir()) or is_ours(target):
+        return
+    raise FusionkitError(
+        f"{target}: not replaced: it is not a {what} made by fusionkit, and it holds {describe_contents(target)}. "
+        f"{flag} only replaces an empty directory or a fusionkit {what}; choose another output path."
+    )
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the finished directory ``new`` onto ``target`` (already checked replaceable).
+
+    The old version is renamed aside first and removed last, so a crash at any point leaves
+    the old or the new version, recoverable with :func:`recover_directory`.
+    """
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(target: Path) -> None:
+    """Finish or undo a :func:`replace_directory` that a crash interrupted.
+
+    A crash between its two renames leaves only ``.NAME.old-*``: it is renamed back. Left-over
+    old copies beside a complete target, and unfinished ``.NAME.tmp-*`` directories, are removed.
+    """
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not target.exists() and olds:
+        os.rename(olds.pop(), target)
+    for leftover in [*olds, *target.parent.glob(f".{target.name}.tmp-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary entries fusionkit's writers leave in ``directory`` when killed; returns them."""
+    removed = []
+    for pattern in TEMP_PATTERNS:
+        for path in directory.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,13 +20,29 @@ import attrs
 import yaml
 
 from fusionkit import config as cfg
-from fusionkit.config import non_negative, option, positive, unit_interval
+from fusionkit.config import key_text, non_negative, option, positive, seed_range, short_repr, unit_interval
 from fusionkit.errors import SpecError, UnknownComponentError
 from fusionkit.registry import Registry
 
 SPEC_VERSION = 1
 BLEMORE_LABELS = ("ang", "disg", "fea", "hap", "sad", "neu")
 HEAD_ROLES = ("presence", "salience")
+#: Encoder names key model inputs, module names and feature files: a letter, then letters,
+#: digits, ``_`` or ``-`` (64 at most).
+ENCODER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+MAX_LATENT_DIM = 1 << 16
+
+
+def encoder_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name an encoder, or None when it can."""
+    if not isinstance(name, str) or not ENCODER_NAME.match(name):
+        return (f"expected a name of a letter then letters, digits, '_' or '-' (at most 64), "
+                f"found {short_repr(name)}")
+    from torch import nn
+
+    if hasattr(nn.ModuleDict(), name):
+        return f"{name!r} is reserved (an attribute of torch modules); choose another name"
+    return None
 
 
 @attrs.frozen
@@ -78,7 +95,7 @@ class TrainConfig:
     batch_size: int = option(64, doc="Samples per batch.", validator=positive)
     lr: float = option(1e-3, doc="Peak learning rate of AdamW.", validator=positive)
     weight_decay: float = option(1e-2, doc="AdamW weight decay.", validator=non_negative)
-    seed: int = option(0, doc="Seed of every random choice of a run.")
+    seed: int = option(0, doc="Seed of every random choice of a run.", validator=seed_range)
     grad_clip: float = option(1.0, doc="Gradient norm clip; 0 disables it.", validator=non_negative)
     patience: int = option(10, doc="Early stopping: validations without a better Score.", validator=positive)
     eval_every: int = option(1, doc="Validate every this many epochs (and after the last).", validator=positive)
@@ -152,16 +169,23 @@ def read_spec_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SpecError([f"{path}: no such file"], source=str(path))
-    text = path.read_text(encoding="utf-8")
+    from fusionkit.yaml_reader import load_yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path.name}: not UTF-8 text ({exc.reason} at byte {exc.start})"], source=str(path)) from None
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot be read ({exc.strerror or exc})"], source=str(path)) from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
             return tomllib.loads(text)
         if suffix == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise SpecError([f"cannot parse {path.name}: {exc}"], source=str(path)) from None
+        return load_yaml(text)
+    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise SpecError([f"cannot parse {path.name}: {str(exc)[:1000]}"], source=str(path)) from None
 
 
 def load_spec(source: str | Path | Mapping[str, Any] | Spec, registry: Registry | None = None) -> Spec:
@@ -212,28 +236,29 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
         if key not in _TOP_LEVEL:
             close = difflib.get_close_matches(str(key), _TOP_LEVEL, n=2, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            problems.append(f"{key}: unknown top-level key{hint} Keys: {', '.join(_TOP_LEVEL)}")
+            problems.append(f"{key_text(key)}: unknown top-level key{hint}. Keys: {', '.join(_TOP_LEVEL)}")
 
     values: dict[str, Any] = {}
     version = data.get("spec_version", SPEC_VERSION)
     if version != SPEC_VERSION or isinstance(version, bool):
-        problems.append(f"spec_version: expected {SPEC_VERSION}, found {version!r}")
+        problems.append(f"spec_version: expected {SPEC_VERSION}, found {short_repr(version)}")
 
     labels = data.get("labels", list(BLEMORE_LABELS))
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
-        problems.append(f"labels: expected a non-empty list of label names, found {labels!r}")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+        problems.append(f"labels: expected a list of at least two label names, found {short_repr(labels)}")
+        labels = []
     elif len(set(labels)) != len(labels):
-        problems.append(f"labels: names must be unique, found {labels!r}")
+        problems.append(f"labels: names must be unique, found {short_repr(labels)}")
     else:
         values["labels"] = tuple(labels)
-    neutral = data.get("neutral", "neu" if "neu" in (labels or []) else None)
-    if neutral is not None and (not isinstance(labels, list) or neutral not in labels):
-        problems.append(f"neutral: expected one of the labels or null, found {neutral!r}")
+    neutral = data.get("neutral", "neu" if "neu" in labels else None)
+    if neutral is not None and (not isinstance(neutral, str) or neutral not in labels):
+        problems.append(f"neutral: expected one of the labels or null, found {short_repr(neutral)}")
     values["neutral"] = neutral
 
     latent = data.get("latent_dim", 256)
-    if isinstance(latent, bool) or not isinstance(latent, int) or latent <= 0:
-        problems.append(f"latent_dim: expected a positive int, found {latent!r}")
+    if isinstance(latent, bool) or not isinstance(latent, int) or not 0 < latent <= MAX_LATENT_DIM:
+        problems.append(f"latent_dim: expected an int in [1, {MAX_LATENT_DIM}], found {short_repr(latent)}")
     values["latent_dim"] = latent
 
     values["encoders"] = _structure_encoders(data.get("encoders"), registry, problems)
@@ -245,7 +270,7 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
     values["heads"] = _structure_heads(data.get("heads", _DEFAULT_BLOCKS["heads"]), registry, problems)
     adaptation = data.get("adaptation", [])
     if not isinstance(adaptation, list):
-        problems.append(f"adaptation: expected a list of adaptation loss blocks, found {adaptation!r}")
+        problems.append(f"adaptation: expected a list of adaptation loss blocks, found {short_repr(adaptation)}")
         adaptation = []
     values["adaptation"] = tuple(
         structure_component("adaptation_loss", block, f"adaptation[{i}]", registry, problems)
@@ -258,18 +283,19 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
 
 def _structure_encoders(blocks: Any, registry: Registry, problems: list[str]) -> tuple[EncoderSpec, ...]:
     if not isinstance(blocks, list) or not blocks:
-        problems.append(f"encoders: expected a non-empty list of encoder blocks, found {blocks!r}")
+        problems.append(f"encoders: expected a non-empty list of encoder blocks, found {short_repr(blocks)}")
         return ()
     out: list[EncoderSpec] = []
     seen: dict[str, int] = {}
     for i, block in enumerate(blocks):
         path = f"encoders[{i}]"
         if not isinstance(block, Mapping):
-            problems.append(f"{path}: expected a mapping with name and type, found {block!r}")
+            problems.append(f"{path}: expected a mapping with name and type, found {short_repr(block)}")
             continue
         name = block.get("name")
-        if not isinstance(name, str) or not name:
-            problems.append(f"{path}.name: expected a non-empty string, found {name!r}")
+        why = encoder_name_problem(name)
+        if why:
+            problems.append(f"{path}.name: {why}")
             continue
         if name in seen:
             problems.append(f"{path}.name: {name!r} is already the name of encoders[{seen[name]}]; names must be unique")
@@ -283,12 +309,13 @@ def _structure_encoders(blocks: Any, registry: Registry, problems: list[str]) ->
 
 def _structure_heads(blocks: Any, registry: Registry, problems: list[str]) -> dict[str, Component]:
     if not isinstance(blocks, Mapping) or not blocks:
-        problems.append(f"heads: expected a mapping of role -> head block (roles: {', '.join(HEAD_ROLES)}), found {blocks!r}")
+        problems.append(f"heads: expected a mapping of role -> head block (roles: {', '.join(HEAD_ROLES)}), "
+                        f"found {short_repr(blocks)}")
         return {}
     out: dict[str, Component] = {}
     for role, block in blocks.items():
         if role not in HEAD_ROLES:
-            problems.append(f"heads.{role}: unknown head role; roles are {', '.join(HEAD_ROLES)}")
+            problems.append(f"heads.{key_text(role)}: unknown head role; roles are {', '.join(HEAD_ROLES)}")
             continue
         comp = structure_component("head", block, f"heads.{role}", registry, problems)
         if comp is not None:
@@ -301,11 +328,12 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
     if isinstance(block, str):
         block = {"type": block}
     if not isinstance(block, Mapping):
-        problems.append(f"{path}: expected a mapping with a 'type' key, found {block!r}")
+        problems.append(f"{path}: expected a mapping with a 'type' key, found {short_repr(block)}")
         return None
     name = block.get("type")
     if not isinstance(name, str):
-        problems.append(f"{path}.type: expected the name of a registered {kind} ({', '.join(registry.names(kind))}), found {name!r}")
+        problems.append(f"{path}.type: expected the name of a registered {kind} ({', '.join(registry.names(kind))}), "
+                        f"found {short_repr(name)}")
         return None
     try:
         reg = registry.get(kind, name)

@@ -16,9 +16,9 @@ safetensors; nothing is unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,11 +28,14 @@ import numpy as np
 import torch
 
 from fusionkit.answers import Prediction, to_matrix
-from fusionkit.errors import DataError
+from fusionkit.errors import DataError, FusionkitError
+from fusionkit.files import check_replaceable, json_marker, make_temp_dir, replace_directory
 
 INDEX_FILE = "index.json"
 STORE_FORMAT = "fusionkit-store"
 STORE_VERSION = 1
+#: A directory is a fusionkit store when its index names the store format.
+is_store = json_marker(INDEX_FILE, "format", (STORE_FORMAT,))
 
 
 @attrs.frozen
@@ -139,16 +142,10 @@ def open_store(
         raise DataError(f"{index_path}: missing; is {root} a feature store? (see docs/feature-store.md)")
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{index_path}: not valid JSON ({exc})") from None
-    if index.get("format") != STORE_FORMAT or index.get("version") != STORE_VERSION:
-        raise DataError(f"{index_path}: not a {STORE_FORMAT} v{STORE_VERSION} index")
-    labels = tuple(index["labels"])
-    samples = [_sample(rec, i, index_path) for i, rec in enumerate(index["samples"])]
+    labels, samples = _check_index(index, index_path)
     ids = [s.id for s in samples]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise DataError(f"{index_path}: duplicate sample ids {dup}")
     wanted = dict(encoders) if encoders is not None else {n: None for n in index["encoders"]}
     loaded: dict[str, EncoderFeatures] = {}
     for name, dim in wanted.items():
@@ -160,13 +157,23 @@ def open_store(
             raise DataError(f"{file}: missing feature file of encoder {name!r}")
         try:
             with safe_open(str(file), framework="pt") as fh:
-                stored_ids = json.loads((fh.metadata() or {}).get("ids", "null"))
+                raw_ids = (fh.metadata() or {}).get("ids")
                 data = fh.get_tensor("features").float()
-                offsets = fh.get_tensor("offsets").long() if "offsets" in fh.keys() else None
+                offsets = fh.get_tensor("offsets") if "offsets" in fh.keys() else None
         except (SafetensorError, OSError, KeyError) as exc:
             raise DataError(f"{file}: not a readable feature file ({exc})") from None
-        if stored_ids is not None and stored_ids != ids:
+        try:
+            stored_ids = json.loads(raw_ids) if raw_ids is not None else None
+        except json.JSONDecodeError:
+            stored_ids = None
+        if stored_ids is None:
+            raise DataError(f"{file}: no sample ids in its metadata ('ids'); rebuild the store with write_store")
+        if stored_ids != ids:
             raise DataError(f"{file}: its sample ids do not match {INDEX_FILE} (order or content differ); rebuild the store")
+        if data.dim() != 2:
+            raise DataError(f"{file}: 'features' must be 2-D ([N, D] or [sum T, D]), found shape {tuple(data.shape)}")
+        if offsets is not None:
+            offsets = _check_offsets(offsets, len(data), file)
         rows = len(offsets) - 1 if offsets is not None else data.shape[0]
         if rows != len(samples):
             raise DataError(f"{file}: {rows} samples, but {INDEX_FILE} lists {len(samples)}")
@@ -177,12 +184,88 @@ def open_store(
     return FeatureStore(root, labels, samples, loaded)
 
 
-def _sample(rec: Any, i: int, where: Path) -> Sample:
-    try:
-        return Sample(id=str(rec["id"]), labels=rec.get("labels"), group=str(rec.get("group", "")),
-                      fold=int(rec.get("fold", -1)), domain=str(rec.get("domain", "source")))
-    except (TypeError, KeyError, ValueError) as exc:
-        raise DataError(f"{where}: sample record #{i} is malformed ({exc}): {rec!r}") from None
+def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]]:
+    """Validate ``index.json`` as a whole; returns its labels and samples."""
+    if not isinstance(index, dict) or index.get("format") != STORE_FORMAT or index.get("version") != STORE_VERSION:
+        raise DataError(f"{where}: not a {STORE_FORMAT} v{STORE_VERSION} index (its 'format' and 'version' keys)")
+    for key, kind in (("labels", list), ("encoders", dict), ("samples", list)):
+        if not isinstance(index.get(key), kind):
+            raise DataError(f"{where}: '{key}' must be a {'list' if kind is list else 'mapping'}, "
+                            f"found {type(index.get(key)).__name__}")
+    labels = index["labels"]
+    if not labels or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
+        raise DataError(f"{where}: 'labels' must be unique non-empty strings, found {labels[:10]!r}")
+    for name, meta in index["encoders"].items():
+        from fusionkit.spec import encoder_name_problem
+
+        why = encoder_name_problem(name)
+        if why:
+            raise DataError(f"{where}: encoder {name!r}: {why}")
+        file = meta.get("file") if isinstance(meta, dict) else None
+        if not isinstance(file, str) or file != Path(file).name or file.startswith(".") or "\\" in file:
+            raise DataError(f"{where}: encoder {name!r}: 'file' must be a plain file name inside the store, "
+                            f"found {file!r}")
+    samples = [_sample(rec, i, where, tuple(labels)) for i, rec in enumerate(index["samples"])]
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise DataError(f"{where}: duplicate sample ids {dup}")
+    fold_of: dict[str, int] = {}
+    for s in samples:
+        if s.fold < 0 or not s.group:
+            continue
+        if fold_of.setdefault(s.group, s.fold) != s.fold:
+            raise DataError(f"{where}: group {s.group!r} lies in folds {fold_of[s.group]} and {s.fold} (e.g. sample "
+                            f"{s.id!r}); folds must be group-disjoint so that no group is trained and tested on")
+    return tuple(labels), samples
+
+
+def _sample(rec: Any, i: int, where: Path, labels: tuple[str, ...]) -> Sample:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: sample record #{i} must be a mapping, found {type(rec).__name__}")
+    sid, fold = rec.get("id"), rec.get("fold", -1)
+    if not isinstance(sid, str) or not sid:
+        raise DataError(f"{where}: sample record #{i}: 'id' must be a non-empty string, found {sid!r}")
+    if isinstance(fold, bool) or not isinstance(fold, int):
+        raise DataError(f"{where}: sample {sid!r}: 'fold' must be an integer (-1: none), found {fold!r}")
+    for key in ("group", "domain"):
+        if not isinstance(rec.get(key, ""), str):
+            raise DataError(f"{where}: sample {sid!r}: '{key}' must be a string, found {rec.get(key)!r}")
+    answer = rec.get("labels")
+    if answer is not None:
+        why = _prediction_problem(answer, labels)
+        if why:
+            raise DataError(f"{where}: sample {sid!r}: labels {why}")
+    return Sample(id=sid, labels=answer, group=rec.get("group", ""), fold=fold, domain=rec.get("domain", "source"))
+
+
+def _prediction_problem(answer: Any, labels: Sequence[str]) -> str | None:
+    """Why ``answer`` is not a valid BlEmoRE answer over ``labels``, or None."""
+    if not isinstance(answer, list) or len(answer) not in (1, 2):
+        return f"must be a list of one or two {{emotion, salience}} entries, found {answer!r}"
+    for entry in answer:
+        if not isinstance(entry, dict) or set(entry) != {"emotion", "salience"}:
+            return f"entries must be {{emotion, salience}}, found {entry!r}"
+        if entry["emotion"] not in labels:
+            return f"name {entry['emotion']!r}, which is not one of {list(labels)}"
+        sal = entry["salience"]
+        if isinstance(sal, bool) or not isinstance(sal, (int, float)) or not math.isfinite(sal) or sal < 0:
+            return f"need finite saliences >= 0, found {sal!r}"
+    if len(answer) == 2 and answer[0]["emotion"] == answer[1]["emotion"]:
+        return f"name {answer[0]['emotion']!r} twice"
+    if abs(sum(e["salience"] for e in answer) - 100.0) > 1e-3:
+        return f"saliences must sum to 100, found {[e['salience'] for e in answer]}"
+    return None
+
+
+def _check_offsets(offsets: torch.Tensor, frames: int, file: Path) -> torch.Tensor:
+    if offsets.dim() != 1 or offsets.is_floating_point() or len(offsets) < 1:
+        raise DataError(f"{file}: 'offsets' must be a 1-D integer tensor [N + 1], found {offsets.dtype} {tuple(offsets.shape)}")
+    offsets = offsets.long()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != frames or bool((offsets[1:] < offsets[:-1]).any()):
+        raise DataError(f"{file}: 'offsets' must start at 0, never decrease and end at the {frames} frames of "
+                        f"'features'; found {offsets[:3].tolist()} ... {offsets[-1:].tolist()}")
+    return offsets
 
 
 def _check_finite(name, file, data, offsets, ids, nan_policy) -> np.ndarray:
@@ -215,22 +298,33 @@ def write_store(
 ) -> Path:
     """Write a store atomically: a [N, D] array per encoder, or a list of N [T_i, D] arrays.
 
-    An existing store at ``path`` is replaced only with ``overwrite=True``.
+    An existing store at ``path`` is replaced only with ``overwrite=True``, and only when it
+    is a fusionkit store (or an empty directory): nothing else is ever deleted.
     """
     from safetensors.torch import save_file
 
+    from fusionkit.spec import encoder_name_problem
+
     target = Path(path)
-    if target.exists() and not overwrite:
+    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
         raise DataError(f"{target}: already exists; pass overwrite=True (or --overwrite) to replace it")
+    try:
+        check_replaceable(target, "feature store", is_store)
+    except FusionkitError as exc:
+        raise DataError(str(exc)) from None
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise DataError("sample ids must be unique")
+    for name in features:
+        why = encoder_name_problem(name)
+        if why:
+            raise DataError(f"encoder {name!r}: {why} (it names a file in the store)")
     for s in samples:
-        for entry in s.labels or []:
-            if entry["emotion"] not in labels:
-                raise DataError(f"sample {s.id!r}: label {entry['emotion']!r} is not one of {list(labels)}")
+        why = None if s.labels is None else _prediction_problem(s.labels, labels)
+        if why:
+            raise DataError(f"sample {s.id!r}: labels {why}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         enc_index = {}
         for name, value in features.items():
@@ -260,9 +354,8 @@ def write_store(
             "samples": [attrs.asdict(s) for s in samples],
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        _check_index(index, tmp / INDEX_FILE)
+        replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

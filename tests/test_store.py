@@ -87,5 +87,5 @@ def test_malformed_index_is_reported(tmp_path):
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     index["samples"][1] = {"labels": None}
     (tmp_path / "s" / "index.json").write_text(json.dumps(index))
-    with pytest.raises(DataError, match="sample record #1 is malformed"):
+    with pytest.raises(DataError, match="sample record #1: .id. must be a non-empty string"):
         open_store(tmp_path / "s")

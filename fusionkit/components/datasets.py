@@ -13,7 +13,7 @@ import attrs
 import numpy as np
 
 from fusionkit.answers import parse_blemore_name
-from fusionkit.config import non_negative, option, positive, unit_interval
+from fusionkit.config import non_negative, option, positive, seed_range, unit_interval
 from fusionkit.errors import DataError
 from fusionkit.spec import BLEMORE_LABELS
 from fusionkit.interfaces import Dataset
@@ -45,7 +45,7 @@ class UciMfeatConfig:
     shift_groups: int = option(0, doc="Groups moved to a shifted target domain (0: no shift).", validator=non_negative)
     shift_strength: float = option(1.0, doc="Size of the target domain's per-encoder offsets, scale changes and noise.",
                                    validator=non_negative)
-    seed: int = option(0, doc="Seed of every random choice.")
+    seed: int = option(0, doc="Seed of every random choice.", validator=seed_range)
 
 
 def read_uci_mfeat(source: str | os.PathLike) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -249,7 +249,7 @@ class SyntheticConfig:
     folds: int = option(5, doc="Number of folds.", validator=positive)
     target_shift: float = option(0.0, doc="Offset added to the features of a target domain (the last fold's groups).",
                                  validator=non_negative)
-    seed: int = option(0, doc="Seed.")
+    seed: int = option(0, doc="Seed of every random choice.", validator=seed_range)
 
 
 class Synthetic(Dataset):
