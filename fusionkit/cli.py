@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         provides = state.registry.by_plugin(info.name) if info.ok else {}
         rows.append({"name": info.name, "distribution": info.distribution, "version": info.version,
                      "provides": provides, "error": info.error})
+    conflicts = [{"kind": kind, "name": name,
+                  "providers": [r.provider.distribution or r.provider.plugin for r in regs]}
+                 for (kind, name), regs in sorted(state.registry.contested().items())]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows if not conflicts else {"plugins": rows, "conflicts": conflicts}, indent=2))
         return 0
     for row in rows:
         print(f"{row['name']} ({row['distribution'] or '-'} {row['version'] or ''})".replace(" )", ")"))
@@ -32,6 +36,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             print(f"  FAILED: {row['error']}")
         for kind, names in row["provides"].items():
             print(f"  {kind}: {', '.join(names)}")
+    for c in conflicts:
+        print(f"CONFLICT: {c['kind']} {c['name']!r} is provided by {' and '.join(c['providers'])}; a spec that uses it "
+              f"fails until one is blocked, e.g. FUSIONKIT_DISABLE_PLUGINS={c['providers'][-1]}")
     return 0
 
 
@@ -99,15 +106,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fusionkit.train import cross_validate, train
 
     progress = not args.quiet
+    args.interrupt_hint = f"the run is resumable: add --resume to the same command (run: {args.out})"
     if args.cv:
-        summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress, target=args.target)
+        summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress, target=args.target,
+                                 overwrite=args.overwrite)
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
             print(f"  {key:<13} {value['mean']:.3f} ± {value['std']:.3f}")
         print(f"written to {args.out}/cv.json")
         return 0
     metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress,
-                    target=args.target)
+                    target=args.target, overwrite=args.overwrite)
     _print_metrics(metrics)
     print(f"run written to {args.out}")
     return 0
@@ -164,25 +173,60 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def submission_paths(out: Path) -> tuple[Path, Path]:
+    """(JSON, zip) paths of a submission from ``--out``: ``sub.json`` or ``sub.zip`` give both."""
+    suffix = out.suffix.lower()
+    if suffix not in (".json", ".zip"):
+        from fusionkit.errors import FusionkitError
+
+        raise FusionkitError(f"--out {out}: name the submission FILE.json or FILE.zip (both are written)")
+    return out.with_suffix(".json"), out.with_suffix(".zip")
+
+
+def _check_submission_replaceable(json_path: Path, zip_path: Path) -> None:
+    """Only files that are fusionkit submissions are overwritten."""
+    import zipfile
+
+    from fusionkit.errors import FusionkitError
+
+    for path in (json_path, zip_path):
+        if path.is_dir():
+            raise FusionkitError(f"{path}: is a directory; --out names a submission file (FILE.json or FILE.zip)")
+        if not path.exists():
+            continue
+        try:
+            if path == json_path:
+                ours = set(json.loads(path.read_text(encoding="utf-8"))) == {"predictions"}
+            else:
+                with zipfile.ZipFile(path) as zf:
+                    ours = zf.namelist() == [json_path.name]
+        except (ValueError, TypeError, OSError, zipfile.BadZipFile):
+            ours = False
+        if not ours:
+            raise FusionkitError(f"{path}: exists and is not a fusionkit submission; not overwritten. "
+                                 "Choose another --out or move the file away.")
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     import zipfile
 
     from fusionkit.files import atomic_write, atomic_write_text
     from fusionkit.train import predictions_for
 
+    json_path, zip_path = submission_paths(Path(args.out))
+    _check_submission_replaceable(json_path, zip_path)
     model, store = _open_run(args.run, args.data)
     index = _run_index(Path(args.run), store, args.split)
     preds = predictions_for(model, store, index)
-    out = Path(args.out)
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
-    atomic_write_text(out, text)
+    atomic_write_text(json_path, text)
 
     def write_zip(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(out.name, text)
+            zf.writestr(json_path.name, text)
 
-    atomic_write(out.with_suffix(".zip"), write_zip)
-    print(f"{len(preds)} predictions written to {out} and {out.with_suffix('.zip')}")
+    atomic_write(zip_path, write_zip)
+    print(f"{len(preds)} predictions written to {json_path} and {zip_path}")
     return 0
 
 
@@ -195,7 +239,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_build(args: argparse.Namespace) -> int:
-    import yaml
+    from fusionkit.yaml_reader import load_yaml
 
     from fusionkit.components.datasets import build_dataset
 
@@ -204,9 +248,23 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"fusionkit: error: --set expects key=value, got {item!r}")
-        options[key] = yaml.safe_load(value)
+        options[key] = load_yaml(value)
     path = build_dataset(args.dataset, options, args.out, overwrite=args.overwrite)
     print(f"store written to {path}")
+    return 0
+
+
+def _cmd_data_options(args: argparse.Namespace) -> int:
+    from fusionkit.config import describe_options
+    from fusionkit.plugins import get_registry
+
+    registry = get_registry()
+    names = [args.dataset] if args.dataset else registry.names("dataset")
+    for name in names:
+        reg = registry.get("dataset", name)
+        print(f"{name}: {reg.description}")
+        for line in describe_options(reg.config):
+            print(f"  {line}")
     return 0
 
 
@@ -265,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fold", type=int, help="test fold K (fold K+1 validates, the rest train)")
     group.add_argument("--cv", action="store_true", help="cross-validate: every fold the test fold once")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint "
+                   "(same spec, data and fold; a finished run is not trained further)")
+    p.add_argument("--overwrite", action="store_true", help="replace the fusionkit run already in --out "
+                   "(never anything else)")
     p.add_argument("--target", metavar="STORE", help="unlabelled target-domain store for the spec's adaptation losses "
                    "(default: the rows of --data whose domain is 'target')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -281,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write a challenge submission (JSON, and a zip beside it)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--data", required=True, metavar="STORE")
-    p.add_argument("--out", required=True, metavar="FILE.json")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="FILE.json and FILE.zip are written "
+                   "(FILE.zip names the same pair)")
     p.add_argument("--split", choices=splits, default="unlabelled", help="which samples (default: the unlabelled ones)")
     p.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
     p.set_defaults(func=_cmd_predict)
@@ -291,12 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     data = sub.add_parser("data", help="build or inspect feature stores").add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = data.add_parser("build", help="build a registered dataset into a store")
+    p = data.add_parser("build", help="build a registered dataset into a store",
+                        epilog="Each dataset's options, with types and defaults: fusionkit data options [DATASET]")
     p.add_argument("dataset", metavar="DATASET", help="e.g. uci-mfeat, blemore, synthetic")
     p.add_argument("--out", required=True, metavar="STORE")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a dataset option (YAML value); repeatable")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a dataset option (YAML value); repeatable; "
+                   "see `fusionkit data options DATASET`")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store (only a fusionkit store or "
+                   "an empty directory)")
     p.set_defaults(func=_cmd_data_build)
+    p = data.add_parser("options", help="list datasets' options with types, defaults and descriptions")
+    p.add_argument("dataset", nargs="?", metavar="DATASET", help="one dataset (default: all)")
+    p.set_defaults(func=_cmd_data_options)
     p = data.add_parser("info", help="describe a store")
     p.add_argument("store", metavar="STORE")
     p.set_defaults(func=_cmd_data_info)
@@ -308,16 +376,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit codes: 2 a fusionkit error (bad input), 74 an operating-system error (EX_IOERR),
+#: 130 interrupted (128 + SIGINT), 141 the output was closed early (128 + SIGPIPE).
+EXIT_ERROR, EXIT_OS, EXIT_INTERRUPTED, EXIT_PIPE = 2, 74, 130, 141
+
+
+def _one_line_warnings() -> None:
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *a, **k: f"fusionkit: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from fusionkit.errors import FusionkitError
 
+    _one_line_warnings()
     try:
         return int(args.func(args) or 0)
     except FusionkitError as exc:
         print(f"fusionkit: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"fusionkit: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`fusionkit plugins | head -1`): stop writing, and keep the
+        # interpreter's final flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("fusionkit: output closed early (broken pipe)", file=sys.stderr)
+        return EXIT_PIPE
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fusionkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_OS
 
 
 if __name__ == "__main__":

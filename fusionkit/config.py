@@ -208,6 +208,21 @@ def unstructure(instance: Any) -> Any:
     return converter.unstructure(instance)
 
 
+def describe_options(cls: type) -> list[str]:
+    """One line per option of an attrs config class: ``name (type, default ...): doc``."""
+    attrs.resolve_types(cls)
+    lines = []
+    for f in attrs.fields(cls):
+        if f.default is NOTHING:
+            default = "required"
+        elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
+            default = f"default {unstructure(f.default.factory())!r}"
+        else:
+            default = f"default {unstructure(f.default)!r}"
+        lines.append(f"{f.name} ({type_name(f.type)}, {default}): {f.metadata.get('doc', '')}")
+    return lines
+
+
 def field_docs(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("doc", "") for f in attrs.fields(cls)}
 

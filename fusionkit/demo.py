@@ -61,7 +61,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for name, spec in systems.items():
             run = out / setting / name.split(",")[0].replace(" ", "-")
             print(f"training {name} on {setting} data ...", flush=True)
-            results[(setting, name)] = train(spec, store, run, fold=0, progress=True)["test"]
+            results[(setting, name)] = train(spec, store, run, fold=0, progress=True, overwrite=True)["test"]
         write_report(out / setting / "rank-aware-top-3-fusion")
 
     print(f"\nTest fold 0 (group-disjoint), {len(results)} runs in {time.perf_counter() - started:.0f} s:\n")

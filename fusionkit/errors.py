@@ -46,3 +46,7 @@ class CheckpointError(FusionkitError):
 
 class DataError(FusionkitError):
     """Input data is malformed: wrong shapes, NaNs, mismatched sample ids, missing files."""
+
+
+class FusionkitWarning(UserWarning):
+    """Something the user should know that does not stop the command."""

@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata as metadata
 import os
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ import attrs
 import pluggy
 
 from fusionkit import hookspecs
-from fusionkit.errors import PluginError
+from fusionkit.errors import FusionkitWarning, PluginError
 from fusionkit.registry import Provider, Registration, Registry
 
 ENTRY_POINT_GROUP = "fusionkit"
@@ -97,7 +98,7 @@ def load_plugins() -> LoadedPlugins:
     strict = strict_mode()
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
-    registry = Registry()
+    registry = Registry(protected=BUILTIN_PLUGIN)
     infos: list[PluginInfo] = []
 
     version = _own_version()
@@ -107,13 +108,17 @@ def load_plugins() -> LoadedPlugins:
 
     allow = _env_list("FUSIONKIT_PLUGINS")
     block = _env_list("FUSIONKIT_DISABLE_PLUGINS") or set()
-    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+    _warn_unknown_names(allow, block, {normalize(ep.dist.name if ep.dist else ep.name) for ep in entry_points})
+    skipped = []
+    for ep in entry_points:
         dist = ep.dist.name if ep.dist is not None else None
         dist_version = ep.dist.version if ep.dist is not None else None
         key = normalize(dist or ep.name)
         if key == "fusionkit" and ep.value == BUILTIN_MODULE:
             continue
         if (allow is not None and key not in allow) or key in block:
+            skipped.append(ep)
             continue
         provider = Provider(ep.name, dist, dist_version)
         try:
@@ -126,9 +131,7 @@ def load_plugins() -> LoadedPlugins:
         try:
             manager.register(module, name=ep.name)
             _register_all(manager, registry, ep.name, provider)
-        except PluginError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # a built-in name taken, or a failing hook: this plugin only is skipped
             registry.remove_provider(ep.name)
             if manager.get_plugin(ep.name) is not None:
                 manager.unregister(name=ep.name)
@@ -137,7 +140,45 @@ def load_plugins() -> LoadedPlugins:
             infos.append(info)
             continue
         infos.append(PluginInfo(ep.name, dist, dist_version))
+    registry.disabled_provider = _disabled_lookup(skipped)
     return LoadedPlugins(manager, registry, infos)
+
+
+def _warn_unknown_names(allow: set[str] | None, block: set[str], installed: set[str]) -> None:
+    known = installed | {"fusionkit"}
+    for var, names in (("FUSIONKIT_PLUGINS", allow or set()), ("FUSIONKIT_DISABLE_PLUGINS", block)):
+        for name in sorted(names - known):
+            warnings.warn(f"{var} names {name!r}, but no installed distribution of that name has fusionkit plugins "
+                          f"(installed: {', '.join(sorted(known))})", FusionkitWarning, stacklevel=3)
+
+
+def _disabled_lookup(skipped: list[metadata.EntryPoint]) -> Callable[[str, str], str | None]:
+    """A lookup that says which disabled distribution would provide a name.
+
+    It loads the disabled plugins, into a scratch registry, only when a lookup has failed,
+    so that disabling a plugin still keeps it out of every ordinary command.
+    """
+    cache: dict[tuple[str, str], str] | None = None
+
+    def lookup(kind: str, name: str) -> str | None:
+        nonlocal cache
+        if cache is None:
+            cache = {}
+            for ep in skipped:
+                scratch_manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+                scratch_manager.add_hookspecs(hookspecs)
+                scratch = Registry()
+                dist = ep.dist.name if ep.dist is not None else ep.name
+                try:
+                    scratch_manager.register(ep.load(), name=ep.name)
+                    _register_all(scratch_manager, scratch, ep.name, Provider(ep.name, dist))
+                except Exception:
+                    continue
+                for reg in scratch:
+                    cache.setdefault((reg.kind, reg.name), f"distribution {dist}")
+        return cache.get((kind, name))
+
+    return lookup
 
 
 def _fail(info: PluginInfo, strict: bool, exc: BaseException) -> None:

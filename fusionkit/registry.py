@@ -47,44 +47,87 @@ class Registration:
     provider: Provider
 
 
-class Registry:
-    """Components by kind and name, with the provider of each."""
+#: Plural of each kind, for messages ("Known adaptation losses: ...").
+KIND_PLURALS = {"encoder": "encoders", "gate": "gates", "fusion": "fusions", "head": "heads", "combiner": "combiners",
+                "decoder": "decoders", "adaptation_loss": "adaptation losses", "distill_loss": "distillation losses",
+                "dataset": "datasets"}
 
-    def __init__(self) -> None:
+
+class Registry:
+    """Components by kind and name, with the provider of each.
+
+    ``protected`` names the plugin whose names nobody else may take (the built-ins). When two
+    other plugins register one name, the name is *contested*: both are recorded, and only a
+    lookup of that name fails, naming both distributions and how to choose.
+    """
+
+    def __init__(self, protected: str | None = None) -> None:
         self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KIND_HOOKS}
+        self._contested: dict[tuple[str, str], list[Registration]] = {}
+        self.protected = protected
+        #: ``(kind, name) -> description`` of an installed-but-disabled provider, or None (set by the loader).
+        self.disabled_provider: Callable[[str, str], str | None] = lambda kind, name: None
 
     def add(self, registration: Registration) -> None:
         table = self._entries[registration.kind]
-        existing = table.get(registration.name)
-        if existing is not None:
+        key = (registration.kind, registration.name)
+        existing = table.get(registration.name) or next(iter(self._contested.get(key, [])), None)
+        if existing is None:
+            table[registration.name] = registration
+            return
+        if self.protected in (existing.provider.plugin, registration.provider.plugin):
             raise DuplicateComponentError(
-                f"{registration.kind} {registration.name!r} is provided twice: by "
-                f"{existing.provider.describe()} and by {registration.provider.describe()}. "
-                "Uninstall one, or block one with FUSIONKIT_DISABLE_PLUGINS=<distribution>."
+                f"{registration.kind} {registration.name!r} is a built-in name of fusionkit; "
+                f"{registration.provider.describe()} cannot take it. Rename the component in that plugin."
             )
-        table[registration.name] = registration
+        self._contested.setdefault(key, [existing]).append(registration)
+        table.pop(registration.name, None)
+
+    def contested(self) -> dict[tuple[str, str], list[Registration]]:
+        """(kind, name) -> the registrations that claim it."""
+        return dict(self._contested)
 
     def remove_provider(self, plugin: str) -> None:
         """Drop everything one plugin registered (used when its registration fails half-way)."""
         for table in self._entries.values():
             for name in [n for n, r in table.items() if r.provider.plugin == plugin]:
                 del table[name]
+        for key, regs in list(self._contested.items()):
+            rest = [r for r in regs if r.provider.plugin != plugin]
+            if len(rest) < 2:
+                del self._contested[key]
+                if rest:
+                    self._entries[key[0]][key[1]] = rest[0]
+            else:
+                self._contested[key] = rest
 
     def get(self, kind: str, name: str) -> Registration:
         if kind not in self._entries:
             raise KeyError(f"unknown component kind {kind!r}; kinds are {sorted(self._entries)}")
+        if (kind, name) in self._contested:
+            regs = self._contested[(kind, name)]
+            dists = [r.provider.distribution or r.provider.plugin for r in regs]
+            raise DuplicateComponentError(
+                f"{kind} {name!r} is provided by several plugins: {'; '.join(r.provider.describe() for r in regs)}. "
+                f"Choose one by blocking the others, e.g. FUSIONKIT_DISABLE_PLUGINS={dists[-1]}, or uninstall one."
+            )
         try:
             return self._entries[kind][name]
         except KeyError:
             raise UnknownComponentError(self.unknown_message(kind, name)) from None
 
     def unknown_message(self, kind: str, name: str) -> str:
+        plural = KIND_PLURALS.get(kind, kind + "s")
+        disabled = self.disabled_provider(kind, name)
+        if disabled:
+            return (f"{kind} {name!r} is provided by {disabled}, which is installed but disabled "
+                    "(FUSIONKIT_PLUGINS / FUSIONKIT_DISABLE_PLUGINS); enable it to use this name.")
         known = sorted(self._entries[kind])
         close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         providers = sorted({r.provider.distribution or r.provider.plugin for t in self._entries.values() for r in t.values()})
         return (
-            f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(known) or 'none'}. "
+            f"unknown {kind} {name!r}.{hint} Known {plural}: {', '.join(known) or 'none'}. "
             f"Installed plugins: {', '.join(providers) or 'none'}; "
             "install a plugin that provides it, and check `fusionkit plugins`."
         )
@@ -94,7 +137,7 @@ class Registry:
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         kind, name = key
-        return name in self._entries.get(kind, {})
+        return name in self._entries.get(kind, {}) or key in self._contested
 
     def __iter__(self) -> Iterator[Registration]:
         for kind in KIND_HOOKS:
@@ -103,7 +146,8 @@ class Registry:
     def by_plugin(self, plugin: str) -> dict[str, list[str]]:
         """kind -> sorted names that ``plugin`` provides (kinds it provides nothing of are left out)."""
         out: dict[str, list[str]] = {}
-        for reg in self:
+        regs = [*self, *(r for rs in self._contested.values() for r in rs)]
+        for reg in sorted(regs, key=lambda r: (list(KIND_HOOKS).index(r.kind), r.name)):
             if reg.provider.plugin == plugin:
                 out.setdefault(reg.kind, []).append(reg.name)
         return out

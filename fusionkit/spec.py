@@ -21,7 +21,7 @@ import yaml
 
 from fusionkit import config as cfg
 from fusionkit.config import key_text, non_negative, option, positive, seed_range, short_repr, unit_interval
-from fusionkit.errors import SpecError, UnknownComponentError
+from fusionkit.errors import DuplicateComponentError, SpecError, UnknownComponentError
 from fusionkit.registry import Registry
 
 SPEC_VERSION = 1
@@ -337,7 +337,7 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
         return None
     try:
         reg = registry.get(kind, name)
-    except UnknownComponentError as exc:
+    except (UnknownComponentError, DuplicateComponentError) as exc:
         problems.append(f"{path}.type: {exc}")
         return None
     options = {k: v for k, v in block.items() if k != "type"}

@@ -3,7 +3,7 @@
 A run directory holds::
 
     RUN/spec.yaml       the resolved spec
-    RUN/run.json        what was trained on: store, folds, status
+    RUN/run.json        what was trained on: store (path, fingerprint), folds, status, torch threads
     RUN/log.jsonl       one line per epoch: losses, learning rate, validation metrics
     RUN/last/           checkpoint of the latest epoch, with optimizer and RNG state (for --resume)
     RUN/best/           the model of the best validation Score, decoder thresholds fitted on validation
@@ -20,12 +20,14 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import numpy as np
 import torch
+from torch import nn
 
 from fusionkit.answers import Prediction, from_order, order_to_matrix
 from fusionkit.checkpoint import load_checkpoint, save_checkpoint
@@ -34,8 +36,12 @@ from fusionkit.files import atomic_write_text
 from fusionkit.losses import supervised_loss
 from fusionkit.metrics import per_label_f1, presence_map, scores_from_matrices
 from fusionkit.model import FusionModel, decoder_inputs
+from fusionkit.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint
 from fusionkit.spec import Spec, dump_spec, load_spec
 from fusionkit.store import FeatureStore, open_store
+
+#: An objective term's factory: ``make(model, store)`` -> a module returning named losses.
+TermFactory = Callable[[FusionModel, FeatureStore], nn.Module]
 
 
 @attrs.frozen
@@ -158,73 +164,112 @@ def _lr_factor(step: int, total: int, train) -> float:
 
 
 class Trainer:
-    """Trains one model on one split and keeps the run directory up to date."""
+    """Trains one model on one split and keeps its run directory up to date.
+
+    The epoch loop is built from four seams, so that new kinds of training plug in rather
+    than branch: the **batch source** (:meth:`batches`), the **objective** (the supervised
+    loss plus any number of *terms*: adaptation, distillation, ...), **evaluation**
+    (:meth:`validate`) and **checkpointing** (a :class:`~fusionkit.rundir.RunDirectory`).
+
+    ``terms`` are factories ``make(model, store) -> nn.Module``; the module's
+    ``forward(out, rows, progress)`` returns named loss tensors added to the objective. Its
+    parameters are trained with the model's and its state is checkpointed with it.
+    """
 
     def __init__(self, spec: Spec, store: FeatureStore, out: str | os.PathLike, split: Split, *,
-                 progress: bool = True, data_path: str | None = None, extra_loss_factory=None,
-                 target_store: FeatureStore | None = None) -> None:
+                 progress: bool = True, data_path: str | None = None, terms: Sequence[TermFactory] = (),
+                 target_store: FeatureStore | None = None, overwrite: bool = False) -> None:
         self.spec = spec
         self.store = store
         self.out = Path(out)
         self.split = split
         self.progress = progress
         self.data_path = data_path or str(store.path)
-        self.extra_loss_factory = extra_loss_factory
+        self.term_factories = list(terms)
         self.target_store = target_store
+        self.overwrite = overwrite
+        self.run = RunDirectory(self.out)
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
 
+    def identity(self) -> dict[str, Any]:
+        """What makes this run this run: a resume must match it."""
+        return {"data": os.path.abspath(self.data_path), "data_fingerprint": store_fingerprint(self.store.path),
+                "test_fold": self.split.test_fold, "val_fold": self.split.val_fold,
+                "target": None if self.target_store is None else os.path.abspath(self.target_store.path)}
+
     def fit(self, resume: bool = False, stop_after_epochs: int | None = None) -> dict[str, Any]:
-        """Train (or continue a killed run); returns the final metrics. ``stop_after_epochs`` simulates a kill."""
+        """Train (or continue a killed run); returns the final metrics. ``stop_after_epochs`` simulates a kill.
+
+        A resumed run that had already finished returns its metrics; one that was killed after
+        its last epoch (or after early stopping) only finishes what remained.
+        """
+        self.run.check_owned(resume=resume, overwrite=self.overwrite)
+        with self.run.locked():
+            self.run.recover()
+            if self.overwrite and not resume:
+                self.run.clear()
+            if resume and self.run.read().get("status") == "finished" and (self.out / METRICS_FILE).exists():
+                self.run.check_same_run(self.identity())
+                return json.loads((self.out / METRICS_FILE).read_text(encoding="utf-8"))
+            try:
+                return self._fit(resume, stop_after_epochs)
+            except KeyboardInterrupt:
+                self.run.update(status="interrupted")
+                raise
+            except BaseException as exc:
+                self.run.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+                raise
+
+    def _fit(self, resume: bool, stop_after_epochs: int | None) -> dict[str, Any]:
         spec, train_cfg = self.spec, self.spec.train
-        self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(train_cfg.seed)
         model = FusionModel(spec)
         if spec.data.standardize:
             fit_standardization(model, self.store, self.split.train)
-        params = [p for p in model.parameters() if p.requires_grad]
-        extra = self.extra_loss_factory(model, self.store) if self.extra_loss_factory else None
-        if extra is not None:
-            params += [p for p in extra.parameters() if p.requires_grad]
+        terms = nn.ModuleList(make(model, self.store) for make in self.term_factories)
+        params = [p for p in (*model.parameters(), *terms.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         shuffle = torch.Generator().manual_seed(train_cfg.seed)
         steps_per_epoch = math.ceil(len(self.split.train) / train_cfg.batch_size)
         total_steps = steps_per_epoch * train_cfg.epochs
         state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0}
 
-        if resume and (self.out / "last").exists():
-            state = self._restore(model, optimizer, shuffle, extra)
-        elif resume:
-            raise CheckpointError(f"{self.out}: nothing to resume (no last/ checkpoint); start without --resume")
+        if resume:
+            if not (self.out / "last").exists():
+                raise CheckpointError(f"{self.out}: nothing to resume (no last/ checkpoint); start without --resume")
+            self.run.check_same_run(self.identity())
+            state = self._restore(model, optimizer, shuffle, terms)
+            self.run.note_threads(torch.get_num_threads())
+            self.run.update(status="running", error=None)
         else:
-            self._start_run_files()
-        self._truncate_log(state["epoch"])
+            dump_spec(self.spec, self.out / "spec.yaml")
+            self.run.start({**self.identity(), "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)),
+                            "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads()})
+        self.run.truncate_log(state["epoch"])
 
         target = torch.as_tensor(self.store.truth_matrix(self.split.train) / 100.0, dtype=torch.float32)
         position = {int(i): r for r, i in enumerate(self.split.train)}
-        val_truth = self.store.truth_matrix(self.split.val) if len(self.split.val) else None
         bar = _progress(range(state["epoch"], train_cfg.epochs), self.progress, initial=state["epoch"], total=train_cfg.epochs)
         epochs_this_call = 0
         for epoch in bar:
+            if state["since_best"] >= train_cfg.patience:
+                break  # early stopping had happened before a kill: nothing more to train
             started = time.perf_counter()
             model.set_epoch(epoch)
             model.train()
-            if extra is not None:
-                extra.train()
-            order = self.split.train[torch.randperm(len(self.split.train), generator=shuffle).numpy()]
+            terms.train()
             sums: dict[str, float] = {}
-            for start in range(0, len(order), train_cfg.batch_size):
-                rows = order[start : start + train_cfg.batch_size]
+            order = self.split.train[torch.randperm(len(self.split.train), generator=shuffle).numpy()]
+            for rows, batch in self.batches(order, model):
                 for group in optimizer.param_groups:
                     group["lr"] = train_cfg.lr * _lr_factor(state["step"], total_steps, train_cfg)
-                out = model(*self.store.batch(rows, model.encoder_names))
-                tgt = target[[position[int(i)] for i in rows]]
-                loss, parts = supervised_loss(out, tgt, train_cfg, model)
-                if extra is not None:
-                    terms = extra(out, rows, state["step"] / max(1, total_steps))
-                    for k, v in terms.items():
-                        loss = loss + v
-                        parts[k] = float(v.detach())
+                out = model(*batch)
+                loss, parts = supervised_loss(out, target[[position[int(i)] for i in rows]], train_cfg, model)
+                for term in terms:
+                    for name, value in term(out, rows, state["step"] / max(1, total_steps)).items():
+                        loss = loss + value
+                        parts[name] = float(value.detach())
                 if not torch.isfinite(loss):
                     raise FusionkitError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr or check the features")
                 optimizer.zero_grad(set_to_none=True)
@@ -237,36 +282,49 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v * len(rows)
             record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                                       **{k: v / len(order) for k, v in sums.items()}}
-            improved = True
-            validate = (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == train_cfg.epochs
-            if val_truth is not None and not validate:
-                improved = None
-            elif val_truth is not None:
-                outputs = collect_outputs(model, self.store, self.split.val)
-                model.set_decoder(model.decoder.fit(outputs, val_truth))
-                val = evaluate_outputs(model, outputs, val_truth)
-                record["val"] = {k: val[k] for k in ("acc_presence", "acc_salience", "score")}
-                improved = val["score"] > state["best_score"]
-                if improved:
-                    state["best_score"] = val["score"]
-            if improved:
-                state["best_epoch"], state["since_best"] = epoch, 0
-                save_checkpoint(model, self.out / "best")
-            elif improved is not None:
-                state["since_best"] += 1
+            self.validate(model, epoch, state, record)
             state["epoch"] = epoch + 1
             record["seconds"] = round(time.perf_counter() - started, 3)
-            self._save_last(model, optimizer, shuffle, extra, state)
-            with open(self.out / "log.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            # The log line goes first: after a kill between the two, resume drops it and redoes the epoch.
+            self.run.append_log(record)
+            self._save_last(model, optimizer, shuffle, terms, state)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record.get('val', {}).get('score', float('nan')):.3f}")
             epochs_this_call += 1
-            if state["since_best"] >= train_cfg.patience:
-                break
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and state["epoch"] < train_cfg.epochs:
+                self.run.update(status="interrupted")
                 return {"interrupted": True, "epoch": state["epoch"]}
         return self.finish(state)
+
+    def batches(self, order: np.ndarray, model: FusionModel) -> Iterator[tuple[np.ndarray, tuple]]:
+        """The batch source: (rows, model inputs) for each training step of an epoch."""
+        size = self.spec.train.batch_size
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            yield rows, self.store.batch(rows, model.encoder_names)
+
+    def validate(self, model: FusionModel, epoch: int, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """Evaluation: fit the decoder on validation, track the best Score, save ``best/`` when it improves."""
+        train_cfg = self.spec.train
+        due = (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == train_cfg.epochs
+        if len(self.split.val) == 0:
+            improved: bool | None = True
+        elif not due:
+            improved = None
+        else:
+            val_truth = self.store.truth_matrix(self.split.val)
+            outputs = collect_outputs(model, self.store, self.split.val)
+            model.set_decoder(model.decoder.fit(outputs, val_truth))
+            val = evaluate_outputs(model, outputs, val_truth)
+            record["val"] = {k: val[k] for k in ("acc_presence", "acc_salience", "score")}
+            improved = val["score"] > state["best_score"]
+            if improved:
+                state["best_score"] = val["score"]
+        if improved:
+            state["best_epoch"], state["since_best"] = epoch, 0
+            save_checkpoint(model, self.out / "best")
+        elif improved is not None:
+            state["since_best"] += 1
 
     def finish(self, state: dict[str, Any]) -> dict[str, Any]:
         """Evaluate the best model on validation and test data; write metrics.json."""
@@ -284,56 +342,44 @@ class Trainer:
                 metrics[name] = evaluate_outputs(model, outputs, truth)
                 metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
                 write_predictions(self.out / f"predictions_{name}.json", model, store, index, outputs)
-        atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        self._update_run(status="finished")
+        atomic_write_text(self.out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        self.run.update(status="finished")
         return metrics
 
-    # --- run files -------------------------------------------------------------------------
+    # --- checkpoints ----------------------------------------------------------------------------
 
-    def _start_run_files(self) -> None:
-        for name in ("log.jsonl", "metrics.json"):
-            (self.out / name).unlink(missing_ok=True)
-        dump_spec(self.spec, self.out / "spec.yaml")
-        run = {"data": os.path.abspath(self.data_path), "test_fold": self.split.test_fold, "val_fold": self.split.val_fold,
-               "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)), "n_test": int(len(self.split.test)),
-               "status": "running"}
-        atomic_write_text(self.out / "run.json", json.dumps(run, indent=2) + "\n")
-
-    def _update_run(self, **changes: Any) -> None:
-        path = self.out / "run.json"
-        run = json.loads(path.read_text()) if path.exists() else {}
-        run.update(changes)
-        atomic_write_text(path, json.dumps(run, indent=2) + "\n")
-
-    def _truncate_log(self, epoch: int) -> None:
-        """Drop log lines of epochs after the checkpoint a resumed run restarts from."""
-        path = self.out / "log.jsonl"
-        if not path.exists():
-            return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < epoch]
-        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
-
-    def _save_last(self, model, optimizer, shuffle, extra, state) -> None:
+    def _save_last(self, model, optimizer, shuffle, terms, state) -> None:
         tensors, groups = _flatten_optimizer(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.shuffle"] = shuffle.get_state()
-        if extra is not None:
-            tensors.update({f"extra_loss.{k}": v for k, v in extra.state_dict().items()})
+        tensors.update({f"terms.{k}": v for k, v in terms.state_dict().items()})
         save_checkpoint(model, self.out / "last", extra_tensors=tensors,
                         extra_metadata={"trainer": state, "param_groups": groups})
 
-    def _restore(self, model, optimizer, shuffle, extra) -> dict[str, Any]:
+    def _restore(self, model, optimizer, shuffle, terms) -> dict[str, Any]:
         saved, tensors, metadata = load_checkpoint(self.out / "last")
-        if saved.spec.to_dict() | {"decoder": None} != self.spec.to_dict() | {"decoder": None}:
-            raise CheckpointError(f"{self.out}: the run was started with a different spec; resume with the same spec")
+        ignore = {"decoder": None}
+        diffs = spec_differences(saved.spec.to_dict() | ignore, self.spec.to_dict() | ignore)
+        if diffs:
+            raise CheckpointError(f"{self.out}: the run was started with a different spec ({'; '.join(diffs[:10])}); "
+                                  "resume with the same spec")
         model.load_state_dict(saved.state_dict())
         model.set_decoder(saved.decoder.config)
         _restore_optimizer(optimizer, tensors, metadata["extra"]["param_groups"])
-        if extra is not None:
-            extra.load_state_dict({k[len("extra_loss."):]: v for k, v in tensors.items() if k.startswith("extra_loss.")})
+        terms.load_state_dict({k[len("terms."):]: v for k, v in tensors.items() if k.startswith("terms.")})
         torch.set_rng_state(tensors["rng.torch"])
         shuffle.set_state(tensors["rng.shuffle"])
         return dict(metadata["extra"]["trainer"])
+
+
+def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Human-readable differences between two plain-data specs, e.g. ``train.seed: 0 -> 1``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            out += spec_differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [f"{path or 'spec'}: {old!r} -> {new!r}"]
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
@@ -365,41 +411,55 @@ def _progress(iterable, enabled: bool, **kwargs):
 
 
 def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = None,
-          resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None) -> dict[str, Any]:
+          resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train one model; see the module docstring for the folds and the run directory.
 
     With adaptation losses in the spec, unlabelled target batches come from ``target`` (a
     second store) or, without it, from the rows of ``data`` whose domain is ``target``.
     Labelled target samples are evaluated ("target" in metrics.json), never trained on.
+    ``out`` must be new, empty, or (with ``resume`` or ``overwrite``) a fusionkit run directory.
     """
     spec = load_spec(spec)
     store = spec_store(spec, data)
     target_store = spec_store(spec, target) if target is not None else None
-    factory = None
+    terms: list[TermFactory] = []
     if spec.adaptation:
         from fusionkit.adaptation import adaptation_loss_factory
 
-        factory = adaptation_loss_factory(spec, target_store)
+        terms.append(adaptation_loss_factory(spec, target_store))
     split = make_split(store, fold)
-    return Trainer(spec, store, out, split, progress=progress, data_path=str(data), extra_loss_factory=factory,
-                   target_store=target_store).fit(resume=resume)
+    return Trainer(spec, store, out, split, progress=progress, data_path=str(data), terms=terms,
+                   target_store=target_store, overwrite=overwrite).fit(resume=resume)
 
 
 def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
-                   resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std."""
+                   resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std.
+
+    ``RUN/foldK`` is fold K's run directory. With ``resume``, finished folds are read back and
+    the others continue (or start).
+    """
     spec = load_spec(spec)
     store = spec_store(spec, data)
     folds = sorted(int(f) for f in np.unique(store.folds[store.select(labelled=True, domain="source")]) if f >= 0)
-    per_fold = {}
-    for fold in folds:
-        fold_dir = Path(out) / f"fold{fold}"
-        done = (fold_dir / "metrics.json").exists() and resume
-        per_fold[fold] = json.loads((fold_dir / "metrics.json").read_text()) if done else train(
-            spec, data, fold_dir, fold=fold, resume=resume and (fold_dir / "last").exists(), progress=progress,
-            target=target)
-    summary = summarize_folds({f: m["test"] for f, m in per_fold.items()})
-    atomic_write_text(Path(out) / "cv.json", json.dumps({"folds": folds, "test": summary}, indent=2) + "\n")
+    root = RunDirectory(out, fmt=CV_FORMAT)
+    root.check_owned(resume=resume, overwrite=overwrite)
+    with root.locked():
+        root.recover()
+        if overwrite and not resume:
+            root.clear()
+        if not root.read():
+            root.start({"data": os.path.abspath(data), "folds": folds})
+        per_fold = {}
+        for fold in folds:
+            fold_dir = Path(out) / f"fold{fold}"
+            per_fold[fold] = train(spec, data, fold_dir, fold=fold, progress=progress, target=target,
+                                   resume=resume and (fold_dir / "last").exists())
+        summary = summarize_folds({f: m["test"] for f, m in per_fold.items()})
+        atomic_write_text(Path(out) / "cv.json", json.dumps({"folds": folds, "test": summary}, indent=2) + "\n")
+        root.update(status="finished")
     return summary
 
 

@@ -115,13 +115,59 @@ def test_allow_and_block_lists(fake_dist, monkeypatch):
     assert ("encoder", "example_mlp") not in state.registry
 
 
-def test_a_name_provided_twice_names_both_providers(fake_dist):
-    fake_dist("fk-dup", GOOD.format(name="product"))
+TWO_NAMES = GOOD + """
+@fusionkit.hookimpl
+def register_heads(register):
+    register("{name}_head", lambda config, context: None, config=Cfg, description="test head")
+"""
+
+
+def test_a_plugin_taking_a_builtin_name_fails_alone(fake_dist):
+    fake_dist("fk-dup", TWO_NAMES.format(name="product"))
+    state = plugins.load_plugins()
+    (failed,) = state.failed
+    assert failed.distribution == "fk-dup" and "built-in name" in failed.error and "'product'" in failed.error
+    assert state.registry.get("combiner", "product").provider.distribution == "fusionkit"
+    assert ("head", "product_head") not in state.registry  # nothing of the failed plugin stays half-registered
+    assert ("encoder", "example_mlp") in state.registry
+
+
+def test_a_clash_between_two_plugins_fails_only_where_the_name_is_used(fake_dist, monkeypatch, capsys):
+    from fusionkit.cli import main
+
+    fake_dist("fk-a", TWO_NAMES.format(name="shared").replace('"shared_head"', '"a_head"'))
+    fake_dist("fk-b", GOOD.format(name="shared"))
+    registry = plugins.get_registry()
+    assert not plugins.loaded().failed
+    assert registry.get("head", "a_head").provider.distribution == "fk-a"
+    assert registry.get("gate", "attention")
     with pytest.raises(DuplicateComponentError) as err:
-        plugins.load_plugins()
+        registry.get("combiner", "shared")
     message = str(err.value)
-    assert "fk-dup" in message and "fusionkit" in message and "'product'" in message
-    assert "FUSIONKIT_DISABLE_PLUGINS" in message
+    assert "fk-a" in message and "fk-b" in message and "FUSIONKIT_DISABLE_PLUGINS=" in message
+    with pytest.raises(SpecError, match="combiner.type: combiner 'shared' is provided by several plugins"):
+        load_spec({"encoders": [{"name": "x", "type": "features", "dim": 3}], "combiner": {"type": "shared"}})
+    assert main(["plugins"]) == 0
+    assert "CONFLICT: combiner 'shared' is provided by fk-a and fk-b" in capsys.readouterr().out
+
+    monkeypatch.setenv("FUSIONKIT_DISABLE_PLUGINS", "fk-b")
+    plugins.reset()
+    assert plugins.get_registry().get("combiner", "shared").provider.distribution == "fk-a"
+
+
+def test_misspelled_distribution_names_in_the_environment_warn(monkeypatch):
+    from fusionkit.errors import FusionkitWarning
+
+    monkeypatch.setenv("FUSIONKIT_DISABLE_PLUGINS", "fusionkit-exmaple-encoder")
+    with pytest.warns(FusionkitWarning, match="FUSIONKIT_DISABLE_PLUGINS names 'fusionkit-exmaple-encoder'"):
+        plugins.load_plugins()
+
+
+def test_a_disabled_component_says_so(monkeypatch):
+    monkeypatch.setenv("FUSIONKIT_DISABLE_PLUGINS", "fusionkit-example-encoder")
+    with pytest.raises(UnknownComponentError, match="example_mlp' is provided by distribution "
+                       "fusionkit-example-encoder, which is installed but disabled"):
+        plugins.get_registry().get("encoder", "example_mlp")
 
 
 def test_unknown_name_lists_close_matches_and_installed_plugins():
