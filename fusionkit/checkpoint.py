@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fusionkit.errors import CheckpointError, FusionkitError, SpecError
-from fusionkit.files import check_replaceable, json_marker, make_temp_dir, replace_directory
+from fusionkit.files import apply_umask, check_replaceable, json_marker, make_temp_dir, replace_directory
 from fusionkit.registry import Registry
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ def save_checkpoint(
         for key, value in (extra_tensors or {}).items():
             tensors[f"extra.{key}"] = value.detach().contiguous().cpu()
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "fusionkit"})
+        apply_umask(tmp / WEIGHTS_FILE)
         loaded_plugins = loaded()
         metadata = {
             "format_version": FORMAT_VERSION,

@@ -410,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PIPE
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"fusionkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        what = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename and Path(exc.filename).is_file():
+            what = "is a file where a directory is needed; choose another path"
+        print(f"fusionkit: error: {where}{what}", file=sys.stderr)
         return EXIT_OS
 
 

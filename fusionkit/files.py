@@ -40,6 +40,11 @@ def current_umask() -> int:
     return mask
 
 
+def apply_umask(path: Path) -> None:
+    """Give a file written by a library that ignores the umask (safetensors writes 0600) the usual mode."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def make_temp_file(directory: Path, name: str) -> Path:
     """An empty temporary file for ``directory/name``, with umask-respecting permissions."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)

@@ -29,7 +29,7 @@ import torch
 
 from fusionkit.answers import Prediction, to_matrix
 from fusionkit.errors import DataError, FusionkitError
-from fusionkit.files import check_replaceable, json_marker, make_temp_dir, replace_directory
+from fusionkit.files import apply_umask, check_replaceable, json_marker, make_temp_dir, replace_directory
 
 INDEX_FILE = "index.json"
 STORE_FORMAT = "fusionkit-store"
@@ -348,6 +348,7 @@ def write_store(
                 tensors = {"features": torch.from_numpy(flat), "offsets": torch.from_numpy(offsets)}
                 kind = "sequences"
             save_file(tensors, str(tmp / file), metadata=meta)
+            apply_umask(tmp / file)
             enc_index[name] = {"file": file, "kind": kind, "dim": int(tensors["features"].shape[1])}
         index = {
             "format": STORE_FORMAT, "version": STORE_VERSION, "labels": list(labels), "encoders": enc_index,
