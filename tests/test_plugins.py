@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 import json
 import os
 import subprocess
@@ -218,3 +219,36 @@ def test_plugins_json_lists_every_plugin(fake_dist):
     assert rows["example_encoder"]["version"] == "0.1.0"
     assert rows["example_encoder"]["provides"] == {"encoder": ["example_mlp"]}
     assert "boom" in rows["fk_broken"]["error"]
+
+
+def test_the_committed_template_is_exactly_what_plugin_new_writes(tmp_path):
+    from fusionkit.scaffold import new_plugin
+
+    made = new_plugin("example-encoder", tmp_path, component="example_mlp")
+    template = Path(__file__).parents[1] / "plugins" / "fusionkit-example-encoder"
+    files = sorted(p.relative_to(made) for p in made.rglob("*") if p.is_file())
+    assert [str(f) for f in files] == ["README.md", "fusionkit_example_encoder/__init__.py", "pyproject.toml"]
+    for f in files:
+        assert (made / f).read_text() == (template / f).read_text(), f
+
+
+def test_plugin_new_makes_a_clean_distribution_that_registers(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fusionkit", "plugin", "new", "my-encoder", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    root = tmp_path / "fusionkit-my-encoder"
+    wheel_dir = tmp_path / "wheels"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(wheel_dir), str(root)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import zipfile
+
+    (wheel,) = wheel_dir.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fusionkit_my_encoder/__init__.py" in names
+    assert not [n for n in names if "example" in n]  # nothing of the template's own module ships
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "my_encoder = fusionkit_my_encoder" in zipfile.ZipFile(wheel).read(entry).decode()
+    proc = subprocess.run([sys.executable, "-m", "fusionkit", "plugin", "new", "my-encoder", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "already exists; nothing was written" in proc.stderr

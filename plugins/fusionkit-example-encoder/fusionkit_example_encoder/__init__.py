@@ -1,4 +1,4 @@
-"""A template fusionkit plugin: registers the encoder ``example_mlp``.
+"""A fusionkit plugin: registers the encoder ``example_mlp``.
 
 Keep this module cheap to import: fusionkit imports it to learn what the plugin
 provides. Import heavy libraries inside the factory (see ``build``).
@@ -13,7 +13,7 @@ from fusionkit.config import option, positive
 
 
 @attrs.frozen(kw_only=True)
-class ExampleMLPConfig:
+class ExampleMlpConfig:
     """A two-layer MLP over pre-extracted vectors."""
 
     dim: int = option(doc="Input feature size.", validator=positive)
@@ -21,13 +21,13 @@ class ExampleMLPConfig:
     out_dim: int = option(32, doc="Size of the encoded vector.", validator=positive)
 
 
-def build(config: ExampleMLPConfig, context):
+def build(config: ExampleMlpConfig, context):
     """Factory: called with the validated config and the build context."""
     from torch import nn
 
     from fusionkit.interfaces import Encoder
 
-    class ExampleMLPEncoder(Encoder):
+    class ExampleMlpEncoder(Encoder):
         def __init__(self) -> None:
             super().__init__()
             self.out_dim = config.out_dim
@@ -36,9 +36,9 @@ def build(config: ExampleMLPConfig, context):
         def forward(self, x, lengths=None):
             return self.net(x)
 
-    return ExampleMLPEncoder()
+    return ExampleMlpEncoder()
 
 
 @fusionkit.hookimpl
 def register_encoders(register):
-    register("example_mlp", build, config=ExampleMLPConfig, description="Template plugin: an MLP over feature vectors.")
+    register("example_mlp", build, config=ExampleMlpConfig, description="An MLP over feature vectors.")

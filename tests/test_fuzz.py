@@ -1,0 +1,229 @@
+"""Property-based fuzzing: random specs, stores and checkpoints give fusionkit errors naming a
+path or file, never raw tracebacks, and a model that builds predicts finite probabilities.
+
+``FUSIONKIT_FUZZ_EXAMPLES`` sets the number of random specs (stores and checkpoints get a
+third each); the suite's default keeps it quick.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fusionkit.checkpoint import load_model
+from fusionkit.errors import CheckpointError, DataError, FusionkitError, SpecError
+from fusionkit.model import build_model
+from fusionkit.store import Sample, open_store, write_store
+
+EXAMPLES = int(os.environ.get("FUSIONKIT_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+BASE = {
+    "labels": ["ang", "disg", "fea", "hap", "sad", "neu"],
+    "latent_dim": 16,
+    "encoders": [{"name": "a", "type": "features", "dim": 5},
+                 {"name": "b", "type": "features", "dim": 3, "pooling": "stats7"},
+                 {"name": "c", "type": "features", "dim": 4, "pooling": "attention"}],
+    "projector": {"hidden": 0, "dropout": 0.1, "norm": True},
+    "gate": {"type": "attention", "top_n": 2, "heads": 2, "temperature": 1.0, "noise": 0.0},
+    "fusion": {"type": "rank_concat"},
+    "heads": {"presence": {"type": "presence"}, "salience": {"type": "salience"}},
+    "combiner": {"type": "product"},
+    "decoder": {"type": "presence_salience"},
+    "train": {"epochs": 2, "lr": 1e-3, "seed": 0},
+}
+
+NAMES = ["a", "x", "a.b", "keys", "training", "", "x y", "../up", "é", "forward", "A1-b_c"]
+TYPES = ["features", "attention", "mlp", "static", "uniform", "weighted_sum", "rank_concat", "rank_attention",
+         "presence", "salience", "classifier", "product", "mean", "salience_only", "presence_only", "blemore",
+         "presence_salience", "mmd", "coral", "dann", "entropy", "nope"]
+KEYS = ["top_n", "temperature", "noise", "heads", "layers", "dim", "pooling", "hidden", "dropout", "gamma",
+        "threshold", "on", "weight", "warmup_epochs", "balance_weight", "supervision", "type", "name", "lr",
+        "seed", "epochs", "batch_size", "norm", "labels", "neutral", "latent_dim", "bogus"]
+PLAUSIBLE = [1, 2, 3, 4, 6, 8, 0, 0.0, 0.5, 1.0, 2.0, True, False, "none", "mean", "stats7", "attention", "fused",
+             "encoders", "neu", "product", "mean", "blemore", "rank_attention", "uniform", "static", "mlp",
+             ["ang", "neu"], ["a", "b", "c"], None]
+wild = st.one_of(
+    st.sampled_from([-1, 0, 1, 2, 3, 7, 64, 2**20 + 1, 10**9, 10**20, 1e9, 1e20]),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from(NAMES + TYPES + ["none", "mean", "stats7", "fused", "encoders", "neu"]),
+    st.none(), st.booleans(),
+    st.lists(st.sampled_from(["ang", "neu", 1, None]), max_size=3),
+    st.dictionaries(st.sampled_from(KEYS), st.integers(-2, 4), max_size=2),
+)
+values = st.one_of(st.sampled_from(PLAUSIBLE), st.sampled_from(PLAUSIBLE), wild)  # two thirds plausible
+
+
+def paths(node, prefix=()):
+    """Every (path, container) where a value can be replaced or a key added."""
+    yield prefix, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        if isinstance(child, (dict, list)):
+            yield from paths(child, (*prefix, key))
+
+
+@st.composite
+def specs(draw):
+    spec = copy.deepcopy(BASE)
+    # first a valid combination of components, then a few mutations that may break it
+    gate = draw(st.sampled_from(["attention", "mlp", "static", "uniform"]))
+    spec["gate"] = {"type": gate, "top_n": draw(st.integers(1, 4)), **({"heads": 2} if gate == "attention" else {})}
+    spec["fusion"]["type"] = draw(st.sampled_from(["weighted_sum", "rank_concat", "rank_attention"]))
+    spec["combiner"]["type"] = draw(st.sampled_from(["product", "mean", "salience_only", "presence_only"]))
+    spec["decoder"]["type"] = draw(st.sampled_from(["blemore", "presence_salience"]))
+    spec["labels"] = list(draw(st.sampled_from([BASE["labels"], ["x", "y"], ["p", "q", "neu"]])))
+    if "neu" not in spec["labels"]:
+        spec["neutral"] = None
+    for enc in spec["encoders"]:
+        enc["pooling"] = draw(st.sampled_from(["none", "mean", "stats7", "attention"]))
+    if draw(st.booleans()):
+        spec["adaptation"] = [{"type": draw(st.sampled_from(["mmd", "coral", "dann", "entropy"])), "on": "encoders"}]
+    for _ in range(draw(st.integers(0, 3))):
+        targets = list(paths(spec))
+        _, node = targets[draw(st.integers(0, len(targets) - 1))]
+        if isinstance(node, dict):
+            own = node and draw(st.integers(0, 3)) > 0  # mostly an existing key, sometimes any known option name
+            key = draw(st.sampled_from(sorted(node, key=str) if own else KEYS))
+            node[key] = draw(values)
+        elif node:
+            node[draw(st.integers(0, len(node) - 1))] = draw(values)
+    return spec
+
+
+PROBLEM = re.compile(r"^(spec|[A-Za-z_][\w\-]*(\[\d+\])?(\.[^\s:]+)*): ")
+
+
+def inputs_for(model, batch=3):
+    out = {}
+    for name, enc in model.encoders.items():
+        dim = getattr(enc, "dim", 4)
+        pooled = getattr(enc, "pooling", "none") != "none"
+        out[name] = torch.randn(batch, 5, dim) if pooled else torch.randn(batch, dim)
+    return out
+
+
+@FUZZ
+@given(specs())
+def test_random_specs_give_path_naming_errors_or_finite_predictions(spec):
+    try:
+        model = build_model(spec)
+    except SpecError as exc:
+        assert exc.problems and all(PROBLEM.match(p) for p in exc.problems), exc.problems
+        assert len(str(exc)) < 40_000
+        return
+    except FusionkitError as exc:
+        assert re.match(r"^[\w\[\].]+: ", str(exc)), str(exc)  # names the block that failed to build
+        return
+    try:
+        preds = model.predict(inputs_for(model))
+        out = model(inputs_for(model))
+    except FusionkitError:
+        return
+    assert torch.isfinite(out.probs).all()
+    assert len(preds) == 3 and all(len(p) in (1, 2) for p in preds)
+
+
+# --- stores -------------------------------------------------------------------------------------
+
+LABELS = ["ang", "sad", "hap"]
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzzstore") / "store"
+    samples = [Sample(id=f"s{i}", labels=[{"emotion": LABELS[i % 3], "salience": 100.0}], group=f"g{i % 2}",
+                      fold=i % 2) for i in range(6)]
+    seqs = [np.ones((1 + i % 3, 2), dtype=np.float32) for i in range(6)]
+    write_store(root, LABELS, samples, {"v": np.zeros((6, 3)), "q": seqs})
+    return root
+
+
+INDEX_VALUES = st.one_of(values, st.sampled_from(["../../outside.safetensors", "/etc/passwd", "v.safetensors",
+                                                  [{"emotion": "ang", "salience": 60}], [{"emotion": "x"}],
+                                                  {"file": "q.safetensors"}, float("nan")]))
+
+
+@settings(max_examples=max(20, EXAMPLES // 3), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_store_indexes_give_data_errors(store_template, tmp_path_factory, data):
+    import shutil
+
+    root = tmp_path_factory.mktemp("s") / "store"
+    shutil.copytree(store_template, root)
+    index = json.loads((root / "index.json").read_text())
+    for _ in range(data.draw(st.integers(1, 3))):
+        targets = list(paths(index))
+        _, node = targets[data.draw(st.integers(0, len(targets) - 1))]
+        if isinstance(node, dict) and node:
+            key = data.draw(st.sampled_from(sorted(node)))
+            if data.draw(st.booleans()):
+                del node[key]
+            else:
+                node[key] = data.draw(INDEX_VALUES)
+        elif isinstance(node, list) and node:
+            node[data.draw(st.integers(0, len(node) - 1))] = data.draw(INDEX_VALUES)
+    (root / "index.json").write_text(json.dumps(index))
+    try:
+        store = open_store(root)
+    except DataError as exc:
+        assert str(root) in str(exc)  # names the store's file
+        return
+    for name, feats in store.encoders.items():
+        assert feats.data.dim() == 2 and (root / index["encoders"][name]["file"]).resolve().parent == root.resolve()
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint_template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzzckpt") / "ckpt"
+    build_model(BASE).save_pretrained(str(root))
+    return root
+
+
+@settings(max_examples=max(20, EXAMPLES // 3), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_checkpoint_metadata_and_specs_give_checkpoint_errors(checkpoint_template, tmp_path_factory, data):
+    import shutil
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("c") / "ckpt"
+    shutil.copytree(checkpoint_template, root)
+    which = data.draw(st.sampled_from(["metadata.json", "spec.yaml", "bytes"]))
+    if which == "bytes":
+        name = data.draw(st.sampled_from(["metadata.json", "spec.yaml"]))
+        raw = bytearray((root / name).read_bytes())
+        for _ in range(data.draw(st.integers(1, 5))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        (root / name).write_bytes(bytes(raw))
+    else:
+        path = root / which
+        doc = json.loads(path.read_text()) if which.endswith(".json") else yaml.safe_load(path.read_text())
+        for _ in range(data.draw(st.integers(1, 3))):
+            targets = list(paths(doc))
+            _, node = targets[data.draw(st.integers(0, len(targets) - 1))]
+            if isinstance(node, dict) and node:
+                node[data.draw(st.sampled_from(sorted(node)))] = data.draw(values)
+            elif isinstance(node, list) and node:
+                node[data.draw(st.integers(0, len(node) - 1))] = data.draw(values)
+        path.write_text(json.dumps(doc) if which.endswith(".json") else yaml.safe_dump(doc))
+    try:
+        model = load_model(root)
+    except CheckpointError as exc:
+        assert str(root) in str(exc)
+        return
+    assert torch.isfinite(model(inputs_for(model)).probs).all()
