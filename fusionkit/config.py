@@ -165,7 +165,7 @@ def structure(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             close = difflib.get_close_matches(str(key), list(fields), n=2, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             problems.append(
-                f"{path}.{key_text(key)}: unknown option{hint}. Options of {cls.__name__}: {', '.join(fields) or 'none'}"
+                f"{path}.{key_text(key)}: unknown option{hint}{' ' if hint else '. '}Options of {cls.__name__}: {', '.join(fields) or 'none'}"
             )
     values: dict[str, Any] = {}
     for name, field in fields.items():

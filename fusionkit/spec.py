@@ -236,7 +236,7 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
         if key not in _TOP_LEVEL:
             close = difflib.get_close_matches(str(key), _TOP_LEVEL, n=2, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            problems.append(f"{key_text(key)}: unknown top-level key{hint}. Keys: {', '.join(_TOP_LEVEL)}")
+            problems.append(f"{key_text(key)}: unknown top-level key{hint}{' ' if hint else '. '}Keys: {', '.join(_TOP_LEVEL)}")
 
     values: dict[str, Any] = {}
     version = data.get("spec_version", SPEC_VERSION)

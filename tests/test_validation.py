@@ -249,3 +249,29 @@ def test_evaluation_refuses_nan_outputs(tmp_path, synthetic_store):
     store = spec_store(model.spec, synthetic_store)
     with pytest.raises(FusionkitError, match="NaN or inf for .* sample"):
         collect_outputs(model, store, make_split(store, 0).test)
+
+
+def test_error_message_slips_are_fixed():
+    from fusionkit.errors import UnknownComponentError
+    from fusionkit.plugins import get_registry
+
+    with pytest.raises(UnknownComponentError) as err:
+        get_registry().get("adaptation_loss", "mdd")
+    assert "Known adaptation losses: coral, dann, entropy, mmd" in str(err.value) and "losss" not in str(err.value)
+    (problem,) = problems({**tiny_spec(), "projector": {"zzz": 1}})
+    assert problem.startswith("projector.zzz: unknown option. Options of ProjectorConfig: hidden")
+    (problem,) = problems({**tiny_spec(), "projector": {"hiden": 1}})
+    assert "did you mean 'hidden'? Options of ProjectorConfig" in problem
+
+
+def test_dataset_options_are_discoverable():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fusionkit", "data", "options", "synthetic"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "samples (int, default 600): Number of samples" in proc.stdout and "seed (int, default 0)" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "fusionkit", "data", "build", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert "fusionkit data options" in proc.stdout
