@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from fusionkit.model import FusionModel
+    from fusionkit.towers import TwoTowerModel
 
 FORMAT_VERSION = 1
 SPEC_FILE = "spec.yaml"
@@ -47,10 +48,16 @@ def _components(model: FusionModel) -> list[dict[str, Any]]:
     registry = get_registry()
     spec = model.spec
     blocks = [(f"encoders[{i}]", "encoder", e.type) for i, e in enumerate(spec.encoders)]
-    blocks += [("gate", "gate", spec.gate.type), ("fusion", "fusion", spec.fusion.type)]
-    blocks += [(f"heads.{r}", "head", c.type) for r, c in spec.heads.items()]
-    blocks += [("combiner", "combiner", spec.combiner.type), ("decoder", "decoder", spec.decoder.type)]
+    if spec.towers:
+        for name, tower in spec.towers.items():
+            blocks += [(f"towers.{name}.gate", "gate", tower.gate.type), (f"towers.{name}.fusion", "fusion", tower.fusion.type)]
+    else:
+        blocks += [("gate", "gate", spec.gate.type), ("fusion", "fusion", spec.fusion.type)]
+        blocks += [(f"heads.{r}", "head", c.type) for r, c in spec.heads.items()]
+        blocks += [("combiner", "combiner", spec.combiner.type), ("decoder", "decoder", spec.decoder.type)]
     blocks += [(f"adaptation[{i}]", "adaptation_loss", c.type) for i, c in enumerate(spec.adaptation)]
+    if spec.distill:
+        blocks += [(f"distill.losses[{i}]", "distill_loss", c.type) for i, c in enumerate(spec.distill.losses)]
     out = []
     for path, kind, name in blocks:
         provider = registry.get(kind, name).provider
@@ -142,7 +149,7 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
     import torch
 
     from fusionkit.hookspecs import KIND_HOOKS
-    from fusionkit.model import FusionModel
+    from fusionkit.model import build_model
     from fusionkit.plugins import get_registry
     from fusionkit.spec import read_spec_file, spec_from_dict
 
@@ -187,7 +194,7 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
         raise CheckpointError(f"{weights}: weights with NaN or inf in {bad[:5]}; the model diverged or the file was "
                               "modified. Use an earlier checkpoint or retrain with a lower train.lr.")
     try:
-        model = FusionModel(spec, registry=registry)
+        model = build_model(spec, registry=registry)
     except FusionkitError as exc:
         raise CheckpointError(f"{root}: cannot build the stored model: {exc}") from exc
     result = model.load_state_dict(state, strict=False)
@@ -199,6 +206,6 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
     return model, extra, metadata
 
 
-def load_model(directory: str | os.PathLike) -> FusionModel:
-    """Load a model saved with ``save_pretrained`` (in eval mode)."""
+def load_model(directory: str | os.PathLike) -> FusionModel | TwoTowerModel:
+    """Load a model saved with ``save_pretrained`` (in eval mode): a fusion or a two-tower model."""
     return load_checkpoint(directory)[0]

@@ -162,7 +162,7 @@ def _open_run(run: str, data: str):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fusionkit.files import atomic_write_text
-    from fusionkit.train import collect_outputs, evaluate_outputs
+    from fusionkit.tasks import collect_outputs, evaluate_outputs
 
     model, store = _open_run(args.run, args.data)
     index = _run_index(Path(args.run), store, args.split)
@@ -211,7 +211,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import zipfile
 
     from fusionkit.files import atomic_write, atomic_write_text
-    from fusionkit.train import predictions_for
+    from fusionkit.tasks import predictions_for
 
     json_path, zip_path = submission_paths(Path(args.out))
     _check_submission_replaceable(json_path, zip_path)

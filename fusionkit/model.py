@@ -6,9 +6,9 @@ is looked up by name in the plugin registry and built by its factory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
@@ -19,8 +19,11 @@ from fusionkit.answers import Prediction, from_order
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.interfaces import BuildContext, Decoder
 from fusionkit.registry import Registry
-from fusionkit.selection import gather_slots
-from fusionkit.spec import Component, ProjectorConfig, Spec, load_spec
+from fusionkit.selection import Selection, gather_slots
+from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec, load_spec
+
+if TYPE_CHECKING:
+    from fusionkit.towers import TwoTowerModel
 
 
 @dataclass
@@ -65,50 +68,54 @@ class Projector(nn.Module):
         return self.net(x)
 
 
-class FusionModel(nn.Module):
-    """A rank-aware top-n fusion model built from a :class:`~fusionkit.spec.Spec`.
+class Trunk(nn.Module):
+    """The shared assembler: encoders -> projectors (+ identity) -> gate -> top-n selection -> fusion.
 
-    ``forward(inputs, lengths=None, mask=None)``: ``inputs`` maps every encoder
-    name to ``[B, D]`` or ``[B, T, D]``; ``lengths`` maps names of sequence inputs
-    to ``[B]`` valid frame counts; ``mask`` ``[B, K]`` is False where an encoder is
-    missing for a sample (its input values are then ignored).
+    A fusion model is a trunk with heads; each tower of a two-tower model is a trunk with an
+    embedding. ``encoders`` are the spec's encoder blocks this trunk owns, with their index in
+    the spec (for error paths); ``where`` prefixes the gate's and fusion's paths.
     """
 
-    def __init__(self, spec: Spec, registry: Registry | None = None) -> None:
+    def __init__(self, spec: Spec, encoders: Sequence[tuple[int, EncoderSpec]], gate: Component, fusion: Component,
+                 registry: Registry, where: str = "") -> None:
         super().__init__()
-        if registry is None:
-            from fusionkit.plugins import get_registry
-
-            registry = get_registry()
-        self.spec = spec
-        self.encoder_names: tuple[str, ...] = spec.encoder_names
-        self.labels: tuple[str, ...] = spec.labels
+        self.encoder_names: tuple[str, ...] = tuple(enc.name for _, enc in encoders)
         ctx = BuildContext(
             labels=spec.labels, neutral=spec.neutral, latent_dim=spec.latent_dim,
-            encoder_names=spec.encoder_names, head_roles=tuple(spec.heads),
+            encoder_names=self.encoder_names, head_roles=tuple(spec.heads),
         )
         self.encoders = nn.ModuleDict()
         self.projectors = nn.ModuleDict()
-        for i, enc in enumerate(spec.encoders):
+        for i, enc in encoders:
             module = _build(registry, "encoder", Component(enc.type, enc.config), f"encoders[{i}]",
                             attrs.evolve(ctx, encoder_name=enc.name))
             self.encoders[enc.name] = module
             self.projectors[enc.name] = Projector(module.out_dim, spec.latent_dim, spec.projector)
-        self.identity = nn.Parameter(torch.randn(len(spec.encoders), spec.latent_dim) * 0.02)
-        self.gate = _build(registry, "gate", spec.gate, "gate", ctx)
+        self.identity = nn.Parameter(torch.randn(len(encoders), spec.latent_dim) * 0.02)
+        self.gate = _build(registry, "gate", gate, f"{where}gate", ctx)
         # Rank supervision: each encoder token predicts the labels on its own (see fusionkit.losses).
         self.token_head = nn.Linear(spec.latent_dim, len(spec.labels)) if getattr(self.gate, "supervision", 0) else None
-        self.top_n: int = spec.gate.config.top_n
-        self.fusion = _build(registry, "fusion", spec.fusion, "fusion", attrs.evolve(ctx, top_n=self.top_n))
-        head_ctx = attrs.evolve(ctx, in_dim=self.fusion.out_dim)
-        self.heads = nn.ModuleDict({role: _build(registry, "head", c, f"heads.{role}", head_ctx) for role, c in spec.heads.items()})
-        self.combiner = _build(registry, "combiner", spec.combiner, "combiner", ctx)
-        self.decoder: Decoder = _build(registry, "decoder", spec.decoder, "decoder", ctx)
+        self.top_n: int = gate.config.top_n
+        self.fusion = _build(registry, "fusion", fusion, f"{where}fusion", attrs.evolve(ctx, top_n=self.top_n))
         self._context = ctx
 
     def set_epoch(self, epoch: int) -> None:
         """Tell epoch-dependent parts (the gate's soft warm-up) where training is; call it each epoch."""
         self.gate.epoch = epoch
+
+    def encode(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None,
+               mask: torch.Tensor | None) -> tuple[torch.Tensor, Selection, torch.Tensor]:
+        """(tokens [B, K, d], the gate's selection, the fused vector [B, out_dim])."""
+        lengths = lengths or {}
+        tokens = torch.stack(
+            [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
+            dim=1,
+        ) + self.identity
+        if mask is not None:
+            mask = mask.to(device=tokens.device, dtype=torch.bool)
+        selection = self.gate(tokens, mask)
+        fused = self.fusion(gather_slots(tokens, selection), selection.weights, selection.slot_mask)
+        return tokens, selection, fused
 
     @torch.no_grad()
     def fit_standardization(
@@ -138,35 +145,6 @@ class FusionModel(nn.Module):
                 raise DataError(f"encoder {name!r}: fewer than two training rows to fit its standardisation")
             encoder.set_standardization(x.mean(0), x.std(0))
 
-    def forward(
-        self,
-        inputs: Mapping[str, torch.Tensor],
-        lengths: Mapping[str, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> FusionOutput:
-        self._check_inputs(inputs, lengths, mask)
-        lengths = lengths or {}
-        tokens = torch.stack(
-            [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
-            dim=1,
-        ) + self.identity
-        if mask is not None:
-            mask = mask.to(device=tokens.device, dtype=torch.bool)
-        selection = self.gate(tokens, mask)
-        slots = gather_slots(tokens, selection)
-        fused = self.fusion(slots, selection.weights, selection.slot_mask)
-        logits = {role: head(fused) for role, head in self.heads.items()}
-        probs_by_role = {role: self.heads[role].probabilities(logit) for role, logit in logits.items()}
-        presence = probs_by_role.get("presence")
-        salience = probs_by_role.get("salience")
-        aux = {} if selection.balance_loss is None else {"gate_balance": selection.balance_loss}
-        return FusionOutput(
-            fused=fused, scores=selection.scores, kept=selection.kept, weights=selection.weights,
-            probs=self.combiner(presence, salience), presence=presence, salience=salience,
-            logits=logits, tokens=tokens, aux_losses=aux, mask=mask,
-            token_logits=None if self.token_head is None else self.token_head(tokens),
-        )
-
     def _check_inputs(self, inputs: Mapping[str, torch.Tensor], lengths: Any, mask: Any) -> None:
         if not isinstance(inputs, Mapping):
             raise DataError(f"model inputs must be a dict keyed by encoder name {list(self.encoder_names)}, "
@@ -184,6 +162,67 @@ class FusionModel(nn.Module):
                 f"model inputs must be keyed by encoder name {list(self.encoder_names)}: "
                 f"missing {missing}, unknown {unknown} (pass zeros and a mask for missing encoders)"
             )
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per part of the trunk."""
+        out = {f"encoder:{n}": count_parameters(self.encoders[n]) + count_parameters(self.projectors[n])
+               for n in self.encoder_names}
+        out["identity"] = count_parameters(self.identity)
+        out["gate"] = count_parameters(self.gate) + (count_parameters(self.token_head) if self.token_head is not None else 0)
+        out["fusion"] = count_parameters(self.fusion)
+        return out
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write spec, ``model.safetensors`` and metadata to ``directory`` atomically."""
+        from fusionkit.checkpoint import save_checkpoint
+
+        save_checkpoint(self, directory)
+
+
+class FusionModel(Trunk):
+    """A rank-aware top-n fusion model built from a :class:`~fusionkit.spec.Spec`.
+
+    ``forward(inputs, lengths=None, mask=None)``: ``inputs`` maps every encoder
+    name to ``[B, D]`` or ``[B, T, D]``; ``lengths`` maps names of sequence inputs
+    to ``[B]`` valid frame counts; ``mask`` ``[B, K]`` is False where an encoder is
+    missing for a sample (its input values are then ignored).
+    """
+
+    def __init__(self, spec: Spec, registry: Registry | None = None) -> None:
+        if registry is None:
+            from fusionkit.plugins import get_registry
+
+            registry = get_registry()
+        super().__init__(spec, list(enumerate(spec.encoders)), spec.gate, spec.fusion, registry)
+        self.spec = spec
+        self.labels: tuple[str, ...] = spec.labels
+        ctx = self._context
+        head_ctx = attrs.evolve(ctx, in_dim=self.fusion.out_dim)
+        self.heads = nn.ModuleDict({role: _build(registry, "head", c, f"heads.{role}", head_ctx) for role, c in spec.heads.items()})
+        self.combiner = _build(registry, "combiner", spec.combiner, "combiner", ctx)
+        self.decoder: Decoder = _build(registry, "decoder", spec.decoder, "decoder", ctx)
+
+    def forward(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        lengths: Mapping[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        self._check_inputs(inputs, lengths, mask)
+        tokens, selection, fused = self.encode(inputs, lengths, mask)
+        if mask is not None:
+            mask = mask.to(device=tokens.device, dtype=torch.bool)
+        logits = {role: head(fused) for role, head in self.heads.items()}
+        probs_by_role = {role: self.heads[role].probabilities(logit) for role, logit in logits.items()}
+        presence = probs_by_role.get("presence")
+        salience = probs_by_role.get("salience")
+        aux = {} if selection.balance_loss is None else {"gate_balance": selection.balance_loss}
+        return FusionOutput(
+            fused=fused, scores=selection.scores, kept=selection.kept, weights=selection.weights,
+            probs=self.combiner(presence, salience), presence=presence, salience=salience,
+            logits=logits, tokens=tokens, aux_losses=aux, mask=mask,
+            token_logits=None if self.token_head is None else self.token_head(tokens),
+        )
 
     @torch.no_grad()
     def predict(
@@ -207,24 +246,17 @@ class FusionModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per part of the model."""
-        def count(m: nn.Module | nn.Parameter) -> int:
-            params = [m] if isinstance(m, nn.Parameter) else list(m.parameters())
-            return sum(p.numel() for p in params if p.requires_grad)
-
-        out = {f"encoder:{n}": count(self.encoders[n]) + count(self.projectors[n]) for n in self.encoder_names}
-        out["identity"] = count(self.identity)
-        out["gate"] = count(self.gate) + (count(self.token_head) if self.token_head is not None else 0)
-        out["fusion"] = count(self.fusion)
+        out = super().parameter_counts()
         for role, head in self.heads.items():
-            out[f"head:{role}"] = count(head)
-        out["combiner"] = count(self.combiner)
+            out[f"head:{role}"] = count_parameters(head)
+        out["combiner"] = count_parameters(self.combiner)
         return out
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write spec, ``model.safetensors`` and metadata to ``directory`` atomically."""
-        from fusionkit.checkpoint import save_checkpoint
 
-        save_checkpoint(self, directory)
+def count_parameters(m: nn.Module | nn.Parameter) -> int:
+    """Trainable parameters of a module (or one parameter)."""
+    params = [m] if isinstance(m, nn.Parameter) else list(m.parameters())
+    return sum(p.numel() for p in params if p.requires_grad)
 
 
 def decoder_inputs(out: FusionOutput) -> dict[str, np.ndarray]:
@@ -249,6 +281,12 @@ def _build(registry: Registry, kind: str, component: Component, path: str, ctx: 
         ) from exc
 
 
-def build_model(spec: Spec | Mapping[str, Any] | str, registry: Registry | None = None) -> FusionModel:
-    """Build a :class:`FusionModel` from a spec, a spec dict, or a spec file path."""
-    return FusionModel(load_spec(spec, registry=registry), registry=registry)
+def build_model(spec: Spec | Mapping[str, Any] | str, registry: Registry | None = None) -> FusionModel | TwoTowerModel:
+    """Build the model a spec describes: a :class:`FusionModel`, or with a ``towers`` block a
+    :class:`~fusionkit.towers.TwoTowerModel`. Takes a spec, a spec dict, or a spec file path."""
+    spec = load_spec(spec, registry=registry)
+    if spec.towers:
+        from fusionkit.towers import TwoTowerModel
+
+        return TwoTowerModel(spec, registry=registry)
+    return FusionModel(spec, registry=registry)

@@ -105,9 +105,45 @@ class TrainConfig:
     warmup_fraction: float = option(0.05, doc="Share of the steps spent warming the learning rate up.", validator=unit_interval)
 
 
+@attrs.frozen(kw_only=True)
+class ContrastiveConfig:
+    """The CLIP objective of a two-tower model."""
+
+    temperature: float = option(0.07, doc="Initial temperature: the logit scale starts at ln(1 / temperature).",
+                                validator=positive)
+    max_scale: float = option(100.0, doc="The logit scale is clamped to at most ln(max_scale) after each step.",
+                              validator=positive)
+    learn_scale: bool = option(True, doc="Learn the logit scale (else it stays at its initial value).")
+
+
+@attrs.frozen
+class TowerSpec:
+    """One tower of a two-tower model: its encoders, gate, fusion, and embedding size."""
+
+    encoders: tuple[str, ...]
+    gate: Component
+    fusion: Component
+    embed_dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"encoders": list(self.encoders), "gate": self.gate.to_dict(), "fusion": self.fusion.to_dict(),
+                "embed_dim": self.embed_dim}
+
+
+@attrs.frozen
+class DistillSpec:
+    """Distillation: a frozen teacher checkpoint and the losses that pull the student towards it."""
+
+    teacher: str
+    losses: tuple[Component, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher, "losses": [c.to_dict() for c in self.losses]}
+
+
 _TOP_LEVEL = (
     "spec_version", "labels", "neutral", "latent_dim", "encoders", "projector", "gate", "fusion",
-    "heads", "combiner", "decoder", "adaptation", "data", "train",
+    "heads", "combiner", "decoder", "towers", "contrastive", "adaptation", "distill", "data", "train",
 )
 _DEFAULT_BLOCKS: dict[str, Any] = {
     "gate": {"type": "attention"},
@@ -133,13 +169,21 @@ class Spec:
     heads: dict[str, Component]
     combiner: Component
     decoder: Component
+    towers: dict[str, TowerSpec] = attrs.field(factory=dict)
+    contrastive: ContrastiveConfig = ContrastiveConfig()
     adaptation: tuple[Component, ...] = ()
+    distill: DistillSpec | None = None
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
     @property
     def encoder_names(self) -> tuple[str, ...]:
         return tuple(e.name for e in self.encoders)
+
+    @property
+    def task(self) -> str:
+        """``contrastive`` for a two-tower model (a ``towers`` block), else ``classification``."""
+        return "contrastive" if self.towers else "classification"
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec (every default filled in) as plain data."""
@@ -155,7 +199,10 @@ class Spec:
             "heads": {role: c.to_dict() for role, c in self.heads.items()},
             "combiner": self.combiner.to_dict(),
             "decoder": self.decoder.to_dict(),
+            **({"towers": {name: t.to_dict() for name, t in self.towers.items()},
+                "contrastive": cfg.unstructure(self.contrastive)} if self.towers else {}),
             "adaptation": [c.to_dict() for c in self.adaptation],
+            **({"distill": self.distill.to_dict()} if self.distill else {}),
             "data": cfg.unstructure(self.data),
             "train": cfg.unstructure(self.train),
         }
@@ -272,6 +319,13 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
     if not isinstance(adaptation, list):
         problems.append(f"adaptation: expected a list of adaptation loss blocks, found {short_repr(adaptation)}")
         adaptation = []
+    values["towers"] = _structure_towers(data.get("towers", {}), values["encoders"], registry, problems)
+    values["contrastive"] = cfg.structure(ContrastiveConfig, data.get("contrastive", {}), "contrastive", problems)
+    if "contrastive" in data and not values["towers"]:
+        problems.append("contrastive: only a two-tower spec (with a 'towers' block) trains contrastively")
+    if values["towers"] and data.get("adaptation"):
+        problems.append("adaptation: adaptation losses apply to classification models, not to two-tower ones")
+    values["distill"] = _structure_distill(data.get("distill"), registry, problems)
     values["adaptation"] = tuple(
         structure_component("adaptation_loss", block, f"adaptation[{i}]", registry, problems)
         for i, block in enumerate(adaptation)
@@ -305,6 +359,77 @@ def _structure_encoders(blocks: Any, registry: Registry, problems: list[str]) ->
         if comp is not None:
             out.append(EncoderSpec(name, comp.type, comp.config))
     return tuple(out)
+
+
+def _structure_towers(blocks: Any, encoders: tuple[EncoderSpec, ...], registry: Registry,
+                      problems: list[str]) -> dict[str, TowerSpec]:
+    if blocks in ({}, None):
+        return {}
+    if not isinstance(blocks, Mapping) or len(blocks) != 2:
+        problems.append(f"towers: expected a mapping of exactly two towers (name -> {{encoders, gate, fusion, "
+                        f"embed_dim}}), found {short_repr(blocks)}")
+        return {}
+    known = {e.name for e in encoders}
+    owner: dict[str, str] = {}
+    out: dict[str, TowerSpec] = {}
+    for name, block in blocks.items():
+        path = f"towers.{key_text(name)}"
+        if encoder_name_problem(name):
+            problems.append(f"{path}: a tower name is {encoder_name_problem(name)}")
+            continue
+        if not isinstance(block, Mapping):
+            problems.append(f"{path}: expected a mapping with encoders, gate, fusion and embed_dim, found {short_repr(block)}")
+            continue
+        for key in block:
+            if key not in ("encoders", "gate", "fusion", "embed_dim"):
+                problems.append(f"{path}.{key_text(key)}: unknown tower option. Options: encoders, gate, fusion, embed_dim")
+        names = block.get("encoders")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            problems.append(f"{path}.encoders: expected a non-empty list of encoder names, found {short_repr(names)}")
+            continue
+        for n in names:
+            if n not in known:
+                problems.append(f"{path}.encoders: {n!r} is not one of the spec's encoders {sorted(known)}")
+            elif n in owner:
+                problems.append(f"{path}.encoders: {n!r} already belongs to tower {owner[n]!r}; a store's encoder "
+                                "feeds one tower")
+            owner.setdefault(n, str(name))
+        embed = block.get("embed_dim", 128)
+        if isinstance(embed, bool) or not isinstance(embed, int) or not 0 < embed <= MAX_LATENT_DIM:
+            problems.append(f"{path}.embed_dim: expected an int in [1, {MAX_LATENT_DIM}], found {short_repr(embed)}")
+        gate = structure_component("gate", block.get("gate", {"type": "uniform", "top_n": len(names)}), f"{path}.gate",
+                                   registry, problems)
+        fusion = structure_component("fusion", block.get("fusion", {"type": "weighted_sum"}), f"{path}.fusion",
+                                     registry, problems)
+        if gate is not None and fusion is not None:
+            out[str(name)] = TowerSpec(tuple(names), gate, fusion, embed)
+    missing = known - set(owner)
+    if missing and not problems:
+        problems.append(f"towers: encoders {sorted(missing)} belong to no tower; assign each to one")
+    return out
+
+
+def _structure_distill(block: Any, registry: Registry, problems: list[str]) -> DistillSpec | None:
+    if block is None:
+        return None
+    if not isinstance(block, Mapping):
+        problems.append(f"distill: expected a mapping with teacher and losses, found {short_repr(block)}")
+        return None
+    for key in block:
+        if key not in ("teacher", "losses"):
+            problems.append(f"distill.{key_text(key)}: unknown option. Options: teacher, losses")
+    teacher = block.get("teacher")
+    if not isinstance(teacher, str) or not teacher:
+        problems.append(f"distill.teacher: expected the path of a teacher checkpoint directory, found {short_repr(teacher)}")
+    losses = block.get("losses")
+    if not isinstance(losses, list) or not losses:
+        problems.append(f"distill.losses: expected a non-empty list of distillation loss blocks, found {short_repr(losses)}")
+        return None
+    comps = tuple(structure_component("distill_loss", b, f"distill.losses[{i}]", registry, problems)
+                  for i, b in enumerate(losses))
+    if not isinstance(teacher, str) or any(c is None for c in comps):
+        return None
+    return DistillSpec(teacher, comps)
 
 
 def _structure_heads(blocks: Any, registry: Registry, problems: list[str]) -> dict[str, Component]:

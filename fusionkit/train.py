@@ -29,16 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusionkit.answers import Prediction, from_order, order_to_matrix
 from fusionkit.checkpoint import load_checkpoint, save_checkpoint
 from fusionkit.errors import CheckpointError, DataError, FusionkitError
 from fusionkit.files import atomic_write_text
-from fusionkit.losses import supervised_loss
-from fusionkit.metrics import per_label_f1, presence_map, scores_from_matrices
-from fusionkit.model import FusionModel, decoder_inputs
+from fusionkit.model import FusionModel, build_model
 from fusionkit.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint
 from fusionkit.spec import Spec, dump_spec, load_spec
 from fusionkit.store import FeatureStore, open_store
+from fusionkit.tasks import task_for
 
 #: An objective term's factory: ``make(model, store)`` -> a module returning named losses.
 TermFactory = Callable[[FusionModel, FeatureStore], nn.Module]
@@ -94,67 +92,6 @@ def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarr
     model.fit_standardization(inputs)
 
 
-@torch.no_grad()
-def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Probabilities (and kept encoders) of the samples ``index``, in eval mode."""
-    model.eval()
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(index), batch_size):
-        rows = index[start : start + batch_size]
-        out = model(*store.batch(rows, model.encoder_names))
-        arrays = decoder_inputs(out)
-        bad = ~np.isfinite(arrays["probs"]).all(axis=1)
-        if bad.any():
-            ids = [store.ids[i] for i in rows[bad][:5]]
-            raise FusionkitError(f"the model's outputs are NaN or inf for {int(bad.sum())} sample(s), e.g. {ids}; "
-                                 "no metrics are computed from them. Check the checkpoint and the features.")
-        arrays["kept"] = out.kept.cpu().numpy()
-        for key, value in arrays.items():
-            parts.setdefault(key, []).append(value)
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, Any]:
-    """BlEmoRE metrics with the model's current decoder, plus per-label F1 and presence mAP."""
-    order, sal = model.decoder.decode(outputs)
-    pred = order_to_matrix(order, sal, len(model.labels))
-    metrics: dict[str, Any] = scores_from_matrices(pred, truth)
-    metrics["per_label_f1"] = per_label_f1(pred, truth, model.labels)
-    if "presence" in outputs:
-        metrics["presence_map"] = presence_map(outputs["presence"], truth)
-    metrics["n"] = int(len(truth))
-    return metrics
-
-
-def kept_counts(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, int]]:
-    """How often each encoder was kept, per true label (a sample counts for each label it has)."""
-    out: dict[str, dict[str, int]] = {}
-    kept = outputs["kept"]
-    for j, label in enumerate(model.labels):
-        rows = kept[truth[:, j] > 0]
-        out[label] = {name: int((rows == k).sum()) for k, name in enumerate(model.encoder_names)}
-    return out
-
-
-def predictions_for(model: FusionModel, store: FeatureStore, index: np.ndarray) -> dict[str, Prediction]:
-    """Sample id -> BlEmoRE prediction with the model's stored decoder thresholds."""
-    outputs = collect_outputs(model, store, index)
-    order, sal = model.decoder.decode(outputs)
-    preds = from_order(order, sal, model.labels)
-    return {store.ids[i]: p for i, p in zip(index.tolist(), preds)}
-
-
-def write_predictions(path: Path, model: FusionModel, store: FeatureStore, index: np.ndarray,
-                      outputs: dict[str, np.ndarray]) -> None:
-    """Per-sample predictions beside the truth (when known), for reports and error analysis."""
-    order, sal = model.decoder.decode(outputs)
-    preds = from_order(order, sal, model.labels)
-    rows = {store.ids[i]: {"prediction": p, "truth": store.samples[i].labels,
-                           "kept": [model.encoder_names[k] for k in kept if k >= 0]}
-            for i, p, kept in zip(index.tolist(), preds, outputs["kept"].tolist())}
-    atomic_write_text(path, json.dumps(rows) + "\n")
-
-
 def _lr_factor(step: int, total: int, train) -> float:
     warm = max(1, int(train.warmup_fraction * total))
     if step < warm:
@@ -168,10 +105,11 @@ def _lr_factor(step: int, total: int, train) -> float:
 class Trainer:
     """Trains one model on one split and keeps its run directory up to date.
 
-    The epoch loop is built from four seams, so that new kinds of training plug in rather
-    than branch: the **batch source** (:meth:`batches`), the **objective** (the supervised
-    loss plus any number of *terms*: adaptation, distillation, ...), **evaluation**
-    (:meth:`validate`) and **checkpointing** (a :class:`~fusionkit.rundir.RunDirectory`).
+    The epoch loop is built from seams, so that new kinds of training plug in rather than
+    branch: the **batch source** (:meth:`batches`), the **task** (the objective's main term,
+    the validation score and the final metrics: :mod:`fusionkit.tasks`), further objective
+    **terms** (adaptation, distillation, ...), and **checkpointing** (a
+    :class:`~fusionkit.rundir.RunDirectory`).
 
     ``terms`` are factories ``make(model, store) -> nn.Module``; the module's
     ``forward(out, rows, progress)`` returns named loss tensors added to the objective. Its
@@ -191,6 +129,7 @@ class Trainer:
         self.target_store = target_store
         self.overwrite = overwrite
         self.run = RunDirectory(self.out)
+        self.task = task_for(spec, store, split, target_store)
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
 
@@ -226,7 +165,7 @@ class Trainer:
     def _fit(self, resume: bool, stop_after_epochs: int | None) -> dict[str, Any]:
         spec, train_cfg = self.spec, self.spec.train
         torch.manual_seed(train_cfg.seed)
-        model = FusionModel(spec)
+        model = build_model(spec)
         if spec.data.standardize:
             fit_standardization(model, self.store, self.split.train)
         terms = nn.ModuleList(make(model, self.store) for make in self.term_factories)
@@ -237,21 +176,21 @@ class Trainer:
         total_steps = steps_per_epoch * train_cfg.epochs
         state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0}
 
-        if resume:
-            if not (self.out / "last").exists():
-                raise CheckpointError(f"{self.out}: nothing to resume (no last/ checkpoint); start without --resume")
+        if resume and not (self.out / "last").exists() and not self.run.read():
+            raise CheckpointError(f"{self.out}: nothing to resume (no run was started there); start without --resume")
+        if resume and (self.out / "last").exists():
             self.run.check_same_run(self.identity())
             state = self._restore(model, optimizer, shuffle, terms)
             self.run.note_threads(torch.get_num_threads())
             self.run.update(status="running", error=None)
-        else:
+        else:  # a new run, or one stopped before its first checkpoint: it starts from the beginning
+            if resume:
+                self.run.check_same_run(self.identity())
             dump_spec(self.spec, self.out / "spec.yaml")
             self.run.start({**self.identity(), "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)),
                             "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads()})
         self.run.truncate_log(state["epoch"])
 
-        target = torch.as_tensor(self.store.truth_matrix(self.split.train) / 100.0, dtype=torch.float32)
-        position = {int(i): r for r, i in enumerate(self.split.train)}
         bar = _progress(range(state["epoch"], train_cfg.epochs), self.progress, initial=state["epoch"], total=train_cfg.epochs)
         epochs_this_call = 0
         for epoch in bar:
@@ -267,7 +206,7 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = train_cfg.lr * _lr_factor(state["step"], total_steps, train_cfg)
                 out = model(*batch)
-                loss, parts = supervised_loss(out, target[[position[int(i)] for i in rows]], train_cfg, model)
+                loss, parts = self.task.loss(model, out, rows)
                 for term in terms:
                     for name, value in term(out, rows, state["step"] / max(1, total_steps)).items():
                         loss = loss + value
@@ -279,6 +218,7 @@ class Trainer:
                 if train_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
                 optimizer.step()
+                self.task.after_step(model)
                 state["step"] += 1
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v * len(rows)
@@ -314,11 +254,8 @@ class Trainer:
         elif not due:
             improved = None
         else:
-            val_truth = self.store.truth_matrix(self.split.val)
-            outputs = collect_outputs(model, self.store, self.split.val)
-            model.set_decoder(model.decoder.fit(outputs, val_truth))
-            val = evaluate_outputs(model, outputs, val_truth)
-            record["val"] = {k: val[k] for k in ("acc_presence", "acc_salience", "score")}
+            val = self.task.validate(model)
+            record["val"] = {k: val[k] for k in self.task.record_keys}
             improved = val["score"] > state["best_score"]
             if improved:
                 state["best_score"] = val["score"]
@@ -333,17 +270,7 @@ class Trainer:
         model, _, _ = load_checkpoint(self.out / "best")
         metrics: dict[str, Any] = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
                                    "test_fold": self.split.test_fold, "val_fold": self.split.val_fold,
-                                   "decoder": {"type": model.spec.decoder.type, **attrs.asdict(model.decoder.config)}}
-        target_store = self.target_store or self.store
-        target = target_store.select(labelled=True) if self.target_store else self.store.select(labelled=True, domain="target")
-        for name, store, index in (("val", self.store, self.split.val), ("test", self.store, self.split.test),
-                                   ("target", target_store, target)):
-            if len(index):  # target labels are read here, for evaluation, and nowhere else
-                truth = store.truth_matrix(index)
-                outputs = collect_outputs(model, store, index)
-                metrics[name] = evaluate_outputs(model, outputs, truth)
-                metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
-                write_predictions(self.out / f"predictions_{name}.json", model, store, index, outputs)
+                                   **self.task.final(model, self.out)}
         atomic_write_text(self.out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         self.run.update(status="finished")
         return metrics

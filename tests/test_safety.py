@@ -121,6 +121,16 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_run(tmp_path, synt
 # --- 3. --resume continues the same run ----------------------------------------------------------------
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tmp_path, synthetic_store):
+    full = train(tiny_spec(epochs=2), synthetic_store, tmp_path / "full", fold=0, progress=False)
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    with run.locked():
+        run.start({"data": str(synthetic_store), "test_fold": 0})
+    run.update(status="interrupted")
+    assert train(tiny_spec(epochs=2), synthetic_store, run.path, fold=0, resume=True, progress=False) == full
+
+
 def test_resume_refuses_another_fold_data_spec_or_seed(tmp_path, synthetic_store):
     from fusionkit.components.datasets import build_dataset
 
@@ -265,7 +275,7 @@ def test_ctrl_c_prints_one_line_marks_the_run_interrupted_and_it_resumes(tmp_pat
                              "--out", str(run), "--fold", "0", "--quiet"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "log.jsonl").exists() and (run / "log.jsonl").read_text()):
+    while time.time() < deadline and not (run / "last" / "metadata.json").exists():
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -241,7 +241,8 @@ def test_several_missing_plugins_are_named_at_once(ckpt):
 
 
 def test_evaluation_refuses_nan_outputs(tmp_path, synthetic_store):
-    from fusionkit.train import collect_outputs, make_split, spec_store
+    from fusionkit.tasks import collect_outputs
+    from fusionkit.train import make_split, spec_store
 
     model = build_model(tiny_spec())
     with torch.no_grad():

@@ -9,8 +9,12 @@ from fusionkit.hookspecs import hookimpl
 def register_encoders(register):
     from fusionkit.components.encoders import FeaturesConfig, FeaturesEncoder
 
+    from fusionkit.towers import TowerEncoder, TowerEncoderConfig
+
     register("features", FeaturesEncoder, config=FeaturesConfig,
              description="Pre-extracted vectors, or sequences pooled by mean, stats7 or attention.")
+    register("tower", TowerEncoder, config=TowerEncoderConfig,
+             description="A trained tower of a two-tower checkpoint, as one encoder.")
 
 
 @hookimpl

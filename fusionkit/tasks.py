@@ -1,0 +1,183 @@
+"""Tasks: what a model is trained to do, and how it is scored.
+
+The trainer's loop is the same for every task; a task supplies the objective's main term,
+the validation score that selects the best epoch, and the final metrics:
+
+- :class:`ClassificationTask` (fusion models): presence + salience supervision, decoder
+  thresholds fitted on the validation fold, BlEmoRE metrics;
+- :class:`ContrastiveTask` (two-tower models): the CLIP loss, retrieval Recall@1/@5 in both
+  directions and cross-tower nearest-neighbour class accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from fusionkit.answers import Prediction, from_order, order_to_matrix
+from fusionkit.errors import FusionkitError
+from fusionkit.files import atomic_write_text
+from fusionkit.losses import supervised_loss
+from fusionkit.metrics import per_label_f1, presence_map, scores_from_matrices
+from fusionkit.model import FusionModel, decoder_inputs
+from fusionkit.spec import Spec
+from fusionkit.store import FeatureStore
+
+
+@torch.no_grad()
+def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Probabilities (and kept encoders) of the samples ``index``, in eval mode."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(index), batch_size):
+        rows = index[start : start + batch_size]
+        out = model(*store.batch(rows, model.encoder_names))
+        arrays = decoder_inputs(out)
+        bad = ~np.isfinite(arrays["probs"]).all(axis=1)
+        if bad.any():
+            ids = [store.ids[i] for i in rows[bad][:5]]
+            raise FusionkitError(f"the model's outputs are NaN or inf for {int(bad.sum())} sample(s), e.g. {ids}; "
+                                 "no metrics are computed from them. Check the checkpoint and the features.")
+        arrays["kept"] = out.kept.cpu().numpy()
+        for key, value in arrays.items():
+            parts.setdefault(key, []).append(value)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, Any]:
+    """BlEmoRE metrics with the model's current decoder, plus per-label F1 and presence mAP."""
+    order, sal = model.decoder.decode(outputs)
+    pred = order_to_matrix(order, sal, len(model.labels))
+    metrics: dict[str, Any] = scores_from_matrices(pred, truth)
+    metrics["per_label_f1"] = per_label_f1(pred, truth, model.labels)
+    if "presence" in outputs:
+        metrics["presence_map"] = presence_map(outputs["presence"], truth)
+    metrics["n"] = int(len(truth))
+    return metrics
+
+
+def kept_counts(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, int]]:
+    """How often each encoder was kept, per true label (a sample counts for each label it has)."""
+    out: dict[str, dict[str, int]] = {}
+    kept = outputs["kept"]
+    for j, label in enumerate(model.labels):
+        rows = kept[truth[:, j] > 0]
+        out[label] = {name: int((rows == k).sum()) for k, name in enumerate(model.encoder_names)}
+    return out
+
+
+def predictions_for(model: FusionModel, store: FeatureStore, index: np.ndarray) -> dict[str, Prediction]:
+    """Sample id -> BlEmoRE prediction with the model's stored decoder thresholds."""
+    outputs = collect_outputs(model, store, index)
+    order, sal = model.decoder.decode(outputs)
+    preds = from_order(order, sal, model.labels)
+    return {store.ids[i]: p for i, p in zip(index.tolist(), preds)}
+
+
+def write_predictions(path: Path, model: FusionModel, store: FeatureStore, index: np.ndarray,
+                      outputs: dict[str, np.ndarray]) -> None:
+    """Per-sample predictions beside the truth (when known), for reports and error analysis."""
+    order, sal = model.decoder.decode(outputs)
+    preds = from_order(order, sal, model.labels)
+    rows = {store.ids[i]: {"prediction": p, "truth": store.samples[i].labels,
+                           "kept": [model.encoder_names[k] for k in kept if k >= 0]}
+            for i, p, kept in zip(index.tolist(), preds, outputs["kept"].tolist())}
+    atomic_write_text(path, json.dumps(rows) + "\n")
+
+
+class ClassificationTask:
+    """Fusion models: supervised presence + salience loss, BlEmoRE Score on validation."""
+
+    record_keys = ("acc_presence", "acc_salience", "score")
+
+    def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
+        self.spec, self.store, self.split, self.target_store = spec, store, split, target_store
+        self.target = torch.as_tensor(store.truth_matrix(split.train) / 100.0, dtype=torch.float32)
+        self.position = {int(i): r for r, i in enumerate(split.train)}
+
+    def loss(self, model: FusionModel, out: Any, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        return supervised_loss(out, self.target[[self.position[int(i)] for i in rows]], self.spec.train, model)
+
+    def after_step(self, model: FusionModel) -> None:
+        pass
+
+    def validate(self, model: FusionModel) -> dict[str, Any]:
+        """Fit the decoder's thresholds on validation and score with them."""
+        truth = self.store.truth_matrix(self.split.val)
+        outputs = collect_outputs(model, self.store, self.split.val)
+        model.set_decoder(model.decoder.fit(outputs, truth))
+        return evaluate_outputs(model, outputs, truth)
+
+    def final(self, model: FusionModel, out: Path) -> dict[str, Any]:
+        """Metrics of the best model on validation, test and target samples; predictions files."""
+        metrics: dict[str, Any] = {"decoder": {"type": model.spec.decoder.type, **attrs.asdict(model.decoder.config)}}
+        target_store = self.target_store or self.store
+        target = target_store.select(labelled=True) if self.target_store else self.store.select(labelled=True, domain="target")
+        for name, store, index in (("val", self.store, self.split.val), ("test", self.store, self.split.test),
+                                   ("target", target_store, target)):
+            if len(index):  # target labels are read here, for evaluation, and nowhere else
+                truth = store.truth_matrix(index)
+                outputs = collect_outputs(model, store, index)
+                metrics[name] = evaluate_outputs(model, outputs, truth)
+                metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
+                write_predictions(out / f"predictions_{name}.json", model, store, index, outputs)
+        return metrics
+
+
+class ContrastiveTask:
+    """Two-tower models: the CLIP loss, mean Recall@1 over both directions on validation."""
+
+    record_keys = ("r1", "r5", "score")
+
+    def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
+        self.spec, self.store, self.split = spec, store, split
+
+    def loss(self, model: Any, out: Any, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        from fusionkit.towers import clip_loss
+
+        a, b = (out.embeddings[name] for name in model.tower_names)
+        parts = {"clip": clip_loss(a, b, out.scale), **out.aux_losses}
+        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+
+    def after_step(self, model: Any) -> None:
+        model.clamp_scale()
+
+    def validate(self, model: Any) -> dict[str, Any]:
+        return self.evaluate(model, self.store, self.split.val)
+
+    def evaluate(self, model: Any, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:
+        from fusionkit.towers import retrieval_metrics
+
+        emb = collect_embeddings(model, store, index)
+        classes = store.truth_matrix(index).argmax(1) if store.labelled[index].all() else None
+        return retrieval_metrics(emb[model.tower_names[0]], emb[model.tower_names[1]], classes, model.tower_names)
+
+    def final(self, model: Any, out: Path) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"logit_scale": float(model.logit_scale.exp())}
+        for name, index in (("val", self.split.val), ("test", self.split.test)):
+            if len(index):
+                metrics[name] = self.evaluate(model, self.store, index)
+        return metrics
+
+
+@torch.no_grad()
+def collect_embeddings(model: Any, store: FeatureStore, index: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Each tower's normalised embeddings of the samples ``index``, in eval mode."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(index), batch_size):
+        out = model(*store.batch(index[start : start + batch_size], model.encoder_names))
+        for name, emb in out.embeddings.items():
+            parts.setdefault(name, []).append(emb.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def task_for(spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None):
+    """The task a spec describes: contrastive with a ``towers`` block, else classification."""
+    cls = ContrastiveTask if spec.task == "contrastive" else ClassificationTask
+    return cls(spec, store, split, target_store)
