@@ -158,7 +158,7 @@ class ContrastiveTask:
         return retrieval_metrics(emb[model.tower_names[0]], emb[model.tower_names[1]], classes, model.tower_names)
 
     def final(self, model: Any, out: Path) -> dict[str, Any]:
-        metrics: dict[str, Any] = {"logit_scale": float(model.logit_scale.exp())}
+        metrics: dict[str, Any] = {"logit_scale": float(model.logit_scale.detach().exp())}
         for name, index in (("val", self.split.val), ("test", self.split.test)):
             if len(index):
                 metrics[name] = self.evaluate(model, self.store, index)

@@ -357,6 +357,10 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
         from fusionkit.adaptation import adaptation_loss_factory
 
         terms.append(adaptation_loss_factory(spec, target_store))
+    if spec.distill:
+        from fusionkit.distill import distillation_term
+
+        terms.append(distillation_term(spec))
     split = make_split(store, fold)
     return Trainer(spec, store, out, split, progress=progress, data_path=str(data), terms=terms,
                    target_store=target_store, overwrite=overwrite).fit(resume=resume)

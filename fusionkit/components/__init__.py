@@ -94,3 +94,10 @@ def register_adaptation_losses(register):
     from fusionkit.components import adaptation
 
     adaptation.register(register)
+
+
+@hookimpl
+def register_distill_losses(register):
+    from fusionkit.components import distillation
+
+    distillation.register(register)

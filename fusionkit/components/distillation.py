@@ -1,0 +1,204 @@
+"""Built-in distillation losses: kd, fd, crd, icl, rkd (CLIP-KD and RKD), vrd and xrd (CLIP-RD).
+
+Notation (docs/distillation.md): s and t are student and teacher embeddings, L2-normalised,
+the student projected into the teacher's width; A and B are two modalities (the towers of a
+two-tower model, or two encoders of a fusion model); softmax is row-wise and KL(P ‖ Q) is
+averaged over rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusionkit.config import non_negative, option, positive
+from fusionkit.distill import (
+    LOG_CLIP_SCALE, DistillBatch, DistillConfig, DistillLoss, Mode, row_kl, scaled, softmax_relation_loss,
+)
+
+
+@attrs.frozen(kw_only=True)
+class KDConfig(DistillConfig):
+    """Temperature-scaled KL between teacher and student label probabilities (fusion models)."""
+
+    temperature: float = option(2.0, doc="Softening temperature T; the loss is multiplied by T² (Hinton et al.).",
+                                validator=positive)
+
+
+@attrs.frozen(kw_only=True)
+class FDConfig(DistillConfig):
+    """Feature distillation: squared distance between student and teacher embeddings."""
+
+
+@attrs.frozen(kw_only=True)
+class CRDConfig(DistillConfig):
+    """CLIP-KD's contrastive relational distillation: match the cross-modal similarity distributions."""
+
+    temperature: float | None = option(None, doc="Fixed temperature of both similarity matrices; null: each "
+                                       "model's own logit scale (two-tower), or 0.07.", validator=positive)
+
+
+@attrs.frozen(kw_only=True)
+class ICLConfig(DistillConfig):
+    """CLIP-KD's interactive contrastive learning: the student's side against the teacher's other side."""
+
+    learn_scale: bool = option(True, doc="Learn the logit scale (starts at 1/0.07, clamped to at most 100).")
+
+
+@attrs.frozen(kw_only=True)
+class RKDConfig(DistillConfig):
+    """RKD's distance and angle losses on each embedding (Park et al., 2019)."""
+
+    distance_weight: float = option(1.0, doc="Weight of the distance term.", validator=non_negative)
+    angle_weight: float = option(2.0, doc="Weight of the angle term (RKD's 1:2 ratio).", validator=non_negative)
+    angle_samples: int = option(64, doc="Samples of the batch used by the angle term (its cost grows as n³).",
+                                validator=positive)
+
+
+@attrs.frozen(kw_only=True)
+class RelationConfig(DistillConfig):
+    """Options of the relational losses vrd and xrd."""
+
+    temperature: float = option(0.1, doc="τ of the similarity distributions softmax(s tᵀ / τ).", validator=positive)
+    mode: Mode = option("symmetric", doc="symmetric: the formulation of docs/distillation.md; teacher: a variant "
+                        "that pulls each student distribution towards the teacher's own.")
+
+
+class KD(DistillLoss):
+    needs = "logits"
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        T = self.config.temperature
+        losses = []
+        for s, t, activation in batch.logits.values():
+            if activation == "sigmoid":  # each label's presence: a Bernoulli KL per label
+                p, q = torch.sigmoid(t / T), torch.sigmoid(s / T)
+                kl = p * (torch.log(p.clamp_min(1e-12)) - torch.log(q.clamp_min(1e-12))) + (1 - p) * (
+                    torch.log((1 - p).clamp_min(1e-12)) - torch.log((1 - q).clamp_min(1e-12)))
+                losses.append(kl.sum(-1).mean())
+            else:
+                losses.append(row_kl(t / T, s / T))
+        return torch.stack(losses).mean() * T * T
+
+
+class FD(DistillLoss):
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        return sum((s - t).pow(2).sum(-1).mean() for s, t in batch.views.values())
+
+
+class CRD(DistillLoss):
+    needs = "pairs"
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        fixed = None if self.config.temperature is None else 1.0 / self.config.temperature
+        scale_s, scale_t = scaled(fixed, batch.scale_s), scaled(fixed, batch.scale_t)
+
+        def crd(a, b):
+            (s_a, t_a), (s_b, t_b) = a, b
+            teacher, student = scale_t * t_a @ t_b.T, scale_s * s_a @ s_b.T
+            return 0.5 * (row_kl(teacher, student) + row_kl(teacher.T, student.T))
+
+        return self.mean_over_pairs(batch, crd)
+
+
+class ICL(DistillLoss):
+    needs = "pairs"
+
+    def __init__(self, config: ICLConfig) -> None:
+        super().__init__(config)
+        self.log_scale = nn.Parameter(torch.tensor(LOG_CLIP_SCALE), requires_grad=config.learn_scale)
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        scale = self.log_scale.clamp(max=math.log(100.0)).exp()
+
+        def icl(a, b):
+            (s_a, t_a), (s_b, t_b) = a, b
+            target = torch.arange(len(s_a), device=s_a.device)
+            return 0.5 * (F.cross_entropy(scale * s_a @ t_b.T, target) + F.cross_entropy(scale * s_b @ t_a.T, target))
+
+        return self.mean_over_pairs(batch, icl)
+
+
+def _rkd_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def normalised(x):
+        d = torch.cdist(x, x)
+        return d / d[d > 0].mean().clamp_min(1e-12)
+
+    return F.smooth_l1_loss(normalised(s), normalised(t))
+
+
+def _rkd_angle(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def angles(x):
+        diff = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), dim=-1)  # [n, n, e]: e_ij = (x_j - x_i) / |.|
+        return torch.bmm(diff, diff.transpose(1, 2)).flatten()        # cos of the angle at i between j and k
+
+    return F.smooth_l1_loss(angles(s), angles(t))
+
+
+class RKD(DistillLoss):
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        c = self.config
+        total = 0.0
+        for s, t in batch.views.values():
+            total = total + c.distance_weight * _rkd_distance(s, t)
+            if c.angle_weight:
+                total = total + c.angle_weight * _rkd_angle(s[: c.angle_samples], t[: c.angle_samples])
+        return total
+
+
+class VRD(DistillLoss):
+    """P_A = softmax(s_A t_Aᵀ / τ), P_B = softmax(s_B t_Bᵀ / τ); VRD = ½[KL(P_A ‖ P_B) + KL(P_B ‖ P_A)]."""
+
+    needs = "pairs"
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        tau = self.config.temperature
+
+        def vrd(a, b):
+            (s_a, t_a), (s_b, t_b) = a, b
+            p_a, p_b = s_a @ t_a.T / tau, s_b @ t_b.T / tau
+            if self.config.mode == "teacher":
+                return 0.5 * (row_kl(t_a @ t_a.T / tau, p_a) + row_kl(t_b @ t_b.T / tau, p_b))
+            return softmax_relation_loss(p_a, p_b)
+
+        return self.mean_over_pairs(batch, vrd)
+
+
+class XRD(DistillLoss):
+    """Q_AB = softmax(s_A t_Bᵀ / τ), Q_BA = softmax(s_B t_Aᵀ / τ); XRD = ½[KL(Q_AB ‖ Q_BA) + KL(Q_BA ‖ Q_AB)]."""
+
+    needs = "pairs"
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        tau = self.config.temperature
+
+        def xrd(a, b):
+            (s_a, t_a), (s_b, t_b) = a, b
+            q_ab, q_ba = s_a @ t_b.T / tau, s_b @ t_a.T / tau
+            if self.config.mode == "teacher":
+                return 0.5 * (row_kl(t_a @ t_b.T / tau, q_ab) + row_kl(t_b @ t_a.T / tau, q_ba))
+            return softmax_relation_loss(q_ab, q_ba)
+
+        return self.mean_over_pairs(batch, xrd)
+
+
+def register(register) -> None:
+    """Called from the built-ins' ``register_distill_losses`` hook."""
+    def factory(cls):
+        return lambda config, context: cls(config)
+
+    register("kd", factory(KD), config=KDConfig, description="Temperature-scaled KL of label probabilities (fusion).")
+    register("fd", factory(FD), config=FDConfig, description="Squared distance of student and teacher embeddings.")
+    register("crd", factory(CRD), config=CRDConfig,
+             description="CLIP-KD: KL between teacher and student cross-modal similarity distributions.")
+    register("icl", factory(ICL), config=ICLConfig,
+             description="CLIP-KD: contrastive loss of student embeddings against the teacher's other modality.")
+    register("rkd", factory(RKD), config=RKDConfig, description="RKD: distance and angle relations of each embedding.")
+    register("vrd", factory(VRD), config=RelationConfig,
+             description="CLIP-RD vertical: both modalities' student-to-teacher distributions agree.")
+    register("xrd", factory(XRD), config=RelationConfig,
+             description="CLIP-RD cross: the two cross-modal student-to-teacher distributions are symmetric.")

@@ -1,0 +1,268 @@
+"""Relational distillation: a frozen teacher checkpoint pulls a lighter student towards its geometry.
+
+A spec's ``distill`` block names the teacher (a checkpoint directory) and a list of
+distillation-loss plugins. :class:`DistillationObjective` is the trainer's objective term:
+
+- the teacher is loaded, checked against the student (same kind of model, same towers or
+  labels, its encoders present in the store), frozen and put in eval mode;
+- its outputs are computed **once per sample** when training starts and cached;
+- each step it gathers a :class:`DistillBatch` — student and teacher embeddings, paired —
+  and adds every loss, times its weight.
+
+Where a student embedding is narrower or wider than the teacher's, a learned linear map
+(no bias) takes it into the teacher's space, as CLIP-KD does; these maps belong to the
+objective, are trained with the student, and are not part of the saved student.
+
+What is paired (see docs/distillation.md):
+
+- two-tower models: ``views`` and ``modalities`` are the two towers' embeddings;
+- fusion models: ``views`` is the fused vector; ``modalities`` are the per-encoder latent
+  tokens of the encoders both models have (so pair losses average over pairs of encoders);
+  ``logits`` are the heads' logits, for ``kd``.
+
+Every embedding in a batch is L2-normalised (after the projection).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import attrs
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusionkit.config import non_negative, option
+from fusionkit.errors import CheckpointError, FusionkitError
+from fusionkit.spec import Spec
+from fusionkit.store import FeatureStore
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DistillBatch:
+    """What a distillation loss sees for one training batch.
+
+    ``views`` and ``modalities`` map a name to ``(student, teacher)`` embeddings ``[B, e]``,
+    L2-normalised, the student projected into the teacher's width. ``logits`` maps a head role
+    to ``(student, teacher, activation)`` logits ``[B, L]``. ``scale_s`` / ``scale_t`` are the
+    two models' contrastive logit scales (two-tower models), else None.
+    """
+
+    views: dict[str, Pair]
+    modalities: dict[str, Pair]
+    logits: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)
+    scale_s: torch.Tensor | None = None
+    scale_t: torch.Tensor | None = None
+
+    def pairs(self) -> list[tuple[Pair, Pair]]:
+        """Every pair of modalities (A, B), each as ``((s_A, t_A), (s_B, t_B))``."""
+        return list(itertools.combinations(self.modalities.values(), 2))
+
+
+@attrs.frozen(kw_only=True)
+class DistillConfig:
+    """Options every distillation loss has."""
+
+    weight: float = option(1.0, doc="Weight of the loss.", validator=non_negative)
+
+
+class DistillLoss(nn.Module):
+    """A distillation loss: ``forward(batch: DistillBatch) -> scalar``.
+
+    ``needs`` says what it reads, so that a spec pairing it with a model that lacks it gets a
+    clear error before training: ``"views"``, ``"pairs"`` (two modalities at least) or
+    ``"logits"``.
+    """
+
+    needs: str = "views"
+
+    def __init__(self, config: DistillConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mean_over_pairs(self, batch: DistillBatch, fn) -> torch.Tensor:
+        """The mean of ``fn((s_A, t_A), (s_B, t_B))`` over every pair of modalities."""
+        return torch.stack([fn(a, b) for a, b in batch.pairs()]).mean()
+
+
+def row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) ‖ softmax(q)) of each row, averaged over rows."""
+    p_log = F.log_softmax(p_logits, dim=-1)
+    return (p_log.exp() * (p_log - F.log_softmax(q_logits, dim=-1))).sum(-1).mean()
+
+
+# --- the trainer's term --------------------------------------------------------------------------
+
+
+class DistillationObjective(nn.Module):
+    """Adds the spec's distillation losses against a frozen, cached teacher (a trainer term)."""
+
+    def __init__(self, model: nn.Module, store: FeatureStore, spec: Spec) -> None:
+        super().__init__()
+        from fusionkit.plugins import get_registry
+
+        assert spec.distill is not None
+        self.model = [model]  # not a submodule: its parameters are the trainer's already
+        self.teacher = [load_teacher(spec.distill.teacher)]
+        teacher = self.teacher[0]
+        self.two_tower = check_fits(teacher, model, spec.distill.teacher)
+        self.shared = () if self.two_tower else tuple(n for n in model.encoder_names if n in teacher.encoder_names)
+        registry = get_registry()
+        self.names: list[str] = []
+        losses = []
+        for i, comp in enumerate(spec.distill.losses):
+            loss = registry.get("distill_loss", comp.type).factory(comp.config, None)
+            self._check_needs(loss, f"distill.losses[{i}]", comp.type)
+            self.names.append(comp.type if comp.type not in self.names else f"{comp.type}{i}")
+            losses.append(loss)
+        self.losses = nn.ModuleList(losses)
+        self.cache = teacher_outputs(teacher, store, spec.distill.teacher)
+        self.projections = nn.ModuleDict(self._projections(model, teacher))
+
+    def _check_needs(self, loss: DistillLoss, path: str, name: str) -> None:
+        if loss.needs == "logits" and self.two_tower:
+            raise FusionkitError(f"{path}: {name!r} distils label probabilities; a two-tower model has none. "
+                                 "Use it with fusion models, or choose fd, crd, icl, rkd, vrd or xrd.")
+        if loss.needs == "pairs" and not self.two_tower and len(self.shared) < 2:
+            raise FusionkitError(
+                f"{path}: {name!r} compares pairs of modalities, here the encoders both teacher and student have, "
+                f"but they share {list(self.shared)}; give the student two or more of the teacher's encoders."
+            )
+
+    def _projections(self, model: nn.Module, teacher: nn.Module) -> dict[str, nn.Linear]:
+        out = {}
+        if self.two_tower:
+            for name, tower in model.towers.items():
+                t_dim = teacher.towers[name].embed_dim
+                if tower.embed_dim != t_dim:
+                    out[f"view_{name}"] = nn.Linear(tower.embed_dim, t_dim, bias=False)
+            return out
+        if model.fusion.out_dim != teacher.fusion.out_dim:
+            out["view_fused"] = nn.Linear(model.fusion.out_dim, teacher.fusion.out_dim, bias=False)
+        if self.shared and model.spec.latent_dim != teacher.spec.latent_dim:
+            out["tokens"] = nn.Linear(model.spec.latent_dim, teacher.spec.latent_dim, bias=False)
+        return out
+
+    def _project(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projections[key](x) if key in self.projections else x, dim=-1)
+
+    def batch(self, out: Any, rows: np.ndarray) -> DistillBatch:
+        """The paired student / teacher embeddings of one training batch."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        cache = self.cache
+        if self.two_tower:
+            views = {name: (self._project(f"view_{name}", emb), cache[f"tower.{name}"][idx])
+                     for name, emb in out.embeddings.items()}
+            return DistillBatch(views, views, scale_s=out.scale, scale_t=cache["scale"])
+        model, teacher = self.model[0], self.teacher[0]
+        views = {"fused": (self._project("view_fused", out.fused), F.normalize(cache["fused"][idx], dim=-1))}
+        modalities = {name: (self._project("tokens", out.tokens[:, model.encoder_names.index(name)]),
+                             F.normalize(cache["tokens"][idx, teacher.encoder_names.index(name)], dim=-1))
+                      for name in self.shared}
+        logits = {role: (out.logits[role], cache[f"logits.{role}"][idx], model.heads[role].activation)
+                  for role in out.logits if f"logits.{role}" in cache}
+        return DistillBatch(views, modalities, logits)
+
+    def forward(self, out: Any, rows: np.ndarray, progress: float) -> dict[str, torch.Tensor]:
+        batch = self.batch(out, rows)
+        return {f"distill_{name}": loss.config.weight * loss(batch) for name, loss in zip(self.names, self.losses)}
+
+
+def load_teacher(path: str) -> nn.Module:
+    """The teacher checkpoint, frozen and in eval mode; a clear error when it is missing or broken."""
+    from fusionkit.checkpoint import load_model
+
+    try:
+        teacher = load_model(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"distill.teacher: cannot load the teacher: {exc}") from exc
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def check_fits(teacher: nn.Module, student: nn.Module, where: str) -> bool:
+    """Raise unless the teacher fits the student; returns whether both are two-tower models."""
+    from fusionkit.towers import TwoTowerModel
+
+    t_two, s_two = isinstance(teacher, TwoTowerModel), isinstance(student, TwoTowerModel)
+    kind = {True: "a two-tower model", False: "a fusion model"}
+    if t_two != s_two:
+        raise CheckpointError(f"distill.teacher: {where} is {kind[t_two]}, but the student is {kind[s_two]}; "
+                              "distil like into like")
+    if t_two and set(teacher.towers) != set(student.towers):
+        raise CheckpointError(f"distill.teacher: {where} has towers {sorted(teacher.towers)}, the student "
+                              f"{sorted(student.towers)}; name the student's towers as the teacher's")
+    if tuple(teacher.labels) != tuple(student.labels):
+        raise CheckpointError(f"distill.teacher: {where} predicts labels {list(teacher.labels)}, the student "
+                              f"{list(student.labels)}; they must be the same, in the same order")
+    return t_two
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, store: FeatureStore, where: str, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """The teacher's outputs for every sample of the store, computed once (the cache).
+
+    Two-tower: ``tower.<name>`` embeddings and ``scale``; fusion: ``fused``, ``tokens``
+    ``[N, K, d]`` and ``logits.<role>``.
+    """
+    from fusionkit.errors import DataError
+    from fusionkit.train import spec_store
+
+    try:
+        tstore = spec_store(teacher.spec, store.path)
+    except DataError as exc:
+        raise DataError(f"distill.teacher: {where} does not fit the store: {exc}") from exc
+    teacher.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    index = np.arange(len(tstore))
+    for start in range(0, len(index), batch_size):
+        out = teacher(*tstore.batch(index[start : start + batch_size], teacher.encoder_names))
+        if hasattr(out, "embeddings"):
+            items = {f"tower.{k}": v for k, v in out.embeddings.items()}
+        else:
+            items = {"fused": out.fused, "tokens": out.tokens, **{f"logits.{r}": v for r, v in out.logits.items()}}
+        for key, value in items.items():
+            parts.setdefault(key, []).append(value.detach())
+    cache = {k: torch.cat(v) for k, v in parts.items()}
+    if hasattr(teacher, "logit_scale"):
+        cache["scale"] = teacher.logit_scale.detach().exp()
+    return cache
+
+
+def distillation_term(spec: Spec):
+    """The trainer's term factory for a spec with a ``distill`` block."""
+
+    def make(model: nn.Module, store: FeatureStore) -> DistillationObjective:
+        return DistillationObjective(model, store, spec)
+
+    return make
+
+
+# --- the built-in losses' shared pieces ------------------------------------------------------------
+
+
+def scaled(sim_scale: float | None, batch_scale: torch.Tensor | None) -> torch.Tensor | float:
+    """A fixed 1/temperature when given, else the model's logit scale, else CLIP's 1/0.07."""
+    if sim_scale is not None:
+        return sim_scale
+    return batch_scale if batch_scale is not None else 1.0 / 0.07
+
+
+Mode = Literal["symmetric", "teacher"]
+
+
+def softmax_relation_loss(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """½ [KL(softmax p ‖ softmax q) + KL(softmax q ‖ softmax p)], row-wise, averaged."""
+    return 0.5 * (row_kl(p, q) + row_kl(q, p))
+
+
+LOG_CLIP_SCALE = math.log(1.0 / 0.07)
