@@ -13,8 +13,12 @@ import numpy as np
 KEY = ("setting", "system", "fold", "seed")
 
 
+METRICS = ("acc_presence", "acc_salience", "score", "r1", "r5", "nn_class_accuracy")
+
+
 def run_one(job: dict) -> dict:
-    """Train one job (one thread) in a temporary run directory; return its metrics."""
+    """Train one job (one thread) in a temporary run directory, or in ``job["keep"]`` when the run
+    is needed later (a teacher); return its metrics."""
     import torch
 
     from fusionkit.train import train
@@ -22,11 +26,12 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = train(job["spec"], job["store"], Path(tmp) / "run", fold=job["fold"], progress=False)
+        out_dir = job.get("keep") or Path(tmp) / "run"
+        metrics = train(job["spec"], job["store"], out_dir, fold=job["fold"], progress=False, overwrite=True)
     out = {k: job[k] for k in KEY} | {"best_epoch": metrics["best_epoch"], "seconds": round(time.perf_counter() - started, 2)}
     for split in ("test", "target"):
         if split in metrics:
-            out[split] = {k: metrics[split][k] for k in ("acc_presence", "acc_salience", "score")}
+            out[split] = {k: metrics[split][k] for k in METRICS if k in metrics[split]}
     return out
 
 
@@ -66,5 +71,6 @@ def run_grid(jobs: list[dict], cache: Path, workers: int) -> dict[tuple, dict]:
 def mean_std(runs: list[dict], split: str) -> dict[str, tuple[float, float, int]]:
     """Mean, std and count of each metric over the runs that finished (failed runs hold "error")."""
     runs = [r for r in runs if "error" not in r]
+    keys = [k for k in METRICS if runs and k in runs[0][split]]
     return {k: (float(np.mean([r[split][k] for r in runs])), float(np.std([r[split][k] for r in runs])), len(runs))
-            for k in ("acc_presence", "acc_salience", "score")}
+            for k in keys}
