@@ -117,7 +117,7 @@ class AdaptationObjective(nn.Module):
 
     def forward(self, source: FusionOutput, rows: np.ndarray, progress: float) -> dict[str, torch.Tensor]:
         model = self.model[0]
-        target = model(*self.target.batch(self.target_batch(self.step), model.encoder_names))
+        target = model(*self.target.inputs_for(model, self.target_batch(self.step)))
         self.step += 1
         return {f"adapt_{name}": loss.scale(progress) * loss(source, target, progress)
                 for name, loss in zip(self.names, self.losses)}

@@ -225,7 +225,7 @@ def teacher_outputs(teacher: nn.Module, store: FeatureStore, where: str, batch_s
     parts: dict[str, list[torch.Tensor]] = {}
     index = np.arange(len(tstore))
     for start in range(0, len(index), batch_size):
-        out = teacher(*tstore.batch(index[start : start + batch_size], teacher.encoder_names))
+        out = teacher(*tstore.inputs_for(teacher, index[start : start + batch_size]))
         if hasattr(out, "embeddings"):
             items = {f"tower.{k}": v for k, v in out.embeddings.items()}
         else:

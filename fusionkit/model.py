@@ -103,6 +103,11 @@ class Trunk(nn.Module):
         """Tell epoch-dependent parts (the gate's soft warm-up) where training is; call it each epoch."""
         self.gate.epoch = epoch
 
+    def precomputed_pooling(self) -> dict[str, str]:
+        """Encoder name -> pooling that a data source may compute once per sample (fixed inputs)."""
+        return {name: enc.precomputed_pooling for name, enc in self.encoders.items()
+                if getattr(enc, "precomputed_pooling", None)}
+
     def encode(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None,
                mask: torch.Tensor | None) -> tuple[torch.Tensor, Selection, torch.Tensor]:
         """(tokens [B, K, d], the gate's selection, the fused vector [B, out_dim])."""

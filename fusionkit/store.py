@@ -57,6 +57,7 @@ class EncoderFeatures:
     data: torch.Tensor
     offsets: torch.Tensor | None
     available: np.ndarray  # [N] bool
+    _pooled: dict[str, torch.Tensor] = attrs.field(factory=dict, repr=False)
 
     @property
     def is_sequence(self) -> bool:
@@ -71,12 +72,27 @@ class EncoderFeatures:
         idx = torch.as_tensor(index, dtype=torch.long)
         if self.offsets is None:
             return self.data.index_select(0, idx), None
-        starts, ends = self.offsets[idx], self.offsets[idx + 1]
-        lengths = ends - starts
-        out = self.data.new_zeros((len(idx), max(int(lengths.max()) if len(idx) else 0, 1), self.dim))
-        for row, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
-            out[row, : e - s] = self.data[s:e]
-        return out, lengths
+        starts, lengths = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        steps = torch.arange(max(int(lengths.max()) if len(idx) else 0, 1))
+        frames = starts.unsqueeze(1) + steps  # [n, T]: each sample's frame positions, one gather for all
+        valid = steps < lengths.unsqueeze(1)
+        out = self.data[frames.clamp(max=max(len(self.data) - 1, 0))] if len(self.data) else \
+            self.data.new_zeros((len(idx), len(steps), self.dim))
+        return out.masked_fill_(~valid.unsqueeze(-1), 0.0), lengths
+
+    def pooled(self, index: np.ndarray, kind: str) -> torch.Tensor:
+        """Each sample's sequence pooled by ``kind`` (``stats7``) of its raw frames: computed once for
+        every sample on first use, then read from memory."""
+        if kind not in self._pooled:
+            from fusionkit.components.encoders import stats7
+
+            parts = []
+            with torch.no_grad():
+                for start in range(0, len(self.available), 256):
+                    x, lengths = self.rows(np.arange(start, min(start + 256, len(self.available))))
+                    parts.append(stats7(x, lengths))
+            self._pooled[kind] = torch.cat(parts)
+        return self._pooled[kind].index_select(0, torch.as_tensor(index, dtype=torch.long))
 
 
 class FeatureStore:
@@ -104,17 +120,31 @@ class FeatureStore:
             raise DataError(f"{self.path}: samples without labels where labels are needed: {unlabelled[:5]}")
         return to_matrix([s.labels for s in rows], self.labels)
 
-    def batch(self, index: np.ndarray, names: Iterable[str]) -> tuple[dict, dict, torch.Tensor]:
-        """Model inputs for the samples ``index``: (inputs, lengths, mask [n, K])."""
+    def batch(self, index: np.ndarray, names: Iterable[str],
+              pooled: Mapping[str, str] | None = None) -> tuple[dict, dict, torch.Tensor]:
+        """Model inputs for the samples ``index``: (inputs, lengths, mask [n, K]).
+
+        ``pooled`` maps names of sequence encoders to a pooling computed here once per sample
+        (see :meth:`EncoderFeatures.pooled`) instead of in the model every step.
+        """
         inputs, lengths, masks = {}, {}, []
         for name in names:
             feats = self.encoders[name]
-            x, n = feats.rows(index)
-            inputs[name] = x
-            if n is not None:
-                lengths[name] = n
+            if feats.is_sequence and pooled and name in pooled:
+                inputs[name] = feats.pooled(index, pooled[name])
+            else:
+                x, n = feats.rows(index)
+                inputs[name] = x
+                if n is not None:
+                    lengths[name] = n
             masks.append(torch.as_tensor(feats.available[index]))
         return inputs, lengths, torch.stack(masks, dim=1)
+
+    def inputs_for(self, model: Any, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
+        """A model's inputs for the samples ``index``, pooling fixed sequences once per sample where the
+        model's encoders allow it (``model.precomputed_pooling()``)."""
+        pooled = model.precomputed_pooling() if hasattr(model, "precomputed_pooling") else None
+        return self.batch(index, model.encoder_names, pooled)
 
     def select(self, *, folds: Iterable[int] | None = None, domain: str | None = None, labelled: bool | None = None) -> np.ndarray:
         """Indices of samples matching every given condition."""

@@ -36,7 +36,7 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
         rows = index[start : start + batch_size]
-        out = model(*store.batch(rows, model.encoder_names))
+        out = model(*store.inputs_for(model, rows))
         arrays = decoder_inputs(out)
         bad = ~np.isfinite(arrays["probs"]).all(axis=1)
         if bad.any():
@@ -171,7 +171,7 @@ def collect_embeddings(model: Any, store: FeatureStore, index: np.ndarray, batch
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
-        out = model(*store.batch(index[start : start + batch_size], model.encoder_names))
+        out = model(*store.inputs_for(model, index[start : start + batch_size]))
         for name, emb in out.embeddings.items():
             parts.setdefault(name, []).append(emb.cpu().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}

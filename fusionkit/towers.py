@@ -108,6 +108,9 @@ class TwoTowerModel(nn.Module):
         for tower in self.towers.values():
             tower.set_epoch(epoch)
 
+    def precomputed_pooling(self) -> dict[str, str]:
+        return {k: v for tower in self.towers.values() for k, v in tower.precomputed_pooling().items()}
+
     @torch.no_grad()
     def fit_standardization(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
                             mask: torch.Tensor | None = None) -> None:

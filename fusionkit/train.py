@@ -243,7 +243,7 @@ class Trainer:
         size = self.spec.train.batch_size
         for start in range(0, len(order), size):
             rows = order[start : start + size]
-            yield rows, self.store.batch(rows, model.encoder_names)
+            yield rows, self.store.inputs_for(model, rows)
 
     def validate(self, model: FusionModel, epoch: int, state: dict[str, Any], record: dict[str, Any]) -> None:
         """Evaluation: fit the decoder on validation, track the best Score, save ``best/`` when it improves."""

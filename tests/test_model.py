@@ -207,3 +207,42 @@ def test_torch_compile_matches_eager():
     assert torch.equal(out.kept, eager.kept)
     torch.testing.assert_close(out.probs, eager.probs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.weights, eager.weights, rtol=1e-4, atol=1e-5)
+
+
+def test_precomputed_stats7_equals_pooling_inside_the_model(tmp_path):
+    from fusionkit.store import Sample, open_store, write_store
+
+    g = np.random.default_rng(0)
+    seqs = [g.normal(size=(int(g.integers(1, 12)), 4)) * 3 + 1 for _ in range(20)]
+    samples = [Sample(id=f"s{i}", labels=[{"emotion": "ang", "salience": 100.0}]) for i in range(20)]
+    store = open_store(write_store(tmp_path / "s", ["ang", "sad"], samples, {"q": seqs, "v": g.normal(size=(20, 3))}))
+    model = build_model({"labels": ["ang", "sad"], "neutral": None, "latent_dim": 8,
+                         "encoders": [{"name": "q", "type": "features", "dim": 4, "pooling": "stats7"},
+                                      {"name": "v", "type": "features", "dim": 3}]})
+    model.encoders["q"].set_standardization(torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([2.0, 0.5, 1.0, 3.0]))
+    model.eval()
+    rows = np.array([3, 0, 17, 9])
+    assert model.precomputed_pooling() == {"q": "stats7"}
+    inside = model(*store.batch(rows, model.encoder_names))
+    cached = store.inputs_for(model, rows)
+    assert cached[0]["q"].shape == (4, 28) and "q" not in cached[1]
+    assert torch.allclose(model(*cached).probs, inside.probs, atol=1e-6)
+    assert torch.allclose(model.encoders["q"](cached[0]["q"]),
+                          model.encoders["q"](*store.encoders["q"].rows(rows)), atol=1e-5)
+
+
+def test_sequence_batches_are_padded_exactly(tmp_path):
+    from fusionkit.store import Sample, open_store, write_store
+
+    seqs = [np.full((n, 2), float(i)) for i, n in enumerate([3, 1, 4, 2])]
+    samples = [Sample(id=f"s{i}") for i in range(4)]
+    feats = open_store(write_store(tmp_path / "s", ["a", "b"], samples, {"q": seqs})).encoders["q"]
+    x, lengths = feats.rows(np.array([2, 1, 3]))
+    assert lengths.tolist() == [4, 1, 2] and x.shape == (3, 4, 2)
+    assert x[0].eq(2.0).all() and x[1, 0].eq(1.0).all() and x[1, 1:].eq(0).all() and x[2, 2:].eq(0).all()
+
+
+def test_stats7_is_differentiable_when_its_input_needs_gradient():
+    x = torch.randn(3, 6, 2, requires_grad=True)
+    stats7(x, torch.tensor([6, 2, 4])).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
