@@ -109,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     args.interrupt_hint = f"the run is resumable: add --resume to the same command (run: {args.out})"
     if args.cv:
         summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress, target=args.target,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, jobs=args.jobs)
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
             print(f"  {key:<13} {value['mean']:.3f} ± {value['std']:.3f}")
@@ -117,6 +117,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress,
                     target=args.target, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     _print_metrics(metrics)
     print(f"run written to {args.out}")
     return 0
@@ -127,6 +129,9 @@ def _print_metrics(metrics: dict) -> None:
     for split in ("val", "test", "target"):
         if split in metrics:
             m = metrics[split]
+            if "r1" in m:
+                print(f"  {split:<5} R@1 {m['r1']:.3f}  R@5 {m['r5']:.3f}  (n={int(m['n'])})")
+                continue
             print(f"  {split:<5} ACC_presence {m['acc_presence']:.3f}  ACC_salience {m['acc_salience']:.3f}  "
                   f"Score {m['score']:.3f}  (n={m['n']})")
 
@@ -337,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(never anything else)")
     p.add_argument("--target", metavar="STORE", help="unlabelled target-domain store for the spec's adaptation losses "
                    "(default: the rows of --data whose domain is 'target')")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="with --cv: train N folds at a time, each in its "
+                   "own process (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -409,10 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     from fusionkit.errors import FusionkitError
 
     _one_line_warnings()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
     try:
         return int(args.func(args) or 0)
     except FusionkitError as exc:
-        print(f"fusionkit: error: {exc}", file=sys.stderr)
+        print(f"fusionkit: error{where}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", None)

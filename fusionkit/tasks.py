@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fusionkit.answers import Prediction, from_order, order_to_matrix
+from fusionkit.distributed import Dist
 from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.losses import supervised_loss
@@ -30,8 +31,14 @@ from fusionkit.store import FeatureStore
 
 
 @torch.no_grad()
-def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Probabilities (and kept encoders) of the samples ``index``, in eval mode."""
+def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int = 256,
+                    dist: Dist | None = None) -> dict[str, np.ndarray]:
+    """Probabilities (and kept encoders) of the samples ``index``, in eval mode.
+
+    With ``dist`` (torchrun), each rank computes its share and every rank gets all of them, in order.
+    """
+    if dist is not None and dist.enabled:
+        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size))
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
@@ -106,10 +113,10 @@ class ClassificationTask:
     def after_step(self, model: FusionModel) -> None:
         pass
 
-    def validate(self, model: FusionModel) -> dict[str, Any]:
+    def validate(self, model: FusionModel, dist: Dist | None = None) -> dict[str, Any]:
         """Fit the decoder's thresholds on validation and score with them."""
         truth = self.store.truth_matrix(self.split.val)
-        outputs = collect_outputs(model, self.store, self.split.val)
+        outputs = collect_outputs(model, self.store, self.split.val, dist=dist)
         model.set_decoder(model.decoder.fit(outputs, truth))
         return evaluate_outputs(model, outputs, truth)
 
@@ -147,7 +154,7 @@ class ContrastiveTask:
     def after_step(self, model: Any) -> None:
         model.clamp_scale()
 
-    def validate(self, model: Any) -> dict[str, Any]:
+    def validate(self, model: Any, dist: Dist | None = None) -> dict[str, Any]:
         return self.evaluate(model, self.store, self.split.val)
 
     def evaluate(self, model: Any, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fusionkit.checkpoint import load_checkpoint, save_checkpoint
+from fusionkit.distributed import Dist, setup, wrap
 from fusionkit.errors import CheckpointError, DataError, FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.model import FusionModel, build_model
@@ -118,8 +119,9 @@ class Trainer:
 
     def __init__(self, spec: Spec, store: FeatureStore, out: str | os.PathLike, split: Split, *,
                  progress: bool = True, data_path: str | None = None, terms: Sequence[TermFactory] = (),
-                 target_store: FeatureStore | None = None, overwrite: bool = False) -> None:
+                 target_store: FeatureStore | None = None, overwrite: bool = False, dist: Dist | None = None) -> None:
         self.spec = spec
+        self.dist = dist or Dist()
         self.store = store
         self.out = Path(out)
         self.split = split
@@ -130,6 +132,9 @@ class Trainer:
         self.overwrite = overwrite
         self.run = RunDirectory(self.out)
         self.task = task_for(spec, store, split, target_store)
+        if self.dist.enabled and (spec.towers or spec.adaptation):
+            raise FusionkitError("under torchrun, fusionkit trains fusion models without adaptation losses so far; "
+                                 "train two-tower models and adaptation in one process (see docs/scaling.md)")
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
 
@@ -144,15 +149,27 @@ class Trainer:
 
         A resumed run that had already finished returns its metrics; one that was killed after
         its last epoch (or after early stopping) only finishes what remained.
+
+        Under torchrun every rank calls this; rank 0 alone prepares, locks and writes the run
+        directory, and the others wait for it.
         """
+        if not self.dist.is_main:
+            self.dist.barrier()  # rank 0 has checked, locked and repaired the run directory
+            finished = self.dist.broadcast(None)
+            return finished if finished is not None else self._fit(resume, stop_after_epochs)
         self.run.check_owned(resume=resume, overwrite=self.overwrite)
         with self.run.locked():
             self.run.recover()
             if self.overwrite and not resume:
                 self.run.clear()
+            finished = None
             if resume and self.run.read().get("status") == "finished" and (self.out / METRICS_FILE).exists():
                 self.run.check_same_run(self.identity())
-                return json.loads((self.out / METRICS_FILE).read_text(encoding="utf-8"))
+                finished = json.loads((self.out / METRICS_FILE).read_text(encoding="utf-8"))
+            self.dist.barrier()
+            self.dist.broadcast(finished)
+            if finished is not None:
+                return finished
             try:
                 return self._fit(resume, stop_after_epochs)
             except KeyboardInterrupt:
@@ -163,7 +180,7 @@ class Trainer:
                 raise
 
     def _fit(self, resume: bool, stop_after_epochs: int | None) -> dict[str, Any]:
-        spec, train_cfg = self.spec, self.spec.train
+        spec, train_cfg, dist, main = self.spec, self.spec.train, self.dist, self.dist.is_main
         torch.manual_seed(train_cfg.seed)
         model = build_model(spec)
         if spec.data.standardize:
@@ -171,6 +188,8 @@ class Trainer:
         terms = nn.ModuleList(make(model, self.store) for make in self.term_factories)
         params = [p for p in (*model.parameters(), *terms.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        missing = any(not feats.available.all() for feats in self.store.encoders.values())
+        forward = wrap(model, dist, missing)  # DDP under torchrun, else the model itself
         shuffle = torch.Generator().manual_seed(train_cfg.seed)
         steps_per_epoch = math.ceil(len(self.split.train) / train_cfg.batch_size)
         total_steps = steps_per_epoch * train_cfg.epochs
@@ -181,17 +200,21 @@ class Trainer:
         if resume and (self.out / "last").exists():
             self.run.check_same_run(self.identity())
             state = self._restore(model, optimizer, shuffle, terms)
-            self.run.note_threads(torch.get_num_threads())
-            self.run.update(status="running", error=None)
-        else:  # a new run, or one stopped before its first checkpoint: it starts from the beginning
+            if main:
+                self.run.note_threads(torch.get_num_threads())
+                self.run.update(status="running", error=None)
+        elif main:  # a new run, or one stopped before its first checkpoint: it starts from the beginning
             if resume:
                 self.run.check_same_run(self.identity())
             dump_spec(self.spec, self.out / "spec.yaml")
             self.run.start({**self.identity(), "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)),
-                            "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads()})
-        self.run.truncate_log(state["epoch"])
+                            "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads(),
+                            "world_size": dist.world_size})
+        if main:
+            self.run.truncate_log(state["epoch"])
 
-        bar = _progress(range(state["epoch"], train_cfg.epochs), self.progress, initial=state["epoch"], total=train_cfg.epochs)
+        bar = _progress(range(state["epoch"], train_cfg.epochs), self.progress and main, initial=state["epoch"],
+                        total=train_cfg.epochs)
         epochs_this_call = 0
         for epoch in bar:
             if state["since_best"] >= train_cfg.patience:
@@ -202,48 +225,65 @@ class Trainer:
             terms.train()
             sums: dict[str, float] = {}
             order = self.split.train[torch.randperm(len(self.split.train), generator=shuffle).numpy()]
-            for rows, batch in self.batches(order, model):
+            for rows, local, batch in self.batches(order, model):
                 for group in optimizer.param_groups:
                     group["lr"] = train_cfg.lr * _lr_factor(state["step"], total_steps, train_cfg)
-                out = model(*batch)
-                loss, parts = self.task.loss(model, out, rows)
+                out = forward(*batch)
+                loss, parts = self.task.loss(model, out, local)
                 for term in terms:
-                    for name, value in term(out, rows, state["step"] / max(1, total_steps)).items():
+                    for name, value in term(out, local, state["step"] / max(1, total_steps)).items():
                         loss = loss + value
                         parts[name] = float(value.detach())
+                # DDP averages over ranks: weight each rank by its share so the result is the mean over all
+                # rows, as in one process (a stand-in row, see batches, weighs nothing)
+                real = len(local) if dist.rank < len(rows) else 0
+                weight = dist.loss_scale(real, len(rows))
                 if not torch.isfinite(loss):
                     raise FusionkitError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr or check the features")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight).backward()
                 if train_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
                 optimizer.step()
                 self.task.after_step(model)
                 state["step"] += 1
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(rows)
+                    sums[k] = sums.get(k, 0.0) + v * real
+            sums = dist.sum(sums)  # every rank's share of the epoch's losses
             record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                                       **{k: v / len(order) for k, v in sums.items()}}
             self.validate(model, epoch, state, record)
             state["epoch"] = epoch + 1
             record["seconds"] = round(time.perf_counter() - started, 3)
             # The log line goes first: after a kill between the two, resume drops it and redoes the epoch.
-            self.run.append_log(record)
-            self._save_last(model, optimizer, shuffle, terms, state)
+            if main:
+                self.run.append_log(record)
+                self._save_last(model, optimizer, shuffle, terms, state)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record.get('val', {}).get('score', float('nan')):.3f}")
             epochs_this_call += 1
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and state["epoch"] < train_cfg.epochs:
-                self.run.update(status="interrupted")
+                if main:
+                    self.run.update(status="interrupted")
                 return {"interrupted": True, "epoch": state["epoch"]}
-        return self.finish(state)
+        if not main:  # rank 0 evaluates the best model alone and shares its metrics
+            return self.dist.broadcast(None)
+        return self.dist.broadcast(self.finish(state))
 
-    def batches(self, order: np.ndarray, model: FusionModel) -> Iterator[tuple[np.ndarray, tuple]]:
-        """The batch source: (rows, model inputs) for each training step of an epoch."""
+    def batches(self, order: np.ndarray, model: FusionModel) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
+        """The batch source: (global rows, this rank's rows, model inputs) for each step of an epoch.
+
+        ``train.batch_size`` is the global batch: under torchrun each rank takes every
+        ``world_size``-th row of it. A rank left without rows (a last batch smaller than the
+        world) gets one stand-in row whose loss weight is zero.
+        """
         size = self.spec.train.batch_size
         for start in range(0, len(order), size):
             rows = order[start : start + size]
-            yield rows, self.store.inputs_for(model, rows)
+            local = self.dist.shard(rows)
+            if len(local) == 0:
+                local = rows[:1].copy()
+            yield rows, local, self.store.inputs_for(model, local)
 
     def validate(self, model: FusionModel, epoch: int, state: dict[str, Any], record: dict[str, Any]) -> None:
         """Evaluation: fit the decoder on validation, track the best Score, save ``best/`` when it improves."""
@@ -254,14 +294,15 @@ class Trainer:
         elif not due:
             improved = None
         else:
-            val = self.task.validate(model)
+            val = self.task.validate(model, self.dist)
             record["val"] = {k: val[k] for k in self.task.record_keys}
             improved = val["score"] > state["best_score"]
             if improved:
                 state["best_score"] = val["score"]
         if improved:
             state["best_epoch"], state["since_best"] = epoch, 0
-            save_checkpoint(model, self.out / "best")
+            if self.dist.is_main:
+                save_checkpoint(model, self.out / "best")
         elif improved is not None:
             state["since_best"] += 1
 
@@ -293,7 +334,8 @@ class Trainer:
             raise CheckpointError(f"{self.out}: the run was started with a different spec ({'; '.join(diffs[:10])}); "
                                   "resume with the same spec")
         model.load_state_dict(saved.state_dict())
-        model.set_decoder(saved.decoder.config)
+        if hasattr(model, "set_decoder"):
+            model.set_decoder(saved.decoder.config)
         _restore_optimizer(optimizer, tensors, metadata["extra"]["param_groups"])
         terms.load_state_dict({k[len("terms."):]: v for k, v in tensors.items() if k.startswith("terms.")})
         torch.set_rng_state(tensors["rng.torch"])
@@ -363,16 +405,17 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
         terms.append(distillation_term(spec))
     split = make_split(store, fold)
     return Trainer(spec, store, out, split, progress=progress, data_path=str(data), terms=terms,
-                   target_store=target_store, overwrite=overwrite).fit(resume=resume)
+                   target_store=target_store, overwrite=overwrite, dist=setup()).fit(resume=resume)
 
 
 def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
                    resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, jobs: int = 1) -> dict[str, Any]:
     """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std.
 
     ``RUN/foldK`` is fold K's run directory. With ``resume``, finished folds are read back and
-    the others continue (or start).
+    the others continue (or start). ``jobs`` > 1 trains that many folds at a time, each in its
+    own process (the cores are shared out among them).
     """
     spec = load_spec(spec)
     store = spec_store(spec, data)
@@ -385,15 +428,27 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
             root.clear()
         if not root.read():
             root.start({"data": os.path.abspath(data), "folds": folds})
-        per_fold = {}
-        for fold in folds:
-            fold_dir = Path(out) / f"fold{fold}"
-            per_fold[fold] = train(spec, data, fold_dir, fold=fold, progress=progress, target=target,
-                                   resume=resume and (fold_dir / "last").exists())
+        kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target,
+                       resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                results = list(pool.map(_train_fold, kwargs))
+        else:
+            results = [_train_fold({**k, "progress": progress}) for k in kwargs]
+        per_fold = dict(zip(folds, results))
         summary = summarize_folds({f: m["test"] for f, m in per_fold.items()})
         atomic_write_text(Path(out) / "cv.json", json.dumps({"folds": folds, "test": summary}, indent=2) + "\n")
         root.update(status="finished")
     return summary
+
+
+def _train_fold(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return train(**{"progress": False, **kwargs})
 
 
 def summarize_folds(per_fold: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -1,0 +1,149 @@
+"""Scale-out on torchrun + DistributedDataParallel: the pieces, for the trainer and for your own loop.
+
+fusionkit launches nothing itself: ``torchrun`` starts the processes and sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` reads
+them. The helpers never own the loop:
+
+- :func:`setup` joins the process group (gloo on CPU, NCCL on GPU) and returns a
+  :class:`Dist` (``world_size`` 1 and no process group when not launched by torchrun);
+- :func:`wrap` wraps a model in DDP with ``find_unused_parameters`` derived from its spec;
+- :meth:`Dist.shard` gives this rank's rows of a global batch, :meth:`Dist.loss_scale` the
+  factor that makes DDP's gradient average equal the single-process gradient;
+- :meth:`Dist.gather` reassembles per-rank outputs in the original row order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+
+
+@attrs.frozen
+class Dist:
+    """Where this process stands: its rank among ``world_size`` processes, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints, logs and metrics."""
+        return self.rank == 0
+
+    def shard(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's rows of a global batch (every ``world_size``-th, from ``rank``)."""
+        return rows[self.rank :: self.world_size]
+
+    def loss_scale(self, local: int, total: int) -> float:
+        """Multiply the local mean loss by this so that DDP's average over ranks is the mean over all ``total``
+        rows, also when ranks hold unequal shares (the last batch of an epoch)."""
+        return local * self.world_size / total if self.enabled else 1.0
+
+    def gather(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every rank's ``arrays`` (rows from :meth:`shard`) reassembled in the original row order, on every rank."""
+        if not self.enabled:
+            return dict(arrays)
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, dict(arrays))
+        out = {}
+        for key in arrays:
+            pieces = [p[key] for p in parts]
+            total = sum(len(p) for p in pieces)
+            merged = np.empty((total, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+            for r, piece in enumerate(pieces):
+                merged[r :: self.world_size] = piece
+            out[key] = merged
+        return out
+
+    def sum(self, values: Mapping[str, float]) -> dict[str, float]:
+        """``values`` summed over ranks (every rank must pass the same keys)."""
+        if not self.enabled:
+            return dict(values)
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        total = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(total)
+        return dict(zip(keys, total.tolist()))
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup(backend: str | None = None, timeout_s: float = 1800) -> Dist:
+    """Join the process group that torchrun describes in the environment (once per process).
+
+    Without torchrun (no ``WORLD_SIZE`` above 1) it returns a single-process :class:`Dist`.
+    The backend is NCCL when CUDA is available, else gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    device = "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return Dist(rank, world, local, device)
+
+
+def unused_parameters_possible(spec: Any, missing_encoders: bool = False) -> bool:
+    """Can a training step leave some parameters without gradient? (DDP's ``find_unused_parameters``)
+
+    Hard top-n routing keeps ``top_n`` of K encoders per sample; an encoder no sample of a
+    batch keeps gets no gradient through the fusion. Only an attention gate (whose scores of
+    kept encoders depend on every token) or rank supervision (every token predicts the labels)
+    reaches every projector anyway. A missing encoder (masked) is never used. ``static_graph``
+    is wrong here for the same reason: which parameters are used changes from step to step.
+    """
+    gates = [spec.gate] if not spec.towers else [t.gate for t in spec.towers.values()]
+    counts = [len(spec.encoders)] if not spec.towers else [len(t.encoders) for t in spec.towers.values()]
+    for gate, k in zip(gates, counts):
+        if gate.config.top_n < k and gate.type != "attention" and not gate.config.supervision:
+            return True
+    return missing_encoders
+
+
+def wrap(model: nn.Module, dist: Dist, missing_encoders: bool = False) -> nn.Module:
+    """``model`` in DistributedDataParallel with the right flags (unchanged when not distributed)."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    model.to(dist.device)
+    return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
+                                   find_unused_parameters=unused_parameters_possible(model.spec, missing_encoders))

@@ -1,0 +1,157 @@
+"""Scale-out on torchrun + DDP (gloo, 2 processes on loopback), launched by the tests themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_spec
+from fusionkit.checkpoint import load_model
+from fusionkit.distributed import Dist, unused_parameters_possible
+from fusionkit.spec import load_spec
+from fusionkit.train import train
+
+
+def ddp_spec(**train_options):
+    """Routing that leaves parameters unused (mlp gate, top 1 of 3, no auxiliary losses), no dropout or noise
+    (their random draws differ between one process and two)."""
+    spec = tiny_spec(batch_size=50, **train_options)
+    spec["gate"] = {"type": "mlp", "top_n": 1}
+    spec["projector"] = {"dropout": 0.0}
+    spec["heads"] = {"presence": {"type": "presence", "dropout": 0.0}, "salience": {"type": "salience", "dropout": 0.0}}
+    return spec
+
+
+def torchrun(*args, cwd, timeout=300, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, **popen)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def one_process(synthetic_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "spec.yaml").write_text(yaml.safe_dump(ddp_spec(epochs=4)))
+    torch.set_num_threads(1)
+    try:
+        metrics = train(root / "spec.yaml", synthetic_store, root / "one", fold=0, progress=False)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    return root, metrics
+
+
+def close(a, b, tol=1e-5):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) <= tol
+    return a == b
+
+
+def test_two_processes_end_as_one_with_the_same_global_batch(one_process, synthetic_store):
+    root, metrics = one_process
+    proc = torchrun("-m", "fusionkit", "train", root / "spec.yaml", "--data", synthetic_store, "--out", root / "two",
+                    "--fold", 0, "--quiet", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Expected to have finished reduction" not in proc.stderr  # the DDP error of unused parameters
+    assert proc.stdout.count("run written to") == 1  # rank 0 reports
+    two = json.loads((root / "two" / "metrics.json").read_text())
+    assert close(two, metrics)
+    a, b = load_model(root / "one" / "best").state_dict(), load_model(root / "two" / "best").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert json.loads((root / "two" / "run.json").read_text())["world_size"] == 2
+
+
+def test_a_killed_distributed_run_resumes_to_the_same_metrics(one_process, synthetic_store):
+    root, metrics = one_process
+    run = root / "killed"
+    args = ("-m", "fusionkit", "train", root / "spec.yaml", "--data", synthetic_store, "--out", run, "--fold", 0, "--quiet")
+    proc = torchrun(*args, cwd=root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        meta = run / "last" / "metadata.json"
+        if meta.exists() and json.loads(meta.read_text())["extra"]["trainer"]["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists()
+    resumed = torchrun(*args, "--resume", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert close(json.loads((run / "metrics.json").read_text()), metrics)
+
+
+def test_a_rank_that_raises_stops_the_run_with_an_error_naming_it(one_process, synthetic_store):
+    root, _ = one_process
+    script = root / "failing.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from fusionkit.errors import FusionkitError
+        from fusionkit.train import Trainer
+        real = Trainer.batches
+        def batches(self, order, model):
+            for i, item in enumerate(real(self, order, model)):
+                if os.environ["RANK"] == "1" and model.gate.epoch == 2 and i == 1:
+                    raise FusionkitError("the features of a batch could not be read")
+                yield item
+        Trainer.batches = batches
+        from fusionkit.cli import main
+        sys.exit(main(["train", {str(root / 'spec.yaml')!r}, "--data", {str(synthetic_store)!r}, "--out",
+                       {str(root / 'failing')!r}, "--fold", "0", "--quiet"]))
+    """))
+    proc = torchrun(script, cwd=root)
+    assert proc.returncode != 0
+    assert "fusionkit: error (rank 1 of 2): the features of a batch could not be read" in proc.stderr
+    last = load_model(root / "failing" / "last")  # the last checkpoint is intact
+    assert json.loads((root / "failing" / "last" / "metadata.json").read_text())["extra"]["trainer"]["epoch"] == 2
+    assert last is not None and not (root / "failing" / "metrics.json").exists()
+
+
+def test_find_unused_parameters_follows_the_spec():
+    routed = load_spec(ddp_spec())
+    assert unused_parameters_possible(routed)
+    attention = load_spec(tiny_spec())  # attention gate: every token shapes the kept scores
+    assert not unused_parameters_possible(attention)
+    assert unused_parameters_possible(attention, missing_encoders=True)
+    supervised = load_spec({**ddp_spec(), "gate": {"type": "mlp", "top_n": 1, "supervision": 1.0}})
+    assert not unused_parameters_possible(supervised)
+    everything = load_spec({**ddp_spec(), "gate": {"type": "uniform", "top_n": 3}})
+    assert not unused_parameters_possible(everything)
+
+
+def test_dist_helpers_shard_weight_and_gather_in_order():
+    import numpy as np
+
+    rows = np.arange(7)
+    ranks = [Dist(rank=r, world_size=2) for r in range(2)]
+    shards = [d.shard(rows) for d in ranks]
+    assert shards[0].tolist() == [0, 2, 4, 6] and shards[1].tolist() == [1, 3, 5]
+    # DDP averages the ranks' gradients: the weights make that the mean over the 7 rows
+    assert sum(d.loss_scale(len(s), 7) for d, s in zip(ranks, shards)) / 2 * 7 == pytest.approx(7)
+    assert ranks[0].loss_scale(4, 7) / 2 == pytest.approx(4 / 7)
+    assert Dist().shard(rows).tolist() == rows.tolist() and Dist().gather({"a": rows})["a"] is rows
+
+
+def test_cross_validation_folds_in_separate_processes(synthetic_store, tmp_path):
+    from fusionkit.train import cross_validate
+
+    torch.set_num_threads(1)
+    try:
+        serial = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "serial", progress=False)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    parallel = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "parallel", progress=False, jobs=2)
+    assert parallel == serial
