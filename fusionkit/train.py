@@ -275,15 +275,19 @@ class Trainer:
 
         ``train.batch_size`` is the global batch: under torchrun each rank takes every
         ``world_size``-th row of it. A rank left without rows (a last batch smaller than the
-        world) gets one stand-in row whose loss weight is zero.
+        world) gets one stand-in row whose loss weight is zero. The next batch is assembled on
+        a background thread while the current one trains.
         """
         size = self.spec.train.batch_size
-        for start in range(0, len(order), size):
+
+        def assemble(start: int) -> tuple[np.ndarray, np.ndarray, tuple]:
             rows = order[start : start + size]
             local = self.dist.shard(rows)
             if len(local) == 0:
                 local = rows[:1].copy()
-            yield rows, local, self.store.inputs_for(model, local)
+            return rows, local, self.store.inputs_for(model, local)
+
+        return prefetch(assemble, range(0, len(order), size))
 
     def validate(self, model: FusionModel, epoch: int, state: dict[str, Any], record: dict[str, Any]) -> None:
         """Evaluation: fit the decoder on validation, track the best Score, save ``best/`` when it improves."""
@@ -341,6 +345,19 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         shuffle.set_state(tensors["rng.shuffle"])
         return dict(metadata["extra"]["trainer"])
+
+
+def prefetch(make: Callable[[Any], Any], keys: Sequence[Any]) -> Iterator[Any]:
+    """``make(key)`` for each key, in order, each computed on a background thread while the previous
+    one is consumed (tensor indexing releases the GIL, so assembling overlaps the training step)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="fusionkit-batches") as pool:
+        pending = pool.submit(make, keys[0]) if len(keys) else None
+        for i in range(len(keys)):
+            current = pending.result()
+            pending = pool.submit(make, keys[i + 1]) if i + 1 < len(keys) else None
+            yield current
 
 
 def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -155,3 +155,24 @@ def test_cross_validation_folds_in_separate_processes(synthetic_store, tmp_path)
         torch.set_num_threads(os.cpu_count() or 1)
     parallel = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "parallel", progress=False, jobs=2)
     assert parallel == serial
+
+
+def test_the_batch_source_prefetches_in_order_and_passes_errors_on():
+    import threading
+
+    from fusionkit.train import prefetch
+
+    threads = set()
+
+    def make(key):
+        threads.add(threading.current_thread().name)
+        if key == 3:
+            raise ValueError("unreadable batch 3")
+        return key * 10
+
+    out = prefetch(make, [0, 1, 2, 3])
+    assert [next(out), next(out), next(out)] == [0, 10, 20]
+    with pytest.raises(ValueError, match="unreadable batch 3"):
+        next(out)
+    assert all(name.startswith("fusionkit-batches") for name in threads)
+    assert list(prefetch(make, [])) == []
