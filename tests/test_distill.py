@@ -252,3 +252,11 @@ def test_a_bad_teacher_gets_a_clear_error(teacher_run, pair_store, tmp_path):
               tmp_path / "r4", fold=0, progress=False)
     with pytest.raises(SpecError, match=r"distill.losses\[0\].type: unknown distill_loss 'vdr'"):
         load_spec(tower_spec(distill={"teacher": "x", "losses": [{"type": "vdr"}]}))
+
+
+def test_the_teacher_relative_variants_vanish_when_the_student_is_the_teacher():
+    a, b = unit(12, 8, seed=1), unit(12, 8, seed=2)
+    for name in ("vrd", "xrd"):
+        variant = loss(name, mode="teacher")
+        assert float(variant(pair_batch(a, a, b, b))) == pytest.approx(0.0, abs=1e-6)
+        assert float(variant(pair_batch(unit(12, 8, seed=3), a, unit(12, 8, seed=4), b))) > 1e-3

@@ -150,40 +150,48 @@ class RKD(DistillLoss):
         return total
 
 
-class VRD(DistillLoss):
+class RelationLoss(DistillLoss):
+    """A symmetric KL between two student-to-teacher similarity distributions of a pair of modalities.
+
+    Subclasses say which two distributions with :meth:`pair`; with ``mode: teacher`` each is
+    instead pulled towards the same distribution computed from the teacher alone (the student
+    replaced by the teacher in :meth:`pair`).
+    """
+
+    needs = "pairs"
+
+    @staticmethod
+    def pair(s_a: torch.Tensor, t_a: torch.Tensor, s_b: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        tau = self.config.temperature
+
+        def one(a, b):
+            (s_a, t_a), (s_b, t_b) = a, b
+            first, second = (m / tau for m in self.pair(s_a, t_a, s_b, t_b))
+            if self.config.mode == "teacher":
+                own_first, own_second = (m / tau for m in self.pair(t_a, t_a, t_b, t_b))
+                return 0.5 * (row_kl(own_first, first) + row_kl(own_second, second))
+            return softmax_relation_loss(first, second)
+
+        return self.mean_over_pairs(batch, one)
+
+
+class VRD(RelationLoss):
     """P_A = softmax(s_A t_Aᵀ / τ), P_B = softmax(s_B t_Bᵀ / τ); VRD = ½[KL(P_A ‖ P_B) + KL(P_B ‖ P_A)]."""
 
-    needs = "pairs"
-
-    def forward(self, batch: DistillBatch) -> torch.Tensor:
-        tau = self.config.temperature
-
-        def vrd(a, b):
-            (s_a, t_a), (s_b, t_b) = a, b
-            p_a, p_b = s_a @ t_a.T / tau, s_b @ t_b.T / tau
-            if self.config.mode == "teacher":
-                return 0.5 * (row_kl(t_a @ t_a.T / tau, p_a) + row_kl(t_b @ t_b.T / tau, p_b))
-            return softmax_relation_loss(p_a, p_b)
-
-        return self.mean_over_pairs(batch, vrd)
+    @staticmethod
+    def pair(s_a, t_a, s_b, t_b):
+        return s_a @ t_a.T, s_b @ t_b.T
 
 
-class XRD(DistillLoss):
+class XRD(RelationLoss):
     """Q_AB = softmax(s_A t_Bᵀ / τ), Q_BA = softmax(s_B t_Aᵀ / τ); XRD = ½[KL(Q_AB ‖ Q_BA) + KL(Q_BA ‖ Q_AB)]."""
 
-    needs = "pairs"
-
-    def forward(self, batch: DistillBatch) -> torch.Tensor:
-        tau = self.config.temperature
-
-        def xrd(a, b):
-            (s_a, t_a), (s_b, t_b) = a, b
-            q_ab, q_ba = s_a @ t_b.T / tau, s_b @ t_a.T / tau
-            if self.config.mode == "teacher":
-                return 0.5 * (row_kl(t_a @ t_b.T / tau, q_ab) + row_kl(t_b @ t_a.T / tau, q_ba))
-            return softmax_relation_loss(q_ab, q_ba)
-
-        return self.mean_over_pairs(batch, xrd)
+    @staticmethod
+    def pair(s_a, t_a, s_b, t_b):
+        return s_a @ t_b.T, s_b @ t_a.T
 
 
 def register(register) -> None:
