@@ -260,3 +260,23 @@ def test_the_teacher_relative_variants_vanish_when_the_student_is_the_teacher():
         variant = loss(name, mode="teacher")
         assert float(variant(pair_batch(a, a, b, b))) == pytest.approx(0.0, abs=1e-6)
         assert float(variant(pair_batch(unit(12, 8, seed=3), a, unit(12, 8, seed=4), b))) > 1e-3
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["towers"].update(c={"encoders": ["img"]}), "towers: expected a mapping of exactly two towers"),
+    (lambda s: s["towers"]["a"].update(encoders=["nope"]), "towers.a.encoders: 'nope' is not one of the spec's encoders"),
+    (lambda s: s["towers"]["b"].update(encoders=["img", "txt"]), "towers.b.encoders: 'img' already belongs to tower 'a'"),
+    (lambda s: s["towers"]["a"].update(embed_dim=0), "towers.a.embed_dim: expected an int in [1, 65536]"),
+    (lambda s: s["towers"]["a"].update(gate={"type": "mlp", "top_n": 0}), "towers.a.gate.top_n: must be > 0"),
+    (lambda s: s["towers"]["a"].update(size=3), "towers.a.size: unknown tower option"),
+    (lambda s: s.update(encoders=[*s["encoders"], {"name": "aux", "type": "features", "dim": 3}]),
+     "towers: encoders ['aux'] belong to no tower"),
+    (lambda s: s.update(adaptation=[{"type": "mmd"}]), "adaptation: adaptation losses apply to classification models"),
+    (lambda s: s.update(distill={"teacher": "", "losses": []}), "distill.teacher: expected the path"),
+])
+def test_tower_and_distill_blocks_are_validated(change, message):
+    spec = tower_spec()
+    change(spec)
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert any(p.startswith(message) for p in err.value.problems), err.value.problems
