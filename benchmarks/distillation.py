@@ -36,6 +36,8 @@ A_ROWS = {
     "CLIP-KD + vrd": ["crd", "fd", "icl", "vrd"],
     "CLIP-KD + xrd": ["crd", "fd", "icl", "xrd"],
     "CLIP-RD (CLIP-KD + vrd + xrd)": ["crd", "fd", "icl", "vrd", "xrd"],
+    "CLIP-RD, teacher-relative vrd + xrd (variant)": ["crd", "fd", "icl", {"type": "vrd", "mode": "teacher"},
+                                                      {"type": "xrd", "mode": "teacher"}],
 }
 B_ROWS = {
     "student alone": [],
@@ -64,8 +66,9 @@ def fusion_spec(teacher: bool, seed: int) -> dict:
     return recipes.topn(3, "rank_attention", seed=seed, **({} if teacher else {"dims": STUDENT_DIMS}))
 
 
-def with_distill(spec: dict, teacher_dir: Path, losses: list[str]) -> dict:
-    return {**spec, "distill": {"teacher": str(teacher_dir / "best"), "losses": [{"type": t} for t in losses]}} if losses else spec
+def with_distill(spec: dict, teacher_dir: Path, losses: list) -> dict:
+    blocks = [loss if isinstance(loss, dict) else {"type": loss} for loss in losses]
+    return {**spec, "distill": {"teacher": str(teacher_dir / "best"), "losses": blocks}} if losses else spec
 
 
 def parameters(spec: dict) -> int:
