@@ -82,7 +82,7 @@ def spec_store(spec: Spec, data: str | os.PathLike) -> FeatureStore:
 
 def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarray) -> None:
     """Fit the model's input standardisation on the store's rows ``index`` (the training rows)."""
-    inputs, available = {}, []
+    inputs = {}
     for name in model.encoder_names:
         feats = store.encoders[name]
         rows = index[feats.available[index]]

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from fusionkit.checkpoint import load_model
-from fusionkit.components.datasets import build_dataset
 from fusionkit.distill import DistillBatch, teacher_outputs
 from fusionkit.errors import CheckpointError, FusionkitError, SpecError
 from fusionkit.model import build_model

@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 import zipfile
 from pathlib import Path
