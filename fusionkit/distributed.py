@@ -87,6 +87,17 @@ class Dist:
 
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group once every rank is done (before the process exits: a process group
+        still open at exit can abort the interpreter while the other ranks shut down)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a picklable object)."""
         if not self.enabled:

@@ -421,8 +421,11 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
 
         terms.append(distillation_term(spec))
     split = make_split(store, fold)
-    return Trainer(spec, store, out, split, progress=progress, data_path=str(data), terms=terms,
-                   target_store=target_store, overwrite=overwrite, dist=setup()).fit(resume=resume)
+    dist = setup()
+    metrics = Trainer(spec, store, out, split, progress=progress, data_path=str(data), terms=terms,
+                      target_store=target_store, overwrite=overwrite, dist=dist).fit(resume=resume)
+    dist.close()
+    return metrics
 
 
 def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
