@@ -11,11 +11,9 @@ target-domain and source-domain (test fold) metrics over folds × seeds.
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 
-from grid import mean_std, run_grid
+from grid import grid_parser, mean_std, run_grid
 from report import RESULTS, machine, markdown_table, write
 
 SYSTEMS = {
@@ -33,12 +31,7 @@ SYSTEMS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=os.environ.get("FUSIONKIT_UCI_MFEAT", "../shared/data/uci-mfeat"))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", default="runs/benchmark-adaptation")
+    parser = grid_parser(__doc__, "runs/benchmark-adaptation")
     args = parser.parse_args()
     from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset

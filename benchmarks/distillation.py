@@ -16,11 +16,9 @@ benchmarks/results/distillation-runs.jsonl, so an interrupted benchmark continue
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 
-from grid import mean_std, run_grid
+from grid import grid_parser, mean_std, run_grid
 from report import RESULTS, machine, markdown_table, write
 
 PAIR_DIMS = {"pix": 240, "fou": 76}
@@ -78,12 +76,7 @@ def parameters(spec: dict) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=os.environ.get("FUSIONKIT_UCI_MFEAT", "../shared/data/uci-mfeat"))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", default="runs/benchmark-distillation", help="stores and teacher runs")
+    parser = grid_parser(__doc__, "runs/benchmark-distillation")
     args = parser.parse_args()
     from fusionkit.components.datasets import build_dataset
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -11,6 +13,17 @@ from pathlib import Path
 import numpy as np
 
 KEY = ("setting", "system", "fold", "seed")
+
+
+def grid_parser(doc: str, work: str) -> argparse.ArgumentParser:
+    """The options every grid benchmark takes: data source, seeds, folds, workers, work directory."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=os.environ.get("FUSIONKIT_UCI_MFEAT", "../shared/data/uci-mfeat"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work", default=work, help="where the stores (and kept runs) are written")
+    return parser
 
 
 METRICS = ("acc_presence", "acc_salience", "score", "r1", "r5", "nn_class_accuracy")

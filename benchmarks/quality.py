@@ -11,11 +11,9 @@ interrupted benchmark continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 
-from grid import mean_std, run_grid
+from grid import grid_parser, mean_std, run_grid
 from report import RESULTS, machine, markdown_table, write
 
 SETTINGS = {"clean": 0.0, "corrupted": 0.3}
@@ -40,14 +38,9 @@ def with_seed(spec: dict, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=os.environ.get("FUSIONKIT_UCI_MFEAT", "../shared/data/uci-mfeat"))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = grid_parser(__doc__, "runs/benchmark-quality")
     parser.add_argument("--single-seeds", type=int, default=1,
                         help="seeds of the single-encoder baselines (their constant lr 5e-6 recipe varies little by seed)")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", default="runs/benchmark-quality", help="where the stores are built")
     args = parser.parse_args()
     from fusionkit.components.datasets import build_dataset
 

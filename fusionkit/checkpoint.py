@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fusionkit.errors import CheckpointError, FusionkitError, SpecError
-from fusionkit.files import apply_umask, check_replaceable, json_marker, make_temp_dir, replace_directory
+from fusionkit.files import apply_umask, backups_of, check_replaceable, json_marker, make_temp_dir, replace_directory
 from fusionkit.registry import Registry
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def save_checkpoint(
 def _resolve(directory: Path) -> Path:
     if directory.is_dir():
         return directory
-    backups = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+    backups = backups_of(directory)
     if backups:  # a save was interrupted between its two renames: the previous checkpoint survives here
         return backups[-1]
     raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -197,7 +197,12 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
         model = build_model(spec, registry=registry)
     except FusionkitError as exc:
         raise CheckpointError(f"{root}: cannot build the stored model: {exc}") from exc
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes than the spec builds
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{weights}: weights do not fit the stored spec ({first}); the spec or the weights "
+                              "were modified") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{weights}: weights do not fit the spec: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"

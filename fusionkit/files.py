@@ -139,13 +139,23 @@ def replace_directory(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def backups_of(target: Path) -> list[Path]:
+    """The copies of ``target`` a :func:`replace_directory` set aside (``.NAME.old-*``), oldest first."""
+    return sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is one of the temporary entries fusionkit's writers leave when killed."""
+    return any(path.match(pattern) for pattern in TEMP_PATTERNS)
+
+
 def recover_directory(target: Path) -> None:
     """Finish or undo a :func:`replace_directory` that a crash interrupted.
 
     A crash between its two renames leaves only ``.NAME.old-*``: it is renamed back. Left-over
     old copies beside a complete target, and unfinished ``.NAME.tmp-*`` directories, are removed.
     """
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = backups_of(target)
     if not target.exists() and olds:
         os.rename(olds.pop(), target)
     for leftover in [*olds, *target.parent.glob(f".{target.name}.tmp-*")]:

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from fusionkit.errors import CheckpointError, FusionkitError, FusionkitWarning
-from fusionkit.files import atomic_write_text, describe_contents, json_marker, recover_directory, remove_temporaries
+from fusionkit.files import (
+    atomic_write_text, describe_contents, is_temporary, json_marker, recover_directory, remove_temporaries,
+)
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -75,8 +77,7 @@ class RunDirectory:
             )
 
     def _user_entries(self) -> list[Path]:
-        temporaries = {p for pattern in (".*.tmp-*", ".*.old-*", ".*.tmp") for p in self.path.glob(pattern)}
-        return [p for p in self.path.iterdir() if p.name != LOCK_FILE and p not in temporaries]
+        return [p for p in self.path.iterdir() if p.name != LOCK_FILE and not is_temporary(p)]
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[RunDirectory]:

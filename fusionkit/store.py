@@ -76,8 +76,9 @@ class EncoderFeatures:
         steps = torch.arange(max(int(lengths.max()) if len(idx) else 0, 1))
         frames = starts.unsqueeze(1) + steps  # [n, T]: each sample's frame positions, one gather for all
         valid = steps < lengths.unsqueeze(1)
-        out = self.data[frames.clamp(max=max(len(self.data) - 1, 0))] if len(self.data) else \
-            self.data.new_zeros((len(idx), len(steps), self.dim))
+        if len(self.data) == 0:  # every selected sequence is empty
+            return self.data.new_zeros((len(idx), len(steps), self.dim)), lengths
+        out = self.data[frames.clamp(max=len(self.data) - 1)]
         return out.masked_fill_(~valid.unsqueeze(-1), 0.0), lengths
 
     def pooled(self, index: np.ndarray, kind: str) -> torch.Tensor:
@@ -225,9 +226,9 @@ def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]
     labels = index["labels"]
     if not labels or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
         raise DataError(f"{where}: 'labels' must be unique non-empty strings, found {labels[:10]!r}")
-    for name, meta in index["encoders"].items():
-        from fusionkit.spec import encoder_name_problem
+    from fusionkit.spec import encoder_name_problem
 
+    for name, meta in index["encoders"].items():
         why = encoder_name_problem(name)
         if why:
             raise DataError(f"{where}: encoder {name!r}: {why}")

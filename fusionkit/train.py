@@ -16,6 +16,7 @@ last fold validates and every other labelled source sample trains.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -138,6 +139,7 @@ class Trainer:
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
 
+    @functools.cached_property
     def identity(self) -> dict[str, Any]:
         """What makes this run this run: a resume must match it."""
         return {"data": os.path.abspath(self.data_path), "data_fingerprint": store_fingerprint(self.store.path),
@@ -164,7 +166,7 @@ class Trainer:
                 self.run.clear()
             finished = None
             if resume and self.run.read().get("status") == "finished" and (self.out / METRICS_FILE).exists():
-                self.run.check_same_run(self.identity())
+                self.run.check_same_run(self.identity)
                 finished = json.loads((self.out / METRICS_FILE).read_text(encoding="utf-8"))
             self.dist.barrier()
             self.dist.broadcast(finished)
@@ -198,16 +200,16 @@ class Trainer:
         if resume and not (self.out / "last").exists() and not self.run.read():
             raise CheckpointError(f"{self.out}: nothing to resume (no run was started there); start without --resume")
         if resume and (self.out / "last").exists():
-            self.run.check_same_run(self.identity())
+            self.run.check_same_run(self.identity)
             state = self._restore(model, optimizer, shuffle, terms)
             if main:
                 self.run.note_threads(torch.get_num_threads())
                 self.run.update(status="running", error=None)
         elif main:  # a new run, or one stopped before its first checkpoint: it starts from the beginning
             if resume:
-                self.run.check_same_run(self.identity())
+                self.run.check_same_run(self.identity)
             dump_spec(self.spec, self.out / "spec.yaml")
-            self.run.start({**self.identity(), "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)),
+            self.run.start({**self.identity, "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)),
                             "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads(),
                             "world_size": dist.world_size})
         if main:

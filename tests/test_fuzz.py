@@ -94,10 +94,30 @@ def specs(draw):
         if isinstance(node, dict):
             own = node and draw(st.integers(0, 3)) > 0  # mostly an existing key, sometimes any known option name
             key = draw(st.sampled_from(sorted(node, key=str) if own else KEYS))
-            node[key] = draw(values)
+            node[key] = copy.deepcopy(draw(values))
         elif node:
-            node[draw(st.integers(0, len(node) - 1))] = draw(values)
+            node[draw(st.integers(0, len(node) - 1))] = copy.deepcopy(draw(values))
     return spec
+
+
+def mutate(doc, draw, pool, rounds, delete=False):
+    """Replace (or, with ``delete``, sometimes remove) a random entry of ``doc``, ``rounds`` times."""
+    for _ in range(rounds):
+        targets = list(paths(doc))
+        _, node = targets[draw(st.integers(0, len(targets) - 1))]
+        if isinstance(node, dict) and node:
+            key = draw(st.sampled_from(sorted(node, key=str)))
+            if delete and draw(st.booleans()):
+                del node[key]
+            else:
+                node[key] = copy.deepcopy(draw(pool))  # a copy: later rounds must not edit the pool's values
+        elif isinstance(node, list) and node:
+            node[draw(st.integers(0, len(node) - 1))] = copy.deepcopy(draw(pool))
+
+
+#: Stores and checkpoints: a third as many examples as specs.
+FILE_FUZZ = settings(max_examples=max(20, EXAMPLES // 3), deadline=None, derandomize=True,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 PROBLEM = re.compile(r"^(spec|[A-Za-z_][\w\-]*(\[\d+\])?(\.[^\s:]+)*): ")
@@ -153,8 +173,7 @@ INDEX_VALUES = st.one_of(values, st.sampled_from(["../../outside.safetensors", "
                                                   {"file": "q.safetensors"}, float("nan")]))
 
 
-@settings(max_examples=max(20, EXAMPLES // 3), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@FILE_FUZZ
 @given(data=st.data())
 def test_random_store_indexes_give_data_errors(store_template, tmp_path_factory, data):
     import shutil
@@ -162,17 +181,7 @@ def test_random_store_indexes_give_data_errors(store_template, tmp_path_factory,
     root = tmp_path_factory.mktemp("s") / "store"
     shutil.copytree(store_template, root)
     index = json.loads((root / "index.json").read_text())
-    for _ in range(data.draw(st.integers(1, 3))):
-        targets = list(paths(index))
-        _, node = targets[data.draw(st.integers(0, len(targets) - 1))]
-        if isinstance(node, dict) and node:
-            key = data.draw(st.sampled_from(sorted(node)))
-            if data.draw(st.booleans()):
-                del node[key]
-            else:
-                node[key] = data.draw(INDEX_VALUES)
-        elif isinstance(node, list) and node:
-            node[data.draw(st.integers(0, len(node) - 1))] = data.draw(INDEX_VALUES)
+    mutate(index, data.draw, INDEX_VALUES, data.draw(st.integers(1, 3)), delete=True)
     (root / "index.json").write_text(json.dumps(index))
     try:
         store = open_store(root)
@@ -193,8 +202,7 @@ def checkpoint_template(tmp_path_factory):
     return root
 
 
-@settings(max_examples=max(20, EXAMPLES // 3), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@FILE_FUZZ
 @given(data=st.data())
 def test_random_checkpoint_metadata_and_specs_give_checkpoint_errors(checkpoint_template, tmp_path_factory, data):
     import shutil
@@ -213,13 +221,7 @@ def test_random_checkpoint_metadata_and_specs_give_checkpoint_errors(checkpoint_
     else:
         path = root / which
         doc = json.loads(path.read_text()) if which.endswith(".json") else yaml.safe_load(path.read_text())
-        for _ in range(data.draw(st.integers(1, 3))):
-            targets = list(paths(doc))
-            _, node = targets[data.draw(st.integers(0, len(targets) - 1))]
-            if isinstance(node, dict) and node:
-                node[data.draw(st.sampled_from(sorted(node)))] = data.draw(values)
-            elif isinstance(node, list) and node:
-                node[data.draw(st.integers(0, len(node) - 1))] = data.draw(values)
+        mutate(doc, data.draw, values, data.draw(st.integers(1, 3)))
         path.write_text(json.dumps(doc) if which.endswith(".json") else yaml.safe_dump(doc))
     try:
         model = load_model(root)

@@ -100,8 +100,6 @@ def test_train_out_must_be_new_empty_or_a_run(tmp_path, synthetic_store):
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_run(tmp_path, synthetic_store):
-    import yaml
-
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_spec(epochs=1)))
     with RunDirectory(tmp_path / "run").locked():

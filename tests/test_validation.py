@@ -275,3 +275,13 @@ def test_dataset_options_are_discoverable():
     proc = subprocess.run([sys.executable, "-m", "fusionkit", "data", "build", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert "fusionkit data options" in proc.stdout
+
+
+def test_a_spec_edited_to_other_sizes_than_the_weights_is_a_checkpoint_error(ckpt):
+    import yaml
+
+    spec = yaml.safe_load((ckpt / "spec.yaml").read_text())
+    spec["encoders"][0]["dim"] = 1
+    (ckpt / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(CheckpointError, match="weights do not fit the stored spec .*size mismatch"):
+        load_model(ckpt)
