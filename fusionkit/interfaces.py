@@ -7,7 +7,9 @@ saying where in the model it sits.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -52,6 +54,80 @@ class Encoder(nn.Module):
     """
 
     out_dim: int
+
+
+@attrs.frozen(kw_only=True)
+class LiveEncoderConfig:
+    """Options every live encoder has. A plugin's config class for a live encoder subclasses this one:
+    that is how fusionkit knows the encoder reads raw inputs (files or text) rather than stored features."""
+
+    freeze: Literal["none", "all"] = option(
+        "none", doc="none: the whole backbone trains with the model; all: its weights stay fixed "
+        "(and its normalisation statistics too), except the last `unfreeze_last` stages or layers."
+    )
+    unfreeze_last: int = option(0, doc="With freeze: all, the last k stages (timm) or layers (transformers) "
+                                       "still train.", validator=non_negative)
+
+
+class LiveEncoder(Encoder):
+    """An encoder that reads raw inputs: a file (image, audio, a clip's frame directory) or a text.
+
+    The data path calls :meth:`load` for each sample (in data-loader workers, so it must not
+    touch the module's weights) and :meth:`collate` for each batch; the model calls
+    :meth:`embed` (extraction) or ``forward`` (training), which pools what :meth:`embed` gives.
+    """
+
+    #: A short word for docs and errors: image, clip, audio, text.
+    modality: str = "raw"
+
+    def load(self, value: str, base: Path) -> Any:
+        """One sample's manifest value (a path relative to ``base``, or a text) -> a preprocessed item.
+        Raise ``OSError`` or ``ValueError`` when the file is missing or unreadable."""
+        raise NotImplementedError
+
+    def collate(self, items: Sequence[Any]) -> tuple[Any, torch.Tensor | None]:
+        """Items of one batch -> ``(x, lengths)``: equal-shape tensors are stacked; tensors of different
+        lengths along their first dimension are zero-padded, with ``lengths`` [B]."""
+        if len({tuple(item.shape) for item in items}) == 1:
+            return torch.stack(list(items)), None
+        lengths = torch.tensor([len(item) for item in items])
+        out = items[0].new_zeros((len(items), int(lengths.max()), *items[0].shape[1:]))
+        for i, item in enumerate(items):
+            out[i, : len(item)] = item
+        return out, lengths
+
+    def embed(self, x: Any, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``fusionkit extract`` stores: ``([B, out_dim], None)``, or ``([B, T, out_dim], lengths)`` for
+        inputs with a time axis (clips), which a ``features`` encoder then pools."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "LiveEncoder":
+        """As ``nn.Module.train``, but normalisation layers whose weights are frozen keep their running
+        statistics fixed (eval mode): a frozen backbone stays exactly the backbone it was."""
+        super().train(mode)
+        for module in self.modules():
+            params = list(module.parameters(recurse=False))
+            if mode and getattr(module, "track_running_stats", False) and not any(p.requires_grad for p in params):
+                module.eval()
+        return self
+
+    def provenance(self) -> dict[str, Any]:
+        """What made these features, for the store's index: model name, weights file, preprocessing."""
+        return {}
+
+
+def freeze_stages(backbone: nn.Module, stages: Sequence[nn.Module], config: LiveEncoderConfig) -> None:
+    """Apply ``freeze``/``unfreeze_last``: with freeze all, every parameter of ``backbone`` stops training
+    except those of the last ``unfreeze_last`` of ``stages`` (its blocks or layers, in order)."""
+    if config.freeze == "none":
+        return
+    if config.unfreeze_last > len(stages):
+        raise ValueError(f"unfreeze_last is {config.unfreeze_last}, but the backbone has {len(stages)} stages")
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    for stage in list(stages)[len(stages) - config.unfreeze_last:] if config.unfreeze_last else []:
+        for p in stage.parameters():
+            p.requires_grad_(True)
 
 
 @attrs.frozen(kw_only=True)

@@ -108,6 +108,12 @@ class Trunk(nn.Module):
         return {name: enc.precomputed_pooling for name, enc in self.encoders.items()
                 if getattr(enc, "precomputed_pooling", None)}
 
+    def live_encoders(self) -> dict[str, Any]:
+        """Encoder name -> the encoders that read raw inputs (:class:`~fusionkit.interfaces.LiveEncoder`)."""
+        from fusionkit.interfaces import LiveEncoder
+
+        return {name: enc for name, enc in self.encoders.items() if isinstance(enc, LiveEncoder)}
+
     def encode(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None,
                mask: torch.Tensor | None) -> tuple[torch.Tensor, Selection, torch.Tensor]:
         """(tokens [B, K, d], the gate's selection, the fused vector [B, out_dim])."""

@@ -201,7 +201,10 @@ class RunDirectory:
 
 
 def store_fingerprint(root: Path) -> str:
-    """SHA-256 of a store's index and the sizes of its feature files: cheap, and changes when the store does."""
+    """SHA-256 of a store's index and the sizes of its feature files: cheap, and changes when the store does.
+    For a raw manifest (a file), the SHA-256 of the file."""
+    if root.is_file():
+        return hashlib.sha256(root.read_bytes()).hexdigest()
     digest = hashlib.sha256((root / "index.json").read_bytes())
     for file in sorted(root.glob("*.safetensors")):
         digest.update(f"{file.name}:{file.stat().st_size}".encode())

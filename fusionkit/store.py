@@ -109,6 +109,13 @@ class FeatureStore:
         self.domains = np.array([s.domain for s in samples])
         self.groups = np.array([s.group for s in samples])
         self.labelled = np.array([s.labels is not None for s in samples])
+        #: The raw inputs of live encoders (a :class:`~fusionkit.raw.RawManifest`), and each sample's row in it.
+        self.raw: Any = None
+        self.raw_rows: np.ndarray | None = None
+
+    def attach_raw(self, manifest: Any, rows: np.ndarray) -> None:
+        """Give live encoders their raw inputs: ``rows[i]`` is sample i's row in ``manifest``."""
+        self.raw, self.raw_rows = manifest, rows
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -139,13 +146,26 @@ class FeatureStore:
                 if n is not None:
                     lengths[name] = n
             masks.append(torch.as_tensor(feats.available[index]))
-        return inputs, lengths, torch.stack(masks, dim=1)
+        mask = torch.stack(masks, dim=1) if masks else torch.ones((len(index), 0), dtype=torch.bool)
+        return inputs, lengths, mask
 
     def inputs_for(self, model: Any, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
         """A model's inputs for the samples ``index``, pooling fixed sequences once per sample where the
         model's encoders allow it (``model.precomputed_pooling()``)."""
         pooled = model.precomputed_pooling() if hasattr(model, "precomputed_pooling") else None
-        return self.batch(index, model.encoder_names, pooled)
+        live = model.live_encoders() if hasattr(model, "live_encoders") else {}
+        inputs, lengths, mask = self.batch(index, [n for n in model.encoder_names if n not in live], pooled)
+        if not live:
+            return inputs, lengths, mask
+        if self.raw is None:
+            raise DataError(f"{self.path}: encoder(s) {sorted(live)} are live and read raw inputs: give the "
+                            "manifest (--raw MANIFEST, or a manifest as the data)")
+        raw_inputs, raw_lengths = self.raw.batch(self.raw_rows[index], live)
+        inputs, lengths = {**inputs, **raw_inputs}, {**lengths, **raw_lengths}
+        columns = {name: mask[:, k] for k, name in enumerate(n for n in model.encoder_names if n not in live)}
+        full = torch.ones(len(index), dtype=torch.bool)
+        mask = torch.stack([columns.get(name, full) for name in model.encoder_names], dim=1)
+        return inputs, lengths, mask
 
     def select(self, *, folds: Iterable[int] | None = None, domain: str | None = None, labelled: bool | None = None) -> np.ndarray:
         """Indices of samples matching every given condition."""
@@ -236,7 +256,13 @@ def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]
         if not isinstance(file, str) or file != Path(file).name or file.startswith(".") or "\\" in file:
             raise DataError(f"{where}: encoder {name!r}: 'file' must be a plain file name inside the store, "
                             f"found {file!r}")
-    samples = [_sample(rec, i, where, tuple(labels)) for i, rec in enumerate(index["samples"])]
+    samples = [sample_from_record(rec, i, where, tuple(labels)) for i, rec in enumerate(index["samples"])]
+    check_samples(samples, where)
+    return tuple(labels), samples
+
+
+def check_samples(samples: Sequence[Sample], where: Any) -> None:
+    """Sample ids are unique and folds are group-disjoint (``where`` names the file in errors)."""
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -248,10 +274,10 @@ def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]
         if fold_of.setdefault(s.group, s.fold) != s.fold:
             raise DataError(f"{where}: group {s.group!r} lies in folds {fold_of[s.group]} and {s.fold} (e.g. sample "
                             f"{s.id!r}); folds must be group-disjoint so that no group is trained and tested on")
-    return tuple(labels), samples
 
 
-def _sample(rec: Any, i: int, where: Path, labels: tuple[str, ...]) -> Sample:
+def sample_from_record(rec: Any, i: int, where: Any, labels: tuple[str, ...]) -> Sample:
+    """A validated :class:`Sample` from one index or manifest record (``i`` its position, for errors)."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: sample record #{i} must be a mapping, found {type(rec).__name__}")
     sid, fold = rec.get("id"), rec.get("fold", -1)

@@ -72,12 +72,30 @@ def make_split(store: FeatureStore, fold: int | None) -> Split:
     return Split(train, val, test, test_fold, val_fold)
 
 
-def spec_store(spec: Spec, data: str | os.PathLike) -> FeatureStore:
-    """Open a store for a spec: its encoders' feature sizes checked, the spec's NaN policy applied."""
-    dims = {e.name: getattr(e.config, "dim", None) for e in spec.encoders}
+def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | None = None) -> FeatureStore:
+    """Open the data of a spec: a feature store (its encoders' feature sizes checked, the spec's NaN policy
+    applied), plus the raw manifest ``raw`` for live encoders; or a manifest alone when every encoder is live."""
+    from fusionkit.raw import is_manifest, live_encoder_names, manifest_store, read_manifest
+
+    live = live_encoder_names(spec)
+    stored = [e.name for e in spec.encoders if e.name not in live]
+    if is_manifest(data):
+        if raw is not None:
+            raise DataError(f"{data}: the data is already a manifest; --raw adds a manifest to a feature store")
+        if stored:
+            raise DataError(f"{data}: encoder(s) {stored} read stored features: give a feature store as the data and "
+                            f"the manifest as --raw {data}")
+        return manifest_store(read_manifest(data, spec.labels))
+    dims = {e.name: getattr(e.config, "dim", None) for e in spec.encoders if e.name not in live}
     store = open_store(data, dims, nan_policy=spec.data.nan_policy)
     if tuple(store.labels) != tuple(spec.labels):
         raise DataError(f"{store.path}: labels {list(store.labels)} differ from the spec's {list(spec.labels)}")
+    if raw is not None:
+        manifest = read_manifest(raw, spec.labels)
+        store.attach_raw(manifest, manifest.rows_for(store.ids, store.path))
+    elif live:
+        raise DataError(f"encoder(s) {sorted(live)} are live and read raw inputs: give their manifest with --raw "
+                        "(see docs/raw-data.md)")
     return store
 
 
@@ -85,6 +103,8 @@ def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarr
     """Fit the model's input standardisation on the store's rows ``index`` (the training rows)."""
     inputs = {}
     for name in model.encoder_names:
+        if name not in store.encoders:  # a live encoder: it reads raw inputs, nothing to standardise
+            continue
         feats = store.encoders[name]
         rows = index[feats.available[index]]
         if feats.offsets is None:
@@ -142,7 +162,9 @@ class Trainer:
     @functools.cached_property
     def identity(self) -> dict[str, Any]:
         """What makes this run this run: a resume must match it."""
+        raw = self.store.raw
         return {"data": os.path.abspath(self.data_path), "data_fingerprint": store_fingerprint(self.store.path),
+                **({"raw_fingerprint": raw.fingerprint()} if raw is not None and raw.path != self.store.path else {}),
                 "test_fold": self.split.test_fold, "val_fold": self.split.val_fold,
                 "target": None if self.target_store is None else os.path.abspath(self.target_store.path)}
 
@@ -185,6 +207,8 @@ class Trainer:
         spec, train_cfg, dist, main = self.spec, self.spec.train, self.dist, self.dist.is_main
         torch.manual_seed(train_cfg.seed)
         model = build_model(spec)
+        if self.store.raw is not None:
+            self.store.raw.check_encoders(model.live_encoders())
         if spec.data.standardize:
             fit_standardization(model, self.store, self.split.train)
         terms = nn.ModuleList(make(model, self.store) for make in self.term_factories)
@@ -402,16 +426,18 @@ def _progress(iterable, enabled: bool, **kwargs):
 
 def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = None,
           resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, raw: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train one model; see the module docstring for the folds and the run directory.
 
     With adaptation losses in the spec, unlabelled target batches come from ``target`` (a
     second store) or, without it, from the rows of ``data`` whose domain is ``target``.
     Labelled target samples are evaluated ("target" in metrics.json), never trained on.
+    Live encoders read their inputs from the manifest ``raw`` (or ``data`` is a manifest when
+    every encoder is live; see docs/raw-data.md).
     ``out`` must be new, empty, or (with ``resume`` or ``overwrite``) a fusionkit run directory.
     """
     spec = load_spec(spec)
-    store = spec_store(spec, data)
+    store = spec_store(spec, data, raw)
     target_store = spec_store(spec, target) if target is not None else None
     terms: list[TermFactory] = []
     if spec.adaptation:
@@ -432,7 +458,7 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
 
 def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
                    resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
-                   overwrite: bool = False, jobs: int = 1) -> dict[str, Any]:
+                   overwrite: bool = False, jobs: int = 1, raw: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std.
 
     ``RUN/foldK`` is fold K's run directory. With ``resume``, finished folds are read back and
@@ -440,7 +466,7 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
     own process (the cores are shared out among them).
     """
     spec = load_spec(spec)
-    store = spec_store(spec, data)
+    store = spec_store(spec, data, raw)
     folds = sorted(int(f) for f in np.unique(store.folds[store.select(labelled=True, domain="source")]) if f >= 0)
     root = RunDirectory(out, fmt=CV_FORMAT)
     root.check_owned(resume=resume, overwrite=overwrite)
@@ -450,7 +476,7 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
             root.clear()
         if not root.read():
             root.start({"data": os.path.abspath(data), "folds": folds})
-        kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target,
+        kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target, raw=raw,
                        resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
         if jobs > 1:
             import multiprocessing

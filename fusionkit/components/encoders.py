@@ -62,6 +62,14 @@ def stats7(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     return out.masked_fill((valid.sum(1) == 0).unsqueeze(-1), 0.0)  # an empty sequence has no statistics
 
 
+def pool_frames(x: torch.Tensor, lengths: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """``[B, T, D]`` frames -> ``[B, D]`` (``mean``) or ``[B, 7 * D]`` (``stats7``) over each sample's valid frames."""
+    if kind == "stats7":
+        return stats7(x, lengths)
+    valid = _valid_frames(x, lengths)
+    return (x * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
+
+
 def _sort_time(x: torch.Tensor) -> torch.Tensor:
     """``x`` [B, T, D] sorted along T."""
     if x.requires_grad or x.device.type != "cpu":
@@ -120,11 +128,9 @@ class FeaturesEncoder(Encoder):
             return x
         if x.dim() != 3:
             raise DataError(f"encoder {self.name!r}: pooling {self.pooling!r} takes [B, T, {self.dim}] sequences, found shape {tuple(x.shape)}")
-        if self.pooling == "stats7":
-            return stats7(x, lengths)
+        if self.pooling in ("stats7", "mean"):
+            return pool_frames(x, lengths, self.pooling)
         valid = _valid_frames(x, lengths)
-        if self.pooling == "mean":
-            return (x * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
         logits = self.attention(x).squeeze(-1).masked_fill(~valid, float("-inf"))
         attn = torch.softmax(logits, dim=1).nan_to_num(0.0)
         return torch.einsum("bt,btd->bd", attn, x)

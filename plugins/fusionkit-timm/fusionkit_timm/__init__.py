@@ -1,52 +1,217 @@
 """fusionkit-timm: the encoder ``timm``, any timm image model as a live encoder.
 
+It reads images (one file per sample) or clips (a folder of frame images per sample),
+preprocesses them with timm's own data config, and returns the pooled pre-logit features.
 timm is imported when such an encoder is built, never at registration, so
-``fusionkit --help`` and ``fusionkit plugins`` stay fast.
+``fusionkit --help`` and ``fusionkit plugins`` stay fast. Weights are random, or read from a
+local safetensors file: nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
 import attrs
 
 import fusionkit
-from fusionkit.config import option, positive
+from fusionkit.config import non_negative, option, unit_interval
+from fusionkit.errors import FusionkitError
+from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig, freeze_stages
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @attrs.frozen(kw_only=True)
-class TimmEncoderConfig:
-    """A timm backbone on images [B, C, H, W] (or [B, H*W] vectors with image_size set)."""
+class TimmEncoderConfig(LiveEncoderConfig):
+    """A timm backbone on images, or on clips (a folder of frames per sample) pooled over time."""
 
-    model: str = option(doc="timm model name, e.g. resnet18.")
-    pretrained: bool = option(False, doc="Load pretrained weights (needs them in the local cache; nothing is fetched in tests).")
-    in_chans: int = option(3, doc="Input channels.", validator=positive)
-    image_size: list[int] = option(factory=list, doc="[H, W] to reshape flat vector inputs into images; empty for image inputs.")
+    model: str = option(doc="timm architecture name, e.g. resnet18 or vit_tiny_patch16_224.")
+    pretrained: bool | str = option(False, doc="false: random weights; or the path of a local .safetensors file "
+                                               "with the backbone's weights. Nothing is ever downloaded.")
+    in_chans: int = option(3, doc="Input channels: 3 reads images as RGB, 1 as grayscale.")
+    img_size: list[int] = option(factory=list, doc="[H, W] input size; empty: the architecture's default. "
+                                                   "Passed to the architecture where it takes one (ViTs).")
+    crop_pct: float = option(0.0, doc="Centre-crop fraction of the resize before cropping; 0: the architecture's "
+                                      "default.", validator=unit_interval)
+    pooling: Literal["mean", "stats7"] = option("mean", doc="How clips' per-frame features pool over time.")
+    seed: int = option(0, doc="Seed of the random initial weights (pretrained: false).", validator=non_negative)
 
 
-def build(config: TimmEncoderConfig, context):
+def _timm():
     try:
         import timm
+        import timm.data
     except ImportError as exc:
-        raise ImportError(
-            f"encoder {context.encoder_name!r} of type 'timm' needs the timm package: pip install 'fusionkit-timm[timm]'"
-        ) from exc
-    from fusionkit.interfaces import Encoder
+        raise FusionkitError("the encoder 'timm' needs timm (and torchvision): pip install 'fusionkit-timm[timm]'") from exc
+    return timm
 
-    backbone = timm.create_model(config.model, pretrained=config.pretrained, num_classes=0, in_chans=config.in_chans)
 
-    class TimmEncoder(Encoder):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = backbone
-            self.out_dim = backbone.num_features
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-        def forward(self, x, lengths=None):
-            if config.image_size:
-                x = x.reshape(x.shape[0], config.in_chans, *config.image_size)
-            return self.backbone(x)
 
-    return TimmEncoder()
+def create_backbone(config: TimmEncoderConfig, where: str):
+    """The timm model with its classifier removed (``num_classes=0``), weights random or from the file."""
+    import torch
+
+    timm = _timm()
+    if not timm.models.is_model(config.model):
+        close = difflib.get_close_matches(config.model, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise FusionkitError(f"{where}: unknown timm architecture {config.model!r}.{hint} "
+                             "List them with: python -c 'import timm; print(timm.list_models())'")
+    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": config.in_chans}
+    if config.img_size:
+        kwargs["img_size"] = tuple(config.img_size)
+    weights = None
+    if config.pretrained is True:
+        raise FusionkitError(f"{where}: pretrained: true would download weights from a hub, which fusionkit never "
+                             "does; give the path of a local .safetensors file, or false for random weights")
+    if config.pretrained:
+        weights = Path(config.pretrained).expanduser()
+        if not weights.is_file():
+            raise FusionkitError(f"{where}: pretrained weights file {str(weights)!r} does not exist; give a local "
+                                 ".safetensors file (fusionkit never downloads weights)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            model = timm.create_model(config.model, pretrained=False, **kwargs)
+        except TypeError:
+            if "img_size" not in kwargs:
+                raise
+            del kwargs["img_size"]  # a CNN: any input size works, the transform sets it
+            model = timm.create_model(config.model, pretrained=False, **kwargs)
+    if weights is not None:
+        _load_weights(model, weights, where)
+    return model, weights
+
+
+def _load_weights(model, weights: Path, where: str) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if weights.suffix != ".safetensors":
+        raise FusionkitError(f"{where}: {weights}: weights must be a .safetensors file (pickled checkpoints are "
+                             "never loaded)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise FusionkitError(f"{where}: {weights}: not a readable safetensors file ({exc})") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    classifier = model.pretrained_cfg.get("classifier") or "fc"
+    unexpected = [k for k in unexpected if not k.startswith(f"{classifier}.")]  # a classifier's weights may ride along
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise FusionkitError(f"{where}: {weights} does not hold weights of {type(model).__name__} as configured: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}")
+    model.load_state_dict({k: state[k] for k in own})
+
+
+class TimmEncoder(LiveEncoder):
+    """Images ``[B, C, H, W]`` -> ``[B, D]``; clips ``[B, T, C, H, W]`` (+ lengths) -> frames -> pooled ``[B, D]``."""
+
+    def __init__(self, config: TimmEncoderConfig, context) -> None:
+        super().__init__()
+        timm = _timm()
+        where = f"encoder {context.encoder_name!r} (timm {config.model!r})"
+        self.name = context.encoder_name
+        self.config = config
+        self.backbone, self.weights_file = create_backbone(config, where)
+        data_config = timm.data.resolve_model_data_config(self.backbone)
+        if len(data_config["mean"]) != config.in_chans:  # e.g. grayscale input to an RGB-normalised architecture
+            mean, std = data_config["mean"], data_config["std"]
+            data_config["mean"] = (sum(mean) / len(mean),) * config.in_chans
+            data_config["std"] = (sum(std) / len(std),) * config.in_chans
+        if config.img_size:
+            data_config["input_size"] = (config.in_chans, *config.img_size)
+        else:
+            data_config["input_size"] = (config.in_chans, *data_config["input_size"][1:])
+        if config.crop_pct:
+            data_config["crop_pct"] = config.crop_pct
+        self.data_config = data_config
+        self.transform = timm.data.create_transform(**data_config, is_training=False)
+        self.modality = "image"
+        self.frame_dim = int(self.backbone.num_features)
+        self.out_dim = self.frame_dim * (7 if config.pooling == "stats7" else 1)
+        stages = [self.backbone.get_submodule(info["module"]) for info in getattr(self.backbone, "feature_info", [])]
+        try:
+            freeze_stages(self.backbone, stages, config)
+        except ValueError as exc:
+            raise FusionkitError(f"{where}: {exc}") from None
+
+    # -- data path (runs in loader workers) --------------------------------------------------------------
+
+    def load(self, value: str, base: Path):
+        import torch
+
+        path = base / value
+        if path.is_dir():
+            frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not frames:
+                raise ValueError(f"the clip folder {path} holds no frame images ({', '.join(IMAGE_SUFFIXES)})")
+            return torch.stack([self._image(p) for p in frames])  # [T, C, H, W]
+        return self._image(path)
+
+    def _image(self, path: Path):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.config.in_chans == 1 else "RGB")
+        except UnidentifiedImageError as exc:
+            raise ValueError(f"not a readable image ({exc})") from None
+        return self.transform(img)
+
+    def collate(self, items):
+        if len({item.dim() for item in items}) != 1:
+            raise ValueError("a batch mixes images and clips; an encoder's column holds one or the other")
+        return super().collate(items)
+
+    # -- model ------------------------------------------------------------------------------------------
+
+    def embed(self, x, lengths=None):
+        if x.dim() == 4:
+            return self.backbone(x), None
+        if x.dim() != 5:
+            raise FusionkitError(f"encoder {self.name!r}: timm takes images [B, C, H, W] or clips [B, T, C, H, W], "
+                                 f"found shape {tuple(x.shape)}")
+        import torch
+
+        b, t = x.shape[:2]
+        valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if lengths is None else \
+            torch.arange(t, device=x.device) < lengths.to(x.device)[:, None]
+        frames = x.new_zeros((b, t, self.frame_dim))
+        frames[valid] = self.backbone(x[valid])  # padding frames never go through the backbone
+        return frames, valid.sum(1)
+
+    def forward(self, x, lengths=None):
+        features, frame_lengths = self.embed(x, lengths)
+        if features.dim() == 2:
+            return features
+        from fusionkit.components.encoders import pool_frames
+
+        return pool_frames(features, frame_lengths, self.config.pooling)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "model": self.config.model,
+            "weights_file": None if self.weights_file is None else str(self.weights_file.resolve()),
+            "weights_file_sha256": None if self.weights_file is None else _sha256(self.weights_file),
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
+            "timm": _timm().__version__,
+        }
 
 
 @fusionkit.hookimpl
 def register_encoders(register):
-    register("timm", build, config=TimmEncoderConfig, description="Any timm image model as a live encoder.")
+    register("timm", TimmEncoder, config=TimmEncoderConfig,
+             description="Any timm image model on images or clips (live; random or local safetensors weights).")
