@@ -96,6 +96,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(bool, _strict((bool,), "bool"))
     conv.register_structure_hook(str, _strict((str,), "str"))
     conv.register_structure_hook(bool | str, _strict((bool, str), "bool or str"))  # e.g. pretrained: false | a path
+    conv.register_structure_hook(int | str, _strict((int, str), "int or str"))  # e.g. layer: -1 | weighted
     return conv
 
 

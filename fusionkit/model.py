@@ -137,12 +137,14 @@ class Trunk(nn.Module):
 
         ``inputs`` has the shapes of a forward pass (or ``[rows, D]`` of stacked frames); only valid
         frames (``lengths``) of available encoders (``mask``) count. Encoders without input
-        standardisation are skipped. Without this call the standardisation is the identity.
+        standardisation (live encoders among them) are skipped and need no input here. Without
+        this call the standardisation is the identity.
         """
-        self._check_inputs(inputs, lengths, mask)
+        skipped = [n for n in self.encoder_names if not hasattr(self.encoders[n], "set_standardization")]
+        self._check_inputs({**{n: None for n in skipped}, **inputs}, lengths, mask)
         for k, name in enumerate(self.encoder_names):
             encoder = self.encoders[name]
-            if not hasattr(encoder, "set_standardization"):
+            if name in skipped:
                 continue
             x = inputs[name]
             keep = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask[:, k].bool().cpu()

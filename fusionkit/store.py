@@ -256,6 +256,9 @@ def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]
         if not isinstance(file, str) or file != Path(file).name or file.startswith(".") or "\\" in file:
             raise DataError(f"{where}: encoder {name!r}: 'file' must be a plain file name inside the store, "
                             f"found {file!r}")
+        if not isinstance(meta.get("provenance", {}), dict):
+            raise DataError(f"{where}: encoder {name!r}: 'provenance' must be a mapping (what made the features), "
+                            f"found {type(meta['provenance']).__name__}")
     samples = [sample_from_record(rec, i, where, tuple(labels)) for i, rec in enumerate(index["samples"])]
     check_samples(samples, where)
     return tuple(labels), samples
@@ -352,8 +355,12 @@ def write_store(
     samples: Sequence[Sample],
     features: Mapping[str, np.ndarray | Sequence[np.ndarray]],
     overwrite: bool = False,
+    provenance: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a store atomically: a [N, D] array per encoder, or a list of N [T_i, D] arrays.
+
+    ``provenance`` maps encoder names to a JSON record of what made their features (``fusionkit
+    extract`` writes one per live encoder); the index keeps it.
 
     An existing store at ``path`` is replaced only with ``overwrite=True``, and only when it
     is a fusionkit store (or an empty directory): nothing else is ever deleted.
@@ -407,6 +414,8 @@ def write_store(
             save_file(tensors, str(tmp / file), metadata=meta)
             apply_umask(tmp / file)
             enc_index[name] = {"file": file, "kind": kind, "dim": int(tensors["features"].shape[1])}
+            if provenance and name in provenance:
+                enc_index[name]["provenance"] = dict(provenance[name])
         index = {
             "format": STORE_FORMAT, "version": STORE_VERSION, "labels": list(labels), "encoders": enc_index,
             "samples": [attrs.asdict(s) for s in samples],

@@ -1,0 +1,219 @@
+"""``fusionkit extract``: run a spec's live encoders, frozen and in eval mode, over a raw dataset and
+write a feature store.
+
+Work happens in ``OUT.partial/`` beside the store: samples are cut into shards of whole
+batches, and each finished shard is one safetensors file written atomically (temporary file,
+then rename). A killed extraction therefore resumes at the first missing shard; the store itself
+appears at ``OUT`` only at the end, in one directory rename, and the partial folder is removed
+after. Batches are the same on every run (fixed shard boundaries), so a repeated extraction gives
+byte-identical files.
+
+The store's index records each encoder's provenance: plugin, distribution and version, its
+options, the model, the SHA-256 of its weights (as loaded) and its preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusionkit.errors import DataError, FusionkitError
+from fusionkit.files import atomic_write, atomic_write_text, check_replaceable, json_marker
+from fusionkit.interfaces import LiveEncoder
+from fusionkit.raw import RawManifest, load_batches, read_manifest
+from fusionkit.spec import Spec, load_spec
+from fusionkit.store import is_store, write_store
+
+PARTIAL_FORMAT = "fusionkit-extract"
+PARTIAL_MARKER = "extract.json"
+is_partial = json_marker(PARTIAL_MARKER, "format", (PARTIAL_FORMAT,))
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's weights and buffers as loaded (names, shapes, dtypes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def provenance(spec: Spec, encoders: Mapping[str, LiveEncoder]) -> dict[str, dict[str, Any]]:
+    """Each live encoder's provenance record, as the store's index keeps it."""
+    from fusionkit.plugins import get_registry
+
+    registry = get_registry()
+    blocks = {e.name: e for e in spec.encoders}
+    out = {}
+    for name, encoder in encoders.items():
+        block = blocks[name]
+        provider = registry.get("encoder", block.type).provider
+        record = {"type": block.type, "plugin": provider.plugin, "distribution": provider.distribution,
+                  "version": provider.version, "options": spec.to_dict()["encoders"][spec.encoders.index(block)],
+                  **encoder.provenance(), "weights_sha256": weights_sha256(encoder)}
+        out[name] = json.loads(json.dumps(record, default=str))  # plain JSON, as the index stores it
+    return out
+
+
+def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: str | os.PathLike, *,
+            batch_size: int = 32, device: str = "cpu", workers: int = 2, shard_batches: int = 8,
+            overwrite: bool = False, progress: bool = True) -> Path:
+    """Extract the spec's live encoders over the manifest ``data`` into a feature store at ``out``.
+
+    ``out`` must be new, empty, or (with ``overwrite``) a fusionkit store. An interrupted
+    extraction into the same ``out`` with the same spec, manifest, batch size and device resumes.
+    Returns the store's path.
+    """
+    from fusionkit.model import build_model
+
+    spec = load_spec(spec)
+    target = Path(out)
+    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
+        raise FusionkitError(f"{target}: already exists; pass --overwrite to replace a feature store")
+    check_replaceable(target, "feature store", is_store)
+    if batch_size < 1 or shard_batches < 1 or workers < 0:
+        raise FusionkitError(f"--batch-size must be >= 1 and --workers >= 0, found {batch_size} and {workers}")
+    device = _device(device)
+    manifest = read_manifest(data, spec.labels)
+    torch.manual_seed(spec.train.seed)
+    model = build_model(spec)
+    encoders = model.live_encoders()
+    if not encoders:
+        raise FusionkitError("the spec has no live encoders to extract (an encoder of a type such as timm or hf)")
+    manifest.check_encoders(encoders)
+    for encoder in encoders.values():
+        encoder.eval().requires_grad_(False).to(device)
+    identity = {"manifest": str(Path(data).resolve()), "manifest_sha256": manifest.fingerprint(),
+                "batch_size": batch_size, "shard_batches": shard_batches, "device": device.type,
+                "provenance": provenance(spec, encoders)}
+    partial = _partial_dir(target, identity)
+
+    shard_rows = batch_size * shard_batches
+    shards = [np.arange(start, min(start + shard_rows, len(manifest))) for start in range(0, len(manifest), shard_rows)]
+    todo = [k for k in range(len(shards)) if not (partial / _shard_name(k)).is_file()]
+    bar = _bar(progress, total=len(manifest), initial=len(manifest) - sum(len(shards[k]) for k in todo))
+    batches = [rows[i: i + batch_size] for k in todo for rows in [shards[k]] for i in range(0, len(rows), batch_size)]
+    pending: dict[int, list] = {}
+    shard_of = {int(r): k for k in todo for r in shards[k]}
+    with torch.no_grad():
+        for rows, inputs, lengths in load_batches(manifest, encoders, batches, workers):
+            k = shard_of[rows[0]]
+            pending.setdefault(k, []).append(_embed(encoders, inputs, lengths, device, manifest, rows))
+            if sum(len(b["rows"]) for b in pending[k]) == len(shards[k]):
+                _write_shard(partial / _shard_name(k), pending.pop(k), manifest)
+            if bar is not None:
+                bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    features = _assemble(partial, len(shards), list(encoders))
+    write_store(target, spec.labels, manifest.samples, features, overwrite=True, provenance=identity["provenance"])
+    if is_partial(partial):
+        shutil.rmtree(partial)
+    return target
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise FusionkitError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FusionkitError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def _partial_dir(target: Path, identity: dict[str, Any]) -> Path:
+    """The folder of finished shards: new, or an interrupted extraction of the same identity (resumed)."""
+    from fusionkit.train import spec_differences
+
+    partial = target.parent / f"{target.name}.partial"
+    if partial.exists():
+        if not is_partial(partial):
+            raise FusionkitError(f"{partial}: exists and is not an extraction in progress made by fusionkit; "
+                                 "move it away or choose another output path")
+        started = json.loads((partial / PARTIAL_MARKER).read_text(encoding="utf-8"))["identity"]
+        diffs = spec_differences(started, identity)
+        if diffs:
+            raise FusionkitError(f"{partial}: an interrupted extraction of other inputs ({'; '.join(diffs[:5])}); "
+                                 f"rerun it as it was to resume, or remove {partial} to start over")
+        return partial
+    partial.mkdir(parents=True)
+    atomic_write_text(partial / PARTIAL_MARKER, json.dumps({"format": PARTIAL_FORMAT, "identity": identity}, indent=1))
+    return partial
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _embed(encoders, inputs, lengths, device, manifest: RawManifest, rows) -> dict[str, Any]:
+    out: dict[str, Any] = {"rows": rows}
+    for name, encoder in encoders.items():
+        y, n = encoder.embed(_to(inputs[name], device), _to(lengths.get(name), device))
+        y = y.float().cpu()
+        if not bool(torch.isfinite(y).all()):
+            bad = [manifest.ids[r] for r, ok in zip(rows, torch.isfinite(y).flatten(1).all(1).tolist()) if not ok]
+            raise DataError(f"encoder {name!r} gave NaN or inf features for sample(s) {bad[:5]}; nothing was written "
+                            "for their shard")
+        out[name] = y if n is None else [y[i, : int(t)] for i, t in enumerate(n.cpu())]
+    return out
+
+
+def _write_shard(path: Path, batches: list[dict[str, Any]], manifest: RawManifest) -> None:
+    from safetensors.torch import save_file
+
+    rows = [r for b in batches for r in b["rows"]]
+    tensors = {}
+    for name in [k for k in batches[0] if k != "rows"]:
+        parts = [b[name] for b in batches]
+        if isinstance(parts[0], torch.Tensor):
+            tensors[f"{name}.features"] = torch.cat(parts).contiguous()
+        else:
+            frames = [f for part in parts for f in part]
+            tensors[f"{name}.features"] = torch.cat(frames).contiguous()
+            tensors[f"{name}.offsets"] = torch.tensor(np.concatenate([[0], np.cumsum([len(f) for f in frames])]))
+    meta = {"ids": json.dumps([manifest.ids[r] for r in rows])}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def _assemble(partial: Path, count: int, names: list[str]) -> dict[str, Any]:
+    """Every shard's features joined: ``[N, D]`` per vector encoder, N ``[T, D]`` arrays per sequence encoder."""
+    from safetensors import safe_open
+
+    parts: dict[str, list] = {name: [] for name in names}
+    for k in range(count):
+        with safe_open(str(partial / _shard_name(k)), framework="pt") as fh:
+            for name in names:
+                data = fh.get_tensor(f"{name}.features").numpy()
+                if f"{name}.offsets" in fh.keys():
+                    offsets = fh.get_tensor(f"{name}.offsets").numpy()
+                    parts[name].append([data[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
+                else:
+                    parts[name].append(data)
+    return {name: (np.concatenate(p) if isinstance(p[0], np.ndarray) else [s for chunk in p for s in chunk])
+            for name, p in parts.items()}
+
+
+def _bar(enabled: bool, **kwargs):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="extract", unit="sample", disable=None, **kwargs)
