@@ -102,6 +102,16 @@ def model_summary(model) -> str:
     return "\n".join(lines)
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from fusionkit.extract import extract
+
+    args.interrupt_hint = f"the extraction is resumable: run the same command again (partial: {args.out}.partial)"
+    out = extract(args.spec, args.data, args.out, batch_size=args.batch_size, device=args.device, workers=args.workers,
+                  overwrite=args.overwrite, progress=not args.quiet)
+    print(f"feature store written to {out}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from fusionkit.train import cross_validate, train
 
@@ -109,14 +119,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     args.interrupt_hint = f"the run is resumable: add --resume to the same command (run: {args.out})"
     if args.cv:
         summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress, target=args.target,
-                                 overwrite=args.overwrite, jobs=args.jobs)
+                                 overwrite=args.overwrite, jobs=args.jobs, raw=args.raw)
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
             print(f"  {key:<13} {value['mean']:.3f} ± {value['std']:.3f}")
         print(f"written to {args.out}/cv.json")
         return 0
     metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress,
-                    target=args.target, overwrite=args.overwrite)
+                    target=args.target, overwrite=args.overwrite, raw=args.raw)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     _print_metrics(metrics)
@@ -157,19 +167,19 @@ def _run_index(run: Path, store, split_name: str):
     return index
 
 
-def _open_run(run: str, data: str):
+def _open_run(run: str, data: str, raw: str | None):
     from fusionkit.checkpoint import load_model
     from fusionkit.train import spec_store
 
     model = load_model(Path(run) / "best")
-    return model, spec_store(model.spec, data)
+    return model, spec_store(model.spec, data, raw)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fusionkit.files import atomic_write_text
     from fusionkit.tasks import collect_outputs, evaluate_outputs
 
-    model, store = _open_run(args.run, args.data)
+    model, store = _open_run(args.run, args.data, args.raw)
     index = _run_index(Path(args.run), store, args.split)
     metrics = evaluate_outputs(model, collect_outputs(model, store, index), store.truth_matrix(index))
     print(f"{args.split}: ACC_presence {metrics['acc_presence']:.3f}  ACC_salience {metrics['acc_salience']:.3f}  "
@@ -220,7 +230,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     json_path, zip_path = submission_paths(Path(args.out))
     _check_submission_replaceable(json_path, zip_path)
-    model, store = _open_run(args.run, args.data)
+    model, store = _open_run(args.run, args.data, args.raw)
     index = _run_index(Path(args.run), store, args.split)
     preds = predictions_for(model, store, index)
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
@@ -287,6 +297,10 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     for name, feats in store.encoders.items():
         kind = "sequences" if feats.is_sequence else "vectors"
         print(f"  {name}: {kind}, dim {feats.dim}, missing for {int((~feats.available).sum())} samples")
+        made = store.provenance.get(name)
+        if made:
+            print(f"    extracted by {made.get('type')} {made.get('model')!r} ({made.get('distribution')} "
+                  f"{made.get('version')}), weights sha256 {str(made.get('weights_sha256'))[:16]}…")
     return 0
 
 
@@ -329,9 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="save the untrained model (a checkpoint directory)")
     p.set_defaults(func=_cmd_build)
 
-    p = sub.add_parser("train", help="train a model on a feature store")
+    p = sub.add_parser("extract", help="run a spec's live encoders over raw data into a feature store")
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--data", required=True, metavar="STORE", help="feature store directory")
+    p.add_argument("--data", required=True, metavar="MANIFEST", help="raw manifest (.csv/.jsonl; see docs/raw-data.md)")
+    p.add_argument("--out", required=True, metavar="STORE", help="feature store to write (new, empty, or with "
+                   "--overwrite a fusionkit store); an interrupted extraction resumes when run again")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="samples per forward pass (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:K")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="data-loader processes reading and "
+                   "preprocessing the files (default 2; 0: in this process)")
+    p.add_argument("--overwrite", action="store_true", help="replace the fusionkit store already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("train", help="train a model on a feature store (and raw inputs for live encoders)")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
+    p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
+                   "encoders, beside the feature store of --data (see docs/raw-data.md)")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fold", type=int, help="test fold K (fold K+1 validates, the rest train)")
@@ -350,13 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     splits = ("test", "val", "labelled", "unlabelled", "all")
     p = sub.add_parser("evaluate", help="BlEmoRE metrics of a trained run on a store")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--data", required=True, metavar="STORE")
+    p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
+    p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
+                   "encoders, beside the feature store of --data (see docs/raw-data.md)")
     p.add_argument("--split", choices=splits, default="test", help="which samples (default: the run's test fold)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a challenge submission (JSON, and a zip beside it)")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--data", required=True, metavar="STORE")
+    p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
+    p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
+                   "encoders, beside the feature store of --data (see docs/raw-data.md)")
     p.add_argument("--out", required=True, metavar="FILE.json", help="FILE.json and FILE.zip are written "
                    "(FILE.zip names the same pair)")
     p.add_argument("--split", choices=splits, default="unlabelled", help="which samples (default: the unlabelled ones)")

@@ -109,6 +109,8 @@ class FeatureStore:
         self.domains = np.array([s.domain for s in samples])
         self.groups = np.array([s.group for s in samples])
         self.labelled = np.array([s.labels is not None for s in samples])
+        #: Encoder name -> what made its features (``fusionkit extract`` records it), from the index.
+        self.provenance: dict[str, dict[str, Any]] = {}
         #: The raw inputs of live encoders (a :class:`~fusionkit.raw.RawManifest`), and each sample's row in it.
         self.raw: Any = None
         self.raw_rows: np.ndarray | None = None
@@ -232,7 +234,9 @@ def open_store(
             raise DataError(f"{file}: feature size {data.shape[1]}, but the spec's encoder {name!r} has dim {dim}")
         available = _check_finite(name, file, data, offsets, ids, nan_policy)
         loaded[name] = EncoderFeatures(name, data, offsets, available)
-    return FeatureStore(root, labels, samples, loaded)
+    store = FeatureStore(root, labels, samples, loaded)
+    store.provenance = {name: meta["provenance"] for name, meta in index["encoders"].items() if "provenance" in meta}
+    return store
 
 
 def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]]:
