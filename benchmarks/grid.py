@@ -40,7 +40,8 @@ def run_one(job: dict) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = job.get("keep") or Path(tmp) / "run"
-        metrics = train(job["spec"], job["store"], out_dir, fold=job["fold"], progress=False, overwrite=True)
+        metrics = train(job["spec"], job["store"], out_dir, fold=job["fold"], progress=False, overwrite=True,
+                        raw=job.get("raw"))
     out = {k: job[k] for k in KEY} | {"best_epoch": metrics["best_epoch"], "seconds": round(time.perf_counter() - started, 2)}
     for split in ("test", "target"):
         if split in metrics:

@@ -301,19 +301,24 @@ class Trainer:
 
         ``train.batch_size`` is the global batch: under torchrun each rank takes every
         ``world_size``-th row of it. A rank left without rows (a last batch smaller than the
-        world) gets one stand-in row whose loss weight is zero. The next batch is assembled on
-        a background thread while the current one trains.
+        world) gets one stand-in row whose loss weight is zero. A model with batch normalisation
+        (a live CNN) never gets a last batch of one row, which it cannot normalise: that row joins
+        the batch before. The next batch is assembled on a background thread while the current
+        one trains.
         """
         size = self.spec.train.batch_size
+        bounds = [(start, min(start + size, len(order))) for start in range(0, len(order), size)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1 and _has_batch_norm(model):
+            bounds[-2:] = [(bounds[-2][0], len(order))]
 
-        def assemble(start: int) -> tuple[np.ndarray, np.ndarray, tuple]:
-            rows = order[start : start + size]
+        def assemble(bound: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple]:
+            rows = order[bound[0] : bound[1]]
             local = self.dist.shard(rows)
             if len(local) == 0:
                 local = rows[:1].copy()
             return rows, local, self.store.inputs_for(model, local)
 
-        return prefetch(assemble, range(0, len(order), size))
+        return prefetch(assemble, bounds)
 
     def validate(self, model: FusionModel, epoch: int, state: dict[str, Any], record: dict[str, Any]) -> None:
         """Evaluation: fit the decoder on validation, track the best Score, save ``best/`` when it improves."""
@@ -371,6 +376,10 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         shuffle.set_state(tensors["rng.shuffle"])
         return dict(metadata["extra"]["trainer"])
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
 def prefetch(make: Callable[[Any], Any], keys: Sequence[Any]) -> Iterator[Any]:
