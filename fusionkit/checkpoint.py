@@ -193,10 +193,15 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
     if bad:
         raise CheckpointError(f"{weights}: weights with NaN or inf in {bad[:5]}; the model diverged or the file was "
                               "modified. Use an earlier checkpoint or retrain with a lower train.lr.")
+    from fusionkit.interfaces import _restoring
+
+    token = _restoring.set(True)  # initial weights files are not read: the checkpoint's weights follow
     try:
         model = build_model(spec, registry=registry)
     except FusionkitError as exc:
         raise CheckpointError(f"{root}: cannot build the stored model: {exc}") from exc
+    finally:
+        _restoring.reset(token)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # tensors of other shapes than the spec builds

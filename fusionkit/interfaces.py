@@ -7,6 +7,7 @@ saying where in the model it sits.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -114,6 +115,15 @@ class LiveEncoder(Encoder):
     def provenance(self) -> dict[str, Any]:
         """What made these features, for the store's index: model name, weights file, preprocessing."""
         return {}
+
+
+_restoring: contextvars.ContextVar[bool] = contextvars.ContextVar("fusionkit_restoring", default=False)
+
+
+def restoring_checkpoint() -> bool:
+    """True while a checkpoint is being loaded: its own weights replace whatever initial weights a
+    component would read (a live encoder's ``pretrained`` file), so such files need not exist."""
+    return _restoring.get()
 
 
 def freeze_stages(backbone: nn.Module, stages: Sequence[nn.Module], config: LiveEncoderConfig) -> None:

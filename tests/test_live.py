@@ -123,6 +123,36 @@ def test_timm_errors_are_clear(options, message):
         build_model(spec_with({**IMG, **options}))
 
 
+def test_a_checkpoint_does_not_need_the_initial_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from fusionkit.checkpoint import load_model
+
+    weights = tmp_path / "init.safetensors"
+    first = build_model(spec_with({**IMG, "seed": 1})).encoders["img"]
+    save_file({k: v.contiguous() for k, v in first.backbone.state_dict().items()}, str(weights))
+    model = build_model(spec_with({**IMG, "pretrained": str(weights)}))
+    with torch.no_grad():
+        next(model.encoders["img"].backbone.parameters()).add_(1.0)  # "fine-tuned"
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    weights.unlink()  # the checkpoint travels without the file its training started from
+    loaded = load_model(tmp_path / "ckpt")
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(FusionkitError, match="does not exist"):
+        build_model(loaded.spec)  # building anew still needs it
+
+
+def test_extract_on_a_missing_device_is_a_clear_error(raw_images):
+    from fusionkit.extract import extract
+
+    if not torch.cuda.is_available():
+        with pytest.raises(FusionkitError, match="no CUDA device is available here; use --device cpu"):
+            extract(spec_with(IMG), raw_images / "manifest.csv", raw_images / "out", device="cuda", progress=False)
+    with pytest.raises(FusionkitError, match="--device 'tpu9'"):
+        extract(spec_with(IMG), raw_images / "manifest.csv", raw_images / "out", device="tpu9", progress=False)
+
+
 def test_timm_refuses_pickled_weights(tmp_path):
     (tmp_path / "w.pth").write_bytes(b"not read")
     with pytest.raises(FusionkitError, match="must be a .safetensors file"):

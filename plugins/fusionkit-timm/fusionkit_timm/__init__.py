@@ -19,7 +19,7 @@ import attrs
 import fusionkit
 from fusionkit.config import non_negative, option, unit_interval
 from fusionkit.errors import FusionkitError
-from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig, freeze_stages
+from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig, freeze_stages, restoring_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -74,7 +74,7 @@ def create_backbone(config: TimmEncoderConfig, where: str):
     if config.pretrained is True:
         raise FusionkitError(f"{where}: pretrained: true would download weights from a hub, which fusionkit never "
                              "does; give the path of a local .safetensors file, or false for random weights")
-    if config.pretrained:
+    if config.pretrained and not restoring_checkpoint():  # a checkpoint brings its own (fine-tuned) weights
         weights = Path(config.pretrained).expanduser()
         if not weights.is_file():
             raise FusionkitError(f"{where}: pretrained weights file {str(weights)!r} does not exist; give a local "
