@@ -141,10 +141,13 @@ def unused_parameters_possible(spec: Any, missing_encoders: bool = False) -> boo
     reaches every projector anyway. A missing encoder (masked) is never used. ``static_graph``
     is wrong here for the same reason: which parameters are used changes from step to step.
     """
+    from fusionkit.selection import slot_count
+
     gates = [spec.gate] if not spec.towers else [t.gate for t in spec.towers.values()]
     counts = [len(spec.encoders)] if not spec.towers else [len(t.encoders) for t in spec.towers.values()]
     for gate, k in zip(gates, counts):
-        if gate.config.top_n < k and gate.type != "attention" and not gate.config.supervision:
+        selective = slot_count(gate.config, k) < k or getattr(gate.config, "selection", "top_n") == "top_p"
+        if selective and gate.type != "attention" and not gate.config.supervision:
             return True
     return missing_encoders
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusionkit.config import non_negative, option, positive
-from fusionkit.selection import Selection, select_top_n
+from fusionkit.config import non_negative, option, positive, unit_interval
+from fusionkit.selection import Selection, select_top_n, select_top_p, slot_count
 
 
 @attrs.frozen(kw_only=True)
@@ -144,7 +144,17 @@ def freeze_stages(backbone: nn.Module, stages: Sequence[nn.Module], config: Live
 class GateConfig:
     """Options every gate has: how many encoders to keep and how to keep the gate alive."""
 
-    top_n: int = option(2, doc="How many encoders each sample keeps, in rank order.", validator=positive)
+    selection: Literal["top_n", "top_p"] = option(
+        "top_n", doc="top_n: every sample keeps its top_n encoders; top_p: each keeps the smallest rank-ordered "
+        "prefix whose gate probability reaches top_p, between min_n and max_n encoders.")
+    top_n: int = option(2, doc="How many encoders each sample keeps, in rank order (selection: top_n).", validator=positive)
+    top_p: float = option(0.8, doc="Cumulative gate probability a sample's kept encoders reach (selection: top_p).",
+                          validator=[unit_interval, positive])
+    min_n: int = option(1, doc="Fewest encoders a sample keeps with top_p.", validator=positive)
+    max_n: int = option(0, doc="Most encoders a sample keeps with top_p (0: all); also the fusion's slot count.",
+                        validator=non_negative)
+    residual_mean: bool = option(False, doc="Add a residual path: the mean of every available encoder token, "
+                                            "projected and added to the fused vector beside the ranked slots.")
     temperature: float = option(1.0, doc="Softmax temperature of the weights over kept scores.", validator=positive)
     noise: float = option(0.0, doc="Std of Gaussian noise added to the scores in training.", validator=non_negative)
     warmup_epochs: int = option(
@@ -171,6 +181,7 @@ class Gate(nn.Module):
 
     def __init__(self, config: GateConfig) -> None:
         super().__init__()
+        self.config = config
         self.top_n = config.top_n
         self.temperature = config.temperature
         self.noise = config.noise
@@ -188,6 +199,10 @@ class Gate(nn.Module):
         if self.training and self.noise > 0:
             scores = scores + self.noise * torch.randn_like(scores)
         soft_tail = self.training and self.epoch < self.warmup_epochs
+        if self.config.selection == "top_p":
+            max_n = slot_count(self.config, scores.shape[1])
+            return select_top_p(scores, mask, self.config.top_p, min(self.config.min_n, max_n), max_n,
+                                self.temperature, soft_tail, self.balance_weight)
         return select_top_n(scores, mask, self.top_n, self.temperature, soft_tail, self.balance_weight)
 
 

@@ -19,7 +19,7 @@ from fusionkit.answers import Prediction, from_order
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.interfaces import BuildContext, Decoder
 from fusionkit.registry import Registry
-from fusionkit.selection import Selection, gather_slots
+from fusionkit.selection import Selection, gather_slots, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec, load_spec
 
 if TYPE_CHECKING:
@@ -47,6 +47,11 @@ class FusionOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     mask: torch.Tensor | None = None
     token_logits: torch.Tensor | None = None
+
+    @property
+    def used(self) -> torch.Tensor:
+        """``[B]``: how many encoders each sample kept (top-p varies it per sample)."""
+        return (self.kept >= 0).sum(1)
 
 
 class Projector(nn.Module):
@@ -95,8 +100,11 @@ class Trunk(nn.Module):
         self.gate = _build(registry, "gate", gate, f"{where}gate", ctx)
         # Rank supervision: each encoder token predicts the labels on its own (see fusionkit.losses).
         self.token_head = nn.Linear(spec.latent_dim, len(spec.labels)) if getattr(self.gate, "supervision", 0) else None
-        self.top_n: int = gate.config.top_n
+        self.top_n: int = slot_count(gate.config, len(encoders))
         self.fusion = _build(registry, "fusion", fusion, f"{where}fusion", attrs.evolve(ctx, top_n=self.top_n))
+        # The residual mean path: every available token's mean, beside the ranked slots (gate.residual_mean).
+        self.residual = (nn.Linear(spec.latent_dim, self.fusion.out_dim)
+                         if getattr(gate.config, "residual_mean", False) else None)
         self._context = ctx
 
     def set_epoch(self, epoch: int) -> None:
@@ -126,6 +134,10 @@ class Trunk(nn.Module):
             mask = mask.to(device=tokens.device, dtype=torch.bool)
         selection = self.gate(tokens, mask)
         fused = self.fusion(gather_slots(tokens, selection), selection.weights, selection.slot_mask)
+        if self.residual is not None:
+            present = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
+            mean = (tokens * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True).clamp_min(1)
+            fused = fused + self.residual(mean)
         return tokens, selection, fused
 
     @torch.no_grad()
@@ -182,7 +194,7 @@ class Trunk(nn.Module):
                for n in self.encoder_names}
         out["identity"] = count_parameters(self.identity)
         out["gate"] = count_parameters(self.gate) + (count_parameters(self.token_head) if self.token_head is not None else 0)
-        out["fusion"] = count_parameters(self.fusion)
+        out["fusion"] = count_parameters(self.fusion) + (count_parameters(self.residual) if self.residual is not None else 0)
         return out
 
     def save_pretrained(self, directory: str) -> None:

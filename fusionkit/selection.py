@@ -1,4 +1,4 @@
-"""Hard top-n selection in rank order, shared by every gate."""
+"""Selection in rank order, shared by every gate: hard top-n, or adaptive top-p."""
 
 from __future__ import annotations
 
@@ -74,6 +74,39 @@ def select_top_n(
     return Selection(scores, kept, weights, slot_mask, mix, balance)
 
 
+def select_top_p(
+    scores: torch.Tensor,
+    mask: torch.Tensor | None,
+    p: float,
+    min_n: int,
+    max_n: int,
+    temperature: float = 1.0,
+    soft_tail: bool = False,
+    balance_weight: float = 0.0,
+) -> Selection:
+    """Keep, per sample, the smallest rank-ordered prefix of available encoders whose gate probability
+    (softmax of the scores over the available encoders) reaches ``p``, at least ``min_n`` and at most
+    ``max_n`` of them (fewer when fewer are available). Confident samples keep few encoders, uncertain
+    ones more. The result has ``max_n`` slots; slots beyond a sample's prefix are empty (-1, masked).
+    During the soft warm-up it is top-``max_n`` with the soft tail, so every encoder learns early.
+    """
+    ranked = select_top_n(scores, mask, max_n, temperature, soft_tail, 0.0)
+    available = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask
+    masked = scores.masked_fill(~available, torch.finfo(scores.dtype).min)
+    if not soft_tail:
+        probs = torch.softmax((masked / temperature).masked_fill(~available, float("-inf")), dim=1).nan_to_num(0.0)
+        in_rank = probs.detach().gather(1, ranked.kept.clamp_min(0)) * ranked.slot_mask
+        before = in_rank.cumsum(1) - in_rank  # probability of the better-ranked slots
+        position = torch.arange(ranked.kept.shape[1], device=scores.device)
+        keep = ranked.slot_mask & ((before < p) | (position < min_n))
+        logits = (scores.gather(1, ranked.kept.clamp_min(0)) / temperature).masked_fill(~keep, float("-inf"))
+        ranked = Selection(scores, ranked.kept.masked_fill(~keep, -1), torch.softmax(logits, dim=1).nan_to_num(0.0),
+                           keep, None, None)
+    if balance_weight > 0:
+        ranked.balance_loss = _balance_loss(masked, available, ranked.kept, temperature) * balance_weight
+    return ranked
+
+
 def _balance_loss(masked: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, temperature: float) -> torch.Tensor:
     """Switch-style load balance: K * sum_k (share of slots given to k) * (mean gate probability of k).
 
@@ -85,6 +118,13 @@ def _balance_loss(masked: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, 
     counts = torch.zeros_like(probs).scatter_add_(1, kept.clamp_min(0), valid.to(probs.dtype))
     share = counts.sum(0) / valid.sum().clamp_min(1)
     return k * (share.detach() * probs.mean(0)).sum()
+
+
+def slot_count(config: object, encoders: int) -> int:
+    """How many rank-ordered slots a gate config fills: ``top_n``, or ``max_n`` (0: every encoder) for top-p."""
+    if getattr(config, "selection", "top_n") == "top_p":
+        return min(config.max_n or encoders, encoders)
+    return config.top_n
 
 
 def gather_slots(tokens: torch.Tensor, selection: Selection) -> torch.Tensor:

@@ -92,7 +92,8 @@ def write_predictions(path: Path, model: FusionModel, store: FeatureStore, index
     order, sal = model.decoder.decode(outputs)
     preds = from_order(order, sal, model.labels)
     rows = {store.ids[i]: {"prediction": p, "truth": store.samples[i].labels,
-                           "kept": [model.encoder_names[k] for k in kept if k >= 0]}
+                           "kept": [model.encoder_names[k] for k in kept if k >= 0],
+                           "used": sum(1 for k in kept if k >= 0)}
             for i, p, kept in zip(index.tolist(), preds, outputs["kept"].tolist())}
     atomic_write_text(path, json.dumps(rows) + "\n")
 
@@ -132,6 +133,9 @@ class ClassificationTask:
                 outputs = collect_outputs(model, store, index)
                 metrics[name] = evaluate_outputs(model, outputs, truth)
                 metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
+                used = (outputs["kept"] >= 0).sum(1)
+                metrics[name]["encoders_used"] = {"mean": float(used.mean()),
+                                                  "histogram": {int(n): int((used == n).sum()) for n in np.unique(used)}}
                 write_predictions(out / f"predictions_{name}.json", model, store, index, outputs)
         return metrics
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fusionkit import build_model
 from fusionkit.components.encoders import stats7
 from fusionkit.errors import DataError
-from fusionkit.selection import select_top_n
+from fusionkit.selection import select_top_n, select_top_p
 
 
 def spec(gate="attention", top_n=2, fusion="rank_concat", **extra):
@@ -71,6 +71,67 @@ def test_selection_keeps_the_top_n_available_in_rank_order(case):
             assert float(w.sum()) == pytest.approx(1.0, abs=1e-5)
             assert all(float(w[j]) >= float(w[j + 1]) - 1e-6 for j in range(len(kept) - 1))
         assert w[len(kept):].eq(0).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores_st, st.floats(0.05, 1.0), st.integers(1, 6), st.integers(1, 6))
+def test_top_p_keeps_the_smallest_rank_ordered_prefix_reaching_p_within_bounds(case, p, min_n, max_n):
+    rows, mask_rows, _ = case
+    scores = torch.tensor(rows)
+    mask = torch.tensor(mask_rows[: len(rows)])
+    k = scores.shape[1]
+    max_n = min(max_n, k)
+    min_n = min(min_n, max_n)
+    sel = select_top_p(scores, mask, p, min_n, max_n)
+    assert sel.kept.shape == (len(rows), max_n)
+    for i in range(len(rows)):
+        available = sorted((j for j in range(k) if mask[i, j]), key=lambda j: -rows[i][j])
+        probs = torch.softmax(torch.tensor([rows[i][j] for j in available]), 0).tolist() if available else []
+        # the reference: grow the rank-ordered prefix until its probability reaches p, then apply the bounds
+        size = next((m for m in range(1, len(available) + 1) if sum(probs[:m]) >= p - 1e-6), len(available))
+        size = min(max(size, min_n), max_n, len(available))
+        kept = [j for j in sel.kept[i].tolist() if j >= 0]
+        assert kept == available[:size]  # rank order, never a masked encoder
+        assert sel.kept[i, len(kept):].eq(-1).all() and sel.slot_mask[i].sum() == len(kept)
+        if kept:
+            assert float(sel.weights[i].sum()) == pytest.approx(1.0, abs=1e-5)
+        assert sel.weights[i, len(kept):].eq(0).all()
+
+
+def test_top_p_in_the_model_varies_the_count_per_sample_and_reports_it():
+    torch.manual_seed(0)
+    model = build_model(spec(gate="mlp", fusion="rank_attention")
+                        | {"gate": {"type": "mlp", "selection": "top_p", "top_p": 0.6, "min_n": 1, "max_n": 3}}).eval()
+    assert model.top_n == 3  # the fusion has max_n slots
+    x, lengths = inputs(batch=32)
+    mask = torch.ones(32, 4, dtype=torch.bool)
+    mask[:4, 2] = False
+    out = model(x, lengths, mask)
+    assert out.kept.shape == (32, 3) and not (out.kept[:4] == 2).any()
+    assert torch.equal(out.used, (out.kept >= 0).sum(1)) and out.used.min() >= 1 and out.used.max() <= 3
+    probs = torch.softmax(out.scores.masked_fill(~mask, float("-inf")), 1)
+    for i in range(32):  # every sample stops at the first rank-ordered prefix that reaches 0.6
+        ranked = probs[i].sort(descending=True).values
+        need = int((ranked.cumsum(0) < 0.6 - 1e-6).sum()) + 1
+        assert int(out.used[i]) == min(need, 3)
+
+
+def test_residual_mean_path_adds_the_mean_of_the_available_tokens():
+    torch.manual_seed(0)
+    model = build_model(spec(fusion="weighted_sum") | {"gate": {"type": "attention", "top_n": 1, "residual_mean": True}})
+    model.eval()
+    x, lengths = inputs()
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    mask[0, :2] = False
+    with torch.no_grad():
+        model.residual.weight.zero_()
+        model.residual.bias.zero_()
+        plain = model(x, lengths, mask)  # the path switched off: the fusion of the top-1 slot alone
+        model.residual.weight.copy_(torch.eye(16))
+        shifted = model(x, lengths, mask)
+    present = mask.float().unsqueeze(-1)
+    mean = (plain.tokens * present).sum(1) / present.sum(1)
+    assert torch.allclose(shifted.fused - plain.fused, mean, atol=1e-5)
 
 
 def test_masked_encoders_are_never_kept_in_the_model():
