@@ -117,7 +117,11 @@ class AdaptationObjective(nn.Module):
 
     def forward(self, source: FusionOutput, rows: np.ndarray, progress: float) -> dict[str, torch.Tensor]:
         model = self.model[0]
-        target = model(*self.target.inputs_for(model, self.target_batch(self.step)))
+        model.set_domain("target")  # per-domain statistics (when the model keeps them) follow the batch
+        try:
+            target = model(*self.target.inputs_for(model, self.target_batch(self.step)))
+        finally:
+            model.set_domain("source")
         self.step += 1
         return {f"adapt_{name}": loss.scale(progress) * loss(source, target, progress)
                 for name, loss in zip(self.names, self.losses)}

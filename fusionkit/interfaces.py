@@ -33,6 +33,8 @@ class BuildContext:
     in_dim: int = 0
     encoder_name: str = ""
     head_roles: tuple[str, ...] = ()
+    #: Domains whose input statistics encoders keep (``data.standardize_per_domain`` adds "target").
+    input_domains: tuple[str, ...] = ("source",)
 
     @property
     def num_labels(self) -> int:

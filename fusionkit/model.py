@@ -54,6 +54,29 @@ class FusionOutput:
         return (self.kept >= 0).sum(1)
 
 
+DOMAINS = ("source", "target")
+
+
+class DomainNorm(nn.Module):
+    """AdaBN-style normalisation: batch statistics kept per domain, one shared affine map.
+
+    In training a batch is normalised with its own statistics and updates the running
+    statistics of the current :attr:`domain`; in evaluation each domain's running statistics
+    are used. The target's are estimated from its unlabelled rows (:func:`estimate_domain_statistics`).
+    """
+
+    def __init__(self, dim: int, domains: tuple[str, ...] = DOMAINS) -> None:
+        super().__init__()
+        self.norms = nn.ModuleDict({d: nn.BatchNorm1d(dim, affine=False) for d in domains})
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.domain = "source"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norms[self.domain if self.domain in self.norms else "source"]
+        return norm(x) * self.weight + self.bias
+
+
 class Projector(nn.Module):
     """One encoder's map into the shared latent space: linear or a two-layer MLP."""
 
@@ -63,6 +86,8 @@ class Projector(nn.Module):
             layers: list[nn.Module] = [nn.Linear(in_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, latent_dim)]
         else:
             layers = [nn.Linear(in_dim, latent_dim)]
+        if config.domain_norm:
+            layers.append(DomainNorm(latent_dim))
         if config.norm:
             layers.append(nn.LayerNorm(latent_dim))
         if config.dropout:
@@ -88,7 +113,11 @@ class Trunk(nn.Module):
         ctx = BuildContext(
             labels=spec.labels, neutral=spec.neutral, latent_dim=spec.latent_dim,
             encoder_names=self.encoder_names, head_roles=tuple(spec.heads),
+            input_domains=DOMAINS if spec.data.standardize_per_domain else ("source",),
         )
+        #: The domains whose statistics the model keeps; :meth:`set_domain` chooses one.
+        self.domains: tuple[str, ...] = DOMAINS if spec.data.standardize_per_domain or spec.projector.domain_norm \
+            else ("source",)
         self.encoders = nn.ModuleDict()
         self.projectors = nn.ModuleDict()
         for i, enc in encoders:
@@ -106,6 +135,13 @@ class Trunk(nn.Module):
         self.residual = (nn.Linear(spec.latent_dim, self.fusion.out_dim)
                          if getattr(gate.config, "residual_mean", False) else None)
         self._context = ctx
+
+    def set_domain(self, domain: str) -> None:
+        """Use ``domain``'s input and normalisation statistics from now on ("source" for a domain the
+        model keeps no statistics of). Evaluation and predict set it from each sample's domain."""
+        for module in self.modules():
+            if isinstance(module, DomainNorm) or hasattr(module, "set_standardization"):
+                module.domain = domain if domain in self.domains else "source"
 
     def set_epoch(self, epoch: int) -> None:
         """Tell epoch-dependent parts (the gate's soft warm-up) where training is; call it each epoch."""
@@ -143,15 +179,19 @@ class Trunk(nn.Module):
     @torch.no_grad()
     def fit_standardization(
         self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None, domain: str = "source",
     ) -> None:
         """Set each encoder's input standardisation from training inputs (per dimension mean and std).
 
         ``inputs`` has the shapes of a forward pass (or ``[rows, D]`` of stacked frames); only valid
         frames (``lengths``) of available encoders (``mask``) count. Encoders without input
         standardisation (live encoders among them) are skipped and need no input here. Without
-        this call the standardisation is the identity.
+        this call the standardisation is the identity. ``domain`` "target" fits the target's own
+        statistics (a model with ``data.standardize_per_domain``) from its unlabelled inputs.
         """
+        if domain not in self._context.input_domains:
+            raise DataError(f"the model keeps no input statistics of domain {domain!r}; set "
+                            "data.standardize_per_domain: true in the spec")
         skipped = [n for n in self.encoder_names if not hasattr(self.encoders[n], "set_standardization")]
         self._check_inputs({**{n: None for n in skipped}, **inputs}, lengths, mask)
         for k, name in enumerate(self.encoder_names):
@@ -168,7 +208,10 @@ class Trunk(nn.Module):
                 x = x[keep]
             if len(x) < 2:
                 raise DataError(f"encoder {name!r}: fewer than two training rows to fit its standardisation")
-            encoder.set_standardization(x.mean(0), x.std(0))
+            if domain == "source":
+                encoder.set_standardization(x.mean(0), x.std(0))
+            else:
+                encoder.set_standardization(x.mean(0), x.std(0), domain=domain)
 
     def _check_inputs(self, inputs: Mapping[str, torch.Tensor], lengths: Any, mask: Any) -> None:
         if not isinstance(inputs, Mapping):

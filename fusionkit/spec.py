@@ -75,6 +75,9 @@ class ProjectorConfig:
     hidden: int = option(0, doc="Hidden size of a two-layer MLP projector; 0 means one linear layer.", validator=non_negative)
     dropout: float = option(0.1, doc="Dropout after the projection.", validator=unit_interval)
     norm: bool = option(True, doc="LayerNorm on the projected vector.")
+    domain_norm: bool = option(False, doc="AdaBN-style normalisation of the projected vector with statistics per "
+                                          "domain: source from training batches, target from its unlabelled rows; "
+                                          "evaluation and predict use the statistics of each sample's domain.")
 
 
 @attrs.frozen(kw_only=True)
@@ -85,6 +88,9 @@ class DataConfig:
         "error", doc="NaN/inf in a sample's features: an error naming the samples, or treat that encoder as missing."
     )
     standardize: bool = option(True, doc="Standardise each encoder's inputs with statistics of the training rows only.")
+    standardize_per_domain: bool = option(
+        False, doc="Also keep target-domain input statistics, from the target's unlabelled rows (never its labels); "
+        "evaluation and predict standardise each sample with its own domain's statistics.")
 
 
 @attrs.frozen(kw_only=True)

@@ -32,13 +32,37 @@ from fusionkit.store import FeatureStore
 
 @torch.no_grad()
 def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int = 256,
-                    dist: Dist | None = None) -> dict[str, np.ndarray]:
+                    dist: Dist | None = None, domain: str | None = None) -> dict[str, np.ndarray]:
     """Probabilities (and kept encoders) of the samples ``index``, in eval mode.
 
+    A model with per-domain statistics uses each sample's own domain's (the store's ``domain``
+    field), or ``domain`` for every sample when given.
     With ``dist`` (torchrun), each rank computes its share and every rank gets all of them, in order.
     """
     if dist is not None and dist.enabled:
-        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size))
+        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain))
+    if len(getattr(model, "domains", ())) > 1:  # each sample with its own domain's statistics, in the given order
+        index = np.asarray(index)
+        domains = store.domains[index] if domain is None else np.full(len(index), domain)
+        groups = {d: np.flatnonzero(domains == d) for d in np.unique(domains)}
+        parts = {}
+        try:
+            for domain, positions in groups.items():
+                model.set_domain(str(domain))
+                parts[domain] = _collect(model, store, index[positions], batch_size)
+        finally:
+            model.set_domain("source")
+        out = {}
+        for key in next(iter(parts.values()), {}):
+            first = parts[next(iter(parts))][key]
+            out[key] = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
+            for domain, positions in groups.items():
+                out[key][positions] = parts[domain][key]
+        return out
+    return _collect(model, store, index, batch_size)
+
+
+def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
@@ -130,7 +154,8 @@ class ClassificationTask:
                                    ("target", target_store, target)):
             if len(index):  # target labels are read here, for evaluation, and nowhere else
                 truth = store.truth_matrix(index)
-                outputs = collect_outputs(model, store, index)
+                outputs = collect_outputs(model, store, index,
+                                          domain="target" if name == "target" and self.target_store else None)
                 metrics[name] = evaluate_outputs(model, outputs, truth)
                 metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
                 used = (outputs["kept"] >= 0).sum(1)

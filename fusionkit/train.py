@@ -99,8 +99,9 @@ def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | Non
     return store
 
 
-def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarray) -> None:
-    """Fit the model's input standardisation on the store's rows ``index`` (the training rows)."""
+def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarray, domain: str = "source") -> None:
+    """Fit the model's input standardisation on the store's rows ``index`` (the training rows), or a further
+    domain's statistics on that domain's rows (features only: labels are not read)."""
     inputs = {}
     for name in model.encoder_names:
         if name not in store.encoders:  # a live encoder: it reads raw inputs, nothing to standardise
@@ -111,7 +112,38 @@ def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarr
             inputs[name] = feats.data[torch.as_tensor(rows, dtype=torch.long)]
         else:
             inputs[name] = torch.cat([feats.data[int(feats.offsets[i]) : int(feats.offsets[i + 1])] for i in rows])
-    model.fit_standardization(inputs)
+    model.fit_standardization(inputs, domain=domain)
+
+
+@torch.no_grad()
+def estimate_domain_statistics(model: FusionModel, store: FeatureStore, index: np.ndarray, domain: str = "target",
+                               batch_size: int = 256) -> None:
+    """AdaBN: re-estimate the ``domain`` running statistics of every :class:`~fusionkit.model.DomainNorm`
+    from the store's rows ``index`` (inputs only, never labels), as a cumulative average over all of them."""
+    from fusionkit.model import DomainNorm
+
+    norms = [m.norms[domain] for m in model.modules() if isinstance(m, DomainNorm) and domain in m.norms]
+    if not norms or len(index) < 2:
+        return
+    was_training = model.training
+    model.eval()
+    saved = [(n.momentum, n.training) for n in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative: every row counts the same
+        norm.train()
+    model.set_domain(domain)
+    try:
+        for start in range(0, len(index), batch_size):
+            rows = index[start : start + batch_size]
+            if len(rows) > 1:
+                model(*store.inputs_for(model, rows))
+    finally:
+        model.set_domain("source")
+        for norm, (momentum, training) in zip(norms, saved):
+            norm.momentum = momentum
+            norm.train(training)
+        model.train(was_training)
 
 
 def _lr_factor(step: int, total: int, train) -> float:
@@ -158,6 +190,16 @@ class Trainer:
                                  "train two-tower models and adaptation in one process (see docs/scaling.md)")
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
+
+    def target_rows(self) -> tuple[FeatureStore, np.ndarray]:
+        """The unlabelled target rows that per-domain statistics come from: the --target store, or this
+        store's rows of domain "target" (their labels, if any, are never read here)."""
+        store = self.target_store or self.store
+        index = np.arange(len(store)) if self.target_store is not None else store.select(domain="target")
+        if len(index) < 2:
+            raise DataError(f"{store.path}: per-domain statistics (data.standardize_per_domain, projector.domain_norm) "
+                            "need target rows: give --target STORE or rows whose domain is 'target'")
+        return store, index
 
     @functools.cached_property
     def identity(self) -> dict[str, Any]:
@@ -211,6 +253,8 @@ class Trainer:
             self.store.raw.check_encoders(model.live_encoders())
         if spec.data.standardize:
             fit_standardization(model, self.store, self.split.train)
+        if spec.data.standardize_per_domain:
+            fit_standardization(model, *self.target_rows(), domain="target")
         terms = nn.ModuleList(make(model, self.store) for make in self.term_factories)
         params = [p for p in (*model.parameters(), *terms.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -337,6 +381,8 @@ class Trainer:
         if improved:
             state["best_epoch"], state["since_best"] = epoch, 0
             if self.dist.is_main:
+                if self.spec.projector.domain_norm:
+                    estimate_domain_statistics(model, *self.target_rows())
                 save_checkpoint(model, self.out / "best")
         elif improved is not None:
             state["since_best"] += 1

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from conftest import tiny_spec
@@ -149,3 +150,57 @@ def test_adaptation_improves_target_accuracy_on_a_synthetic_shift(tmp_path):
     adapted = train({**plain, "adaptation": [{"type": "coral", "weight": 1.0, "on": "encoders"}]}, store,
                     tmp_path / "coral", fold=0, progress=False)
     assert adapted["target"]["score"] > source_only["target"]["score"] + 0.03
+
+
+def domain_spec(**train_options):
+    spec = tiny_spec(**{"epochs": 3, "lr": 5e-3, **train_options})
+    spec["data"] = {"standardize_per_domain": True}
+    spec["projector"] = {"domain_norm": True, "dropout": 0.0}
+    return spec
+
+
+def test_per_domain_statistics_come_from_target_inputs_never_its_labels(tmp_path):
+    store = shifted_store(tmp_path / "store", target_shift=1.0)
+    train(domain_spec(), store, tmp_path / "a", fold=0, progress=False)
+    index_path = store / "index.json"
+    index = json.loads(index_path.read_text())
+    labels = ["ang", "disg", "fea", "hap", "sad", "neu"]
+    for rec in index["samples"]:
+        if rec["domain"] == "target":  # poison every target label
+            rec["labels"] = [{"emotion": labels[(labels.index(rec["labels"][0]["emotion"]) + 2) % 5], "salience": 100.0}]
+    index_path.write_text(json.dumps(index))
+    train(domain_spec(), store, tmp_path / "b", fold=0, progress=False)
+    wa, wb = load_model(tmp_path / "a" / "best").state_dict(), load_model(tmp_path / "b" / "best").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the target statistics are those of the target rows' features, and differ from the source's
+    from fusionkit.store import open_store
+
+    opened = open_store(store)
+    target_rows = opened.select(domain="target")
+    feats = opened.encoders["enc0"].data[torch.as_tensor(target_rows)]
+    assert torch.allclose(wa["encoders.enc0.target_input_mean"], feats.mean(0), atol=1e-5)
+    assert not torch.allclose(wa["encoders.enc0.target_input_mean"], wa["encoders.enc0.input_mean"], atol=0.1)
+    norm = "projectors.enc0.net.1.norms"
+    assert not torch.allclose(wa[f"{norm}.target.running_mean"], wa[f"{norm}.source.running_mean"], atol=1e-3)
+
+
+def test_a_checkpoint_with_per_domain_statistics_round_trips_and_predict_picks_the_domain(tmp_path, capsys):
+    from fusionkit.cli import main
+    from fusionkit.store import open_store
+    from fusionkit.tasks import collect_outputs
+
+    store = shifted_store(tmp_path / "store", target_shift=1.0)
+    metrics = train(domain_spec(), store, tmp_path / "run", fold=0, progress=False)
+    model = load_model(tmp_path / "run" / "best")
+    opened = open_store(store)
+    rows = np.concatenate([opened.select(domain="target")[:20], opened.select(domain="source")[:20]])
+    chosen = collect_outputs(model, opened, rows)["probs"]
+    as_source = collect_outputs(model, opened, rows, domain="source")["probs"]
+    as_target = collect_outputs(model, opened, rows, domain="target")["probs"]
+    # (batches of other sizes may differ in the last bits)
+    assert np.allclose(chosen[:20], as_target[:20], atol=1e-6) and np.allclose(chosen[20:], as_source[20:], atol=1e-6)
+    assert not np.allclose(as_source[:20], as_target[:20])
+    again = load_model(tmp_path / "run" / "best")
+    assert np.array_equal(collect_outputs(again, opened, rows)["probs"], chosen)
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(store), "--split", "labelled"]) == 0
+    assert "target" in metrics

@@ -99,26 +99,39 @@ class FeaturesEncoder(Encoder):
         self.attention = nn.Linear(config.dim, 1) if config.pooling == "attention" else None
         self.register_buffer("input_mean", torch.zeros(config.dim))
         self.register_buffer("input_std", torch.ones(config.dim))
+        for domain in context.input_domains[1:]:  # further domains' statistics (per-domain standardisation)
+            self.register_buffer(f"{domain}_input_mean", torch.zeros(config.dim))
+            self.register_buffer(f"{domain}_input_std", torch.ones(config.dim))
+        self.domains = context.input_domains
+        self.domain = "source"
 
-    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Standardise raw inputs (per dimension; frames for sequences) with training-set statistics."""
-        self.input_mean.copy_(mean)
-        self.input_std.copy_(std.clamp_min(1e-6))
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor, domain: str = "source") -> None:
+        """Standardise raw inputs (per dimension; frames for sequences) with training-set statistics, or
+        with a further domain's own statistics (used while :attr:`domain` is that domain)."""
+        prefix = "" if domain == "source" else f"{domain}_"
+        getattr(self, f"{prefix}input_mean").copy_(mean)
+        getattr(self, f"{prefix}input_std").copy_(std.clamp_min(1e-6))
+
+    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.domain == "source" or self.domain not in self.domains:
+            return self.input_mean, self.input_std
+        return getattr(self, f"{self.domain}_input_mean"), getattr(self, f"{self.domain}_input_std")
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         pre_pooled = self.pooling == "stats7" and x.dim() == 2 and x.shape[-1] == 7 * self.dim
         if x.shape[-1] != self.dim and not pre_pooled:
             raise DataError(f"encoder {self.name!r}: expected feature size {self.dim}, found input of shape {tuple(x.shape)}")
-        inv_std = self.input_std.reciprocal()
+        input_mean, input_std = self._statistics()
+        inv_std = input_std.reciprocal()
         if pre_pooled:
             # Precomputed stats7 of the raw frames. Standardising is an increasing affine map per
             # dimension, so the statistics of standardised frames follow exactly: every block
             # maps as (v - mean) / std, except the standard deviation, which maps as v / std.
             blocks = x.view(x.shape[0], 7, self.dim)
-            shift = (-self.input_mean * inv_std).expand(7, -1).clone()
+            shift = (-input_mean * inv_std).expand(7, -1).clone()
             shift[1] = 0.0
             return torch.addcmul(shift, blocks, inv_std).flatten(1)
-        x = torch.addcmul(-self.input_mean * inv_std, x, inv_std)  # (x - mean) / std in one pass
+        x = torch.addcmul(-input_mean * inv_std, x, inv_std)  # (x - mean) / std in one pass
         if self.pooling == "none":
             if x.dim() != 2:
                 raise DataError(
