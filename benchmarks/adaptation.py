@@ -16,6 +16,9 @@ from pathlib import Path
 from grid import grid_parser, mean_std, run_grid
 from report import RESULTS, machine, markdown_table, write
 
+# Each system: its adaptation losses, and options of its data and projector blocks.
+PER_DOMAIN = {"data": {"standardize_per_domain": True}}
+ADABN = {"data": {"standardize_per_domain": True}, "projector": {"domain_norm": True}}
 SYSTEMS = {
     "source only": [],
     "mmd": [{"type": "mmd", "weight": 0.3}],
@@ -27,7 +30,22 @@ SYSTEMS = {
     "coral on encoders": [{"type": "coral", "weight": 1.0, "on": "encoders"}],
     "coral + mmd on encoders": [{"type": "coral", "weight": 1.0, "on": "encoders"},
                                 {"type": "mmd", "weight": 1.0, "on": "encoders"}],
+    "dann, weight 0.01": [{"type": "dann", "weight": 0.01}],
+    "dann, weight 0.05, grl_max 0.1": [{"type": "dann", "weight": 0.05, "grl_max": 0.1}],
+    "dann on encoders, weight 0.05, linear": [{"type": "dann", "weight": 0.05, "on": "encoders", "schedule": "linear"}],
+    "per-domain standardisation": ([], PER_DOMAIN),
+    "per-domain standardisation + AdaBN projectors": ([], ADABN),
+    "per-domain standardisation + coral + mmd on encoders": ([{"type": "coral", "weight": 1.0, "on": "encoders"},
+                                                             {"type": "mmd", "weight": 1.0, "on": "encoders"}], PER_DOMAIN),
 }
+
+
+def system_spec(base: dict, system, seed: int) -> dict:
+    losses, blocks = system if isinstance(system, tuple) else (system, {})
+    spec = {**base, "adaptation": losses, "train": {**base["train"], "seed": seed}}
+    for key, options in blocks.items():
+        spec[key] = {**spec.get(key, {}), **options}
+    return spec
 
 
 def main() -> None:
@@ -41,8 +59,8 @@ def main() -> None:
         build_dataset("uci-mfeat", {"source": args.source, "shift_groups": 8, "seed": 0}, store, overwrite=True)
     base = recipes.topn(2)
     jobs = [{"setting": "shifted", "system": name, "fold": fold, "seed": seed, "store": str(store),
-             "spec": {**base, "adaptation": losses, "train": {**base["train"], "seed": seed}}}
-            for name, losses in SYSTEMS.items() for fold in range(args.folds) for seed in range(args.seeds)]
+             "spec": system_spec(base, system, seed)}
+            for name, system in SYSTEMS.items() for fold in range(args.folds) for seed in range(args.seeds)]
     done = run_grid(jobs, RESULTS / "adaptation-runs.jsonl", args.workers)
     by = {name: [r for (s, n, f, sd), r in done.items() if n == name and f < args.folds and sd < args.seeds]
           for name in SYSTEMS}

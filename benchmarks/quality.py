@@ -28,6 +28,13 @@ def systems() -> dict[str, tuple[str, dict]]:
     for fusion in ("rank_concat", "rank_attention"):
         for n in (1, 2, 3):
             out[f"top-{n} attention gate, {fusion}"] = ("topn", recipes.topn(n, fusion))
+    out["top-3 attention gate, rank_attention + residual mean"] = (
+        "topn", recipes.topn(3, "rank_attention", residual_mean=True))
+    for p, low in ((0.7, 1), (0.9, 2)):
+        out[f"top-p {p} (min {low}) attention gate, rank_attention"] = (
+            "topn", recipes.topn(3, "rank_attention", selection="top_p", top_p=p, min_n=low))
+    out["top-p 0.9 (min 2) attention gate, rank_attention + residual mean"] = (
+        "topn", recipes.topn(3, "rank_attention", selection="top_p", top_p=0.9, min_n=2, residual_mean=True))
     for gate in ("mlp", "static"):
         out[f"top-2 {gate} gate, rank_concat (ablation)"] = ("ablation", recipes.topn(2, "rank_concat", gate=gate))
     return out

@@ -53,10 +53,12 @@ def naive(fusion: str = "weighted_sum", seed: int = 0, dims: dict[str, int] = UC
 
 
 def topn(n: int = 2, fusion: str = "rank_concat", gate: str = "attention", seed: int = 0,
-         dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
+         dims: dict[str, int] = UCI_DIMS, **selection: Any) -> dict[str, Any]:
+    """The rank-aware recipe; ``selection`` adds gate options (e.g. ``selection="top_p", top_p=0.8``)."""
     spec = _base(dict(dims), seed)
     spec.update({
-        "gate": {"type": gate, "top_n": n, "warmup_epochs": 5, "noise": 0.1, "balance_weight": 0.01, "supervision": 1.0},
+        "gate": {"type": gate, "top_n": n, "warmup_epochs": 5, "noise": 0.1, "balance_weight": 0.01, "supervision": 1.0,
+                 **selection},
         "fusion": {"type": fusion},
     })
     return spec

@@ -204,3 +204,17 @@ def test_a_checkpoint_with_per_domain_statistics_round_trips_and_predict_picks_t
     assert np.array_equal(collect_outputs(again, opened, rows)["probs"], chosen)
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(store), "--split", "labelled"]) == 0
     assert "target" in metrics
+
+
+@pytest.mark.parametrize("schedule, progress, factor", [("constant", 0.3, 0.25), ("linear", 0.4, 0.1),
+                                                        ("dann", 0.5, 0.25 * grl_schedule(0.5))])
+def test_dann_reversal_follows_its_schedule_and_grl_max(schedule, progress, factor):
+    torch.manual_seed(0)
+    loss = DannLoss(DannConfig(weight=1.0, schedule=schedule, grl_max=0.25), CTX)
+    source, target = (x.requires_grad_(True) for x in samples(1.0, n=16))
+    loss.discrepancy(source, target, progress).backward()
+    reversed_grad = source.grad.clone()
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(
+        loss.discriminator(torch.cat([source, target])).squeeze(-1), torch.cat([torch.zeros(16), torch.ones(16)]))
+    direct = torch.autograd.grad(plain, source)[0]
+    assert torch.allclose(reversed_grad, -factor * direct, atol=1e-7)

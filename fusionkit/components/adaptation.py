@@ -35,6 +35,12 @@ class DannConfig(AdaptationConfig):
     """A domain discriminator behind gradient reversal, λ(p) = 2 / (1 + exp(-10 p)) - 1."""
 
     hidden: int = option(64, doc="Hidden size of the discriminator.", validator=positive)
+    schedule: Literal["dann", "linear", "constant"] = option(
+        "dann", doc="How the gradient-reversal factor grows over training: dann 2 / (1 + exp(-10 p)) - 1, linear p, "
+        "or constant 1; always times grl_max.")
+    grl_max: float = option(1.0, doc="Largest gradient-reversal factor: how hard the encoders are pushed to fool "
+                                     "the discriminator (the discriminator itself always learns at full strength).",
+                            validator=non_negative)
 
 
 @attrs.frozen(kw_only=True)
@@ -102,7 +108,8 @@ class DannLoss(AdaptationLoss):
         self.discriminator = nn.Sequential(nn.Linear(dim, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
 
     def discrepancy(self, source, target, progress):
-        lam = grl_schedule(progress)
+        shape = {"dann": grl_schedule(progress), "linear": progress, "constant": 1.0}[self.config.schedule]
+        lam = self.config.grl_max * shape
         feats = GradientReversal.apply(torch.cat([source, target]), lam)
         logits = self.discriminator(feats).squeeze(-1)
         domain = torch.cat([source.new_zeros(len(source)), source.new_ones(len(target))])
