@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from live import write_pix_images
+from live import pix_images
 from report import machine, markdown_table, write
 
 
@@ -33,18 +33,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from fusionkit.components.datasets import build_dataset
     from fusionkit.extract import extract
     from fusionkit.model import build_model
     from fusionkit.raw import load_batches, read_manifest
 
     work = Path(args.work)
-    store = work / "store-clean"
-    if not (store / "index.json").exists():
-        build_dataset("uci-mfeat", {"source": args.source, "seed": 0}, store, overwrite=True)
-    full = work / "pix-images" / "manifest.csv"
-    if not full.exists():
-        write_pix_images(store, full.parent)
+    _, full = pix_images(args.source, work)
     manifest_path = full.parent / f"first-{args.samples}.csv"
     lines = full.read_text().splitlines()
     manifest_path.write_text("\n".join(lines[: args.samples + 1]) + "\n")

@@ -48,6 +48,19 @@ def write_pix_images(store_path: Path, out: Path) -> Path:
     return out / "manifest.csv"
 
 
+def pix_images(source: str, work: Path) -> tuple[Path, Path]:
+    """The clean UCI blended store and its `pix` images with a manifest, made once under ``work``."""
+    from fusionkit.components.datasets import build_dataset
+
+    clean = work / "store-clean"
+    if not (clean / "index.json").exists():
+        build_dataset("uci-mfeat", {"source": source, "seed": 0}, clean, overwrite=True)
+    manifest = work / "pix-images" / "manifest.csv"
+    if not manifest.exists():
+        write_pix_images(clean, manifest.parent)
+    return clean, manifest
+
+
 def save_cnn_weights(path: Path) -> None:
     """The CNN's random initial weights (seed 0), as the local file the specs reference."""
     from safetensors.torch import save_file
@@ -62,17 +75,11 @@ def save_cnn_weights(path: Path) -> None:
 def main() -> None:
     args = grid_parser(__doc__, "runs/benchmark-live").parse_args()
     from fusionkit import recipes
-    from fusionkit.components.datasets import build_dataset
     from fusionkit.extract import extract
     from fusionkit.store import open_store, write_store
 
     work = Path(args.work)
-    clean = work / "store-clean"
-    if not (clean / "index.json").exists():
-        build_dataset("uci-mfeat", {"source": args.source, "seed": 0}, clean, overwrite=True)
-    manifest = work / "pix-images" / "manifest.csv"
-    if not manifest.exists():
-        write_pix_images(clean, manifest.parent)
+    clean, manifest = pix_images(args.source, work)
     weights = work / "cnn-init.safetensors"
     if not weights.exists():
         save_cnn_weights(weights)

@@ -7,7 +7,6 @@ in, so a crash mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fusionkit.errors import CheckpointError, FusionkitError, SpecError
-from fusionkit.files import apply_umask, backups_of, check_replaceable, json_marker, make_temp_dir, replace_directory
+from fusionkit.files import (apply_umask, backups_of, check_replaceable, json_marker, make_temp_dir, replace_directory,
+                             sha256_file)
 from fusionkit.registry import Registry
 
 if TYPE_CHECKING:
@@ -32,14 +32,6 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 #: A directory is a fusionkit checkpoint when its metadata.json carries the format version.
 is_checkpoint = json_marker(METADATA_FILE, "format_version", (FORMAT_VERSION,))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _components(model: FusionModel) -> list[dict[str, Any]]:
@@ -92,7 +84,7 @@ def save_checkpoint(
             "fusionkit_version": loaded_plugins.versions().get("fusionkit"),
             "plugins": loaded_plugins.versions(),
             "components": _components(model),
-            "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+            "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
             "extra": extra_metadata or {},
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -178,7 +170,7 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
     weights = root / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing; the checkpoint is incomplete")
-    if _sha256(weights) != metadata.get("weights_sha256"):
+    if sha256_file(weights) != metadata.get("weights_sha256"):
         raise CheckpointError(
             f"{weights}: its SHA-256 does not match metadata.json: the file is truncated or was modified. "
             "Restore it from the run that wrote it."

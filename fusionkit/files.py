@@ -13,6 +13,7 @@ Three rules every writer in fusionkit follows:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -80,6 +81,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (weights files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def describe_contents(directory: Path, limit: int = 5) -> str:

@@ -10,7 +10,6 @@ local safetensors file: nothing is ever downloaded.
 from __future__ import annotations
 
 import difflib
-import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ import attrs
 import fusionkit
 from fusionkit.config import non_negative, option, unit_interval
 from fusionkit.errors import FusionkitError
+from fusionkit.files import sha256_file
 from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig, freeze_stages, restoring_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -47,14 +47,6 @@ def _timm():
     except ImportError as exc:
         raise FusionkitError("the encoder 'timm' needs timm (and torchvision): pip install 'fusionkit-timm[timm]'") from exc
     return timm
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def create_backbone(config: TimmEncoderConfig, where: str):
@@ -205,7 +197,7 @@ class TimmEncoder(LiveEncoder):
         return {
             "model": self.config.model,
             "weights_file": None if self.weights_file is None else str(self.weights_file.resolve()),
-            "weights_file_sha256": None if self.weights_file is None else _sha256(self.weights_file),
+            "weights_file_sha256": None if self.weights_file is None else sha256_file(self.weights_file),
             "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
             "timm": _timm().__version__,
         }

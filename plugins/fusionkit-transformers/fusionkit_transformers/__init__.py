@@ -9,7 +9,6 @@ when such an encoder is built, never at registration.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ import attrs
 import fusionkit
 from fusionkit.config import option, positive
 from fusionkit.errors import FusionkitError
+from fusionkit.files import sha256_file
 from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig, freeze_stages
 
 
@@ -70,14 +70,6 @@ def resolve_model_dir(name: str, where: str) -> Path:
         f"{where}: model {name!r} is neither a local directory nor an installed package that ships a model. "
         "fusionkit never downloads from a hub: save the model to a directory (save_pretrained) and give its path."
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class HfEncoder(LiveEncoder):
@@ -208,7 +200,7 @@ class HfEncoder(LiveEncoder):
         return {
             "model": str(self.model_dir.resolve()),
             "architecture": type(self.model).__name__,
-            "weights_file_sha256": {p.name: _sha256(p) for p in weights},
+            "weights_file_sha256": {p.name: sha256_file(p) for p in weights},
             "preprocessing": {"modality": self.modality, "pooling": self.config.pooling, "layer": self.config.layer,
                               "processor": processor},
             "transformers": _transformers().__version__,
