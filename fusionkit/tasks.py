@@ -160,7 +160,7 @@ class ClassificationTask:
                 metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
                 used = (outputs["kept"] >= 0).sum(1)
                 metrics[name]["encoders_used"] = {"mean": float(used.mean()),
-                                                  "histogram": {int(n): int((used == n).sum()) for n in np.unique(used)}}
+                                                  "histogram": {str(int(n)): int((used == n).sum()) for n in np.unique(used)}}
                 write_predictions(out / f"predictions_{name}.json", model, store, index, outputs)
         return metrics
 

@@ -112,7 +112,10 @@ def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarr
             inputs[name] = feats.data[torch.as_tensor(rows, dtype=torch.long)]
         else:
             inputs[name] = torch.cat([feats.data[int(feats.offsets[i]) : int(feats.offsets[i + 1])] for i in rows])
-    model.fit_standardization(inputs, domain=domain)
+    if domain == "source":
+        model.fit_standardization(inputs)
+    else:
+        model.fit_standardization(inputs, domain=domain)
 
 
 @torch.no_grad()

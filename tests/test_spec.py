@@ -68,8 +68,8 @@ def test_unknown_type_lists_close_matches_and_installed_plugins():
 
 
 def test_unknown_option_is_an_error_with_a_suggestion():
-    (problem,) = problems_of(base(gate={"type": "attention", "top_m": 2}))
-    assert problem.startswith("gate.top_m:") and "did you mean 'top_n'" in problem
+    (problem,) = problems_of(base(gate={"type": "attention", "tempreature": 2}))
+    assert problem.startswith("gate.tempreature:") and "did you mean 'temperature'" in problem
 
 
 def test_literal_choice_lists_the_choices():
