@@ -84,8 +84,9 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
         raise FusionkitError(f"--batch-size must be >= 1 and --workers >= 0, found {batch_size} and {workers}")
     device = _device(device)
     manifest = read_manifest(data, spec.labels)
-    torch.manual_seed(spec.train.seed)
-    model = build_model(spec)
+    with torch.random.fork_rng(devices=[]):  # random initial weights follow train.seed; the caller's RNG is untouched
+        torch.manual_seed(spec.train.seed)
+        model = build_model(spec)
     encoders = model.live_encoders()
     if not encoders:
         raise FusionkitError("the spec has no live encoders to extract (an encoder of a type such as timm or hf)")
