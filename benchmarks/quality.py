@@ -82,10 +82,16 @@ def summarize(done: dict, table: dict, args) -> None:
         verdict[setting] = {"best_topn": best_topn_name, "best_topn_score": best_topn, "best_naive_score": naive,
                             "best_single_score": best_single, "gain_over_naive_points": 100 * (best_topn - naive),
                             "gain_over_single_points": 100 * (best_topn - best_single)}
+    # One recipe must do both: the best rank-aware recipe on clean data, measured under corruption too.
+    clean_best = verdict["clean"]["best_topn"]
+    naive_corrupted = max(v["score"][0] for n, v in stats["corrupted"].items() if table[n][0] == "naive")
+    same_recipe_corrupted = 100 * (stats["corrupted"][clean_best]["score"][0] - naive_corrupted)
+    verdict["clean_best_recipe_under_corruption_points_over_naive"] = same_recipe_corrupted
     met = {
-        "clean_topn_at_least_naive": verdict["clean"]["gain_over_naive_points"] >= 0,
-        "corrupted_topn_3_points_over_naive": verdict["corrupted"]["gain_over_naive_points"] >= 3,
-        "topn_over_best_single_everywhere": all(v["gain_over_single_points"] > 0 for v in verdict.values()),
+        "clean_best_rank_aware_1_point_over_naive": verdict["clean"]["gain_over_naive_points"] >= 1,
+        "same_recipe_3_points_over_naive_corrupted": same_recipe_corrupted >= 3,
+        "topn_over_best_single_everywhere": all(v["gain_over_single_points"] > 0 for k, v in verdict.items()
+                                                if isinstance(v, dict)),
     }
     data = {"machine": machine(), "folds": args.folds, "seeds": args.seeds, "stats": stats, "verdict": verdict, "targets_met": met}
     sections = ["## Quality on UCI Multiple Features blends", "",
@@ -98,10 +104,12 @@ def summarize(done: dict, table: dict, args) -> None:
         rows = [[n, *(f"{v[k][0]:.3f} ± {v[k][1]:.3f}" for k in ("acc_presence", "acc_salience", "score")), v["score"][2]]
                 for n, v in by.items()]
         sections += [f"### {setting}", "", markdown_table(["system", "ACC_presence", "ACC_salience", "Score", "runs"], rows), ""]
-    for setting, v in verdict.items():
-        sections.append(f"- {setting}: best top-n is **{v['best_topn']}** ({v['best_topn_score']:.3f}): "
+    for setting, v in ((s, v) for s, v in verdict.items() if isinstance(v, dict)):
+        sections.append(f"- {setting}: best rank-aware recipe is **{v['best_topn']}** ({v['best_topn_score']:.3f}): "
                         f"{v['gain_over_naive_points']:+.1f} points over the best naive fusion, "
                         f"{v['gain_over_single_points']:+.1f} over the best single encoder.")
+    sections.append(f"- the clean-best recipe under corruption: {same_recipe_corrupted:+.1f} points over the best naive "
+                    "fusion.")
     sections += ["", "Targets: " + ", ".join(f"{k}: **{'met' if ok else 'not met'}**" for k, ok in met.items()) + "."]
     write("quality", data, "\n".join(sections))
 
