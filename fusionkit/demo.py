@@ -6,10 +6,10 @@ corrupted encoders, it trains and compares:
 
 1. the official BlEmoRE baseline recipe on the best single encoder (fac);
 2. naive fusion of all six encoders;
-3. rank-aware top-3 fusion (attention gate, rank_attention fusion, presence + salience heads),
-   the best top-n recipe of docs/benchmarks.md;
+3. rank-aware fusion (attention gate, adaptive top-p selection, rank_attention fusion with the
+   residual mean path, presence + salience heads), the best recipe of docs/benchmarks.md;
 
-then prints the table and writes the report of the top-3 runs.
+then prints the table and writes the report of the rank-aware runs.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def run_demo(args: argparse.Namespace) -> int:
     systems = {
         f"baseline recipe, best single encoder ({BEST_SINGLE})": recipes.baseline(BEST_SINGLE),
         "naive fusion, all 6 encoders": recipes.naive("weighted_sum"),
-        "rank-aware top-3 fusion": recipes.topn(3, "rank_attention"),
+        "rank-aware top-p fusion": recipes.best(),
     }
     results: dict[tuple[str, str], dict] = {}
     for setting, fraction in settings.items():
@@ -62,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
             run = out / setting / name.split(",")[0].replace(" ", "-")
             print(f"training {name} on {setting} data ...", flush=True)
             results[(setting, name)] = train(spec, store, run, fold=0, progress=True, overwrite=True)["test"]
-        write_report(out / setting / "rank-aware-top-3-fusion")
+        write_report(out / setting / "rank-aware-top-p-fusion")
 
     print(f"\nTest fold 0 (group-disjoint), {len(results)} runs in {time.perf_counter() - started:.0f} s:\n")
     header = f"{'system':<48} {'data':<10} {'ACC_presence':>12} {'ACC_salience':>12} {'Score':>7}"
@@ -70,5 +70,5 @@ def run_demo(args: argparse.Namespace) -> int:
     print("-" * len(header))
     for (setting, name), m in results.items():
         print(f"{name:<48} {setting:<10} {m['acc_presence']:>12.3f} {m['acc_salience']:>12.3f} {m['score']:>7.3f}")
-    print(f"\nReports: {out}/clean/rank-aware-top-3-fusion/report/ and {out}/corrupted/rank-aware-top-3-fusion/report/")
+    print(f"\nReports: {out}/clean/rank-aware-top-p-fusion/report/ and {out}/corrupted/rank-aware-top-p-fusion/report/")
     return 0

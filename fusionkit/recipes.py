@@ -52,6 +52,12 @@ def naive(fusion: str = "weighted_sum", seed: int = 0, dims: dict[str, int] = UC
     return spec
 
 
+def best(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
+    """The best rank-aware recipe of docs/benchmarks.md: top-p 0.9 (at least 2 encoders), rank_attention,
+    and the residual mean path."""
+    return topn(3, "rank_attention", seed=seed, dims=dims, selection="top_p", top_p=0.9, min_n=2, residual_mean=True)
+
+
 def topn(n: int = 2, fusion: str = "rank_concat", gate: str = "attention", seed: int = 0,
          dims: dict[str, int] = UCI_DIMS, **selection: Any) -> dict[str, Any]:
     """The rank-aware recipe; ``selection`` adds gate options (e.g. ``selection="top_p", top_p=0.8``)."""
