@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="run a spec's live encoders over raw data into a feature store")
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--data", required=True, metavar="MANIFEST", help="raw manifest (.csv/.jsonl; see docs/raw-data.md)")
+    p.add_argument("--data", required=True, metavar="MANIFEST", help="raw manifest (.csv/.jsonl; see docs/live-encoders.md)")
     p.add_argument("--out", required=True, metavar="STORE", help="feature store to write (new, empty, or with "
                    "--overwrite a fusionkit store); an interrupted extraction resumes when run again")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="samples per forward pass (default 32)")
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
-                   "encoders, beside the feature store of --data (see docs/raw-data.md)")
+                   "encoders, beside the feature store of --data (see docs/live-encoders.md)")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fold", type=int, help="test fold K (fold K+1 validates, the rest train)")
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
-                   "encoders, beside the feature store of --data (see docs/raw-data.md)")
+                   "encoders, beside the feature store of --data (see docs/live-encoders.md)")
     p.add_argument("--split", choices=splits, default="test", help="which samples (default: the run's test fold)")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
-                   "encoders, beside the feature store of --data (see docs/raw-data.md)")
+                   "encoders, beside the feature store of --data (see docs/live-encoders.md)")
     p.add_argument("--out", required=True, metavar="FILE.json", help="FILE.json and FILE.zip are written "
                    "(FILE.zip names the same pair)")
     p.add_argument("--split", choices=splits, default="unlabelled", help="which samples (default: the unlabelled ones)")

@@ -1,7 +1,7 @@
 """Raw datasets: a manifest of samples whose inputs are files (images, audio, clips) or texts.
 
 A manifest is a CSV file (with a header) or a JSONL file (one object per line); see
-docs/raw-data.md. Its columns::
+docs/live-encoders.md. Its columns::
 
     id        the sample id (unique)
     labels    the BlEmoRE answer: "hap", "hap:70;sad:30", or a JSON list of {emotion, salience};
@@ -124,7 +124,7 @@ def read_manifest(path: str | os.PathLike, labels: Sequence[str]) -> RawManifest
     """Read and validate a CSV or JSONL manifest whose answers use ``labels``."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such manifest file (a .csv or .jsonl file; see docs/raw-data.md)")
+        raise DataError(f"{path}: no such manifest file (a .csv or .jsonl file; see docs/live-encoders.md)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

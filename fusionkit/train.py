@@ -95,7 +95,7 @@ def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | Non
         store.attach_raw(manifest, manifest.rows_for(store.ids, store.path))
     elif live:
         raise DataError(f"encoder(s) {sorted(live)} are live and read raw inputs: give their manifest with --raw "
-                        "(see docs/raw-data.md)")
+                        "(see docs/live-encoders.md)")
     return store
 
 
@@ -491,7 +491,7 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
     second store) or, without it, from the rows of ``data`` whose domain is ``target``.
     Labelled target samples are evaluated ("target" in metrics.json), never trained on.
     Live encoders read their inputs from the manifest ``raw`` (or ``data`` is a manifest when
-    every encoder is live; see docs/raw-data.md).
+    every encoder is live; see docs/live-encoders.md).
     ``out`` must be new, empty, or (with ``resume`` or ``overwrite``) a fusionkit run directory.
     """
     spec = load_spec(spec)

@@ -19,3 +19,9 @@ def test_python_examples_run(path, tmp_path, monkeypatch):
     for i, block in enumerate(BLOCK.findall(path.read_text())):
         code = compile(block, f"{path.name}[block {i}]", "exec")
         exec(code, namespace)
+
+
+def test_every_doc_page_that_the_code_names_exists():
+    named = {m for path in [*(ROOT / "fusionkit").rglob("*.py"), *(ROOT / "plugins").glob("*/*/*.py")]
+             for m in re.findall(r"docs/[\w-]+\.md", path.read_text())}
+    assert named and not [page for page in named if not (ROOT / page).is_file()]
