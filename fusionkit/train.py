@@ -349,13 +349,14 @@ class Trainer:
         ``train.batch_size`` is the global batch: under torchrun each rank takes every
         ``world_size``-th row of it. A rank left without rows (a last batch smaller than the
         world) gets one stand-in row whose loss weight is zero. A model with batch normalisation
-        (a live CNN) never gets a last batch of one row, which it cannot normalise: that row joins
-        the batch before. The next batch is assembled on a background thread while the current
-        one trains.
+        (a live CNN) never gets a last batch that would leave a process one row, which it cannot
+        normalise: those rows join the batch before. The next batch is assembled on a background
+        thread while the current one trains.
         """
         size = self.spec.train.batch_size
         bounds = [(start, min(start + size, len(order))) for start in range(0, len(order), size)]
-        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1 and _has_batch_norm(model):
+        last = bounds[-1][1] - bounds[-1][0] if bounds else 0
+        if len(bounds) > 1 and last < 2 * self.dist.world_size and _has_batch_norm(model):
             bounds[-2:] = [(bounds[-2][0], len(order))]
 
         def assemble(bound: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple]:

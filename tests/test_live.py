@@ -465,3 +465,18 @@ def test_train_from_a_manifest_on_the_command_line(raw_images, capsys):
                  "--raw", str(raw_images / "manifest.csv")]) == 0
     run = json.loads((raw_images / "run" / "run.json").read_text())
     assert run["raw_fingerprint"]
+
+
+def test_a_live_cnn_trains_under_torchrun_without_one_row_batches(raw_images):
+    import yaml
+
+    from test_distributed import torchrun
+
+    # 16 training rows in batches of 7: the last global batch of two rows would leave each of the two
+    # processes one row, which batch norm cannot normalise; it joins the batch before
+    (raw_images / "spec.yaml").write_text(yaml.safe_dump(spec_with(IMG, batch_size=7)))
+    proc = torchrun("-m", "fusionkit", "train", "spec.yaml", "--data", "manifest.csv", "--out", "run", "--quiet",
+                    cwd=raw_images)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((raw_images / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and "val" in metrics
