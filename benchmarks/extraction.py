@@ -30,9 +30,9 @@ CONFIGS = (("resnet18", 64, 1024), ("resnet50", 112, 512))
 def measure(model_name: str, side: int, samples: int, full_manifest: Path, work: Path, batch_size: int,
             repeats: int) -> dict:
     """Bare forward vs the whole extraction for one backbone, fastest of ``repeats`` alternating runs."""
-    from fusionkit.extract import extract
+    from fusionkit.data.extract import extract
     from fusionkit.model import build_model
-    from fusionkit.raw import load_batches, read_manifest
+    from fusionkit.data.raw import load_batches, read_manifest
 
     manifest_path = full_manifest.parent / f"first-{samples}.csv"
     manifest_path.write_text("\n".join(full_manifest.read_text().splitlines()[: samples + 1]) + "\n")

@@ -34,7 +34,7 @@ def run_one(job: dict) -> dict:
     is needed later (a teacher); return its metrics."""
     import torch
 
-    from fusionkit.train import train
+    from fusionkit.training.train import train
 
     torch.set_num_threads(1)
     started = time.perf_counter()

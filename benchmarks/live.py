@@ -32,7 +32,7 @@ def write_pix_images(store_path: Path, out: Path) -> Path:
     """Every sample's `pix` row as a 16 x 15 PNG (0-6 scaled to 0-255), and a manifest; returns the manifest."""
     from PIL import Image
 
-    from fusionkit.store import open_store
+    from fusionkit.data.store import open_store
 
     store = open_store(store_path)
     (out / "img").mkdir(parents=True, exist_ok=True)
@@ -75,8 +75,8 @@ def save_cnn_weights(path: Path) -> None:
 def main() -> None:
     args = grid_parser(__doc__, "runs/benchmark-live").parse_args()
     from fusionkit import recipes
-    from fusionkit.extract import extract
-    from fusionkit.store import open_store, write_store
+    from fusionkit.data.extract import extract
+    from fusionkit.data.store import open_store, write_store
 
     work = Path(args.work)
     clean, manifest = pix_images(args.source, work)

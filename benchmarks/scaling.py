@@ -48,7 +48,7 @@ def blemore_spec(dim: int = DIM, pooling: str = "none", k: int = K) -> dict:
 
 
 def forward_backward(model, batch, target):
-    from fusionkit.losses import supervised_loss
+    from fusionkit.training.losses import supervised_loss
 
     out = model(*batch)
     loss, _ = supervised_loss(out, target, model.spec.train if hasattr(model, "spec") else model.module.spec.train)
@@ -64,7 +64,7 @@ def train_step(model, optimizer, batch, target):
 
 def ddp_worker(steps: int) -> None:
     """Run under torchrun: time ``steps`` DDP training steps at global batch 64; rank 0 prints samples/s."""
-    from fusionkit.distributed import setup, wrap
+    from fusionkit.training.distributed import setup, wrap
     from fusionkit.model import build_model
 
     torch.set_num_threads(1)
@@ -137,7 +137,7 @@ def measure_matmul(rounds: int) -> dict:
 
 
 def build_stores(root: Path) -> dict[str, Path]:
-    from fusionkit.store import Sample, write_store
+    from fusionkit.data.store import Sample, write_store
 
     g = np.random.default_rng(0)
     labels = ["ang", "disg", "fea", "hap", "sad", "neu"]
@@ -157,8 +157,8 @@ def build_stores(root: Path) -> dict[str, Path]:
 
 def measure_data_path(root: Path, rounds: int) -> dict:
     from fusionkit.model import build_model
-    from fusionkit.store import open_store
-    from fusionkit.train import prefetch
+    from fusionkit.data.store import open_store
+    from fusionkit.training.train import prefetch
 
     stores = build_stores(root)
     out = {}

@@ -31,7 +31,7 @@ _LAZY = {
     "load_model": "fusionkit.checkpoint",
     "get_registry": "fusionkit.plugins",
     "register_plugin": "fusionkit.plugins",
-    "training_loss": "fusionkit.losses",
+    "training_loss": "fusionkit.training.losses",
     "option": "fusionkit.config",
     "blemore_scores": "fusionkit.metrics",
 }

@@ -103,7 +103,7 @@ def model_summary(model) -> str:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from fusionkit.extract import extract
+    from fusionkit.data.extract import extract
 
     args.interrupt_hint = f"the extraction is resumable: run the same command again (partial: {args.out}.partial)"
     out = extract(args.spec, args.data, args.out, batch_size=args.batch_size, device=args.device, workers=args.workers,
@@ -113,7 +113,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fusionkit.train import cross_validate, train
+    from fusionkit.training.train import cross_validate, train
 
     progress = not args.quiet
     args.interrupt_hint = f"the run is resumable: add --resume to the same command (run: {args.out})"
@@ -150,7 +150,7 @@ def _run_index(run: Path, store, split_name: str):
     import numpy as np
 
     from fusionkit.errors import DataError
-    from fusionkit.train import make_split
+    from fusionkit.training.train import make_split
 
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     if split_name == "unlabelled":
@@ -169,7 +169,7 @@ def _run_index(run: Path, store, split_name: str):
 
 def _open_run(run: str, data: str, raw: str | None):
     from fusionkit.checkpoint import load_model
-    from fusionkit.train import spec_store
+    from fusionkit.training.train import spec_store
 
     model = load_model(Path(run) / "best")
     return model, spec_store(model.spec, data, raw)
@@ -177,7 +177,7 @@ def _open_run(run: str, data: str, raw: str | None):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fusionkit.files import atomic_write_text
-    from fusionkit.tasks import collect_outputs, evaluate_outputs
+    from fusionkit.training.tasks import collect_outputs, evaluate_outputs
 
     model, store = _open_run(args.run, args.data, args.raw)
     index = _run_index(Path(args.run), store, args.split)
@@ -226,7 +226,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import zipfile
 
     from fusionkit.files import atomic_write, atomic_write_text
-    from fusionkit.tasks import predictions_for
+    from fusionkit.training.tasks import predictions_for
 
     json_path, zip_path = submission_paths(Path(args.out))
     _check_submission_replaceable(json_path, zip_path)
@@ -286,7 +286,7 @@ def _cmd_data_options(args: argparse.Namespace) -> int:
 def _cmd_data_info(args: argparse.Namespace) -> int:
     import collections
 
-    from fusionkit.store import open_store
+    from fusionkit.data.store import open_store
 
     store = open_store(args.store)
     blends = sum(1 for s in store.samples if s.labels and len(s.labels) == 2)

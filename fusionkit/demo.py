@@ -41,7 +41,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from fusionkit.components.datasets import build_dataset
     from fusionkit.plugins import loaded
     from fusionkit.report import write_report
-    from fusionkit.train import train
+    from fusionkit.training.train import train
 
     started = time.perf_counter()
     out = Path(args.out)

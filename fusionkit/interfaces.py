@@ -271,7 +271,7 @@ class Dataset:
 
     def build(self, out, overwrite: bool = False):
         """Write the dataset as a feature store at ``out``; returns its path."""
-        from fusionkit.store import write_store
+        from fusionkit.data.store import write_store
 
         samples, features = self.generate()
         return write_store(out, self.labels(), samples, features, overwrite=overwrite)

@@ -127,7 +127,7 @@ class Trunk(nn.Module):
             self.projectors[enc.name] = Projector(module.out_dim, spec.latent_dim, spec.projector)
         self.identity = nn.Parameter(torch.randn(len(encoders), spec.latent_dim) * 0.02)
         self.gate = _build(registry, "gate", gate, f"{where}gate", ctx)
-        # Rank supervision: each encoder token predicts the labels on its own (see fusionkit.losses).
+        # Rank supervision: each encoder token predicts the labels on its own (see fusionkit.training.losses).
         self.token_head = nn.Linear(spec.latent_dim, len(spec.labels)) if getattr(self.gate, "supervision", 0) else None
         self.top_n: int = slot_count(gate.config, len(encoders))
         self.fusion = _build(registry, "fusion", fusion, f"{where}fusion", attrs.evolve(ctx, top_n=self.top_n))

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from conftest import tiny_spec
-from fusionkit.adaptation import GradientReversal, grl_schedule
+from fusionkit.training.adaptation import GradientReversal, grl_schedule
 from fusionkit.checkpoint import load_model
 from fusionkit.components.adaptation import (
     CoralConfig, CoralLoss, DannConfig, DannLoss, EntropyConfig, EntropyLoss, MMDConfig, MMDLoss, coral, mmd)
 from fusionkit.interfaces import BuildContext
-from fusionkit.train import train
+from fusionkit.training.train import train
 
 CTX = BuildContext(labels=("a", "b", "c"), neutral=None, latent_dim=8, encoder_names=("x",), in_dim=8)
 
@@ -173,7 +173,7 @@ def test_per_domain_statistics_come_from_target_inputs_never_its_labels(tmp_path
     wa, wb = load_model(tmp_path / "a" / "best").state_dict(), load_model(tmp_path / "b" / "best").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # the target statistics are those of the target rows' features, and differ from the source's
-    from fusionkit.store import open_store
+    from fusionkit.data.store import open_store
 
     opened = open_store(store)
     target_rows = opened.select(domain="target")
@@ -186,8 +186,8 @@ def test_per_domain_statistics_come_from_target_inputs_never_its_labels(tmp_path
 
 def test_a_checkpoint_with_per_domain_statistics_round_trips_and_predict_picks_the_domain(tmp_path, capsys):
     from fusionkit.cli import main
-    from fusionkit.store import open_store
-    from fusionkit.tasks import collect_outputs
+    from fusionkit.data.store import open_store
+    from fusionkit.training.tasks import collect_outputs
 
     store = shifted_store(tmp_path / "store", target_shift=1.0)
     metrics = train(domain_spec(), store, tmp_path / "run", fold=0, progress=False)

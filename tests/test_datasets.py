@@ -13,7 +13,7 @@ import pytest
 from fusionkit.components.datasets import (
     BlemoreConfig, BlemoreRelease, UciMfeat, UciMfeatConfig, build_dataset, read_uci_mfeat)
 from fusionkit.errors import DataError, SpecError
-from fusionkit.store import open_store
+from fusionkit.data.store import open_store
 
 
 def test_uci_reads_directory_and_wheel_alike(uci_source, tmp_path):

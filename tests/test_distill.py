@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from fusionkit.checkpoint import load_model
-from fusionkit.distill import DistillBatch, teacher_outputs
+from fusionkit.training.distill import DistillBatch, teacher_outputs
 from fusionkit.errors import CheckpointError, FusionkitError, SpecError
 from fusionkit.model import build_model
 from fusionkit.plugins import get_registry
 from fusionkit.spec import load_spec
 from fusionkit.towers import TwoTowerModel, clip_loss, retrieval_metrics
-from fusionkit.train import spec_store, train
+from fusionkit.training.train import spec_store, train
 
 LOSSES = ("kd", "fd", "crd", "icl", "rkd", "vrd", "xrd")
 
@@ -102,7 +102,7 @@ LABELS = [f"d{i}" for i in range(4)]
 @pytest.fixture(scope="module")
 def pair_store(tmp_path_factory):
     """Two views of four classes: 'img' and 'txt' are noisy linear maps of one latent per sample."""
-    from fusionkit.store import Sample, write_store
+    from fusionkit.data.store import Sample, write_store
 
     rng = np.random.default_rng(0)
     n = 240

@@ -16,9 +16,9 @@ import yaml
 
 from conftest import tiny_spec
 from fusionkit.checkpoint import load_model
-from fusionkit.distributed import Dist, unused_parameters_possible
+from fusionkit.training.distributed import Dist, unused_parameters_possible
 from fusionkit.spec import load_spec
-from fusionkit.train import train
+from fusionkit.training.train import train
 
 
 def ddp_spec(**train_options):
@@ -100,7 +100,7 @@ def test_a_rank_that_raises_stops_the_run_with_an_error_naming_it(one_process, s
     script.write_text(textwrap.dedent(f"""
         import os, sys
         from fusionkit.errors import FusionkitError
-        from fusionkit.train import Trainer
+        from fusionkit.training.train import Trainer
         real = Trainer.batches
         def batches(self, order, model):
             for i, item in enumerate(real(self, order, model)):
@@ -146,7 +146,7 @@ def test_dist_helpers_shard_weight_and_gather_in_order():
 
 
 def test_cross_validation_folds_in_separate_processes(synthetic_store, tmp_path):
-    from fusionkit.train import cross_validate
+    from fusionkit.training.train import cross_validate
 
     torch.set_num_threads(1)
     try:
@@ -160,7 +160,7 @@ def test_cross_validation_folds_in_separate_processes(synthetic_store, tmp_path)
 def test_the_batch_source_prefetches_in_order_and_passes_errors_on():
     import threading
 
-    from fusionkit.train import prefetch
+    from fusionkit.training.train import prefetch
 
     threads = set()
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from fusionkit.checkpoint import load_model
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, SpecError
 from fusionkit.model import build_model
-from fusionkit.store import Sample, open_store, write_store
+from fusionkit.data.store import Sample, open_store, write_store
 
 EXAMPLES = int(os.environ.get("FUSIONKIT_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,

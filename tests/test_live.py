@@ -38,7 +38,7 @@ def raw_images(tmp_path):
     """24 labelled PNG images, a CSV manifest, and a feature store of the same samples (one stored encoder)."""
     from PIL import Image
 
-    from fusionkit.store import Sample, write_store
+    from fusionkit.data.store import Sample, write_store
 
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir()
@@ -144,7 +144,7 @@ def test_a_checkpoint_does_not_need_the_initial_weights_file(tmp_path):
 
 
 def test_extract_on_a_missing_device_is_a_clear_error(raw_images):
-    from fusionkit.extract import extract
+    from fusionkit.data.extract import extract
 
     if not torch.cuda.is_available():
         with pytest.raises(FusionkitError, match="no CUDA device is available here; use --device cpu"):
@@ -278,7 +278,7 @@ def test_hf_image_through_the_image_processor(tmp_path):
 
 
 def test_manifest_errors_name_the_sample(raw_images):
-    from fusionkit.raw import read_manifest
+    from fusionkit.data.raw import read_manifest
 
     bad = raw_images / "bad.csv"
     bad.write_text("id,labels,img\ns1,a:70;c:30,img/s00.png\n")
@@ -298,8 +298,8 @@ def test_manifest_errors_name_the_sample(raw_images):
 
 
 def test_extraction_is_deterministic_and_records_provenance(raw_images):
-    from fusionkit.extract import extract, weights_sha256
-    from fusionkit.store import open_store
+    from fusionkit.data.extract import extract, weights_sha256
+    from fusionkit.data.store import open_store
 
     spec = spec_with(IMG)
     a = extract(spec, raw_images / "manifest.csv", raw_images / "a", batch_size=4, workers=2, progress=False)
@@ -323,8 +323,8 @@ def test_extraction_is_deterministic_and_records_provenance(raw_images):
 def test_extraction_writes_clips_as_sequences(raw_images):
     from PIL import Image
 
-    from fusionkit.extract import extract
-    from fusionkit.store import open_store
+    from fusionkit.data.extract import extract
+    from fusionkit.data.store import open_store
 
     lines = ["id,labels,fold,group,clip"]
     for i in range(6):
@@ -346,7 +346,7 @@ class Killed(BaseException):
 
 
 def test_interrupted_extraction_resumes_where_it_stopped(raw_images, monkeypatch):
-    import fusionkit.extract as extract_module
+    import fusionkit.data.extract as extract_module
 
     spec, manifest = spec_with(IMG), raw_images / "manifest.csv"
     reference = extract_module.extract(spec, manifest, raw_images / "ref", batch_size=4, shard_batches=1, progress=False)
@@ -373,7 +373,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(raw_images, monkeypatch
 
 
 def test_resuming_with_other_weights_is_refused(raw_images, monkeypatch):
-    import fusionkit.extract as extract_module
+    import fusionkit.data.extract as extract_module
 
     manifest = raw_images / "manifest.csv"
     monkeypatch.setattr(extract_module, "_write_shard", lambda *a: (_ for _ in ()).throw(Killed()))
@@ -386,7 +386,7 @@ def test_resuming_with_other_weights_is_refused(raw_images, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
 def test_a_bad_raw_file_is_named_and_nothing_is_written(raw_images, damage):
-    from fusionkit.extract import extract
+    from fusionkit.data.extract import extract
 
     target = raw_images / "img" / "s13.png"
     if damage == "missing":
@@ -420,7 +420,7 @@ def test_extract_from_the_command_line(raw_images, capsys):
 
 def test_mixed_live_and_stored_encoders_train_and_the_fine_tuned_checkpoint_round_trips(raw_images):
     from fusionkit.checkpoint import load_model
-    from fusionkit.train import spec_store, train
+    from fusionkit.training.train import spec_store, train
 
     spec = spec_with(IMG, {"name": "vec", "type": "features", "dim": 5}, lr=0.01)
     metrics = train(spec, raw_images / "store", raw_images / "run", raw=raw_images / "manifest.csv", progress=False)
@@ -442,7 +442,7 @@ def test_mixed_live_and_stored_encoders_train_and_the_fine_tuned_checkpoint_roun
 
 
 def test_live_encoders_without_their_manifest_get_a_clear_error(raw_images):
-    from fusionkit.train import train
+    from fusionkit.training.train import train
 
     spec = spec_with(IMG, {"name": "vec", "type": "features", "dim": 5})
     with pytest.raises(DataError, match=r"\['img'\] are live and read raw inputs: give their manifest with --raw"):

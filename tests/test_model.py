@@ -271,7 +271,7 @@ def test_torch_compile_matches_eager():
 
 
 def test_precomputed_stats7_equals_pooling_inside_the_model(tmp_path):
-    from fusionkit.store import Sample, open_store, write_store
+    from fusionkit.data.store import Sample, open_store, write_store
 
     g = np.random.default_rng(0)
     seqs = [g.normal(size=(int(g.integers(1, 12)), 4)) * 3 + 1 for _ in range(20)]
@@ -293,7 +293,7 @@ def test_precomputed_stats7_equals_pooling_inside_the_model(tmp_path):
 
 
 def test_sequence_batches_are_padded_exactly(tmp_path):
-    from fusionkit.store import Sample, open_store, write_store
+    from fusionkit.data.store import Sample, open_store, write_store
 
     seqs = [np.full((n, 2), float(i)) for i, n in enumerate([3, 1, 4, 2])]
     samples = [Sample(id=f"s{i}") for i in range(4)]

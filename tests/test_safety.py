@@ -22,9 +22,9 @@ from conftest import tiny_spec
 from fusionkit.checkpoint import load_model
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.model import build_model
-from fusionkit.rundir import RunDirectory, RunLockedError
-from fusionkit.store import Sample, write_store
-from fusionkit.train import train
+from fusionkit.training.rundir import RunDirectory, RunLockedError
+from fusionkit.data.store import Sample, write_store
+from fusionkit.training.train import train
 
 
 def cli(*args, cwd, timeout=600):
@@ -166,8 +166,8 @@ KILL_CHILD = """
 import os, shutil, sys
 from pathlib import Path
 import fusionkit.files as files
-from fusionkit.rundir import RunDirectory
-from fusionkit.train import Trainer, train
+from fusionkit.training.rundir import RunDirectory
+from fusionkit.training.train import Trainer, train
 point, spec_file, store, out = sys.argv[1:5]
 KILL_EPOCH = 2
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusionkit.errors import DataError
-from fusionkit.store import Sample, open_store, write_store
+from fusionkit.data.store import Sample, open_store, write_store
 
 LABELS = ["ang", "disg", "fea", "hap", "sad", "neu"]
 

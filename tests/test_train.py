@@ -15,8 +15,8 @@ from conftest import tiny_spec
 from fusionkit.checkpoint import load_model
 from fusionkit.errors import CheckpointError, DataError
 from fusionkit.spec import load_spec
-from fusionkit.store import open_store
-from fusionkit.train import Trainer, make_split, spec_store, train
+from fusionkit.data.store import open_store
+from fusionkit.training.train import Trainer, make_split, spec_store, train
 
 
 def weights(run):
@@ -145,7 +145,7 @@ def test_command_line_end_to_end(tmp_path):
 
 
 def test_cross_validation_reports_mean_and_std(synthetic_store, tmp_path):
-    from fusionkit.train import cross_validate
+    from fusionkit.training.train import cross_validate
 
     summary = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "cv", progress=False)
     per_fold = [json.loads((tmp_path / "cv" / f"fold{k}" / "metrics.json").read_text())["test"]["score"] for k in range(5)]

@@ -16,7 +16,7 @@ from fusionkit.checkpoint import load_model
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, SpecError
 from fusionkit.model import build_model
 from fusionkit.spec import load_spec
-from fusionkit.store import Sample, open_store, write_store
+from fusionkit.data.store import Sample, open_store, write_store
 
 
 def problems(spec) -> list[str]:
@@ -240,8 +240,8 @@ def test_several_missing_plugins_are_named_at_once(ckpt):
 
 
 def test_evaluation_refuses_nan_outputs(tmp_path, synthetic_store):
-    from fusionkit.tasks import collect_outputs
-    from fusionkit.train import make_split, spec_store
+    from fusionkit.training.tasks import collect_outputs
+    from fusionkit.training.train import make_split, spec_store
 
     model = build_model(tiny_spec())
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionkit.adaptation import AdaptationConfig, AdaptationLoss, GradientReversal, grl_schedule
+from fusionkit.training.adaptation import AdaptationConfig, AdaptationLoss, GradientReversal, grl_schedule
 from fusionkit.config import non_negative, option, positive
 from fusionkit.interfaces import BuildContext
 

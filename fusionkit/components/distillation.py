@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.config import non_negative, option, positive
-from fusionkit.distill import (
+from fusionkit.training.distill import (
     LOG_CLIP_SCALE, DistillBatch, DistillConfig, DistillLoss, Mode, row_kl, scaled, softmax_relation_loss,
 )
 

@@ -24,7 +24,7 @@ from fusionkit.config import non_negative, option, unit_interval
 from fusionkit.errors import DataError
 from fusionkit.model import FusionModel, FusionOutput
 from fusionkit.spec import Spec
-from fusionkit.store import FeatureStore
+from fusionkit.data.store import FeatureStore
 
 
 @attrs.frozen(kw_only=True)

@@ -111,7 +111,7 @@ class FeatureStore:
         self.labelled = np.array([s.labels is not None for s in samples])
         #: Encoder name -> what made its features (``fusionkit extract`` records it), from the index.
         self.provenance: dict[str, dict[str, Any]] = {}
-        #: The raw inputs of live encoders (a :class:`~fusionkit.raw.RawManifest`), and each sample's row in it.
+        #: The raw inputs of live encoders (a :class:`~fusionkit.data.raw.RawManifest`), and each sample's row in it.
         self.raw: Any = None
         self.raw_rows: np.ndarray | None = None
 

@@ -32,7 +32,7 @@ import torch
 
 from fusionkit.errors import DataError
 from fusionkit.interfaces import LiveEncoder
-from fusionkit.store import FeatureStore, Sample, check_samples, sample_from_record
+from fusionkit.data.store import FeatureStore, Sample, check_samples, sample_from_record
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 #: Columns with a fixed meaning; every other column holds one encoder's inputs.

@@ -28,9 +28,9 @@ import torch
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.files import atomic_write, atomic_write_text, check_replaceable, json_marker
 from fusionkit.interfaces import LiveEncoder
-from fusionkit.raw import RawManifest, load_batches, read_manifest
+from fusionkit.data.raw import RawManifest, load_batches, read_manifest
 from fusionkit.spec import Spec, load_spec
-from fusionkit.store import is_store, write_store
+from fusionkit.data.store import is_store, write_store
 
 PARTIAL_FORMAT = "fusionkit-extract"
 PARTIAL_MARKER = "extract.json"
@@ -134,7 +134,7 @@ def _device(name: str) -> torch.device:
 
 def _partial_dir(target: Path, identity: dict[str, Any]) -> Path:
     """The folder of finished shards: new, or an interrupted extraction of the same identity (resumed)."""
-    from fusionkit.train import spec_differences
+    from fusionkit.training.train import spec_differences
 
     partial = target.parent / f"{target.name}.partial"
     if partial.exists():

@@ -39,7 +39,7 @@ from torch import nn
 from fusionkit.config import non_negative, option
 from fusionkit.errors import CheckpointError, FusionkitError
 from fusionkit.spec import Spec
-from fusionkit.store import FeatureStore
+from fusionkit.data.store import FeatureStore
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -215,7 +215,7 @@ def teacher_outputs(teacher: nn.Module, store: FeatureStore, where: str, batch_s
     ``[N, K, d]`` and ``logits.<role>``.
     """
     from fusionkit.errors import DataError
-    from fusionkit.train import spec_store
+    from fusionkit.training.train import spec_store
 
     try:
         tstore = spec_store(teacher.spec, store.path)

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from fusionkit.answers import Prediction, from_order, order_to_matrix
-from fusionkit.distributed import Dist
+from fusionkit.training.distributed import Dist
 from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
-from fusionkit.losses import supervised_loss
+from fusionkit.training.losses import supervised_loss
 from fusionkit.metrics import per_label_f1, presence_map, scores_from_matrices
 from fusionkit.model import FusionModel, decoder_inputs
 from fusionkit.spec import Spec
-from fusionkit.store import FeatureStore
+from fusionkit.data.store import FeatureStore
 
 
 @torch.no_grad()

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from fusionkit.checkpoint import load_checkpoint, save_checkpoint
-from fusionkit.distributed import Dist, setup, wrap
+from fusionkit.training.distributed import Dist, setup, wrap
 from fusionkit.errors import CheckpointError, DataError, FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.model import FusionModel, build_model
-from fusionkit.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint
+from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint
 from fusionkit.spec import Spec, dump_spec, load_spec
-from fusionkit.store import FeatureStore, open_store
-from fusionkit.tasks import task_for
+from fusionkit.data.store import FeatureStore, open_store
+from fusionkit.training.tasks import task_for
 
 #: An objective term's factory: ``make(model, store)`` -> a module returning named losses.
 TermFactory = Callable[[FusionModel, FeatureStore], nn.Module]
@@ -75,7 +75,7 @@ def make_split(store: FeatureStore, fold: int | None) -> Split:
 def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | None = None) -> FeatureStore:
     """Open the data of a spec: a feature store (its encoders' feature sizes checked, the spec's NaN policy
     applied), plus the raw manifest ``raw`` for live encoders; or a manifest alone when every encoder is live."""
-    from fusionkit.raw import is_manifest, live_encoder_names, manifest_store, read_manifest
+    from fusionkit.data.raw import is_manifest, live_encoder_names, manifest_store, read_manifest
 
     live = live_encoder_names(spec)
     stored = [e.name for e in spec.encoders if e.name not in live]
@@ -164,9 +164,9 @@ class Trainer:
 
     The epoch loop is built from seams, so that new kinds of training plug in rather than
     branch: the **batch source** (:meth:`batches`), the **task** (the objective's main term,
-    the validation score and the final metrics: :mod:`fusionkit.tasks`), further objective
+    the validation score and the final metrics: :mod:`fusionkit.training.tasks`), further objective
     **terms** (adaptation, distillation, ...), and **checkpointing** (a
-    :class:`~fusionkit.rundir.RunDirectory`).
+    :class:`~fusionkit.training.rundir.RunDirectory`).
 
     ``terms`` are factories ``make(model, store) -> nn.Module``; the module's
     ``forward(out, rows, progress)`` returns named loss tensors added to the objective. Its
@@ -500,11 +500,11 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
     target_store = spec_store(spec, target) if target is not None else None
     terms: list[TermFactory] = []
     if spec.adaptation:
-        from fusionkit.adaptation import adaptation_loss_factory
+        from fusionkit.training.adaptation import adaptation_loss_factory
 
         terms.append(adaptation_loss_factory(spec, target_store))
     if spec.distill:
-        from fusionkit.distill import distillation_term
+        from fusionkit.training.distill import distillation_term
 
         terms.append(distillation_term(spec))
     split = make_split(store, fold)

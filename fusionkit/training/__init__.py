@@ -1,0 +1,3 @@
+"""The training layer: the trainer and its seams (``train``), tasks (``tasks``), the supervised and
+gate losses (``losses``), objective terms for domain adaptation (``adaptation``) and relational
+distillation (``distill``), torchrun + DDP (``distributed``) and run directories (``rundir``)."""
