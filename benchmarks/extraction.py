@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--source", default=os.environ.get("FUSIONKIT_UCI_MFEAT", "../shared/data/uci-mfeat"))
     parser.add_argument("--work", default="runs/benchmark-extraction")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     work = Path(args.work)
     _, full = pix_images(args.source, work)
