@@ -139,6 +139,8 @@ class Trunk(nn.Module):
     def set_domain(self, domain: str) -> None:
         """Use ``domain``'s input and normalisation statistics from now on ("source" for a domain the
         model keeps no statistics of). Evaluation and predict set it from each sample's domain."""
+        if len(self.domains) == 1:
+            return  # every domain reads the source statistics: nothing to switch
         for module in self.modules():
             if isinstance(module, DomainNorm) or hasattr(module, "set_standardization"):
                 module.domain = domain if domain in self.domains else "source"

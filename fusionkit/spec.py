@@ -474,3 +474,13 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
     options = {k: v for k, v in block.items() if k != "type"}
     config = cfg.structure(reg.config, options, path, problems)
     return None if config is None else Component(name, config)
+
+
+def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Human-readable differences between two plain-data specs, e.g. ``train.seed: 0 -> 1``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            out += spec_differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [f"{path or 'spec'}: {old!r} -> {new!r}"]

@@ -113,12 +113,12 @@ class TwoTowerModel(nn.Module):
 
     @torch.no_grad()
     def fit_standardization(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
-                            mask: torch.Tensor | None = None) -> None:
+                            mask: torch.Tensor | None = None, domain: str = "source") -> None:
         """Fit each tower's input standardisation (see :meth:`Trunk.fit_standardization`)."""
         for tower in self.towers.values():
             tower.fit_standardization({n: inputs[n] for n in tower.encoder_names},
                                       None if lengths is None else {n: v for n, v in lengths.items() if n in tower.encoders},
-                                      None if mask is None else mask[:, self._columns(tower)])
+                                      None if mask is None else mask[:, self._columns(tower)], domain=domain)
 
     def parameter_counts(self) -> dict[str, int]:
         out = {}

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from fusionkit.errors import DataError, FusionkitError
-from fusionkit.files import atomic_write, atomic_write_text, check_replaceable, json_marker
+from fusionkit.files import atomic_write, atomic_write_text, json_marker
 from fusionkit.interfaces import LiveEncoder
 from fusionkit.data.raw import RawManifest, load_batches, read_manifest
-from fusionkit.spec import Spec, load_spec
-from fusionkit.data.store import is_store, write_store
+from fusionkit.spec import Spec, load_spec, spec_differences
+from fusionkit.data.store import check_store_target, write_store
 
 PARTIAL_FORMAT = "fusionkit-extract"
 PARTIAL_MARKER = "extract.json"
@@ -77,11 +77,10 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
 
     spec = load_spec(spec)
     target = Path(out)
-    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
-        raise FusionkitError(f"{target}: already exists; pass --overwrite to replace a feature store")
-    check_replaceable(target, "feature store", is_store)
+    check_store_target(target, overwrite)  # before any work: nothing is computed for an output we may not write
     if batch_size < 1 or shard_batches < 1 or workers < 0:
-        raise FusionkitError(f"--batch-size must be >= 1 and --workers >= 0, found {batch_size} and {workers}")
+        raise FusionkitError(f"--batch-size and shard_batches must be >= 1 and --workers >= 0, found {batch_size}, "
+                             f"{shard_batches} and {workers}")
     device = _device(device)
     manifest = read_manifest(data, spec.labels)
     with torch.random.fork_rng(devices=[]):  # random initial weights follow train.seed; the caller's RNG is untouched
@@ -134,8 +133,6 @@ def _device(name: str) -> torch.device:
 
 def _partial_dir(target: Path, identity: dict[str, Any]) -> Path:
     """The folder of finished shards: new, or an interrupted extraction of the same identity (resumed)."""
-    from fusionkit.training.train import spec_differences
-
     partial = target.parent / f"{target.name}.partial"
     if partial.exists():
         if not is_partial(partial):

@@ -20,7 +20,6 @@ on the trainer's background thread for end-to-end training.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from fusionkit.errors import DataError
+from fusionkit.files import sha256_file
 from fusionkit.interfaces import LiveEncoder
 from fusionkit.data.store import FeatureStore, Sample, check_samples, sample_from_record
 
@@ -71,10 +71,7 @@ class RawManifest:
 
     def fingerprint(self) -> str:
         """SHA-256 of the manifest file (the files it points to are not hashed)."""
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
-
-    def value(self, name: str, row: int) -> str:
-        return self.columns[name][row]
+        return sha256_file(self.path)
 
     def check_encoders(self, encoders: Mapping[str, LiveEncoder]) -> None:
         """Every live encoder has a column, and every file input exists (named by sample id)."""

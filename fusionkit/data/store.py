@@ -156,7 +156,8 @@ class FeatureStore:
         model's encoders allow it (``model.precomputed_pooling()``)."""
         pooled = model.precomputed_pooling() if hasattr(model, "precomputed_pooling") else None
         live = model.live_encoders() if hasattr(model, "live_encoders") else {}
-        inputs, lengths, mask = self.batch(index, [n for n in model.encoder_names if n not in live], pooled)
+        stored = [n for n in model.encoder_names if n not in live]
+        inputs, lengths, mask = self.batch(index, stored, pooled)
         if not live:
             return inputs, lengths, mask
         if self.raw is None:
@@ -164,7 +165,7 @@ class FeatureStore:
                             "manifest (--raw MANIFEST, or a manifest as the data)")
         raw_inputs, raw_lengths = self.raw.batch(self.raw_rows[index], live)
         inputs, lengths = {**inputs, **raw_inputs}, {**lengths, **raw_lengths}
-        columns = {name: mask[:, k] for k, name in enumerate(n for n in model.encoder_names if n not in live)}
+        columns = {name: mask[:, k] for k, name in enumerate(stored)}
         full = torch.ones(len(index), dtype=torch.bool)
         mask = torch.stack([columns.get(name, full) for name in model.encoder_names], dim=1)
         return inputs, lengths, mask
@@ -353,6 +354,24 @@ def _check_finite(name, file, data, offsets, ids, nan_policy) -> np.ndarray:
     return ~(bad | empty)
 
 
+def check_store_target(target: Path, overwrite: bool) -> None:
+    """A store may be written at ``target``: it is new or an empty directory, or (``overwrite``) a fusionkit store."""
+    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
+        raise DataError(f"{target}: already exists; pass overwrite=True (or --overwrite) to replace it")
+    try:
+        check_replaceable(target, "feature store", is_store)
+    except FusionkitError as exc:
+        raise DataError(str(exc)) from None
+
+
+def target_rows(store: FeatureStore, target_store: FeatureStore | None = None) -> tuple[FeatureStore, np.ndarray]:
+    """The unlabelled target rows for adaptation and per-domain statistics: every row of a separate target
+    store, or the rows of ``store`` whose domain is "target" (labels are not read)."""
+    if target_store is not None:
+        return target_store, np.arange(len(target_store))
+    return store, store.select(domain="target")
+
+
 def write_store(
     path: str | os.PathLike,
     labels: Sequence[str],
@@ -374,12 +393,7 @@ def write_store(
     from fusionkit.spec import encoder_name_problem
 
     target = Path(path)
-    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
-        raise DataError(f"{target}: already exists; pass overwrite=True (or --overwrite) to replace it")
-    try:
-        check_replaceable(target, "feature store", is_store)
-    except FusionkitError as exc:
-        raise DataError(str(exc)) from None
+    check_store_target(target, overwrite)
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise DataError("sample ids must be unique")

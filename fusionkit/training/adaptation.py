@@ -24,7 +24,7 @@ from fusionkit.config import non_negative, option, unit_interval
 from fusionkit.errors import DataError
 from fusionkit.model import FusionModel, FusionOutput
 from fusionkit.spec import Spec
-from fusionkit.data.store import FeatureStore
+from fusionkit.data.store import FeatureStore, target_rows
 
 
 @attrs.frozen(kw_only=True)
@@ -152,8 +152,7 @@ def adaptation_loss_factory(spec: Spec, target_store: FeatureStore | None = None
     """The trainer's hook: builds the objective once the model and the source store exist."""
 
     def make(model: FusionModel, store: FeatureStore) -> AdaptationObjective:
-        target = target_store or store
-        index = target.select(domain="target") if target_store is None else np.arange(len(target_store))
+        target, index = target_rows(store, target_store)
         return AdaptationObjective(model, build_losses(spec, model), target, index, spec.train.batch_size,
                                    spec.train.seed + 1)
 

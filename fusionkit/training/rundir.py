@@ -27,7 +27,7 @@ from typing import Any
 
 from fusionkit.errors import CheckpointError, FusionkitError, FusionkitWarning
 from fusionkit.files import (
-    atomic_write_text, describe_contents, is_temporary, json_marker, recover_directory, remove_temporaries,
+    atomic_write_text, describe_contents, is_temporary, json_marker, recover_directory, remove_temporaries, sha256_file,
 )
 
 RUN_FILE = "run.json"
@@ -147,7 +147,8 @@ class RunDirectory:
     def check_same_run(self, identity: dict[str, Any]) -> None:
         """Refuse to resume with other data, folds or target than the run was started with."""
         recorded = self.read()
-        labels = {"data": "--data", "data_fingerprint": "--data (its contents)", "test_fold": "--fold",
+        labels = {"data": "--data", "data_fingerprint": "--data (its contents)", "raw_fingerprint": "--raw (its contents)",
+                  "test_fold": "--fold",
                   "val_fold": "the validation fold", "target": "--target"}
         diffs = [f"{labels.get(k, k)}: the run used {recorded.get(k)!r}, now {v!r}"
                  for k, v in identity.items() if k in recorded and recorded[k] != v and k != "data"]
@@ -204,7 +205,7 @@ def store_fingerprint(root: Path) -> str:
     """SHA-256 of a store's index and the sizes of its feature files: cheap, and changes when the store does.
     For a raw manifest (a file), the SHA-256 of the file."""
     if root.is_file():
-        return hashlib.sha256(root.read_bytes()).hexdigest()
+        return sha256_file(root)
     digest = hashlib.sha256((root / "index.json").read_bytes())
     for file in sorted(root.glob("*.safetensors")):
         digest.update(f"{file.name}:{file.stat().st_size}".encode())

@@ -36,8 +36,8 @@ from fusionkit.errors import CheckpointError, DataError, FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.model import FusionModel, build_model
 from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint
-from fusionkit.spec import Spec, dump_spec, load_spec
-from fusionkit.data.store import FeatureStore, open_store
+from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
+from fusionkit.data.store import FeatureStore, open_store, target_rows
 from fusionkit.training.tasks import task_for
 
 #: An objective term's factory: ``make(model, store)`` -> a module returning named losses.
@@ -112,10 +112,7 @@ def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarr
             inputs[name] = feats.data[torch.as_tensor(rows, dtype=torch.long)]
         else:
             inputs[name] = torch.cat([feats.data[int(feats.offsets[i]) : int(feats.offsets[i + 1])] for i in rows])
-    if domain == "source":
-        model.fit_standardization(inputs)
-    else:
-        model.fit_standardization(inputs, domain=domain)
+    model.fit_standardization(inputs, domain=domain)
 
 
 @torch.no_grad()
@@ -197,8 +194,7 @@ class Trainer:
     def target_rows(self) -> tuple[FeatureStore, np.ndarray]:
         """The unlabelled target rows that per-domain statistics come from: the --target store, or this
         store's rows of domain "target" (their labels, if any, are never read here)."""
-        store = self.target_store or self.store
-        index = np.arange(len(store)) if self.target_store is not None else store.select(domain="target")
+        store, index = target_rows(self.store, self.target_store)
         if len(index) < 2:
             raise DataError(f"{store.path}: per-domain statistics (data.standardize_per_domain, projector.domain_norm) "
                             "need target rows: give --target STORE or rows whose domain is 'target'")
@@ -443,16 +439,6 @@ def prefetch(make: Callable[[Any], Any], keys: Sequence[Any]) -> Iterator[Any]:
             current = pending.result()
             pending = pool.submit(make, keys[i + 1]) if i + 1 < len(keys) else None
             yield current
-
-
-def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Human-readable differences between two plain-data specs, e.g. ``train.seed: 0 -> 1``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in [*old, *(k for k in new if k not in old)]:
-            out += spec_differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
-        return out
-    return [] if old == new else [f"{path or 'spec'}: {old!r} -> {new!r}"]
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
