@@ -13,6 +13,7 @@ alternating, and the fastest of each is kept.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 from live import pix_images
-from report import machine, markdown_table, write
+from report import RESULTS, machine, markdown_table, write
 
 
 #: (timm architecture, input side, images): a light backbone where decoding weighs most, and a common one.
@@ -98,10 +99,23 @@ def main() -> None:
     parser.add_argument("--work", default="runs/benchmark-extraction")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--publish-only", action="store_true", help="rewrite the docs section from "
+                        "benchmarks/results/extraction.json without measuring")
     args = parser.parse_args()
+    if args.publish_only:
+        publish(json.loads((RESULTS / "extraction.json").read_text()))
+        return
     work = Path(args.work)
     _, full = pix_images(args.source, work)
     results = [measure(m, side, n, full, work, args.batch_size, args.repeats) for m, side, n in CONFIGS]
+    met = {r["model"]: r["overhead_without_build"]["extract, 2 workers"] <= 0.10 for r in results}
+    publish({"machine": machine(), "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
+             "repeats": args.repeats, "results": results, "target_met": met})
+
+
+def publish(data: dict) -> None:
+    """Write the JSON and the docs section of a measurement (``--publish-only`` redoes the section from the JSON)."""
+    results = data["results"]
     rows = []
     for r in results:
         for k, seconds in r["best"].items():
@@ -109,19 +123,16 @@ def main() -> None:
             rows.append([f"{r['model']} {r['side']}×{r['side']}", k, f"{seconds:.2f}", f"{r['samples'] / seconds:.0f}",
                          "—" if k == "bare forward" else f"{100 * over:+.1f}%",
                          "—" if k == "bare forward" else f"{100 * net:+.1f}%", f"{100 * r['spread'][k]:.0f}%"])
-    met = {r["model"]: r["overhead_without_build"]["extract, 2 workers"] <= 0.10 for r in results}
     builds = ", ".join(f"{r['model']} {r['model_build_seconds']:.2f} s" for r in results)
     decodes = ", ".join(f"{r['decode_seconds']:.2f} s for {r['model']}'s {r['samples']} images at {r['side']}×{r['side']} "
                         f"({100 * r['decode_seconds'] / r['best']['bare forward']:.0f}% of its bare forward)"
                         for r in results)
-    data = {"machine": machine(), "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
-            "results": results, "target_met": met}
     section = "\n".join([
         "## Extraction throughput", "",
         "`.venv/bin/python benchmarks/extraction.py --source ../shared/data/uci-mfeat`: timm backbones (random "
         "weights, grayscale input) over the first UCI `pix` images as PNG files, batch "
-        f"{args.batch_size}, {torch.get_num_threads()} torch threads on {os.cpu_count()} cores, fastest of "
-        f"{args.repeats} alternating repeats. The bare forward pass gets every batch preprocessed in memory; the "
+        f"{data['batch_size']}, {data['torch_threads']} torch threads on {data['machine']['cpus']} cores, fastest of "
+        f"{data['repeats']} alternating repeats. The bare forward pass gets every batch preprocessed in memory; the "
         "pipeline is the whole `fusionkit extract` (model build, file reading and decoding in loader workers, "
         f"timm's transform, forward, shard writes, the store); the last column leaves out the one-time model build "
         f"({builds}), which the bare pass does not repeat.", "",
@@ -130,7 +141,7 @@ def main() -> None:
         f"Reading, decoding and transforming the files alone, in one process: {decodes}.", "",
         "Target (the pipeline — loading, preprocessing, writing — ≤ 10% over the bare forward with ≥ 2 loader "
         "workers): "
-        + ", ".join(f"{m}: **{'met' if ok else 'not met'}**" for m, ok in met.items()) + ".",
+        + ", ".join(f"{m}: **{'met' if ok else 'not met'}**" for m, ok in data["target_met"].items()) + ".",
     ])
     write("extraction", data, section)
 
