@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).parent / "examples"
+CONFINE_HELP = ("refuse manifest paths that resolve outside DIR (after .. and symlinks): for manifests you did not "
+                "write; without it a path may point anywhere, e.g. at a shared data disk")
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -107,7 +109,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     args.interrupt_hint = f"the extraction is resumable: run the same command again (partial: {args.out}.partial)"
     out = extract(args.spec, args.data, args.out, batch_size=args.batch_size, device=args.device, workers=args.workers,
-                  overwrite=args.overwrite, progress=not args.quiet)
+                  overwrite=args.overwrite, progress=not args.quiet, confine=args.confine)
     print(f"feature store written to {out}")
     return 0
 
@@ -119,14 +121,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     args.interrupt_hint = f"the run is resumable: add --resume to the same command (run: {args.out})"
     if args.cv:
         summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress, target=args.target,
-                                 overwrite=args.overwrite, jobs=args.jobs, raw=args.raw)
+                                 overwrite=args.overwrite, jobs=args.jobs, raw=args.raw,
+                                 confine=args.confine)
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
             print(f"  {key:<13} {value['mean']:.3f} ± {value['std']:.3f}")
         print(f"written to {args.out}/cv.json")
         return 0
     metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress,
-                    target=args.target, overwrite=args.overwrite, raw=args.raw)
+                    target=args.target, overwrite=args.overwrite, raw=args.raw, confine=args.confine)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     _print_metrics(metrics)
@@ -167,19 +170,19 @@ def _run_index(run: Path, store, split_name: str):
     return index
 
 
-def _open_run(run: str, data: str, raw: str | None):
+def _open_run(args: argparse.Namespace):
     from fusionkit.checkpoint import load_model
     from fusionkit.training.train import spec_store
 
-    model = load_model(Path(run) / "best")
-    return model, spec_store(model.spec, data, raw)
+    model = load_model(Path(args.run) / "best")
+    return model, spec_store(model.spec, args.data, args.raw, args.confine)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fusionkit.files import atomic_write_text
     from fusionkit.training.tasks import collect_outputs, evaluate_outputs
 
-    model, store = _open_run(args.run, args.data, args.raw)
+    model, store = _open_run(args)
     index = _run_index(Path(args.run), store, args.split)
     metrics = evaluate_outputs(model, collect_outputs(model, store, index), store.truth_matrix(index))
     print(f"{args.split}: ACC_presence {metrics['acc_presence']:.3f}  ACC_salience {metrics['acc_salience']:.3f}  "
@@ -230,7 +233,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     json_path, zip_path = submission_paths(Path(args.out))
     _check_submission_replaceable(json_path, zip_path)
-    model, store = _open_run(args.run, args.data, args.raw)
+    model, store = _open_run(args)
     index = _run_index(Path(args.run), store, args.split)
     preds = predictions_for(model, store, index)
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
@@ -354,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "preprocessing the files (default 2; 0: in this process)")
     p.add_argument("--overwrite", action="store_true", help="replace the fusionkit store already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--confine", metavar="DIR", help=CONFINE_HELP)
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("train", help="train a model on a feature store (and raw inputs for live encoders)")
@@ -361,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")
+    p.add_argument("--confine", metavar="DIR", help=CONFINE_HELP)
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fold", type=int, help="test fold K (fold K+1 validates, the rest train)")
@@ -382,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")
+    p.add_argument("--confine", metavar="DIR", help=CONFINE_HELP)
     p.add_argument("--split", choices=splits, default="test", help="which samples (default: the run's test fold)")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -390,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")
+    p.add_argument("--confine", metavar="DIR", help=CONFINE_HELP)
     p.add_argument("--out", required=True, metavar="FILE.json", help="FILE.json and FILE.zip are written "
                    "(FILE.zip names the same pair)")
     p.add_argument("--split", choices=splits, default="unlabelled", help="which samples (default: the unlabelled ones)")

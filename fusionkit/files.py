@@ -13,15 +13,21 @@ Three rules every writer in fusionkit follows:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fusionkit.errors import FusionkitError
+
+#: The lock file of a folder that one fusionkit process writes at a time (a run, an extraction in progress).
+LOCK_FILE = ".fusionkit.lock"
 
 #: Name patterns of the temporary entries fusionkit's writers leave behind when killed.
 TEMP_PATTERNS = (".*.tmp-*", ".*.old-*", ".*.tmp")
@@ -183,3 +189,32 @@ def remove_temporaries(directory: Path) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+class LockedError(FusionkitError):
+    """Another process holds the lock of a folder fusionkit writes."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path, what: str, busy: str) -> Iterator[None]:
+    """Hold the exclusive lock of ``directory`` (its ``.fusionkit.lock``) while the block runs.
+
+    A second holder gets :class:`LockedError` at once, naming ``what`` is written and, after the holder's
+    pid and host, ``busy`` (what to do). The operating system releases the lock when the process ends, however it ends,
+    so a crash never leaves a lock that blocks the next writer.
+    """
+    import fcntl
+
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+        os.close(fd)
+        raise LockedError(f"{directory}: another fusionkit process is writing this {what} ({holder}). {busy}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from fusionkit.errors import DataError, FusionkitError
-from fusionkit.files import atomic_write, atomic_write_text, json_marker
+from fusionkit.files import (atomic_write, atomic_write_text, exclusive_lock, json_marker, make_temp_dir,
+                             remove_temporaries)
 from fusionkit.interfaces import LiveEncoder
 from fusionkit.data.raw import RawManifest, load_batches, read_manifest
 from fusionkit.spec import Spec, load_spec, spec_differences
@@ -66,11 +67,12 @@ def provenance(spec: Spec, encoders: Mapping[str, LiveEncoder]) -> dict[str, dic
 
 def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: str | os.PathLike, *,
             batch_size: int = 32, device: str = "cpu", workers: int = 2, shard_batches: int = 8,
-            overwrite: bool = False, progress: bool = True) -> Path:
+            overwrite: bool = False, progress: bool = True, confine: str | os.PathLike | None = None) -> Path:
     """Extract the spec's live encoders over the manifest ``data`` into a feature store at ``out``.
 
     ``out`` must be new, empty, or (with ``overwrite``) a fusionkit store. An interrupted
     extraction into the same ``out`` with the same spec, manifest, batch size and device resumes.
+    With ``confine``, every input path of the manifest must resolve inside that folder.
     Returns the store's path.
     """
     from fusionkit.model import build_model
@@ -82,7 +84,7 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
         raise FusionkitError(f"--batch-size and shard_batches must be >= 1 and --workers >= 0, found {batch_size}, "
                              f"{shard_batches} and {workers}")
     device = _device(device)
-    manifest = read_manifest(data, spec.labels)
+    manifest = read_manifest(data, spec.labels, confine)
     with torch.random.fork_rng(devices=[]):  # random initial weights follow train.seed; the caller's RNG is untouched
         torch.manual_seed(spec.train.seed)
         model = build_model(spec)
@@ -96,9 +98,31 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
                 "batch_size": batch_size, "shard_batches": shard_batches, "device": device.type,
                 "provenance": provenance(spec, encoders)}
     partial = _partial_dir(target, identity)
+    with exclusive_lock(partial, "extraction", f"Wait for that extraction into {target} to end, or choose another --out."):
+        remove_temporaries(partial)
+        try:  # again: an extraction that held the lock may have written the store meanwhile
+            check_store_target(target, overwrite)
+        except FusionkitError:
+            if not any(partial.glob("shard-*")):
+                shutil.rmtree(partial)  # made by this call a moment ago, and empty
+            raise
+        _extract_shards(manifest, encoders, partial, batch_size, shard_batches, device, workers, progress)
+        features = _assemble(partial, _shards(len(manifest), batch_size * shard_batches), list(encoders), manifest)
+        write_store(target, spec.labels, manifest.samples, features, overwrite=True, provenance=identity["provenance"])
+        if is_partial(partial):
+            shutil.rmtree(partial)
+    return target
 
-    shard_rows = batch_size * shard_batches
-    shards = [np.arange(start, min(start + shard_rows, len(manifest))) for start in range(0, len(manifest), shard_rows)]
+
+def _shards(n: int, shard_rows: int) -> list[np.ndarray]:
+    """The manifest rows of each shard: fixed boundaries, the same on every run."""
+    return [np.arange(start, min(start + shard_rows, n)) for start in range(0, n, shard_rows)]
+
+
+def _extract_shards(manifest: RawManifest, encoders: Mapping[str, LiveEncoder], partial: Path, batch_size: int,
+                    shard_batches: int, device: torch.device, workers: int, progress: bool) -> None:
+    """Write every shard not yet in ``partial``."""
+    shards = _shards(len(manifest), batch_size * shard_batches)
     todo = [k for k in range(len(shards)) if not (partial / _shard_name(k)).is_file()]
     bar = _bar(progress, total=len(manifest), initial=len(manifest) - sum(len(shards[k]) for k in todo))
     batches = [rows[i: i + batch_size] for k in todo for rows in [shards[k]] for i in range(0, len(rows), batch_size)]
@@ -114,11 +138,6 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
                 bar.update(len(rows))
     if bar is not None:
         bar.close()
-    features = _assemble(partial, len(shards), list(encoders))
-    write_store(target, spec.labels, manifest.samples, features, overwrite=True, provenance=identity["provenance"])
-    if is_partial(partial):
-        shutil.rmtree(partial)
-    return target
 
 
 def _device(name: str) -> torch.device:
@@ -134,6 +153,16 @@ def _device(name: str) -> torch.device:
 def _partial_dir(target: Path, identity: dict[str, Any]) -> Path:
     """The folder of finished shards: new, or an interrupted extraction of the same identity (resumed)."""
     partial = target.parent / f"{target.name}.partial"
+    if not partial.exists() or (partial.is_dir() and not partial.is_symlink() and not any(partial.iterdir())):
+        # Made complete beside it, then renamed into place: of two extractions starting together one creates it,
+        # and no half-made folder is ever left (an empty one, left by an older fusionkit, is replaced).
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(target.parent, partial.name)
+        atomic_write_text(tmp / PARTIAL_MARKER, json.dumps({"format": PARTIAL_FORMAT, "identity": identity}, indent=1))
+        try:
+            os.rename(tmp, partial)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another extraction made it first: checked below
     if partial.exists():
         if not is_partial(partial):
             raise FusionkitError(f"{partial}: exists and is not an extraction in progress made by fusionkit; "
@@ -143,9 +172,6 @@ def _partial_dir(target: Path, identity: dict[str, Any]) -> Path:
         if diffs:
             raise FusionkitError(f"{partial}: an interrupted extraction of other inputs ({'; '.join(diffs[:5])}); "
                                  f"rerun it as it was to resume, or remove {partial} to start over")
-        return partial
-    partial.mkdir(parents=True)
-    atomic_write_text(partial / PARTIAL_MARKER, json.dumps({"format": PARTIAL_FORMAT, "identity": identity}, indent=1))
     return partial
 
 
@@ -191,20 +217,42 @@ def _write_shard(path: Path, batches: list[dict[str, Any]], manifest: RawManifes
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _assemble(partial: Path, count: int, names: list[str]) -> dict[str, Any]:
-    """Every shard's features joined: ``[N, D]`` per vector encoder, N ``[T, D]`` arrays per sequence encoder."""
-    from safetensors import safe_open
+def _assemble(partial: Path, shards: list[np.ndarray], names: list[str], manifest: RawManifest) -> dict[str, Any]:
+    """Every shard's features joined: ``[N, D]`` per vector encoder, N ``[T, D]`` arrays per sequence encoder.
+
+    Each shard is checked before it is used: readable, holding the sample ids of its rows in order, and one
+    feature row (or one offset span) per sample for every encoder. A damaged or foreign shard is refused by
+    name; removing it makes the next run extract it again.
+    """
+    from safetensors import SafetensorError, safe_open
 
     parts: dict[str, list] = {name: [] for name in names}
-    for k in range(count):
-        with safe_open(str(partial / _shard_name(k)), framework="pt") as fh:
-            for name in names:
-                data = fh.get_tensor(f"{name}.features").numpy()
-                if f"{name}.offsets" in fh.keys():
-                    offsets = fh.get_tensor(f"{name}.offsets").numpy()
-                    parts[name].append([data[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
-                else:
-                    parts[name].append(data)
+    for k, rows in enumerate(shards):
+        file = partial / _shard_name(k)
+        fix = f"remove {file} and run the same command again to extract it anew"
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                ids = json.loads((fh.metadata() or {}).get("ids", "null"))
+                expected = [manifest.ids[int(r)] for r in rows]
+                if ids != expected:
+                    raise DataError(f"{file}: holds other samples than shard {k} of this manifest (its ids "
+                                    f"{str(ids)[:80]}, expected {str(expected)[:80]}); {fix}")
+                for name in names:
+                    data = fh.get_tensor(f"{name}.features").numpy()
+                    if f"{name}.offsets" in fh.keys():
+                        offsets = fh.get_tensor(f"{name}.offsets").numpy()
+                        if len(offsets) != len(rows) + 1 or offsets[0] != 0 or offsets[-1] != len(data) or (
+                                np.diff(offsets) < 0).any():
+                            raise DataError(f"{file}: encoder {name!r}: offsets do not span {len(rows)} samples "
+                                            f"over {len(data)} frames; {fix}")
+                        parts[name].append([data[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
+                    else:
+                        if len(data) != len(rows):
+                            raise DataError(f"{file}: encoder {name!r}: {len(data)} feature rows for {len(rows)} "
+                                            f"samples; {fix}")
+                        parts[name].append(data)
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{file}: unreadable or incomplete shard ({type(exc).__name__}: {exc}); {fix}") from None
     return {name: (np.concatenate(p) if isinstance(p[0], np.ndarray) else [s for chunk in p for s in chunk])
             for name, p in parts.items()}
 

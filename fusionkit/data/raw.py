@@ -20,8 +20,10 @@ on the trainer's background thread for end-to-end training.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,9 +60,11 @@ def is_manifest(path: str | os.PathLike) -> bool:
 class RawManifest:
     """A read and validated manifest: its samples, and each encoder column's values."""
 
-    def __init__(self, path: Path, labels: tuple[str, ...], samples: list[Sample], columns: dict[str, list[str]]) -> None:
+    def __init__(self, path: Path, labels: tuple[str, ...], samples: list[Sample], columns: dict[str, list[str]],
+                 confine: Path | None = None) -> None:
         self.path = path
         self.base = path.parent
+        self.confine = confine
         self.labels = labels
         self.samples = samples
         self.columns = columns
@@ -86,19 +90,37 @@ class RawManifest:
                 raise DataError(f"{self.path}: column {name!r} is empty for sample(s) {empty[:5]}")
             if encoder.modality == "text":
                 continue
-            absent = [(self.ids[i], v) for i, v in enumerate(values) if not (self.base / v).exists()]
-            if absent:
-                shown = ", ".join(f"{sid!r} ({self.base / v})" for sid, v in absent[:5])
-                raise DataError(f"{self.path}: {len(absent)} missing input file(s) of encoder {name!r}, e.g. sample {shown}")
+            problems = [(self.ids[i], v, why) for i, v in enumerate(values) for why in [self.input_problem(v)] if why]
+            if problems:
+                shown = ", ".join(f"{sid!r} ({self.base / v}: {why})" for sid, v, why in problems[:5])
+                raise DataError(f"{self.path}: {len(problems)} unusable input path(s) of encoder {name!r}, e.g. sample "
+                                f"{shown}")
+
+    def input_problem(self, value: str) -> str | None:
+        """Why the input path ``value`` cannot be read, or None. Only regular files and folders are read (a FIFO
+        or a device would block forever); with ``confine``, only paths that resolve inside that folder."""
+        target = self.base / value
+        try:
+            mode = target.stat().st_mode
+        except OSError:
+            return "no such file"
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return "not a regular file or a folder"
+        if self.confine is not None and not target.resolve().is_relative_to(self.confine.resolve()):
+            return f"resolves outside --confine {self.confine}"
+        return None
 
     def load(self, row: int, encoders: Mapping[str, LiveEncoder]) -> dict[str, Any]:
         """One sample's preprocessed inputs, by encoder; an unreadable input names the sample."""
         out = {}
         for name, encoder in encoders.items():
             value = self.columns[name][row]
+            why = None if encoder.modality == "text" else self.input_problem(value)
+            if why:
+                raise DataError(f"{self.path}: sample {self.ids[row]!r}: encoder {name!r} cannot read {value!r} ({why})")
             try:
                 out[name] = encoder.load(value, self.base)
-            except (OSError, ValueError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any decoder's failure (e.g. PIL's DecompressionBombError) names the sample
                 raise DataError(f"{self.path}: sample {self.ids[row]!r}: encoder {name!r} cannot read {value!r} "
                                 f"({type(exc).__name__}: {exc})") from None
         return out
@@ -117,40 +139,29 @@ class RawManifest:
         return np.array([position[sid] for sid in ids], dtype=np.int64)
 
 
-def read_manifest(path: str | os.PathLike, labels: Sequence[str]) -> RawManifest:
-    """Read and validate a CSV or JSONL manifest whose answers use ``labels``."""
+def read_manifest(path: str | os.PathLike, labels: Sequence[str], confine: str | os.PathLike | None = None) -> RawManifest:
+    """Read and validate a CSV or JSONL manifest whose answers use ``labels``.
+
+    ``confine``: a folder that every input path must resolve into (after ``..`` and symlinks);
+    without it, paths may point anywhere, e.g. at a shared data disk.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such manifest file (a .csv or .jsonl file; see docs/live-encoders.md)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
-    if path.suffix.lower() == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not a JSON object ({exc})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object, found {type(rec).__name__}")
-            records.append(rec)
-    elif path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "id" not in reader.fieldnames:
-            raise DataError(f"{path}: the first line must be a header with an 'id' column, found {reader.fieldnames}")
-        records = [_csv_record(row) for row in reader]
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _jsonl_records(path)
+    elif suffix == ".csv":
+        records = _csv_records(path)
     else:
         raise DataError(f"{path}: a manifest is a .csv or .jsonl file")
     if not records:
         raise DataError(f"{path}: no samples")
     samples, columns = [], {}
     names = [k for k in records[0] if k not in RECORD_COLUMNS]
+    known = set(names)
     for i, rec in enumerate(records):
-        extra = [k for k in rec if k not in RECORD_COLUMNS and k not in names]
+        extra = [k for k in rec if k not in RECORD_COLUMNS and k not in known]
         if extra:
             raise DataError(f"{path}: record #{i} has column(s) {extra} that the first record lacks")
         rec = dict(rec)
@@ -162,11 +173,69 @@ def read_manifest(path: str | os.PathLike, labels: Sequence[str]) -> RawManifest
                 raise DataError(f"{path}: sample {rec['id']!r}: column {name!r} must be a path or a text, found {value!r}")
             columns.setdefault(name, []).append(value)
     check_samples(samples, path)
-    return RawManifest(path, tuple(labels), samples, columns)
+    return RawManifest(path, tuple(labels), samples, columns, confine=None if confine is None else Path(confine))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            return fh.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _jsonl_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not a JSON object ({exc})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n}: each line must be a JSON object, found {type(rec).__name__}")
+        records.append(rec)
+    return records
+
+
+#: The longest CSV cell read (a text for a text encoder can be long; the csv module's own limit is 128 KiB).
+MAX_CSV_CELL = 1 << 24
+
+
+def _csv_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV manifest, parsed by the csv module itself (quoted newlines and commas stay in their cell).
+    A row with more or fewer cells than the header, or a header naming a column twice, is refused."""
+    text = _read_text(path)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, MAX_CSV_CELL))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if not header or "id" not in header:
+            raise DataError(f"{path}: the first line must be a header with an 'id' column, found {header}")
+        duplicated = sorted({name for name in header if header.count(name) > 1})
+        if duplicated:
+            raise DataError(f"{path}: the header names column(s) {duplicated} more than once; name each column once")
+        records = []
+        for row in reader:
+            if not row:
+                continue  # a blank line
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}:{reader.line_num}: {len(row)} cells where the header has {len(header)} "
+                    f"({', '.join(header)}); quote a cell that holds a comma or a line break (\"a, b\")")
+            records.append(_csv_record(dict(zip(header, row))))
+        return records
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _csv_record(row: dict[str, str]) -> dict[str, Any]:
-    rec: dict[str, Any] = {k: v for k, v in row.items() if k is not None}
+    rec: dict[str, Any] = dict(row)
     if rec.get("fold", "") in ("", None):
         rec.pop("fold", None)
     else:

@@ -15,6 +15,7 @@ safetensors; nothing is unpickled.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -36,6 +37,10 @@ STORE_FORMAT = "fusionkit-store"
 STORE_VERSION = 1
 #: A directory is a fusionkit store when its index names the store format.
 is_store = json_marker(INDEX_FILE, "format", (STORE_FORMAT,))
+
+
+#: The domains a sample may belong to; anything else is refused (a typo would silently drop rows).
+DOMAINS = ("source", "target")
 
 
 @attrs.frozen
@@ -271,10 +276,10 @@ def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]
 
 def check_samples(samples: Sequence[Sample], where: Any) -> None:
     """Sample ids are unique and folds are group-disjoint (``where`` names the file in errors)."""
-    ids = [s.id for s in samples]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise DataError(f"{where}: duplicate sample ids {dup}")
+    counts = collections.Counter(s.id for s in samples)
+    if len(counts) != len(samples):
+        dup = sorted(i for i, n in counts.items() if n > 1)
+        raise DataError(f"{where}: duplicate sample ids {dup[:5]} ({len(dup)} in all); every id must be unique")
     fold_of: dict[str, int] = {}
     for s in samples:
         if s.fold < 0 or not s.group:
@@ -296,6 +301,9 @@ def sample_from_record(rec: Any, i: int, where: Any, labels: tuple[str, ...]) ->
     for key in ("group", "domain"):
         if not isinstance(rec.get(key, ""), str):
             raise DataError(f"{where}: sample {sid!r}: '{key}' must be a string, found {rec.get(key)!r}")
+    if rec.get("domain", "source") not in DOMAINS:
+        raise DataError(f"{where}: sample {sid!r} (record #{i}): domain {rec['domain']!r} is not one of {list(DOMAINS)} "
+                        "(lower case); write source for labelled training data, target for the unlabelled domain")
     answer = rec.get("labels")
     if answer is not None:
         why = _prediction_problem(answer, labels)

@@ -18,8 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +25,13 @@ from typing import Any
 
 from fusionkit.errors import CheckpointError, FusionkitError, FusionkitWarning
 from fusionkit.files import (
-    atomic_write_text, describe_contents, is_temporary, json_marker, recover_directory, remove_temporaries, sha256_file,
+    LOCK_FILE, LockedError, atomic_write_text, describe_contents, exclusive_lock, is_temporary, json_marker,
+    recover_directory, remove_temporaries, sha256_file,
 )
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
-LOCK_FILE = ".fusionkit.lock"
 RUN_FORMAT = "fusionkit-run"
 CV_FORMAT = "fusionkit-cv"
 CHECKPOINTS = ("last", "best")
@@ -44,7 +42,7 @@ RUN_OUTPUTS = (RUN_FILE, LOG_FILE, METRICS_FILE, "spec.yaml", "cv.json", "last",
 is_run = json_marker(RUN_FILE, "format", (RUN_FORMAT, CV_FORMAT))
 
 
-class RunLockedError(FusionkitError):
+class RunLockedError(LockedError):
     """Another process is writing to the run directory."""
 
 
@@ -54,7 +52,6 @@ class RunDirectory:
     def __init__(self, path: str | os.PathLike, fmt: str = RUN_FORMAT) -> None:
         self.path = Path(path)
         self.format = fmt
-        self._lock_fd: int | None = None
 
     # --- ownership and locking -------------------------------------------------------------
 
@@ -82,27 +79,12 @@ class RunDirectory:
     @contextlib.contextmanager
     def locked(self) -> Iterator[RunDirectory]:
         """Hold the run's exclusive lock; a second writer gets :class:`RunLockedError` at once."""
-        import fcntl
-
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
-            raise RunLockedError(
-                f"{self.path}: another fusionkit process is writing this run ({holder}). Wait for it to end, stop it, "
-                "or choose another --out."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-        self._lock_fd = fd
-        try:
-            yield self
-        finally:
-            self._lock_fd = None
-            os.close(fd)  # releases the lock
+            with exclusive_lock(self.path, "run", "Wait for it to end, stop it, or choose another --out."):
+                yield self
+        except LockedError as exc:
+            raise RunLockedError(str(exc)) from None
 
     # --- recovery and replacement ------------------------------------------------------------
 

@@ -72,9 +72,11 @@ def make_split(store: FeatureStore, fold: int | None) -> Split:
     return Split(train, val, test, test_fold, val_fold)
 
 
-def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | None = None) -> FeatureStore:
+def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | None = None,
+               confine: str | os.PathLike | None = None) -> FeatureStore:
     """Open the data of a spec: a feature store (its encoders' feature sizes checked, the spec's NaN policy
-    applied), plus the raw manifest ``raw`` for live encoders; or a manifest alone when every encoder is live."""
+    applied), plus the raw manifest ``raw`` for live encoders; or a manifest alone when every encoder is live.
+    ``confine``: a folder every input path of the manifest must resolve into."""
     from fusionkit.data.raw import is_manifest, live_encoder_names, manifest_store, read_manifest
 
     live = live_encoder_names(spec)
@@ -85,13 +87,13 @@ def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | Non
         if stored:
             raise DataError(f"{data}: encoder(s) {stored} read stored features: give a feature store as the data and "
                             f"the manifest as --raw {data}")
-        return manifest_store(read_manifest(data, spec.labels))
+        return manifest_store(read_manifest(data, spec.labels, confine))
     dims = {e.name: getattr(e.config, "dim", None) for e in spec.encoders if e.name not in live}
     store = open_store(data, dims, nan_policy=spec.data.nan_policy)
     if tuple(store.labels) != tuple(spec.labels):
         raise DataError(f"{store.path}: labels {list(store.labels)} differ from the spec's {list(spec.labels)}")
     if raw is not None:
-        manifest = read_manifest(raw, spec.labels)
+        manifest = read_manifest(raw, spec.labels, confine)
         store.attach_raw(manifest, manifest.rows_for(store.ids, store.path))
     elif live:
         raise DataError(f"encoder(s) {sorted(live)} are live and read raw inputs: give their manifest with --raw "
@@ -471,18 +473,20 @@ def _progress(iterable, enabled: bool, **kwargs):
 
 def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = None,
           resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
-          overwrite: bool = False, raw: str | os.PathLike | None = None) -> dict[str, Any]:
+          overwrite: bool = False, raw: str | os.PathLike | None = None,
+          confine: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train one model; see the module docstring for the folds and the run directory.
 
     With adaptation losses in the spec, unlabelled target batches come from ``target`` (a
     second store) or, without it, from the rows of ``data`` whose domain is ``target``.
     Labelled target samples are evaluated ("target" in metrics.json), never trained on.
     Live encoders read their inputs from the manifest ``raw`` (or ``data`` is a manifest when
-    every encoder is live; see docs/live-encoders.md).
+    every encoder is live; see docs/live-encoders.md); with ``confine``, every path in it must resolve
+    inside that folder.
     ``out`` must be new, empty, or (with ``resume`` or ``overwrite``) a fusionkit run directory.
     """
     spec = load_spec(spec)
-    store = spec_store(spec, data, raw)
+    store = spec_store(spec, data, raw, confine)
     target_store = spec_store(spec, target) if target is not None else None
     terms: list[TermFactory] = []
     if spec.adaptation:
@@ -503,7 +507,8 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
 
 def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
                    resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
-                   overwrite: bool = False, jobs: int = 1, raw: str | os.PathLike | None = None) -> dict[str, Any]:
+                   overwrite: bool = False, jobs: int = 1, raw: str | os.PathLike | None = None,
+                   confine: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std.
 
     ``RUN/foldK`` is fold K's run directory. With ``resume``, finished folds are read back and
@@ -511,7 +516,7 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
     own process (the cores are shared out among them).
     """
     spec = load_spec(spec)
-    store = spec_store(spec, data, raw)
+    store = spec_store(spec, data, raw, confine)
     folds = sorted(int(f) for f in np.unique(store.folds[store.select(labelled=True, domain="source")]) if f >= 0)
     root = RunDirectory(out, fmt=CV_FORMAT)
     root.check_owned(resume=resume, overwrite=overwrite)
@@ -521,7 +526,7 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
             root.clear()
         if not root.read():
             root.start({"data": os.path.abspath(data), "folds": folds})
-        kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target, raw=raw,
+        kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target, raw=raw, confine=confine,
                        resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
         if jobs > 1:
             import multiprocessing
