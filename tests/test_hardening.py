@@ -264,3 +264,142 @@ def _spec_file(root: Path) -> Path:
     spec = root / "spec.json"
     spec.write_text(json.dumps(spec_with(IMG)))
     return spec
+
+
+# --- items 1-3: what a run's restart may lose or silently change -----------------------------------------------
+
+from test_distill import pair_store, teacher_run, tower_spec  # noqa: E402,F401 - fixtures used by name
+from test_distributed import close, ddp_spec, torchrun  # noqa: E402
+
+
+def test_overwrite_with_a_bad_teacher_keeps_the_previous_run(teacher_run, pair_store, tmp_path):
+    """Item 1: a wrong distill.teacher with --overwrite left only the lock file of the previous run."""
+    from fusionkit.errors import CheckpointError
+    from fusionkit.training.train import train
+
+    out, _ = teacher_run
+    run = tmp_path / "student"
+    spec = tower_spec(width=16, embed=8, epochs=2, distill={"teacher": str(out / "best"), "losses": [{"type": "fd"}]})
+    train(spec, pair_store, run, fold=0, progress=False)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    spec["distill"]["teacher"] = str(tmp_path / "no-such-teacher")
+    with pytest.raises(CheckpointError, match="distill.teacher: cannot load the teacher"):
+        train(spec, pair_store, run, fold=0, progress=False, overwrite=True)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # every file, run.json's status included, as it was
+
+
+def test_resume_against_a_retrained_teacher_is_refused(teacher_run, pair_store, tmp_path, monkeypatch):
+    """Item 2: a student killed, its teacher changed, then --resume: it went on against another teacher."""
+    import shutil
+
+    from fusionkit.errors import CheckpointError
+    from fusionkit.training.train import Trainer, train
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_run[0] / "best", teacher)
+    spec = tower_spec(width=16, embed=8, epochs=3, distill={"teacher": str(teacher), "losses": [{"type": "fd"}]})
+    real = Trainer.validate
+
+    def killed_after_one_epoch(self, model, epoch, state, record):
+        real(self, model, epoch, state, record)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "validate", killed_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, pair_store, tmp_path / "student", fold=0, progress=False)
+    monkeypatch.undo()
+    retrained = tower_spec(width=64, embed=32, epochs=2)
+    retrained["train"]["seed"] = 1
+    train(retrained, pair_store, tmp_path / "retrained", fold=0, progress=False)
+    shutil.rmtree(teacher)
+    shutil.copytree(tmp_path / "retrained" / "best", teacher)
+    with pytest.raises(CheckpointError, match=r"distill.teacher \(the SHA-256 of its weights: it was retrained"):
+        train(spec, pair_store, tmp_path / "student", fold=0, progress=False, resume=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(fields[1])
+    out, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent.items() if pp in frontier]
+        out += children
+        frontier = children
+    return out
+
+
+def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(synthetic_store, tmp_path):
+    """Item 3: only rank 0's random state was saved and every rank restored it, so with dropout the resumed run
+    differed from its first resumed epoch on. Then a resume on another world size: a warning, and run.json says so."""
+    import signal
+
+    import torch
+    import yaml
+
+    from fusionkit.errors import FusionkitWarning
+    from fusionkit.training.train import train
+
+    spec = ddp_spec(epochs=4)
+    spec["projector"] = {"dropout": 0.3}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    common = ("-m", "fusionkit", "train", tmp_path / "spec.yaml", "--data", synthetic_store, "--fold", 0, "--quiet")
+    whole = torchrun(*common, "--out", tmp_path / "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+
+    def kill_after_epoch(n: int) -> None:
+        proc = torchrun(*common, "--out", run, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            meta = run / "last" / "metadata.json"
+            if meta.exists() and json.loads(meta.read_text())["extra"]["trainer"]["epoch"] >= n:
+                break
+            time.sleep(0.02)
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        from fusionkit.files import LockedError, exclusive_lock
+
+        for _ in range(600):  # the killed workers release the run's lock as they exit
+            try:
+                with exclusive_lock(run, "run", ""):
+                    return
+            except LockedError:
+                time.sleep(0.05)
+
+    kill_after_epoch(1)
+    assert not (run / "metrics.json").exists()
+    resumed = torchrun(*common, "--out", run, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert close(json.loads((run / "metrics.json").read_text()), expected)
+    whole_log = [json.loads(x)["loss"] for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert close(resumed_log, whole_log)
+
+    # 2 -> 1 process: accepted, said, and recorded
+    import shutil
+
+    shutil.rmtree(run)
+    kill_after_epoch(1)
+    assert json.loads((run / "last" / "metadata.json").read_text())["extra"]["world_size"] == 2
+    torch.set_num_threads(1)
+    try:
+        with pytest.warns(FusionkitWarning, match=r"started with 2 process\(es\) and resumes with 1"):
+            train(tmp_path / "spec.yaml", synthetic_store, run, fold=0, progress=False, resume=True)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert json.loads((run / "run.json").read_text())["world_size"] == 1

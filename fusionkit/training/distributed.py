@@ -56,10 +56,7 @@ class Dist:
         """Every rank's ``arrays`` (rows from :meth:`shard`) reassembled in the original row order, on every rank."""
         if not self.enabled:
             return dict(arrays)
-        import torch.distributed as dist
-
-        parts: list[Any] = [None] * self.world_size
-        dist.all_gather_object(parts, dict(arrays))
+        parts = self.all_gather_object(dict(arrays))
         out = {}
         for key in arrays:
             pieces = [p[key] for p in parts]
@@ -69,6 +66,16 @@ class Dist:
                 merged[r :: self.world_size] = piece
             out[key] = merged
         return out
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, value)
+        return parts
 
     def sum(self, values: Mapping[str, float]) -> dict[str, float]:
         """``values`` summed over ranks (every rank must pass the same keys)."""

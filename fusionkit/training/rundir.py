@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fusionkit.checkpoint import WEIGHTS_FILE
 from fusionkit.errors import CheckpointError, FusionkitError, FusionkitWarning
 from fusionkit.files import (
     LOCK_FILE, LockedError, atomic_write_text, describe_contents, exclusive_lock, is_temporary, json_marker,
@@ -131,7 +132,8 @@ class RunDirectory:
         recorded = self.read()
         labels = {"data": "--data", "data_fingerprint": "--data (its contents)", "raw_fingerprint": "--raw (its contents)",
                   "test_fold": "--fold",
-                  "val_fold": "the validation fold", "target": "--target"}
+                  "val_fold": "the validation fold", "target": "--target",
+                  "teacher_sha256": "distill.teacher (the SHA-256 of its weights: it was retrained or replaced)"}
         diffs = [f"{labels.get(k, k)}: the run used {recorded.get(k)!r}, now {v!r}"
                  for k, v in identity.items() if k in recorded and recorded[k] != v and k != "data"]
         if recorded.get("data_fingerprint") == identity.get("data_fingerprint"):
@@ -192,3 +194,11 @@ def store_fingerprint(root: Path) -> str:
     for file in sorted(root.glob("*.safetensors")):
         digest.update(f"{file.name}:{file.stat().st_size}".encode())
     return digest.hexdigest()
+
+
+def teacher_fingerprint(teacher: str | os.PathLike) -> str | None:
+    """SHA-256 of a distillation teacher's weights file (None when it is missing: loading it reports that)."""
+    try:
+        return sha256_file(Path(teacher) / WEIGHTS_FILE)
+    except OSError:
+        return None

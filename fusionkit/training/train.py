@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,26 @@ from torch import nn
 
 from fusionkit.checkpoint import load_checkpoint, save_checkpoint
 from fusionkit.training.distributed import Dist, setup, wrap
-from fusionkit.errors import CheckpointError, DataError, FusionkitError
+from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.files import atomic_write_text
 from fusionkit.model import FusionModel, build_model
-from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint
+from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint, teacher_fingerprint
 from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
 from fusionkit.data.store import FeatureStore, open_store, target_rows
 from fusionkit.training.tasks import task_for
 
 #: An objective term's factory: ``make(model, store)`` -> a module returning named losses.
 TermFactory = Callable[[FusionModel, FeatureStore], nn.Module]
+
+
+@attrs.frozen
+class _Setup:
+    """What a run trains: the model, its further objective terms, their trainable parameters, the optimizer."""
+
+    model: FusionModel
+    terms: nn.ModuleList
+    params: list
+    optimizer: torch.optim.Optimizer
 
 
 @attrs.frozen
@@ -209,7 +220,8 @@ class Trainer:
         return {"data": os.path.abspath(self.data_path), "data_fingerprint": store_fingerprint(self.store.path),
                 **({"raw_fingerprint": raw.fingerprint()} if raw is not None and raw.path != self.store.path else {}),
                 "test_fold": self.split.test_fold, "val_fold": self.split.val_fold,
-                "target": None if self.target_store is None else os.path.abspath(self.target_store.path)}
+                "target": None if self.target_store is None else os.path.abspath(self.target_store.path),
+                **({"teacher_sha256": teacher_fingerprint(self.spec.distill.teacher)} if self.spec.distill else {})}
 
     def fit(self, resume: bool = False, stop_after_epochs: int | None = None) -> dict[str, Any]:
         """Train (or continue a killed run); returns the final metrics. ``stop_after_epochs`` simulates a kill.
@@ -223,22 +235,25 @@ class Trainer:
         if not self.dist.is_main:
             self.dist.barrier()  # rank 0 has checked, locked and repaired the run directory
             finished = self.dist.broadcast(None)
-            return finished if finished is not None else self._fit(resume, stop_after_epochs)
+            return finished if finished is not None else self._fit(self._prepare(), resume, stop_after_epochs)
         self.run.check_owned(resume=resume, overwrite=self.overwrite)
         with self.run.locked():
             self.run.recover()
-            if self.overwrite and not resume:
-                self.run.clear()
             finished = None
             if resume and self.run.read().get("status") == "finished" and (self.out / METRICS_FILE).exists():
                 self.run.check_same_run(self.identity)
                 finished = json.loads((self.out / METRICS_FILE).read_text(encoding="utf-8"))
+            # Everything that can fail on the user's input (model, objective terms, the teacher) is built
+            # before a previous run is cleared, so a bad spec under --overwrite loses nothing.
+            setup = None if finished is not None else self._prepare()
+            if self.overwrite and not resume:
+                self.run.clear()
             self.dist.barrier()
             self.dist.broadcast(finished)
             if finished is not None:
                 return finished
             try:
-                return self._fit(resume, stop_after_epochs)
+                return self._fit(setup, resume, stop_after_epochs)
             except KeyboardInterrupt:
                 self.run.update(status="interrupted")
                 raise
@@ -246,19 +261,25 @@ class Trainer:
                 self.run.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
                 raise
 
-    def _fit(self, resume: bool, stop_after_epochs: int | None) -> dict[str, Any]:
-        spec, train_cfg, dist, main = self.spec, self.spec.train, self.dist, self.dist.is_main
+    def _prepare(self) -> _Setup:
+        """The model, its objective terms and optimizer, built and checked; nothing is written."""
+        train_cfg = self.spec.train
         torch.manual_seed(train_cfg.seed)
-        model = build_model(spec)
+        model = build_model(self.spec)
         if self.store.raw is not None:
             self.store.raw.check_encoders(model.live_encoders())
-        if spec.data.standardize:
+        if self.spec.data.standardize:
             fit_standardization(model, self.store, self.split.train)
-        if spec.data.standardize_per_domain:
+        if self.spec.data.standardize_per_domain:
             fit_standardization(model, *self.target_rows(), domain="target")
         terms = nn.ModuleList(make(model, self.store) for make in self.term_factories)
         params = [p for p in (*model.parameters(), *terms.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        return _Setup(model, terms, params, optimizer)
+
+    def _fit(self, setup: _Setup, resume: bool, stop_after_epochs: int | None) -> dict[str, Any]:
+        spec, train_cfg, dist, main = self.spec, self.spec.train, self.dist, self.dist.is_main
+        model, terms, params, optimizer = setup.model, setup.terms, setup.params, setup.optimizer
         missing = any(not feats.available.all() for feats in self.store.encoders.values())
         forward = wrap(model, dist, missing)  # DDP under torchrun, else the model itself
         shuffle = torch.Generator().manual_seed(train_cfg.seed)
@@ -273,7 +294,7 @@ class Trainer:
             state = self._restore(model, optimizer, shuffle, terms)
             if main:
                 self.run.note_threads(torch.get_num_threads())
-                self.run.update(status="running", error=None)
+                self.run.update(status="running", error=None, world_size=dist.world_size)
         elif main:  # a new run, or one stopped before its first checkpoint: it starts from the beginning
             if resume:
                 self.run.check_same_run(self.identity)
@@ -327,9 +348,10 @@ class Trainer:
             state["epoch"] = epoch + 1
             record["seconds"] = round(time.perf_counter() - started, 3)
             # The log line goes first: after a kill between the two, resume drops it and redoes the epoch.
+            rng_states = dist.all_gather_object(torch.get_rng_state())  # each rank's: dropout differs per rank
             if main:
                 self.run.append_log(record)
-                self._save_last(model, optimizer, shuffle, terms, state)
+                self._save_last(model, optimizer, shuffle, terms, state, rng_states)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record.get('val', {}).get('score', float('nan')):.3f}")
             epochs_this_call += 1
@@ -401,13 +423,13 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def _save_last(self, model, optimizer, shuffle, terms, state) -> None:
+    def _save_last(self, model, optimizer, shuffle, terms, state, rng_states: list[torch.Tensor]) -> None:
         tensors, groups = _flatten_optimizer(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update({f"rng.torch.{rank}": rng for rank, rng in enumerate(rng_states)})
         tensors["rng.shuffle"] = shuffle.get_state()
         tensors.update({f"terms.{k}": v for k, v in terms.state_dict().items()})
         save_checkpoint(model, self.out / "last", extra_tensors=tensors,
-                        extra_metadata={"trainer": state, "param_groups": groups})
+                        extra_metadata={"trainer": state, "param_groups": groups, "world_size": len(rng_states)})
 
     def _restore(self, model, optimizer, shuffle, terms) -> dict[str, Any]:
         saved, tensors, metadata = load_checkpoint(self.out / "last")
@@ -421,8 +443,17 @@ class Trainer:
             model.set_decoder(saved.decoder.config)
         _restore_optimizer(optimizer, tensors, metadata["extra"]["param_groups"])
         terms.load_state_dict({k[len("terms."):]: v for k, v in tensors.items() if k.startswith("terms.")})
-        torch.set_rng_state(tensors["rng.torch"])
+        rank_key = f"rng.torch.{self.dist.rank}"
+        if rank_key in tensors or "rng.torch" in tensors:  # "rng.torch": one state, as older runs saved it
+            torch.set_rng_state(tensors.get(rank_key, tensors.get("rng.torch")))
         shuffle.set_state(tensors["rng.shuffle"])
+        saved_world = metadata["extra"].get("world_size", 1)
+        if saved_world != self.dist.world_size and self.dist.is_main:
+            warnings.warn(
+                f"{self.out}: the run was started with {saved_world} process(es) and resumes with "
+                f"{self.dist.world_size}; training continues from the checkpoint, but the result is no longer the "
+                "uninterrupted run's (each process's random state and share of every batch change). run.json records "
+                "the new world size.", FusionkitWarning, stacklevel=2)
         return dict(metadata["extra"]["trainer"])
 
 
