@@ -58,6 +58,23 @@ def _components(model: FusionModel) -> list[dict[str, Any]]:
     return out
 
 
+def _missing_components(root: Path, missing: list[dict[str, Any]], registry: Registry) -> str:
+    """What a checkpoint's absent components need: a disabled plugin enabled, or distributions installed."""
+    lines, install = [], set()
+    for comp in missing:
+        made_by = f"{comp.get('distribution') or comp.get('plugin') or 'an unknown distribution'} {comp.get('version') or ''}"
+        where = f"{comp['path']} is {comp['kind']} {comp['type']!r}, saved with {made_by.rstrip()}"
+        disabled = registry.disabled_provider(comp["kind"], comp["type"])
+        if disabled:
+            lines.append(f"{where}: {disabled} provides it and is installed but disabled; enable it (remove it from "
+                         "FUSIONKIT_DISABLE_PLUGINS, or add it to FUSIONKIT_PLUGINS)")
+        else:
+            lines.append(where)
+            install.add(str(comp.get("distribution") or comp.get("plugin")))
+    hint = f". Install {', '.join(sorted(install))} (and check `fusionkit plugins`)." if install else "."
+    return f"{root}: needs {len(missing)} component(s) that no enabled plugin provides: {'; '.join(lines)}{hint}"
+
+
 def save_checkpoint(
     model: FusionModel, directory: str | os.PathLike, extra_tensors: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, Any] | None = None,
@@ -153,16 +170,7 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
     missing = [comp for comp in metadata.get("components", []) if (comp["kind"], comp["type"]) not in registry
                and comp["kind"] in KIND_HOOKS]
     if missing:
-        lines = "; ".join(
-            f"{c['path']} is {c['kind']} {c['type']!r}, provided by "
-            f"{c.get('distribution') or c.get('plugin') or 'an unknown distribution'} {c.get('version') or ''}".rstrip()
-            for c in missing
-        )
-        dists = sorted({str(c.get("distribution") or c.get("plugin")) for c in missing})
-        raise CheckpointError(
-            f"{root}: needs {len(missing)} component(s) that no installed plugin provides: {lines}. "
-            f"Install {', '.join(dists)} (and check `fusionkit plugins`)."
-        )
+        raise CheckpointError(_missing_components(root, missing, registry))
     try:
         spec = spec_from_dict(read_spec_file(root / SPEC_FILE), registry=registry, source=str(root / SPEC_FILE))
     except SpecError as exc:

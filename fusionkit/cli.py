@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).parent / "examples"
+#: `fusionkit plugin new --kind` (fusionkit.scaffold.PLUGIN_KINDS, kept here so that --help imports nothing)
+PLUGIN_KINDS = ("encoder", "gate", "fusion", "head", "combiner", "decoder", "adaptation_loss", "distill_loss", "dataset")
 CONFINE_HELP = ("refuse manifest paths that resolve outside DIR (after .. and symlinks): for manifests you did not "
                 "write; without it a path may point anywhere, e.g. at a shared data disk")
 
@@ -23,9 +25,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     state = loaded()
     rows = []
     for info in state.plugins:
-        provides = state.registry.by_plugin(info.name) if info.ok else {}
+        regs = state.registry.registrations_of(info.name) if info.ok else []
+        provides: dict[str, list[str]] = {}
+        descriptions: dict[str, dict[str, str]] = {}
+        for reg in regs:
+            provides.setdefault(reg.kind, []).append(reg.name)
+            descriptions.setdefault(reg.kind, {})[reg.name] = reg.description
         rows.append({"name": info.name, "distribution": info.distribution, "version": info.version,
-                     "provides": provides, "error": info.error})
+                     "provides": provides, "descriptions": descriptions, "error": info.error})
     conflicts = [{"kind": kind, "name": name,
                   "providers": [r.provider.distribution or r.provider.plugin for r in regs]}
                  for (kind, name), regs in sorted(state.registry.contested().items())]
@@ -36,8 +43,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{row['name']} ({row['distribution'] or '-'} {row['version'] or ''})".replace(" )", ")"))
         if row["error"]:
             print(f"  FAILED: {row['error']}")
-        for kind, names in row["provides"].items():
-            print(f"  {kind}: {', '.join(names)}")
+        for kind, described in row["descriptions"].items():
+            print(f"  {kind}:")
+            width = max(len(name) for name in described)
+            for name, description in described.items():
+                print(f"    {name:<{width}}  {description}".rstrip())
     for c in conflicts:
         print(f"CONFLICT: {c['kind']} {c['name']!r} is provided by {' and '.join(c['providers'])}; a spec that uses it "
               f"fails until one is blocked, e.g. FUSIONKIT_DISABLE_PLUGINS={c['providers'][-1]}")
@@ -45,6 +55,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_spec_validate(args: argparse.Namespace) -> int:
+    from fusionkit.checkpoint import is_checkpoint
     from fusionkit.errors import SpecError
     from fusionkit.spec import load_spec
 
@@ -59,6 +70,9 @@ def _cmd_spec_validate(args: argparse.Namespace) -> int:
             status = 1
             continue
         print(f"{path}: valid ({len(spec.encoders)} encoders, gate {spec.gate.type} top_n={spec.gate.config.top_n}, fusion {spec.fusion.type})")
+        if spec.distill is not None and not is_checkpoint(Path(spec.distill.teacher)):
+            print(f"{path}: warning: distill.teacher: {spec.distill.teacher} is not a fusionkit checkpoint (yet); "
+                  "train the teacher first, or `fusionkit train` will stop with an error", file=sys.stderr)
     return status
 
 
@@ -115,6 +129,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from fusionkit.metrics import format_metric
     from fusionkit.training.train import cross_validate, train
 
     progress = not args.quiet
@@ -125,28 +140,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                  confine=args.confine)
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
-            print(f"  {key:<13} {value['mean']:.3f} ± {value['std']:.3f}")
+            print(f"  {key:<13} {format_metric(value['mean'])} ± {format_metric(value['std'])}")
         print(f"written to {args.out}/cv.json")
         return 0
     metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress,
                     target=args.target, overwrite=args.overwrite, raw=args.raw, confine=args.confine)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
-    _print_metrics(metrics)
+    from fusionkit.spec import load_spec
+    from fusionkit.training.tasks import task_class
+
+    _print_metrics(metrics, task_class(load_spec(args.spec)))
     print(f"run written to {args.out}")
     return 0
 
 
-def _print_metrics(metrics: dict) -> None:
+def _print_metrics(metrics: dict, task) -> None:
     print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}")
     for split in ("val", "test", "target"):
         if split in metrics:
-            m = metrics[split]
-            if "r1" in m:
-                print(f"  {split:<5} R@1 {m['r1']:.3f}  R@5 {m['r5']:.3f}  (n={int(m['n'])})")
-                continue
-            print(f"  {split:<5} ACC_presence {m['acc_presence']:.3f}  ACC_salience {m['acc_salience']:.3f}  "
-                  f"Score {m['score']:.3f}  (n={m['n']})")
+            print(f"  {split:<5} {task.summary(metrics[split])}")
 
 
 def _run_index(run: Path, store, split_name: str):
@@ -180,13 +193,13 @@ def _open_run(args: argparse.Namespace):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fusionkit.files import atomic_write_text
-    from fusionkit.training.tasks import collect_outputs, evaluate_outputs
+    from fusionkit.training.tasks import task_class
 
     model, store = _open_run(args)
+    task = task_class(model.spec)
     index = _run_index(Path(args.run), store, args.split)
-    metrics = evaluate_outputs(model, collect_outputs(model, store, index), store.truth_matrix(index))
-    print(f"{args.split}: ACC_presence {metrics['acc_presence']:.3f}  ACC_salience {metrics['acc_salience']:.3f}  "
-          f"Score {metrics['score']:.3f}  (n={metrics['n']})")
+    metrics = task.evaluate_model(model, store, index)
+    print(f"{args.split}: {task.summary(metrics)}")
     atomic_write_text(Path(args.run) / f"evaluation_{args.split}.json", json.dumps(metrics, indent=2) + "\n")
     return 0
 
@@ -228,12 +241,16 @@ def _check_submission_replaceable(json_path: Path, zip_path: Path) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import zipfile
 
+    from fusionkit.errors import FusionkitError
     from fusionkit.files import atomic_write, atomic_write_text
-    from fusionkit.training.tasks import predictions_for
+    from fusionkit.training.tasks import predictions_for, task_class
 
     json_path, zip_path = submission_paths(Path(args.out))
     _check_submission_replaceable(json_path, zip_path)
     model, store = _open_run(args)
+    if not task_class(model.spec).predicts:
+        raise FusionkitError(f"{args.run}: a two-tower model embeds and retrieves; it predicts no answers, so there "
+                             "is no submission to write. `fusionkit evaluate` gives its retrieval metrics.")
     index = _run_index(Path(args.run), store, args.split)
     preds = predictions_for(model, store, index)
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
@@ -310,8 +327,9 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 def _cmd_plugin_new(args: argparse.Namespace) -> int:
     from fusionkit.scaffold import new_plugin
 
-    path = new_plugin(args.name, args.out, component=args.component)
-    print(f"plugin written to {path}; install it with: pip install {path}")
+    path = new_plugin(args.name, args.out, component=args.component, kind=args.kind)
+    # the local folder, not a bare name (which pip would look up on the package index)
+    print(f"plugin written to {path}; install it with: pip install {path.resolve()}")
     return 0
 
 
@@ -426,10 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugin = sub.add_parser("plugin", help="start a new plugin distribution").add_subparsers(
         dest="plugin_command", metavar="ACTION", required=True)
-    p = plugin.add_parser("new", help="write fusionkit-NAME/, a clean plugin package registering one encoder")
+    p = plugin.add_parser("new", help="write fusionkit-NAME/, a clean plugin package registering one component")
     p.add_argument("name", metavar="NAME", help="lower-case words joined by '-', e.g. my-encoder")
     p.add_argument("--out", default=".", metavar="DIR", help="where to create fusionkit-NAME/ (default: here)")
     p.add_argument("--component", help="the name specs write in type: (default: NAME with '_')")
+    p.add_argument("--kind", default="encoder", choices=PLUGIN_KINDS,
+                   help="the kind of component it registers (default: encoder)")
     p.set_defaults(func=_cmd_plugin_new)
 
     p = sub.add_parser("demo", help="the end-to-end demonstration (the README's main command)")

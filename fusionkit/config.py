@@ -15,6 +15,7 @@ reported, each with its path — and :func:`unstructure` turns it back.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import math
 import reprlib
@@ -89,8 +90,38 @@ def _strict(expected: tuple[type, ...], name: str):
     return hook
 
 
+def _is_sequence(tp: Any) -> bool:
+    return typing.get_origin(tp) in (list, tuple, collections.abc.Sequence)
+
+
+def _strict_sequence(conv: cattrs.Converter):
+    """Lists and tuples from lists only: a string is not split into its characters, and an element of the
+    wrong type is named by its position and value."""
+
+    def hook(value: Any, tp: Any) -> Any:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list ({type_name(tp)}), found {_found(value)}; write [a, b] for a list "
+                            "(one item: [a])")
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        if fixed and len(value) != len(args):
+            raise TypeError(f"expected a list of {len(args)} ({type_name(tp)}), found {_found(value)}")
+        items = []
+        for i, item in enumerate(value):
+            expected = (args[i] if fixed else args[0]) if args else Any
+            try:
+                items.append(item if expected is Any else conv.structure(item, expected))
+            except Exception:  # noqa: BLE001 - reworded with the element's position and value
+                raise TypeError(f"expected {type_name(tp)}, but item [{i}] is {_found(item)}, not "
+                                f"{type_name(expected)}") from None
+        return tuple(items) if origin is tuple else items
+
+    return hook
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook_func(_is_sequence, _strict_sequence(conv))
     conv.register_structure_hook(int, _strict((int,), "int"))
     conv.register_structure_hook(float, _strict((int, float), "float"))
     conv.register_structure_hook(bool, _strict((bool,), "bool"))

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from fusionkit.errors import DataError
+from fusionkit.metrics import format_metric
 
 SHARED_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "uci-mfeat"
 BEST_SINGLE = "fac"
@@ -69,6 +70,6 @@ def run_demo(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     for (setting, name), m in results.items():
-        print(f"{name:<48} {setting:<10} {m['acc_presence']:>12.3f} {m['acc_salience']:>12.3f} {m['score']:>7.3f}")
+        print(f"{name:<48} {setting:<10} {m['acc_presence']:>12.3f} {format_metric(m['acc_salience']):>12} {m['score']:>7.3f}")
     print(f"\nReports: {out}/clean/rank-aware-top-p-fusion/report/ and {out}/corrupted/rank-aware-top-p-fusion/report/")
     return 0

@@ -3,7 +3,9 @@
 - ACC_presence: the share of clips whose predicted *set* of emotions equals the true set.
 - ACC_salience: over the clips whose truth is a blend, the share predicted with exactly
   two emotions whose rounded saliences equal the truth's (70/30 vs 30/70 matters).
-- Score: their mean.
+- Score: their mean. ACC_salience is defined on blends only: where no clip of a split is a
+  blend it is not applicable (None, ``null`` in metrics.json, "n/a" in tables) and Score is
+  ACC_presence.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from fusionkit.answers import Prediction, align, to_matrix
 
 
-def scores_from_matrices(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+def scores_from_matrices(pred: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
     """Metrics from salience matrices ``[N, L]`` (0-100 scale) of predictions and truths."""
     pred_set = pred > 0
     true_set = truth > 0
@@ -23,8 +25,15 @@ def scores_from_matrices(pred: np.ndarray, truth: np.ndarray) -> dict[str, float
     blend = true_set.sum(axis=1) == 2
     two = pred_set.sum(axis=1) == 2
     exact = np.all(np.round(pred) == np.round(truth), axis=1)
-    acc_salience = float(np.mean((two & exact)[blend])) if blend.any() else 0.0
+    if not blend.any():  # ACC_salience is defined over blends only
+        return {"acc_presence": acc_presence, "acc_salience": None, "score": acc_presence}
+    acc_salience = float(np.mean((two & exact)[blend]))
     return {"acc_presence": acc_presence, "acc_salience": acc_salience, "score": 0.5 * (acc_presence + acc_salience)}
+
+
+def format_metric(value: float | None, spec: str = ".3f") -> str:
+    """A metric for tables and terminals: ``n/a`` where it is not applicable (ACC_salience without blends)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def blemore_scores(
@@ -33,7 +42,7 @@ def blemore_scores(
     """ACC_presence, ACC_salience and Score over dicts of sample id -> prediction.
 
     Both dicts must hold the same ids. ``labels`` defaults to every emotion that
-    appears in either. ACC_salience is 0.0 when no truth is a blend.
+    appears in either. ACC_salience is None when no truth is a blend (Score is then ACC_presence).
     """
     _, preds, trues = align(predictions, truths)
     if labels is None:

@@ -146,8 +146,11 @@ class Registry:
     def by_plugin(self, plugin: str) -> dict[str, list[str]]:
         """kind -> sorted names that ``plugin`` provides (kinds it provides nothing of are left out)."""
         out: dict[str, list[str]] = {}
-        regs = [*self, *(r for rs in self._contested.values() for r in rs)]
-        for reg in sorted(regs, key=lambda r: (list(KIND_HOOKS).index(r.kind), r.name)):
-            if reg.provider.plugin == plugin:
-                out.setdefault(reg.kind, []).append(reg.name)
+        for reg in self.registrations_of(plugin):
+            out.setdefault(reg.kind, []).append(reg.name)
         return out
+
+    def registrations_of(self, plugin: str) -> list[Registration]:
+        """Every registration ``plugin`` made (contested ones included), by kind, then name."""
+        regs = [*self, *(r for rs in self._contested.values() for r in rs)]
+        return [r for r in sorted(regs, key=lambda r: (list(KIND_HOOKS).index(r.kind), r.name)) if r.provider.plugin == plugin]

@@ -1,7 +1,8 @@
 """``fusionkit report RUN``: plots and a markdown summary of a finished run.
 
 Writes RUN/report/: learning_curves.png, kept_per_label.png, presence_confusion.png,
-salience_confusion.png and summary.md. Needs matplotlib (``pip install 'fusionkit[report]'``).
+salience_confusion.png and summary.md; for a two-tower run, learning_curves.png, retrieval.png
+and summary.md. Needs matplotlib (``pip install 'fusionkit[report]'``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionkit.errors import FusionkitError
+from fusionkit.metrics import format_metric
 
 RATIO_NAMES = ("single", "50/50", "70/30", "30/70")
 
@@ -25,6 +27,51 @@ def _pyplot():
     except ImportError as exc:
         raise FusionkitError("fusionkit report needs matplotlib: pip install 'fusionkit[report]'") from exc
     return plt
+
+
+def _learning_curves(plt, log: list[dict], best_epoch: int, keys: tuple[str, ...], path: Path) -> None:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [r["epoch"] for r in log]
+    for key in sorted({k for r in log for k in r if k not in ("epoch", "lr", "val", "seconds")}):
+        a1.plot(epochs, [r.get(key, np.nan) for r in log], label=key)
+    a1.set(xlabel="epoch", ylabel="training loss", title="Training losses")
+    a1.legend(fontsize=7)
+    for key in keys:
+        a2.plot(epochs, [_number(r.get("val", {}).get(key)) for r in log], label=key)
+    a2.axvline(best_epoch, color="grey", ls=":", label="best")
+    a2.set(xlabel="epoch", title="Validation")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _retrieval_report(plt, run: Path, out: Path, metrics: dict, log: list[dict]) -> Path:
+    """A two-tower run: learning curves with validation R@1/R@5, and retrieval in each direction."""
+    _learning_curves(plt, log, metrics["best_epoch"], ("r1", "r5"), out / "learning_curves.png")
+    splits = [s for s in ("val", "test") if s in metrics]
+    directions = sorted(k for k in metrics[splits[-1]] if k.startswith("r") and "_to_" in k)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(directions)), 3.5))
+    width = 0.8 / len(splits)
+    for i, name in enumerate(splits):
+        ax.bar(np.arange(len(directions)) + i * width, [metrics[name][d] for d in directions], width, label=name)
+    ax.set_xticks(np.arange(len(directions)) + width * (len(splits) - 1) / 2, directions, rotation=20, fontsize=8)
+    ax.set(ylim=(0, 1), ylabel="recall", title="Retrieval in each direction")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "retrieval.png", dpi=110)
+    plt.close(fig)
+    lines = [f"# Run {run.name} (two-tower)", "",
+             f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; logit scale "
+             f"{metrics.get('logit_scale', float('nan')):.2f}.", "",
+             "| split | R@1 | R@5 | nearest-neighbour class accuracy | n |", "|---|---|---|---|---|"]
+    for name in splits:
+        x = metrics[name]
+        lines.append(f"| {name} | {x['r1']:.3f} | {x['r5']:.3f} | {format_metric(x.get('nn_class_accuracy'))} | "
+                     f"{int(x['n'])} |")
+    lines += ["", "![learning curves](learning_curves.png)", "![retrieval](retrieval.png)"]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return out
 
 
 def _ratio(pred: list[dict]) -> str:
@@ -43,7 +90,7 @@ def write_report(run: str | Path) -> Path:
             write_report(fold)
         cv = json.loads((run / "cv.json").read_text())
         lines = ["# Cross-validation", "", "| metric | mean | std |", "|---|---|---|"]
-        lines += [f"| {k} | {v['mean']:.3f} | {v['std']:.3f} |" for k, v in cv["test"].items()]
+        lines += [f"| {k} | {format_metric(v['mean'])} | {format_metric(v['std'])} |" for k, v in cv["test"].items()]
         lines += ["", "Per fold: " + ", ".join(f"[{p.name}]({p.name}/report/summary.md)" for p in folds)]
         out = run / "report"
         out.mkdir(exist_ok=True)
@@ -57,23 +104,13 @@ def write_report(run: str | Path) -> Path:
     metrics = json.loads((run / "metrics.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     split = "test" if "test" in metrics else "val"
+    if "r1" in metrics.get(split, {}):
+        return _retrieval_report(plt, run, out, metrics, log)
     preds = json.loads((run / f"predictions_{split}.json").read_text())
     labels = list(metrics[split]["per_label_f1"])
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    epochs = [r["epoch"] for r in log]
-    for key in sorted({k for r in log for k in r if k not in ("epoch", "lr", "val", "seconds")}):
-        a1.plot(epochs, [r.get(key, np.nan) for r in log], label=key)
-    a1.set(xlabel="epoch", ylabel="training loss", title="Training losses")
-    a1.legend(fontsize=7)
-    for key in ("acc_presence", "acc_salience", "score"):
-        a2.plot(epochs, [r.get("val", {}).get(key, np.nan) for r in log], label=key)
-    a2.axvline(metrics["best_epoch"], color="grey", ls=":", label="best")
-    a2.set(xlabel="epoch", title="Validation")
-    a2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=110)
-    plt.close(fig)
+    _learning_curves(plt, log, metrics["best_epoch"], ("acc_presence", "acc_salience", "score"),
+                     out / "learning_curves.png")
 
     kept = metrics[split]["kept_counts"]
     encoders = list(next(iter(kept.values())))
@@ -117,7 +154,8 @@ def write_report(run: str | Path) -> Path:
     for name in ("val", "test"):
         if name in metrics:
             x = metrics[name]
-            lines.append(f"| {name} | {x['acc_presence']:.3f} | {x['acc_salience']:.3f} | {x['score']:.3f} | {x['n']} |")
+            lines.append(f"| {name} | {x['acc_presence']:.3f} | {format_metric(x['acc_salience'])} | {x['score']:.3f} | "
+                         f"{x['n']} |")
     lines += ["", f"Per-label F1 ({split}): " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_label_f1"].items())]
     if "presence_map" in m:
         lines.append(f"Presence mAP ({split}): {m['presence_map']:.3f}")
@@ -141,3 +179,8 @@ def _heatmap(plt, values: np.ndarray, rows, cols, title: str, path: Path, fmt: s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _number(value: float | None) -> float:
+    """A metric for a plot: NaN (a gap) where it is missing or not applicable."""
+    return np.nan if value is None else value

@@ -27,7 +27,7 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "$dist"
 version = "0.1.0"
-description = "fusionkit plugin: the encoder $component"
+description = "fusionkit plugin: the $kind_words $component"
 requires-python = ">=3.11"
 dependencies = ["fusionkit"]
 
@@ -90,30 +90,235 @@ def register_encoders(register):
 README = Template('''\
 # $dist
 
-A fusionkit plugin: it registers the encoder `$component` (a two-layer MLP over
-pre-extracted vectors). It was made by `fusionkit plugin new $name`; fusionkit's guide
+A fusionkit plugin: it registers the $kind_words `$component` ($summary). It was made by
+`fusionkit plugin new $name`; fusionkit's guide
 `docs/writing-a-plugin.md` walks through making it your own, and covers every component kind.
 
 ```bash
 pip install ./$dist
-fusionkit plugins          # $entry ($dist 0.1.0)  encoder: $component
+fusionkit plugins          # $entry ($dist 0.1.0)  $kind: $component
 ```
 
-In a spec:
+$usage
+''')
+
+ENCODER_USAGE = """In a spec:
 
 ```yaml
 encoders:
   - {name: audio, type: $component, dim: 1024, hidden: 128, out_dim: 64}
-```
+```"""
+
+#: Every other kind's module: the same shape as the encoder's, with that kind's base class and hook.
+OTHER_MODULE = Template('''\
+"""A fusionkit plugin: registers the $kind_words ``$component``.
+
+Keep this module cheap to import: fusionkit imports it to learn what the plugin
+provides. torch is loaded with fusionkit anyway; import heavier libraries inside the component.
+"""
+
+from __future__ import annotations
+
+import attrs
+$imports
+
+import fusionkit
+from fusionkit.config import option, positive
+$base_import
+
+
+@attrs.frozen(kw_only=True)
+class ${cls}Config$config_base:
+    """$summary_cap."""
+
+$body
+
+@fusionkit.hookimpl
+def $hook(register):
+    register("$component", $factory, config=${cls}Config, description="$summary_cap.")
 ''')
 
+#: kind -> (hook, base import, config base, imports, body, factory, summary, usage in a spec)
+KINDS: dict[str, dict[str, str]] = {
+    "gate": dict(
+        hook="register_gates", base_import="from fusionkit.interfaces import Gate, GateConfig", config_base="(GateConfig)",
+        imports="import torch\nfrom torch import nn",
+        body='''    hidden: int = option(32, doc="Hidden size of the scoring MLP.", validator=positive)
 
-def new_plugin(name: str, out: str | Path = ".", component: str | None = None) -> Path:
-    """Write the distribution ``fusionkit-NAME`` under ``out``; returns its directory.
+
+class ${cls}(Gate):
+    """Scores each encoder token alone; top-n selection, warm-up and noise come from Gate.forward."""
+
+    def __init__(self, config: ${cls}Config, context) -> None:
+        super().__init__(config)
+        self.net = nn.Sequential(nn.Linear(context.latent_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1))
+
+    def score(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.net(tokens).squeeze(-1)
+''', factory="${cls}", summary="a gate scoring each encoder token with an MLP",
+        usage="In a spec:\n\n```yaml\ngate: {type: $component, top_n: 2, hidden: 32}\n```"),
+    "fusion": dict(
+        hook="register_fusions", base_import="from fusionkit.interfaces import Fusion", config_base="",
+        imports="import torch",
+        body='''    scale: float = option(1.0, doc="Factor applied to the fused vector.", validator=positive)
+
+
+class ${cls}(Fusion):
+    """Element-wise maximum over the kept slots (empty slots ignored)."""
+
+    def __init__(self, config: ${cls}Config, context) -> None:
+        super().__init__()
+        self.scale = config.scale
+        self.out_dim = context.latent_dim
+
+    def forward(self, slots: torch.Tensor, weights: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+        fused = slots.masked_fill(~slot_mask.unsqueeze(-1), float("-inf")).amax(dim=1).nan_to_num(0.0)
+        return self.scale * fused.clamp_min(-1e4)
+''', factory="${cls}", summary="a fusion taking the element-wise maximum of the kept slots",
+        usage="In a spec:\n\n```yaml\nfusion: {type: $component}\n```"),
+    "head": dict(
+        hook="register_heads", base_import="from fusionkit.interfaces import Head", config_base="",
+        imports="import torch\nfrom torch import nn",
+        body='''    dropout: float = option(0.1, doc="Dropout before the linear layer.")
+
+
+class ${cls}(Head):
+    """A linear layer over the fused vector; softmax over labels (set activation to sigmoid for presence)."""
+
+    activation = "softmax"
+
+    def __init__(self, config: ${cls}Config, context) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(context.in_dim, context.num_labels))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+''', factory="${cls}", summary="a linear salience head",
+        usage="In a spec:\n\n```yaml\nheads: {salience: {type: $component, dropout: 0.1}}\n```"),
+    "combiner": dict(
+        hook="register_combiners", base_import="from fusionkit.interfaces import Combiner", config_base="",
+        imports="import torch",
+        body='''    presence_weight: float = option(0.5, doc="Weight of the normalised presence probabilities.")
+
+
+class ${cls}(Combiner):
+    """A weighted mean of the salience and the normalised presence probabilities."""
+
+    def __init__(self, config: ${cls}Config, context) -> None:
+        super().__init__()
+        self.w = config.presence_weight
+
+    def forward(self, presence: torch.Tensor | None, salience: torch.Tensor | None) -> torch.Tensor:
+        if presence is None or salience is None:
+            return salience if presence is None else presence / presence.sum(-1, keepdim=True).clamp_min(1e-8)
+        return self.w * presence / presence.sum(-1, keepdim=True).clamp_min(1e-8) + (1 - self.w) * salience
+''', factory="${cls}", summary="a combiner mixing presence and salience probabilities",
+        usage="In a spec:\n\n```yaml\ncombiner: {type: $component, presence_weight: 0.5}\n```"),
+    "decoder": dict(
+        hook="register_decoders", base_import="from fusionkit.interfaces import Decoder", config_base="",
+        imports="import numpy as np",
+        body='''    blend_ratio: float = option(0.5, doc="Second emotion's share of the first's above which a blend is predicted "
+                                         "(fitted on validation).", validator=positive)
+
+
+class ${cls}(Decoder):
+    """Top emotion alone, or a 50/50 blend when the second is close enough; the ratio is fitted on validation."""
+
+    def decode(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        probs = outputs["probs"]
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :2]
+        top = np.take_along_axis(probs, order, axis=1)
+        blend = top[:, 1] >= self.config.blend_ratio * top[:, 0]
+        saliences = np.where(blend[:, None], [50.0, 50.0], [100.0, 0.0])
+        order[~blend, 1] = -1
+        return order, saliences
+
+    def fit(self, outputs: dict[str, np.ndarray], truth: np.ndarray) -> ${cls}Config:
+        from fusionkit.answers import order_to_matrix
+        from fusionkit.metrics import scores_from_matrices
+
+        best = (-1.0, self.config)
+        for ratio in np.linspace(0.1, 1.0, 19):
+            config = attrs.evolve(self.config, blend_ratio=float(ratio))
+            order, sal = type(self)(config, self.context).decode(outputs)
+            score = scores_from_matrices(order_to_matrix(order, sal, truth.shape[1]), truth)["score"]
+            best = max(best, (score, config), key=lambda x: x[0])
+        return best[1]
+''', factory="${cls}", summary="a decoder predicting a single emotion or a 50/50 blend",
+        usage="In a spec:\n\n```yaml\ndecoder: {type: $component}\n```"),
+    "adaptation_loss": dict(
+        hook="register_adaptation_losses",
+        base_import="from fusionkit.training.adaptation import AdaptationConfig, AdaptationLoss",
+        config_base="(AdaptationConfig)", imports="import torch",
+        body='''    power: float = option(2.0, doc="Exponent of the distance between the feature means.", validator=positive)
+
+
+class ${cls}(AdaptationLoss):
+    """The distance between the source and target feature means (no labels of the target are read)."""
+
+    def __init__(self, config: ${cls}Config, context) -> None:
+        super().__init__(config)
+
+    def discrepancy(self, source: torch.Tensor, target: torch.Tensor, progress: float) -> torch.Tensor:
+        return (source.mean(0) - target.mean(0)).abs().pow(self.config.power).sum()
+''', factory="${cls}", summary="an adaptation loss between source and target feature means",
+        usage="In a spec:\n\n```yaml\nadaptation: [{type: $component, weight: 0.1}]\n```"),
+    "distill_loss": dict(
+        hook="register_distill_losses",
+        base_import="from fusionkit.training.distill import DistillBatch, DistillConfig, DistillLoss",
+        config_base="(DistillConfig)", imports="import torch",
+        body='''    margin: float = option(0.0, doc="Cosine distance below which a pair costs nothing.")
+
+
+class ${cls}(DistillLoss):
+    """Pulls each student embedding towards its teacher's: mean cosine distance over every view."""
+
+    needs = "views"
+
+    def __init__(self, config: ${cls}Config, context) -> None:
+        super().__init__(config)
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        distances = [(1 - (s * t).sum(-1) - self.config.margin).clamp_min(0).mean() for s, t in batch.views.values()]
+        return torch.stack(distances).mean()
+''', factory="${cls}", summary="a distillation loss on the cosine distance of student and teacher embeddings",
+        usage="In a spec:\n\n```yaml\ndistill: {teacher: runs/teacher/best, losses: [{type: $component}]}\n```"),
+    "dataset": dict(
+        hook="register_datasets", base_import="from fusionkit.data.store import Sample\nfrom fusionkit.interfaces import Dataset",
+        config_base="", imports="import numpy as np",
+        body='''    samples: int = option(100, doc="Number of samples.", validator=positive)
+    seed: int = option(0, doc="Random seed.")
+
+
+class ${cls}(Dataset):
+    """Two classes, one encoder of 8 features; groups and folds so that runs are group-disjoint."""
+
+    def labels(self) -> tuple[str, ...]:
+        return ("low", "high")
+
+    def generate(self):
+        rng = np.random.default_rng(self.config.seed)
+        classes = np.arange(self.config.samples) % 2
+        samples = [Sample(id=f"x{i}", labels=[{"emotion": self.labels()[c], "salience": 100.0}], group=f"g{i % 10}",
+                          fold=i % 5) for i, c in enumerate(classes)]
+        return samples, {"features": (rng.normal(size=(self.config.samples, 8)) + classes[:, None]).astype("float32")}
+''', factory="${cls}", summary="a dataset of two classes",
+        usage="Build a store:\n\n```bash\nfusionkit data build $component --out store --set samples=200\n```"),
+}
+
+#: The kinds `fusionkit plugin new --kind` writes.
+PLUGIN_KINDS = ("encoder", *KINDS)
+
+
+def new_plugin(name: str, out: str | Path = ".", component: str | None = None, kind: str = "encoder") -> Path:
+    """Write the distribution ``fusionkit-NAME`` under ``out``, registering one component of ``kind``; returns
+    its directory.
 
     ``name`` is lower-case words joined by ``-`` (``my-encoder``); ``component`` is the name
     specs write in ``type:`` (default: ``name`` with ``_`` for ``-``).
     """
+    if kind not in PLUGIN_KINDS:
+        raise FusionkitError(f"--kind {kind!r}: one of {', '.join(PLUGIN_KINDS)}")
     if not NAME.match(name):
         raise FusionkitError(f"plugin name {name!r}: use lower-case letters and digits, words joined by '-' "
                              "(e.g. my-encoder)")
@@ -122,7 +327,17 @@ def new_plugin(name: str, out: str | Path = ".", component: str | None = None) -
     if not re.match(r"^[a-z][a-z0-9_]*$", component):
         raise FusionkitError(f"component name {component!r}: use lower-case letters, digits and '_'")
     values = {"name": name, "dist": f"fusionkit-{name}", "module": f"fusionkit_{snake}", "entry": snake,
-              "component": component, "cls": "".join(part.title() for part in component.split("_"))}
+              "component": component, "cls": "".join(part.title() for part in component.split("_")), "kind": kind,
+              "kind_words": kind.replace("_", " ")}
+    if kind == "encoder":
+        module = MODULE.substitute(values)
+        values |= {"summary": "a two-layer MLP over\npre-extracted vectors",
+                   "usage": Template(ENCODER_USAGE).substitute(values)}
+    else:
+        parts = {k: Template(v).substitute(values) for k, v in KINDS[kind].items()}
+        values |= {"summary": parts["summary"], "usage": parts["usage"]}
+        module = OTHER_MODULE.substitute(values, **{k: v for k, v in parts.items() if k not in ("summary", "usage")},
+                                         summary_cap=parts["summary"][0].upper() + parts["summary"][1:])
     target = Path(out) / values["dist"]
     if target.exists():
         raise FusionkitError(f"{target}: already exists; nothing was written. Choose another name or --out.")
@@ -131,7 +346,7 @@ def new_plugin(name: str, out: str | Path = ".", component: str | None = None) -
     try:
         (tmp / values["module"]).mkdir()
         (tmp / "pyproject.toml").write_text(PYPROJECT.substitute(values), encoding="utf-8")
-        (tmp / values["module"] / "__init__.py").write_text(MODULE.substitute(values), encoding="utf-8")
+        (tmp / values["module"] / "__init__.py").write_text(module, encoding="utf-8")
         (tmp / "README.md").write_text(README.substitute(values), encoding="utf-8")
         tmp.rename(target)
     except BaseException:

@@ -321,6 +321,7 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
     for key, kind in (("gate", "gate"), ("fusion", "fusion"), ("combiner", "combiner"), ("decoder", "decoder")):
         values[key] = structure_component(kind, data.get(key, _DEFAULT_BLOCKS[key]), key, registry, problems)
     values["heads"] = _structure_heads(data.get("heads", _DEFAULT_BLOCKS["heads"]), registry, problems)
+    _check_gate_counts(values["gate"], len(values["encoders"]), "gate", problems)
     adaptation = data.get("adaptation", [])
     if not isinstance(adaptation, list):
         problems.append(f"adaptation: expected a list of adaptation loss blocks, found {short_repr(adaptation)}")
@@ -407,12 +408,28 @@ def _structure_towers(blocks: Any, encoders: tuple[EncoderSpec, ...], registry: 
                                    registry, problems)
         fusion = structure_component("fusion", block.get("fusion", {"type": "weighted_sum"}), f"{path}.fusion",
                                      registry, problems)
+        _check_gate_counts(gate, len(names), f"{path}.gate", problems)
         if gate is not None and fusion is not None:
             out[str(name)] = TowerSpec(tuple(names), gate, fusion, embed)
     missing = known - set(owner)
     if missing and not problems:
         problems.append(f"towers: encoders {sorted(missing)} belong to no tower; assign each to one")
     return out
+
+
+def _check_gate_counts(gate: Component | None, encoders: int, path: str, problems: list[str]) -> None:
+    """top-p's min_n and max_n must fit each other and the encoders (they were clamped silently)."""
+    if gate is None or getattr(gate.config, "selection", "top_n") != "top_p" or not encoders:
+        return
+    min_n, max_n = gate.config.min_n, gate.config.max_n
+    if max_n and min_n > max_n:
+        problems.append(f"{path}.min_n: {min_n} is more than {path}.max_n ({max_n}); a sample keeps at least min_n "
+                        "and at most max_n encoders: lower min_n or raise max_n")
+    if min_n > encoders:
+        problems.append(f"{path}.min_n: {min_n} is more than the {encoders} encoder(s) the gate ranks; lower it")
+    if max_n > encoders:
+        problems.append(f"{path}.max_n: {max_n} is more than the {encoders} encoder(s) the gate ranks; lower it, or "
+                        "write 0 (all)")
 
 
 def _structure_distill(block: Any, registry: Registry, problems: list[str]) -> DistillSpec | None:

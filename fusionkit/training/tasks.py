@@ -24,7 +24,7 @@ from fusionkit.training.distributed import Dist
 from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.training.losses import supervised_loss
-from fusionkit.metrics import per_label_f1, presence_map, scores_from_matrices
+from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
 from fusionkit.model import FusionModel, decoder_inputs
 from fusionkit.spec import Spec
 from fusionkit.data.store import FeatureStore
@@ -126,6 +126,19 @@ class ClassificationTask:
     """Fusion models: supervised presence + salience loss, BlEmoRE Score on validation."""
 
     record_keys = ("acc_presence", "acc_salience", "score")
+    #: Whether the model predicts answers (a challenge submission), or only embeds.
+    predicts = True
+
+    @staticmethod
+    def evaluate_model(model: FusionModel, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:
+        """Metrics of a trained model on the labelled samples ``index`` (``fusionkit evaluate``)."""
+        return evaluate_outputs(model, collect_outputs(model, store, index), store.truth_matrix(index))
+
+    @staticmethod
+    def summary(metrics: dict[str, Any]) -> str:
+        """One line of a split's metrics, for the terminal."""
+        return (f"ACC_presence {metrics['acc_presence']:.3f}  ACC_salience {format_metric(metrics['acc_salience'])}  "
+                f"Score {metrics['score']:.3f}  (n={metrics['n']})")
 
     def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
         self.spec, self.store, self.split, self.target_store = spec, store, split, target_store
@@ -169,6 +182,20 @@ class ContrastiveTask:
     """Two-tower models: the CLIP loss, mean Recall@1 over both directions on validation."""
 
     record_keys = ("r1", "r5", "score")
+    predicts = False
+
+    @staticmethod
+    def evaluate_model(model: Any, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:
+        """Retrieval metrics of a trained two-tower model on the samples ``index``."""
+        from fusionkit.towers import retrieval_metrics
+
+        emb = collect_embeddings(model, store, index)
+        classes = store.truth_matrix(index).argmax(1) if store.labelled[index].all() else None
+        return retrieval_metrics(emb[model.tower_names[0]], emb[model.tower_names[1]], classes, model.tower_names)
+
+    @staticmethod
+    def summary(metrics: dict[str, Any]) -> str:
+        return f"R@1 {metrics['r1']:.3f}  R@5 {metrics['r5']:.3f}  (n={int(metrics['n'])})"
 
     def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
         self.spec, self.store, self.split = spec, store, split
@@ -184,20 +211,13 @@ class ContrastiveTask:
         model.clamp_scale()
 
     def validate(self, model: Any, dist: Dist | None = None) -> dict[str, Any]:
-        return self.evaluate(model, self.store, self.split.val)
-
-    def evaluate(self, model: Any, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:
-        from fusionkit.towers import retrieval_metrics
-
-        emb = collect_embeddings(model, store, index)
-        classes = store.truth_matrix(index).argmax(1) if store.labelled[index].all() else None
-        return retrieval_metrics(emb[model.tower_names[0]], emb[model.tower_names[1]], classes, model.tower_names)
+        return self.evaluate_model(model, self.store, self.split.val)
 
     def final(self, model: Any, out: Path) -> dict[str, Any]:
         metrics: dict[str, Any] = {"logit_scale": float(model.logit_scale.detach().exp())}
         for name, index in (("val", self.split.val), ("test", self.split.test)):
             if len(index):
-                metrics[name] = self.evaluate(model, self.store, index)
+                metrics[name] = self.evaluate_model(model, self.store, index)
         return metrics
 
 
@@ -213,7 +233,11 @@ def collect_embeddings(model: Any, store: FeatureStore, index: np.ndarray, batch
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def task_class(spec: Spec) -> type[ClassificationTask] | type[ContrastiveTask]:
+    """The kind of task a spec describes: contrastive with a ``towers`` block, else classification."""
+    return ContrastiveTask if spec.task == "contrastive" else ClassificationTask
+
+
 def task_for(spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None):
-    """The task a spec describes: contrastive with a ``towers`` block, else classification."""
-    cls = ContrastiveTask if spec.task == "contrastive" else ClassificationTask
-    return cls(spec, store, split, target_store)
+    """The task a spec describes, for training on ``split`` of ``store``."""
+    return task_class(spec)(spec, store, split, target_store)

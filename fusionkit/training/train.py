@@ -102,7 +102,11 @@ def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | Non
     dims = {e.name: getattr(e.config, "dim", None) for e in spec.encoders if e.name not in live}
     store = open_store(data, dims, nan_policy=spec.data.nan_policy)
     if tuple(store.labels) != tuple(spec.labels):
-        raise DataError(f"{store.path}: labels {list(store.labels)} differ from the spec's {list(spec.labels)}")
+        neutral = "neu" if "neu" in store.labels else "null"
+        raise DataError(f"{store.path}: labels {list(store.labels)} differ from the spec's {list(spec.labels)} (the "
+                        f"spec's default is BlEmoRE's). Write them in the spec, in the store's order: "
+                        f"`labels: [{', '.join(store.labels)}]` and `neutral: {neutral}` (the label that never blends, "
+                        "or null)")
     if raw is not None:
         manifest = read_manifest(raw, spec.labels, confine)
         store.attach_raw(manifest, manifest.rows_for(store.ids, store.path))
@@ -581,9 +585,12 @@ def _train_fold(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize_folds(per_fold: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation of each metric over folds."""
+    """Mean and standard deviation of each metric over folds (over the folds where it applies: ACC_salience
+    is None on a fold without blends; None where it applies to none)."""
     out = {}
     for key in ("acc_presence", "acc_salience", "score"):
-        values = np.array([m[key] for m in per_fold.values()])
-        out[key] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
+        values = [m[key] for m in per_fold.values()]
+        known = np.array([v for v in values if v is not None], dtype=float)
+        out[key] = {"mean": float(known.mean()) if len(known) else None,
+                    "std": float(known.std()) if len(known) else None, "values": values}
     return out

@@ -42,6 +42,11 @@ class HfEncoderConfig(LiveEncoderConfig):
     layer: int | str = option(-1, doc="Hidden state to pool: an index (0: embeddings, -1: the last layer), or "
                                       "'weighted': a learned softmax-weighted sum of all hidden states.", validator=_layer)
     max_length: int = option(128, doc="Texts are truncated to this many tokens.", validator=positive)
+    max_seconds: float = option(60.0, doc="Audio: the longest clip read, in seconds (attention over a long clip "
+                                          "needs memory quadratic in its length).", validator=positive)
+    too_long: Literal["error", "crop"] = option(
+        "error", doc="Audio longer than max_seconds: error (refused, naming the sample), or crop (its first "
+        "max_seconds are used, with a warning).")
 
 
 def _transformers():
@@ -135,6 +140,16 @@ class HfEncoder(LiveEncoder):
         except soundfile.LibsndfileError as exc:
             raise ValueError(f"not a readable audio file ({exc})") from None
         wave = wave.mean(axis=1)  # mono
+        seconds = len(wave) / rate
+        if seconds > self.config.max_seconds:
+            if self.config.too_long == "error":
+                raise ValueError(f"{seconds:.1f} s long, over max_seconds {self.config.max_seconds:g} of encoder "
+                                 f"{self.name!r}; raise max_seconds, or set too_long: crop")
+            import warnings
+
+            warnings.warn(f"{path}: {seconds:.1f} s long, cropped to its first {self.config.max_seconds:g} s "
+                          f"(encoder {self.name!r}: max_seconds, too_long: crop)", stacklevel=2)
+            wave = wave[: int(self.config.max_seconds * rate)]
         target = int(self.processor.sampling_rate)
         if rate != target:
             from math import gcd
@@ -143,7 +158,28 @@ class HfEncoder(LiveEncoder):
 
             g = gcd(int(rate), target)
             wave = resample_poly(wave, target // g, int(rate) // g).astype(np.float32)
+        frames = self._frames(len(wave))
+        if frames < 1:  # never stored as zeros: the model has nothing to pool
+            raise ValueError(f"too short: {len(wave)} samples at {target} Hz give the model no frame; a clip needs "
+                             f"at least {self._shortest()} samples ({1000 * self._shortest() / target:.0f} ms)")
         return wave
+
+    def _frames(self, samples: int) -> int:
+        """How many frames the model's convolutional front end makes of ``samples`` audio samples."""
+        import torch
+
+        lengths = getattr(self.model, "_get_feat_extract_output_lengths", None)
+        return samples if lengths is None else int(lengths(torch.tensor([samples]))[0])
+
+    def _shortest(self) -> int:
+        samples = 1
+        while self._frames(samples) < 1:
+            samples *= 2
+        low = samples // 2
+        while low + 1 < samples:  # bisect the shortest length that gives one frame
+            mid = (low + samples) // 2
+            low, samples = (low, mid) if self._frames(mid) >= 1 else (mid, samples)
+        return samples
 
     def collate(self, items):
         if self.modality == "text":
