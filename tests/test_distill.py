@@ -299,4 +299,5 @@ def test_distillation_from_the_command_line(teacher_run, pair_store, tmp_path):
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert {"clip", "distill_crd", "distill_vrd", "distill_xrd"} <= set(log)
     proc = subprocess.run([sys.executable, "-m", "fusionkit", "plugins"], capture_output=True, text=True, timeout=120)
-    assert "distill_loss: crd, fd, icl, kd, rkd, vrd, xrd" in proc.stdout
+    listed = proc.stdout.split("  distill_loss:\n", 1)[1]
+    assert [line.split()[0] for line in listed.splitlines()[:7]] == ["crd", "fd", "icl", "kd", "rkd", "vrd", "xrd"]

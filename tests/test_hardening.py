@@ -403,3 +403,246 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
     assert json.loads((run / "run.json").read_text())["world_size"] == 1
+
+
+# --- items 10 and 11: audio too long or too short ---------------------------------------------------------------
+
+from test_live import wavlm_dir  # noqa: E402,F401 - fixture used by name
+
+
+def _wav_encoder(wavlm_dir, **options):
+    from fusionkit.model import build_model
+
+    return build_model(spec_with({"name": "wav", "type": "hf", "model": str(wavlm_dir), "modality": "audio",
+                                  **options})).encoders["wav"]
+
+
+def test_a_long_wav_is_refused_or_cropped_as_configured(wavlm_dir, tmp_path):
+    """Item 10: a 10-minute WAV tried to allocate 1.8 TB; now a documented maximum duration applies."""
+    import soundfile
+
+    soundfile.write(tmp_path / "long.wav", np.zeros(16000 * 3, np.float32), 16000)  # 3 s
+    with pytest.raises(ValueError, match=r"3.0 s long, over max_seconds 2 of encoder 'wav'; raise max_seconds, or "
+                                         r"set too_long: crop"):
+        _wav_encoder(wavlm_dir, max_seconds=2.0).load("long.wav", tmp_path)
+    with pytest.warns(UserWarning, match=r"3.0 s long, cropped to its first 2 s"):
+        wave = _wav_encoder(wavlm_dir, max_seconds=2.0, too_long="crop").load("long.wav", tmp_path)
+    assert wave.shape == (32000,)
+
+
+@pytest.mark.parametrize("samples", [0, 5])
+def test_a_wav_too_short_for_the_model_is_refused_not_stored_as_zeros(wavlm_dir, tmp_path, samples):
+    """Item 11: a WAV of 0 or 5 samples was stored as an all-zero feature, or gave a raw traceback."""
+    import soundfile
+
+    from fusionkit.data.extract import extract
+
+    for i in range(4):
+        soundfile.write(tmp_path / f"a{i}.wav", np.random.default_rng(i).normal(size=8000).astype(np.float32), 16000)
+    soundfile.write(tmp_path / "a2.wav", np.zeros(samples, np.float32), 16000)
+    (tmp_path / "m.csv").write_text("id,labels,wav\n" + "".join(f"s{i},a,a{i}.wav\n" for i in range(4)))
+    spec = spec_with({"name": "wav", "type": "hf", "model": str(wavlm_dir), "modality": "audio"})
+    with pytest.raises(DataError, match=rf"sample 's2': encoder 'wav' cannot read 'a2.wav' \(ValueError: too short: "
+                                        rf"{samples} samples at 16000 Hz give the model no frame; a clip needs at least"):
+        extract(spec, tmp_path / "m.csv", tmp_path / "out", batch_size=4, workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --- item 14: two-tower runs through evaluate, predict and report -----------------------------------------------
+
+
+def test_evaluate_predict_and_report_on_a_two_tower_run(teacher_run, pair_store, tmp_path, capsys):
+    """Item 14: evaluate and predict gave a raw AttributeError on a two-tower run, report a misleading error."""
+    from fusionkit.cli import main
+
+    run = teacher_run[0]
+    assert main(["evaluate", str(run), "--data", str(pair_store)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("test: R@1 ")
+    metrics = json.loads((run / "evaluation_test.json").read_text())
+    assert metrics["r1"] == json.loads((run / "metrics.json").read_text())["test"]["r1"]
+    assert main(["predict", str(run), "--data", str(pair_store), "--out", str(tmp_path / "sub.json"),
+                 "--split", "labelled"]) == 2
+    assert "a two-tower model embeds and retrieves; it predicts no answers" in capsys.readouterr().err
+    assert not (tmp_path / "sub.json").exists()
+    assert main(["report", str(run)]) == 0
+    summary = (run / "report" / "summary.md").read_text()
+    assert "(two-tower)" in summary and "| test |" in summary
+    assert (run / "report" / "retrieval.png").stat().st_size > 1000
+
+
+# --- item 15: top-p bounds --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gate, message", [
+    ({"min_n": 3, "max_n": 2}, r"gate.min_n: 3 is more than gate.max_n \(2\)"),
+    ({"min_n": 4}, r"gate.min_n: 4 is more than the 3 encoder\(s\) the gate ranks"),
+    ({"max_n": 5}, r"gate.max_n: 5 is more than the 3 encoder\(s\) the gate ranks"),
+])
+def test_top_p_bounds_that_cannot_hold_are_refused(gate, message):
+    """Item 15: min_n > max_n, or > the number of encoders, was accepted and clamped silently."""
+    from conftest import tiny_spec
+    from fusionkit.errors import SpecError
+    from fusionkit.spec import load_spec
+
+    spec = tiny_spec()
+    spec["gate"] = {"type": "mlp", "selection": "top_p", "top_p": 0.5, **gate}
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec)
+    spec["gate"] = {"type": "mlp", "selection": "top_p", "top_p": 0.5, "min_n": 2, "max_n": 3}
+    load_spec(spec)
+
+
+# --- item 16: plugin descriptions ---------------------------------------------------------------------------------
+
+
+def test_plugins_shows_each_registered_description(capsys):
+    """Item 16: `fusionkit plugins` never showed the description= a plugin registers."""
+    from fusionkit.cli import main
+
+    assert main(["plugins"]) == 0
+    assert "    example_mlp  An MLP over feature vectors." in capsys.readouterr().out
+    assert main(["plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["example_encoder"]["descriptions"] == {"encoder": {"example_mlp": "An MLP over feature vectors."}}
+    assert rows["example_encoder"]["provides"] == {"encoder": ["example_mlp"]}
+
+
+# --- item 17: lists are strict -----------------------------------------------------------------------------------
+
+
+def test_a_string_is_not_split_into_a_list_and_bad_items_are_shown(tmp_path, capsys):
+    """Item 17: `--set classes=abc` became ['a','b','c'], and an element's type error hid the value."""
+    from fusionkit.cli import main
+
+    assert main(["data", "build", "synthetic", "--out", str(tmp_path / "s"), "--set", "noise=abc"]) == 2
+    assert "noise: expected a list (list[float]), found 'abc' (str); write [a, b]" in capsys.readouterr().err
+    assert main(["data", "build", "synthetic", "--out", str(tmp_path / "s"), "--set", "noise=[1, abc]"]) == 2
+    assert "noise: expected list[float], but item [1] is 'abc' (str), not float" in capsys.readouterr().err
+    assert main(["data", "build", "synthetic", "--out", str(tmp_path / "s"), "--set", "noise=[1, 2.5]",
+                 "--set", "samples=50"]) == 0
+    assert not (tmp_path / "s.partial").exists()
+
+
+# --- item 19: a disabled plugin's checkpoint ----------------------------------------------------------------------
+
+
+def test_a_checkpoint_of_a_disabled_plugin_says_how_to_enable_it(tmp_path, monkeypatch):
+    """Item 19: load_model under FUSIONKIT_DISABLE_PLUGINS said 'no installed plugin provides ... Install'."""
+    from fusionkit import plugins
+    from fusionkit.checkpoint import load_model
+    from fusionkit.errors import CheckpointError
+    from fusionkit.model import build_model
+
+    model = build_model({"latent_dim": 8, "encoders": [{"name": "a", "type": "example_mlp", "dim": 3}]})
+    model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setenv("FUSIONKIT_DISABLE_PLUGINS", "fusionkit-example-encoder")
+    plugins.reset()
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "ckpt")
+    message = str(err.value)
+    assert "encoders[0] is encoder 'example_mlp', saved with fusionkit-example-encoder 0.1.0" in message
+    assert "installed but disabled; enable it (remove it from FUSIONKIT_DISABLE_PLUGINS" in message
+    assert "Install" not in message and "is gate" not in message
+
+
+# --- item 20: ACC_salience without blends ------------------------------------------------------------------------
+
+
+def test_acc_salience_is_not_applicable_without_blends():
+    """Item 20: a split without blends reported ACC_salience 0.000, which halved Score."""
+    from fusionkit.metrics import blemore_scores
+
+    truth = {"x": [{"emotion": "hap", "salience": 100.0}], "y": [{"emotion": "sad", "salience": 100.0}]}
+    pred = {"x": [{"emotion": "hap", "salience": 100.0}], "y": [{"emotion": "ang", "salience": 100.0}]}
+    scores = blemore_scores(pred, truth)
+    assert scores == {"acc_presence": 0.5, "acc_salience": None, "score": 0.5}
+    truth["z"] = [{"emotion": "hap", "salience": 70.0}, {"emotion": "sad", "salience": 30.0}]
+    pred["z"] = [{"emotion": "hap", "salience": 70.0}, {"emotion": "sad", "salience": 30.0}]
+    assert blemore_scores(pred, truth)["acc_salience"] == 1.0
+
+
+def test_a_run_without_blends_writes_null_and_prints_n_a(tmp_path, capsys):
+    """Item 20, end to end: metrics.json holds null, the terminal and the report say n/a."""
+    from fusionkit.cli import main
+    from fusionkit.components.datasets import build_dataset
+
+    store = build_dataset("synthetic", {"samples": 200, "dim": 4, "noise": [0.5, 1.0], "blend_share": 0.0},
+                          tmp_path / "store")
+    spec = {"latent_dim": 8, "encoders": [{"name": f"enc{k}", "type": "features", "dim": 4} for k in range(2)],
+            "gate": {"type": "uniform", "top_n": 2}, "train": {"epochs": 2, "batch_size": 64}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert main(["train", str(tmp_path / "spec.json"), "--data", str(store), "--out", str(tmp_path / "run"),
+                 "--fold", "0", "--quiet"]) == 0
+    assert "ACC_salience n/a" in capsys.readouterr().out
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
+    assert test["acc_salience"] is None and test["score"] == test["acc_presence"]
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "| n/a |" in (tmp_path / "run" / "report" / "summary.md").read_text()
+
+
+# --- item 21: scaffolding every kind -----------------------------------------------------------------------------
+
+
+def test_plugin_new_makes_every_kind_and_each_one_works(tmp_path, monkeypatch, capsys):
+    """Item 21: `plugin new` made encoders only, and its hint `pip install NAME` would search the index."""
+    import importlib
+
+    import fusionkit
+    from fusionkit.cli import main
+    from fusionkit.components.datasets import build_dataset
+    from fusionkit.scaffold import PLUGIN_KINDS
+    from fusionkit.training.train import train
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for kind in PLUGIN_KINDS:
+        name = f"my-{kind.replace('_', '-')}"
+        assert main(["plugin", "new", name, "--kind", kind, "--out", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"pip install {(tmp_path / f'fusionkit-{name}').resolve()}" in out
+        monkeypatch.syspath_prepend(str(tmp_path / f"fusionkit-{name}"))
+        module = importlib.import_module(f"fusionkit_{name.replace('-', '_')}")
+        fusionkit.register_plugin(module, f"scaffold-{kind}")
+    store = build_dataset("my_dataset", {"samples": 120}, tmp_path / "store")
+    teacher = {"labels": ["low", "high"], "neutral": None, "latent_dim": 8,
+               "encoders": [{"name": "features", "type": "my_encoder", "dim": 8},
+                            {"name": "more", "type": "features", "dim": 8}],
+               "train": {"epochs": 2, "batch_size": 32}}
+    with pytest.raises(FusionkitError):  # the store has one encoder: 'more' is missing there
+        train(teacher, store, tmp_path / "bad", fold=0, progress=False)
+    teacher["encoders"] = teacher["encoders"][:1]
+    train(teacher, store, tmp_path / "teacher", fold=0, progress=False)
+    student = {**teacher, "gate": {"type": "my_gate", "top_n": 1}, "fusion": {"type": "my_fusion"},
+               "heads": {"salience": {"type": "my_head"}}, "combiner": {"type": "my_combiner"},
+               "decoder": {"type": "my_decoder"}, "adaptation": [{"type": "my_adaptation_loss", "weight": 0.1}],
+               "distill": {"teacher": str(tmp_path / "teacher" / "best"), "losses": [{"type": "my_distill_loss"}]}}
+    target = build_dataset("my_dataset", {"samples": 40, "seed": 1}, tmp_path / "target")
+    metrics = train(student, store, tmp_path / "student", fold=0, progress=False, target=target)
+    log = json.loads((tmp_path / "student" / "log.jsonl").read_text().splitlines()[0])
+    assert {"distill_my_distill_loss"} <= set(log) and metrics["test"]["n"] > 0
+
+
+# --- item 22: spec and label hints --------------------------------------------------------------------------------
+
+
+def test_spec_validate_warns_of_a_missing_teacher(tmp_path, capsys):
+    """Item 22: `spec validate` accepted a distill.teacher that does not exist."""
+    from fusionkit.cli import main
+
+    spec = {"encoders": [{"name": "a", "type": "features", "dim": 3}],
+            "distill": {"teacher": str(tmp_path / "nowhere"), "losses": [{"type": "kd"}]}}
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    assert main(["spec", "validate", str(tmp_path / "s.json")]) == 0
+    assert "warning: distill.teacher: " in capsys.readouterr().err
+
+
+def test_a_label_mismatch_says_which_labels_to_write(tmp_path, uci_source):
+    """Item 22: docs/training.md's command failed on label names with no hint."""
+    from fusionkit.components.datasets import build_dataset
+    from fusionkit.training.train import spec_store
+    from fusionkit.spec import load_spec
+
+    store = build_dataset("uci-mfeat", {"source": uci_source}, tmp_path / "uci")
+    spec = load_spec({"encoders": [{"name": "fou", "type": "features", "dim": 76}]})
+    with pytest.raises(DataError, match=r"`labels: \[d0, d1, d2, d3, d4, d5\]` and `neutral: null`"):
+        spec_store(spec, store)
