@@ -432,24 +432,41 @@ def _check_gate_counts(gate: Component | None, encoders: int, path: str, problem
                         "write 0 (all)")
 
 
+#: ``distill.preset``: the published loss sets, each term in its published form, with the papers' weights. The
+#: task's own CLIP loss comes from the two-tower model; a preset adds the distillation terms.
+DISTILL_PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
+    "clip-kd": ({"type": "crd"}, {"type": "icl", "form": "published"}, {"type": "fd", "form": "published", "weight": 2000.0}),
+    "clip-rd": ({"type": "crd"}, {"type": "icl", "form": "published"}, {"type": "fd", "form": "published", "weight": 2000.0},
+                {"type": "vrd", "mode": "published"}, {"type": "xrd", "mode": "published"}),
+}
+
+
 def _structure_distill(block: Any, registry: Registry, problems: list[str]) -> DistillSpec | None:
     if block is None:
         return None
     if not isinstance(block, Mapping):
-        problems.append(f"distill: expected a mapping with teacher and losses, found {short_repr(block)}")
+        problems.append(f"distill: expected a mapping with teacher and losses (or a preset), found {short_repr(block)}")
         return None
     for key in block:
-        if key not in ("teacher", "losses"):
-            problems.append(f"distill.{key_text(key)}: unknown option. Options: teacher, losses")
+        if key not in ("teacher", "losses", "preset"):
+            problems.append(f"distill.{key_text(key)}: unknown option. Options: teacher, losses, preset")
     teacher = block.get("teacher")
     if not isinstance(teacher, str) or not teacher:
         problems.append(f"distill.teacher: expected the path of a teacher checkpoint directory, found {short_repr(teacher)}")
-    losses = block.get("losses")
-    if not isinstance(losses, list) or not losses:
-        problems.append(f"distill.losses: expected a non-empty list of distillation loss blocks, found {short_repr(losses)}")
+    preset = block.get("preset")
+    if preset is not None and preset not in DISTILL_PRESETS:
+        problems.append(f"distill.preset: expected one of {', '.join(DISTILL_PRESETS)}, found {short_repr(preset)}")
         return None
-    comps = tuple(structure_component("distill_loss", b, f"distill.losses[{i}]", registry, problems)
-                  for i, b in enumerate(losses))
+    losses = block.get("losses", [] if preset else None)
+    if not isinstance(losses, list) or not (losses or preset):
+        problems.append(f"distill.losses: expected a non-empty list of distillation loss blocks (or a preset: "
+                        f"{', '.join(DISTILL_PRESETS)}), found {short_repr(losses)}")
+        return None
+    blocks = [*(DISTILL_PRESETS[preset] if preset else ()), *losses]
+    first = len(blocks) - len(losses)
+    comps = tuple(structure_component("distill_loss", b, f"distill.losses[{i - first}]" if i >= first else
+                                      f"distill.preset ({preset}) [{i}]", registry, problems)
+                  for i, b in enumerate(blocks))
     if not isinstance(teacher, str) or any(c is None for c in comps):
         return None
     return DistillSpec(teacher, comps)

@@ -67,15 +67,18 @@ def test_vrd_vanishes_when_both_modalities_relate_alike():
     # then s_B t_Bᵀ = s_A R Rᵀ t_Aᵀ = s_A t_Aᵀ, so P_A = P_B
     rotation = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(5)))[0]
     equal = pair_batch(s_a, t_a, s_a @ rotation, t_a @ rotation)
-    assert float(loss("vrd")(equal)) == pytest.approx(0.0, abs=1e-6)
-    assert float(loss("vrd")(pair_batch(s_a, t_a, unit(12, 8, seed=4), t_b))) > 1e-3
+    assert float(loss("vrd", mode="symmetric")(equal)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss("vrd", mode="symmetric")(pair_batch(s_a, t_a, unit(12, 8, seed=4), t_b))) > 1e-3
+    published = loss("vrd")  # its KL part vanishes alike (equal α); its cross-entropies do not
+    assert float(published.terms(equal)["kl"]) == pytest.approx(0.0, abs=1e-6) and float(published(equal)) > 1e-3
 
 
 def test_xrd_vanishes_when_the_cross_distributions_are_symmetric():
     t_a, s_a = unit(12, 8, seed=1), unit(12, 8, seed=2)
-    # with s_B = s_A and t_B = t_A: Q_AB = softmax(s_A t_Aᵀ / τ) = Q_BA
-    assert float(loss("xrd")(pair_batch(s_a, t_a, s_a, t_a))) == pytest.approx(0.0, abs=1e-6)
-    assert float(loss("xrd")(pair_batch(s_a, t_a, unit(12, 8, seed=3), unit(12, 8, seed=4)))) > 1e-3
+    # with s_B = s_A and t_B = t_A: Q_AB = softmax(s_A t_Aᵀ / τ) = Q_BA (and the published form's four alike)
+    for mode in ("symmetric", "published"):
+        assert float(loss("xrd", mode=mode)(pair_batch(s_a, t_a, s_a, t_a))) == pytest.approx(0.0, abs=1e-6)
+        assert float(loss("xrd", mode=mode)(pair_batch(s_a, t_a, unit(12, 8, seed=3), unit(12, 8, seed=4)))) > 1e-3
 
 
 def test_icl_is_small_when_student_and_teacher_agree_across_modalities():

@@ -229,3 +229,107 @@ def test_random_checkpoint_metadata_and_specs_give_checkpoint_errors(checkpoint_
         assert str(root) in str(exc)
         return
     assert torch.isfinite(model(inputs_for(model)).probs).all()
+
+
+# --- raw manifests: random CSV/JSONL bytes, paths and media files (issue 16) ---------------------------------------
+
+RAW_EXAMPLES = max(10, EXAMPLES // 6)
+RAW_FUZZ = settings(max_examples=RAW_EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+RAW_LABELS = ["a", "b"]
+RAW_SPEC = {"labels": RAW_LABELS, "neutral": None, "latent_dim": 8,
+            "encoders": [{"name": "img", "type": "timm", "model": "test_resnet", "in_chans": 1, "img_size": [16, 16],
+                          "crop_pct": 1.0}],
+            "gate": {"type": "uniform", "top_n": 1}, "fusion": {"type": "weighted_sum"}, "train": {"seed": 0}}
+#: What a manifest's path cell can point at; the media files are made in each example's folder.
+MEDIA = ["good.png", "bad.png", "bomb.png", "empty.png", "fifo.png", "folder", "missing.png", "../outside.png",
+         "/etc/hostname", "link.png", "", "good.png\n", "gööd.png"]
+CELLS = st.one_of(st.sampled_from(["a", "b", "a:70;b:30", "a:50;b:50", "c", "a:60;b:30", "[", "", "source", "target",
+                                   "Source", "0", "-1", "x", "1.5", "s1", "s1", "\ufeff", '"', "a,b", "a\nb"]),
+                  st.text(max_size=8))
+
+
+@st.composite
+def raw_manifests(draw):
+    """(name, bytes) of a manifest: well-formed rows with odd cells, or bytes with no structure at all."""
+    if draw(st.integers(0, 5)) == 0:
+        return draw(st.sampled_from(["m.csv", "m.jsonl"])), draw(st.binary(max_size=200))
+    columns = ["id", "labels", "img"] + draw(st.lists(st.sampled_from(["group", "fold", "domain", "id", "img", "extra"]),
+                                                     max_size=3))
+    rows = []
+    for i in range(draw(st.integers(1, 6))):
+        row = {c: draw(CELLS) for c in columns}
+        row["id"] = draw(st.sampled_from([f"s{i}", f"s{i}", "s0", "", f"s{i} "]))
+        row["img"] = draw(st.sampled_from(MEDIA))
+        rows.append(row)
+    if draw(st.booleans()):
+        lines = [",".join(columns)] + [",".join(draw(st.sampled_from([v, json.dumps(v)])) for v in r.values())
+                                       for r in rows]
+        text = "\n".join(lines) + draw(st.sampled_from(["", "\n", "\n\n", ",,\n"]))
+        prefix = draw(st.sampled_from([b"", b"\xef\xbb\xbf"]))
+        return "m.csv", prefix + text.encode("utf-8", "surrogatepass")
+    lines = [json.dumps({**r, **draw(st.sampled_from([{}, {"fold": 1}, {"fold": "x"}, {"labels": [1]}]))}) for r in rows]
+    return "m.jsonl", ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
+
+
+def _media(root):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.fromarray((np.arange(16 * 15, dtype=np.uint8).reshape(16, 15))).save(root / "good.png")
+    Image.fromarray((np.arange(16 * 15, dtype=np.uint8).reshape(16, 15))).save(root / "gööd.png")
+    (root / "bad.png").write_bytes(b"\x89PNG not really")
+    (root / "empty.png").write_bytes(b"")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                                    + chunk(b"IEND", b""))
+    os.mkfifo(root / "fifo.png")
+    (root / "folder").mkdir()
+    (root / "link.png").symlink_to(root / "good.png")
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@RAW_FUZZ
+@given(manifest=raw_manifests(), confine=st.booleans())
+def test_raw_manifests_fail_cleanly_and_write_only_their_output(manifest, confine, tmp_path_factory):
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from fusionkit.data.extract import extract
+
+    outer = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    (outer / "outside.png").write_bytes(b"\x89PNG outside")
+    root = outer / "data"
+    root.mkdir()
+    _media(root)
+    name, data = manifest
+    (root / name).write_bytes(data)
+    before = _listing(outer)
+
+    def hung(*_):
+        raise TimeoutError("a raw manifest example ran past 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        extract(RAW_SPEC, root / name, root / "out", batch_size=2, workers=0, progress=False,
+                confine=root if confine else None)
+    except (DataError, FusionkitError) as exc:
+        message = str(exc)
+        assert str(root / name) in message or "encoder 'img'" in message or str(root / "out") in message, message
+        assert "Traceback" not in message
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    written = set(_listing(outer)) - set(before)
+    assert all(p.startswith(("data/out", "data/out.partial")) for p in written), written
+    assert set(before) <= set(_listing(outer))  # nothing removed

@@ -4,11 +4,19 @@ Notation (docs/distillation.md): s and t are student and teacher embeddings, L2-
 the student projected into the teacher's width; A and B are two modalities (the towers of a
 two-tower model, or two encoders of a fusion model); softmax is row-wise and KL(P ‖ Q) is
 averaged over rows.
+
+The published forms (``form: published`` for fd and icl, the default ``mode: published`` of
+vrd and xrd) compute the losses as the CLIP-RD authors' ``KDClipLoss`` does
+(Rosieyang01/CLIP-RD, ``src/open_clip/loss.py``): in each KL the first distribution is a
+fixed target (its gradient stopped), and the learned scales α_I, α_T and β multiply the
+similarities as they are, without exponentiation. A plays I (image) and B plays T (text):
+VRD pulls A's teacher-student distribution towards B's.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import attrs
 import torch
@@ -33,6 +41,10 @@ class KDConfig(DistillConfig):
 class FDConfig(DistillConfig):
     """Feature distillation: squared distance between student and teacher embeddings."""
 
+    form: Literal["sum", "published"] = option(
+        "sum", doc="sum: the squared distance summed over dimensions, averaged over rows; published: averaged "
+        "over every element, as CLIP-KD and CLIP-RD compute it (they weigh it 2000).")
+
 
 @attrs.frozen(kw_only=True)
 class CRDConfig(DistillConfig):
@@ -46,7 +58,10 @@ class CRDConfig(DistillConfig):
 class ICLConfig(DistillConfig):
     """CLIP-KD's interactive contrastive learning: the student's side against the teacher's other side."""
 
-    learn_scale: bool = option(True, doc="Learn the logit scale (starts at 1/0.07, clamped to at most 100).")
+    learn_scale: bool = option(True, doc="Learn the logit scale.")
+    form: Literal["exp", "published"] = option(
+        "exp", doc="exp: the scale is exp(a learned log), starting at 1/0.07 and clamped to at most 100; published: "
+        "a learned β multiplies the logits as it is, starting at ln(1/0.07), as CLIP-KD and CLIP-RD compute it.")
 
 
 @attrs.frozen(kw_only=True)
@@ -63,9 +78,10 @@ class RKDConfig(DistillConfig):
 class RelationConfig(DistillConfig):
     """Options of the relational losses vrd and xrd."""
 
-    temperature: float = option(0.1, doc="τ of the similarity distributions softmax(s tᵀ / τ).", validator=positive)
-    mode: Mode = option("symmetric", doc="symmetric: the formulation of docs/distillation.md; teacher: a variant "
-                        "that pulls each student distribution towards the teacher's own.")
+    temperature: float = option(0.1, doc="τ of the similarity distributions softmax(s tᵀ / τ) (symmetric and "
+                                "teacher modes; the published form learns its scales).", validator=positive)
+    mode: Mode = option("published", doc="published: the CLIP-RD authors' loss, with learned scales; symmetric and "
+                        "teacher: fusionkit's own earlier readings (see docs/distillation.md).")
 
 
 class KD(DistillLoss):
@@ -87,6 +103,8 @@ class KD(DistillLoss):
 
 class FD(DistillLoss):
     def forward(self, batch: DistillBatch) -> torch.Tensor:
+        if self.config.form == "published":
+            return sum((s - t).pow(2).mean() for s, t in batch.views.values())
         return sum((s - t).pow(2).sum(-1).mean() for s, t in batch.views.values())
 
 
@@ -110,15 +128,20 @@ class ICL(DistillLoss):
 
     def __init__(self, config: ICLConfig) -> None:
         super().__init__(config)
+        # published: β itself (a plain multiplier); exp: the log of the scale
         self.log_scale = nn.Parameter(torch.tensor(LOG_CLIP_SCALE), requires_grad=config.learn_scale)
 
+    def scale(self) -> torch.Tensor:
+        if self.config.form == "published":
+            return self.log_scale
+        return self.log_scale.clamp(max=math.log(100.0)).exp()
+
     def forward(self, batch: DistillBatch) -> torch.Tensor:
-        scale = self.log_scale.clamp(max=math.log(100.0)).exp()
+        scale = self.scale()
 
         def icl(a, b):
             (s_a, t_a), (s_b, t_b) = a, b
-            target = torch.arange(len(s_a), device=s_a.device)
-            return 0.5 * (F.cross_entropy(scale * s_a @ t_b.T, target) + F.cross_entropy(scale * s_b @ t_a.T, target))
+            return 0.5 * (diagonal_ce(scale * s_a @ t_b.T) + diagonal_ce(scale * s_b @ t_a.T))
 
         return self.mean_over_pairs(batch, icl)
 
@@ -150,12 +173,23 @@ class RKD(DistillLoss):
         return total
 
 
-class RelationLoss(DistillLoss):
-    """A symmetric KL between two student-to-teacher similarity distributions of a pair of modalities.
+def diagonal_ce(logits: torch.Tensor) -> torch.Tensor:
+    """CE(M): the cross-entropy of the rows of ``logits`` with the diagonal as targets."""
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
-    Subclasses say which two distributions with :meth:`pair`; with ``mode: teacher`` each is
-    instead pulled towards the same distribution computed from the teacher alone (the student
-    replaced by the teacher in :meth:`pair`).
+
+def target_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P ‖ Q) with P = softmax(p_logits) a fixed target (its gradient stopped), row-wise, averaged over rows."""
+    return row_kl(p_logits.detach(), q_logits)
+
+
+class RelationLoss(DistillLoss):
+    """CLIP-RD's relational losses over a pair of modalities (A plays I, B plays T).
+
+    ``mode: published`` (the default) computes the authors' form with the loss's own learned
+    scales (:meth:`published`); ``symmetric`` is a symmetric KL between the two distributions
+    that :meth:`pair` names, at a fixed τ; ``teacher`` pulls each of them towards the same
+    distribution computed from the teacher alone. The two are fusionkit's earlier readings.
     """
 
     needs = "pairs"
@@ -164,7 +198,17 @@ class RelationLoss(DistillLoss):
     def pair(s_a: torch.Tensor, t_a: torch.Tensor, s_b: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def terms(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        """The published loss's parts, each averaged over the pairs of modalities."""
+        parts = [self.published(s_a, t_a, s_b, t_b) for (s_a, t_a), (s_b, t_b) in batch.pairs()]
+        return {key: torch.stack([p[key] for p in parts]).mean() for key in parts[0]}
+
+    def published(self, s_i, t_i, s_t, t_t) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def forward(self, batch: DistillBatch) -> torch.Tensor:
+        if self.config.mode == "published":
+            return sum(self.terms(batch).values())
         tau = self.config.temperature
 
         def one(a, b):
@@ -179,19 +223,43 @@ class RelationLoss(DistillLoss):
 
 
 class VRD(RelationLoss):
-    """P_A = softmax(s_A t_Aᵀ / τ), P_B = softmax(s_B t_Bᵀ / τ); VRD = ½[KL(P_A ‖ P_B) + KL(P_B ‖ P_A)]."""
+    """Published: ½[KL(α_T t_T s_Tᵀ ‖ α_I t_I s_Iᵀ) + KL(α_T s_T t_Tᵀ ‖ α_I s_I t_Iᵀ)] + ½[CE(α_I t_I s_Iᵀ) +
+    CE(α_I s_I t_Iᵀ)] + ½[CE(α_T t_T s_Tᵀ) + CE(α_T s_T t_Tᵀ)], α_I and α_T learned (starting at ln(1/0.07)).
+    Symmetric: P_A = softmax(s_A t_Aᵀ / τ), P_B = softmax(s_B t_Bᵀ / τ), ½[KL(P_A ‖ P_B) + KL(P_B ‖ P_A)]."""
+
+    def __init__(self, config: RelationConfig) -> None:
+        super().__init__(config)
+        self.alpha_img = nn.Parameter(torch.tensor(LOG_CLIP_SCALE))
+        self.alpha_txt = nn.Parameter(torch.tensor(LOG_CLIP_SCALE))
 
     @staticmethod
     def pair(s_a, t_a, s_b, t_b):
         return s_a @ t_a.T, s_b @ t_b.T
 
+    def published(self, s_i, t_i, s_t, t_t):
+        a_i, a_t = self.alpha_img, self.alpha_txt
+        return {"kl": 0.5 * (target_kl(a_t * t_t @ s_t.T, a_i * t_i @ s_i.T) + target_kl(a_t * s_t @ t_t.T, a_i * s_i @ t_i.T)),
+                "ce_img": 0.5 * (diagonal_ce(a_i * t_i @ s_i.T) + diagonal_ce(a_i * s_i @ t_i.T)),
+                "ce_txt": 0.5 * (diagonal_ce(a_t * t_t @ s_t.T) + diagonal_ce(a_t * s_t @ t_t.T))}
+
 
 class XRD(RelationLoss):
-    """Q_AB = softmax(s_A t_Bᵀ / τ), Q_BA = softmax(s_B t_Aᵀ / τ); XRD = ½[KL(Q_AB ‖ Q_BA) + KL(Q_BA ‖ Q_AB)]."""
+    """Published: ¼[KL(β t_T s_Iᵀ ‖ β t_I s_Tᵀ) + KL(β t_I s_Tᵀ ‖ β t_T s_Iᵀ) + KL(β s_T t_Iᵀ ‖ β s_I t_Tᵀ) +
+    KL(β s_I t_Tᵀ ‖ β s_T t_Iᵀ)], β learned (starting at ln(1/0.07); the authors share it with icl).
+    Symmetric: Q_AB = softmax(s_A t_Bᵀ / τ), Q_BA = softmax(s_B t_Aᵀ / τ), ½[KL(Q_AB ‖ Q_BA) + KL(Q_BA ‖ Q_AB)]."""
+
+    def __init__(self, config: RelationConfig) -> None:
+        super().__init__(config)
+        self.beta = nn.Parameter(torch.tensor(LOG_CLIP_SCALE))
 
     @staticmethod
     def pair(s_a, t_a, s_b, t_b):
         return s_a @ t_b.T, s_b @ t_a.T
+
+    def published(self, s_i, t_i, s_t, t_t):
+        b = self.beta
+        return {"kl": 0.25 * (target_kl(b * t_t @ s_i.T, b * t_i @ s_t.T) + target_kl(b * t_i @ s_t.T, b * t_t @ s_i.T)
+                              + target_kl(b * s_t @ t_i.T, b * s_i @ t_t.T) + target_kl(b * s_i @ t_t.T, b * s_t @ t_i.T))}
 
 
 def register(register) -> None:
@@ -207,6 +275,6 @@ def register(register) -> None:
              description="CLIP-KD: contrastive loss of student embeddings against the teacher's other modality.")
     register("rkd", factory(RKD), config=RKDConfig, description="RKD: distance and angle relations of each embedding.")
     register("vrd", factory(VRD), config=RelationConfig,
-             description="CLIP-RD vertical: both modalities' student-to-teacher distributions agree.")
+             description="CLIP-RD vertical: the first modality's teacher-student distribution pulled to the second's.")
     register("xrd", factory(XRD), config=RelationConfig,
-             description="CLIP-RD cross: the two cross-modal student-to-teacher distributions are symmetric.")
+             description="CLIP-RD cross: the two cross-modal teacher-student distributions pulled together.")

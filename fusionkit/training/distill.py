@@ -257,7 +257,7 @@ def scaled(sim_scale: float | None, batch_scale: torch.Tensor | None) -> torch.T
     return batch_scale if batch_scale is not None else 1.0 / 0.07
 
 
-Mode = Literal["symmetric", "teacher"]
+Mode = Literal["published", "symmetric", "teacher"]
 
 
 def softmax_relation_loss(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
