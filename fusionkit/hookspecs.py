@@ -86,3 +86,8 @@ KIND_HOOKS: dict[str, str] = {
     "distill_loss": "register_distill_losses",
     "dataset": "register_datasets",
 }
+
+
+def kind_plural(kind: str) -> str:
+    """A kind's plural for messages ("Known adaptation losses: ..."), read from its hook's name."""
+    return KIND_HOOKS[kind].removeprefix("register_").replace("distill_", "distillation_").replace("_", " ")

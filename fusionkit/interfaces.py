@@ -8,7 +8,9 @@ saying where in the model it sits.
 from __future__ import annotations
 
 import contextvars
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusionkit.answers import Prediction
 from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.selection import Selection, select_top_n, select_top_p, slot_count
+from fusionkit.spec import BLEMORE_LABELS
 
 
 @attrs.frozen(kw_only=True)
@@ -252,7 +256,8 @@ class Decoder:
 
 
 class Dataset:
-    """A dataset plugin: :meth:`generate` gives samples and features, :meth:`build` writes a store.
+    """A dataset plugin: :meth:`generate` gives samples and features; ``build_dataset`` (and
+    ``fusionkit data build``) writes them as a feature store.
 
     Subclasses implement :meth:`generate` and, when their labels are not BlEmoRE's, :meth:`labels`.
     """
@@ -261,17 +266,131 @@ class Dataset:
         self.config = config
 
     def labels(self) -> tuple[str, ...]:
-        from fusionkit.spec import BLEMORE_LABELS
-
         return BLEMORE_LABELS
 
     def generate(self) -> tuple[list, dict]:
         """(samples, encoder name -> [N, D] array or list of N [T, D] arrays)."""
         raise NotImplementedError
 
-    def build(self, out, overwrite: bool = False):
-        """Write the dataset as a feature store at ``out``; returns its path."""
-        from fusionkit.data.store import write_store
 
-        samples, features = self.generate()
-        return write_store(out, self.labels(), samples, features, overwrite=overwrite)
+# --- samples (what a dataset generates and a store indexes) ----------------------------------------
+
+
+#: The domains a sample may belong to; anything else is refused (a typo would silently drop rows).
+DOMAINS = ("source", "target")
+
+
+@attrs.frozen
+class Sample:
+    """One sample's record in the index. ``labels`` is None for unlabelled samples."""
+
+    id: str
+    labels: Prediction | None = None
+    group: str = ""
+    fold: int = -1
+    domain: str = "source"
+
+
+# --- adaptation losses --------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class AdaptationConfig:
+    """Options every adaptation loss has."""
+
+    weight: float = option(0.1, doc="Weight of the loss.", validator=non_negative)
+    warmup: float = option(0.0, doc="Share of training over which the weight ramps up linearly from 0.",
+                           validator=unit_interval)
+    on: Literal["fused", "encoders"] = option(
+        "fused", doc="Align the fused feature, or each encoder's projected feature (averaged over encoders)."
+    )
+
+
+class AdaptationLoss(nn.Module):
+    """A loss between source and target features ``[B, d]`` (``discrepancy``), or on target outputs.
+
+    Subclasses implement :meth:`discrepancy`; losses on predictions (entropy) override
+    :meth:`forward` instead.
+    """
+
+    def __init__(self, config: AdaptationConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def discrepancy(self, source: torch.Tensor, target: torch.Tensor, progress: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, source: Any, target: Any, progress: float) -> torch.Tensor:
+        """The discrepancy on the fused features, or averaged over encoders; 0 where a side has < 2 samples
+        (a batch of one has no covariance or spread to compare)."""
+        if self.config.on == "fused":
+            pairs = [(source.fused, target.fused)]
+        else:
+            pairs = [(_available(source, k), _available(target, k)) for k in range(source.tokens.shape[1])]
+        losses = [self.discrepancy(s, t, progress) for s, t in pairs if len(s) > 1 and len(t) > 1]
+        return torch.stack(losses).mean() if losses else source.fused.new_zeros(())
+
+    def scale(self, progress: float) -> float:
+        ramp = 1.0 if self.config.warmup <= 0 else min(1.0, progress / self.config.warmup)
+        return self.config.weight * ramp
+
+
+def _available(out: Any, k: int) -> torch.Tensor:
+    tokens = out.tokens[:, k]
+    return tokens if out.mask is None else tokens[out.mask[:, k]]
+
+
+# --- distillation losses ----------------------------------------------------------------------------
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DistillBatch:
+    """What a distillation loss sees for one training batch.
+
+    ``views`` and ``modalities`` map a name to ``(student, teacher)`` embeddings ``[B, e]``,
+    L2-normalised, the student projected into the teacher's width. ``logits`` maps a head role
+    to ``(student, teacher, activation)`` logits ``[B, L]``. ``scale_s`` / ``scale_t`` are the
+    two models' contrastive logit scales (two-tower models), else None.
+    """
+
+    views: dict[str, Pair]
+    modalities: dict[str, Pair]
+    logits: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)
+    scale_s: torch.Tensor | None = None
+    scale_t: torch.Tensor | None = None
+
+    def pairs(self) -> list[tuple[Pair, Pair]]:
+        """Every pair of modalities (A, B), each as ``((s_A, t_A), (s_B, t_B))``."""
+        return list(itertools.combinations(self.modalities.values(), 2))
+
+
+@attrs.frozen(kw_only=True)
+class DistillConfig:
+    """Options every distillation loss has."""
+
+    weight: float = option(1.0, doc="Weight of the loss.", validator=non_negative)
+
+
+class DistillLoss(nn.Module):
+    """A distillation loss: ``forward(batch: DistillBatch) -> scalar``.
+
+    ``needs`` says what it reads, so that a spec pairing it with a model that lacks it gets a
+    clear error before training: ``"views"``, ``"pairs"`` (two modalities at least) or
+    ``"logits"``.
+    """
+
+    needs: str = "views"
+
+    def __init__(self, config: DistillConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mean_over_pairs(self, batch: DistillBatch, fn) -> torch.Tensor:
+        """The mean of ``fn((s_A, t_A), (s_B, t_B))`` over every pair of modalities."""
+        return torch.stack([fn(a, b) for a, b in batch.pairs()]).mean()

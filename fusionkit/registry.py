@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from fusionkit.errors import DuplicateComponentError, UnknownComponentError
-from fusionkit.hookspecs import KIND_HOOKS
+from fusionkit.hookspecs import KIND_HOOKS, kind_plural
 
 
 @attrs.frozen
@@ -46,11 +46,6 @@ class Registration:
     description: str
     provider: Provider
 
-
-#: Plural of each kind, for messages ("Known adaptation losses: ...").
-KIND_PLURALS = {"encoder": "encoders", "gate": "gates", "fusion": "fusions", "head": "heads", "combiner": "combiners",
-                "decoder": "decoders", "adaptation_loss": "adaptation losses", "distill_loss": "distillation losses",
-                "dataset": "datasets"}
 
 
 class Registry:
@@ -117,7 +112,7 @@ class Registry:
             raise UnknownComponentError(self.unknown_message(kind, name)) from None
 
     def unknown_message(self, kind: str, name: str) -> str:
-        plural = KIND_PLURALS.get(kind, kind + "s")
+        plural = kind_plural(kind)
         disabled = self.disabled_provider(kind, name)
         if disabled:
             return (f"{kind} {name!r} is provided by {disabled}, which is installed but disabled "

@@ -248,7 +248,7 @@ class ${cls}(Decoder):
         usage="In a spec:\n\n```yaml\ndecoder: {type: $component}\n```"),
     "adaptation_loss": dict(
         hook="register_adaptation_losses",
-        base_import="from fusionkit.training.adaptation import AdaptationConfig, AdaptationLoss",
+        base_import="from fusionkit.interfaces import AdaptationConfig, AdaptationLoss",
         config_base="(AdaptationConfig)", imports="import torch",
         body='''    power: float = option(2.0, doc="Exponent of the distance between the feature means.", validator=positive)
 
@@ -265,7 +265,7 @@ class ${cls}(AdaptationLoss):
         usage="In a spec:\n\n```yaml\nadaptation: [{type: $component, weight: 0.1}]\n```"),
     "distill_loss": dict(
         hook="register_distill_losses",
-        base_import="from fusionkit.training.distill import DistillBatch, DistillConfig, DistillLoss",
+        base_import="from fusionkit.interfaces import DistillBatch, DistillConfig, DistillLoss",
         config_base="(DistillConfig)", imports="import torch",
         body='''    margin: float = option(0.0, doc="Cosine distance below which a pair costs nothing.")
 
@@ -284,7 +284,7 @@ class ${cls}(DistillLoss):
 ''', factory="${cls}", summary="a distillation loss on the cosine distance of student and teacher embeddings",
         usage="In a spec:\n\n```yaml\ndistill: {teacher: runs/teacher/best, losses: [{type: $component}]}\n```"),
     "dataset": dict(
-        hook="register_datasets", base_import="from fusionkit.data.store import Sample\nfrom fusionkit.interfaces import Dataset",
+        hook="register_datasets", base_import="from fusionkit.interfaces import Dataset, Sample",
         config_base="", imports="import numpy as np",
         body='''    samples: int = option(100, doc="Number of samples.", validator=positive)
     seed: int = option(0, doc="Random seed.")

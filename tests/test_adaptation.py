@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from conftest import tiny_spec
-from fusionkit.training.adaptation import GradientReversal, grl_schedule
+from fusionkit.components.adaptation import GradientReversal, grl_schedule
 from fusionkit.checkpoint import load_model
 from fusionkit.components.adaptation import (
     CoralConfig, CoralLoss, DannConfig, DannLoss, EntropyConfig, EntropyLoss, MMDConfig, MMDLoss, coral, mmd)

@@ -1,6 +1,6 @@
 """CLIP-RD as its authors compute it: every term's value and gradient from ``KDClipLoss``
 (Rosieyang01/CLIP-RD at 3b22493, float64), reproduced through the registered plugins and a
-:class:`~fusionkit.training.distill.DistillBatch` (a copy of ``shared/data/cliprd-vectors.json``)."""
+:class:`~fusionkit.interfaces.DistillBatch` (a copy of ``shared/data/cliprd-vectors.json``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fusionkit.plugins import get_registry
 from fusionkit.spec import load_spec
 from fusionkit.towers import clip_loss
-from fusionkit.training.distill import DistillBatch
+from fusionkit.interfaces import DistillBatch
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "cliprd-vectors.json").read_text())
 CASES = VECTORS["cases"]

@@ -121,7 +121,7 @@ def make_release(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def test_blemore_release_import(tmp_path):
     arrays = make_release(tmp_path / "release", np.random.default_rng(0))
-    path = BlemoreRelease(BlemoreConfig(root=str(tmp_path / "release"))).build(tmp_path / "store")
+    path = build_dataset("blemore", {"root": str(tmp_path / "release")}, tmp_path / "store")
     store = open_store(path)
     assert set(store.encoders) == {"openface", "wavlm"}
     by_id = {s.id: s for s in store.samples}
@@ -134,7 +134,7 @@ def test_blemore_release_import(tmp_path):
     expected = np.concatenate([x.mean(0), x.std(0), *np.percentile(x, [10, 25, 50, 75, 90], axis=0)])
     np.testing.assert_allclose(store.encoders["wavlm"].data[i].numpy(), expected, rtol=1e-5, atol=1e-6)
 
-    seq = BlemoreRelease(BlemoreConfig(root=str(tmp_path / "release"), aggregate="sequences")).build(tmp_path / "seq")
+    seq = build_dataset("blemore", {"root": str(tmp_path / "release"), "aggregate": "sequences"}, tmp_path / "seq")
     feats = open_store(seq).encoders["openface"]
     j = open_store(seq).ids.index("test_0002")
     assert np.array_equal(feats.data[int(feats.offsets[j]):int(feats.offsets[j + 1])].numpy(), arrays["openface/test_0002"])

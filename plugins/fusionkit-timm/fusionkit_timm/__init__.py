@@ -20,6 +20,7 @@ from fusionkit.config import non_negative, option, unit_interval
 from fusionkit.errors import FusionkitError
 from fusionkit.files import sha256_file
 from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig, freeze_stages, restoring_checkpoint
+from fusionkit.pooling import pool_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -189,7 +190,6 @@ class TimmEncoder(LiveEncoder):
         features, frame_lengths = self.embed(x, lengths)
         if features.dim() == 2:
             return features
-        from fusionkit.components.encoders import pool_frames
 
         return pool_frames(features, frame_lengths, self.config.pooling)
 
