@@ -73,7 +73,7 @@ def with_distill(spec: dict, teacher_dir: Path, losses: list) -> dict:
 
 
 def parameters(spec: dict) -> int:
-    from fusionkit.model import build_model
+    from fusionkit.models.factory import build_model
 
     return sum(build_model(spec).parameter_counts().values())
 

@@ -23,7 +23,6 @@ import torch
 from live import pix_images
 from report import RESULTS, machine, markdown_table, write
 
-
 #: (timm architecture, input side, images): a light backbone where decoding weighs most, and a common one.
 CONFIGS = (("resnet18", 64, 1024), ("resnet50", 112, 512))
 
@@ -32,8 +31,8 @@ def measure(model_name: str, side: int, samples: int, full_manifest: Path, work:
             repeats: int) -> dict:
     """Bare forward vs the whole extraction for one backbone, fastest of ``repeats`` alternating runs."""
     from fusionkit.data.extract import extract
-    from fusionkit.model import build_model
     from fusionkit.data.raw import load_batches, read_manifest
+    from fusionkit.models.factory import build_model
 
     manifest_path = full_manifest.parent / f"first-{samples}.csv"
     manifest_path.write_text("\n".join(full_manifest.read_text().splitlines()[: samples + 1]) + "\n")

@@ -65,7 +65,7 @@ def save_cnn_weights(path: Path) -> None:
     """The CNN's random initial weights (seed 0), as the local file the specs reference."""
     from safetensors.torch import save_file
 
-    from fusionkit.model import build_model
+    from fusionkit.models.factory import build_model
 
     enc = build_model({"labels": ["a", "b"], "encoders": [CNN], "gate": {"type": "uniform", "top_n": 1},
                        "fusion": {"type": "weighted_sum"}}).encoders["cnn"]

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from report import machine, markdown_table, write
 
 K, DIM, LATENT, BATCH = 7, 7168, 256, 64
@@ -64,8 +63,8 @@ def train_step(model, optimizer, batch, target):
 
 def ddp_worker(steps: int) -> None:
     """Run under torchrun: time ``steps`` DDP training steps at global batch 64; rank 0 prints samples/s."""
+    from fusionkit.models.factory import build_model
     from fusionkit.training.distributed import setup, wrap
-    from fusionkit.model import build_model
 
     torch.set_num_threads(1)
     dist = setup()
@@ -115,7 +114,7 @@ def interleaved(fns: dict, rounds: int, reps: int) -> dict[str, float]:
 
 
 def measure_matmul(rounds: int) -> dict:
-    from fusionkit.model import build_model
+    from fusionkit.models.factory import build_model
 
     torch.manual_seed(0)
     model = build_model(blemore_spec())
@@ -156,8 +155,8 @@ def build_stores(root: Path) -> dict[str, Path]:
 
 
 def measure_data_path(root: Path, rounds: int) -> dict:
-    from fusionkit.model import build_model
     from fusionkit.data.store import open_store
+    from fusionkit.models.factory import build_model
     from fusionkit.training.train import prefetch
 
     stores = build_stores(root)

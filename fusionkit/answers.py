@@ -15,6 +15,8 @@ import numpy as np
 
 from fusionkit.errors import DataError
 
+__all__ = ["Prediction", "parse_blemore_name", "to_matrix", "from_order", "order_to_matrix", "align"]
+
 Prediction = list[dict[str, Any]]
 
 _SINGLE = re.compile(r"^(?P<actor>[^_]+)_(?P<emotion>[a-z]+)_(?:int|sit)\d+_ver\d+$")

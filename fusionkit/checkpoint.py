@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import yaml
 
-from fusionkit.errors import CheckpointError, FusionkitError, SpecError
-from fusionkit.files import (apply_umask, backups_of, check_replaceable, json_marker, make_temp_dir, replace_directory,
-                             sha256_file)
+from fusionkit.errors import CheckpointError, SpecError
+from fusionkit.files import (
+    apply_umask,
+    backups_of,
+    check_replaceable,
+    json_marker,
+    sha256_file,
+    write_directory,
+)
+from fusionkit.hookspecs import KIND_HOOKS
+from fusionkit.moved import moved_names
+from fusionkit.plugins import get_registry, loaded
 from fusionkit.registry import Registry
+from fusionkit.spec import Spec, read_spec_file, spec_from_dict
 
 if TYPE_CHECKING:
     import torch
-
-    from fusionkit.model import FusionModel
-    from fusionkit.towers import TwoTowerModel
 
 FORMAT_VERSION = 1
 SPEC_FILE = "spec.yaml"
@@ -34,9 +41,7 @@ METADATA_FILE = "metadata.json"
 is_checkpoint = json_marker(METADATA_FILE, "format_version", (FORMAT_VERSION,))
 
 
-def _components(model: FusionModel) -> list[dict[str, Any]]:
-    from fusionkit.plugins import get_registry
-
+def _components(model: torch.nn.Module) -> list[dict[str, Any]]:
     registry = get_registry()
     spec = model.spec
     blocks = [(f"encoders[{i}]", "encoder", e.type) for i, e in enumerate(spec.encoders)]
@@ -76,19 +81,16 @@ def _missing_components(root: Path, missing: list[dict[str, Any]], registry: Reg
 
 
 def save_checkpoint(
-    model: FusionModel, directory: str | os.PathLike, extra_tensors: dict[str, torch.Tensor] | None = None,
+    model: torch.nn.Module, directory: str | os.PathLike, extra_tensors: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` (and optional extra tensors, e.g. feature scalers) to ``directory``."""
     from safetensors.torch import save_file
 
-    from fusionkit.plugins import loaded
-
     target = Path(directory)
     check_replaceable(target, "checkpoint", is_checkpoint, flag="saving")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target.parent, target.name)
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / SPEC_FILE).write_text(yaml.safe_dump(model.spec.to_dict(), sort_keys=False), encoding="utf-8")
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         for key, value in (extra_tensors or {}).items():
@@ -105,11 +107,8 @@ def save_checkpoint(
             "extra": extra_metadata or {},
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return write_directory(target, fill)
 
 
 def _resolve(directory: Path) -> Path:
@@ -150,17 +149,29 @@ def _read_text(path: Path) -> str:
         raise CheckpointError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); the checkpoint is damaged") from None
 
 
-def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = None) -> tuple[FusionModel, dict[str, Any], dict]:
-    """Load a checkpoint: (model, extra tensors, metadata). Never unpickles."""
+@attrs.frozen
+class CheckpointFiles:
+    """A checkpoint read and validated: its spec, the model's tensors, the extra tensors saved beside them
+    (optimizer, scalers: ``extra.`` stripped) and its metadata. Building the model is the factory's
+    (:func:`fusionkit.models.factory.load_checkpoint`)."""
+
+    root: Path
+    spec: Spec
+    state: dict[str, Any]
+    extra: dict[str, Any]
+    metadata: dict[str, Any]
+
+    @property
+    def weights(self) -> Path:
+        return self.root / WEIGHTS_FILE
+
+
+def read_checkpoint(directory: str | os.PathLike, registry: Registry | None = None) -> CheckpointFiles:
+    """Read a checkpoint directory and check it: format, the plugins its components need, the stored
+    spec, the weights' SHA-256 and finiteness. Never unpickles, never builds a model."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    import torch
-
-    from fusionkit.hookspecs import KIND_HOOKS
-    from fusionkit.model import build_model
-    from fusionkit.plugins import get_registry
-    from fusionkit.spec import read_spec_file, spec_from_dict
 
     registry = registry or get_registry()
     root = _resolve(Path(directory))
@@ -193,29 +204,7 @@ def load_checkpoint(directory: str | os.PathLike, registry: Registry | None = No
     if bad:
         raise CheckpointError(f"{weights}: weights with NaN or inf in {bad[:5]}; the model diverged or the file was "
                               "modified. Use an earlier checkpoint or retrain with a lower train.lr.")
-    from fusionkit.interfaces import _restoring
-
-    token = _restoring.set(True)  # initial weights files are not read: the checkpoint's weights follow
-    try:
-        model = build_model(spec, registry=registry)
-    except FusionkitError as exc:
-        raise CheckpointError(f"{root}: cannot build the stored model: {exc}") from exc
-    finally:
-        _restoring.reset(token)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # tensors of other shapes than the spec builds
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise CheckpointError(f"{weights}: weights do not fit the stored spec ({first}); the spec or the weights "
-                              "were modified") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{weights}: weights do not fit the spec: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    model.eval()
-    return model, extra, metadata
+    return CheckpointFiles(root, spec, state, extra, metadata)
 
 
-def load_model(directory: str | os.PathLike) -> FusionModel | TwoTowerModel:
-    """Load a model saved with ``save_pretrained`` (in eval mode): a fusion or a two-tower model."""
-    return load_checkpoint(directory)[0]
+__getattr__ = moved_names(__name__, {"load_checkpoint": "fusionkit.models.factory", "load_model": "fusionkit.models.factory"})

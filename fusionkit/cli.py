@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+__all__ = ["EXAMPLES", "PLUGIN_KINDS", "CONFINE_HELP", "model_summary", "submission_paths", "build_parser", "main"]
+
 EXAMPLES = Path(__file__).parent / "examples"
 #: `fusionkit plugin new --kind` (fusionkit.scaffold.PLUGIN_KINDS, kept here so that --help imports nothing)
 PLUGIN_KINDS = ("encoder", "gate", "fusion", "head", "combiner", "decoder", "adaptation_loss", "distill_loss", "dataset")
@@ -94,7 +96,7 @@ def _cmd_spec_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from fusionkit.model import build_model
+    from fusionkit.models.factory import build_model
 
     model = build_model(args.spec)
     print(model_summary(model))
@@ -184,8 +186,8 @@ def _run_index(run: Path, store, split_name: str):
 
 
 def _open_run(args: argparse.Namespace):
-    from fusionkit.checkpoint import load_model
-    from fusionkit.training.train import spec_store
+    from fusionkit.data.open import spec_store
+    from fusionkit.models.factory import load_model
 
     model = load_model(Path(args.run) / "best")
     return model, spec_store(model.spec, args.data, args.raw, args.confine)
@@ -274,9 +276,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_build(args: argparse.Namespace) -> int:
-    from fusionkit.yaml_reader import load_yaml
-
     from fusionkit.components.datasets import build_dataset
+    from fusionkit.yaml_reader import load_yaml
 
     options = {}
     for item in args.set or []:

@@ -27,6 +27,10 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
+__all__ = ["NOTHING", "option", "MAX_INT_OPTION", "MAX_SEED", "positive", "non_negative", "unit_interval",
+           "seed_range", "converter", "type_name", "short_repr", "key_text", "structure", "unstructure",
+           "describe_options", "field_docs", "json_schema"]
+
 NOTHING = attrs.NOTHING
 
 

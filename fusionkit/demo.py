@@ -22,6 +22,8 @@ from pathlib import Path
 from fusionkit.errors import DataError
 from fusionkit.metrics import format_metric
 
+__all__ = ["SHARED_COPY", "BEST_SINGLE", "find_source", "run_demo"]
+
 SHARED_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "uci-mfeat"
 BEST_SINGLE = "fac"
 

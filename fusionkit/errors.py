@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+__all__ = ["FusionkitError", "PluginError", "DuplicateComponentError", "UnknownComponentError", "SpecError",
+           "CheckpointError", "DataError", "FusionkitWarning"]
+
 
 class FusionkitError(Exception):
     """Base class of every error fusionkit raises on purpose."""

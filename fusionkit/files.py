@@ -26,6 +26,11 @@ from pathlib import Path
 
 from fusionkit.errors import FusionkitError
 
+__all__ = ["LOCK_FILE", "TEMP_PATTERNS", "current_umask", "apply_umask", "make_temp_file", "make_temp_dir",
+           "atomic_write", "atomic_write_text", "sha256_file", "describe_contents", "json_marker",
+           "check_replaceable", "replace_directory", "write_directory", "backups_of", "is_temporary",
+           "recover_directory", "remove_temporaries", "LockedError", "exclusive_lock"]
+
 #: The lock file of a folder that one fusionkit process writes at a time (a run, an extraction in progress).
 LOCK_FILE = ".fusionkit.lock"
 
@@ -153,6 +158,21 @@ def replace_directory(new: Path, target: Path) -> None:
     os.rename(target, old)
     os.rename(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_directory(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Write a directory atomically: ``fill(tmp)`` fills a temporary directory beside ``target`` (already
+    checked replaceable), which then replaces it (:func:`replace_directory`); on any failure the temporary
+    directory is removed and ``target`` is as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(target.parent, target.name)
+    try:
+        fill(tmp)
+        replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def backups_of(target: Path) -> list[Path]:

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import pluggy
 
+__all__ = ["PROJECT_NAME", "hookspec", "hookimpl", "register_encoders", "register_gates", "register_fusions",
+           "register_heads", "register_combiners", "register_decoders", "register_adaptation_losses",
+           "register_distill_losses", "register_datasets", "KIND_HOOKS", "kind_plural"]
+
 PROJECT_NAME = "fusionkit"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)

@@ -7,9 +7,10 @@ saying where in the model it sits.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,10 @@ from fusionkit.answers import Prediction
 from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.selection import Selection, select_top_n, select_top_p, slot_count
 from fusionkit.spec import BLEMORE_LABELS
+
+__all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "restoring", "restoring_checkpoint",
+           "freeze_stages", "GateConfig", "Gate", "Fusion", "Head", "Combiner", "Decoder", "Dataset", "DOMAINS",
+           "Sample", "AdaptationConfig", "AdaptationLoss", "Pair", "DistillBatch", "DistillConfig", "DistillLoss"]
 
 
 @attrs.frozen(kw_only=True)
@@ -124,6 +129,16 @@ class LiveEncoder(Encoder):
 
 
 _restoring: contextvars.ContextVar[bool] = contextvars.ContextVar("fusionkit_restoring", default=False)
+
+
+@contextlib.contextmanager
+def restoring() -> Iterator[None]:
+    """While the block runs, :func:`restoring_checkpoint` is True (the model factory loading a checkpoint)."""
+    token = _restoring.set(True)
+    try:
+        yield
+    finally:
+        _restoring.reset(token)
 
 
 def restoring_checkpoint() -> bool:

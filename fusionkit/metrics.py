@@ -16,6 +16,8 @@ import numpy as np
 
 from fusionkit.answers import Prediction, align, to_matrix
 
+__all__ = ["scores_from_matrices", "format_metric", "blemore_scores", "per_label_f1", "presence_map"]
+
 
 def scores_from_matrices(pred: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
     """Metrics from salience matrices ``[N, L]`` (0-100 scale) of predictions and truths."""

@@ -28,6 +28,9 @@ from fusionkit import hookspecs
 from fusionkit.errors import FusionkitWarning, PluginError
 from fusionkit.registry import Provider, Registration, Registry
 
+__all__ = ["ENTRY_POINT_GROUP", "BUILTIN_MODULE", "BUILTIN_PLUGIN", "PluginInfo", "LoadedPlugins", "normalize",
+           "strict_mode", "load_plugins", "register_plugin", "loaded", "get_registry", "reset"]
+
 ENTRY_POINT_GROUP = "fusionkit"
 BUILTIN_MODULE = "fusionkit.components"
 BUILTIN_PLUGIN = "fusionkit"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["UCI_DIMS", "UCI_LABELS", "FUSION_TRAIN", "baseline", "naive", "best", "topn"]
+
 UCI_DIMS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
 UCI_LABELS = ["d0", "d1", "d2", "d3", "d4", "d5"]
 

@@ -16,6 +16,8 @@ import attrs
 from fusionkit.errors import DuplicateComponentError, UnknownComponentError
 from fusionkit.hookspecs import KIND_HOOKS, kind_plural
 
+__all__ = ["Provider", "Registration", "Registry"]
+
 
 @attrs.frozen
 class Provider:

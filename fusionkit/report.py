@@ -14,6 +14,10 @@ import numpy as np
 
 from fusionkit.errors import FusionkitError
 from fusionkit.metrics import format_metric
+from fusionkit.spec import load_spec
+from fusionkit.training.tasks import task_class
+
+__all__ = ["RATIO_NAMES", "write_report"]
 
 RATIO_NAMES = ("single", "50/50", "70/30", "30/70")
 
@@ -46,9 +50,8 @@ def _learning_curves(plt, log: list[dict], best_epoch: int, keys: tuple[str, ...
     plt.close(fig)
 
 
-def _retrieval_report(plt, run: Path, out: Path, metrics: dict, log: list[dict]) -> Path:
-    """A two-tower run: learning curves with validation R@1/R@5, and retrieval in each direction."""
-    _learning_curves(plt, log, metrics["best_epoch"], ("r1", "r5"), out / "learning_curves.png")
+def _retrieval_report(plt, run: Path, out: Path, metrics: dict) -> Path:
+    """A two-tower run: retrieval in each direction, beside the learning curves."""
     splits = [s for s in ("val", "test") if s in metrics]
     directions = sorted(k for k in metrics[splits[-1]] if k.startswith("r") and "_to_" in k)
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(directions)), 3.5))
@@ -104,13 +107,12 @@ def write_report(run: str | Path) -> Path:
     metrics = json.loads((run / "metrics.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     split = "test" if "test" in metrics else "val"
-    if "r1" in metrics.get(split, {}):
-        return _retrieval_report(plt, run, out, metrics, log)
+    task = task_class(load_spec(run / "spec.yaml"))  # the task says what a run has to draw
+    _learning_curves(plt, log, metrics["best_epoch"], task.record_keys, out / "learning_curves.png")
+    if not task.predicts:
+        return _retrieval_report(plt, run, out, metrics)
     preds = json.loads((run / f"predictions_{split}.json").read_text())
     labels = list(metrics[split]["per_label_f1"])
-
-    _learning_curves(plt, log, metrics["best_epoch"], ("acc_presence", "acc_salience", "score"),
-                     out / "learning_curves.png")
 
     kept = metrics[split]["kept_counts"]
     encoders = list(next(iter(kept.values())))

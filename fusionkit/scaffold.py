@@ -16,6 +16,9 @@ from string import Template
 from fusionkit.errors import FusionkitError
 from fusionkit.files import make_temp_dir
 
+__all__ = ["NAME", "PYPROJECT", "MODULE", "README", "ENCODER_USAGE", "OTHER_MODULE", "KINDS", "PLUGIN_KINDS",
+           "new_plugin"]
+
 NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 PYPROJECT = Template('''\

@@ -8,6 +8,8 @@ from fusionkit import config as cfg
 from fusionkit.registry import Registry
 from fusionkit.spec import HEAD_ROLES, DataConfig, ProjectorConfig, TrainConfig
 
+__all__ = ["spec_schema"]
+
 
 def _component_schema(registry: Registry, kind: str, with_name: bool = False) -> dict[str, Any]:
     variants = []

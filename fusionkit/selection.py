@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["Selection", "select_top_n", "select_top_p", "slot_count", "gather_slots"]
+
 
 @dataclass
 class Selection:

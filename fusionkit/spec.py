@@ -22,7 +22,15 @@ import yaml
 from fusionkit import config as cfg
 from fusionkit.config import key_text, non_negative, option, positive, seed_range, short_repr, unit_interval
 from fusionkit.errors import DuplicateComponentError, SpecError, UnknownComponentError
+from fusionkit.files import atomic_write_text
+from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
+from fusionkit.yaml_reader import load_yaml
+
+__all__ = ["SPEC_VERSION", "BLEMORE_LABELS", "HEAD_ROLES", "ENCODER_NAME", "MAX_LATENT_DIM", "encoder_name_problem",
+           "Component", "EncoderSpec", "ProjectorConfig", "DataConfig", "TrainConfig", "ContrastiveConfig",
+           "TowerSpec", "DistillSpec", "Spec", "read_spec_file", "load_spec", "spec_from_dict", "dump_spec",
+           "DISTILL_PRESETS", "structure_component", "spec_differences"]
 
 SPEC_VERSION = 1
 BLEMORE_LABELS = ("ang", "disg", "fea", "hap", "sad", "neu")
@@ -222,8 +230,6 @@ def read_spec_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SpecError([f"{path}: no such file"], source=str(path))
-    from fusionkit.yaml_reader import load_yaml
-
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -256,8 +262,6 @@ def load_spec(source: str | Path | Mapping[str, Any] | Spec, registry: Registry 
 
 def spec_from_dict(data: Any, registry: Registry | None = None, source: str | None = None) -> Spec:
     if registry is None:
-        from fusionkit.plugins import get_registry
-
         registry = get_registry()
     problems: list[str] = []
     spec = _structure_spec(data, registry, problems)
@@ -268,8 +272,6 @@ def spec_from_dict(data: Any, registry: Registry | None = None, source: str | No
 
 def dump_spec(spec: Spec, path: str | Path) -> None:
     """Write the resolved spec as YAML (``.yaml``/``.yml``) or JSON (``.json``), atomically."""
-    from fusionkit.files import atomic_write_text
-
     path = Path(path)
     data = spec.to_dict()
     if path.suffix.lower() == ".json":

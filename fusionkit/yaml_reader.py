@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+__all__ = ["MAX_NODES", "StrictLoader", "load_yaml"]
+
 MAX_NODES = 100_000
 
 _BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")

@@ -5,16 +5,27 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import numpy as np
+import pytest
 import torch
-
 from conftest import tiny_spec
-from fusionkit.components.adaptation import GradientReversal, grl_schedule
-from fusionkit.checkpoint import load_model
+
 from fusionkit.components.adaptation import (
-    CoralConfig, CoralLoss, DannConfig, DannLoss, EntropyConfig, EntropyLoss, MMDConfig, MMDLoss, coral, mmd)
+    CoralConfig,
+    CoralLoss,
+    DannConfig,
+    DannLoss,
+    EntropyConfig,
+    EntropyLoss,
+    GradientReversal,
+    MMDConfig,
+    MMDLoss,
+    coral,
+    grl_schedule,
+    mmd,
+)
 from fusionkit.interfaces import BuildContext
+from fusionkit.models.factory import load_model
 from fusionkit.training.train import train
 
 CTX = BuildContext(labels=("a", "b", "c"), neutral=None, latent_dim=8, encoder_names=("x",), in_dim=8)
@@ -56,7 +67,7 @@ def test_dann_discriminator_separates_only_shifted_domains():
 
 
 def test_entropy_is_low_for_confident_and_high_for_uncertain_predictions():
-    from fusionkit.model import FusionOutput
+    from fusionkit.models.fusion import FusionOutput
 
     def out(logit_scale):
         logits = torch.tensor([[1.0, -1.0, 0.5]]) * logit_scale
@@ -82,7 +93,7 @@ def test_gradient_reversal_flips_the_sign_with_the_scheduled_factor():
 
 @pytest.mark.parametrize("on", ["fused", "encoders"])
 def test_a_batch_of_one_gives_zero_not_nan(on):
-    from fusionkit.model import FusionOutput
+    from fusionkit.models.fusion import FusionOutput
 
     def out(n):
         z = torch.randn(n, 8)

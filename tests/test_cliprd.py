@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusionkit.interfaces import DistillBatch
+from fusionkit.models.towers import clip_loss
 from fusionkit.plugins import get_registry
 from fusionkit.spec import load_spec
-from fusionkit.towers import clip_loss
-from fusionkit.interfaces import DistillBatch
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "cliprd-vectors.json").read_text())
 CASES = VECTORS["cases"]

@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 
 from fusionkit.components.datasets import (
-    BlemoreConfig, BlemoreRelease, UciMfeat, UciMfeatConfig, build_dataset, read_uci_mfeat)
-from fusionkit.errors import DataError, SpecError
+    BlemoreConfig,
+    BlemoreRelease,
+    UciMfeat,
+    UciMfeatConfig,
+    build_dataset,
+    read_uci_mfeat,
+)
 from fusionkit.data.store import open_store
+from fusionkit.errors import DataError, SpecError
 
 
 def test_uci_reads_directory_and_wheel_alike(uci_source, tmp_path):

@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionkit.checkpoint import load_model
-from fusionkit.interfaces import DistillBatch
-from fusionkit.training.distill import teacher_outputs
 from fusionkit.errors import CheckpointError, FusionkitError, SpecError
-from fusionkit.model import build_model
+from fusionkit.interfaces import DistillBatch
+from fusionkit.models.factory import build_model, load_model
+from fusionkit.models.towers import TwoTowerModel, clip_loss, retrieval_metrics
 from fusionkit.plugins import get_registry
 from fusionkit.spec import load_spec
-from fusionkit.towers import TwoTowerModel, clip_loss, retrieval_metrics
+from fusionkit.training.distill import teacher_outputs
 from fusionkit.training.train import spec_store, train
 
 LOSSES = ("kd", "fd", "crd", "icl", "rkd", "vrd", "xrd")

@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_spec
-from fusionkit.checkpoint import load_model
-from fusionkit.training.distributed import Dist, unused_parameters_possible
+
+from fusionkit.models.factory import load_model
 from fusionkit.spec import load_spec
+from fusionkit.training.distributed import Dist, unused_parameters_possible
 from fusionkit.training.train import train
 
 

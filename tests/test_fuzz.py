@@ -18,10 +18,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusionkit.checkpoint import load_model
-from fusionkit.errors import CheckpointError, DataError, FusionkitError, SpecError
-from fusionkit.model import build_model
 from fusionkit.data.store import Sample, open_store, write_store
+from fusionkit.errors import CheckpointError, DataError, FusionkitError, SpecError
+from fusionkit.models.factory import build_model, load_model
 
 EXAMPLES = int(os.environ.get("FUSIONKIT_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_live import IMG, raw_images, spec_with  # noqa: F401 - the fixture is used by name
 
 from fusionkit.data.raw import read_manifest
 from fusionkit.errors import DataError, FusionkitError
-
-from test_live import IMG, raw_images, spec_with  # noqa: F401 - the fixture is used by name
 
 LABELS = ["a", "b"]
 
@@ -130,7 +129,7 @@ def test_a_fifo_is_refused_not_opened(raw_images):
 
 def test_confine_refuses_paths_that_resolve_outside(raw_images, tmp_path_factory):
     """Paths: '..', absolute paths and symlinks out of the folder are read by default, refused under --confine."""
-    from fusionkit.model import build_model
+    from fusionkit.models.factory import build_model
 
     outside = tmp_path_factory.mktemp("elsewhere") / "x.png"
     (raw_images / "img" / "s03.png").rename(outside)
@@ -301,8 +300,8 @@ def test_resume_against_a_retrained_teacher_is_refused(teacher_run, pair_store, 
     spec = tower_spec(width=16, embed=8, epochs=3, distill={"teacher": str(teacher), "losses": [{"type": "fd"}]})
     real = Trainer.validate
 
-    def killed_after_one_epoch(self, model, epoch, state, record):
-        real(self, model, epoch, state, record)
+    def killed_after_one_epoch(self, model, terms, epoch, state, record):
+        real(self, model, terms, epoch, state, record)
         if epoch == 1:
             raise KeyboardInterrupt
 
@@ -411,7 +410,7 @@ from test_live import wavlm_dir  # noqa: E402,F401 - fixture used by name
 
 
 def _wav_encoder(wavlm_dir, **options):
-    from fusionkit.model import build_model
+    from fusionkit.models.factory import build_model
 
     return build_model(spec_with({"name": "wav", "type": "hf", "model": str(wavlm_dir), "modality": "audio",
                                   **options})).encoders["wav"]
@@ -482,6 +481,7 @@ def test_evaluate_predict_and_report_on_a_two_tower_run(teacher_run, pair_store,
 def test_top_p_bounds_that_cannot_hold_are_refused(gate, message):
     """Item 15: min_n > max_n, or > the number of encoders, was accepted and clamped silently."""
     from conftest import tiny_spec
+
     from fusionkit.errors import SpecError
     from fusionkit.spec import load_spec
 
@@ -530,9 +530,8 @@ def test_a_string_is_not_split_into_a_list_and_bad_items_are_shown(tmp_path, cap
 def test_a_checkpoint_of_a_disabled_plugin_says_how_to_enable_it(tmp_path, monkeypatch):
     """Item 19: load_model under FUSIONKIT_DISABLE_PLUGINS said 'no installed plugin provides ... Install'."""
     from fusionkit import plugins
-    from fusionkit.checkpoint import load_model
     from fusionkit.errors import CheckpointError
-    from fusionkit.model import build_model
+    from fusionkit.models.factory import build_model, load_model
 
     model = build_model({"latent_dim": 8, "encoders": [{"name": "a", "type": "example_mlp", "dim": 3}]})
     model.save_pretrained(tmp_path / "ckpt")
@@ -639,8 +638,8 @@ def test_spec_validate_warns_of_a_missing_teacher(tmp_path, capsys):
 def test_a_label_mismatch_says_which_labels_to_write(tmp_path, uci_source):
     """Item 22: docs/training.md's command failed on label names with no hint."""
     from fusionkit.components.datasets import build_dataset
-    from fusionkit.training.train import spec_store
     from fusionkit.spec import load_spec
+    from fusionkit.training.train import spec_store
 
     store = build_dataset("uci-mfeat", {"source": uci_source}, tmp_path / "uci")
     spec = load_spec({"encoders": [{"name": "fou", "type": "features", "dim": 76}]})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fusionkit.errors import DataError, FusionkitError
-from fusionkit.model import build_model
+from fusionkit.models.factory import build_model
 
 LABELS = ["a", "b"]
 IMG = {"name": "img", "type": "timm", "model": "test_resnet", "in_chans": 1, "img_size": [32, 32], "crop_pct": 1.0}
@@ -126,7 +126,7 @@ def test_timm_errors_are_clear(options, message):
 def test_a_checkpoint_does_not_need_the_initial_weights_file(tmp_path):
     from safetensors.torch import save_file
 
-    from fusionkit.checkpoint import load_model
+    from fusionkit.models.factory import load_model
 
     weights = tmp_path / "init.safetensors"
     first = build_model(spec_with({**IMG, "seed": 1})).encoders["img"]
@@ -419,7 +419,7 @@ def test_extract_from_the_command_line(raw_images, capsys):
 
 
 def test_mixed_live_and_stored_encoders_train_and_the_fine_tuned_checkpoint_round_trips(raw_images):
-    from fusionkit.checkpoint import load_model
+    from fusionkit.models.factory import load_model
     from fusionkit.training.train import spec_store, train
 
     spec = spec_with(IMG, {"name": "vec", "type": "features", "dim": 5}, lr=0.01)
@@ -469,7 +469,6 @@ def test_train_from_a_manifest_on_the_command_line(raw_images, capsys):
 
 def test_a_live_cnn_trains_under_torchrun_without_one_row_batches(raw_images):
     import yaml
-
     from test_distributed import torchrun
 
     # 16 training rows in batches of 7: the last global batch of two rows would leave each of the two

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusionkit import build_model
-from fusionkit.components.encoders import stats7
+from fusionkit.pooling import stats7
 from fusionkit.errors import DataError
 from fusionkit.selection import select_top_n, select_top_p
 

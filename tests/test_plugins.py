@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 

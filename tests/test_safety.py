@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_spec
-from fusionkit.checkpoint import load_model
-from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
-from fusionkit.model import build_model
-from fusionkit.training.rundir import RunDirectory, RunLockedError
+
 from fusionkit.data.store import Sample, write_store
+from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
+from fusionkit.models.factory import build_model, load_model
+from fusionkit.training.rundir import RunDirectory, RunLockedError
 from fusionkit.training.train import train
 
 
@@ -214,8 +213,7 @@ def swap(new, target):
     real_swap(new, target)
 
 RunDirectory.append_log = append_log
-import fusionkit.checkpoint as checkpoint
-checkpoint.replace_directory = swap
+files.replace_directory = swap  # what write_directory calls for checkpoints (and stores)
 train(spec_file, store, out, fold=1, progress=False)
 sys.exit(0)
 """

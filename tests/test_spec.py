@@ -165,6 +165,7 @@ def test_cli_schema_covers_installed_components():
 
 def test_schema_accepts_the_example_and_rejects_a_bad_spec():
     import jsonschema
+
     from fusionkit.plugins import get_registry
     from fusionkit.schema import spec_schema
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fusionkit.errors import DataError
 from fusionkit.data.store import Sample, open_store, write_store
+from fusionkit.errors import DataError
 
 LABELS = ["ang", "disg", "fea", "hap", "sad", "neu"]
 

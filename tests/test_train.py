@@ -10,12 +10,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_spec
-from fusionkit.checkpoint import load_model
-from fusionkit.errors import CheckpointError, DataError
-from fusionkit.spec import load_spec
+
 from fusionkit.data.store import open_store
+from fusionkit.errors import CheckpointError, DataError
+from fusionkit.models.factory import load_model
+from fusionkit.spec import load_spec
 from fusionkit.training.train import Trainer, make_split, spec_store, train
 
 

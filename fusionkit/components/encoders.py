@@ -9,9 +9,13 @@ import torch
 from torch import nn
 
 from fusionkit.config import option, positive
-from fusionkit.errors import DataError
+from fusionkit.errors import CheckpointError, DataError
 from fusionkit.interfaces import BuildContext, Encoder
-from fusionkit.pooling import pool_frames, stats7, valid_frames  # noqa: F401 - stats7: its old home
+from fusionkit.models.factory import load_model
+from fusionkit.models.towers import TwoTowerModel
+from fusionkit.pooling import pool_frames, valid_frames
+
+__all__ = ["Pooling", "FeaturesConfig", "FeaturesEncoder", "TowerEncoderConfig", "TowerEncoder"]
 
 Pooling = Literal["none", "mean", "stats7", "attention"]
 
@@ -90,3 +94,48 @@ class FeaturesEncoder(Encoder):
         logits = self.attention(x).squeeze(-1).masked_fill(~valid, float("-inf"))
         attn = torch.softmax(logits, dim=1).nan_to_num(0.0)
         return torch.einsum("bt,btd->bd", attn, x)
+
+
+@attrs.frozen(kw_only=True)
+class TowerEncoderConfig:
+    """A trained tower of a two-tower checkpoint, as one encoder of a fusion model."""
+
+    checkpoint: str = option(doc="Directory of the two-tower checkpoint (e.g. RUN/best).")
+    tower: str = option(doc="Which tower; it must have exactly one encoder, whose features this encoder reads.")
+    dim: int = option(doc="Feature size of the input (that of the tower's encoder).")
+    freeze: bool = option(True, doc="Keep the tower's weights fixed (eval mode) while the fusion model trains.")
+
+
+class TowerEncoder(Encoder):
+    """Runs a trained tower over one encoder's features; ``out_dim`` is the tower's embedding size."""
+
+    def __init__(self, config: TowerEncoderConfig, context: BuildContext) -> None:
+        super().__init__()
+        model = load_model(config.checkpoint)
+        if not isinstance(model, TwoTowerModel) or config.tower not in model.towers:
+            have = list(model.towers) if isinstance(model, TwoTowerModel) else "none (not a two-tower model)"
+            raise CheckpointError(f"{config.checkpoint}: has no tower {config.tower!r}; its towers: {have}")
+        tower = model.towers[config.tower]
+        if len(tower.encoder_names) != 1:
+            raise CheckpointError(f"{config.checkpoint}: tower {config.tower!r} reads encoders {list(tower.encoder_names)}; "
+                                  "only a one-encoder tower can serve as one encoder")
+        self.input_name = tower.encoder_names[0]
+        expected = getattr(tower.encoders[self.input_name], "dim", config.dim)
+        if expected != config.dim:
+            raise CheckpointError(f"{config.checkpoint}: tower {config.tower!r} reads {expected}-dimensional features, "
+                                  f"but dim is {config.dim}")
+        self.tower = tower
+        self.freeze = config.freeze
+        self.out_dim = tower.embed_dim
+        if config.freeze:
+            self.tower.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TowerEncoder:
+        super().train(mode)
+        if self.freeze:
+            self.tower.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        lens = None if lengths is None else {self.input_name: lengths}
+        return self.tower({self.input_name: x}, lens)[0]

@@ -9,6 +9,9 @@ from torch import nn
 from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.interfaces import BuildContext, Fusion
 
+__all__ = ["WeightedSumConfig", "RankConcatConfig", "RankAttentionConfig", "WeightedSumFusion", "RankConcatFusion",
+           "RankAttentionFusion"]
+
 
 @attrs.frozen(kw_only=True)
 class WeightedSumConfig:

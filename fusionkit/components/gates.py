@@ -9,6 +9,9 @@ from torch import nn
 from fusionkit.config import option, positive, unit_interval
 from fusionkit.interfaces import BuildContext, Gate, GateConfig
 
+__all__ = ["AttentionGateConfig", "MLPGateConfig", "StaticGateConfig", "UniformGateConfig", "AttentionGate",
+           "MLPGate", "StaticGate", "UniformGate"]
+
 
 @attrs.frozen(kw_only=True)
 class AttentionGateConfig(GateConfig):

@@ -8,6 +8,9 @@ from torch import nn
 from fusionkit.config import non_negative, option, unit_interval
 from fusionkit.interfaces import BuildContext, Head
 
+__all__ = ["PresenceHeadConfig", "SalienceHeadConfig", "ClassifierHeadConfig", "MLPHead", "presence_head",
+           "salience_head"]
+
 
 @attrs.frozen(kw_only=True)
 class PresenceHeadConfig:

@@ -25,13 +25,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusionkit.errors import DataError, FusionkitError
-from fusionkit.files import (atomic_write, atomic_write_text, exclusive_lock, json_marker, make_temp_dir,
-                             remove_temporaries)
-from fusionkit.interfaces import LiveEncoder
 from fusionkit.data.raw import RawManifest, load_batches, read_manifest
-from fusionkit.spec import Spec, load_spec, spec_differences
 from fusionkit.data.store import check_store_target, write_store
+from fusionkit.errors import DataError, FusionkitError
+from fusionkit.files import (
+    atomic_write,
+    atomic_write_text,
+    exclusive_lock,
+    json_marker,
+    make_temp_dir,
+    remove_temporaries,
+)
+from fusionkit.interfaces import LiveEncoder
+from fusionkit.models.factory import build_model
+from fusionkit.plugins import get_registry
+from fusionkit.progress import progress_bar
+from fusionkit.spec import Spec, load_spec, spec_differences
+
+__all__ = ["PARTIAL_FORMAT", "PARTIAL_MARKER", "is_partial", "weights_sha256", "provenance", "extract"]
 
 PARTIAL_FORMAT = "fusionkit-extract"
 PARTIAL_MARKER = "extract.json"
@@ -50,8 +61,6 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 def provenance(spec: Spec, encoders: Mapping[str, LiveEncoder]) -> dict[str, dict[str, Any]]:
     """Each live encoder's provenance record, as the store's index keeps it."""
-    from fusionkit.plugins import get_registry
-
     registry = get_registry()
     blocks = {e.name: e for e in spec.encoders}
     out = {}
@@ -75,8 +84,6 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
     With ``confine``, every input path of the manifest must resolve inside that folder.
     Returns the store's path.
     """
-    from fusionkit.model import build_model
-
     spec = load_spec(spec)
     target = Path(out)
     check_store_target(target, overwrite)  # before any work: nothing is computed for an output we may not write
@@ -124,7 +131,8 @@ def _extract_shards(manifest: RawManifest, encoders: Mapping[str, LiveEncoder], 
     """Write every shard not yet in ``partial``."""
     shards = _shards(len(manifest), batch_size * shard_batches)
     todo = [k for k in range(len(shards)) if not (partial / _shard_name(k)).is_file()]
-    bar = _bar(progress, total=len(manifest), initial=len(manifest) - sum(len(shards[k]) for k in todo))
+    bar = progress_bar(enabled=progress, desc="extract", unit="sample", total=len(manifest),
+                       initial=len(manifest) - sum(len(shards[k]) for k in todo))
     batches = [rows[i: i + batch_size] for k in todo for rows in [shards[k]] for i in range(0, len(rows), batch_size)]
     pending: dict[int, list] = {}
     shard_of = {int(r): k for k in todo for r in shards[k]}
@@ -134,10 +142,8 @@ def _extract_shards(manifest: RawManifest, encoders: Mapping[str, LiveEncoder], 
             pending.setdefault(k, []).append(_embed(encoders, inputs, lengths, device, manifest, rows))
             if sum(len(b["rows"]) for b in pending[k]) == len(shards[k]):
                 _write_shard(partial / _shard_name(k), pending.pop(k), manifest)
-            if bar is not None:
-                bar.update(len(rows))
-    if bar is not None:
-        bar.close()
+            bar.update(len(rows))
+    bar.close()
 
 
 def _device(name: str) -> torch.device:
@@ -255,11 +261,3 @@ def _assemble(partial: Path, shards: list[np.ndarray], names: list[str], manifes
             raise DataError(f"{file}: unreadable or incomplete shard ({type(exc).__name__}: {exc}); {fix}") from None
     return {name: (np.concatenate(p) if isinstance(p[0], np.ndarray) else [s for chunk in p for s in chunk])
             for name, p in parts.items()}
-
-
-def _bar(enabled: bool, **kwargs):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc="extract", unit="sample", disable=None, **kwargs)

@@ -31,10 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fusionkit.data.store import FeatureStore, Sample, check_samples, sample_from_record
 from fusionkit.errors import DataError
 from fusionkit.files import sha256_file
-from fusionkit.interfaces import LiveEncoder
-from fusionkit.data.store import FeatureStore, Sample, check_samples, sample_from_record
+from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig
+from fusionkit.plugins import get_registry
+
+__all__ = ["MANIFEST_SUFFIXES", "RECORD_COLUMNS", "live_encoder_names", "is_manifest", "RawManifest",
+           "read_manifest", "MAX_CSV_CELL", "collate", "manifest_store", "LoadFailure", "ManifestItems",
+           "load_batches"]
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 #: Columns with a fixed meaning; every other column holds one encoder's inputs.
@@ -44,9 +49,6 @@ RECORD_COLUMNS = ("id", "labels", "group", "fold", "domain")
 def live_encoder_names(spec: Any, registry: Any = None) -> set[str]:
     """Names of the spec's encoders that read raw inputs: those whose config class is a
     :class:`~fusionkit.interfaces.LiveEncoderConfig`."""
-    from fusionkit.interfaces import LiveEncoderConfig
-    from fusionkit.plugins import get_registry
-
     registry = registry or get_registry()
     return {e.name for e in spec.encoders
             if (("encoder", e.type) in registry and issubclass(registry.get("encoder", e.type).config, LiveEncoderConfig))}

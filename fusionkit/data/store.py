@@ -19,7 +19,6 @@ import collections
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,11 +27,15 @@ import attrs
 import numpy as np
 import torch
 
-from fusionkit.answers import Prediction, to_matrix
+from fusionkit.answers import to_matrix
 from fusionkit.errors import DataError, FusionkitError
+from fusionkit.files import apply_umask, check_replaceable, json_marker, write_directory
 from fusionkit.interfaces import DOMAINS, Sample  # noqa: F401 - their public home is interfaces
 from fusionkit.pooling import stats7
-from fusionkit.files import apply_umask, check_replaceable, json_marker, make_temp_dir, replace_directory
+from fusionkit.spec import encoder_name_problem
+
+__all__ = ["INDEX_FILE", "STORE_FORMAT", "STORE_VERSION", "is_store", "EncoderFeatures", "FeatureStore",
+           "open_store", "check_samples", "sample_from_record", "check_store_target", "target_rows", "write_store"]
 
 INDEX_FILE = "index.json"
 STORE_FORMAT = "fusionkit-store"
@@ -108,6 +111,12 @@ class FeatureStore:
     def attach_raw(self, manifest: Any, rows: np.ndarray) -> None:
         """Give live encoders their raw inputs: ``rows[i]`` is sample i's row in ``manifest``."""
         self.raw, self.raw_rows = manifest, rows
+
+    def check_inputs(self, model: Any) -> None:
+        """Every input the model reads is here: its live encoders' manifest columns and files (stored features
+        are checked when the store is opened for a spec)."""
+        if self.raw is not None:
+            self.raw.check_encoders(model.live_encoders())
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -241,8 +250,6 @@ def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]
     labels = index["labels"]
     if not labels or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
         raise DataError(f"{where}: 'labels' must be unique non-empty strings, found {labels[:10]!r}")
-    from fusionkit.spec import encoder_name_problem
-
     for name, meta in index["encoders"].items():
         why = encoder_name_problem(name)
         if why:
@@ -383,8 +390,6 @@ def write_store(
     """
     from safetensors.torch import save_file
 
-    from fusionkit.spec import encoder_name_problem
-
     target = Path(path)
     check_store_target(target, overwrite)
     ids = [s.id for s in samples]
@@ -398,9 +403,8 @@ def write_store(
         why = None if s.labels is None else _prediction_problem(s.labels, labels)
         if why:
             raise DataError(f"sample {s.id!r}: labels {why}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target.parent, target.name)
-    try:
+
+    def fill(tmp: Path) -> None:
         enc_index = {}
         for name, value in features.items():
             file = f"{name}.safetensors"
@@ -433,8 +437,5 @@ def write_store(
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
         _check_index(index, tmp / INDEX_FILE)
-        replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return write_directory(target, fill)

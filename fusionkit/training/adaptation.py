@@ -21,13 +21,14 @@ from fusionkit.data.store import FeatureStore, target_rows
 from fusionkit.errors import DataError
 from fusionkit.interfaces import AdaptationLoss as _AdaptationLoss
 from fusionkit.interfaces import BuildContext
-from fusionkit.model import FusionModel, FusionOutput
+from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.moved import moved_names
 from fusionkit.plugins import get_registry
 from fusionkit.spec import Spec
+from fusionkit.training.objective import ObjectiveTerm
 
 
-class AdaptationObjective(nn.Module):
+class AdaptationObjective(ObjectiveTerm):
     """Draws target batches and sums the spec's adaptation losses for the trainer."""
 
     def __init__(self, model: FusionModel, losses: Sequence[tuple[str, _AdaptationLoss]], target: FeatureStore,

@@ -32,23 +32,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusionkit.data.open import spec_store
 from fusionkit.data.store import FeatureStore
-from fusionkit.errors import CheckpointError, FusionkitError
+from fusionkit.errors import CheckpointError, DataError, FusionkitError
 from fusionkit.interfaces import DistillBatch as _DistillBatch
 from fusionkit.interfaces import DistillLoss as _DistillLoss
+from fusionkit.models.factory import load_model
+from fusionkit.models.towers import TwoTowerModel
 from fusionkit.moved import moved_names
+from fusionkit.plugins import get_registry
 from fusionkit.spec import Spec
+from fusionkit.training.objective import ObjectiveTerm
 
 # --- the trainer's term --------------------------------------------------------------------------
 
 
-class DistillationObjective(nn.Module):
+class DistillationObjective(ObjectiveTerm):
     """Adds the spec's distillation losses against a frozen, cached teacher (a trainer term)."""
 
     def __init__(self, model: nn.Module, store: FeatureStore, spec: Spec) -> None:
         super().__init__()
-        from fusionkit.plugins import get_registry
-
         assert spec.distill is not None
         self.model = [model]  # not a submodule: its parameters are the trainer's already
         self.teacher = [load_teacher(spec.distill.teacher)]
@@ -118,8 +121,6 @@ class DistillationObjective(nn.Module):
 
 def load_teacher(path: str) -> nn.Module:
     """The teacher checkpoint, frozen and in eval mode; a clear error when it is missing or broken."""
-    from fusionkit.checkpoint import load_model
-
     try:
         teacher = load_model(path)
     except CheckpointError as exc:
@@ -130,8 +131,6 @@ def load_teacher(path: str) -> nn.Module:
 
 def check_fits(teacher: nn.Module, student: nn.Module, where: str) -> bool:
     """Raise unless the teacher fits the student; returns whether both are two-tower models."""
-    from fusionkit.towers import TwoTowerModel
-
     t_two, s_two = isinstance(teacher, TwoTowerModel), isinstance(student, TwoTowerModel)
     kind = {True: "a two-tower model", False: "a fusion model"}
     if t_two != s_two:
@@ -153,9 +152,6 @@ def teacher_outputs(teacher: nn.Module, store: FeatureStore, where: str, batch_s
     Two-tower: ``tower.<name>`` embeddings and ``scale``; fusion: ``fused``, ``tokens``
     ``[N, K, d]`` and ``logits.<role>``.
     """
-    from fusionkit.errors import DataError
-    from fusionkit.training.train import spec_store
-
     try:
         tstore = spec_store(teacher.spec, store.path)
     except DataError as exc:

@@ -24,6 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusionkit.selection import slot_count
+
+__all__ = ["Dist", "setup", "unused_parameters_possible", "wrap"]
+
 
 @attrs.frozen
 class Dist:
@@ -148,8 +152,6 @@ def unused_parameters_possible(spec: Any, missing_encoders: bool = False) -> boo
     reaches every projector anyway. A missing encoder (masked) is never used. ``static_graph``
     is wrong here for the same reason: which parameters are used changes from step to step.
     """
-    from fusionkit.selection import slot_count
-
     gates = [spec.gate] if not spec.towers else [t.gate for t in spec.towers.values()]
     counts = [len(spec.encoders)] if not spec.towers else [len(t.encoders) for t in spec.towers.values()]
     for gate, k in zip(gates, counts):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusionkit.model import FusionModel, FusionOutput
+from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.spec import TrainConfig
+
+__all__ = ["rank_supervision", "supervised_loss", "training_loss"]
 
 
 def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -26,9 +26,20 @@ from typing import Any
 from fusionkit.checkpoint import WEIGHTS_FILE
 from fusionkit.errors import CheckpointError, FusionkitError, FusionkitWarning
 from fusionkit.files import (
-    LOCK_FILE, LockedError, atomic_write_text, describe_contents, exclusive_lock, is_temporary, json_marker,
-    recover_directory, remove_temporaries, sha256_file,
+    LOCK_FILE,
+    LockedError,
+    atomic_write_text,
+    describe_contents,
+    exclusive_lock,
+    is_temporary,
+    json_marker,
+    recover_directory,
+    remove_temporaries,
+    sha256_file,
 )
+
+__all__ = ["RUN_FILE", "LOG_FILE", "METRICS_FILE", "RUN_FORMAT", "CV_FORMAT", "CHECKPOINTS", "RUN_OUTPUTS", "is_run",
+           "RunLockedError", "RunDirectory", "store_fingerprint", "teacher_fingerprint"]
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"

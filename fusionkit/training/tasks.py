@@ -20,14 +20,19 @@ import numpy as np
 import torch
 
 from fusionkit.answers import Prediction, from_order, order_to_matrix
-from fusionkit.training.distributed import Dist
+from fusionkit.data.store import FeatureStore
 from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
-from fusionkit.training.losses import supervised_loss
 from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
-from fusionkit.model import FusionModel, decoder_inputs
+from fusionkit.models.fusion import FusionModel, decoder_inputs
+from fusionkit.models.towers import clip_loss, retrieval_metrics
 from fusionkit.spec import Spec
-from fusionkit.data.store import FeatureStore
+from fusionkit.training.distributed import Dist
+from fusionkit.training.losses import supervised_loss
+from fusionkit.training.statistics import fit_standardization
+
+__all__ = ["collect_outputs", "evaluate_outputs", "kept_counts", "predictions_for", "write_predictions", "Task",
+           "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class", "task_for"]
 
 
 @torch.no_grad()
@@ -122,7 +127,22 @@ def write_predictions(path: Path, model: FusionModel, store: FeatureStore, index
     atomic_write_text(path, json.dumps(rows) + "\n")
 
 
-class ClassificationTask:
+class Task:
+    """What every task does alike: standardise the model's inputs on the training rows before training."""
+
+    def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
+        self.spec, self.store, self.split, self.target_store = spec, store, split, target_store
+
+    def prepare(self, model: Any) -> None:
+        """Before training: ``data.standardize`` fits each encoder's input statistics on the training rows."""
+        if self.spec.data.standardize:
+            fit_standardization(model, self.store, self.split.train)
+
+    def restore(self, model: Any, saved: Any) -> None:
+        """On resume: carry over what the checkpoint's model holds beyond its weights."""
+
+
+class ClassificationTask(Task):
     """Fusion models: supervised presence + salience loss, BlEmoRE Score on validation."""
 
     record_keys = ("acc_presence", "acc_salience", "score")
@@ -141,7 +161,7 @@ class ClassificationTask:
                 f"Score {metrics['score']:.3f}  (n={metrics['n']})")
 
     def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
-        self.spec, self.store, self.split, self.target_store = spec, store, split, target_store
+        super().__init__(spec, store, split, target_store)
         self.target = torch.as_tensor(store.truth_matrix(split.train) / 100.0, dtype=torch.float32)
         self.position = {int(i): r for r, i in enumerate(split.train)}
 
@@ -150,6 +170,9 @@ class ClassificationTask:
 
     def after_step(self, model: FusionModel) -> None:
         pass
+
+    def restore(self, model: FusionModel, saved: FusionModel) -> None:
+        model.set_decoder(saved.decoder.config)  # the thresholds fitted on validation so far
 
     def validate(self, model: FusionModel, dist: Dist | None = None) -> dict[str, Any]:
         """Fit the decoder's thresholds on validation and score with them."""
@@ -178,7 +201,7 @@ class ClassificationTask:
         return metrics
 
 
-class ContrastiveTask:
+class ContrastiveTask(Task):
     """Two-tower models: the CLIP loss, mean Recall@1 over both directions on validation."""
 
     record_keys = ("r1", "r5", "score")
@@ -187,8 +210,6 @@ class ContrastiveTask:
     @staticmethod
     def evaluate_model(model: Any, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:
         """Retrieval metrics of a trained two-tower model on the samples ``index``."""
-        from fusionkit.towers import retrieval_metrics
-
         emb = collect_embeddings(model, store, index)
         classes = store.truth_matrix(index).argmax(1) if store.labelled[index].all() else None
         return retrieval_metrics(emb[model.tower_names[0]], emb[model.tower_names[1]], classes, model.tower_names)
@@ -197,12 +218,7 @@ class ContrastiveTask:
     def summary(metrics: dict[str, Any]) -> str:
         return f"R@1 {metrics['r1']:.3f}  R@5 {metrics['r5']:.3f}  (n={int(metrics['n'])})"
 
-    def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
-        self.spec, self.store, self.split = spec, store, split
-
     def loss(self, model: Any, out: Any, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        from fusionkit.towers import clip_loss
-
         a, b = (out.embeddings[name] for name in model.tower_names)
         parts = {"clip": clip_loss(a, b, out.scale), **out.aux_losses}
         return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}

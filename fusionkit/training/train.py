@@ -31,28 +31,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusionkit.checkpoint import load_checkpoint, save_checkpoint
-from fusionkit.training.distributed import Dist, setup, wrap
+from fusionkit.checkpoint import save_checkpoint
+from fusionkit.data.open import spec_store
+from fusionkit.data.store import FeatureStore
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.files import atomic_write_text
-from fusionkit.model import FusionModel, build_model
-from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint, teacher_fingerprint
+from fusionkit.models.factory import build_model, load_checkpoint
+from fusionkit.models.fusion import FusionModel
+from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
-from fusionkit.data.store import FeatureStore, open_store, target_rows
+from fusionkit.training.distributed import Dist, setup, wrap
+from fusionkit.training.objective import ObjectiveTerm, TermFactory
+from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint, teacher_fingerprint
 from fusionkit.training.tasks import task_for
+from fusionkit.training.terms import objective_terms
+
+__all__ = ["Split", "make_split", "Trainer", "prefetch", "train", "cross_validate", "summarize_folds"]
 
 #: An objective term's factory: ``make(model, store)`` -> a module returning named losses.
-TermFactory = Callable[[FusionModel, FeatureStore], nn.Module]
 
 
-@attrs.frozen
+@attrs.define
 class _Setup:
-    """What a run trains: the model, its further objective terms, their trainable parameters, the optimizer."""
+    """What a run trains: the model, its further objective terms, their trainable parameters, the optimizer,
+    the shuffling generator, the number of steps of the whole run, and (once every rank is ready) the model
+    as the loop calls it: in DDP under torchrun, else itself."""
 
     model: FusionModel
     terms: nn.ModuleList
     params: list
     optimizer: torch.optim.Optimizer
+    shuffle: torch.Generator
+    total_steps: int
+    forward: nn.Module | None = None
 
 
 @attrs.frozen
@@ -83,86 +94,6 @@ def make_split(store: FeatureStore, fold: int | None) -> Split:
     return Split(train, val, test, test_fold, val_fold)
 
 
-def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | None = None,
-               confine: str | os.PathLike | None = None) -> FeatureStore:
-    """Open the data of a spec: a feature store (its encoders' feature sizes checked, the spec's NaN policy
-    applied), plus the raw manifest ``raw`` for live encoders; or a manifest alone when every encoder is live.
-    ``confine``: a folder every input path of the manifest must resolve into."""
-    from fusionkit.data.raw import is_manifest, live_encoder_names, manifest_store, read_manifest
-
-    live = live_encoder_names(spec)
-    stored = [e.name for e in spec.encoders if e.name not in live]
-    if is_manifest(data):
-        if raw is not None:
-            raise DataError(f"{data}: the data is already a manifest; --raw adds a manifest to a feature store")
-        if stored:
-            raise DataError(f"{data}: encoder(s) {stored} read stored features: give a feature store as the data and "
-                            f"the manifest as --raw {data}")
-        return manifest_store(read_manifest(data, spec.labels, confine))
-    dims = {e.name: getattr(e.config, "dim", None) for e in spec.encoders if e.name not in live}
-    store = open_store(data, dims, nan_policy=spec.data.nan_policy)
-    if tuple(store.labels) != tuple(spec.labels):
-        neutral = "neu" if "neu" in store.labels else "null"
-        raise DataError(f"{store.path}: labels {list(store.labels)} differ from the spec's {list(spec.labels)} (the "
-                        f"spec's default is BlEmoRE's). Write them in the spec, in the store's order: "
-                        f"`labels: [{', '.join(store.labels)}]` and `neutral: {neutral}` (the label that never blends, "
-                        "or null)")
-    if raw is not None:
-        manifest = read_manifest(raw, spec.labels, confine)
-        store.attach_raw(manifest, manifest.rows_for(store.ids, store.path))
-    elif live:
-        raise DataError(f"encoder(s) {sorted(live)} are live and read raw inputs: give their manifest with --raw "
-                        "(see docs/live-encoders.md)")
-    return store
-
-
-def fit_standardization(model: FusionModel, store: FeatureStore, index: np.ndarray, domain: str = "source") -> None:
-    """Fit the model's input standardisation on the store's rows ``index`` (the training rows), or a further
-    domain's statistics on that domain's rows (features only: labels are not read)."""
-    inputs = {}
-    for name in model.encoder_names:
-        if name not in store.encoders:  # a live encoder: it reads raw inputs, nothing to standardise
-            continue
-        feats = store.encoders[name]
-        rows = index[feats.available[index]]
-        if feats.offsets is None:
-            inputs[name] = feats.data[torch.as_tensor(rows, dtype=torch.long)]
-        else:
-            inputs[name] = torch.cat([feats.data[int(feats.offsets[i]) : int(feats.offsets[i + 1])] for i in rows])
-    model.fit_standardization(inputs, domain=domain)
-
-
-@torch.no_grad()
-def estimate_domain_statistics(model: FusionModel, store: FeatureStore, index: np.ndarray, domain: str = "target",
-                               batch_size: int = 256) -> None:
-    """AdaBN: re-estimate the ``domain`` running statistics of every :class:`~fusionkit.model.DomainNorm`
-    from the store's rows ``index`` (inputs only, never labels), as a cumulative average over all of them."""
-    from fusionkit.model import DomainNorm
-
-    norms = [m.norms[domain] for m in model.modules() if isinstance(m, DomainNorm) and domain in m.norms]
-    if not norms or len(index) < 2:
-        return
-    was_training = model.training
-    model.eval()
-    saved = [(n.momentum, n.training) for n in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative: every row counts the same
-        norm.train()
-    model.set_domain(domain)
-    try:
-        for start in range(0, len(index), batch_size):
-            rows = index[start : start + batch_size]
-            if len(rows) > 1:
-                model(*store.inputs_for(model, rows))
-    finally:
-        model.set_domain("source")
-        for norm, (momentum, training) in zip(norms, saved):
-            norm.momentum = momentum
-            norm.train(training)
-        model.train(was_training)
-
-
 def _lr_factor(step: int, total: int, train) -> float:
     warm = max(1, int(train.warmup_fraction * total))
     if step < warm:
@@ -182,13 +113,15 @@ class Trainer:
     **terms** (adaptation, distillation, ...), and **checkpointing** (a
     :class:`~fusionkit.training.rundir.RunDirectory`).
 
-    ``terms`` are factories ``make(model, store) -> nn.Module``; the module's
-    ``forward(out, rows, progress)`` returns named loss tensors added to the objective. Its
-    parameters are trained with the model's and its state is checkpointed with it.
+    ``terms`` are factories ``make(model, store) -> ObjectiveTerm`` (:mod:`fusionkit.training.objective`);
+    by default the spec's own (:func:`~fusionkit.training.terms.objective_terms`). A term's
+    ``forward(out, rows, progress)`` returns named loss tensors added to the objective, its
+    ``on_best(model)`` runs before a best checkpoint; its parameters are trained with the
+    model's and its state is checkpointed with it.
     """
 
     def __init__(self, spec: Spec, store: FeatureStore, out: str | os.PathLike, split: Split, *,
-                 progress: bool = True, data_path: str | None = None, terms: Sequence[TermFactory] = (),
+                 progress: bool = True, data_path: str | None = None, terms: Sequence[TermFactory] | None = None,
                  target_store: FeatureStore | None = None, overwrite: bool = False, dist: Dist | None = None) -> None:
         self.spec = spec
         self.dist = dist or Dist()
@@ -197,7 +130,7 @@ class Trainer:
         self.split = split
         self.progress = progress
         self.data_path = data_path or str(store.path)
-        self.term_factories = list(terms)
+        self.term_factories = list(terms) if terms is not None else objective_terms(spec, target_store)
         self.target_store = target_store
         self.overwrite = overwrite
         self.run = RunDirectory(self.out)
@@ -207,15 +140,6 @@ class Trainer:
                                  "train two-tower models and adaptation in one process (see docs/scaling.md)")
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
-
-    def target_rows(self) -> tuple[FeatureStore, np.ndarray]:
-        """The unlabelled target rows that per-domain statistics come from: the --target store, or this
-        store's rows of domain "target" (their labels, if any, are never read here)."""
-        store, index = target_rows(self.store, self.target_store)
-        if len(index) < 2:
-            raise DataError(f"{store.path}: per-domain statistics (data.standardize_per_domain, projector.domain_norm) "
-                            "need target rows: give --target STORE or rows whose domain is 'target'")
-        return store, index
 
     @functools.cached_property
     def identity(self) -> dict[str, Any]:
@@ -270,94 +194,32 @@ class Trainer:
         train_cfg = self.spec.train
         torch.manual_seed(train_cfg.seed)
         model = build_model(self.spec)
-        if self.store.raw is not None:
-            self.store.raw.check_encoders(model.live_encoders())
-        if self.spec.data.standardize:
-            fit_standardization(model, self.store, self.split.train)
-        if self.spec.data.standardize_per_domain:
-            fit_standardization(model, *self.target_rows(), domain="target")
+        self.store.check_inputs(model)
+        self.task.prepare(model)
         terms = nn.ModuleList(make(model, self.store) for make in self.term_factories)
         params = [p for p in (*model.parameters(), *terms.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        return _Setup(model, terms, params, optimizer)
+        total_steps = math.ceil(len(self.split.train) / train_cfg.batch_size) * train_cfg.epochs
+        return _Setup(model, terms, params, optimizer, torch.Generator().manual_seed(train_cfg.seed), total_steps)
 
     def _fit(self, setup: _Setup, resume: bool, stop_after_epochs: int | None) -> dict[str, Any]:
-        spec, train_cfg, dist, main = self.spec, self.spec.train, self.dist, self.dist.is_main
-        model, terms, params, optimizer = setup.model, setup.terms, setup.params, setup.optimizer
+        train_cfg, main = self.spec.train, self.dist.is_main
         missing = any(not feats.available.all() for feats in self.store.encoders.values())
-        forward = wrap(model, dist, missing)  # DDP under torchrun, else the model itself
-        shuffle = torch.Generator().manual_seed(train_cfg.seed)
-        steps_per_epoch = math.ceil(len(self.split.train) / train_cfg.batch_size)
-        total_steps = steps_per_epoch * train_cfg.epochs
-        state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0}
-
-        if resume and not (self.out / "last").exists() and not self.run.read():
-            raise CheckpointError(f"{self.out}: nothing to resume (no run was started there); start without --resume")
-        if resume and (self.out / "last").exists():
-            self.run.check_same_run(self.identity)
-            state = self._restore(model, optimizer, shuffle, terms)
-            if main:
-                self.run.note_threads(torch.get_num_threads())
-                self.run.update(status="running", error=None, world_size=dist.world_size)
-        elif main:  # a new run, or one stopped before its first checkpoint: it starts from the beginning
-            if resume:
-                self.run.check_same_run(self.identity)
-            dump_spec(self.spec, self.out / "spec.yaml")
-            self.run.start({**self.identity, "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)),
-                            "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads(),
-                            "world_size": dist.world_size})
-        if main:
-            self.run.truncate_log(state["epoch"])
-
-        bar = _progress(range(state["epoch"], train_cfg.epochs), self.progress and main, initial=state["epoch"],
-                        total=train_cfg.epochs)
+        setup.forward = wrap(setup.model, self.dist, missing)  # a collective: every rank is here
+        state = self._begin(setup, resume)
+        bar = progress_bar(range(state["epoch"], train_cfg.epochs), enabled=self.progress and main, desc="epochs",
+                           unit="epoch", leave=False, initial=state["epoch"], total=train_cfg.epochs)
         epochs_this_call = 0
         for epoch in bar:
             if state["since_best"] >= train_cfg.patience:
                 break  # early stopping had happened before a kill: nothing more to train
             started = time.perf_counter()
-            model.set_epoch(epoch)
-            model.train()
-            terms.train()
-            sums: dict[str, float] = {}
-            order = self.split.train[torch.randperm(len(self.split.train), generator=shuffle).numpy()]
-            for rows, local, batch in self.batches(order, model):
-                for group in optimizer.param_groups:
-                    group["lr"] = train_cfg.lr * _lr_factor(state["step"], total_steps, train_cfg)
-                out = forward(*batch)
-                loss, parts = self.task.loss(model, out, local)
-                for term in terms:
-                    for name, value in term(out, local, state["step"] / max(1, total_steps)).items():
-                        loss = loss + value
-                        parts[name] = float(value.detach())
-                # DDP averages over ranks: weight each rank by its share so the result is the mean over all
-                # rows, as in one process (a stand-in row, see batches, weighs nothing)
-                real = len(local) if dist.rank < len(rows) else 0
-                weight = dist.loss_scale(real, len(rows))
-                if not torch.isfinite(loss):
-                    raise FusionkitError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr or check the features")
-                optimizer.zero_grad(set_to_none=True)
-                (loss * weight).backward()
-                if train_cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-                optimizer.step()
-                self.task.after_step(model)
-                state["step"] += 1
-                for k, v in {"loss": float(loss.detach()), **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v * real
-            sums = dist.sum(sums)  # every rank's share of the epoch's losses
-            record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                                      **{k: v / len(order) for k, v in sums.items()}}
-            self.validate(model, epoch, state, record)
+            record = self._train_epoch(setup, epoch, state)
+            self.validate(setup.model, setup.terms, epoch, state, record)
             state["epoch"] = epoch + 1
             record["seconds"] = round(time.perf_counter() - started, 3)
-            # The log line goes first: after a kill between the two, resume drops it and redoes the epoch.
-            rng_states = dist.all_gather_object(torch.get_rng_state())  # each rank's: dropout differs per rank
-            if main:
-                self.run.append_log(record)
-                self._save_last(model, optimizer, shuffle, terms, state, rng_states)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record.get('val', {}).get('score', float('nan')):.3f}")
+            self._end_epoch(setup, state, record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record.get('val', {}).get('score', float('nan')):.3f}")
             epochs_this_call += 1
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and state["epoch"] < train_cfg.epochs:
                 if main:
@@ -366,6 +228,77 @@ class Trainer:
         if not main:  # rank 0 evaluates the best model alone and shares its metrics
             return self.dist.broadcast(None)
         return self.dist.broadcast(self.finish(state))
+
+    def _begin(self, setup: _Setup, resume: bool) -> dict[str, Any]:
+        """The trainer's state at the first epoch to train: restored from ``last/``, or a new run recorded."""
+        main = self.dist.is_main
+        state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0}
+        if resume and not (self.out / "last").exists() and not self.run.read():
+            raise CheckpointError(f"{self.out}: nothing to resume (no run was started there); start without --resume")
+        if resume and (self.out / "last").exists():
+            self.run.check_same_run(self.identity)
+            state = self._restore(setup)
+            if main:
+                self.run.note_threads(torch.get_num_threads())
+                self.run.update(status="running", error=None, world_size=self.dist.world_size)
+        elif main:  # a new run, or one stopped before its first checkpoint: it starts from the beginning
+            if resume:
+                self.run.check_same_run(self.identity)
+            dump_spec(self.spec, self.out / "spec.yaml")
+            self.run.start({**self.identity, "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)),
+                            "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads(),
+                            "world_size": self.dist.world_size})
+        if main:
+            self.run.truncate_log(state["epoch"])
+        return state
+
+    def _train_epoch(self, setup: _Setup, epoch: int, state: dict[str, Any]) -> dict[str, Any]:
+        """One pass over the training rows; returns the epoch's log record (mean losses, learning rate)."""
+        setup.model.set_epoch(epoch)
+        setup.model.train()
+        setup.terms.train()
+        sums: dict[str, float] = {}
+        order = self.split.train[torch.randperm(len(self.split.train), generator=setup.shuffle).numpy()]
+        for rows, local, batch in self.batches(order, setup.model):
+            real, losses = self._step(setup, epoch, state, rows, local, batch)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v * real
+        sums = self.dist.sum(sums)  # every rank's share of the epoch's losses
+        return {"epoch": epoch, "lr": setup.optimizer.param_groups[0]["lr"], **{k: v / len(order) for k, v in sums.items()}}
+
+    def _step(self, setup: _Setup, epoch: int, state: dict[str, Any], rows: np.ndarray, local: np.ndarray,
+              batch: tuple) -> tuple[int, dict[str, float]]:
+        """One optimisation step: the task's loss plus every term's; returns this rank's real rows and the losses."""
+        train_cfg, model, optimizer = self.spec.train, setup.model, setup.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = train_cfg.lr * _lr_factor(state["step"], setup.total_steps, train_cfg)
+        out = setup.forward(*batch)
+        loss, parts = self.task.loss(model, out, local)
+        for term in setup.terms:
+            for name, value in term(out, local, state["step"] / max(1, setup.total_steps)).items():
+                loss = loss + value
+                parts[name] = float(value.detach())
+        # DDP averages over ranks: weight each rank by its share so the result is the mean over all
+        # rows, as in one process (a stand-in row, see batches, weighs nothing)
+        real = len(local) if self.dist.rank < len(rows) else 0
+        if not torch.isfinite(loss):
+            raise FusionkitError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr or check the features")
+        optimizer.zero_grad(set_to_none=True)
+        (loss * self.dist.loss_scale(real, len(rows))).backward()
+        if train_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(setup.params, train_cfg.grad_clip)
+        optimizer.step()
+        self.task.after_step(model)
+        state["step"] += 1
+        return real, {"loss": float(loss.detach()), **parts}
+
+    def _end_epoch(self, setup: _Setup, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """The epoch's log line, then ``last/`` (after a kill between the two, resume drops the line and redoes
+        the epoch)."""
+        rng_states = self.dist.all_gather_object(torch.get_rng_state())  # each rank's: dropout differs per rank
+        if self.dist.is_main:
+            self.run.append_log(record)
+            self._save_last(setup, state, rng_states)
 
     def batches(self, order: np.ndarray, model: FusionModel) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
         """The batch source: (global rows, this rank's rows, model inputs) for each step of an epoch.
@@ -392,8 +325,10 @@ class Trainer:
 
         return prefetch(assemble, bounds)
 
-    def validate(self, model: FusionModel, epoch: int, state: dict[str, Any], record: dict[str, Any]) -> None:
-        """Evaluation: fit the decoder on validation, track the best Score, save ``best/`` when it improves."""
+    def validate(self, model: FusionModel, terms: Sequence[ObjectiveTerm], epoch: int, state: dict[str, Any],
+                 record: dict[str, Any]) -> None:
+        """Evaluation: the task scores validation, the best score is tracked, and ``best/`` saved when it improves
+        (each term told first)."""
         train_cfg = self.spec.train
         due = (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == train_cfg.epochs
         if len(self.split.val) == 0:
@@ -409,8 +344,8 @@ class Trainer:
         if improved:
             state["best_epoch"], state["since_best"] = epoch, 0
             if self.dist.is_main:
-                if self.spec.projector.domain_norm:
-                    estimate_domain_statistics(model, *self.target_rows())
+                for term in terms:
+                    term.on_best(model)
                 save_checkpoint(model, self.out / "best")
         elif improved is not None:
             state["since_best"] += 1
@@ -427,15 +362,16 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def _save_last(self, model, optimizer, shuffle, terms, state, rng_states: list[torch.Tensor]) -> None:
-        tensors, groups = _flatten_optimizer(optimizer)
+    def _save_last(self, setup: _Setup, state: dict[str, Any], rng_states: list[torch.Tensor]) -> None:
+        tensors, groups = _flatten_optimizer(setup.optimizer)
         tensors.update({f"rng.torch.{rank}": rng for rank, rng in enumerate(rng_states)})
-        tensors["rng.shuffle"] = shuffle.get_state()
-        tensors.update({f"terms.{k}": v for k, v in terms.state_dict().items()})
-        save_checkpoint(model, self.out / "last", extra_tensors=tensors,
+        tensors["rng.shuffle"] = setup.shuffle.get_state()
+        tensors.update({f"terms.{k}": v for k, v in setup.terms.state_dict().items()})
+        save_checkpoint(setup.model, self.out / "last", extra_tensors=tensors,
                         extra_metadata={"trainer": state, "param_groups": groups, "world_size": len(rng_states)})
 
-    def _restore(self, model, optimizer, shuffle, terms) -> dict[str, Any]:
+    def _restore(self, setup: _Setup) -> dict[str, Any]:
+        model, optimizer, shuffle, terms = setup.model, setup.optimizer, setup.shuffle, setup.terms
         saved, tensors, metadata = load_checkpoint(self.out / "last")
         ignore = {"decoder": None}
         diffs = spec_differences(saved.spec.to_dict() | ignore, self.spec.to_dict() | ignore)
@@ -443,8 +379,7 @@ class Trainer:
             raise CheckpointError(f"{self.out}: the run was started with a different spec ({'; '.join(diffs[:10])}); "
                                   "resume with the same spec")
         model.load_state_dict(saved.state_dict())
-        if hasattr(model, "set_decoder"):
-            model.set_decoder(saved.decoder.config)
+        self.task.restore(model, saved)
         _restore_optimizer(optimizer, tensors, metadata["extra"]["param_groups"])
         terms.load_state_dict({k[len("terms."):]: v for k, v in tensors.items() if k.startswith("terms.")})
         rank_key = f"rng.torch.{self.dist.rank}"
@@ -496,16 +431,6 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _progress(iterable, enabled: bool, **kwargs):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc="epochs", unit="epoch", leave=False, disable=None, **kwargs)
-
-
 def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = None,
           resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
           overwrite: bool = False, raw: str | os.PathLike | None = None,
@@ -523,18 +448,14 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
     spec = load_spec(spec)
     store = spec_store(spec, data, raw, confine)
     target_store = spec_store(spec, target) if target is not None else None
-    terms: list[TermFactory] = []
-    if spec.adaptation:
-        from fusionkit.training.adaptation import adaptation_loss_factory
+    return _train_opened(spec, store, target_store, data, out, fold, resume, progress, overwrite)
 
-        terms.append(adaptation_loss_factory(spec, target_store))
-    if spec.distill:
-        from fusionkit.training.distill import distillation_term
 
-        terms.append(distillation_term(spec))
-    split = make_split(store, fold)
+def _train_opened(spec: Spec, store: FeatureStore, target_store: FeatureStore | None, data: str | os.PathLike,
+                  out: str | os.PathLike, fold: int | None, resume: bool, progress: bool, overwrite: bool) -> dict[str, Any]:
+    """:func:`train` once the spec is validated and its data opened (cross-validation opens them once)."""
     dist = setup()
-    metrics = Trainer(spec, store, out, split, progress=progress, data_path=str(data), terms=terms,
+    metrics = Trainer(spec, store, out, make_split(store, fold), progress=progress, data_path=str(data),
                       target_store=target_store, overwrite=overwrite, dist=dist).fit(resume=resume)
     dist.close()
     return metrics
@@ -561,9 +482,9 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
             root.clear()
         if not root.read():
             root.start({"data": os.path.abspath(data), "folds": folds})
-        kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target, raw=raw, confine=confine,
-                       resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
-        if jobs > 1:
+        kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target, raw=raw,
+                       confine=confine, resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
+        if jobs > 1:  # each process validates the spec and opens the data itself
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
@@ -572,7 +493,9 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
                                      initializer=torch.set_num_threads, initargs=(threads,)) as pool:
                 results = list(pool.map(_train_fold, kwargs))
         else:
-            results = [_train_fold({**k, "progress": progress}) for k in kwargs]
+            target_store = spec_store(spec, target) if target is not None else None
+            results = [_train_opened(spec, store, target_store, data, k["out"], k["fold"], k["resume"], progress, False)
+                       for k in kwargs]
         per_fold = dict(zip(folds, results))
         summary = summarize_folds({f: m["test"] for f, m in per_fold.items()})
         atomic_write_text(Path(out) / "cv.json", json.dumps({"folds": folds, "test": summary}, indent=2) + "\n")

@@ -1,0 +1,347 @@
+"""The fusion model: encoders -> projectors -> gate -> top-n selection -> fusion -> heads -> combiner.
+
+:func:`build_model` assembles a :class:`FusionModel` from a spec; every component
+is looked up by name in the plugin registry and built by its factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+
+from fusionkit.answers import Prediction, from_order
+from fusionkit.checkpoint import save_checkpoint
+from fusionkit.errors import DataError, FusionkitError
+from fusionkit.interfaces import BuildContext, Decoder, LiveEncoder
+from fusionkit.plugins import get_registry
+from fusionkit.registry import Registry
+from fusionkit.selection import Selection, gather_slots, slot_count
+from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
+
+__all__ = ["FusionOutput", "DOMAINS", "DomainNorm", "Projector", "Trunk", "FusionModel", "count_parameters",
+           "decoder_inputs"]
+
+
+@dataclass
+class FusionOutput:
+    """Everything one forward pass computed, for training, analysis and plots.
+
+    ``kept`` holds encoder indices (into ``model.encoder_names``) in rank order,
+    -1 for an empty slot. ``presence``/``salience`` are None when the spec has no
+    such head. ``aux_losses`` holds regularisers to add to the training loss.
+    """
+
+    fused: torch.Tensor
+    scores: torch.Tensor
+    kept: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+    presence: torch.Tensor | None
+    salience: torch.Tensor | None
+    logits: dict[str, torch.Tensor]
+    tokens: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+    token_logits: torch.Tensor | None = None
+
+    @property
+    def used(self) -> torch.Tensor:
+        """``[B]``: how many encoders each sample kept (top-p varies it per sample)."""
+        return (self.kept >= 0).sum(1)
+
+
+DOMAINS = ("source", "target")
+
+
+class DomainNorm(nn.Module):
+    """AdaBN-style normalisation: batch statistics kept per domain, one shared affine map.
+
+    In training a batch is normalised with its own statistics and updates the running
+    statistics of the current :attr:`domain`; in evaluation each domain's running statistics
+    are used. The target's are estimated from its unlabelled rows (:func:`estimate_domain_statistics`).
+    """
+
+    def __init__(self, dim: int, domains: tuple[str, ...] = DOMAINS) -> None:
+        super().__init__()
+        self.norms = nn.ModuleDict({d: nn.BatchNorm1d(dim, affine=False) for d in domains})
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.domain = "source"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norms[self.domain if self.domain in self.norms else "source"]
+        return norm(x) * self.weight + self.bias
+
+
+class Projector(nn.Module):
+    """One encoder's map into the shared latent space: linear or a two-layer MLP."""
+
+    def __init__(self, in_dim: int, latent_dim: int, config: ProjectorConfig) -> None:
+        super().__init__()
+        if config.hidden:
+            layers: list[nn.Module] = [nn.Linear(in_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, latent_dim)]
+        else:
+            layers = [nn.Linear(in_dim, latent_dim)]
+        if config.domain_norm:
+            layers.append(DomainNorm(latent_dim))
+        if config.norm:
+            layers.append(nn.LayerNorm(latent_dim))
+        if config.dropout:
+            layers.append(nn.Dropout(config.dropout))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Trunk(nn.Module):
+    """The shared assembler: encoders -> projectors (+ identity) -> gate -> top-n selection -> fusion.
+
+    A fusion model is a trunk with heads; each tower of a two-tower model is a trunk with an
+    embedding. ``encoders`` are the spec's encoder blocks this trunk owns, with their index in
+    the spec (for error paths); ``where`` prefixes the gate's and fusion's paths.
+    """
+
+    def __init__(self, spec: Spec, encoders: Sequence[tuple[int, EncoderSpec]], gate: Component, fusion: Component,
+                 registry: Registry, where: str = "") -> None:
+        super().__init__()
+        self.encoder_names: tuple[str, ...] = tuple(enc.name for _, enc in encoders)
+        ctx = BuildContext(
+            labels=spec.labels, neutral=spec.neutral, latent_dim=spec.latent_dim,
+            encoder_names=self.encoder_names, head_roles=tuple(spec.heads),
+            input_domains=DOMAINS if spec.data.standardize_per_domain else ("source",),
+        )
+        #: The domains whose statistics the model keeps; :meth:`set_domain` chooses one.
+        self.domains: tuple[str, ...] = DOMAINS if spec.data.standardize_per_domain or spec.projector.domain_norm \
+            else ("source",)
+        self.encoders = nn.ModuleDict()
+        self.projectors = nn.ModuleDict()
+        for i, enc in encoders:
+            module = _build(registry, "encoder", Component(enc.type, enc.config), f"encoders[{i}]",
+                            attrs.evolve(ctx, encoder_name=enc.name))
+            self.encoders[enc.name] = module
+            self.projectors[enc.name] = Projector(module.out_dim, spec.latent_dim, spec.projector)
+        self.identity = nn.Parameter(torch.randn(len(encoders), spec.latent_dim) * 0.02)
+        self.gate = _build(registry, "gate", gate, f"{where}gate", ctx)
+        # Rank supervision: each encoder token predicts the labels on its own (see fusionkit.training.losses).
+        self.token_head = nn.Linear(spec.latent_dim, len(spec.labels)) if getattr(self.gate, "supervision", 0) else None
+        self.top_n: int = slot_count(gate.config, len(encoders))
+        self.fusion = _build(registry, "fusion", fusion, f"{where}fusion", attrs.evolve(ctx, top_n=self.top_n))
+        # The residual mean path: every available token's mean, beside the ranked slots (gate.residual_mean).
+        self.residual = (nn.Linear(spec.latent_dim, self.fusion.out_dim)
+                         if getattr(gate.config, "residual_mean", False) else None)
+        self._context = ctx
+
+    def set_domain(self, domain: str) -> None:
+        """Use ``domain``'s input and normalisation statistics from now on ("source" for a domain the
+        model keeps no statistics of). Evaluation and predict set it from each sample's domain."""
+        if len(self.domains) == 1:
+            return  # every domain reads the source statistics: nothing to switch
+        for module in self.modules():
+            if isinstance(module, DomainNorm) or hasattr(module, "set_standardization"):
+                module.domain = domain if domain in self.domains else "source"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell epoch-dependent parts (the gate's soft warm-up) where training is; call it each epoch."""
+        self.gate.epoch = epoch
+
+    def precomputed_pooling(self) -> dict[str, str]:
+        """Encoder name -> pooling that a data source may compute once per sample (fixed inputs)."""
+        return {name: enc.precomputed_pooling for name, enc in self.encoders.items()
+                if getattr(enc, "precomputed_pooling", None)}
+
+    def live_encoders(self) -> dict[str, Any]:
+        """Encoder name -> the encoders that read raw inputs (:class:`~fusionkit.interfaces.LiveEncoder`)."""
+        return {name: enc for name, enc in self.encoders.items() if isinstance(enc, LiveEncoder)}
+
+    def encode(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None,
+               mask: torch.Tensor | None) -> tuple[torch.Tensor, Selection, torch.Tensor]:
+        """(tokens [B, K, d], the gate's selection, the fused vector [B, out_dim])."""
+        lengths = lengths or {}
+        tokens = torch.stack(
+            [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
+            dim=1,
+        ) + self.identity
+        if mask is not None:
+            mask = mask.to(device=tokens.device, dtype=torch.bool)
+        selection = self.gate(tokens, mask)
+        fused = self.fusion(gather_slots(tokens, selection), selection.weights, selection.slot_mask)
+        if self.residual is not None:
+            present = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
+            mean = (tokens * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True).clamp_min(1)
+            fused = fused + self.residual(mean)
+        return tokens, selection, fused
+
+    @torch.no_grad()
+    def fit_standardization(
+        self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None, domain: str = "source",
+    ) -> None:
+        """Set each encoder's input standardisation from training inputs (per dimension mean and std).
+
+        ``inputs`` has the shapes of a forward pass (or ``[rows, D]`` of stacked frames); only valid
+        frames (``lengths``) of available encoders (``mask``) count. Encoders without input
+        standardisation (live encoders among them) are skipped and need no input here. Without
+        this call the standardisation is the identity. ``domain`` "target" fits the target's own
+        statistics (a model with ``data.standardize_per_domain``) from its unlabelled inputs.
+        """
+        if domain not in self._context.input_domains:
+            raise DataError(f"the model keeps no input statistics of domain {domain!r}; set "
+                            "data.standardize_per_domain: true in the spec")
+        skipped = [n for n in self.encoder_names if not hasattr(self.encoders[n], "set_standardization")]
+        self._check_inputs({**{n: None for n in skipped}, **inputs}, lengths, mask)
+        for k, name in enumerate(self.encoder_names):
+            encoder = self.encoders[name]
+            if name in skipped:
+                continue
+            x = inputs[name]
+            keep = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask[:, k].bool().cpu()
+            if x.dim() == 3:
+                steps = torch.arange(x.shape[1])
+                valid = steps < (lengths or {}).get(name, torch.full((x.shape[0],), x.shape[1])).cpu().unsqueeze(1)
+                x = x[valid & keep.unsqueeze(1)]
+            else:
+                x = x[keep]
+            if len(x) < 2:
+                raise DataError(f"encoder {name!r}: fewer than two training rows to fit its standardisation")
+            if domain == "source":
+                encoder.set_standardization(x.mean(0), x.std(0))
+            else:
+                encoder.set_standardization(x.mean(0), x.std(0), domain=domain)
+
+    def _check_inputs(self, inputs: Mapping[str, torch.Tensor], lengths: Any, mask: Any) -> None:
+        if not isinstance(inputs, Mapping):
+            raise DataError(f"model inputs must be a dict keyed by encoder name {list(self.encoder_names)}, "
+                            f"found {type(inputs).__name__}")
+        if lengths is not None and not isinstance(lengths, Mapping):
+            raise DataError(f"lengths must be a dict keyed by encoder name (the valid frames of each sequence input, "
+                            f"e.g. {{'{self.encoder_names[0]}': tensor([B])}}), found {type(lengths).__name__}")
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[1] != len(self.encoder_names)):
+            raise DataError(f"mask must be a [B, {len(self.encoder_names)}] tensor (False where an encoder is missing), "
+                            f"found {getattr(mask, 'shape', type(mask).__name__)}")
+        missing = [n for n in self.encoder_names if n not in inputs]
+        unknown = [n for n in inputs if n not in self.encoders]
+        if missing or unknown:
+            raise DataError(
+                f"model inputs must be keyed by encoder name {list(self.encoder_names)}: "
+                f"missing {missing}, unknown {unknown} (pass zeros and a mask for missing encoders)"
+            )
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per part of the trunk."""
+        out = {f"encoder:{n}": count_parameters(self.encoders[n]) + count_parameters(self.projectors[n])
+               for n in self.encoder_names}
+        out["identity"] = count_parameters(self.identity)
+        out["gate"] = count_parameters(self.gate) + (count_parameters(self.token_head) if self.token_head is not None else 0)
+        out["fusion"] = count_parameters(self.fusion) + (count_parameters(self.residual) if self.residual is not None else 0)
+        return out
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write spec, ``model.safetensors`` and metadata to ``directory`` atomically."""
+        save_checkpoint(self, directory)
+
+
+class FusionModel(Trunk):
+    """A rank-aware top-n fusion model built from a :class:`~fusionkit.spec.Spec`.
+
+    ``forward(inputs, lengths=None, mask=None)``: ``inputs`` maps every encoder
+    name to ``[B, D]`` or ``[B, T, D]``; ``lengths`` maps names of sequence inputs
+    to ``[B]`` valid frame counts; ``mask`` ``[B, K]`` is False where an encoder is
+    missing for a sample (its input values are then ignored).
+    """
+
+    def __init__(self, spec: Spec, registry: Registry | None = None) -> None:
+        if registry is None:
+            registry = get_registry()
+        super().__init__(spec, list(enumerate(spec.encoders)), spec.gate, spec.fusion, registry)
+        self.spec = spec
+        self.labels: tuple[str, ...] = spec.labels
+        ctx = self._context
+        head_ctx = attrs.evolve(ctx, in_dim=self.fusion.out_dim)
+        self.heads = nn.ModuleDict({role: _build(registry, "head", c, f"heads.{role}", head_ctx) for role, c in spec.heads.items()})
+        self.combiner = _build(registry, "combiner", spec.combiner, "combiner", ctx)
+        self.decoder: Decoder = _build(registry, "decoder", spec.decoder, "decoder", ctx)
+
+    def forward(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        lengths: Mapping[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        self._check_inputs(inputs, lengths, mask)
+        tokens, selection, fused = self.encode(inputs, lengths, mask)
+        if mask is not None:
+            mask = mask.to(device=tokens.device, dtype=torch.bool)
+        logits = {role: head(fused) for role, head in self.heads.items()}
+        probs_by_role = {role: self.heads[role].probabilities(logit) for role, logit in logits.items()}
+        presence = probs_by_role.get("presence")
+        salience = probs_by_role.get("salience")
+        aux = {} if selection.balance_loss is None else {"gate_balance": selection.balance_loss}
+        return FusionOutput(
+            fused=fused, scores=selection.scores, kept=selection.kept, weights=selection.weights,
+            probs=self.combiner(presence, salience), presence=presence, salience=salience,
+            logits=logits, tokens=tokens, aux_losses=aux, mask=mask,
+            token_logits=None if self.token_head is None else self.token_head(tokens),
+        )
+
+    @torch.no_grad()
+    def predict(
+        self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> list[Prediction]:
+        """BlEmoRE predictions for a batch, with the model in eval mode and the stored decoder thresholds."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(inputs, lengths, mask)
+        finally:
+            self.train(was_training)
+        order, sal = self.decoder.decode(decoder_inputs(out))
+        return from_order(order, sal, self.labels)
+
+    def set_decoder(self, config: Any) -> None:
+        """Replace the decoder's thresholds (e.g. after fitting on validation data); the spec follows."""
+        self.decoder.config = config
+        self.spec = self.spec.replace(decoder=Component(self.spec.decoder.type, config))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per part of the model."""
+        out = super().parameter_counts()
+        for role, head in self.heads.items():
+            out[f"head:{role}"] = count_parameters(head)
+        out["combiner"] = count_parameters(self.combiner)
+        return out
+
+
+def count_parameters(m: nn.Module | nn.Parameter) -> int:
+    """Trainable parameters of a module (or one parameter)."""
+    params = [m] if isinstance(m, nn.Parameter) else list(m.parameters())
+    return sum(p.numel() for p in params if p.requires_grad)
+
+
+def decoder_inputs(out: FusionOutput) -> dict[str, np.ndarray]:
+    """The probabilities a decoder reads, as NumPy arrays."""
+    arrays = {"probs": out.probs}
+    if out.presence is not None:
+        arrays["presence"] = out.presence
+    if out.salience is not None:
+        arrays["salience"] = out.salience
+    return {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
+
+
+def _build(registry: Registry, kind: str, component: Component, path: str, ctx: BuildContext) -> Any:
+    reg = registry.get(kind, component.type)
+    try:
+        return reg.factory(component.config, ctx)
+    except FusionkitError:
+        raise
+    except Exception as exc:
+        raise FusionkitError(
+            f"{path}: building {kind} {component.type!r} ({reg.provider.describe()}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
