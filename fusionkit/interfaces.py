@@ -22,7 +22,7 @@ from torch import nn
 
 from fusionkit.answers import Prediction
 from fusionkit.config import non_negative, option, positive, unit_interval
-from fusionkit.selection import Selection, select_top_n, select_top_p, slot_count
+from fusionkit.selection import Selection, in_encoder_order, select_top_n, select_top_p, slot_count
 from fusionkit.spec import BLEMORE_LABELS
 
 __all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "restoring", "restoring_checkpoint",
@@ -174,6 +174,9 @@ class GateConfig:
     min_n: int = option(1, doc="Fewest encoders a sample keeps with top_p.", validator=positive)
     max_n: int = option(0, doc="Most encoders a sample keeps with top_p (0: all); also the fusion's slot count.",
                         validator=non_negative)
+    slot_order: Literal["rank", "fixed"] = option(
+        "rank", doc="rank: the fusion reads the kept encoders in rank order (the seed method); fixed: in the spec's "
+        "encoder order, a control that keeps selection and removes ranking.")
     residual_mean: bool = option(False, doc="Add a residual path: the mean of every available encoder token, "
                                             "projected and added to the fused vector beside the ranked slots.")
     temperature: float = option(1.0, doc="Softmax temperature of the weights over kept scores.", validator=positive)
@@ -222,9 +225,11 @@ class Gate(nn.Module):
         soft_tail = self.training and self.epoch < self.warmup_epochs
         if self.config.selection == "top_p":
             max_n = slot_count(self.config, scores.shape[1])
-            return select_top_p(scores, mask, self.config.top_p, min(self.config.min_n, max_n), max_n,
-                                self.temperature, soft_tail, self.balance_weight)
-        return select_top_n(scores, mask, self.top_n, self.temperature, soft_tail, self.balance_weight)
+            selection = select_top_p(scores, mask, self.config.top_p, min(self.config.min_n, max_n), max_n,
+                                     self.temperature, soft_tail, self.balance_weight)
+        else:
+            selection = select_top_n(scores, mask, self.top_n, self.temperature, soft_tail, self.balance_weight)
+        return in_encoder_order(selection) if self.config.slot_order == "fixed" else selection
 
 
 class Fusion(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["UCI_DIMS", "UCI_LABELS", "FUSION_TRAIN", "baseline", "naive", "best", "topn"]
+__all__ = ["UCI_DIMS", "UCI_LABELS", "FUSION_TRAIN", "baseline", "naive", "best", "topn", "controls"]
 
 UCI_DIMS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
 UCI_LABELS = ["d0", "d1", "d2", "d3", "d4", "d5"]
@@ -58,6 +58,29 @@ def best(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
     """The best rank-aware recipe of docs/benchmarks.md: top-p 0.9 (at least 2 encoders), rank_attention,
     and the residual mean path."""
     return topn(3, "rank_attention", seed=seed, dims=dims, selection="top_p", top_p=0.9, min_n=2, residual_mean=True)
+
+
+def controls(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, dict[str, Any]]:
+    """The best recipe and the controls that isolate what selection adds (docs/benchmarks.md#what-selection-buys).
+    Each control changes one thing of :func:`best`:
+
+    - ``keep all, rank order``: every encoder kept (top_n = K): the same gate, rank order, fusion and residual
+      path, no selection;
+    - ``keep all, fixed order``: every encoder kept, in the spec's order: neither selection nor ranking (the gate
+      still weighs the encoders);
+    - ``top-p, fixed order``: selection kept, ranking removed (the kept encoders in the spec's order);
+    - ``fusion alone, uniform gate``: every encoder with equal weights: the fusion module and residual path alone.
+    """
+    k = len(dims)
+    keep_all = {"selection": "top_n", "residual_mean": True}
+    return {
+        "best: top-p 0.9 (min 2), rank order": best(seed, dims),
+        "keep all, rank order": topn(k, "rank_attention", seed=seed, dims=dims, **keep_all),
+        "keep all, fixed order": topn(k, "rank_attention", seed=seed, dims=dims, slot_order="fixed", **keep_all),
+        "top-p 0.9 (min 2), fixed order": topn(3, "rank_attention", seed=seed, dims=dims, selection="top_p",
+                                               top_p=0.9, min_n=2, residual_mean=True, slot_order="fixed"),
+        "fusion alone, uniform gate": topn(k, "rank_attention", gate="uniform", seed=seed, dims=dims, **keep_all),
+    }
 
 
 def topn(n: int = 2, fusion: str = "rank_concat", gate: str = "attention", seed: int = 0,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Selection", "select_top_n", "select_top_p", "slot_count", "gather_slots"]
+__all__ = ["Selection", "select_top_n", "select_top_p", "slot_count", "gather_slots", "in_encoder_order"]
 
 
 @dataclass
@@ -120,6 +120,19 @@ def _balance_loss(masked: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, 
     counts = torch.zeros_like(probs).scatter_add_(1, kept.clamp_min(0), valid.to(probs.dtype))
     share = counts.sum(0) / valid.sum().clamp_min(1)
     return k * (share.detach() * probs.mean(0)).sum()
+
+
+def in_encoder_order(selection: Selection) -> Selection:
+    """The same encoders and weights, with the kept slots in the encoders' own (spec) order instead of rank
+    order, empty slots last: the control that removes ranking and keeps selection. During the soft warm-up
+    (a tail slot that mixes encoders) the selection stays in rank order."""
+    if selection.mix is not None:
+        return selection
+    k = selection.scores.shape[1]
+    position = torch.arange(selection.kept.shape[1], device=selection.kept.device)
+    order = torch.where(selection.kept >= 0, selection.kept, k + position).argsort(dim=1)
+    return Selection(selection.scores, selection.kept.gather(1, order), selection.weights.gather(1, order),
+                     selection.slot_mask.gather(1, order), None, selection.balance_loss)
 
 
 def slot_count(config: object, encoders: int) -> int:

@@ -45,12 +45,20 @@ class UciMfeatConfig:
     folds: int = option(5, doc="Number of group-disjoint folds.", validator=positive)
     blends_per_single: float = option(1.0, doc="Blends generated per single sample.", validator=non_negative)
     corrupt_fraction: float = option(0.0, doc="Share of samples whose encoders are corrupted.", validator=unit_interval)
-    corrupt_max: int = option(3, doc="A corrupted sample has 1..corrupt_max of its encoders corrupted.", validator=positive)
+    corrupt_min: int = option(1, doc="A corrupted sample has corrupt_min..corrupt_max of its encoders corrupted.",
+                              validator=positive)
+    corrupt_max: int = option(3, doc="A corrupted sample has corrupt_min..corrupt_max of its encoders corrupted.",
+                              validator=positive)
     corrupt_strength: float = option(1.0, doc="a in x' = (1 - a) x + a (mu + sigma * noise); 1 replaces x by noise.",
                                      validator=unit_interval)
     shift_groups: int = option(0, doc="Groups moved to a shifted target domain (0: no shift).", validator=non_negative)
     shift_strength: float = option(1.0, doc="Size of the target domain's per-encoder offsets, scale changes and noise.",
                                    validator=non_negative)
+    distractors: int = option(0, doc="Extra encoders x00, x01, ... beside the six real ones, that carry no signal "
+                                     "about the sample (they take the six views' sizes in turn).", validator=non_negative)
+    distractor_kind: Literal["noise", "shuffled"] = option(
+        "noise", doc="noise: Gaussian noise per sample; shuffled: a real view of another, random sample (real-looking "
+        "features that mislead).")
     seed: int = option(0, doc="Seed of every random choice.", validator=seed_range)
 
 
@@ -135,6 +143,7 @@ class UciMfeat(Dataset):
 
         features = {view: np.stack([sum(w * table[i] for i, w in src) for src in sources]) for view, table in views.items()}
         self._corrupt(features, rng)
+        self._distract(features, rng)
         self._shift(features, np.array([s.domain == "target" for s in samples]), rng)
         return samples, {k: v.astype(np.float32) for k, v in features.items()}
 
@@ -150,12 +159,24 @@ class UciMfeat(Dataset):
         hit = rng.random(n) < c.corrupt_fraction
         stats = {name: (x.mean(0), x.std(0)) for name, x in features.items()}  # of the clean data
         for row in np.flatnonzero(hit):
-            count = int(rng.integers(1, min(c.corrupt_max, len(names)) + 1))
+            count = int(rng.integers(min(c.corrupt_min, c.corrupt_max, len(names)), min(c.corrupt_max, len(names)) + 1))
             for name in rng.choice(names, size=count, replace=False):
                 x = features[name]
                 mu, sigma = stats[name]
                 noise = mu + sigma * rng.standard_normal(x.shape[1])
                 x[row] = (1 - c.corrupt_strength) * x[row] + c.corrupt_strength * noise
+
+    def _distract(self, features: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+        """``distractors`` extra encoders without signal: noise, or a real view of another random sample."""
+        c = self.config
+        real = [name for name in UCI_VIEWS if name in features]
+        n = len(features[real[0]])
+        for j in range(c.distractors):
+            view = features[real[j % len(real)]]
+            if c.distractor_kind == "noise":
+                features[f"x{j:02d}"] = rng.standard_normal(view.shape)
+            else:
+                features[f"x{j:02d}"] = view[rng.permutation(n)].copy()
 
     def _shift(self, features: dict[str, np.ndarray], target: np.ndarray, rng: np.random.Generator) -> None:
         """Target-domain recording conditions: per encoder, a scale change, an offset and extra noise."""
