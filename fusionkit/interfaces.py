@@ -219,7 +219,7 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> Selection:
-        scores = self.score(tokens, mask)
+        scores = self.score(tokens, mask).float()  # ranks and weights in float32 under any autocast
         if self.training and self.noise > 0:
             scores = scores + self.noise * torch.randn_like(scores)
         soft_tail = self.training and self.epoch < self.warmup_epochs

@@ -117,6 +117,11 @@ class TrainConfig:
     presence_weight: float = option(1.0, doc="Weight of the presence BCE loss.", validator=non_negative)
     schedule: Literal["cosine", "constant"] = option("cosine", doc="Learning-rate schedule after a linear warm-up.")
     warmup_fraction: float = option(0.05, doc="Share of the steps spent warming the learning rate up.", validator=unit_interval)
+    device: str = option("auto", doc="Where training runs: auto (CUDA when present, else the CPU), cpu, cuda or "
+                                     "cuda:K; under torchrun each rank uses its local GPU. --device overrides it.")
+    precision: Literal["32", "bf16", "16"] = option(
+        "32", doc="32: float32; bf16: bfloat16 autocast (GPUs since Ampere, and CPUs); 16: float16 autocast with a "
+        "gradient scaler (GPUs). Softmaxes, KLs, gate scores and per-domain statistics stay in float32.")
 
 
 @attrs.frozen(kw_only=True)

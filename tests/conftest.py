@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -11,6 +12,9 @@ import pytest
 from fusionkit import plugins
 
 ENV_VARS = ("FUSIONKIT_PLUGINS", "FUSIONKIT_DISABLE_PLUGINS", "FUSIONKIT_STRICT_PLUGINS")
+
+#: tests/gpu runs with `make test-gpu` (FUSIONKIT_GPU_TESTS=1) on a machine with a GPU, never in `make test`.
+collect_ignore = [] if os.environ.get("FUSIONKIT_GPU_TESTS") else ["gpu"]
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "fusionkit"
 #: Each module's layer; a module imports only modules of its own layer or a lower one.
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "hookspecs", "registry", "plugins", "config", "files", "yaml_reader", "moved",
-                     "progress"], 1),
+                     "progress", "devices"], 1),
     **dict.fromkeys(["interfaces", "pooling", "spec", "schema", "selection", "answers", "metrics", "checkpoint"], 2),
     **dict.fromkeys(["models", "data"], 3),
     **dict.fromkeys(["components"], 4),

@@ -27,6 +27,7 @@ import torch
 
 from fusionkit.data.raw import RawManifest, load_batches, read_manifest
 from fusionkit.data.store import check_store_target, write_store
+from fusionkit.devices import resolve_device
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.files import (
     atomic_write,
@@ -75,7 +76,7 @@ def provenance(spec: Spec, encoders: Mapping[str, LiveEncoder]) -> dict[str, dic
 
 
 def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: str | os.PathLike, *,
-            batch_size: int = 32, device: str = "cpu", workers: int = 2, shard_batches: int = 8,
+            batch_size: int = 32, device: str = "auto", workers: int = 2, shard_batches: int = 8,
             overwrite: bool = False, progress: bool = True, confine: str | os.PathLike | None = None) -> Path:
     """Extract the spec's live encoders over the manifest ``data`` into a feature store at ``out``.
 
@@ -90,7 +91,7 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
     if batch_size < 1 or shard_batches < 1 or workers < 0:
         raise FusionkitError(f"--batch-size and shard_batches must be >= 1 and --workers >= 0, found {batch_size}, "
                              f"{shard_batches} and {workers}")
-    device = _device(device)
+    device = resolve_device(device, "--device")
     manifest = read_manifest(data, spec.labels, confine)
     with torch.random.fork_rng(devices=[]):  # random initial weights follow train.seed; the caller's RNG is untouched
         torch.manual_seed(spec.train.seed)
@@ -136,7 +137,7 @@ def _extract_shards(manifest: RawManifest, encoders: Mapping[str, LiveEncoder], 
     batches = [rows[i: i + batch_size] for k in todo for rows in [shards[k]] for i in range(0, len(rows), batch_size)]
     pending: dict[int, list] = {}
     shard_of = {int(r): k for k in todo for r in shards[k]}
-    with torch.no_grad():
+    with torch.inference_mode():  # frozen backbones: no autograd bookkeeping at all
         for rows, inputs, lengths in load_batches(manifest, encoders, batches, workers):
             k = shard_of[rows[0]]
             pending.setdefault(k, []).append(_embed(encoders, inputs, lengths, device, manifest, rows))
@@ -144,16 +145,6 @@ def _extract_shards(manifest: RawManifest, encoders: Mapping[str, LiveEncoder], 
                 _write_shard(partial / _shard_name(k), pending.pop(k), manifest)
             bar.update(len(rows))
     bar.close()
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise FusionkitError(f"--device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FusionkitError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
 
 
 def _partial_dir(target: Path, identity: dict[str, Any]) -> Path:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fusionkit.answers import to_matrix
+from fusionkit.devices import device_of, to_device
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.files import apply_umask, check_replaceable, json_marker, write_directory
 from fusionkit.interfaces import DOMAINS, Sample  # noqa: F401 - their public home is interfaces
@@ -151,8 +152,11 @@ class FeatureStore:
         return inputs, lengths, mask
 
     def inputs_for(self, model: Any, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
-        """A model's inputs for the samples ``index``, pooling fixed sequences once per sample where the
-        model's encoders allow it (``model.precomputed_pooling()``)."""
+        """A model's inputs for the samples ``index``, on the model's device, pooling fixed sequences once per
+        sample where the model's encoders allow it (``model.precomputed_pooling()``)."""
+        return to_device(self._cpu_inputs(model, index), device_of(model))
+
+    def _cpu_inputs(self, model: Any, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
         pooled = model.precomputed_pooling() if hasattr(model, "precomputed_pooling") else None
         live = model.live_encoders() if hasattr(model, "live_encoders") else {}
         stored = [n for n in model.encoder_names if n not in live]

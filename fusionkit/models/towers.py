@@ -134,7 +134,7 @@ class TwoTowerModel(nn.Module):
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy over the similarity matrix ``scale · a bᵀ``; matching rows are the targets."""
-    logits = scale * a @ b.T
+    logits = (scale * a @ b.T).float()  # the softmax in float32 under any autocast
     target = torch.arange(len(a), device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 

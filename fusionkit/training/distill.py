@@ -34,6 +34,7 @@ from torch import nn
 
 from fusionkit.data.open import spec_store
 from fusionkit.data.store import FeatureStore
+from fusionkit.devices import device_of
 from fusionkit.errors import CheckpointError, DataError, FusionkitError
 from fusionkit.interfaces import DistillBatch as _DistillBatch
 from fusionkit.interfaces import DistillLoss as _DistillLoss
@@ -54,7 +55,7 @@ class DistillationObjective(ObjectiveTerm):
         super().__init__()
         assert spec.distill is not None
         self.model = [model]  # not a submodule: its parameters are the trainer's already
-        self.teacher = [load_teacher(spec.distill.teacher)]
+        self.teacher = [load_teacher(spec.distill.teacher).to(device_of(model))]  # with its cache, on the model's device
         teacher = self.teacher[0]
         self.two_tower = check_fits(teacher, model, spec.distill.teacher)
         self.shared = () if self.two_tower else tuple(n for n in model.encoder_names if n in teacher.encoder_names)

@@ -164,6 +164,14 @@ class RunDirectory:
                 FusionkitWarning, stacklevel=3,
             )
 
+    def note_device(self, device: str) -> None:
+        recorded = self.read().get("device")
+        if recorded is not None and recorded != device:
+            warnings.warn(
+                f"{self.path}: the run was started on {recorded}, it resumes on {device}; training continues from the "
+                "checkpoint, but results are no longer bit-identical to an uninterrupted run on one device.",
+                FusionkitWarning, stacklevel=3)
+
     # --- the log ----------------------------------------------------------------------------------
 
     def append_log(self, record: dict[str, Any]) -> None:

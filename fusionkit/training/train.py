@@ -34,6 +34,7 @@ from torch import nn
 from fusionkit.checkpoint import save_checkpoint
 from fusionkit.data.open import spec_store
 from fusionkit.data.store import FeatureStore
+from fusionkit.devices import device_name, resolve_device
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.files import atomic_write_text
 from fusionkit.models.factory import build_model, load_checkpoint
@@ -42,6 +43,7 @@ from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
 from fusionkit.training.distributed import Dist, setup, wrap
 from fusionkit.training.objective import ObjectiveTerm, TermFactory
+from fusionkit.training.precision import Precision
 from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint, teacher_fingerprint
 from fusionkit.training.tasks import task_for
 from fusionkit.training.terms import objective_terms
@@ -134,6 +136,8 @@ class Trainer:
         self.target_store = target_store
         self.overwrite = overwrite
         self.run = RunDirectory(self.out)
+        self.device = resolve_device(spec.train.device, "train.device", self.dist.local_rank if self.dist.enabled else None)
+        self.precision = Precision(spec.train.precision, self.device)
         self.task = task_for(spec, store, split, target_store)
         if self.dist.enabled and (spec.towers or spec.adaptation):
             raise FusionkitError("under torchrun, fusionkit trains fusion models without adaptation losses so far; "
@@ -196,7 +200,8 @@ class Trainer:
         model = build_model(self.spec)
         self.store.check_inputs(model)
         self.task.prepare(model)
-        terms = nn.ModuleList(make(model, self.store) for make in self.term_factories)
+        model.to(self.device)
+        terms = nn.ModuleList(make(model, self.store) for make in self.term_factories).to(self.device)
         params = [p for p in (*model.parameters(), *terms.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         total_steps = math.ceil(len(self.split.train) / train_cfg.batch_size) * train_cfg.epochs
@@ -240,17 +245,21 @@ class Trainer:
             state = self._restore(setup)
             if main:
                 self.run.note_threads(torch.get_num_threads())
-                self.run.update(status="running", error=None, world_size=self.dist.world_size)
+                self.run.note_device(str(self.device))
+                self.run.update(status="running", error=None, world_size=self.dist.world_size, **self._hardware())
         elif main:  # a new run, or one stopped before its first checkpoint: it starts from the beginning
             if resume:
                 self.run.check_same_run(self.identity)
             dump_spec(self.spec, self.out / "spec.yaml")
             self.run.start({**self.identity, "n_train": int(len(self.split.train)), "n_val": int(len(self.split.val)),
                             "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads(),
-                            "world_size": self.dist.world_size})
+                            "world_size": self.dist.world_size, **self._hardware()})
         if main:
             self.run.truncate_log(state["epoch"])
         return state
+
+    def _hardware(self) -> dict[str, str]:
+        return {"device": str(self.device), "device_name": device_name(self.device), "precision": self.spec.train.precision}
 
     def _train_epoch(self, setup: _Setup, epoch: int, state: dict[str, Any]) -> dict[str, Any]:
         """One pass over the training rows; returns the epoch's log record (mean losses, learning rate)."""
@@ -272,22 +281,20 @@ class Trainer:
         train_cfg, model, optimizer = self.spec.train, setup.model, setup.optimizer
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr * _lr_factor(state["step"], setup.total_steps, train_cfg)
-        out = setup.forward(*batch)
-        loss, parts = self.task.loss(model, out, local)
-        for term in setup.terms:
-            for name, value in term(out, local, state["step"] / max(1, setup.total_steps)).items():
-                loss = loss + value
-                parts[name] = float(value.detach())
+        with self.precision.autocast():
+            out = setup.forward(*batch)
+            loss, parts = self.task.loss(model, out, local)
+            for term in setup.terms:
+                for name, value in term(out, local, state["step"] / max(1, setup.total_steps)).items():
+                    loss = loss + value
+                    parts[name] = float(value.detach())
         # DDP averages over ranks: weight each rank by its share so the result is the mean over all
         # rows, as in one process (a stand-in row, see batches, weighs nothing)
         real = len(local) if self.dist.rank < len(rows) else 0
         if not torch.isfinite(loss):
             raise FusionkitError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr or check the features")
         optimizer.zero_grad(set_to_none=True)
-        (loss * self.dist.loss_scale(real, len(rows))).backward()
-        if train_cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(setup.params, train_cfg.grad_clip)
-        optimizer.step()
+        self.precision.step(loss * self.dist.loss_scale(real, len(rows)), optimizer, setup.params, train_cfg.grad_clip)
         self.task.after_step(model)
         state["step"] += 1
         return real, {"loss": float(loss.detach()), **parts}
@@ -352,7 +359,7 @@ class Trainer:
 
     def finish(self, state: dict[str, Any]) -> dict[str, Any]:
         """Evaluate the best model on validation and test data; write metrics.json."""
-        model, _, _ = load_checkpoint(self.out / "best")
+        model, _, _ = load_checkpoint(self.out / "best", device=self.device)
         metrics: dict[str, Any] = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
                                    "test_fold": self.split.test_fold, "val_fold": self.split.val_fold,
                                    **self.task.final(model, self.out)}
@@ -368,13 +375,13 @@ class Trainer:
         tensors["rng.shuffle"] = setup.shuffle.get_state()
         tensors.update({f"terms.{k}": v for k, v in setup.terms.state_dict().items()})
         save_checkpoint(setup.model, self.out / "last", extra_tensors=tensors,
-                        extra_metadata={"trainer": state, "param_groups": groups, "world_size": len(rng_states)})
+                        extra_metadata={"trainer": state, "param_groups": groups, "world_size": len(rng_states),
+                                        "scaler": self.precision.state_dict()})
 
     def _restore(self, setup: _Setup) -> dict[str, Any]:
         model, optimizer, shuffle, terms = setup.model, setup.optimizer, setup.shuffle, setup.terms
         saved, tensors, metadata = load_checkpoint(self.out / "last")
-        ignore = {"decoder": None}
-        diffs = spec_differences(saved.spec.to_dict() | ignore, self.spec.to_dict() | ignore)
+        diffs = spec_differences(_resumable(saved.spec), _resumable(self.spec))
         if diffs:
             raise CheckpointError(f"{self.out}: the run was started with a different spec ({'; '.join(diffs[:10])}); "
                                   "resume with the same spec")
@@ -386,6 +393,7 @@ class Trainer:
         if rank_key in tensors or "rng.torch" in tensors:  # "rng.torch": one state, as older runs saved it
             torch.set_rng_state(tensors.get(rank_key, tensors.get("rng.torch")))
         shuffle.set_state(tensors["rng.shuffle"])
+        self.precision.load_state_dict(metadata["extra"].get("scaler", {}))
         saved_world = metadata["extra"].get("world_size", 1)
         if saved_world != self.dist.world_size and self.dist.is_main:
             warnings.warn(
@@ -394,6 +402,15 @@ class Trainer:
                 "uninterrupted run's (each process's random state and share of every batch change). run.json records "
                 "the new world size.", FusionkitWarning, stacklevel=2)
         return dict(metadata["extra"]["trainer"])
+
+
+def _resumable(spec: Spec) -> dict[str, Any]:
+    """A spec as a resume compares it: the fitted decoder and the device may differ (a resume on another device
+    warns instead, see RunDirectory.note_device)."""
+    data = spec.to_dict()
+    data["decoder"] = None
+    data["train"] = {k: v for k, v in data["train"].items() if k != "device"}
+    return data
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
@@ -434,7 +451,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = None,
           resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
           overwrite: bool = False, raw: str | os.PathLike | None = None,
-          confine: str | os.PathLike | None = None) -> dict[str, Any]:
+          confine: str | os.PathLike | None = None, device: str | None = None) -> dict[str, Any]:
     """Train one model; see the module docstring for the folds and the run directory.
 
     With adaptation losses in the spec, unlabelled target batches come from ``target`` (a
@@ -442,13 +459,18 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
     Labelled target samples are evaluated ("target" in metrics.json), never trained on.
     Live encoders read their inputs from the manifest ``raw`` (or ``data`` is a manifest when
     every encoder is live; see docs/live-encoders.md); with ``confine``, every path in it must resolve
-    inside that folder.
+    inside that folder. ``device`` (auto, cpu, cuda, cuda:K) overrides the spec's ``train.device``.
     ``out`` must be new, empty, or (with ``resume`` or ``overwrite``) a fusionkit run directory.
     """
-    spec = load_spec(spec)
+    spec = on_device(load_spec(spec), device)
     store = spec_store(spec, data, raw, confine)
     target_store = spec_store(spec, target) if target is not None else None
     return _train_opened(spec, store, target_store, data, out, fold, resume, progress, overwrite)
+
+
+def on_device(spec: Spec, device: str | None) -> Spec:
+    """``spec`` with ``train.device`` set to ``device`` (``--device``), or unchanged for None."""
+    return spec if device is None else attrs.evolve(spec, train=attrs.evolve(spec.train, device=device))
 
 
 def _train_opened(spec: Spec, store: FeatureStore, target_store: FeatureStore | None, data: str | os.PathLike,
@@ -464,14 +486,14 @@ def _train_opened(spec: Spec, store: FeatureStore, target_store: FeatureStore | 
 def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
                    resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
                    overwrite: bool = False, jobs: int = 1, raw: str | os.PathLike | None = None,
-                   confine: str | os.PathLike | None = None) -> dict[str, Any]:
+                   confine: str | os.PathLike | None = None, device: str | None = None) -> dict[str, Any]:
     """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std.
 
     ``RUN/foldK`` is fold K's run directory. With ``resume``, finished folds are read back and
     the others continue (or start). ``jobs`` > 1 trains that many folds at a time, each in its
     own process (the cores are shared out among them).
     """
-    spec = load_spec(spec)
+    spec = on_device(load_spec(spec), device)
     store = spec_store(spec, data, raw, confine)
     folds = sorted(int(f) for f in np.unique(store.folds[store.select(labelled=True, domain="source")]) if f >= 0)
     root = RunDirectory(out, fmt=CV_FORMAT)
