@@ -302,13 +302,16 @@ DOMAINS = ("source", "target")
 
 @attrs.frozen
 class Sample:
-    """One sample's record in the index. ``labels`` is None for unlabelled samples."""
+    """One sample's record in the index. ``labels`` is None for unlabelled samples. ``corrupted`` names the
+    encoders whose features a dataset corrupted on purpose (benchmarks), so that reports can show whether the
+    gate keeps them less."""
 
     id: str
     labels: Prediction | None = None
     group: str = ""
     fold: int = -1
     domain: str = "source"
+    corrupted: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
 # --- adaptation losses --------------------------------------------------------------------------------

@@ -50,6 +50,23 @@ def _learning_curves(plt, log: list[dict], best_epoch: int, keys: tuple[str, ...
     plt.close(fig)
 
 
+def _keep_rates(plt, rates: dict[str, dict[str, float | None]], path: Path) -> None:
+    """Per encoder, how often the gate keeps it on clean samples and on samples where it was corrupted."""
+    names = list(rates)
+    kinds = [k for k in ("clean", "corrupted") if any(r[k] is not None for r in rates.values())
+             and any(rates[n]["corrupted"] is not None for n in names)] or ["all"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(names) * len(kinds)), 3.5))
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        ax.bar(np.arange(len(names)) + i * width, [_number(rates[n][kind]) for n in names], width, label=kind)
+    ax.set_xticks(np.arange(len(names)) + width * (len(kinds) - 1) / 2, names, rotation=45, fontsize=7)
+    ax.set(ylim=(0, 1), ylabel="share of samples keeping it", title="Gate: keep rate per encoder")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _retrieval_report(plt, run: Path, out: Path, metrics: dict) -> Path:
     """A two-tower run: retrieval in each direction, beside the learning curves."""
     splits = [s for s in ("val", "test") if s in metrics]
@@ -122,6 +139,10 @@ def write_report(run: str | Path) -> Path:
     _heatmap(plt, share, labels, encoders, "How often each encoder is kept, per true label", out / "kept_per_label.png",
              fmt="{:.2f}", xlabel="encoder", ylabel="true label")
 
+    rates = metrics[split].get("keep_rates")
+    if rates:
+        _keep_rates(plt, rates, out / "keep_rates.png")
+
     conf = np.zeros((len(labels), len(labels)))
     for r in preds.values():
         for t in r["truth"]:
@@ -161,6 +182,10 @@ def write_report(run: str | Path) -> Path:
     lines += ["", f"Per-label F1 ({split}): " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_label_f1"].items())]
     if "presence_map" in m:
         lines.append(f"Presence mAP ({split}): {m['presence_map']:.3f}")
+    if rates:
+        lines += ["", "Keep rate per encoder (clean / corrupted samples): " + ", ".join(
+            f"{n} {format_metric(r['clean'], '.2f')} / {format_metric(r['corrupted'], '.2f')}" for n, r in rates.items()),
+            "", "![keep rates](keep_rates.png)"]
     lines += ["", "![learning curves](learning_curves.png)", "![kept per label](kept_per_label.png)",
               "![presence confusion](presence_confusion.png)", "![salience confusion](salience_confusion.png)"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -79,3 +79,32 @@ def test_bad_regime_options_are_refused(bad, uci_source, tmp_path):
 
     with pytest.raises(SpecError):
         build_dataset("uci-mfeat", {"source": uci_source, **bad}, tmp_path / "x")
+
+
+def test_the_gate_diagnostics_split_keep_rates_by_corruption(uci_source, tmp_path):
+    """Item 3: per encoder, the keep rate on clean against corrupted samples, in metrics.json and the report."""
+    import json
+
+    from fusionkit import recipes
+    from fusionkit.components.datasets import build_dataset
+    from fusionkit.data.store import open_store
+    from fusionkit.report import write_report
+    from fusionkit.training.train import train
+
+    store = build_dataset("uci-mfeat", {"source": uci_source, "corrupt_fraction": 0.5, "blends_per_single": 0.2},
+                          tmp_path / "store")
+    opened = open_store(store)
+    hit = [s for s in opened.samples if s.corrupted]
+    assert 0.4 < len(hit) / len(opened.samples) < 0.6 and all(1 <= len(s.corrupted) <= 3 for s in hit)
+    index = json.loads((store / "index.json").read_text())["samples"]
+    assert sum("corrupted" in r for r in index) == len(hit)  # written only where there is something to say
+    spec = recipes.best()
+    spec["train"] = {**spec["train"], "epochs": 3}
+    metrics = train(spec, store, tmp_path / "run", fold=0, progress=False)
+    rates = metrics["test"]["keep_rates"]
+    assert set(rates) == set(recipes.UCI_DIMS)
+    for r in rates.values():
+        assert all(0.0 <= r[k] <= 1.0 for k in ("all", "clean", "corrupted"))
+    write_report(tmp_path / "run")
+    assert (tmp_path / "run" / "report" / "keep_rates.png").stat().st_size > 1000
+    assert "Keep rate per encoder (clean / corrupted samples)" in (tmp_path / "run" / "report" / "summary.md").read_text()

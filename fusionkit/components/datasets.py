@@ -142,7 +142,8 @@ class UciMfeat(Dataset):
             made += 1
 
         features = {view: np.stack([sum(w * table[i] for i, w in src) for src in sources]) for view, table in views.items()}
-        self._corrupt(features, rng)
+        hit = self._corrupt(features, rng)
+        samples = [attrs.evolve(s, corrupted=hit[row]) if row in hit else s for row, s in enumerate(samples)]
         self._distract(features, rng)
         self._shift(features, np.array([s.domain == "target" for s in samples]), rng)
         return samples, {k: v.astype(np.float32) for k, v in features.items()}
@@ -152,19 +153,24 @@ class UciMfeat(Dataset):
         return Sample(id=sid, labels=truth, group=f"g{g:02d}", fold=int(fold_of_group[g]),
                       domain="target" if g in shifted else "source")
 
-    def _corrupt(self, features: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+    def _corrupt(self, features: dict[str, np.ndarray], rng: np.random.Generator) -> dict[int, tuple[str, ...]]:
+        """Corrupt encoders of a share of the samples; returns row -> the names of its corrupted encoders."""
         c = self.config
+        corrupted: dict[int, tuple[str, ...]] = {}
         n = len(next(iter(features.values())))
         names = list(features)
         hit = rng.random(n) < c.corrupt_fraction
         stats = {name: (x.mean(0), x.std(0)) for name, x in features.items()}  # of the clean data
         for row in np.flatnonzero(hit):
             count = int(rng.integers(min(c.corrupt_min, c.corrupt_max, len(names)), min(c.corrupt_max, len(names)) + 1))
-            for name in rng.choice(names, size=count, replace=False):
+            chosen = rng.choice(names, size=count, replace=False)
+            for name in chosen:
                 x = features[name]
                 mu, sigma = stats[name]
                 noise = mu + sigma * rng.standard_normal(x.shape[1])
                 x[row] = (1 - c.corrupt_strength) * x[row] + c.corrupt_strength * noise
+            corrupted[int(row)] = tuple(sorted(str(name) for name in chosen))
+        return corrupted
 
     def _distract(self, features: dict[str, np.ndarray], rng: np.random.Generator) -> None:
         """``distractors`` extra encoders without signal: noise, or a real view of another random sample."""

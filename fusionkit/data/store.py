@@ -305,7 +305,11 @@ def sample_from_record(rec: Any, i: int, where: Any, labels: tuple[str, ...]) ->
         why = _prediction_problem(answer, labels)
         if why:
             raise DataError(f"{where}: sample {sid!r}: labels {why}")
-    return Sample(id=sid, labels=answer, group=rec.get("group", ""), fold=fold, domain=rec.get("domain", "source"))
+    corrupted = rec.get("corrupted", [])
+    if not isinstance(corrupted, (list, tuple)) or not all(isinstance(name, str) for name in corrupted):
+        raise DataError(f"{where}: sample {sid!r}: 'corrupted' must be a list of encoder names, found {corrupted!r}")
+    return Sample(id=sid, labels=answer, group=rec.get("group", ""), fold=fold, domain=rec.get("domain", "source"),
+                  corrupted=corrupted)
 
 
 def _prediction_problem(answer: Any, labels: Sequence[str]) -> str | None:
@@ -437,7 +441,7 @@ def write_store(
                 enc_index[name]["provenance"] = dict(provenance[name])
         index = {
             "format": STORE_FORMAT, "version": STORE_VERSION, "labels": list(labels), "encoders": enc_index,
-            "samples": [attrs.asdict(s) for s in samples],
+            "samples": [attrs.asdict(s, filter=lambda a, v: a.name != "corrupted" or bool(v)) for s in samples],
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
         _check_index(index, tmp / INDEX_FILE)

@@ -31,8 +31,9 @@ from fusionkit.training.distributed import Dist
 from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 
-__all__ = ["collect_outputs", "evaluate_outputs", "kept_counts", "predictions_for", "write_predictions", "Task",
-           "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class", "task_for"]
+__all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "kept_counts", "predictions_for",
+           "write_predictions", "Task", "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class",
+           "task_for"]
 
 
 @torch.no_grad()
@@ -104,6 +105,26 @@ def kept_counts(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.nd
     for j, label in enumerate(model.labels):
         rows = kept[truth[:, j] > 0]
         out[label] = {name: int((rows == k).sum()) for k, name in enumerate(model.encoder_names)}
+    return out
+
+
+def keep_rates(model: FusionModel, outputs: dict[str, np.ndarray], store: FeatureStore,
+               index: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """Per encoder, the share of samples that keep it (of those where it is available): over all samples, and
+    apart on the samples where a dataset corrupted it and those where it is clean (None without such samples).
+    A gate that does its job keeps an encoder less where it is corrupted."""
+    kept = outputs["kept"]
+    out: dict[str, dict[str, float | None]] = {}
+    for k, name in enumerate(model.encoder_names):
+        chosen = (kept == k).any(axis=1)
+        available = store.encoders[name].available[index] if name in store.encoders else np.ones(len(index), bool)
+        hit = np.array([name in store.samples[i].corrupted for i in index], dtype=bool)
+
+        def rate(rows: np.ndarray) -> float | None:
+            rows = rows & available
+            return float(chosen[rows].mean()) if rows.any() else None
+
+        out[name] = {"all": rate(np.ones(len(index), bool)), "clean": rate(~hit), "corrupted": rate(hit)}
     return out
 
 
@@ -194,6 +215,7 @@ class ClassificationTask(Task):
                                           domain="target" if name == "target" and self.target_store else None)
                 metrics[name] = evaluate_outputs(model, outputs, truth)
                 metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
+                metrics[name]["keep_rates"] = keep_rates(model, outputs, store, index)
                 used = (outputs["kept"] >= 0).sum(1)
                 metrics[name]["encoders_used"] = {"mean": float(used.mean()),
                                                   "histogram": {str(int(n)): int((used == n).sum()) for n in np.unique(used)}}
