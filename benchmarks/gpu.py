@@ -124,6 +124,24 @@ def extraction(device: torch.device, short: bool, workers: int) -> dict:
             "samples_per_s": n / pipeline_s, "bare_samples_per_s": n / bare_s, "overhead": pipeline_s / bare_s - 1}
 
 
+def fine_tuning(device: torch.device, source: str, epochs: int = 2) -> dict:
+    """End-to-end training of the live benchmark's small timm CNN on the UCI pix images: samples/s."""
+    from live import CNN, pix_images
+
+    from fusionkit import recipes
+    from fusionkit.training.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, manifest = pix_images(source, Path(tmp))
+        spec = {"labels": recipes.UCI_LABELS, "neutral": "d5", "encoders": [CNN], "gate": {"type": "uniform", "top_n": 1},
+                "fusion": {"type": "weighted_sum"}, "train": {"epochs": epochs, "batch_size": 64, "patience": epochs}}
+        started = time.perf_counter()
+        train(spec, manifest, Path(tmp) / "run", fold=0, progress=False, device=str(device))
+        seconds = time.perf_counter() - started
+        trained = json.loads((Path(tmp) / "run" / "run.json").read_text())["n_train"]
+    return {"model": CNN["model"], "epochs": epochs, "samples_per_s": epochs * trained / seconds}
+
+
 def uci_seconds(device: torch.device, source: str) -> dict:
     from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
@@ -154,6 +172,7 @@ def main() -> None:
             "training_step": training_step(device, dim, batches, repeats),
             "extraction": extraction(device, args.short, 0 if args.short else args.workers)}
     if not args.short:
+        data["fine_tuning"] = fine_tuning(device, args.source)
         data["uci_recipe_seconds"] = uci_seconds(device, args.source)
     step_rows = [[r["precision"], r["batch"], f"{r['samples_per_s']:,.0f}", f"{r['step_ms']:.2f}",
                   f"{r['bare_gemm_ms']:.2f}", f"{r['fraction_of_bare_gemm']:.0%}"] for r in data["training_step"]]
@@ -167,6 +186,9 @@ def main() -> None:
              "", f"Extraction ({ex['model']}, {ex['size']}x{ex['size']}, {ex['workers']} workers): "
              f"{ex['samples_per_s']:.1f} samples/s against {ex['bare_samples_per_s']:.1f} for the bare forward "
              f"({ex['overhead']:+.0%})."]
+    if "fine_tuning" in data:
+        lines += ["", f"End-to-end fine-tuning ({data['fine_tuning']['model']} on UCI pix images, with validation): "
+                  f"{data['fine_tuning']['samples_per_s']:.0f} training samples/s."]
     if "uci_recipe_seconds" in data:
         lines += ["", "UCI quality recipe, seconds per run: " + ", ".join(
             f"{k} {v:.1f}" for k, v in data["uci_recipe_seconds"].items())]

