@@ -1,9 +1,9 @@
 """bf16 against float32 on the quality recipe: does mixed precision keep the Score?
 
 The best recipe (``fusionkit.recipes.best``) on clean UCI blends, 5 folds x 3 seeds, trained with
-``train.precision: bf16`` (autocast on this machine's device); the float32 runs are the quality
-benchmark's own runs of the same recipe (benchmarks/results/quality-runs.jsonl). The differences are
-paired by fold and seed.
+``train.precision: bf16`` (autocast on this machine's device); the float32 runs are the selection
+benchmark's runs of the same recipe on the same data, with the same code (benchmarks/results/selection-runs.jsonl;
+run benchmarks/selection.py first). The differences are paired by fold and seed.
 
     .venv/bin/python benchmarks/precision.py --source ../shared/data/uci-mfeat --workers 2
 """
@@ -16,17 +16,17 @@ import numpy as np
 from grid import grid_parser, load_cache, mean_std, run_grid
 from report import RESULTS, machine, markdown_table, write
 
-SYSTEM = "top-p 0.9 (min 2) attention gate, rank_attention + residual mean"  # the quality benchmark's name of best()
+SYSTEM = "best: top-p 0.9 (min 2), rank order"  # the selection benchmark's name of recipes.best()
 
 
 def main() -> None:
-    args = grid_parser(__doc__, "runs/benchmark-quality").parse_args()
+    args = grid_parser(__doc__, "runs/benchmark-selection").parse_args()
     from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
 
-    store = Path(args.work) / "store-clean"
+    store = Path(args.work) / "store-0"  # the selection benchmark's clean store
     if not (store / "index.json").exists():
-        build_dataset("uci-mfeat", {"source": args.source, "corrupt_fraction": 0.0, "seed": 0}, store, overwrite=True)
+        build_dataset("uci-mfeat", {"source": args.source, "seed": 0}, store, overwrite=True)
     jobs = []
     for seed in range(args.seeds):
         for fold in range(args.folds):
@@ -35,7 +35,7 @@ def main() -> None:
             jobs.append({"setting": "clean", "system": "bf16", "fold": fold, "seed": seed, "store": str(store),
                          "spec": spec})
     bf16 = run_grid(jobs, RESULTS / "precision-runs.jsonl", args.workers)
-    fp32 = {k: r for k, r in load_cache(RESULTS / "quality-runs.jsonl").items() if k[0] == "clean" and k[1] == SYSTEM}
+    fp32 = {k: r for k, r in load_cache(RESULTS / "selection-runs.jsonl").items() if k[0] == "clean" and k[1] == SYSTEM}
     pairs = [(fp32[("clean", SYSTEM, f, s)], r) for (_, _, f, s), r in bf16.items()
              if ("clean", SYSTEM, f, s) in fp32 and "error" not in r and f < args.folds and s < args.seeds]
     diffs = np.array([100 * (b["test"]["score"] - a["test"]["score"]) for a, b in pairs])
@@ -47,9 +47,9 @@ def main() -> None:
             for name, v in stats.items()]
     section = "\n".join([
         "## Mixed precision: bf16 against float32", "",
-        "`.venv/bin/python benchmarks/precision.py --source ../shared/data/uci-mfeat --workers 2`: the best recipe on "
-        f"clean UCI blends, {len(pairs)} paired runs (folds × seeds), bf16 autocast on the CPU against the quality "
-        "benchmark's float32 runs of the same recipe.", "",
+        "`.venv/bin/python benchmarks/precision.py --source ../shared/data/uci-mfeat --workers 2` (after "
+        f"benchmarks/selection.py): the best recipe on clean UCI blends, {len(pairs)} paired runs (folds × seeds), "
+        "bf16 autocast on the CPU against float32 runs of the same recipe, data and code.", "",
         markdown_table(["precision", "test Score", "runs", "s / run"], rows), "",
         f"bf16 − float32: {diffs.mean():+.2f} ± {diffs.std():.2f} Score points (paired over fold and seed)."])
     write("precision", data, section)

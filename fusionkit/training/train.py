@@ -39,6 +39,7 @@ from fusionkit.errors import CheckpointError, DataError, FusionkitError, Fusionk
 from fusionkit.files import atomic_write_text
 from fusionkit.models.factory import build_model, load_checkpoint
 from fusionkit.models.fusion import FusionModel
+from fusionkit.moved import moved_names
 from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
 from fusionkit.training.distributed import Dist, setup, wrap
@@ -49,9 +50,6 @@ from fusionkit.training.tasks import task_for
 from fusionkit.training.terms import objective_terms
 
 __all__ = ["Split", "make_split", "Trainer", "prefetch", "train", "cross_validate", "summarize_folds"]
-
-#: An objective term's factory: ``make(model, store)`` -> a module returning named losses.
-
 
 @attrs.define
 class _Setup:
@@ -539,3 +537,7 @@ def summarize_folds(per_fold: dict[int, dict[str, Any]]) -> dict[str, dict[str, 
         out[key] = {"mean": float(known.mean()) if len(known) else None,
                     "std": float(known.std()) if len(known) else None, "values": values}
     return out
+
+
+__getattr__ = moved_names(__name__, {"fit_standardization": "fusionkit.training.statistics",
+                                     "estimate_domain_statistics": "fusionkit.training.statistics"})
