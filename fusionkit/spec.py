@@ -133,6 +133,9 @@ class ContrastiveConfig:
     max_scale: float = option(100.0, doc="The logit scale is clamped to at most ln(max_scale) after each step.",
                               validator=positive)
     learn_scale: bool = option(True, doc="Learn the logit scale (else it stays at its initial value).")
+    local_loss: bool = option(False, doc="Under torchrun: each rank scores its own rows against every rank's "
+                                         "columns, instead of the whole global similarity matrix (less memory at "
+                                         "large world sizes, the same gradient). Without torchrun it changes nothing.")
 
 
 @attrs.frozen

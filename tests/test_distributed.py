@@ -176,3 +176,62 @@ def test_the_batch_source_prefetches_in_order_and_passes_errors_on():
         next(out)
     assert all(name.startswith("fusionkit-batches") for name in threads)
     assert list(prefetch(make, [])) == []
+
+
+# --- issue 20: two-tower models with negatives from every rank ---------------------------------------------------
+
+
+def pair_store_for(root):
+    import numpy as np
+
+    from fusionkit.data.store import Sample, write_store
+
+    rng = np.random.default_rng(0)
+    n = 200
+    latent = rng.normal(size=(n, 6))
+    views = {"img": latent @ rng.normal(size=(6, 10)) + 0.3 * rng.normal(size=(n, 10)),
+             "txt": latent @ rng.normal(size=(6, 7)) + 0.3 * rng.normal(size=(n, 7))}
+    samples = [Sample(id=f"s{i}", labels=[{"emotion": "a", "salience": 100.0}], group=f"g{i % 12}", fold=i % 12 % 4)
+               for i in range(n)]
+    return write_store(root / "pairs", ["a", "b"], samples, views)
+
+
+def tower_ddp_spec(local_loss: bool) -> dict:
+    """Two towers, no dropout (its random draws differ between one process and two); batches of 33 of the 100
+    training rows: two processes hold 17 and 16 rows (unequal shares in the gathers), and in the last batch of
+    one row the second process holds only a stand-in row that weighs nothing."""
+    return {"labels": ["a", "b"], "neutral": None, "latent_dim": 16,
+            "encoders": [{"name": "img", "type": "features", "dim": 10}, {"name": "txt", "type": "features", "dim": 7}],
+            "projector": {"dropout": 0.0},
+            "towers": {"a": {"encoders": ["img"], "embed_dim": 8}, "b": {"encoders": ["txt"], "embed_dim": 8}},
+            "contrastive": {"local_loss": local_loss},
+            "train": {"epochs": 3, "batch_size": 33, "lr": 3e-3, "seed": 0}}
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_two_tower_training_on_two_processes_equals_one(local_loss, tmp_path):
+    """The CLIP loss sees the global batch (every rank's embeddings gathered, gradients through each rank's own
+    rows), or with local_loss each rank's rows against every column: either way 2 processes = 1 process."""
+    store = pair_store_for(tmp_path)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tower_ddp_spec(local_loss)))
+    torch.set_num_threads(1)
+    try:
+        one = train(tmp_path / "spec.yaml", store, tmp_path / "one", fold=0, progress=False)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    proc = torchrun("-m", "fusionkit", "train", tmp_path / "spec.yaml", "--data", store, "--out", tmp_path / "two",
+                    "--fold", 0, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert close(two, one)
+    a, b = load_model(tmp_path / "one" / "best").state_dict(), load_model(tmp_path / "two" / "best").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    losses = [[json.loads(x)["clip"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert close(losses[0], losses[1])
+
+
+def test_gather_rows_without_torchrun_is_the_identity():
+    x = torch.randn(3, 4, requires_grad=True)
+    gathered, offset = Dist().gather_rows(x)
+    assert gathered is x and offset == 0

@@ -27,7 +27,7 @@ from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
 from fusionkit.spec import Spec, TowerSpec
 
-__all__ = ["TwoTowerOutput", "Tower", "TwoTowerModel", "clip_loss", "retrieval_metrics"]
+__all__ = ["local_clip_loss", "TwoTowerOutput", "Tower", "TwoTowerModel", "clip_loss", "retrieval_metrics"]
 
 
 @dataclass
@@ -137,6 +137,15 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Te
     logits = (scale * a @ b.T).float()  # the softmax in float32 under any autocast
     target = torch.arange(len(a), device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def local_clip_loss(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor, offset: int,
+                    scale: torch.Tensor) -> torch.Tensor:
+    """:func:`clip_loss` of one rank's rows ``a``, ``b`` against every rank's columns ``all_b``, ``all_a`` (its rows
+    start at ``offset`` in them): the rows' share of the global loss, averaged over the rank's rows."""
+    target = torch.arange(offset, offset + len(a), device=a.device)
+    return 0.5 * (F.cross_entropy((scale * a @ all_b.T).float(), target) +
+                  F.cross_entropy((scale * b @ all_a.T).float(), target))
 
 
 def retrieval_metrics(a: np.ndarray, b: np.ndarray, classes: np.ndarray | None = None,

@@ -81,6 +81,25 @@ class Dist:
         dist.all_gather_object(parts, value)
         return parts
 
+    def gather_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every rank's rows of ``x`` (ranks may hold different numbers), concatenated in rank order on every rank,
+        and where this rank's rows start in it. Gradients flow back to each rank's own rows: a loss computed on the
+        gathered rows by every rank gives each rank the gradient of its rows summed over ranks, so the global batch
+        trains as in one process (open_clip's ``gather_with_grad``). Without torchrun: ``(x, 0)``."""
+        if not self.enabled:
+            return x, 0
+        import torch.distributed as dist
+
+        count = torch.tensor([len(x)], device=x.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+        top = max(sizes)
+        padded = torch.cat([x, x.new_zeros(top - len(x), *x.shape[1:])]) if len(x) < top else x
+        gathered = _GatherRows.apply(padded, self.rank, self.world_size)
+        keep = torch.cat([torch.arange(r * top, r * top + n, device=x.device) for r, n in enumerate(sizes)])
+        return gathered.index_select(0, keep), sum(sizes[: self.rank])
+
     def sum(self, values: Mapping[str, float]) -> dict[str, float]:
         """``values`` summed over ranks (every rank must pass the same keys)."""
         if not self.enabled:
@@ -118,6 +137,28 @@ class Dist:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal-sized row blocks whose backward sums every rank's gradient and returns this rank's block
+    (all_reduce, which gloo supports, where NCCL would reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = rank, len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
 
 
 def setup(backend: str | None = None, timeout_s: float = 1800) -> Dist:

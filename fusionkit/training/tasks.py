@@ -25,7 +25,7 @@ from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
 from fusionkit.models.fusion import FusionModel, decoder_inputs
-from fusionkit.models.towers import clip_loss, retrieval_metrics
+from fusionkit.models.towers import clip_loss, local_clip_loss, retrieval_metrics
 from fusionkit.spec import Spec
 from fusionkit.training.distributed import Dist
 from fusionkit.training.losses import supervised_loss
@@ -148,11 +148,28 @@ def write_predictions(path: Path, model: FusionModel, store: FeatureStore, index
     atomic_write_text(path, json.dumps(rows) + "\n")
 
 
-class Task:
-    """What every task does alike: standardise the model's inputs on the training rows before training."""
+@attrs.frozen
+class Losses:
+    """A training step's losses: ``local`` is a mean over this rank's rows (the trainer weighs it by the rank's
+    share of the global batch), ``shared`` is computed over the gathered global batch, the same on every rank
+    (added as it is); ``parts`` names every term for the log."""
 
-    def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
+    local: torch.Tensor
+    shared: torch.Tensor | float
+    parts: dict[str, float]
+
+
+class Task:
+    """What every task does alike: standardise the model's inputs on the training rows before training.
+
+    ``loss(model, out, rows, real)`` returns :class:`Losses` for a batch: ``rows`` are this rank's rows, the
+    first ``real`` of them its own (under torchrun a rank left without rows gets a stand-in row that weighs
+    nothing)."""
+
+    def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None,
+                 dist: Dist | None = None) -> None:
         self.spec, self.store, self.split, self.target_store = spec, store, split, target_store
+        self.dist = dist or Dist()
 
     def prepare(self, model: Any) -> None:
         """Before training: ``data.standardize`` fits each encoder's input statistics on the training rows."""
@@ -181,13 +198,16 @@ class ClassificationTask(Task):
         return (f"ACC_presence {metrics['acc_presence']:.3f}  ACC_salience {format_metric(metrics['acc_salience'])}  "
                 f"Score {metrics['score']:.3f}  (n={metrics['n']})")
 
-    def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None) -> None:
-        super().__init__(spec, store, split, target_store)
+    def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None,
+                 dist: Dist | None = None) -> None:
+        super().__init__(spec, store, split, target_store, dist)
         self.target = torch.as_tensor(store.truth_matrix(split.train) / 100.0, dtype=torch.float32)
         self.position = {int(i): r for r, i in enumerate(split.train)}
 
-    def loss(self, model: FusionModel, out: Any, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        return supervised_loss(out, self.target[[self.position[int(i)] for i in rows]], self.spec.train, model)
+    def loss(self, model: FusionModel, out: Any, rows: np.ndarray, real: int) -> Losses:
+        loss, parts = supervised_loss(out, self.target[[self.position[int(i)] for i in rows]].to(out.probs.device),
+                                      self.spec.train, model)
+        return Losses(loss, 0.0, parts)
 
     def after_step(self, model: FusionModel) -> None:
         pass
@@ -240,10 +260,25 @@ class ContrastiveTask(Task):
     def summary(metrics: dict[str, Any]) -> str:
         return f"R@1 {metrics['r1']:.3f}  R@5 {metrics['r5']:.3f}  (n={int(metrics['n'])})"
 
-    def loss(self, model: Any, out: Any, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        a, b = (out.embeddings[name] for name in model.tower_names)
-        parts = {"clip": clip_loss(a, b, out.scale), **out.aux_losses}
-        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+    def loss(self, model: Any, out: Any, rows: np.ndarray, real: int) -> Losses:
+        """The CLIP loss over the global batch: every rank's embeddings gathered, with gradients through each
+        rank's own rows (``contrastive.local_loss``: this rank's rows against every column)."""
+        a, b = (out.embeddings[name][:real] for name in model.tower_names)
+        all_a, offset = self.dist.gather_rows(a)
+        all_b, _ = self.dist.gather_rows(b)
+        aux = sum(out.aux_losses.values()) if out.aux_losses else 0.0
+        parts = {k: float(v.detach()) for k, v in out.aux_losses.items()}
+        if self.dist.enabled and self.spec.contrastive.local_loss:
+            if real:
+                clip = local_clip_loss(a, b, all_a, all_b, offset, out.scale)
+            else:  # a stand-in row: the same computation (every rank's backward meets the same collectives), no weight
+                stand_a, stand_b = (out.embeddings[name][:1] for name in model.tower_names)
+                clip = 0.0 * local_clip_loss(stand_a, stand_b, all_a, all_b, 0, out.scale)
+            parts["clip"] = float(clip.detach())
+            return Losses(clip + aux, 0.0, parts)
+        clip = clip_loss(all_a, all_b, out.scale)
+        parts["clip"] = float(clip.detach())
+        return Losses(aux if torch.is_tensor(aux) else clip.new_zeros(()), clip, parts)
 
     def after_step(self, model: Any) -> None:
         model.clamp_scale()
@@ -276,6 +311,7 @@ def task_class(spec: Spec) -> type[ClassificationTask] | type[ContrastiveTask]:
     return ContrastiveTask if spec.task == "contrastive" else ClassificationTask
 
 
-def task_for(spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None):
-    """The task a spec describes, for training on ``split`` of ``store``."""
-    return task_class(spec)(spec, store, split, target_store)
+def task_for(spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None,
+             dist: Dist | None = None):
+    """The task a spec describes, for training on ``split`` of ``store`` (on the ranks of ``dist``)."""
+    return task_class(spec)(spec, store, split, target_store, dist)

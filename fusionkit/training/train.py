@@ -136,10 +136,10 @@ class Trainer:
         self.run = RunDirectory(self.out)
         self.device = resolve_device(spec.train.device, "train.device", self.dist.local_rank if self.dist.enabled else None)
         self.precision = Precision(spec.train.precision, self.device)
-        self.task = task_for(spec, store, split, target_store)
-        if self.dist.enabled and (spec.towers or spec.adaptation):
-            raise FusionkitError("under torchrun, fusionkit trains fusion models without adaptation losses so far; "
-                                 "train two-tower models and adaptation in one process (see docs/scaling.md)")
+        self.task = task_for(spec, store, split, target_store, self.dist)
+        if self.dist.enabled and spec.adaptation:
+            raise FusionkitError("under torchrun, fusionkit trains without adaptation losses so far; train adaptation "
+                                 "in one process (see docs/scaling.md)")
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
 
@@ -279,23 +279,25 @@ class Trainer:
         train_cfg, model, optimizer = self.spec.train, setup.model, setup.optimizer
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr * _lr_factor(state["step"], setup.total_steps, train_cfg)
+        real = len(local) if self.dist.rank < len(rows) else 0  # a stand-in row (see batches) is not the rank's own
         with self.precision.autocast():
             out = setup.forward(*batch)
-            loss, parts = self.task.loss(model, out, local)
+            losses = self.task.loss(model, out, local, real)
+            loss, parts = losses.local, losses.parts
             for term in setup.terms:
                 for name, value in term(out, local, state["step"] / max(1, setup.total_steps)).items():
                     loss = loss + value
                     parts[name] = float(value.detach())
-        # DDP averages over ranks: weight each rank by its share so the result is the mean over all
-        # rows, as in one process (a stand-in row, see batches, weighs nothing)
-        real = len(local) if self.dist.rank < len(rows) else 0
-        if not torch.isfinite(loss):
-            raise FusionkitError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr or check the features")
+        # DDP averages over ranks: a local mean is weighted by the rank's share, so that the result is the mean over
+        # all rows, as in one process; a loss over the gathered global batch is the same on every rank and is not
+        total = loss * self.dist.loss_scale(real, len(rows)) + losses.shared
+        if not torch.isfinite(total):
+            raise FusionkitError(f"epoch {epoch}: the loss became {float(total)}; lower train.lr or check the features")
         optimizer.zero_grad(set_to_none=True)
-        self.precision.step(loss * self.dist.loss_scale(real, len(rows)), optimizer, setup.params, train_cfg.grad_clip)
+        self.precision.step(total, optimizer, setup.params, train_cfg.grad_clip)
         self.task.after_step(model)
         state["step"] += 1
-        return real, {"loss": float(loss.detach()), **parts}
+        return real, {"loss": float((loss + losses.shared).detach()), **parts}
 
     def _end_epoch(self, setup: _Setup, state: dict[str, Any], record: dict[str, Any]) -> None:
         """The epoch's log line, then ``last/`` (after a kill between the two, resume drops the line and redoes
