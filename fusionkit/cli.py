@@ -126,8 +126,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     args.interrupt_hint = f"the extraction is resumable: run the same command again (partial: {args.out}.partial)"
     out = extract(args.spec, args.data, args.out, batch_size=args.batch_size, device=args.device, workers=args.workers,
-                  overwrite=args.overwrite, progress=not args.quiet, confine=args.confine)
-    print(f"feature store written to {out}")
+                  overwrite=args.overwrite, progress=not args.quiet, confine=args.confine,
+                  shard_batches=args.shard_batches)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(f"feature store written to {out}")
     return 0
 
 
@@ -374,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="STORE", help="feature store to write (new, empty, or with "
                    "--overwrite a fusionkit store); an interrupted extraction resumes when run again")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="samples per forward pass (default 32)")
+    p.add_argument("--shard-batches", type=int, default=8, metavar="N", help="batches per shard: the unit a killed "
+                   "extraction resumes from, and that torchrun ranks share out (default 8)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--workers", type=int, default=2, metavar="N", help="data-loader processes reading and "
                    "preprocessing the files (default 2; 0: in this process)")

@@ -17,7 +17,7 @@ from conftest import tiny_spec
 
 from fusionkit.models.factory import load_model
 from fusionkit.spec import load_spec
-from fusionkit.training.distributed import Dist, unused_parameters_possible
+from fusionkit.distributed import Dist, unused_parameters_possible
 from fusionkit.training.train import train
 
 
@@ -235,3 +235,55 @@ def test_gather_rows_without_torchrun_is_the_identity():
     x = torch.randn(3, 4, requires_grad=True)
     gathered, offset = Dist().gather_rows(x)
     assert gathered is x and offset == 0
+
+
+# --- issue 20: extraction sharded over ranks -------------------------------------------------------------------
+
+
+def test_extraction_on_two_processes_is_byte_identical_and_resumes_from_one(tmp_path, monkeypatch):
+    """Each rank extracts its share of the shards and rank 0 assembles one store: the same bytes as a 1-process
+    extraction, also when it resumes a 1-process extraction that was killed."""
+    import numpy as np
+    from PIL import Image
+
+    import fusionkit.data.extract as extract_module
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = ["id,labels,img"]
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (16, 15), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"s{i:02d},{'ab'[i % 2]},img/{i}.png")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    spec = {"labels": ["a", "b"], "encoders": [{"name": "img", "type": "timm", "model": "test_resnet", "in_chans": 1,
+                                                "img_size": [32, 32], "crop_pct": 1.0}],
+            "gate": {"type": "uniform", "top_n": 1}, "fusion": {"type": "weighted_sum"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    options = dict(batch_size=3, shard_batches=1, workers=0, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's processes here: float results are bitwise equal at one thread count
+    extract_module.extract(spec, tmp_path / "m.csv", tmp_path / "one", **options)
+
+    real, written = extract_module._write_shard, []
+
+    def killed_after_three(*args):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(1)
+        real(*args)
+
+    monkeypatch.setattr(extract_module, "_write_shard", killed_after_three)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract_module.extract(spec, tmp_path / "m.csv", tmp_path / "two", **options)
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)
+    assert len(list((tmp_path / "two.partial").glob("shard-*"))) == 3
+    proc = torchrun("-m", "fusionkit", "extract", tmp_path / "spec.yaml", "--data", tmp_path / "m.csv", "--out",
+                    tmp_path / "two", "--batch-size", 3, "--shard-batches", 1, "--workers", 0, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("feature store written") == 1
+    one = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*") if p.is_file()}
+    two = {p.relative_to(tmp_path / "two"): p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()}
+    assert one == two and not (tmp_path / "two.partial").exists()

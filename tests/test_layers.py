@@ -15,7 +15,8 @@ PACKAGE = ROOT / "fusionkit"
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "hookspecs", "registry", "plugins", "config", "files", "yaml_reader", "moved",
                      "progress", "devices"], 1),
-    **dict.fromkeys(["interfaces", "pooling", "spec", "schema", "selection", "answers", "metrics", "checkpoint"], 2),
+    **dict.fromkeys(["interfaces", "pooling", "spec", "schema", "selection", "answers", "metrics", "checkpoint",
+                     "distributed"], 2),
     **dict.fromkeys(["models", "data"], 3),
     **dict.fromkeys(["components"], 4),
     **dict.fromkeys(["training"], 5),

@@ -14,6 +14,7 @@ options, the model, the SHA-256 of its weights (as loaded) and its preprocessing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import torch
 from fusionkit.data.raw import RawManifest, load_batches, read_manifest
 from fusionkit.data.store import check_store_target, write_store
 from fusionkit.devices import resolve_device
+from fusionkit.distributed import Dist, setup
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.files import (
     atomic_write,
@@ -91,7 +93,8 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
     if batch_size < 1 or shard_batches < 1 or workers < 0:
         raise FusionkitError(f"--batch-size and shard_batches must be >= 1 and --workers >= 0, found {batch_size}, "
                              f"{shard_batches} and {workers}")
-    device = resolve_device(device, "--device")
+    dist = setup()  # under torchrun: every rank extracts its share of the shards, rank 0 assembles the store
+    device = resolve_device(device, "--device", dist.local_rank if dist.enabled else None)
     manifest = read_manifest(data, spec.labels, confine)
     with torch.random.fork_rng(devices=[]):  # random initial weights follow train.seed; the caller's RNG is untouched
         torch.manual_seed(spec.train.seed)
@@ -105,20 +108,28 @@ def extract(spec: Spec | Mapping[str, Any] | str, data: str | os.PathLike, out: 
     identity = {"manifest": str(Path(data).resolve()), "manifest_sha256": manifest.fingerprint(),
                 "batch_size": batch_size, "shard_batches": shard_batches, "device": device.type,
                 "provenance": provenance(spec, encoders)}
-    partial = _partial_dir(target, identity)
-    with exclusive_lock(partial, "extraction", f"Wait for that extraction into {target} to end, or choose another --out."):
-        remove_temporaries(partial)
-        try:  # again: an extraction that held the lock may have written the store meanwhile
-            check_store_target(target, overwrite)
-        except FusionkitError:
-            if not any(partial.glob("shard-*")):
-                shutil.rmtree(partial)  # made by this call a moment ago, and empty
-            raise
-        _extract_shards(manifest, encoders, partial, batch_size, shard_batches, device, workers, progress)
-        features = _assemble(partial, _shards(len(manifest), batch_size * shard_batches), list(encoders), manifest)
-        write_store(target, spec.labels, manifest.samples, features, overwrite=True, provenance=identity["provenance"])
-        if is_partial(partial):
-            shutil.rmtree(partial)
+    partial = _partial_dir(target, identity) if dist.is_main else target.parent / f"{target.name}.partial"
+    busy = f"Wait for that extraction into {target} to end, or choose another --out."
+    with exclusive_lock(partial, "extraction", busy) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:
+            remove_temporaries(partial)
+            try:  # again: an extraction that held the lock may have written the store meanwhile
+                check_store_target(target, overwrite)
+            except FusionkitError:
+                if not any(partial.glob("shard-*")):
+                    shutil.rmtree(partial)  # made by this call a moment ago, and empty
+                raise
+        dist.barrier()  # rank 0 holds the partial folder's lock and has cleaned it
+        _extract_shards(manifest, encoders, partial, batch_size, shard_batches, device, workers,
+                        progress and dist.is_main, dist)
+        dist.barrier()  # every shard is written
+        if dist.is_main:
+            features = _assemble(partial, _shards(len(manifest), batch_size * shard_batches), list(encoders), manifest)
+            write_store(target, spec.labels, manifest.samples, features, overwrite=True,
+                        provenance=identity["provenance"])
+            if is_partial(partial):
+                shutil.rmtree(partial)
+    dist.close()
     return target
 
 
@@ -128,12 +139,13 @@ def _shards(n: int, shard_rows: int) -> list[np.ndarray]:
 
 
 def _extract_shards(manifest: RawManifest, encoders: Mapping[str, LiveEncoder], partial: Path, batch_size: int,
-                    shard_batches: int, device: torch.device, workers: int, progress: bool) -> None:
-    """Write every shard not yet in ``partial``."""
+                    shard_batches: int, device: torch.device, workers: int, progress: bool, dist: Dist) -> None:
+    """Write every shard of this rank (shard k belongs to rank k mod world size) not yet in ``partial``."""
     shards = _shards(len(manifest), batch_size * shard_batches)
-    todo = [k for k in range(len(shards)) if not (partial / _shard_name(k)).is_file()]
-    bar = progress_bar(enabled=progress, desc="extract", unit="sample", total=len(manifest),
-                       initial=len(manifest) - sum(len(shards[k]) for k in todo))
+    todo = [k for k in range(len(shards)) if k % dist.world_size == dist.rank and not (partial / _shard_name(k)).is_file()]
+    mine = sum(len(rows) for k, rows in enumerate(shards) if k % dist.world_size == dist.rank)
+    bar = progress_bar(enabled=progress, desc="extract", unit="sample", total=mine,
+                       initial=mine - sum(len(shards[k]) for k in todo))
     batches = [rows[i: i + batch_size] for k in todo for rows in [shards[k]] for i in range(0, len(rows), batch_size)]
     pending: dict[int, list] = {}
     shard_of = {int(r): k for k in todo for r in shards[k]}

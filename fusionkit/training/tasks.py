@@ -27,7 +27,7 @@ from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_
 from fusionkit.models.fusion import FusionModel, decoder_inputs
 from fusionkit.models.towers import clip_loss, local_clip_loss, retrieval_metrics
 from fusionkit.spec import Spec
-from fusionkit.training.distributed import Dist
+from fusionkit.distributed import Dist
 from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 

@@ -42,7 +42,7 @@ from fusionkit.models.fusion import FusionModel
 from fusionkit.moved import moved_names
 from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
-from fusionkit.training.distributed import Dist, setup, wrap
+from fusionkit.distributed import Dist, setup, wrap
 from fusionkit.training.objective import ObjectiveTerm, TermFactory
 from fusionkit.training.precision import Precision
 from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint, teacher_fingerprint

@@ -1,0 +1,213 @@
+"""Scale-out on torchrun + DistributedDataParallel: the pieces, for the trainer and for your own loop.
+
+fusionkit launches nothing itself: ``torchrun`` starts the processes and sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` reads
+them. The helpers never own the loop:
+
+- :func:`setup` joins the process group (gloo on CPU, NCCL on GPU) and returns a
+  :class:`Dist` (``world_size`` 1 and no process group when not launched by torchrun);
+- :func:`wrap` wraps a model in DDP with ``find_unused_parameters`` derived from its spec;
+- :meth:`Dist.shard` gives this rank's rows of a global batch, :meth:`Dist.loss_scale` the
+  factor that makes DDP's gradient average equal the single-process gradient;
+- :meth:`Dist.gather` reassembles per-rank outputs in the original row order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+
+from fusionkit.selection import slot_count
+
+__all__ = ["Dist", "setup", "unused_parameters_possible", "wrap"]
+
+
+@attrs.frozen
+class Dist:
+    """Where this process stands: its rank among ``world_size`` processes, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints, logs and metrics."""
+        return self.rank == 0
+
+    def shard(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's rows of a global batch (every ``world_size``-th, from ``rank``)."""
+        return rows[self.rank :: self.world_size]
+
+    def loss_scale(self, local: int, total: int) -> float:
+        """Multiply the local mean loss by this so that DDP's average over ranks is the mean over all ``total``
+        rows, also when ranks hold unequal shares (the last batch of an epoch)."""
+        return local * self.world_size / total if self.enabled else 1.0
+
+    def gather(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every rank's ``arrays`` (rows from :meth:`shard`) reassembled in the original row order, on every rank."""
+        if not self.enabled:
+            return dict(arrays)
+        parts = self.all_gather_object(dict(arrays))
+        out = {}
+        for key in arrays:
+            pieces = [p[key] for p in parts]
+            total = sum(len(p) for p in pieces)
+            merged = np.empty((total, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+            for r, piece in enumerate(pieces):
+                merged[r :: self.world_size] = piece
+            out[key] = merged
+        return out
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, value)
+        return parts
+
+    def gather_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every rank's rows of ``x`` (ranks may hold different numbers), concatenated in rank order on every rank,
+        and where this rank's rows start in it. Gradients flow back to each rank's own rows: a loss computed on the
+        gathered rows by every rank gives each rank the gradient of its rows summed over ranks, so the global batch
+        trains as in one process (open_clip's ``gather_with_grad``). Without torchrun: ``(x, 0)``."""
+        if not self.enabled:
+            return x, 0
+        import torch.distributed as dist
+
+        count = torch.tensor([len(x)], device=x.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+        top = max(sizes)
+        padded = torch.cat([x, x.new_zeros(top - len(x), *x.shape[1:])]) if len(x) < top else x
+        gathered = _GatherRows.apply(padded, self.rank, self.world_size)
+        keep = torch.cat([torch.arange(r * top, r * top + n, device=x.device) for r, n in enumerate(sizes)])
+        return gathered.index_select(0, keep), sum(sizes[: self.rank])
+
+    def sum(self, values: Mapping[str, float]) -> dict[str, float]:
+        """``values`` summed over ranks (every rank must pass the same keys)."""
+        if not self.enabled:
+            return dict(values)
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        total = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(total)
+        return dict(zip(keys, total.tolist()))
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group once every rank is done (before the process exits: a process group
+        still open at exit can abort the interpreter while the other ranks shut down)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal-sized row blocks whose backward sums every rank's gradient and returns this rank's block
+    (all_reduce, which gloo supports, where NCCL would reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = rank, len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
+
+
+def setup(backend: str | None = None, timeout_s: float = 1800) -> Dist:
+    """Join the process group that torchrun describes in the environment (once per process).
+
+    Without torchrun (no ``WORLD_SIZE`` above 1) it returns a single-process :class:`Dist`.
+    The backend is NCCL when CUDA is available, else gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    device = "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return Dist(rank, world, local, device)
+
+
+def unused_parameters_possible(spec: Any, missing_encoders: bool = False) -> bool:
+    """Can a training step leave some parameters without gradient? (DDP's ``find_unused_parameters``)
+
+    Hard top-n routing keeps ``top_n`` of K encoders per sample; an encoder no sample of a
+    batch keeps gets no gradient through the fusion. Only an attention gate (whose scores of
+    kept encoders depend on every token) or rank supervision (every token predicts the labels)
+    reaches every projector anyway. A missing encoder (masked) is never used. ``static_graph``
+    is wrong here for the same reason: which parameters are used changes from step to step.
+    """
+    gates = [spec.gate] if not spec.towers else [t.gate for t in spec.towers.values()]
+    counts = [len(spec.encoders)] if not spec.towers else [len(t.encoders) for t in spec.towers.values()]
+    for gate, k in zip(gates, counts):
+        selective = slot_count(gate.config, k) < k or getattr(gate.config, "selection", "top_n") == "top_p"
+        if selective and gate.type != "attention" and not gate.config.supervision:
+            return True
+    return missing_encoders
+
+
+def wrap(model: nn.Module, dist: Dist, missing_encoders: bool = False) -> nn.Module:
+    """``model`` in DistributedDataParallel with the right flags (unchanged when not distributed)."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    model.to(dist.device)
+    return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
+                                   find_unused_parameters=unused_parameters_possible(model.spec, missing_encoders))
