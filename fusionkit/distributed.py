@@ -100,6 +100,31 @@ class Dist:
         keep = torch.cat([torch.arange(r * top, r * top + n, device=x.device) for r, n in enumerate(sizes)])
         return gathered.index_select(0, keep), sum(sizes[: self.rank])
 
+    def gather_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``x`` (this rank's :meth:`shard` of a global batch) in the global batch's own order,
+        with gradients as :meth:`gather_rows`: what a loss over the batch would see in one process."""
+        if not self.enabled:
+            return x
+        gathered, offset = self.gather_rows(x)
+        import torch.distributed as dist
+
+        counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+        starts = np.cumsum([0] + [int(c) for c in counts])[:-1]
+        order = [int(starts[p % self.world_size]) + p // self.world_size for p in range(len(gathered))]
+        return gathered.index_select(0, torch.as_tensor(order, device=x.device))
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over ranks (parameters outside DDP, such as an objective term's)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)
+            p.grad = grad / self.world_size
+
     def sum(self, values: Mapping[str, float]) -> dict[str, float]:
         """``values`` summed over ranks (every rank must pass the same keys)."""
         if not self.enabled:

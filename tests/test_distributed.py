@@ -287,3 +287,29 @@ def test_extraction_on_two_processes_is_byte_identical_and_resumes_from_one(tmp_
     one = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*") if p.is_file()}
     two = {p.relative_to(tmp_path / "two"): p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()}
     assert one == two and not (tmp_path / "two.partial").exists()
+
+
+def test_distillation_of_towers_on_two_processes_equals_one(tmp_path):
+    """CLIP-RD (its preset) and RKD on the gathered global batch: the teacher's cache covers every row, the
+    relational losses see the batch one process sees, and the losses' own parameters (the learned scales, the
+    projection) average over ranks: 2 processes = 1 process."""
+    store = pair_store_for(tmp_path)
+    teacher = tower_ddp_spec(False)
+    teacher["latent_dim"], teacher["towers"]["a"]["embed_dim"], teacher["towers"]["b"]["embed_dim"] = 32, 16, 16
+    train(teacher, store, tmp_path / "teacher", fold=0, progress=False)
+    student = {**tower_ddp_spec(False),
+               "distill": {"teacher": str(tmp_path / "teacher" / "best"), "preset": "clip-rd",
+                           "losses": [{"type": "rkd", "angle_samples": 8}]}}
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(student))
+    torch.set_num_threads(1)
+    try:
+        one = train(tmp_path / "student.yaml", store, tmp_path / "one", fold=0, progress=False)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    proc = torchrun("-m", "fusionkit", "train", tmp_path / "student.yaml", "--data", store, "--out", tmp_path / "two",
+                    "--fold", 0, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert close(json.loads((tmp_path / "two" / "metrics.json").read_text()), one)
+    logs = [[json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    for key in ("distill_vrd", "distill_xrd", "distill_rkd", "distill_icl", "distill_fd", "clip"):
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key

@@ -174,8 +174,11 @@ class ICL(DistillLoss):
 
 def _rkd_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     def normalised(x):
-        d = torch.cdist(x, x)
-        return d / d[d > 0].mean().clamp_min(1e-12)
+        # exact distances (the matrix-product shortcut leaves rounding noise on the diagonal), divided by the mean
+        # distance between different samples; a batch of one sample has none, and no relation to keep
+        d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+        off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+        return d / d[off].mean().clamp_min(1e-12) if off.any() else d
 
     return F.smooth_l1_loss(normalised(s), normalised(t))
 

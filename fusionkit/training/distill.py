@@ -35,6 +35,7 @@ from torch import nn
 from fusionkit.data.open import spec_store
 from fusionkit.data.store import FeatureStore
 from fusionkit.devices import device_of
+from fusionkit.distributed import Dist
 from fusionkit.errors import CheckpointError, DataError, FusionkitError
 from fusionkit.interfaces import DistillBatch as _DistillBatch
 from fusionkit.interfaces import DistillLoss as _DistillLoss
@@ -51,14 +52,16 @@ from fusionkit.training.objective import ObjectiveTerm
 class DistillationObjective(ObjectiveTerm):
     """Adds the spec's distillation losses against a frozen, cached teacher (a trainer term)."""
 
-    def __init__(self, model: nn.Module, store: FeatureStore, spec: Spec) -> None:
+    def __init__(self, model: nn.Module, store: FeatureStore, spec: Spec, dist: Dist | None = None) -> None:
         super().__init__()
+        self.dist = dist or Dist()
+        self.shared = self.dist.enabled  # under torchrun the losses see the gathered global batch
         assert spec.distill is not None
         self.model = [model]  # not a submodule: its parameters are the trainer's already
         self.teacher = [load_teacher(spec.distill.teacher).to(device_of(model))]  # with its cache, on the model's device
         teacher = self.teacher[0]
         self.two_tower = check_fits(teacher, model, spec.distill.teacher)
-        self.shared = () if self.two_tower else tuple(n for n in model.encoder_names if n in teacher.encoder_names)
+        self.shared_encoders = () if self.two_tower else tuple(n for n in model.encoder_names if n in teacher.encoder_names)
         registry = get_registry()
         self.names: list[str] = []
         losses = []
@@ -75,10 +78,10 @@ class DistillationObjective(ObjectiveTerm):
         if loss.needs == "logits" and self.two_tower:
             raise FusionkitError(f"{path}: {name!r} distils label probabilities; a two-tower model has none. "
                                  "Use it with fusion models, or choose fd, crd, icl, rkd, vrd or xrd.")
-        if loss.needs == "pairs" and not self.two_tower and len(self.shared) < 2:
+        if loss.needs == "pairs" and not self.two_tower and len(self.shared_encoders) < 2:
             raise FusionkitError(
                 f"{path}: {name!r} compares pairs of modalities, here the encoders both teacher and student have, "
-                f"but they share {list(self.shared)}; give the student two or more of the teacher's encoders."
+                f"but they share {list(self.shared_encoders)}; give the student two or more of the teacher's encoders."
             )
 
     def _projections(self, model: nn.Module, teacher: nn.Module) -> dict[str, nn.Linear]:
@@ -91,7 +94,7 @@ class DistillationObjective(ObjectiveTerm):
             return out
         if model.fusion.out_dim != teacher.fusion.out_dim:
             out["view_fused"] = nn.Linear(model.fusion.out_dim, teacher.fusion.out_dim, bias=False)
-        if self.shared and model.spec.latent_dim != teacher.spec.latent_dim:
+        if self.shared_encoders and model.spec.latent_dim != teacher.spec.latent_dim:
             out["tokens"] = nn.Linear(model.spec.latent_dim, teacher.spec.latent_dim, bias=False)
         return out
 
@@ -99,19 +102,22 @@ class DistillationObjective(ObjectiveTerm):
         return F.normalize(self.projections[key](x) if key in self.projections else x, dim=-1)
 
     def batch(self, out: Any, rows: np.ndarray) -> _DistillBatch:
-        """The paired student / teacher embeddings of one training batch."""
+        """The paired student / teacher embeddings of one training batch: this rank's ``rows``, and under torchrun
+        every rank's, gathered in the global batch's order (gradients through this rank's own rows), so that the
+        relational losses see the batch one process would."""
         idx = torch.as_tensor(rows, dtype=torch.long)
-        cache = self.cache
+        n, cache, gather = len(rows), self.cache, self.dist.gather_batch
         if self.two_tower:
-            views = {name: (self._project(f"view_{name}", emb), cache[f"tower.{name}"][idx])
+            views = {name: (gather(self._project(f"view_{name}", emb[:n])), gather(cache[f"tower.{name}"][idx]))
                      for name, emb in out.embeddings.items()}
             return _DistillBatch(views, views, scale_s=out.scale, scale_t=cache["scale"])
         model, teacher = self.model[0], self.teacher[0]
-        views = {"fused": (self._project("view_fused", out.fused), F.normalize(cache["fused"][idx], dim=-1))}
-        modalities = {name: (self._project("tokens", out.tokens[:, model.encoder_names.index(name)]),
-                             F.normalize(cache["tokens"][idx, teacher.encoder_names.index(name)], dim=-1))
-                      for name in self.shared}
-        logits = {role: (out.logits[role], cache[f"logits.{role}"][idx], model.heads[role].activation)
+        views = {"fused": (gather(self._project("view_fused", out.fused[:n])),
+                           gather(F.normalize(cache["fused"][idx], dim=-1)))}
+        modalities = {name: (gather(self._project("tokens", out.tokens[:n, model.encoder_names.index(name)])),
+                             gather(F.normalize(cache["tokens"][idx, teacher.encoder_names.index(name)], dim=-1)))
+                      for name in self.shared_encoders}
+        logits = {role: (gather(out.logits[role][:n]), gather(cache[f"logits.{role}"][idx]), model.heads[role].activation)
                   for role in out.logits if f"logits.{role}" in cache}
         return _DistillBatch(views, modalities, logits)
 
@@ -174,11 +180,11 @@ def teacher_outputs(teacher: nn.Module, store: FeatureStore, where: str, batch_s
     return cache
 
 
-def distillation_term(spec: Spec):
+def distillation_term(spec: Spec, dist: Dist | None = None):
     """The trainer's term factory for a spec with a ``distill`` block."""
 
     def make(model: nn.Module, store: FeatureStore) -> DistillationObjective:
-        return DistillationObjective(model, store, spec)
+        return DistillationObjective(model, store, spec, dist)
 
     return make
 

@@ -25,7 +25,13 @@ __all__ = ["ObjectiveTerm", "TermFactory"]
 
 
 class ObjectiveTerm(nn.Module):
-    """A term of the training objective beside the task's own loss (see the module docstring)."""
+    """A term of the training objective beside the task's own loss (see the module docstring).
+
+    ``rows`` are this rank's own rows of the batch (``out`` may hold one more, a stand-in that weighs nothing).
+    A term whose losses are computed over the gathered global batch (the same on every rank) sets ``shared``;
+    otherwise its losses are means over this rank's rows."""
+
+    shared: bool = False
 
     def forward(self, out: Any, rows: np.ndarray, progress: float) -> dict[str, torch.Tensor]:
         return {}

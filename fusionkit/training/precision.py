@@ -10,6 +10,7 @@ themselves, so they stay exact under any precision.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,10 +34,13 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list, clip: float) -> None:
-        """Backward, clip (on unscaled gradients) and step; a float16 step whose gradients overflowed is skipped
-        and the scale lowered, as the scaler does."""
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list, clip: float,
+             after_backward: Callable[[], None] | None = None) -> None:
+        """Backward, ``after_backward`` (e.g. averaging gradients over ranks), clip (on unscaled gradients) and step;
+        a float16 step whose gradients overflowed is skipped and the scale lowered, as the scaler does."""
         self.scaler.scale(loss).backward()
+        if after_backward is not None:
+            after_backward()
         if clip:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, clip)

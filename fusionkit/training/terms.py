@@ -5,6 +5,7 @@ branch per feature."""
 from __future__ import annotations
 
 from fusionkit.data.store import FeatureStore
+from fusionkit.distributed import Dist
 from fusionkit.spec import Spec
 from fusionkit.training.adaptation import adaptation_loss_factory
 from fusionkit.training.distill import distillation_term
@@ -14,13 +15,14 @@ from fusionkit.training.statistics import DomainStatistics
 __all__ = ["objective_terms"]
 
 
-def objective_terms(spec: Spec, target_store: FeatureStore | None = None) -> list[TermFactory]:
-    """Factories of the terms the spec asks for: per-domain statistics, adaptation losses, distillation."""
+def objective_terms(spec: Spec, target_store: FeatureStore | None = None, dist: Dist | None = None) -> list[TermFactory]:
+    """Factories of the terms the spec asks for: per-domain statistics, adaptation losses, distillation (on the ranks
+    of ``dist``)."""
     terms: list[TermFactory] = []
     if spec.data.standardize_per_domain or spec.projector.domain_norm:
         terms.append(lambda model, store: DomainStatistics(model, store, spec, target_store))
     if spec.adaptation:
         terms.append(adaptation_loss_factory(spec, target_store))
     if spec.distill:
-        terms.append(distillation_term(spec))
+        terms.append(distillation_term(spec, dist))
     return terms

@@ -130,7 +130,7 @@ class Trainer:
         self.split = split
         self.progress = progress
         self.data_path = data_path or str(store.path)
-        self.term_factories = list(terms) if terms is not None else objective_terms(spec, target_store)
+        self.term_factories = list(terms) if terms is not None else objective_terms(spec, target_store, self.dist)
         self.target_store = target_store
         self.overwrite = overwrite
         self.run = RunDirectory(self.out)
@@ -284,20 +284,26 @@ class Trainer:
             out = setup.forward(*batch)
             losses = self.task.loss(model, out, local, real)
             loss, parts = losses.local, losses.parts
+            shared = losses.shared
             for term in setup.terms:
-                for name, value in term(out, local, state["step"] / max(1, setup.total_steps)).items():
-                    loss = loss + value
+                for name, value in term(out, local[:real], state["step"] / max(1, setup.total_steps)).items():
+                    if term.shared:
+                        shared = shared + value
+                    else:
+                        loss = loss + value
                     parts[name] = float(value.detach())
         # DDP averages over ranks: a local mean is weighted by the rank's share, so that the result is the mean over
         # all rows, as in one process; a loss over the gathered global batch is the same on every rank and is not
-        total = loss * self.dist.loss_scale(real, len(rows)) + losses.shared
+        total = loss * self.dist.loss_scale(real, len(rows)) + shared
         if not torch.isfinite(total):
             raise FusionkitError(f"epoch {epoch}: the loss became {float(total)}; lower train.lr or check the features")
         optimizer.zero_grad(set_to_none=True)
-        self.precision.step(total, optimizer, setup.params, train_cfg.grad_clip)
+        term_params = [p for p in setup.terms.parameters() if p.requires_grad]  # outside DDP: averaged here
+        self.precision.step(total, optimizer, setup.params, train_cfg.grad_clip,
+                            lambda: self.dist.average_gradients(term_params))
         self.task.after_step(model)
         state["step"] += 1
-        return real, {"loss": float((loss + losses.shared).detach()), **parts}
+        return real, {"loss": float((loss + shared).detach()), **parts}
 
     def _end_epoch(self, setup: _Setup, state: dict[str, Any], record: dict[str, Any]) -> None:
         """The epoch's log line, then ``last/`` (after a kill between the two, resume drops the line and redoes
