@@ -313,3 +313,24 @@ def test_distillation_of_towers_on_two_processes_equals_one(tmp_path):
     logs = [[json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
     for key in ("distill_vrd", "distill_xrd", "distill_rkd", "distill_icl", "distill_fd", "clip"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
+
+
+def test_kd_distillation_of_a_fusion_student_on_two_processes_equals_one(synthetic_store, tmp_path):
+    teacher = ddp_spec(epochs=2)
+    teacher["latent_dim"] = 24
+    train(teacher, synthetic_store, tmp_path / "teacher", fold=0, progress=False)
+    student = {**ddp_spec(epochs=3), "distill": {"teacher": str(tmp_path / "teacher" / "best"),
+                                                 "losses": [{"type": "kd"}, {"type": "rkd", "angle_samples": 8}]}}
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(student))
+    torch.set_num_threads(1)
+    try:
+        one = train(tmp_path / "student.yaml", synthetic_store, tmp_path / "one", fold=0, progress=False)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    proc = torchrun("-m", "fusionkit", "train", tmp_path / "student.yaml", "--data", synthetic_store, "--out",
+                    tmp_path / "two", "--fold", 0, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert close(json.loads((tmp_path / "two" / "metrics.json").read_text()), one)
+    logs = [[json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    for key in ("distill_kd", "distill_rkd", "loss"):
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
