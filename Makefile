@@ -55,6 +55,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/quality.py --workers 2
 	$(BIN)/python benchmarks/adaptation.py --workers 2
+	$(BIN)/python benchmarks/selection.py --workers 2
+	$(BIN)/python benchmarks/precision.py --workers 2
 
 clean:
 	rm -rf $(VENV) runs .cache

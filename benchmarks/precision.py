@@ -1,6 +1,6 @@
 """bf16 against float32 on the quality recipe: does mixed precision keep the Score?
 
-The best recipe (``fusionkit.recipes.best``) on clean UCI blends, 5 folds x 3 seeds, trained with
+The selective recipe (``fusionkit.recipes.selective``, the seed method) on clean UCI blends, 5 folds x 3 seeds, trained with
 ``train.precision: bf16`` (autocast on this machine's device); the float32 runs are the selection
 benchmark's runs of the same recipe on the same data, with the same code (benchmarks/results/selection-runs.jsonl;
 run benchmarks/selection.py first). The differences are paired by fold and seed.
@@ -16,7 +16,7 @@ import numpy as np
 from grid import grid_parser, load_cache, mean_std, run_grid
 from report import RESULTS, machine, markdown_table, write
 
-SYSTEM = "best: top-p 0.9 (min 2), rank order"  # the selection benchmark's name of recipes.best()
+SYSTEM = "best: top-p 0.9 (min 2), rank order"  # the selection benchmark's name of recipes.selective()
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     jobs = []
     for seed in range(args.seeds):
         for fold in range(args.folds):
-            spec = recipes.best(seed)
+            spec = recipes.selective(seed)
             spec["train"] = {**spec["train"], "precision": "bf16"}
             jobs.append({"setting": "clean", "system": "bf16", "fold": fold, "seed": seed, "store": str(store),
                          "spec": spec})
@@ -48,7 +48,7 @@ def main() -> None:
     section = "\n".join([
         "## Mixed precision: bf16 against float32", "",
         "`.venv/bin/python benchmarks/precision.py --source ../shared/data/uci-mfeat --workers 2` (after "
-        f"benchmarks/selection.py): the best recipe on clean UCI blends, {len(pairs)} paired runs (folds × seeds), "
+        f"benchmarks/selection.py): the selective recipe (the seed method) on clean UCI blends, {len(pairs)} paired runs (folds × seeds), "
         "bf16 autocast on the CPU against float32 runs of the same recipe, data and code.", "",
         markdown_table(["precision", "test Score", "runs", "s / run"], rows), "",
         f"bf16 − float32: {diffs.mean():+.2f} ± {diffs.std():.2f} Score points (paired over fold and seed)."])

@@ -97,7 +97,32 @@ def summarize(done: dict, args) -> None:
                 for name, v in by.items()]
         sections += [f"### {setting}", "", markdown_table(
             ["system", "ACC_presence", "Score", "runs", "best − this (points)"], rows), ""]
+    sections += reading(differences)
     write("selection", data, "\n".join(sections))
+
+
+def verdict(mean: float, std: float, n: int) -> str:
+    """Beats / loses / within noise, by a paired difference against twice its standard error."""
+    if n < 2:
+        return "not measured"
+    se = std / np.sqrt(n)
+    return "within noise" if abs(mean) < 2 * se else ("the best recipe ahead" if mean > 0 else "the control ahead")
+
+
+def reading(differences: dict) -> list[str]:
+    """What each control says, regime by regime, from the paired differences (no figure is written by hand)."""
+    lines = ["### Reading", "",
+             "Each line: the best recipe minus a control, in Score points (paired mean ± std over folds × seeds), "
+             "and whether it is beyond twice its standard error.", ""]
+    for setting, diffs in differences.items():
+        parts = []
+        for control, label in ((KEEP_ALL, "selection (vs keep all, rank order)"),
+                               ("top-p 0.9 (min 2), fixed order", "rank order (vs the same selection, fixed order)"),
+                               ("fusion alone, uniform gate", "the gate's weighting (vs a uniform gate)")):
+            mean, std, n = diffs[control]
+            parts.append(f"{label}: {mean:+.1f} ± {std:.1f}, {verdict(mean, std, n)}")
+        lines.append(f"- **{setting}**: " + "; ".join(parts) + ".")
+    return lines
 
 
 if __name__ == "__main__":

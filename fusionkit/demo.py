@@ -52,21 +52,23 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"fusionkit demo — plugins: {', '.join(p.name + ' ' + (p.version or '') for p in loaded().plugins if p.ok)}")
     print(f"UCI Multiple Features from {source}\n")
     settings = {"clean": 0.0, "corrupted": 0.3}
-    systems = {
-        f"baseline recipe, best single encoder ({BEST_SINGLE})": recipes.baseline(BEST_SINGLE),
-        "naive fusion, all 6 encoders": recipes.naive("weighted_sum"),
-        "rank-aware top-p fusion": recipes.best(),
+    systems = {  # name: (run directory, spec)
+        f"baseline recipe, best single encoder ({BEST_SINGLE})": ("baseline", recipes.baseline(BEST_SINGLE)),
+        "naive fusion, all 6 encoders": ("naive", recipes.naive("weighted_sum")),
+        "gated fusion, every encoder kept (best)": ("gated", recipes.best()),
+        "selective top-p fusion (the seed method)": ("selective", recipes.selective()),
     }
     results: dict[tuple[str, str], dict] = {}
     for setting, fraction in settings.items():
         store = build_dataset("uci-mfeat", {"source": source, "corrupt_fraction": fraction, "seed": 0},
                               out / f"store-{setting}", overwrite=True)
-        for name, spec in systems.items():
-            run = out / setting / name.split(",")[0].replace(" ", "-")
+        for name, (folder, spec) in systems.items():
+            run = out / setting / folder
             print(f"training {name} on {setting} data ...", flush=True)
             results[(setting, name)] = train(spec, store, run, fold=0, progress=True, overwrite=True,
                                              device=getattr(args, "device", None))["test"]
-        write_report(out / setting / "rank-aware-top-p-fusion")
+        for folder in ("gated", "selective"):
+            write_report(out / setting / folder)
 
     print(f"\nTest fold 0 (group-disjoint), {len(results)} runs in {time.perf_counter() - started:.0f} s:\n")
     header = f"{'system':<48} {'data':<10} {'ACC_presence':>12} {'ACC_salience':>12} {'Score':>7}"
@@ -74,5 +76,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print("-" * len(header))
     for (setting, name), m in results.items():
         print(f"{name:<48} {setting:<10} {m['acc_presence']:>12.3f} {format_metric(m['acc_salience']):>12} {m['score']:>7.3f}")
-    print(f"\nReports: {out}/clean/rank-aware-top-p-fusion/report/ and {out}/corrupted/rank-aware-top-p-fusion/report/")
+    print(f"\nReports: {out}/{{clean,corrupted}}/{{gated,selective}}/report/ (the gate's keep rate per encoder on clean "
+          "and corrupted samples among them). On UCI, keeping every encoder is within noise of selecting them; "
+          "selection pays where encoders mislead (docs/benchmarks.md#what-selection-buys).")
     return 0

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["UCI_DIMS", "UCI_LABELS", "FUSION_TRAIN", "baseline", "naive", "best", "topn", "controls"]
+__all__ = ["UCI_DIMS", "UCI_LABELS", "FUSION_TRAIN", "baseline", "naive", "best", "selective", "keep_all", "topn",
+           "controls"]
 
 UCI_DIMS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
 UCI_LABELS = ["d0", "d1", "d2", "d3", "d4", "d5"]
@@ -55,14 +56,28 @@ def naive(fusion: str = "weighted_sum", seed: int = 0, dims: dict[str, int] = UC
 
 
 def best(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
-    """The best rank-aware recipe of docs/benchmarks.md: top-p 0.9 (at least 2 encoders), rank_attention,
-    and the residual mean path."""
+    """The simplest recipe within noise of the best on UCI (docs/benchmarks.md#what-selection-buys): every
+    encoder kept, in the spec's order, weighted by the attention gate, fused by rank_attention with the residual
+    mean path. :func:`selective` beside it wins where encoders mislead (distractors, heavy corruption)."""
+    return keep_all(seed, dims)
+
+
+def selective(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
+    """The seed method: top-p 0.9 (at least 2 encoders) in rank order, rank_attention and the residual mean path;
+    the recipe for the regimes where selection pays (docs/benchmarks.md#what-selection-buys)."""
     return topn(3, "rank_attention", seed=seed, dims=dims, selection="top_p", top_p=0.9, min_n=2, residual_mean=True)
 
 
+def keep_all(seed: int = 0, dims: dict[str, int] = UCI_DIMS, order: str = "fixed") -> dict[str, Any]:
+    """The same gate, fusion and residual path as :func:`selective`, every encoder kept (no selection), in the
+    spec's order (``order="fixed"``: no ranking) or in rank order."""
+    return topn(len(dims), "rank_attention", seed=seed, dims=dims, selection="top_n", residual_mean=True,
+                slot_order=order)
+
+
 def controls(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, dict[str, Any]]:
-    """The best recipe and the controls that isolate what selection adds (docs/benchmarks.md#what-selection-buys).
-    Each control changes one thing of :func:`best`:
+    """The selective recipe and the controls that isolate what selection adds
+    (docs/benchmarks.md#what-selection-buys). Each control changes one thing of :func:`selective`:
 
     - ``keep all, rank order``: every encoder kept (top_n = K): the same gate, rank order, fusion and residual
       path, no selection;
@@ -71,15 +86,16 @@ def controls(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, dict[s
     - ``top-p, fixed order``: selection kept, ranking removed (the kept encoders in the spec's order);
     - ``fusion alone, uniform gate``: every encoder with equal weights: the fusion module and residual path alone.
     """
-    k = len(dims)
-    keep_all = {"selection": "top_n", "residual_mean": True}
+    fixed = selective(seed, dims)
+    fixed["gate"] = {**fixed["gate"], "slot_order": "fixed"}
+    uniform = keep_all(seed, dims, order="rank")
+    uniform["gate"] = {**uniform["gate"], "type": "uniform"}
     return {
-        "best: top-p 0.9 (min 2), rank order": best(seed, dims),
-        "keep all, rank order": topn(k, "rank_attention", seed=seed, dims=dims, **keep_all),
-        "keep all, fixed order": topn(k, "rank_attention", seed=seed, dims=dims, slot_order="fixed", **keep_all),
-        "top-p 0.9 (min 2), fixed order": topn(3, "rank_attention", seed=seed, dims=dims, selection="top_p",
-                                               top_p=0.9, min_n=2, residual_mean=True, slot_order="fixed"),
-        "fusion alone, uniform gate": topn(k, "rank_attention", gate="uniform", seed=seed, dims=dims, **keep_all),
+        "best: top-p 0.9 (min 2), rank order": selective(seed, dims),
+        "keep all, rank order": keep_all(seed, dims, order="rank"),
+        "keep all, fixed order": keep_all(seed, dims),
+        "top-p 0.9 (min 2), fixed order": fixed,
+        "fusion alone, uniform gate": uniform,
     }
 
 

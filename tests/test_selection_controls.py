@@ -60,15 +60,15 @@ def test_distractors_and_heavy_corruption_are_dataset_options(uci_source, tmp_pa
 
 
 def test_the_controls_each_change_one_thing_of_the_best_recipe():
-    from fusionkit.recipes import best, controls
+    from fusionkit.recipes import controls, selective
 
     found = controls()
-    assert found["best: top-p 0.9 (min 2), rank order"] == best()
-    base = best()["gate"]
+    assert found["best: top-p 0.9 (min 2), rank order"] == selective()
+    base = selective()["gate"]
     for name, spec in found.items():
         gate = spec["gate"]
         changed = {k for k in set(gate) | set(base) if gate.get(k) != base.get(k)}
-        assert spec["fusion"] == best()["fusion"], name
+        assert spec["fusion"] == selective()["fusion"], name
         assert changed <= {"selection", "top_n", "top_p", "min_n", "slot_order", "type"}, (name, changed)
 
 
@@ -98,7 +98,7 @@ def test_the_gate_diagnostics_split_keep_rates_by_corruption(uci_source, tmp_pat
     assert 0.4 < len(hit) / len(opened.samples) < 0.6 and all(1 <= len(s.corrupted) <= 3 for s in hit)
     index = json.loads((store / "index.json").read_text())["samples"]
     assert sum("corrupted" in r for r in index) == len(hit)  # written only where there is something to say
-    spec = recipes.best()
+    spec = recipes.selective()
     spec["train"] = {**spec["train"], "epochs": 3}
     metrics = train(spec, store, tmp_path / "run", fold=0, progress=False)
     rates = metrics["test"]["keep_rates"]
