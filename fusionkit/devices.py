@@ -18,7 +18,7 @@ from torch import nn
 
 from fusionkit.errors import FusionkitError
 
-__all__ = ["device_name", "device_of", "resolve_device", "to_device"]
+__all__ = ["device_name", "device_of", "full_precision", "resolve_device", "to_device"]
 
 
 def resolve_device(name: str, option: str = "--device", local_rank: int | None = None) -> torch.device:
@@ -55,6 +55,12 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "cpu"
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when autocast made it float16 or bfloat16 (softmaxes and KLs need the range); float32
+    and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def to_device(value: Any, device: torch.device) -> Any:

@@ -22,6 +22,7 @@ from torch import nn
 
 from fusionkit.answers import Prediction
 from fusionkit.config import non_negative, option, positive, unit_interval
+from fusionkit.devices import full_precision
 from fusionkit.selection import Selection, in_encoder_order, select_top_n, select_top_p, slot_count
 from fusionkit.spec import BLEMORE_LABELS
 
@@ -219,7 +220,7 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> Selection:
-        scores = self.score(tokens, mask).float()  # ranks and weights in float32 under any autocast
+        scores = full_precision(self.score(tokens, mask))  # ranks and weights in float32 (at least) under autocast
         if self.training and self.noise > 0:
             scores = scores + self.noise * torch.randn_like(scores)
         soft_tail = self.training and self.epoch < self.warmup_epochs

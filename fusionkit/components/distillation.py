@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.config import non_negative, option, positive
+from fusionkit.devices import full_precision
 from fusionkit.interfaces import DistillBatch, DistillConfig, DistillLoss
 
 __all__ = ["row_kl", "scaled", "Mode", "softmax_relation_loss", "LOG_CLIP_SCALE", "KDConfig", "FDConfig",
@@ -33,8 +34,8 @@ __all__ = ["row_kl", "scaled", "Mode", "softmax_relation_loss", "LOG_CLIP_SCALE"
 
 def row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(p) ‖ softmax(q)) of each row, averaged over rows."""
-    p_log = F.log_softmax(p_logits.float(), dim=-1)
-    return (p_log.exp() * (p_log - F.log_softmax(q_logits.float(), dim=-1))).sum(-1).mean()
+    p_log = F.log_softmax(full_precision(p_logits), dim=-1)
+    return (p_log.exp() * (p_log - F.log_softmax(full_precision(q_logits), dim=-1))).sum(-1).mean()
 
 
 def scaled(sim_scale: float | None, batch_scale: torch.Tensor | None) -> torch.Tensor | float:
@@ -204,7 +205,7 @@ class RKD(DistillLoss):
 
 def diagonal_ce(logits: torch.Tensor) -> torch.Tensor:
     """CE(M): the cross-entropy of the rows of ``logits`` with the diagonal as targets."""
-    return F.cross_entropy(logits.float(), torch.arange(len(logits), device=logits.device))
+    return F.cross_entropy(full_precision(logits), torch.arange(len(logits), device=logits.device))
 
 
 def target_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.checkpoint import save_checkpoint
+from fusionkit.devices import full_precision
 from fusionkit.errors import DataError
 from fusionkit.models.fusion import Trunk, count_parameters
 from fusionkit.plugins import get_registry
@@ -134,7 +135,7 @@ class TwoTowerModel(nn.Module):
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy over the similarity matrix ``scale · a bᵀ``; matching rows are the targets."""
-    logits = (scale * a @ b.T).float()  # the softmax in float32 under any autocast
+    logits = full_precision(scale * a @ b.T)  # the softmax in float32 (at least) under any autocast
     target = torch.arange(len(a), device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
@@ -144,8 +145,8 @@ def local_clip_loss(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b
     """:func:`clip_loss` of one rank's rows ``a``, ``b`` against every rank's columns ``all_b``, ``all_a`` (its rows
     start at ``offset`` in them): the rows' share of the global loss, averaged over the rank's rows."""
     target = torch.arange(offset, offset + len(a), device=a.device)
-    return 0.5 * (F.cross_entropy((scale * a @ all_b.T).float(), target) +
-                  F.cross_entropy((scale * b @ all_a.T).float(), target))
+    return 0.5 * (F.cross_entropy(full_precision(scale * a @ all_b.T), target) +
+                  F.cross_entropy(full_precision(scale * b @ all_a.T), target))
 
 
 def retrieval_metrics(a: np.ndarray, b: np.ndarray, classes: np.ndarray | None = None,
