@@ -58,13 +58,14 @@ def naive(fusion: str = "weighted_sum", seed: int = 0, dims: dict[str, int] = UC
 def best(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
     """The simplest recipe within noise of the best on UCI (docs/benchmarks.md#what-selection-buys): every
     encoder kept, in the spec's order, weighted by the attention gate, fused by rank_attention with the residual
-    mean path. :func:`selective` beside it wins where encoders mislead (distractors, heavy corruption)."""
+    mean path. :func:`selective` beside it leads, within noise, only with misleading distractors."""
     return keep_all(seed, dims)
 
 
 def selective(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, Any]:
-    """The seed method: top-p 0.9 (at least 2 encoders) in rank order, rank_attention and the residual mean path;
-    the recipe for the regimes where selection pays (docs/benchmarks.md#what-selection-buys)."""
+    """The seed method: top-p 0.9 (at least 2 encoders) in rank order, rank_attention and the residual mean path.
+    Its largest lead over :func:`best`, with misleading distractors, is within noise
+    (docs/benchmarks.md#what-selection-buys)."""
     return topn(3, "rank_attention", seed=seed, dims=dims, selection="top_p", top_p=0.9, min_n=2, residual_mean=True)
 
 
