@@ -87,16 +87,17 @@ def summarize(done: dict, args) -> None:
     sections = ["## What selection buys", "",
                 f"`.venv/bin/python benchmarks/selection.py --source ../shared/data/uci-mfeat --workers 2`: test "
                 f"Score over up to {args.folds} group-disjoint folds × {args.seeds} seeds, mean ± std (runs: how many "
-                "finished). Each control changes one thing of the best recipe (`fusionkit.recipes.controls`). The "
-                "differences are paired: the best recipe minus the control on the same fold and seed, in Score "
-                "points, mean ± std over the pairs.", ""]
+                "finished). Each control changes one thing of the selective recipe (the seed method, "
+                "`fusionkit.recipes.selective`; its row is named \"best: ...\", the best recipe of the quality "
+                "tables; `fusionkit.recipes.controls`). The differences are paired: the selective recipe minus the "
+                "control on the same fold and seed, in Score points, mean ± std over the pairs.", ""]
     for setting, by in stats.items():
         rows = [[name, *(f"{v[k][0]:.3f} ± {v[k][1]:.3f}" if k in v else "-" for k in ("acc_presence", "score")),
                  v["score"][2] if "score" in v else 0,
                  "" if name == BEST else "{:+.1f} ± {:.1f} ({})".format(*differences[setting][name])]
                 for name, v in by.items()]
         sections += [f"### {setting}", "", markdown_table(
-            ["system", "ACC_presence", "Score", "runs", "best − this (points)"], rows), ""]
+            ["system", "ACC_presence", "Score", "runs", "selective − this (points)"], rows), ""]
     sections += reading(differences)
     write("selection", data, "\n".join(sections))
 
@@ -106,13 +107,13 @@ def verdict(mean: float, std: float, n: int) -> str:
     if n < 2:
         return "not measured"
     se = std / np.sqrt(n)
-    return "within noise" if abs(mean) < 2 * se else ("the best recipe ahead" if mean > 0 else "the control ahead")
+    return "within noise" if abs(mean) < 2 * se else ("the selective recipe ahead" if mean > 0 else "the control ahead")
 
 
 def reading(differences: dict) -> list[str]:
     """What each control says, regime by regime, from the paired differences (no figure is written by hand)."""
     lines = ["### Reading", "",
-             "Each line: the best recipe minus a control, in Score points (paired mean ± std over folds × seeds), "
+             "Each line: the selective recipe minus a control, in Score points (paired mean ± std over folds × seeds), "
              "and whether it is beyond twice its standard error.", ""]
     for setting, diffs in differences.items():
         parts = []

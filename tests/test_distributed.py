@@ -208,27 +208,31 @@ def tower_ddp_spec(local_loss: bool) -> dict:
             "train": {"epochs": 3, "batch_size": 33, "lr": 3e-3, "seed": 0}}
 
 
+def one_and_two_processes(spec_file, store, root) -> tuple[dict, list[list[dict]]]:
+    """Train ``spec_file`` in this process (one thread, as torchrun's processes here) into ROOT/one and with
+    torchrun on two processes into ROOT/two; check the two metrics are equal and return the log records of both."""
+    torch.set_num_threads(1)
+    try:
+        one = train(spec_file, store, root / "one", fold=0, progress=False)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    proc = torchrun("-m", "fusionkit", "train", spec_file, "--data", store, "--out", root / "two", "--fold", 0,
+                    "--quiet", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert close(json.loads((root / "two" / "metrics.json").read_text()), one)
+    return one, [[json.loads(x) for x in (root / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+
+
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_two_tower_training_on_two_processes_equals_one(local_loss, tmp_path):
     """The CLIP loss sees the global batch (every rank's embeddings gathered, gradients through each rank's own
     rows), or with local_loss each rank's rows against every column: either way 2 processes = 1 process."""
     store = pair_store_for(tmp_path)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tower_ddp_spec(local_loss)))
-    torch.set_num_threads(1)
-    try:
-        one = train(tmp_path / "spec.yaml", store, tmp_path / "one", fold=0, progress=False)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
-    proc = torchrun("-m", "fusionkit", "train", tmp_path / "spec.yaml", "--data", store, "--out", tmp_path / "two",
-                    "--fold", 0, "--quiet", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert close(two, one)
+    _, logs = one_and_two_processes(tmp_path / "spec.yaml", store, tmp_path)
     a, b = load_model(tmp_path / "one" / "best").state_dict(), load_model(tmp_path / "two" / "best").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    losses = [[json.loads(x)["clip"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
-    assert close(losses[0], losses[1])
+    assert close([r["clip"] for r in logs[0]], [r["clip"] for r in logs[1]])
 
 
 def test_gather_rows_without_torchrun_is_the_identity():
@@ -301,16 +305,7 @@ def test_distillation_of_towers_on_two_processes_equals_one(tmp_path):
                "distill": {"teacher": str(tmp_path / "teacher" / "best"), "preset": "clip-rd",
                            "losses": [{"type": "rkd", "angle_samples": 8}]}}
     (tmp_path / "student.yaml").write_text(yaml.safe_dump(student))
-    torch.set_num_threads(1)
-    try:
-        one = train(tmp_path / "student.yaml", store, tmp_path / "one", fold=0, progress=False)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
-    proc = torchrun("-m", "fusionkit", "train", tmp_path / "student.yaml", "--data", store, "--out", tmp_path / "two",
-                    "--fold", 0, "--quiet", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert close(json.loads((tmp_path / "two" / "metrics.json").read_text()), one)
-    logs = [[json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    _, logs = one_and_two_processes(tmp_path / "student.yaml", store, tmp_path)
     for key in ("distill_vrd", "distill_xrd", "distill_rkd", "distill_icl", "distill_fd", "clip"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
 
@@ -322,15 +317,6 @@ def test_kd_distillation_of_a_fusion_student_on_two_processes_equals_one(synthet
     student = {**ddp_spec(epochs=3), "distill": {"teacher": str(tmp_path / "teacher" / "best"),
                                                  "losses": [{"type": "kd"}, {"type": "rkd", "angle_samples": 8}]}}
     (tmp_path / "student.yaml").write_text(yaml.safe_dump(student))
-    torch.set_num_threads(1)
-    try:
-        one = train(tmp_path / "student.yaml", synthetic_store, tmp_path / "one", fold=0, progress=False)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
-    proc = torchrun("-m", "fusionkit", "train", tmp_path / "student.yaml", "--data", synthetic_store, "--out",
-                    tmp_path / "two", "--fold", 0, "--quiet", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert close(json.loads((tmp_path / "two" / "metrics.json").read_text()), one)
-    logs = [[json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    _, logs = one_and_two_processes(tmp_path / "student.yaml", synthetic_store, tmp_path)
     for key in ("distill_kd", "distill_rkd", "loss"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
