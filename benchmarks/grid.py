@@ -42,7 +42,9 @@ def run_one(job: dict) -> dict:
         out_dir = job.get("keep") or Path(tmp) / "run"
         metrics = train(job["spec"], job["store"], out_dir, fold=job["fold"], progress=False, overwrite=True,
                         raw=job.get("raw"))
-    out = {k: job[k] for k in KEY} | {"best_epoch": metrics["best_epoch"], "seconds": round(time.perf_counter() - started, 2)}
+        epochs = [json.loads(line)["seconds"] for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    out = {k: job[k] for k in KEY} | {"best_epoch": metrics["best_epoch"], "seconds": round(time.perf_counter() - started, 2),
+                                       "epoch_seconds": round(float(np.median(epochs)), 3)}
     for split in ("test", "target"):
         if split in metrics:
             out[split] = {k: metrics[split][k] for k in METRICS if k in metrics[split]}

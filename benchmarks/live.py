@@ -61,13 +61,13 @@ def pix_images(source: str, work: Path) -> tuple[Path, Path]:
     return clean, manifest
 
 
-def save_cnn_weights(path: Path) -> None:
+def save_cnn_weights(path: Path, cnn: dict = CNN) -> None:
     """The CNN's random initial weights (seed 0), as the local file the specs reference."""
     from safetensors.torch import save_file
 
     from fusionkit.models.factory import build_model
 
-    enc = build_model({"labels": ["a", "b"], "encoders": [CNN], "gate": {"type": "uniform", "top_n": 1},
+    enc = build_model({"labels": ["a", "b"], "encoders": [cnn], "gate": {"type": "uniform", "top_n": 1},
                        "fusion": {"type": "weighted_sum"}}).encoders["cnn"]
     save_file({k: v.contiguous() for k, v in enc.backbone.state_dict().items()}, str(path))
 

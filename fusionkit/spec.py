@@ -119,6 +119,11 @@ class TrainConfig:
     warmup_fraction: float = option(0.05, doc="Share of the steps spent warming the learning rate up.", validator=unit_interval)
     device: str = option("auto", doc="Where training runs: auto (CUDA when present, else the CPU), cpu, cuda or "
                                      "cuda:K; under torchrun each rank uses its local GPU. --device overrides it.")
+    train_fraction: float = option(
+        1.0, doc="Share of the training rows used: the first of one fixed shuffle of them (the same for every seed, "
+        "and a smaller share is a subset of a larger one). For learning curves, and for a distilled student that "
+        "sees less data than its teacher did, as in CLIP-KD/CLIP-RD. Validation and test rows are never cut.",
+        validator=unit_interval)
     precision: Literal["32", "bf16", "16"] = option(
         "32", doc="32: float32; bf16: bfloat16 autocast (GPUs since Ampere, and CPUs); 16: float16 autocast with a "
         "gradient scaler (GPUs). Softmaxes, KLs, gate scores and per-domain statistics stay in float32.")

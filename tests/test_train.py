@@ -152,3 +152,16 @@ def test_cross_validation_reports_mean_and_std(synthetic_store, tmp_path):
     assert summary["score"]["values"] == per_fold
     assert summary["score"]["mean"] == pytest.approx(np.mean(per_fold))
     assert summary["score"]["std"] == pytest.approx(np.std(per_fold))
+
+
+def test_train_fraction_cuts_only_the_training_rows_the_same_way_for_every_seed(synthetic_store, tmp_path):
+    store = spec_store(load_spec(tiny_spec()), synthetic_store)
+    full, quarter, half = (make_split(store, 0, f) for f in (1.0, 0.25, 0.5))
+    assert len(quarter.train) == round(0.25 * len(full.train)) and set(quarter.train) < set(half.train) < set(full.train)
+    assert np.array_equal(quarter.val, full.val) and np.array_equal(quarter.test, full.test)
+    spec = tiny_spec(epochs=1)
+    spec["train"]["train_fraction"] = 0.25
+    train(spec, synthetic_store, tmp_path / "r", fold=0, progress=False)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["n_train"] == len(quarter.train)
+    with pytest.raises(DataError, match="train_fraction is 0"):
+        make_split(store, 0, 0.0)

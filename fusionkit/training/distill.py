@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.data.open import spec_store
+from fusionkit.data.raw import is_manifest, live_encoder_names
 from fusionkit.data.store import FeatureStore
 from fusionkit.devices import device_of
 from fusionkit.distributed import Dist
@@ -159,8 +160,11 @@ def teacher_outputs(teacher: nn.Module, store: FeatureStore, where: str, batch_s
     Two-tower: ``tower.<name>`` embeddings and ``scale``; fusion: ``fused``, ``tokens``
     ``[N, K, d]`` and ``logits.<role>``.
     """
+    raw = None  # a live teacher reads the raw inputs of the student's manifest
+    if live_encoder_names(teacher.spec) and store.raw is not None and not is_manifest(store.path):
+        raw = store.raw.path
     try:
-        tstore = spec_store(teacher.spec, store.path)
+        tstore = spec_store(teacher.spec, store.path, raw)
     except DataError as exc:
         raise DataError(f"distill.teacher: {where} does not fit the store: {exc}") from exc
     teacher.eval()

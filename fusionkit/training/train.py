@@ -77,8 +77,9 @@ class Split:
     val_fold: int | None
 
 
-def make_split(store: FeatureStore, fold: int | None) -> Split:
-    """Group-disjoint train / validation / test indices from the store's folds (labelled source rows only)."""
+def make_split(store: FeatureStore, fold: int | None, train_fraction: float = 1.0) -> Split:
+    """Group-disjoint train / validation / test indices from the store's folds (labelled source rows only); with
+    ``train_fraction`` < 1 the training rows are the first of one fixed shuffle of them (``train.train_fraction``)."""
     labelled = store.select(labelled=True, domain="source")
     folds = sorted(int(f) for f in np.unique(store.folds[labelled]) if f >= 0)
     if len(folds) < 2 or (fold is not None and len(folds) < 3):
@@ -91,6 +92,11 @@ def make_split(store: FeatureStore, fold: int | None) -> Split:
     test = labelled[in_fold == test_fold] if test_fold is not None else labelled[:0]
     val = labelled[in_fold == val_fold]
     train = labelled[(in_fold >= 0) & (in_fold != val_fold) & (in_fold != test_fold if test_fold is not None else True)]
+    if train_fraction < 1.0:
+        if train_fraction <= 0.0:
+            raise DataError("train.train_fraction is 0: no training rows are left; give a share in (0, 1]")
+        keep = np.random.default_rng(0).permutation(len(train))[: max(1, round(train_fraction * len(train)))]
+        train = train[np.sort(keep)]
     return Split(train, val, test, test_fold, val_fold)
 
 
@@ -483,7 +489,7 @@ def _train_opened(spec: Spec, store: FeatureStore, target_store: FeatureStore | 
                   out: str | os.PathLike, fold: int | None, resume: bool, progress: bool, overwrite: bool) -> dict[str, Any]:
     """:func:`train` once the spec is validated and its data opened (cross-validation opens them once)."""
     dist = setup()
-    metrics = Trainer(spec, store, out, make_split(store, fold), progress=progress, data_path=str(data),
+    metrics = Trainer(spec, store, out, make_split(store, fold, spec.train.train_fraction), progress=progress, data_path=str(data),
                       target_store=target_store, overwrite=overwrite, dist=dist).fit(resume=resume)
     dist.close()
     return metrics
