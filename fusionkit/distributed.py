@@ -14,6 +14,7 @@ them. The helpers never own the loop:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from collections.abc import Mapping
@@ -114,16 +115,57 @@ class Dist:
         order = [int(starts[p % self.world_size]) + p // self.world_size for p in range(len(gathered))]
         return gathered.index_select(0, torch.as_tensor(order, device=x.device))
 
+    def gather_fields(self, value: Any, rows: int) -> Any:
+        """The global batch of every per-row tensor in ``value`` (a tensor, a mapping or a dataclass such as
+        :class:`~fusionkit.models.fusion.FusionOutput`, whose first ``rows`` rows are this rank's real ones), as
+        :meth:`gather_batch` gathers one tensor; scalars and other values pass through. This is how a loss that
+        declares ``global_batch`` gets its inputs: it never calls a collective itself. Without torchrun: ``value``
+        cut to its first ``rows`` rows."""
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                return value
+            if not self.enabled:
+                return value[:rows]
+            if value.is_floating_point():
+                return self.gather_batch(value[:rows])
+            return self.gather_batch(value[:rows].long()).to(value.dtype)  # masks and indices carry no gradient
+        if isinstance(value, Mapping):
+            return {k: self.gather_fields(v, rows) for k, v in value.items()}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.replace(value, **{f.name: self.gather_fields(getattr(value, f.name), rows)
+                                                 for f in dataclasses.fields(value) if f.init})
+        return value
+
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Average the gradients of ``params`` over ranks (parameters outside DDP, such as an objective term's)."""
+        """Average the gradients of ``params`` over ranks (parameters outside DDP: an objective term's, or a model's
+        that trains without DDP), in one collective. A parameter no rank gave a gradient keeps none, as in one
+        process (the optimizer then leaves it alone); one that only some ranks reached counts zero on the others."""
+        if not self.enabled or not params:
+            return
+        import torch.distributed as dist
+
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+        dist.all_reduce(has)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        start = 0
+        for p, reached in zip(params, has.tolist()):
+            n = p.numel()
+            if reached:
+                p.grad = flat[start : start + n].view_as(p).to(p.dtype)
+            start += n
+
+    def broadcast_parameters(self, model: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank, as DDP does when it wraps a model (for a model that
+        trains without DDP, its gradients averaged by :meth:`average_gradients`)."""
         if not self.enabled:
             return
         import torch.distributed as dist
 
-        for p in params:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(grad)
-            p.grad = grad / self.world_size
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, 0)
 
     def sum(self, values: Mapping[str, float]) -> dict[str, float]:
         """``values`` summed over ranks (every rank must pass the same keys)."""

@@ -335,7 +335,15 @@ class AdaptationLoss(nn.Module):
 
     Subclasses implement :meth:`discrepancy`; losses on predictions (entropy) override
     :meth:`forward` instead.
+
+    Under torchrun a loss with ``global_batch`` (the default) receives the source and target outputs of every
+    rank, gathered in the global batch's order (gradients flow back to each rank's own rows), so that it
+    computes what one process would: batch statistics such as MMD and CORAL need it. A loss that is a mean of
+    per-sample terms may set ``global_batch = False`` to see only its rank's rows (its value is then averaged
+    over ranks, weighted by their shares of the source batch). Either way it calls no collective itself.
     """
+
+    global_batch: bool = True
 
     def __init__(self, config: AdaptationConfig) -> None:
         super().__init__()
@@ -407,6 +415,10 @@ class DistillLoss(nn.Module):
     """
 
     needs: str = "views"
+    #: Under torchrun, see every rank's rows of the batch (gathered, in the global batch's order, gradients through
+    #: each rank's own rows), as the relational losses need; False: this rank's rows only (a per-sample mean,
+    #: averaged over ranks). The objective gathers; a loss never calls a collective itself.
+    global_batch: bool = True
 
     def __init__(self, config: DistillConfig) -> None:
         super().__init__()

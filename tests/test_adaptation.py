@@ -229,3 +229,29 @@ def test_dann_reversal_follows_its_schedule_and_grl_max(schedule, progress, fact
         loss.discriminator(torch.cat([source, target])).squeeze(-1), torch.cat([torch.zeros(16), torch.ones(16)]))
     direct = torch.autograd.grad(plain, source)[0]
     assert torch.allclose(reversed_grad, -factor * direct, atol=1e-7)
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_a_checkpoint_with_a_bias_before_domain_norm_loads_to_the_same_outputs(hidden):
+    """The layer before DomainNorm has no bias (the normalisation cancels it); an older checkpoint's bias moves into
+    every domain's running mean, so its outputs are unchanged."""
+    from fusionkit.models.fusion import Projector
+    from fusionkit.spec import ProjectorConfig
+
+    torch.manual_seed(0)
+    projector = Projector(5, 4, ProjectorConfig(hidden=hidden, domain_norm=True, dropout=0.0))
+    linear = 2 if hidden else 0
+    assert projector.net[linear].bias is None
+    old = {k: v.clone() for k, v in projector.state_dict().items()}
+    old[f"net.{linear}.bias"] = bias = torch.randn(4)
+    for domain in ("source", "target"):
+        old[f"net.{linear + 1}.norms.{domain}.running_mean"] = torch.randn(4)
+        old[f"net.{linear + 1}.norms.{domain}.running_var"] = torch.rand(4) + 0.5
+    projector.load_state_dict(old)
+    projector.eval()
+    x = torch.randn(6, 5)
+    pre = projector.net[: linear + 1](x) + bias  # the old layer's output
+    norm = projector.net[linear + 1]
+    expected = (pre - old[f"net.{linear + 1}.norms.source.running_mean"]) / torch.sqrt(
+        old[f"net.{linear + 1}.norms.source.running_var"] + norm.norms["source"].eps) * norm.weight + norm.bias
+    assert torch.allclose(norm(projector.net[: linear + 1](x)), expected, atol=1e-5)

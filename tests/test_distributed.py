@@ -320,3 +320,23 @@ def test_kd_distillation_of_a_fusion_student_on_two_processes_equals_one(synthet
     _, logs = one_and_two_processes(tmp_path / "student.yaml", synthetic_store, tmp_path)
     for key in ("distill_kd", "distill_rkd", "loss"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
+
+
+def test_adaptation_on_two_processes_equals_one(tmp_path):
+    """Adaptation under torchrun: target batches shared out like source batches; mmd, coral, DANN and entropy on the
+    gathered global source and target batches; DANN's discriminator averaged over ranks; per-domain input statistics
+    and AdaBN's batch statistics global (GlobalBatchNorm): 2 processes = 1 process."""
+    from test_adaptation import shifted_store
+
+    store = shifted_store(tmp_path / "store", samples=240, target_shift=1.0)
+    spec = ddp_spec(epochs=3)
+    spec["projector"] = {"dropout": 0.0, "domain_norm": True}
+    spec["data"] = {"standardize_per_domain": True}
+    spec["adaptation"] = [{"type": "mmd"}, {"type": "coral", "on": "encoders"}, {"type": "dann", "weight": 0.1},
+                          {"type": "entropy", "weight": 0.05}]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    _, logs = one_and_two_processes(tmp_path / "spec.yaml", store, tmp_path)
+    for key in ("adapt_mmd", "adapt_coral", "adapt_dann", "adapt_entropy", "loss"):
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
+    a, b = load_model(tmp_path / "one" / "best").state_dict(), load_model(tmp_path / "two" / "best").state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)

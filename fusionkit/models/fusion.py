@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
 from fusionkit.answers import Prediction, from_order
@@ -24,7 +25,7 @@ from fusionkit.registry import Registry
 from fusionkit.selection import Selection, gather_slots, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
 
-__all__ = ["FusionOutput", "DOMAINS", "DomainNorm", "Projector", "Trunk", "FusionModel", "count_parameters",
+__all__ = ["FusionOutput", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk", "FusionModel", "count_parameters",
            "decoder_inputs"]
 
 
@@ -59,6 +60,36 @@ class FusionOutput:
 DOMAINS = ("source", "target")
 
 
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are the global batch's under torchrun: every rank's rows count, as in
+    one process (SyncBatchNorm needs a GPU; this works on any device, gloo included). Its state is BatchNorm1d's.
+    ``local`` turns the synchronisation off, for a pass that one rank makes alone."""
+
+    local: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.local or not (self.training and torch_dist.is_available() and torch_dist.is_initialized()
+                              and torch_dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        x32 = x.float()
+        count = all_reduce(x32.new_tensor([float(len(x32))]))
+        mean = all_reduce(x32.sum(0)) / count
+        var = all_reduce((x32 - mean).pow(2).sum(0)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (count / (count - 1).clamp(min=1))
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(self.running_var.dtype))
+        y = (x32 - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
 class DomainNorm(nn.Module):
     """AdaBN-style normalisation: batch statistics kept per domain, one shared affine map.
 
@@ -69,7 +100,7 @@ class DomainNorm(nn.Module):
 
     def __init__(self, dim: int, domains: tuple[str, ...] = DOMAINS) -> None:
         super().__init__()
-        self.norms = nn.ModuleDict({d: nn.BatchNorm1d(dim, affine=False) for d in domains})
+        self.norms = nn.ModuleDict({d: GlobalBatchNorm(dim, affine=False) for d in domains})
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.domain = "source"
@@ -84,17 +115,33 @@ class Projector(nn.Module):
 
     def __init__(self, in_dim: int, latent_dim: int, config: ProjectorConfig) -> None:
         super().__init__()
+        # before a DomainNorm a bias is cancelled by the normalisation: its gradient would be rounding noise that
+        # Adam turns into full-size steps, so it has none (DomainNorm's own bias follows the normalisation)
+        bias = not config.domain_norm
         if config.hidden:
-            layers: list[nn.Module] = [nn.Linear(in_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, latent_dim)]
+            layers: list[nn.Module] = [nn.Linear(in_dim, config.hidden), nn.GELU(),
+                                       nn.Linear(config.hidden, latent_dim, bias=bias)]
         else:
-            layers = [nn.Linear(in_dim, latent_dim)]
+            layers = [nn.Linear(in_dim, latent_dim, bias=bias)]
         if config.domain_norm:
             layers.append(DomainNorm(latent_dim))
+            self._register_load_state_dict_pre_hook(self._fold_redundant_bias)
         if config.norm:
             layers.append(nn.LayerNorm(latent_dim))
         if config.dropout:
             layers.append(nn.Dropout(config.dropout))
         self.net = nn.Sequential(*layers)
+
+    def _fold_redundant_bias(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """A checkpoint written while the layer before DomainNorm had a bias: the bias moves into every domain's
+        running mean, which gives the same outputs (in training the batch mean cancels it)."""
+        linear = len(self.net) - 1 - next(i for i, m in enumerate(reversed(self.net)) if isinstance(m, nn.Linear))
+        bias = state_dict.pop(f"{prefix}net.{linear}.bias", None)
+        if bias is None:
+            return
+        for key in list(state_dict):
+            if key.startswith(f"{prefix}net.{linear + 1}.norms.") and key.endswith(".running_mean"):
+                state_dict[key] = state_dict[key] - bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

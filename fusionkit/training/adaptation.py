@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fusionkit.data.store import FeatureStore, target_rows
+from fusionkit.distributed import Dist
 from fusionkit.errors import DataError
 from fusionkit.interfaces import AdaptationLoss as _AdaptationLoss
 from fusionkit.interfaces import BuildContext
@@ -29,15 +30,22 @@ from fusionkit.training.objective import ObjectiveTerm
 
 
 class AdaptationObjective(ObjectiveTerm):
-    """Draws target batches and sums the spec's adaptation losses for the trainer."""
+    """Draws target batches and sums the spec's adaptation losses for the trainer.
+
+    Under torchrun each step draws one global target batch, and each rank runs the model on its share of it, as
+    source batches are shared out; a loss that declares ``global_batch`` sees every rank's source and target rows
+    (:meth:`fusionkit.distributed.Dist.gather_fields`)."""
+
+    forwards_model = True
 
     def __init__(self, model: FusionModel, losses: Sequence[tuple[str, _AdaptationLoss]], target: FeatureStore,
-                 target_index: np.ndarray, batch_size: int, seed: int) -> None:
+                 target_index: np.ndarray, batch_size: int, seed: int, dist: Dist | None = None) -> None:
         super().__init__()
         if len(target_index) == 0:
             raise DataError(f"{target.path}: the spec has adaptation losses but there are no target samples "
                             "(rows with domain 'target', or a --target store)")
         self.model = [model]  # not a submodule: its parameters are the trainer's already
+        self.dist = dist or Dist()
         self.names = [name for name, _ in losses]
         self.losses = nn.ModuleList(loss for _, loss in losses)
         self.target = target
@@ -46,22 +54,38 @@ class AdaptationObjective(ObjectiveTerm):
         self.seed = seed
         self.step = 0
 
+    def shares(self, name: str) -> bool:
+        return self.dist.enabled and self.losses[self.names.index(name[len("adapt_"):])].global_batch
+
     def target_batch(self, step: int) -> np.ndarray:
-        """Target rows for a step: a function of (seed, step) only, so a resumed run draws the same ones."""
+        """Target rows for a step (the global batch): a function of (seed, step) only, so a resumed run draws the
+        same ones."""
         rng = np.random.default_rng([self.seed, step])
         size = min(self.batch_size, len(self.target_index))
         return self.target_index[rng.choice(len(self.target_index), size=size, replace=False)]
 
     def forward(self, source: FusionOutput, rows: np.ndarray, progress: float) -> dict[str, torch.Tensor]:
         model = self.model[0]
+        drawn = self.target_batch(self.step)
+        local = self.dist.shard(drawn)
+        own = len(local)
+        if own == 0:  # fewer target rows than ranks: a stand-in row, left out of every loss
+            local = drawn[:1]
         model.set_domain("target")  # per-domain statistics (when the model keeps them) follow the batch
         try:
-            target = model(*self.target.inputs_for(model, self.target_batch(self.step)))
+            target = model(*self.target.inputs_for(model, local))
         finally:
             model.set_domain("source")
         self.step += 1
-        return {f"adapt_{name}": loss.scale(progress) * loss(source, target, progress)
-                for name, loss in zip(self.names, self.losses)}
+        views: dict[bool, tuple[FusionOutput, FusionOutput]] = {}
+        out = {}
+        for name, loss in zip(self.names, self.losses):
+            wide = self.dist.enabled and loss.global_batch
+            if wide not in views:
+                gather = self.dist.gather_fields if wide else Dist().gather_fields
+                views[wide] = gather(source, len(rows)), gather(target, own)
+            out[f"adapt_{name}"] = loss.scale(progress) * loss(*views[wide], progress)
+        return out
 
     def get_extra_state(self) -> torch.Tensor:
         return torch.tensor(self.step)
@@ -82,13 +106,14 @@ def build_losses(spec: Spec, model: FusionModel) -> list[tuple[str, _AdaptationL
     return out
 
 
-def adaptation_loss_factory(spec: Spec, target_store: FeatureStore | None = None):
-    """The trainer's hook: builds the objective once the model and the source store exist."""
+def adaptation_loss_factory(spec: Spec, target_store: FeatureStore | None = None, dist: Dist | None = None):
+    """The trainer's hook: builds the objective once the model and the source store exist (on the ranks of
+    ``dist``)."""
 
     def make(model: FusionModel, store: FeatureStore) -> AdaptationObjective:
         target, index = target_rows(store, target_store)
         return AdaptationObjective(model, build_losses(spec, model), target, index, spec.train.batch_size,
-                                   spec.train.seed + 1)
+                                   spec.train.seed + 1, dist)
 
     return make
 

@@ -56,7 +56,6 @@ class DistillationObjective(ObjectiveTerm):
     def __init__(self, model: nn.Module, store: FeatureStore, spec: Spec, dist: Dist | None = None) -> None:
         super().__init__()
         self.dist = dist or Dist()
-        self.shared = self.dist.enabled  # under torchrun the losses see the gathered global batch
         assert spec.distill is not None
         self.model = [model]  # not a submodule: its parameters are the trainer's already
         self.teacher = [load_teacher(spec.distill.teacher).to(device_of(model))]  # with its cache, on the model's device
@@ -102,12 +101,16 @@ class DistillationObjective(ObjectiveTerm):
     def _project(self, key: str, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projections[key](x) if key in self.projections else x, dim=-1)
 
-    def batch(self, out: Any, rows: np.ndarray) -> _DistillBatch:
+    def shares(self, name: str) -> bool:
+        return self.dist.enabled and self.losses[self.names.index(name[len("distill_"):])].global_batch
+
+    def batch(self, out: Any, rows: np.ndarray, global_batch: bool = True) -> _DistillBatch:
         """The paired student / teacher embeddings of one training batch: this rank's ``rows``, and under torchrun
-        every rank's, gathered in the global batch's order (gradients through this rank's own rows), so that the
-        relational losses see the batch one process would."""
+        (with ``global_batch``) every rank's, gathered in the global batch's order (gradients through this rank's
+        own rows), so that the relational losses see the batch one process would."""
         idx = torch.as_tensor(rows, dtype=torch.long)
-        n, cache, gather = len(rows), self.cache, self.dist.gather_batch
+        n, cache = len(rows), self.cache
+        gather = self.dist.gather_batch if global_batch else (lambda x: x)
         if self.two_tower:
             views = {name: (gather(self._project(f"view_{name}", emb[:n])), gather(cache[f"tower.{name}"][idx]))
                      for name, emb in out.embeddings.items()}
@@ -123,8 +126,14 @@ class DistillationObjective(ObjectiveTerm):
         return _DistillBatch(views, modalities, logits)
 
     def forward(self, out: Any, rows: np.ndarray, progress: float) -> dict[str, torch.Tensor]:
-        batch = self.batch(out, rows)
-        return {f"distill_{name}": loss.config.weight * loss(batch) for name, loss in zip(self.names, self.losses)}
+        batches: dict[bool, _DistillBatch] = {}
+        values = {}
+        for name, loss in zip(self.names, self.losses):
+            wide = self.dist.enabled and loss.global_batch
+            if wide not in batches:
+                batches[wide] = self.batch(out, rows, wide)
+            values[f"distill_{name}"] = loss.config.weight * loss(batches[wide])
+        return values
 
 
 def load_teacher(path: str) -> nn.Module:

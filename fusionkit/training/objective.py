@@ -32,6 +32,13 @@ class ObjectiveTerm(nn.Module):
     otherwise its losses are means over this rank's rows."""
 
     shared: bool = False
+    #: The term runs the model on batches of its own (outside the trainer's forward), so under torchrun the trainer
+    #: averages the model's gradients itself instead of wrapping it in DDP, whose reducer expects one forward per step.
+    forwards_model: bool = False
+
+    def shares(self, name: str) -> bool:
+        """Whether the loss ``name`` is over the gathered global batch, the same on every rank (by default: ``shared``)."""
+        return self.shared
 
     def forward(self, out: Any, rows: np.ndarray, progress: float) -> dict[str, torch.Tensor]:
         return {}

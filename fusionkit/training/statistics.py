@@ -50,6 +50,7 @@ def estimate_domain_statistics(model: FusionModel, store: FeatureStore, index: n
     model.eval()
     saved = [(n.momentum, n.training) for n in norms]
     for norm in norms:
+        norm.local = True  # one rank makes this pass over every target row (on_best runs on rank 0)
         norm.reset_running_stats()
         norm.momentum = None  # cumulative: every row counts the same
         norm.train()
@@ -62,6 +63,7 @@ def estimate_domain_statistics(model: FusionModel, store: FeatureStore, index: n
     finally:
         model.set_domain("source")
         for norm, (momentum, training) in zip(norms, saved):
+            norm.local = False
             norm.momentum = momentum
             norm.train(training)
         model.train(was_training)

@@ -22,7 +22,7 @@ def objective_terms(spec: Spec, target_store: FeatureStore | None = None, dist: 
     if spec.data.standardize_per_domain or spec.projector.domain_norm:
         terms.append(lambda model, store: DomainStatistics(model, store, spec, target_store))
     if spec.adaptation:
-        terms.append(adaptation_loss_factory(spec, target_store))
+        terms.append(adaptation_loss_factory(spec, target_store, dist))
     if spec.distill:
         terms.append(distillation_term(spec, dist))
     return terms

@@ -55,7 +55,8 @@ __all__ = ["Split", "make_split", "Trainer", "prefetch", "train", "cross_validat
 class _Setup:
     """What a run trains: the model, its further objective terms, their trainable parameters, the optimizer,
     the shuffling generator, the number of steps of the whole run, and (once every rank is ready) the model
-    as the loop calls it: in DDP under torchrun, else itself."""
+    as the loop calls it: in DDP under torchrun, else itself; ``synced``: the parameters whose gradients the
+    trainer averages over ranks itself (those outside DDP)."""
 
     model: FusionModel
     terms: nn.ModuleList
@@ -64,6 +65,7 @@ class _Setup:
     shuffle: torch.Generator
     total_steps: int
     forward: nn.Module | None = None
+    synced: list = attrs.Factory(list)
 
 
 @attrs.frozen
@@ -143,9 +145,6 @@ class Trainer:
         self.device = resolve_device(spec.train.device, "train.device", self.dist.local_rank if self.dist.enabled else None)
         self.precision = Precision(spec.train.precision, self.device)
         self.task = task_for(spec, store, split, target_store, self.dist)
-        if self.dist.enabled and spec.adaptation:
-            raise FusionkitError("under torchrun, fusionkit trains without adaptation losses so far; train adaptation "
-                                 "in one process (see docs/scaling.md)")
         if len(split.train) == 0:
             raise DataError(f"{store.path}: no training samples in this split")
 
@@ -214,7 +213,12 @@ class Trainer:
     def _fit(self, setup: _Setup, resume: bool, stop_after_epochs: int | None) -> dict[str, Any]:
         train_cfg, main = self.spec.train, self.dist.is_main
         missing = any(not feats.available.all() for feats in self.store.encoders.values())
-        setup.forward = wrap(setup.model, self.dist, missing)  # a collective: every rank is here
+        if any(term.forwards_model for term in setup.terms):  # gradients averaged by the trainer (see ObjectiveTerm)
+            self.dist.broadcast_parameters(setup.model)
+            setup.forward, setup.synced = setup.model, [p for p in setup.params if p.requires_grad]
+        else:
+            setup.forward = wrap(setup.model, self.dist, missing)  # a collective: every rank is here
+            setup.synced = [p for p in setup.terms.parameters() if p.requires_grad]  # outside DDP: averaged here
         state = self._begin(setup, resume)
         bar = progress_bar(range(state["epoch"], train_cfg.epochs), enabled=self.progress and main, desc="epochs",
                            unit="epoch", leave=False, initial=state["epoch"], total=train_cfg.epochs)
@@ -293,7 +297,7 @@ class Trainer:
             shared = losses.shared
             for term in setup.terms:
                 for name, value in term(out, local[:real], state["step"] / max(1, setup.total_steps)).items():
-                    if term.shared:
+                    if term.shares(name):
                         shared = shared + value
                     else:
                         loss = loss + value
@@ -304,9 +308,8 @@ class Trainer:
         if not torch.isfinite(total):
             raise FusionkitError(f"epoch {epoch}: the loss became {float(total)}; lower train.lr or check the features")
         optimizer.zero_grad(set_to_none=True)
-        term_params = [p for p in setup.terms.parameters() if p.requires_grad]  # outside DDP: averaged here
         self.precision.step(total, optimizer, setup.params, train_cfg.grad_clip,
-                            lambda: self.dist.average_gradients(term_params))
+                            lambda: self.dist.average_gradients(setup.synced))
         self.task.after_step(model)
         state["step"] += 1
         return real, {"loss": float((loss + shared).detach()), **parts}
