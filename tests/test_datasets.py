@@ -149,7 +149,7 @@ def test_blemore_release_import(tmp_path):
 def test_blemore_release_errors_name_the_file(tmp_path):
     make_release(tmp_path / "release", np.random.default_rng(1))
     (tmp_path / "release" / "wavlm" / "train" / "A303_sad_int3_ver1.npy").unlink()
-    with pytest.raises(DataError, match=r"wavlm/train/A303_sad_int3_ver1\.npy: missing"):
+    with pytest.raises(DataError, match=r"encoder 'wavlm' .* lacks 1 clip\(s\): A303_sad_int3_ver1"):
         BlemoreRelease(BlemoreConfig(root=str(tmp_path / "release"))).generate()
     shutil.rmtree(tmp_path / "release")
     with pytest.raises(DataError, match="train_metadata.csv: missing"):

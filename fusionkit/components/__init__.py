@@ -85,7 +85,7 @@ def register_datasets(register):
     register("uci-mfeat", datasets.UciMfeat, config=datasets.UciMfeatConfig,
              description="UCI Multiple Features digits as a blended task: six real encoders of unequal quality.")
     register("blemore", datasets.BlemoreRelease, config=datasets.BlemoreConfig,
-             description="The official BlEmoRE release layout (per-video .npy per encoder and split).")
+             description="A BlEmoRE release as the official code writes it: static .npz, flat .npy folders, metadata CSVs.")
     register("synthetic", datasets.Synthetic, config=datasets.SyntheticConfig,
              description="Fast synthetic blended data for tests.")
     register("cmudict", datasets.Cmudict, config=datasets.CmudictConfig,

@@ -13,13 +13,12 @@ import attrs
 import numpy as np
 
 from fusionkit import config as cfg
-from fusionkit.answers import parse_blemore_name
 from fusionkit.config import non_negative, option, positive, seed_range, unit_interval
+from fusionkit.data.blemore import ReleaseLayout, read_release
 from fusionkit.data.store import write_store
 from fusionkit.errors import DataError, SpecError
 from fusionkit.interfaces import Dataset, Sample
 from fusionkit.plugins import get_registry
-from fusionkit.pooling import stats7_numpy
 from fusionkit.spec import BLEMORE_LABELS
 
 __all__ = ["UCI_VIEWS", "UCI_WHEEL_DIR", "RATIOS", "UciMfeatConfig", "read_uci_mfeat", "uci_source", "UciMfeat",
@@ -204,63 +203,30 @@ class UciMfeat(Dataset):
 
 @attrs.frozen(kw_only=True)
 class BlemoreConfig:
-    """The official BlEmoRE release: one folder of per-video .npy time series per encoder and split."""
+    """A BlEmoRE release as the official blemore-common code writes it: <encoder>_static_features.npz (aggregated),
+    flat <encoder>/<clip>.npy folders, or <encoder>/<split>/<clip>.npy; labels and folds from the metadata CSVs."""
 
-    root: str = option(doc="Release directory: <root>/<encoder>/<split>/<video>.npy and <root>/<metadata>.")
-    encoders: list[str] = option(factory=list, doc="Encoder folders to import; empty: every folder with .npy files.")
-    metadata: str = option("train_metadata.csv", doc="Metadata CSV (filename, fold, ...) relative to root.")
-    splits: list[str] = option(factory=lambda: ["train", "test"], doc="Split folders; 'train' is labelled, the rest are not.")
-    aggregate: Literal["sequences", "stats7"] = option("stats7", doc="Keep the time series, or aggregate each with stats7.")
+    root: str = option(doc="Release directory (holding train_metadata.csv).")
+    encoders: list[str] = option(factory=list, doc="Encoders to import; empty: every one found (static .npz files and "
+                                                   "folders of .npy time series).")
+    metadata: str = option("train_metadata.csv", doc="Training metadata CSV (filename, fold, emotion columns), relative "
+                                                     "to root.")
+    test_metadata: str = option("test_metadata.csv", doc="Test metadata CSV, relative to root; read when it exists (its "
+                                                         "emotion columns, when filled, label the test clips).")
+    static_dir: str = option("encoded_videos/static_data", doc="Where <encoder>_static_features.npz files are looked for "
+                                                               "(relative to root; root itself too).")
+    splits: list[str] = option(factory=lambda: ["train", "test"], doc="Split folders of the <encoder>/<split>/ layout.")
+    aggregate: Literal["sequences", "stats7"] = option(
+        "stats7", doc="stats7: one vector per clip (a static .npz is read as it is, a time series aggregated as "
+                      "timeseries2aggregate.py does); sequences: the time series.")
 
 
 class BlemoreRelease(Dataset):
 
     def generate(self) -> tuple[list[Sample], dict]:
         c = self.config
-        root = Path(c.root)
-        meta_path = root / c.metadata
-        if not meta_path.is_file():
-            raise DataError(f"{meta_path}: missing BlEmoRE metadata CSV")
-        with open(meta_path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        for col in ("filename", "fold"):
-            if rows and col not in rows[0]:
-                raise DataError(f"{meta_path}: no column {col!r}; columns are {list(rows[0])}")
-        folds = {Path(r["filename"]).stem: int(r["fold"]) for r in rows}
-        encoders = c.encoders or sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.rglob("*.npy")))
-        if not encoders:
-            raise DataError(f"{root}: no encoder folders with .npy files")
-        samples: list[Sample] = []
-        for split in c.splits:
-            first = root / encoders[0] / split
-            if not first.is_dir():
-                raise DataError(f"{first}: missing split folder")
-            for stem in sorted(p.stem for p in first.glob("*.npy")):
-                if split == "train":
-                    if stem not in folds:
-                        raise DataError(f"{first / (stem + '.npy')}: not listed in {meta_path.name}")
-                    samples.append(Sample(id=stem, labels=parse_blemore_name(stem), group=stem.split("_")[0],
-                                          fold=folds[stem], domain="source"))
-                else:
-                    samples.append(Sample(id=stem, labels=None, group="", fold=-1, domain="target"))
-        missing_train = sorted(set(folds) - {s.id for s in samples})
-        if missing_train:
-            raise DataError(f"{meta_path.name} lists {len(missing_train)} clips with no features, e.g. {missing_train[:3]}")
-        split_of = {s.id: ("train" if s.labels is not None else None) for s in samples}
-        features = {}
-        for enc in encoders:
-            series = []
-            for s in samples:
-                split = split_of[s.id] or next(sp for sp in c.splits if sp != "train" and (root / enc / sp / f"{s.id}.npy").is_file())
-                path = root / enc / split / f"{s.id}.npy"
-                if not path.is_file():
-                    raise DataError(f"{path}: missing; every encoder needs a file for every clip")
-                arr = np.load(path, allow_pickle=False)
-                if arr.ndim == 1:
-                    arr = arr[None, :]
-                series.append(arr.astype(np.float32))
-            features[enc] = np.stack([stats7_numpy(x) for x in series]) if c.aggregate == "stats7" else series
-        return samples, features
+        layout = ReleaseLayout(Path(c.root), c.metadata, c.test_metadata, c.static_dir, tuple(c.splits))
+        return read_release(layout, c.encoders, c.aggregate)
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -1,0 +1,101 @@
+"""The official BlEmoRE release layouts: static .npz, flat .npy folders, metadata CSVs."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from official_release import DIMS, official_aggregate, write_official_release
+
+from fusionkit.components.datasets import build_dataset
+from fusionkit.data.store import open_store
+from fusionkit.errors import DataError
+from fusionkit.pooling import stats7, stats7_numpy
+
+
+def metadata(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_stats7_is_the_official_aggregation_and_a_static_npz_is_read_as_it_is(tmp_path):
+    series = write_official_release(tmp_path / "r")
+    x = series["wavlm"]["A101_ang_int1_ver1"]
+    np.testing.assert_allclose(stats7_numpy(x), official_aggregate(x), rtol=1e-6)
+    pooled = stats7(torch.from_numpy(x)[None], torch.tensor([len(x)]))[0].numpy()
+    np.testing.assert_allclose(pooled, official_aggregate(x), rtol=1e-5, atol=1e-6)
+    static = open_store(build_dataset("blemore", {"root": str(tmp_path / "r"), "encoders": ["wavlm", "hubert"]},
+                                      tmp_path / "static"))
+    # hubert has no .npz: its flat folder is aggregated by fusionkit; wavlm's .npz is read without re-aggregation
+    for i, clip in enumerate(static.ids):
+        np.testing.assert_allclose(static.encoders["wavlm"].data[i].numpy(), official_aggregate(series["wavlm"][clip]),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(static.encoders["hubert"].data[i].numpy(), stats7_numpy(series["hubert"][clip]),
+                                   rtol=1e-6)
+
+
+def test_labels_and_folds_come_from_the_metadata(tmp_path):
+    write_official_release(tmp_path / "r")
+    store = open_store(build_dataset("blemore", {"root": str(tmp_path / "r")}, tmp_path / "s"))
+    assert set(store.encoders) == set(DIMS)
+    by_id = {s.id: s for s in store.samples}
+    rows = metadata(tmp_path / "r" / "train_metadata.csv")
+    assert len(rows) == sum(s.domain == "source" for s in store.samples)
+    for row in rows:
+        sample = by_id[row["filename"][: -len(".mov")]]
+        assert sample.fold == int(row["fold"]) and sample.domain == "source"
+        truth = {row["emotion_1"]: float(row["emotion_1_salience"] or 100)}
+        if row["emotion_2"]:
+            truth[row["emotion_2"]] = float(row["emotion_2_salience"])
+        assert {e["emotion"]: e["salience"] for e in sample.labels} == truth
+    tests = [s for s in store.samples if s.domain == "target"]
+    assert [s.id for s in tests] == [r["filename"][:-4] for r in metadata(tmp_path / "r" / "test_metadata.csv")]
+    assert all(s.labels is None and s.fold == -1 for s in tests)
+
+
+def test_filled_test_metadata_labels_the_test_clips(tmp_path):
+    write_official_release(tmp_path / "r", test_labels=True)
+    store = open_store(build_dataset("blemore", {"root": str(tmp_path / "r"), "aggregate": "sequences"},
+                                     tmp_path / "s"))
+    rows = {r["filename"][:-4]: r for r in metadata(tmp_path / "r" / "test_metadata.csv")}
+    for sample in store.samples:
+        if sample.domain == "target":
+            assert sample.labels[0]["emotion"] == rows[sample.id]["emotion_1"]
+
+
+def test_missing_and_extra_clips_are_listed_per_encoder(tmp_path):
+    write_official_release(tmp_path / "r")
+    (tmp_path / "r" / "hubert" / "A202_sad_int3_ver1.npy").unlink()
+    np.save(tmp_path / "r" / "hubert" / "A999_ang_int1_ver1.npy", np.zeros((3, 2), dtype=np.float32))
+    with pytest.raises(DataError) as err:
+        build_dataset("blemore", {"root": str(tmp_path / "r")}, tmp_path / "s")
+    assert "encoder 'hubert'" in str(err.value) and "lacks 1 clip(s): A202_sad_int3_ver1" in str(err.value)
+    assert "1 clip(s) that no metadata lists: A999_ang_int1_ver1" in str(err.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_test_clip_in_the_training_metadata_is_refused(tmp_path):
+    write_official_release(tmp_path / "r")
+    with open(tmp_path / "r" / "test_metadata.csv", "a", newline="") as fh:
+        csv.writer(fh).writerow(["A101_ang_int1_ver1.mov", "A101_ang_int1_ver1"] + [""] * 10)
+    with pytest.raises(DataError, match=r"test_metadata.csv: 1 test clip\(s\) are also in train_metadata.csv: "
+                                        r"A101_ang_int1_ver1"):
+        build_dataset("blemore", {"root": str(tmp_path / "r")}, tmp_path / "s")
+
+
+def test_metadata_that_contradicts_the_file_name_is_refused_by_line(tmp_path):
+    write_official_release(tmp_path / "r")
+    path = tmp_path / "r" / "train_metadata.csv"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace(",ang,", ",sad,", 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"train_metadata.csv:2: the emotion columns say .*sad.* but the file name"):
+        build_dataset("blemore", {"root": str(tmp_path / "r")}, tmp_path / "s")
+
+
+def test_an_unknown_encoder_names_what_the_release_holds(tmp_path):
+    write_official_release(tmp_path / "r")
+    with pytest.raises(DataError, match=r"no encoder 'videomae'.*found: \['hubert', 'openface', 'wavlm'\]"):
+        build_dataset("blemore", {"root": str(tmp_path / "r"), "encoders": ["videomae"]}, tmp_path / "s")
