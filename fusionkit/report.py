@@ -36,7 +36,8 @@ def _pyplot():
 def _learning_curves(plt, log: list[dict], best_epoch: int, keys: tuple[str, ...], path: Path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     epochs = [r["epoch"] for r in log]
-    for key in sorted({k for r in log for k in r if k not in ("epoch", "lr", "val", "seconds")}):
+    for key in sorted({k for r in log for k, v in r.items() if k not in ("epoch", "lr", "seconds")
+                       and isinstance(v, (int, float))}):  # the losses; val and train diagnostics are nested
         a1.plot(epochs, [r.get(key, np.nan) for r in log], label=key)
     a1.set(xlabel="epoch", ylabel="training loss", title="Training losses")
     a1.legend(fontsize=7)

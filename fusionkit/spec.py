@@ -124,6 +124,10 @@ class TrainConfig:
         "and a smaller share is a subset of a larger one). For learning curves, and for a distilled student that "
         "sees less data than its teacher did, as in CLIP-KD/CLIP-RD. Validation and test rows are never cut.",
         validator=unit_interval)
+    log_to: list[Literal["tensorboard"]] = option(
+        factory=list, doc="Loggers that receive every epoch's record besides log.jsonl: tensorboard writes event files "
+        "under RUN/tensorboard (losses, every objective term, learning rate, validation metrics, encoders used and kept "
+        "per epoch, a two-tower model's logit scale); needs pip install 'fusionkit[tensorboard]'.")
     precision: Literal["32", "bf16", "16"] = option(
         "32", doc="32: float32; bf16: bfloat16 autocast (GPUs since Ampere, and CPUs); 16: float16 autocast with a "
         "gradient scaler (GPUs). Softmaxes, KLs, gate scores and per-domain statistics stay in float32.")

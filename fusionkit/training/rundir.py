@@ -48,7 +48,7 @@ RUN_FORMAT = "fusionkit-run"
 CV_FORMAT = "fusionkit-cv"
 CHECKPOINTS = ("last", "best")
 #: What a run writes; ``--overwrite`` removes these and nothing else.
-RUN_OUTPUTS = (RUN_FILE, LOG_FILE, METRICS_FILE, "spec.yaml", "cv.json", "last", "best", "report",
+RUN_OUTPUTS = (RUN_FILE, LOG_FILE, METRICS_FILE, "spec.yaml", "cv.json", "last", "best", "report", "tensorboard",
                "predictions_*.json", "evaluation_*.json", "fold[0-9]*")
 
 is_run = json_marker(RUN_FILE, "format", (RUN_FORMAT, CV_FORMAT))

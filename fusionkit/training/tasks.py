@@ -207,7 +207,7 @@ class ClassificationTask(Task):
     def loss(self, model: FusionModel, out: Any, rows: np.ndarray, real: int) -> Losses:
         loss, parts = supervised_loss(out, self.target[[self.position[int(i)] for i in rows]].to(out.probs.device),
                                       self.spec.train, model)
-        return Losses(loss, 0.0, parts)
+        return Losses(loss, 0.0, {**parts, **_selection_diagnostics(model, out.kept[:real])})
 
     def after_step(self, model: FusionModel) -> None:
         pass
@@ -243,6 +243,20 @@ class ClassificationTask(Task):
         return metrics
 
 
+def _selection_diagnostics(model: FusionModel, kept: torch.Tensor) -> dict[str, float]:
+    """Per-sample means over a batch's own rows (every rank gives the same keys): how many encoders each sample used
+    (``train/encoders_used``, and the share using n: ``train/used/n``) and how often each encoder was kept."""
+    k = len(model.encoder_names)
+    if len(kept) == 0:
+        kept = torch.full((1, max(1, kept.shape[1] if kept.dim() == 2 else 1)), -1, device=kept.device)
+    used = (kept >= 0).sum(1)
+    out = {"train/encoders_used": float(used.float().mean())}
+    out.update({f"train/used/{n}": float((used == n).float().mean()) for n in range(1, k + 1)})
+    hits = (kept.unsqueeze(-1) == torch.arange(k, device=kept.device)).any(1).float().mean(0)
+    out.update({f"train/keep_rate/{name}": float(rate) for name, rate in zip(model.encoder_names, hits)})
+    return out
+
+
 class ContrastiveTask(Task):
     """Two-tower models: the CLIP loss, mean Recall@1 over both directions on validation."""
 
@@ -275,9 +289,11 @@ class ContrastiveTask(Task):
                 stand_a, stand_b = (out.embeddings[name][:1] for name in model.tower_names)
                 clip = 0.0 * local_clip_loss(stand_a, stand_b, all_a, all_b, 0, out.scale)
             parts["clip"] = float(clip.detach())
+            parts["train/logit_scale"] = float(out.scale.detach())
             return Losses(clip + aux, 0.0, parts)
         clip = clip_loss(all_a, all_b, out.scale)
         parts["clip"] = float(clip.detach())
+        parts["train/logit_scale"] = float(out.scale.detach())
         return Losses(aux if torch.is_tensor(aux) else clip.new_zeros(()), clip, parts)
 
     def after_step(self, model: Any) -> None:

@@ -43,6 +43,7 @@ from fusionkit.moved import moved_names
 from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
 from fusionkit.distributed import Dist, setup, wrap
+from fusionkit.training.loggers import RunLogger, make_loggers
 from fusionkit.training.objective import ObjectiveTerm, TermFactory
 from fusionkit.training.precision import Precision
 from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint, teacher_fingerprint
@@ -130,7 +131,8 @@ class Trainer:
 
     def __init__(self, spec: Spec, store: FeatureStore, out: str | os.PathLike, split: Split, *,
                  progress: bool = True, data_path: str | None = None, terms: Sequence[TermFactory] | None = None,
-                 target_store: FeatureStore | None = None, overwrite: bool = False, dist: Dist | None = None) -> None:
+                 target_store: FeatureStore | None = None, overwrite: bool = False, dist: Dist | None = None,
+                 loggers: Sequence[RunLogger] = ()) -> None:
         self.spec = spec
         self.dist = dist or Dist()
         self.store = store
@@ -142,6 +144,7 @@ class Trainer:
         self.target_store = target_store
         self.overwrite = overwrite
         self.run = RunDirectory(self.out)
+        self.loggers = [*make_loggers(spec.train.log_to), *loggers]
         self.device = resolve_device(spec.train.device, "train.device", self.dist.local_rank if self.dist.enabled else None)
         self.precision = Precision(spec.train.precision, self.device)
         self.task = task_for(spec, store, split, target_store, self.dist)
@@ -220,24 +223,31 @@ class Trainer:
             setup.forward = wrap(setup.model, self.dist, missing)  # a collective: every rank is here
             setup.synced = [p for p in setup.terms.parameters() if p.requires_grad]  # outside DDP: averaged here
         state = self._begin(setup, resume)
-        bar = progress_bar(range(state["epoch"], train_cfg.epochs), enabled=self.progress and main, desc="epochs",
-                           unit="epoch", leave=False, initial=state["epoch"], total=train_cfg.epochs)
-        epochs_this_call = 0
-        for epoch in bar:
-            if state["since_best"] >= train_cfg.patience:
-                break  # early stopping had happened before a kill: nothing more to train
-            started = time.perf_counter()
-            record = self._train_epoch(setup, epoch, state)
-            self.validate(setup.model, setup.terms, epoch, state, record)
-            state["epoch"] = epoch + 1
-            record["seconds"] = round(time.perf_counter() - started, 3)
-            self._end_epoch(setup, state, record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record.get('val', {}).get('score', float('nan')):.3f}")
-            epochs_this_call += 1
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and state["epoch"] < train_cfg.epochs:
-                if main:
-                    self.run.update(status="interrupted")
-                return {"interrupted": True, "epoch": state["epoch"]}
+        loggers = self.loggers if main else []
+        for logger in loggers:
+            logger.start(self.out, state["epoch"])
+        try:
+            bar = progress_bar(range(state["epoch"], train_cfg.epochs), enabled=self.progress and main, desc="epochs",
+                               unit="epoch", leave=False, initial=state["epoch"], total=train_cfg.epochs)
+            epochs_this_call = 0
+            for epoch in bar:
+                if state["since_best"] >= train_cfg.patience:
+                    break  # early stopping had happened before a kill: nothing more to train
+                started = time.perf_counter()
+                record = self._train_epoch(setup, epoch, state)
+                self.validate(setup.model, setup.terms, epoch, state, record)
+                state["epoch"] = epoch + 1
+                record["seconds"] = round(time.perf_counter() - started, 3)
+                self._end_epoch(setup, state, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record.get('val', {}).get('score', float('nan')):.3f}")
+                epochs_this_call += 1
+                if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and state["epoch"] < train_cfg.epochs:
+                    if main:
+                        self.run.update(status="interrupted")
+                    return {"interrupted": True, "epoch": state["epoch"]}
+        finally:
+            for logger in loggers:
+                logger.close()
         if not main:  # rank 0 evaluates the best model alone and shares its metrics
             return self.dist.broadcast(None)
         return self.dist.broadcast(self.finish(state))
@@ -281,7 +291,14 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v * real
         sums = self.dist.sum(sums)  # every rank's share of the epoch's losses
-        return {"epoch": epoch, "lr": setup.optimizer.param_groups[0]["lr"], **{k: v / len(order) for k, v in sums.items()}}
+        record: dict[str, Any] = {"epoch": epoch, "lr": setup.optimizer.param_groups[0]["lr"]}
+        for key, total in sums.items():  # "train/keep_rate/enc0" -> record["train"]["keep_rate"]["enc0"]
+            *groups, name = key.split("/")
+            place = record
+            for group in groups:
+                place = place.setdefault(group, {})
+            place[name] = total / len(order)
+        return record
 
     def _step(self, setup: _Setup, epoch: int, state: dict[str, Any], rows: np.ndarray, local: np.ndarray,
               batch: tuple) -> tuple[int, dict[str, float]]:
@@ -320,6 +337,8 @@ class Trainer:
         rng_states = self.dist.all_gather_object(torch.get_rng_state())  # each rank's: dropout differs per rank
         if self.dist.is_main:
             self.run.append_log(record)
+            for logger in self.loggers:
+                logger.log(record["epoch"], record)
             self._save_last(setup, state, rng_states)
 
     def batches(self, order: np.ndarray, model: FusionModel) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
