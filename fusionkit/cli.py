@@ -177,6 +177,8 @@ def _run_index(run: Path, store, split_name: str):
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     if split_name == "unlabelled":
         index = store.select(labelled=False)
+    elif split_name == "target":
+        index = store.select(domain="target")
     elif split_name == "all":
         index = np.arange(len(store))
     elif split_name == "labelled":
@@ -194,20 +196,57 @@ def _open_run(args: argparse.Namespace):
     from fusionkit.devices import resolve_device
     from fusionkit.models.factory import load_model
 
-    model = load_model(Path(args.run) / "best", device=resolve_device(args.device or "auto"))
+    model = load_model(Path(args.run[0]) / "best", device=resolve_device(args.device or "auto"))
     return model, spec_store(model.spec, args.data, args.raw, args.confine)
+
+
+def _open_ensemble(args: argparse.Namespace):
+    """The runs of ``args.run`` as a fold ensemble with its thresholds fitted out of fold, or None for one run."""
+    from fusionkit.data.open import spec_store
+    from fusionkit.devices import resolve_device
+    from fusionkit.errors import FusionkitError
+    from fusionkit.training.ensemble import FoldEnsemble, expand_runs
+
+    runs = expand_runs(args.run)
+    if len(runs) == 1 and not args.cv:
+        return None
+    if args.cv and (len(args.run) != 1 or runs == [Path(args.run[0])]):
+        raise FusionkitError(f"--cv: give one cross-validation directory (written by `fusionkit train --cv`), not "
+                             f"{args.run}")
+    if args.split in ("test", "val"):
+        raise FusionkitError(f"--split {args.split}: the fold models of an ensemble have different {args.split} folds; "
+                             "choose target (the test clips), unlabelled, labelled or all")
+    ensemble = FoldEnsemble(runs, device=resolve_device(args.device or "auto"))
+    store = spec_store(ensemble.spec, args.data, args.raw, args.confine)
+    ensemble.fit_decoder(store)
+    print(f"ensemble of {len(runs)} runs; decoder thresholds fitted on their pooled out-of-fold validation predictions")
+    return ensemble, store
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fusionkit.files import atomic_write_text
     from fusionkit.training.tasks import task_class
 
-    model, store = _open_run(args)
-    task = task_class(model.spec)
-    index = _run_index(Path(args.run), store, args.split)
-    metrics = task.evaluate_model(model, store, index)
+    opened = _open_ensemble(args)
+    if opened is not None:
+        ensemble, store = opened
+        index = _run_index(Path(args.run[0]), store, args.split)
+        if not store.labelled[index].all():
+            from fusionkit.errors import DataError
+
+            raise DataError(f"{store.path}: the {args.split} samples are not all labelled; evaluate needs labels")
+        metrics = ensemble.evaluate(store, index)
+        task = task_class(ensemble.spec)
+        out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}.json" if len(args.run) == 1 else None
+    else:
+        model, store = _open_run(args)
+        task = task_class(model.spec)
+        index = _run_index(Path(args.run[0]), store, args.split)
+        metrics = task.evaluate_model(model, store, index)
+        out = Path(args.run[0]) / f"evaluation_{args.split}.json"
     print(f"{args.split}: {task.summary(metrics)}")
-    atomic_write_text(Path(args.run) / f"evaluation_{args.split}.json", json.dumps(metrics, indent=2) + "\n")
+    if out is not None:
+        atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
@@ -254,12 +293,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     json_path, zip_path = submission_paths(Path(args.out))
     _check_submission_replaceable(json_path, zip_path)
-    model, store = _open_run(args)
-    if not task_class(model.spec).predicts:
-        raise FusionkitError(f"{args.run}: a two-tower model embeds and retrieves; it predicts no answers, so there "
-                             "is no submission to write. `fusionkit evaluate` gives its retrieval metrics.")
-    index = _run_index(Path(args.run), store, args.split)
-    preds = predictions_for(model, store, index)
+    opened = _open_ensemble(args)
+    if opened is not None:
+        ensemble, store = opened
+        index = _run_index(Path(args.run[0]), store, args.split)
+        preds = ensemble.predictions(store, index)
+    else:
+        model, store = _open_run(args)
+        if not task_class(model.spec).predicts:
+            raise FusionkitError(f"{args.run[0]}: a two-tower model embeds and retrieves; it predicts no answers, so "
+                                 "there is no submission to write. `fusionkit evaluate` gives its retrieval metrics.")
+        index = _run_index(Path(args.run[0]), store, args.split)
+        preds = predictions_for(model, store, index)
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
     atomic_write_text(json_path, text)
 
@@ -408,19 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    splits = ("test", "val", "labelled", "unlabelled", "all")
-    p = sub.add_parser("evaluate", help="BlEmoRE metrics of a trained run on a store")
-    p.add_argument("run", metavar="RUN")
+    splits = ("test", "val", "target", "labelled", "unlabelled", "all")
+    runs_help = ("a run directory; several runs, or a cross-validation directory (train --cv), are averaged as a fold "
+                 "ensemble whose decoder thresholds are fitted on their pooled out-of-fold validation predictions")
+    cv_help = "RUN is a cross-validation directory: ensemble its fold models (the same as naming it alone)"
+    p = sub.add_parser("evaluate", help="BlEmoRE metrics of a trained run (or a fold ensemble) on a store")
+    p.add_argument("run", metavar="RUN", nargs="+", help=runs_help)
+    p.add_argument("--cv", action="store_true", help=cv_help)
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")
     p.add_argument("--confine", metavar="DIR", help=CONFINE_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
-    p.add_argument("--split", choices=splits, default="test", help="which samples (default: the run's test fold)")
+    p.add_argument("--split", choices=splits, default="test", help="which samples (default: the run's test fold; "
+                   "target: the target-domain rows, e.g. a release's test clips)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a challenge submission (JSON, and a zip beside it)")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", nargs="+", help=runs_help)
+    p.add_argument("--cv", action="store_true", help=cv_help)
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")

@@ -99,3 +99,62 @@ def test_an_unknown_encoder_names_what_the_release_holds(tmp_path):
     write_official_release(tmp_path / "r")
     with pytest.raises(DataError, match=r"no encoder 'videomae'.*found: \['hubert', 'openface', 'wavlm'\]"):
         build_dataset("blemore", {"root": str(tmp_path / "r"), "encoders": ["videomae"]}, tmp_path / "s")
+
+
+def test_an_official_release_trains_cross_validates_ensembles_and_writes_a_submission(tmp_path):
+    """The participant's path from the command line: data build -> train --cv -> predict --cv -> the zip, and
+    evaluate --cv on a labelled test set."""
+    import json
+    import zipfile
+
+    import yaml
+
+    from fusionkit.cli import main
+
+    write_official_release(tmp_path / "release", tests=6, test_labels=True)
+    assert main(["data", "build", "blemore", "--out", str(tmp_path / "store"), "--set", f"root={tmp_path / 'release'}"]) == 0
+    spec = {"encoders": [{"name": n, "type": "features", "dim": 7 * d} for n, d in DIMS.items()],
+            "latent_dim": 8, "gate": {"type": "attention", "top_n": 2, "heads": 2},
+            "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "seed": 0}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["train", str(tmp_path / "spec.yaml"), "--data", str(tmp_path / "store"), "--out", str(tmp_path / "cv"),
+                 "--cv", "--quiet"]) == 0
+    assert main(["predict", "--cv", str(tmp_path / "cv"), "--data", str(tmp_path / "store"), "--out",
+                 str(tmp_path / "submission.zip"), "--split", "target", "--id-suffix", ".mov"]) == 0
+    with zipfile.ZipFile(tmp_path / "submission.zip") as zf:
+        assert zf.namelist() == ["submission.json"]
+        predictions = json.loads(zf.read("submission.json"))["predictions"]
+    assert sorted(predictions) == [f"test_{i:04d}.mov" for i in range(1, 7)]
+    for answer in predictions.values():
+        assert 1 <= len(answer) <= 2 and abs(sum(e["salience"] for e in answer) - 100) < 1e-6
+    assert main(["evaluate", str(tmp_path / "cv"), "--cv", "--data", str(tmp_path / "store"), "--split", "target"]) == 0
+    metrics = json.loads((tmp_path / "cv" / "evaluation_ensemble_target.json").read_text())
+    assert metrics["n"] == 6 and 0.0 <= metrics["score"] <= 1.0
+
+
+def test_an_ensemble_averages_its_models_and_fits_thresholds_out_of_fold(synthetic_store, tmp_path):
+    from conftest import tiny_spec
+
+    from fusionkit.data.open import spec_store
+    from fusionkit.spec import load_spec
+    from fusionkit.training.ensemble import FoldEnsemble
+    from fusionkit.training.tasks import collect_outputs
+    from fusionkit.training.train import cross_validate
+
+    cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "cv", progress=False)
+    ensemble = FoldEnsemble([tmp_path / "cv"])
+    assert [p.name for p in ensemble.runs] == [f"fold{k}" for k in range(5)]
+    store = spec_store(load_spec(tiny_spec()), synthetic_store)
+    index = store.select(labelled=True)[:20]
+    single = [collect_outputs(m, store, index)["probs"] for m in ensemble.models]
+    np.testing.assert_allclose(ensemble.outputs(store, index)["probs"], np.mean(single, axis=0), rtol=1e-6)
+    config = ensemble.fit_decoder(store)
+    assert all(m.decoder.config == config for m in ensemble.models)
+    from fusionkit.errors import CheckpointError
+    from fusionkit.training.train import train
+
+    with pytest.raises(CheckpointError, match="name one run twice"):
+        FoldEnsemble([tmp_path / "cv" / "fold0", tmp_path / "cv" / "fold0" / ".." / "fold0"])
+    train(tiny_spec(epochs=1), synthetic_store, tmp_path / "again", fold=0, progress=False)
+    with pytest.raises(DataError, match="overlaps"):
+        FoldEnsemble([tmp_path / "cv" / "fold0", tmp_path / "again"]).fit_decoder(store)
