@@ -317,6 +317,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fusionkit.sweep import sweep
+
+    summary = sweep(args.spec, args.data, args.space, args.trials, args.out, storage=args.storage,
+                    study_name=args.study, jobs=args.jobs, fold=args.fold, cv=args.cv, seed=args.seed,
+                    heartbeat=args.heartbeat)
+    print(f"{summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed trial(s)")
+    if "best_trial" in summary:
+        print(f"best: trial {summary['best_trial']}, Score {summary['best_score']:.4f}, {summary['best_params']}")
+        print(f"best spec written to {Path(args.out) / 'best.yaml'}; table: {Path(args.out) / 'trials.md'}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from fusionkit.report import write_report
 
@@ -482,6 +495,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=splits, default="unlabelled", help="which samples (default: the unlabelled ones)")
     p.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("sweep", help="search recipes with Optuna (TPE, median pruning; resumable, several workers)")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--data", required=True, metavar="STORE", help="the feature store every trial trains on")
+    p.add_argument("--space", required=True, metavar="SPACE.yaml", help="spec paths with ranges or choices (see "
+                   "docs/training.md)")
+    p.add_argument("--trials", required=True, type=int, metavar="N", help="stop once N trials have finished "
+                   "(completed or pruned), counting those of earlier runs of the sweep")
+    p.add_argument("--out", required=True, metavar="DIR", help="trial run directories, best.yaml, trials.md, plots, "
+                   "and the study (study.db) unless --storage")
+    p.add_argument("--storage", metavar="URL", help="an Optuna storage URL (e.g. postgresql://...) for workers on "
+                   "several machines; default: sqlite in DIR")
+    p.add_argument("--study", default="fusionkit", help="study name within the storage (default: fusionkit)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="workers here, each in its own process")
+    p.add_argument("--fold", type=int, default=0, help="the test fold of every trial (default 0; its next fold "
+                   "validates and is what the trials are scored on)")
+    p.add_argument("--cv", action="store_true", help="score each trial by the mean test Score over every fold "
+                   "(pruned after each fold)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    p.add_argument("--heartbeat", type=int, default=60, metavar="S", help="seconds between a trial's heartbeats; a "
+                   "trial silent for twice that (its worker was killed) is marked failed and replaced")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="plots and a markdown summary of a run")
     p.add_argument("run", metavar="RUN")

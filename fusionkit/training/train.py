@@ -485,7 +485,8 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = None,
           resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
           overwrite: bool = False, raw: str | os.PathLike | None = None,
-          confine: str | os.PathLike | None = None, device: str | None = None) -> dict[str, Any]:
+          confine: str | os.PathLike | None = None, device: str | None = None,
+          loggers: Sequence[RunLogger] = ()) -> dict[str, Any]:
     """Train one model; see the module docstring for the folds and the run directory.
 
     With adaptation losses in the spec, unlabelled target batches come from ``target`` (a
@@ -494,12 +495,13 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
     Live encoders read their inputs from the manifest ``raw`` (or ``data`` is a manifest when
     every encoder is live; see docs/live-encoders.md); with ``confine``, every path in it must resolve
     inside that folder. ``device`` (auto, cpu, cuda, cuda:K) overrides the spec's ``train.device``.
+    ``loggers`` receive every epoch's record besides those of ``train.log_to`` (:mod:`fusionkit.training.loggers`).
     ``out`` must be new, empty, or (with ``resume`` or ``overwrite``) a fusionkit run directory.
     """
     spec = on_device(load_spec(spec), device)
     store = spec_store(spec, data, raw, confine)
     target_store = spec_store(spec, target) if target is not None else None
-    return _train_opened(spec, store, target_store, data, out, fold, resume, progress, overwrite)
+    return _train_opened(spec, store, target_store, data, out, fold, resume, progress, overwrite, loggers)
 
 
 def on_device(spec: Spec, device: str | None) -> Spec:
@@ -508,11 +510,13 @@ def on_device(spec: Spec, device: str | None) -> Spec:
 
 
 def _train_opened(spec: Spec, store: FeatureStore, target_store: FeatureStore | None, data: str | os.PathLike,
-                  out: str | os.PathLike, fold: int | None, resume: bool, progress: bool, overwrite: bool) -> dict[str, Any]:
+                  out: str | os.PathLike, fold: int | None, resume: bool, progress: bool, overwrite: bool,
+                  loggers: Sequence[RunLogger] = ()) -> dict[str, Any]:
     """:func:`train` once the spec is validated and its data opened (cross-validation opens them once)."""
     dist = setup()
-    metrics = Trainer(spec, store, out, make_split(store, fold, spec.train.train_fraction), progress=progress, data_path=str(data),
-                      target_store=target_store, overwrite=overwrite, dist=dist).fit(resume=resume)
+    metrics = Trainer(spec, store, out, make_split(store, fold, spec.train.train_fraction), progress=progress,
+                      data_path=str(data), target_store=target_store, overwrite=overwrite, dist=dist,
+                      loggers=loggers).fit(resume=resume)
     dist.close()
     return metrics
 
