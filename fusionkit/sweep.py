@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 import yaml
 
+from fusionkit.data.store import open_store
 from fusionkit.errors import FusionkitError, SpecError
 from fusionkit.files import atomic_write_text
 from fusionkit.spec import dump_spec, load_spec
@@ -151,8 +152,6 @@ def _objective(spec: Mapping[str, Any], space: Mapping[str, Any], data: str, out
             metrics = train(trial_spec, data, run, fold=fold, progress=progress, overwrite=True, loggers=[_Reporter(trial)])
             return float(metrics["val"]["score"])
         import optuna
-
-        from fusionkit.data.store import open_store
 
         folds = sorted({int(f) for f in open_store(data).folds if f >= 0})
         scores = []

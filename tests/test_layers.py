@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["models", "data"], 3),
     **dict.fromkeys(["components"], 4),
     **dict.fromkeys(["training"], 5),
-    **dict.fromkeys(["", "__main__", "cli", "report", "recipes", "demo", "scaffold", "model", "towers"], 6),
+    **dict.fromkeys(["", "__main__", "cli", "report", "recipes", "demo", "scaffold", "sweep", "model", "towers"], 6),
 }
 #: Where an import inside a function may name a fusionkit module: the command line and the package's lazy
 #: API (so that `fusionkit --help` imports no torch), and the built-ins' registration hooks (likewise).
