@@ -245,14 +245,16 @@ class ClassificationTask(Task):
 
 def _selection_diagnostics(model: FusionModel, kept: torch.Tensor) -> dict[str, float]:
     """Per-sample means over a batch's own rows (every rank gives the same keys): how many encoders each sample used
-    (``train/encoders_used``, and the share using n: ``train/used/n``) and how often each encoder was kept."""
+    (``train/encoders_used``, and the share using n: ``train/used/n``) and how often each encoder was kept. One
+    copy to the host, so a GPU step waits once."""
     k = len(model.encoder_names)
-    if len(kept) == 0:
-        kept = torch.full((1, max(1, kept.shape[1] if kept.dim() == 2 else 1)), -1, device=kept.device)
-    used = (kept >= 0).sum(1)
-    out = {"train/encoders_used": float(used.float().mean())}
-    out.update({f"train/used/{n}": float((used == n).float().mean()) for n in range(1, k + 1)})
-    hits = (kept.unsqueeze(-1) == torch.arange(k, device=kept.device)).any(1).float().mean(0)
+    rows = kept.detach().cpu().numpy()
+    if len(rows) == 0:  # a stand-in share (it weighs nothing): the keys, with zeros
+        rows = np.full((1, max(1, rows.shape[1] if rows.ndim == 2 else 1)), -1)
+    used = (rows >= 0).sum(1)
+    out = {"train/encoders_used": float(used.mean())}
+    out.update({f"train/used/{n}": float((used == n).mean()) for n in range(1, k + 1)})
+    hits = (rows[:, :, None] == np.arange(k)).any(1).mean(0)
     out.update({f"train/keep_rate/{name}": float(rate) for name, rate in zip(model.encoder_names, hits)})
     return out
 
