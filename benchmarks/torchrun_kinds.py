@@ -122,9 +122,9 @@ def main() -> None:
         "## Every kind under torchrun", "",
         "`.venv/bin/python benchmarks/torchrun_kinds.py`: training samples/s (training rows over the median epoch "
         f"time, validation left out) of a synthetic store ({args.samples:,} samples, 3 encoders × {DIM}), global batch "
-        "256, gloo, one thread per process; extraction: images/s over the whole `fusionkit extract` command. On this "
-        "2-core machine two processes share the cores one process had, so the ratio shows the cost of the gathers "
-        "and the gradient averaging, not a speed-up.", "",
+        "256, gloo, one thread per process; extraction: images/s over the whole `fusionkit extract` command (process "
+        "start-up and model loading included). Two processes have twice the cores of one; a ratio under 2 is what the "
+        "gathers, the gradient all-reduce and the barriers cost, over loopback, for models this small.", "",
         markdown_table(["kind", "1 process", "2 processes", "2 / 1"], rows), ""])
     write("torchrun-kinds", data, section)
 
