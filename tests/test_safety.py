@@ -268,7 +268,9 @@ def test_ctrl_c_prints_one_line_marks_the_run_interrupted_and_it_resumes(tmp_pat
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fusionkit", "train", str(spec_file), "--data", str(synthetic_store),
                              "--out", str(run), "--fold", "0", "--quiet"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a shell's background job starts with SIGINT ignored, which Python then keeps
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "last" / "metadata.json").exists():
         time.sleep(0.1)
