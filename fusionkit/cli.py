@@ -207,7 +207,7 @@ def _open_ensemble(args: argparse.Namespace):
     from fusionkit.errors import FusionkitError
     from fusionkit.training.ensemble import FoldEnsemble, expand_runs
 
-    runs = expand_runs(args.run)
+    runs = expand_runs(args.run, partial=args.partial)
     if len(runs) == 1 and not args.cv:
         return None
     if args.cv and (len(args.run) != 1 or runs == [Path(args.run[0])]):
@@ -319,6 +319,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from fusionkit.sweep import sweep
+
+    args.interrupt_hint = f"the sweep is resumable: run the same command again (sweep: {args.out})"
 
     summary = sweep(args.spec, args.data, args.space, args.trials, args.out, storage=args.storage,
                     study_name=args.study, jobs=args.jobs, fold=args.fold, cv=args.cv, seed=args.seed,
@@ -470,9 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs_help = ("a run directory; several runs, or a cross-validation directory (train --cv), are averaged as a fold "
                  "ensemble whose decoder thresholds are fitted on their pooled out-of-fold validation predictions")
     cv_help = "RUN is a cross-validation directory: ensemble its fold models (the same as naming it alone)"
+    partial_help = ("ensemble the finished folds of an incomplete cross-validation (by default every fold it lists "
+                    "must be finished)")
     p = sub.add_parser("evaluate", help="BlEmoRE metrics of a trained run (or a fold ensemble) on a store")
     p.add_argument("run", metavar="RUN", nargs="+", help=runs_help)
     p.add_argument("--cv", action="store_true", help=cv_help)
+    p.add_argument("--partial", action="store_true", help=partial_help)
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")
@@ -485,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write a challenge submission (JSON, and a zip beside it)")
     p.add_argument("run", metavar="RUN", nargs="+", help=runs_help)
     p.add_argument("--cv", action="store_true", help=cv_help)
+    p.add_argument("--partial", action="store_true", help=partial_help)
     p.add_argument("--data", required=True, metavar="DATA", help="a feature store directory, or a raw manifest (.csv/.jsonl) when every encoder is live")
     p.add_argument("--raw", metavar="MANIFEST", help="raw manifest (.csv/.jsonl) with the inputs of the spec's live "
                    "encoders, beside the feature store of --data (see docs/live-encoders.md)")

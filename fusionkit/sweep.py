@@ -1,6 +1,7 @@
 """Sweeps over recipes on Optuna: a search space of spec paths, TPE sampling, median pruning, resumable storage.
 
-The space is a small YAML file of spec paths (dotted, into the spec as written) and what each may take::
+The space is a small YAML (or JSON, TOML) file of spec paths (dotted, into the spec as written) and what each may
+take::
 
     train.lr: {float: [1.0e-4, 1.0e-2], log: true}
     latent_dim: {int: [64, 256], step: 64}
@@ -8,88 +9,173 @@ The space is a small YAML file of spec paths (dotted, into the spec as written) 
     encoders: {subset: [videomae, hubert, wavlm, openface], min: 2}
 
 ``subset`` keeps the spec's encoders whose names are chosen (each one a yes/no parameter). Every trial is an
-ordinary run directory (``DIR/trial-NNNN``, or its ``foldK`` runs with ``cv``), trained by
-:func:`fusionkit.training.train.train`. The study lives in an Optuna storage: ``DIR/study.db`` (SQLite) by
-default, or any database URL Optuna accepts, so a killed sweep resumes and several workers (``jobs`` here, or
-the same command on other machines against one database) share it. Each validation reports the Score to the
-trial, and a MedianPruner stops trials that fall behind.
+ordinary run directory (``DIR/trial-NNNN``; with ``cv`` a cross-validation directory of ``foldK`` runs), trained
+by :mod:`fusionkit.training.train`, so ``evaluate``, ``predict`` and ``report`` take it as they take any run.
+
+A sweep follows the rules ``train`` follows:
+
+- specs and spaces are read by the one strict, bounded reader (:func:`fusionkit.spec.read_spec_file`);
+- ``DIR`` is fusionkit's own: ``DIR/sweep.json`` marks it, and a directory without the marker that holds anything is
+  refused, as a run directory or a user's folder is. One sweep directory holds one study;
+- a study records its spec and space, and refuses to resume under others, saying what differs;
+- every value of the space (each choice, both ends of each range) and the data are checked before the first trial.
+
+The study lives in an Optuna storage: ``DIR/study.db`` (SQLite) by default, or any database URL Optuna accepts, so a
+killed sweep resumes and several workers (``jobs`` here, or the same command on other machines against one
+database) share it. Each validation reports the Score to the trial, and a MedianPruner stops trials that fall
+behind. Worker processes end with the process that started them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import socket
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
-from fusionkit.data.store import open_store
+from fusionkit.data.open import spec_store
+from fusionkit.devices import resolve_device
 from fusionkit.errors import FusionkitError, SpecError
-from fusionkit.files import atomic_write_text
-from fusionkit.spec import dump_spec, load_spec
+from fusionkit.files import atomic_write_text, describe_contents, is_temporary, json_marker
+from fusionkit.spec import dump_spec, load_spec, read_spec_file, spec_differences
 from fusionkit.training.loggers import RunLogger
-from fusionkit.training.train import train
+from fusionkit.training.rundir import RUN_FILE
+from fusionkit.training.train import cross_validate, make_split, train
 
-__all__ = ["load_space", "apply_params", "sweep", "STUDY_FILE"]
+__all__ = ["load_space", "apply_params", "sweep", "STUDY_FILE", "SWEEP_FILE", "SWEEP_FORMAT", "is_sweep"]
 
 STUDY_FILE = "study.db"
+#: The marker of a sweep directory: its format, study name and storage.
+SWEEP_FILE = "sweep.json"
+SWEEP_FORMAT = "fusionkit-sweep"
 KINDS = ("float", "int", "choices", "subset")
+#: The study's user attributes that record what it searches; a resume must match them.
+_SPEC_ATTR, _SPACE_ATTR = "fusionkit_spec", "fusionkit_space"
+MAX_SAMPLER_SEED = 2**32 - 1
+
+is_sweep = json_marker(SWEEP_FILE, "format", (SWEEP_FORMAT,))
 
 
 def _problem(path: Path, key: str, text: str) -> SpecError:
     return SpecError([f"{key}: {text}"], source=str(path))
 
 
+def _is_number(value: Any, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_entry(path: Path, key: str, entry: Any, spec: Mapping[str, Any]) -> None:
+    kinds = [k for k in KINDS if isinstance(entry, dict) and k in entry]
+    if len(kinds) != 1:
+        raise _problem(path, key, f"expected exactly one of {', '.join(KINDS)}, found {entry!r}"[:500])
+    kind = kinds[0]
+    allowed = {"float": {"float", "log", "step"}, "int": {"int", "log", "step"}, "choices": {"choices"},
+               "subset": {"subset", "min"}}[kind]
+    extra = set(entry) - allowed
+    if extra:
+        raise _problem(path, key, f"unknown option(s) {sorted(map(str, extra))} for {kind}; options: {sorted(allowed)}")
+    value = entry[kind]
+    if kind in ("float", "int"):
+        if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v, kind) for v in value)
+                and value[0] < value[1]):
+            raise _problem(path, key, f"{kind}: expected [low, high] with low < high, found {value!r}"[:500])
+        log, step = entry.get("log", False), entry.get("step")
+        if not isinstance(log, bool):
+            raise _problem(path, key, f"log: expected true or false, found {log!r}")
+        if log and value[0] <= 0:
+            raise _problem(path, key, f"log: the range must be positive, found {value!r}")
+        if step is not None:
+            if not _is_number(step, kind) or step <= 0:
+                raise _problem(path, key, f"step: expected a positive {'integer' if kind == 'int' else 'number'}, "
+                                          f"found {step!r}")
+            if log:
+                raise _problem(path, key, "log and step cannot be combined (a log range is sampled without steps); "
+                                          "drop one")
+        return
+    if not (isinstance(value, list) and value):
+        raise _problem(path, key, f"{kind}: expected a non-empty list, found {value!r}"[:500])
+    if kind == "choices":
+        for choice in value:
+            if choice is not None and not isinstance(choice, (bool, int, float, str)):
+                raise _problem(path, key, f"choices: each choice must be a number, a string, true/false or null; found "
+                                          f"{choice!r}"[:500])
+        return
+    names = [e.get("name") for e in spec.get("encoders", []) if isinstance(e, dict)]
+    if key != "encoders" or not all(isinstance(v, str) for v in value) or not set(value) <= set(names):
+        raise _problem(path, key, f"subset chooses among the spec's encoders {names} (key: encoders), found "
+                                  f"{value!r}"[:500])
+    if len(set(value)) != len(value):
+        raise _problem(path, key, f"subset: names an encoder twice: {value!r}")
+    least = entry.get("min", 1)
+    if not _is_number(least, "int") or not 0 <= least <= len(value):
+        raise _problem(path, key, f"min: expected an integer from 0 to {len(value)} (the subset's size), found "
+                                  f"{least!r}; with more, every trial would be pruned")
+
+
+def _candidates(entry: Mapping[str, Any]) -> list[Any]:
+    """Every value of an entry that a trial may take at an extreme: each choice, both ends of a range, the largest
+    and the smallest subset."""
+    if "choices" in entry:
+        return list(entry["choices"])
+    if "subset" in entry:
+        names, least = entry["subset"], entry.get("min", 1)
+        return [list(names)] + ([list(names[:least])] if least < len(names) else [])
+    kind = "float" if "float" in entry else "int"
+    low, high = entry[kind]
+    step = entry.get("step")
+    if step is not None:  # Optuna's highest value on the grid
+        high = low + math.floor((high - low) / step + 1e-9) * step
+    return [low, high]
+
+
 def load_space(path: str | os.PathLike, spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The search space of ``path``, checked: its format, and that the spec with any of its values is valid."""
+    """The search space of ``path``, checked: its format, and that the spec is valid with every value the space can
+    give (each choice, both ends of each range), on a device this machine has."""
     path = Path(path)
-    try:
-        space = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise SpecError([f"not a readable YAML search space ({exc})"], source=str(path)) from None
+    space = read_spec_file(path)
     if not isinstance(space, dict) or not space:
         raise SpecError(["expected a mapping of spec paths to ranges or choices, e.g. "
                          "`train.lr: {float: [1.0e-4, 1.0e-2], log: true}`"], source=str(path))
     for key, entry in space.items():
-        if not isinstance(key, str) or not key:
+        if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
             raise _problem(path, repr(key), "expected a dotted spec path such as train.lr")
-        kinds = [k for k in KINDS if isinstance(entry, dict) and k in entry]
-        if len(kinds) != 1:
-            raise _problem(path, key, f"expected exactly one of {', '.join(KINDS)}, found {entry!r}")
-        kind = kinds[0]
-        allowed = {"float": {"float", "log", "step"}, "int": {"int", "log", "step"}, "choices": {"choices"},
-                   "subset": {"subset", "min"}}[kind]
-        extra = set(entry) - allowed
-        if extra:
-            raise _problem(path, key, f"unknown option(s) {sorted(extra)} for {kind}; options: {sorted(allowed)}")
-        value = entry[kind]
-        if kind in ("float", "int"):
-            numbers = (int,) if kind == "int" else (int, float)
-            if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, numbers) and not isinstance(v, bool)
-                                                                         for v in value) and value[0] < value[1]):
-                raise _problem(path, key, f"{kind}: expected [low, high] with low < high, found {value!r}")
-            if entry.get("log") and value[0] <= 0:
-                raise _problem(path, key, f"log: the range must be positive, found {value!r}")
-        elif not (isinstance(value, list) and value):
-            raise _problem(path, key, f"{kind}: expected a non-empty list, found {value!r}")
-        if kind == "subset":
-            names = [e.get("name") for e in spec.get("encoders", []) if isinstance(e, dict)]
-            if key != "encoders" or not set(value) <= set(names):
-                raise _problem(path, key, f"subset chooses among the spec's encoders {names} (key: encoders), found "
-                                          f"{value!r}")
-    # the spec with each entry's first value must be valid: this catches paths that mean nothing
-    probe = {k: (e["float"][0] if "float" in e else e["int"][0] if "int" in e else e["choices"][0]
-                 if "choices" in e else e["subset"]) for k, e in space.items()}
-    try:
-        load_spec(apply_params(spec, probe, space))
-    except SpecError as exc:
-        raise SpecError([f"a spec with this space's values is invalid: {p}" for p in exc.problems],
-                        source=str(path)) from None
+        _check_entry(path, key, entry, spec)
+    first = {k: _candidates(e)[0] for k, e in space.items()}
+    problems: list[str] = []
+    for key, entry in space.items():
+        for value in _candidates(entry):
+            params = {**first, key: value}
+            problem = _probe(spec, params, space)
+            if problem:
+                problems.append(f"{key} = {value!r}: {problem}"[:1000])
+                break  # one problem per entry is enough to act on
+    if problems:
+        raise SpecError([f"a spec with this space's values is invalid: {p}" for p in problems], source=str(path))
     return space
+
+
+def _probe(spec: Mapping[str, Any], params: Mapping[str, Any], space: Mapping[str, Any]) -> str | None:
+    """Why a trial with ``params`` could not train, or None."""
+    try:
+        resolved = load_spec(apply_params(spec, params, space))
+        resolve_device(resolved.train.device, "train.device")
+    except SpecError as exc:
+        return "; ".join(exc.problems)
+    except FusionkitError as exc:
+        return str(exc)
+    return None
 
 
 def apply_params(spec: Mapping[str, Any], params: Mapping[str, Any], space: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,7 +211,7 @@ def _suggest(trial: Any, key: str, entry: Mapping[str, Any]) -> Any:
 
 
 class _Reporter(RunLogger):
-    """Reports each validation's Score to the trial (step: the epoch, or the fold with cv) and prunes."""
+    """Reports each validation's Score to the trial (step: the epoch) and prunes."""
 
     def __init__(self, trial: Any) -> None:
         self.trial = trial
@@ -144,36 +230,111 @@ class _Reporter(RunLogger):
 def _objective(spec: Mapping[str, Any], space: Mapping[str, Any], data: str, out: Path, fold: int, cv: bool,
                progress: bool) -> Any:
     def objective(trial: Any) -> float:
+        import optuna
+
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
         params = {key: _suggest(trial, key, entry) for key, entry in space.items()}
         trial_spec = apply_params(spec, params, space)
         run = out / f"trial-{trial.number:04d}"
         trial.set_user_attr("run", str(run))
-        if not cv:
-            metrics = train(trial_spec, data, run, fold=fold, progress=progress, overwrite=True, loggers=[_Reporter(trial)])
-            return float(metrics["val"]["score"])
-        import optuna
+        try:
+            if not cv:
+                metrics = train(trial_spec, data, run, fold=fold, progress=progress, overwrite=True,
+                                loggers=[_Reporter(trial)])
+                return float(metrics["val"]["score"])
+            scores: list[float] = []
 
-        folds = sorted({int(f) for f in open_store(data).folds if f >= 0})
-        scores = []
-        for k in folds:  # the running mean of the folds' test Scores is reported after each fold
-            metrics = train(trial_spec, data, run / f"fold{k}", fold=k, progress=progress, overwrite=True)
-            scores.append(float(metrics["test"]["score"]))
-            trial.report(sum(scores) / len(scores), k)
-            if k != folds[-1] and trial.should_prune():
-                raise optuna.TrialPruned(f"after fold {k}: mean Score below the median of earlier trials")
-        return sum(scores) / len(scores)
+            def after_fold(k: int, metrics: Mapping[str, Any], last: bool) -> None:
+                scores.append(float(metrics["test"]["score"]))
+                trial.report(sum(scores) / len(scores), k)  # the running mean of the folds' test Scores
+                if not last and trial.should_prune():
+                    raise optuna.TrialPruned(f"after fold {k}: mean Score below the median of earlier trials")
+
+            cross_validate(trial_spec, data, run, progress=progress, overwrite=True, after_fold=after_fold)
+            return sum(scores) / len(scores)
+        except FusionkitError as exc:
+            trial.set_user_attr("error", str(exc)[:2000])
+            raise
 
     return objective
 
 
+def _storage_url(url: str | None, out: Path) -> str:
+    return url or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+
+
 def _storage(url: str | None, out: Path, heartbeat: int) -> Any:
+    """The study's Optuna storage, opened; any URL Optuna cannot use is a one-line error naming it."""
     import optuna
 
-    url = url or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    full = _storage_url(url, out)
+    if full.startswith("sqlite") and (":memory:" in full or full.rstrip("/") in ("sqlite:", "sqlite:/")):
+        raise FusionkitError(f"--storage {url}: an in-memory database keeps no study, so nothing could resume or be "
+                             "shared; name a database file (sqlite:///PATH) or a server")
     # a worker killed mid-trial stops beating: its trial is marked failed, and the sweep runs a new one in its place
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(full, heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
+    except Exception as exc:  # SQLAlchemy's and the drivers' errors: unknown dialect, no driver, unreadable file
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise FusionkitError(f"--storage {url or full}: cannot open the study's database ({type(exc).__name__}: "
+                             f"{reason}). Give a writable sqlite:///PATH or a reachable database URL whose driver "
+                             "is installed") from None
+
+
+class _OneLineFailures(logging.Filter):
+    """Optuna logs a failed trial with its traceback; the sweep's users get its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def _quiet_optuna_tracebacks() -> None:
+    import optuna
+
+    logger = optuna.logging.get_logger("optuna")
+    if not any(isinstance(f, _OneLineFailures) for f in logger.filters):
+        logger.addFilter(_OneLineFailures())
+
+
+def _end_with_parent() -> None:
+    """In a worker process: exit as soon as the process that started it is gone (killed, even with SIGKILL)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            threading.Event().wait(0.5)
+
+    threading.Thread(target=watch, name="fusionkit-parent-watch", daemon=True).start()
+
+
+def _fail_dead_trials(study: Any) -> None:
+    """Mark failed the running trials whose worker on this machine is gone (a killed sweep), at once rather than
+    after the heartbeat's grace period, so a resumed sweep replaces them and its table says what happened."""
+    import optuna
+
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        pid = trial.user_attrs.get("pid")
+        if trial.user_attrs.get("host") != host or not isinstance(pid, int) or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still alive: a worker of another sweep command
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # finished in the meantime
+            pass
 
 
 @attrs.frozen
@@ -197,6 +358,7 @@ class _Worker:
     def run(self) -> None:
         import optuna
 
+        _quiet_optuna_tracebacks()
         if self.threads:
             import torch
 
@@ -221,43 +383,122 @@ def _run_worker(worker: _Worker) -> None:
     worker.run()
 
 
+def _read_spec(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """The spec as written (plain data), read as ``train`` reads it, and checked."""
+    if isinstance(spec, (str, os.PathLike)):
+        source = str(spec)
+        spec = read_spec_file(spec)
+        if not isinstance(spec, dict):
+            raise SpecError([f"expected a mapping of spec options, found {type(spec).__name__}"], source=source)
+    load_spec(spec)  # a bad spec fails here, before any trial
+    return json.loads(json.dumps(spec))
+
+
+def _claim_directory(out: Path, study_name: str, storage: str | None) -> None:
+    """Make ``out`` this sweep's directory, or check that it already is: a directory that fusionkit did not make as a
+    sweep directory of this study is refused, and nothing in it is touched."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FusionkitError(f"{out}: exists and is not a directory; choose another --out")
+    marker = {"format": SWEEP_FORMAT, "study": study_name, "storage": storage}
+    if out.is_dir() and any(p for p in out.iterdir() if not is_temporary(p)):
+        if not is_sweep(out):
+            what = "a training run" if (out / RUN_FILE).exists() else f"{describe_contents(out)}"
+            raise FusionkitError(f"{out}: not a fusionkit sweep directory (no {SWEEP_FILE}), and it holds {what}; "
+                                 "nothing there is touched. Choose an empty or new --out.")
+        recorded = json.loads((out / SWEEP_FILE).read_text(encoding="utf-8"))
+        if recorded.get("study") != study_name or recorded.get("storage") != storage:
+            where = recorded.get("storage") or f"{out / STUDY_FILE}"
+            raise FusionkitError(
+                f"{out}: holds the trials of study {recorded.get('study')!r} (storage {where}); a second study there "
+                f"would number its trials from 0 over them. Resume it with --study {recorded.get('study')}"
+                f"{' --storage ' + recorded['storage'] if recorded.get('storage') else ''}, or give study "
+                f"{study_name!r} another --out.")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / SWEEP_FILE, json.dumps(marker, indent=2) + "\n")
+
+
+def _check_same_study(study: Any, storage: Any, spec: dict[str, Any], space: dict[str, Any], where: str) -> None:
+    """Record what the study searches when it is new; refuse to resume it under another spec or space."""
+    import optuna
+
+    resolved = json.loads(json.dumps(load_spec(spec).to_dict()))
+    recorded = study.user_attrs
+    if _SPEC_ATTR not in recorded:
+        if study.get_trials(deepcopy=False, states=tuple(optuna.trial.TrialState)):
+            raise FusionkitError(f"{where}: study {study.study_name!r} already has trials that no fusionkit sweep "
+                                 "recorded; give another --study")
+        study.set_user_attr(_SPEC_ATTR, resolved)
+        study.set_user_attr(_SPACE_ATTR, space)
+        recorded = optuna.load_study(study_name=study.study_name, storage=storage).user_attrs  # a racing start wins or loses here
+    diffs = [f"spec {d}" for d in spec_differences(recorded.get(_SPEC_ATTR), resolved)]
+    diffs += [f"space {d}" for d in spec_differences(recorded.get(_SPACE_ATTR), space)]
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise FusionkitError(f"{where}: study {study.study_name!r} was started with another spec or space ({shown}); "
+                             "its trials would mix with these. Resume with the spec and space it was started with, "
+                             "or give another --study or --out.")
+
+
 def sweep(spec: str | os.PathLike | Mapping[str, Any], data: str | os.PathLike, space: str | os.PathLike,
           trials: int, out: str | os.PathLike, *, storage: str | None = None, study_name: str = "fusionkit",
           jobs: int = 1, fold: int = 0, cv: bool = False, seed: int = 0, heartbeat: int = 60,
           progress: bool = False) -> dict[str, Any]:
     """Run (or resume) a sweep until ``trials`` trials have finished (completed or pruned); write the best spec
     (``best.yaml``), a table of the trials (``trials.md``), plots and ``summary.json`` into ``out``; returns the
-    summary. ``jobs`` workers run here at once, each in its own process; more may run elsewhere on ``storage``."""
+    summary. ``jobs`` workers run here at once, each in its own process; more may run elsewhere on ``storage``.
+
+    Raises :class:`FusionkitError` for a bad input before any trial runs, and when every trial failed (naming the
+    first failure)."""
     import optuna
 
-    if trials < 1:
-        raise FusionkitError(f"--trials {trials}: give at least one trial")
-    if isinstance(spec, (str, os.PathLike)):
-        spec_path = Path(spec)
-        try:
-            spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise SpecError([f"not a readable YAML spec ({exc})"], source=str(spec_path)) from None
-    load_spec(spec)  # a bad spec fails here, before any trial
-    spec = json.loads(json.dumps(spec))
+    for name, value, least in (("--trials", trials, 1), ("--jobs", jobs, 1), ("--heartbeat", heartbeat, 1),
+                               ("--seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise FusionkitError(f"{name} {value}: expected an integer of at least {least}")
+    if seed + 1000 * jobs > MAX_SAMPLER_SEED:  # each worker's sampler takes seed + 1000 * its number
+        raise FusionkitError(f"--seed {seed}: expected at most {MAX_SAMPLER_SEED - 1000 * jobs} (Optuna's samplers "
+                             "take seeds below 2**32)")
+    if not study_name:
+        raise FusionkitError("--study: give the study a name")
+    spec = _read_spec(spec)
     space_map = load_space(space, spec)
+    resolved = load_spec(spec)
+    store = spec_store(resolved, data)  # the data and its labels, checked once before any trial
+    if cv:
+        make_split(store, None)
+    else:
+        make_split(store, fold)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    optuna.create_study(study_name=study_name, storage=_storage(storage, out, heartbeat), direction="maximize",
-                        load_if_exists=True)
+    _claim_directory(out, study_name, storage)
+    _quiet_optuna_tracebacks()
+    opened = _storage(storage, out, heartbeat)
+    study = optuna.create_study(study_name=study_name, storage=opened, direction="maximize", load_if_exists=True)
+    _check_same_study(study, opened, spec, space_map, storage or str(out / STUDY_FILE))
+    _fail_dead_trials(study)
     worker = _Worker(spec, space_map, str(data), out, trials, storage, study_name, fold, cv, seed, heartbeat, progress)
     if jobs <= 1:
         worker.run()
     else:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_end_with_parent) as pool:
             for future in [pool.submit(_run_worker, attrs.evolve(worker, seed=seed + 1000 * (i + 1), threads=threads))
                            for i in range(jobs)]:
                 future.result()
-    return _summarize(optuna.load_study(study_name=study_name, storage=_storage(storage, out, heartbeat)), spec,
-                      space_map, out)
+    study = optuna.load_study(study_name=study_name, storage=_storage(storage, out, heartbeat))
+    _fail_dead_trials(study)
+    summary = _summarize(study, spec, space_map, out)
+    if summary["failed"] and not summary["complete"] and not summary["pruned"]:
+        first = min((t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL),
+                    key=lambda t: t.number)
+        reason = first.user_attrs.get("error", "it was interrupted or its worker was killed")
+        raise FusionkitError(f"every trial failed ({summary['failed']}); the first, trial {first.number}: "
+                             f"{' '.join(str(reason).split())}")
+    return summary
 
 
 def _summarize(study: Any, spec: Mapping[str, Any], space: Mapping[str, Any], out: Path) -> dict[str, Any]:

@@ -10,6 +10,8 @@ for, so the thresholds of the single models are not reused.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,30 +19,91 @@ from typing import Any
 import numpy as np
 
 from fusionkit.answers import from_order
+from fusionkit.checkpoint import SPEC_FILE
 from fusionkit.data.store import FeatureStore
-from fusionkit.errors import CheckpointError, DataError
+from fusionkit.errors import CheckpointError, DataError, FusionkitWarning, SpecError
 from fusionkit.models.factory import load_model
 from fusionkit.models.fusion import FusionModel
-from fusionkit.training.rundir import CV_FORMAT, RUN_FILE
+from fusionkit.spec import Spec, load_spec, spec_differences
+from fusionkit.training.rundir import CV_FORMAT, RUN_FILE, RUN_FORMAT, store_fingerprint
 from fusionkit.training.tasks import collect_outputs, evaluate_outputs
 from fusionkit.training.train import make_split
 
-__all__ = ["expand_runs", "FoldEnsemble"]
+__all__ = ["expand_runs", "run_info", "check_same_specs", "FoldEnsemble"]
+
+_FOLD_DIR = re.compile(r"fold(\d+)")
 
 
-def expand_runs(runs: Sequence[str | Path]) -> list[Path]:
-    """Run directories: a cross-validation directory (``train --cv``) stands for its fold runs, in fold order."""
+def run_info(run: Path) -> dict[str, Any]:
+    """A run's ``run.json``, checked to be a fusionkit run's or cross-validation's."""
+    path = run / RUN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run}: not a fusionkit run directory (no {RUN_FILE})")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc}); the run directory is damaged") from None
+    if not isinstance(info, dict) or info.get("format") not in (RUN_FORMAT, CV_FORMAT):
+        raise CheckpointError(f"{path}: not a fusionkit run record (its format is not {RUN_FORMAT} or {CV_FORMAT})")
+    return info
+
+
+def _unfinished(run: Path) -> str | None:
+    """Why the run ``run`` cannot join an ensemble, or None when it is finished with a best/ checkpoint."""
+    if not run.is_dir():
+        return "missing"
+    try:
+        status = run_info(run).get("status")
+    except CheckpointError as exc:
+        return str(exc)
+    if status != "finished":
+        return f"status {status}"
+    if not (run / "best").is_dir():
+        return "no best/ checkpoint"
+    return None
+
+
+def _cv_folds(run: Path, info: dict[str, Any], partial: bool) -> list[Path]:
+    folds = info.get("folds")
+    if not isinstance(folds, list) or not folds or not all(isinstance(k, int) and not isinstance(k, bool) for k in folds):
+        raise CheckpointError(f"{run / RUN_FILE}: 'folds' must list the cross-validation's folds; the directory is "
+                              "damaged")
+    found = {int(m.group(1)) for p in run.iterdir() if p.is_dir() and (m := _FOLD_DIR.fullmatch(p.name))}
+    stray = sorted(found - set(folds))
+    if stray:
+        warnings.warn(f"{run}: fold folder(s) {stray} are not among the cross-validation's folds {folds}; left out",
+                      FusionkitWarning, stacklevel=3)
+    why = {k: _unfinished(run / f"fold{k}") for k in folds}
+    bad = {k: w for k, w in why.items() if w is not None}
+    ready = [run / f"fold{k}" for k in folds if k not in bad]
+    listed = ", ".join(f"fold{k} ({w})" for k, w in bad.items())
+    if bad and not partial:
+        raise CheckpointError(f"{run}: the cross-validation is incomplete: {listed}. Finish it with `fusionkit train "
+                              "--cv --resume`, or ensemble the finished folds alone with --partial")
+    if not ready:
+        raise CheckpointError(f"{run}: no fold is finished ({listed})")
+    if bad:
+        warnings.warn(f"{run}: a partial ensemble of {len(ready)} of {len(folds)} folds; left out: {listed}",
+                      FusionkitWarning, stacklevel=3)
+    return ready
+
+
+def expand_runs(runs: Sequence[str | Path], partial: bool = False) -> list[Path]:
+    """Run directories: a cross-validation directory (``train --cv``) stands for its fold runs, in fold order.
+
+    A cross-validation must be complete (every fold it lists finished, with a best/ checkpoint), unless ``partial``;
+    a lone run needs a best/ checkpoint, and a run named among several must be finished."""
     out: list[Path] = []
-    for run in map(Path, runs):
-        info_path = run / RUN_FILE
-        if not info_path.is_file():
-            raise CheckpointError(f"{run}: not a fusionkit run directory (no {RUN_FILE})")
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+    runs = [Path(r) for r in runs]
+    for run in runs:
+        info = run_info(run)
         if info.get("format") == CV_FORMAT:
-            folds = sorted((p for p in run.glob("fold[0-9]*") if (p / "best").is_dir()), key=lambda p: int(p.name[4:]))
-            if not folds:
-                raise CheckpointError(f"{run}: a cross-validation directory without finished folds")
-            out += folds
+            out += _cv_folds(run, info, partial)
+        elif len(runs) > 1:
+            why = _unfinished(run)
+            if why is not None:
+                raise CheckpointError(f"{run}: cannot join an ensemble ({why}); finish it first")
+            out.append(run)
         else:
             if not (run / "best").is_dir():
                 raise CheckpointError(f"{run}: has no best/ checkpoint yet (is it still training?)")
@@ -50,11 +113,41 @@ def expand_runs(runs: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def _ensemble_view(spec: Spec) -> dict[str, Any]:
+    """What the models of one ensemble must share: everything but the optimisation settings and the fitted
+    thresholds (the ensemble fits its own)."""
+    data = spec.to_dict()
+    data.pop("train", None)
+    if isinstance(data.get("decoder"), dict):
+        data["decoder"] = {"type": data["decoder"].get("type")}
+    return data
+
+
+def _stored_spec(run: Path) -> Spec:
+    try:
+        return load_spec(run / "best" / SPEC_FILE)
+    except SpecError as exc:
+        raise CheckpointError(f"{run / 'best'}: the stored spec is unreadable or invalid: {exc}") from None
+
+
+def check_same_specs(runs: Sequence[Path]) -> None:
+    """Refuse runs whose specs differ beyond training settings, naming the differences (before any model loads)."""
+    first = _ensemble_view(_stored_spec(runs[0]))
+    for run in runs[1:]:
+        diffs = spec_differences(first, _ensemble_view(_stored_spec(run)))
+        if diffs:
+            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            raise CheckpointError(f"{run}: its spec differs from {runs[0]}'s ({shown}); an ensemble averages models "
+                                  "of one spec (only train settings may differ). Retrain it with the same spec, or "
+                                  "leave it out")
+
+
 class FoldEnsemble:
     """The models of several runs: their averaged probabilities, decoded with thresholds fitted out of fold."""
 
-    def __init__(self, runs: Sequence[str | Path], device: Any = None) -> None:
-        self.runs = expand_runs(runs)
+    def __init__(self, runs: Sequence[str | Path], device: Any = None, partial: bool = False) -> None:
+        self.runs = expand_runs(runs, partial=partial)
+        check_same_specs(self.runs)
         self.models: list[FusionModel] = [load_model(run / "best", device=device) for run in self.runs]
         first = self.models[0]
         if not isinstance(first, FusionModel):
@@ -75,12 +168,29 @@ class FoldEnsemble:
         each = [collect_outputs(model, store, index) for model in self.models]
         return {key: np.mean([o[key] for o in each], axis=0) for key in each[0] if key != "kept"}
 
+    def check_store(self, store: FeatureStore) -> None:
+        """Refuse a store other than the one the runs trained on: its folds decide which rows are out of fold."""
+        here = store_fingerprint(store.path)
+        raw = store.raw.fingerprint() if store.raw is not None and store.raw.path != store.path else None
+        for run in self.runs:
+            info = run_info(run)
+            if info.get("data_fingerprint") not in (None, here):
+                raise DataError(f"{run}: trained on other data than {store.path} (the store's contents differ from "
+                                f"{info.get('data')!r}, which it trained on: another store, or its folds were "
+                                "reassigned); out-of-fold thresholds would be fitted on rows the models trained on. "
+                                "Give the store the runs were trained on")
+            if raw is not None and info.get("raw_fingerprint") not in (None, raw):
+                raise DataError(f"{run}: trained with another raw manifest than {store.raw.path}; give the one it "
+                                "trained with")
+
     def fit_decoder(self, store: FeatureStore) -> dict[str, Any]:
-        """Fit the decoder's thresholds on the pooled out-of-fold validation predictions; returns its config."""
+        """Fit the decoder's thresholds on the pooled out-of-fold validation predictions; returns its config.
+        ``store`` must be the one the runs trained on (:meth:`check_store`)."""
+        self.check_store(store)
         pooled: dict[str, list[np.ndarray]] = {}
         truth, seen = [], set()
         for run, model in zip(self.runs, self.models):
-            info = json.loads((run / RUN_FILE).read_text(encoding="utf-8"))
+            info = run_info(run)
             val = make_split(store, info.get("test_fold")).val
             if seen & set(val.tolist()):
                 raise DataError(f"{run}: its validation fold overlaps another run's; out-of-fold validation needs the "

@@ -8,15 +8,20 @@ An embedder can pass its own :class:`RunLogger` objects to :class:`fusionkit.tra
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fusionkit.errors import FusionkitError
+from fusionkit.training.rundir import LOG_FILE
 
 __all__ = ["RunLogger", "TensorBoardLogger", "LOGGERS", "TENSORBOARD_DIR", "make_loggers", "flatten"]
 
 TENSORBOARD_DIR = "tensorboard"
+#: The event files TensorBoard's writer makes (the only files this logger ever removes).
+EVENTS_GLOB = "events.out.tfevents.*"
 
 
 class RunLogger:
@@ -55,13 +60,29 @@ class TensorBoardLogger(RunLogger):
         self.writer: Any = None
 
     def start(self, run_dir: Path, first_epoch: int) -> None:
+        """Open a new event file; on a resume, write into it the records that ``log.jsonl`` kept (every epoch before
+        ``first_epoch``), then remove the earlier event files. The events always equal the log, wherever a kill
+        fell (TensorBoard's own purge keeps an epoch twice when the kill came between its record and ``last/``)."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise FusionkitError("train.log_to: tensorboard needs the tensorboard package: "
                                  "pip install 'fusionkit[tensorboard]'") from exc
-        # purge_step: on a resume, events of the epochs being redone are dropped, as log.jsonl drops their lines
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=first_epoch or None)
+        folder = run_dir / TENSORBOARD_DIR
+        try:
+            folder.mkdir(exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.tmp-"):
+                pass
+        except OSError as exc:
+            raise FusionkitError(f"{folder}: TensorBoard cannot write its events there ({exc.strerror or exc}); make "
+                                 "the folder writable, or leave tensorboard out of train.log_to") from None
+        earlier = sorted(folder.glob(EVENTS_GLOB))
+        self.writer = SummaryWriter(str(folder))
+        for record in _logged_records(run_dir, first_epoch):
+            self.log(record["epoch"], record)
+        self.writer.flush()
+        for path in earlier:  # only once the new file holds what they held
+            path.unlink(missing_ok=True)
 
     def log(self, epoch: int, record: Mapping[str, Any]) -> None:
         for tag, value in flatten({k: v for k, v in record.items() if k != "epoch"}).items():
@@ -87,6 +108,22 @@ class TensorBoardLogger(RunLogger):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _logged_records(run_dir: Path, first_epoch: int) -> list[dict[str, Any]]:
+    """The epoch records of ``RUN/log.jsonl`` before ``first_epoch`` (the trainer has cut the log to them)."""
+    path = run_dir / LOG_FILE
+    if first_epoch == 0 or not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < first_epoch:
+            records.append(record)
+    return records
 
 
 #: The built-in loggers by the name ``train.log_to`` uses.

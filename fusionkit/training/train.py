@@ -47,7 +47,7 @@ from fusionkit.training.loggers import RunLogger, make_loggers
 from fusionkit.training.objective import ObjectiveTerm, TermFactory
 from fusionkit.training.precision import Precision
 from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint, teacher_fingerprint
-from fusionkit.training.tasks import task_for
+from fusionkit.training.tasks import task_class, task_for
 from fusionkit.training.terms import objective_terms
 
 __all__ = ["Split", "make_split", "Trainer", "prefetch", "train", "cross_validate", "summarize_folds"]
@@ -180,6 +180,8 @@ class Trainer:
             finished = None
             if resume and self.run.read().get("status") == "finished" and (self.out / METRICS_FILE).exists():
                 self.run.check_same_run(self.identity)
+                if (self.out / "spec.yaml").is_file():
+                    self._check_same_spec(load_spec(self.out / "spec.yaml"))
                 finished = json.loads((self.out / METRICS_FILE).read_text(encoding="utf-8"))
             # Everything that can fail on the user's input (model, objective terms, the teacher) is built
             # before a previous run is cleared, so a bad spec under --overwrite loses nothing.
@@ -412,13 +414,17 @@ class Trainer:
                         extra_metadata={"trainer": state, "param_groups": groups, "world_size": len(rng_states),
                                         "scaler": self.precision.state_dict()})
 
-    def _restore(self, setup: _Setup) -> dict[str, Any]:
-        model, optimizer, shuffle, terms = setup.model, setup.optimizer, setup.shuffle, setup.terms
-        saved, tensors, metadata = load_checkpoint(self.out / "last")
-        diffs = spec_differences(_resumable(saved.spec), _resumable(self.spec))
+    def _check_same_spec(self, saved: Spec) -> None:
+        """Refuse to resume a run (finished or not) under another spec than it was started with."""
+        diffs = spec_differences(_resumable(saved), _resumable(self.spec))
         if diffs:
             raise CheckpointError(f"{self.out}: the run was started with a different spec ({'; '.join(diffs[:10])}); "
                                   "resume with the same spec")
+
+    def _restore(self, setup: _Setup) -> dict[str, Any]:
+        model, optimizer, shuffle, terms = setup.model, setup.optimizer, setup.shuffle, setup.terms
+        saved, tensors, metadata = load_checkpoint(self.out / "last")
+        self._check_same_spec(saved.spec)
         model.load_state_dict(saved.state_dict())
         self.task.restore(model, saved)
         _restore_optimizer(optimizer, tensors, metadata["extra"]["param_groups"])
@@ -524,12 +530,16 @@ def _train_opened(spec: Spec, store: FeatureStore, target_store: FeatureStore | 
 def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
                    resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
                    overwrite: bool = False, jobs: int = 1, raw: str | os.PathLike | None = None,
-                   confine: str | os.PathLike | None = None, device: str | None = None) -> dict[str, Any]:
-    """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std.
+                   confine: str | os.PathLike | None = None, device: str | None = None,
+                   after_fold: Callable[[int, dict[str, Any], bool], None] | None = None) -> dict[str, Any]:
+    """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std of the task's
+    metrics (BlEmoRE's for a fusion model, recall for two towers).
 
     ``RUN/foldK`` is fold K's run directory. With ``resume``, finished folds are read back and
     the others continue (or start). ``jobs`` > 1 trains that many folds at a time, each in its
-    own process (the cores are shared out among them).
+    own process (the cores are shared out among them). ``after_fold(fold, metrics, last)`` is
+    called after each fold, in fold order (a sweep reports and prunes there); an exception it
+    raises stops the cross-validation, whose status then says so.
     """
     spec = on_device(load_spec(spec), device)
     store = spec_store(spec, data, raw, confine)
@@ -544,22 +554,37 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
             root.start({"data": os.path.abspath(data), "folds": folds})
         kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target, raw=raw,
                        confine=confine, resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
-        if jobs > 1:  # each process validates the spec and opens the data itself
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+        try:
+            if jobs > 1:  # each process validates the spec and opens the data itself
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
 
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-                results = list(pool.map(_train_fold, kwargs))
-        else:
-            target_store = spec_store(spec, target) if target is not None else None
-            results = [_train_opened(spec, store, target_store, data, k["out"], k["fold"], k["resume"], progress, False)
-                       for k in kwargs]
-        per_fold = dict(zip(folds, results))
-        summary = summarize_folds({f: m["test"] for f, m in per_fold.items()})
+                threads = max(1, (os.cpu_count() or 1) // jobs)
+                with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                    results = []
+                    for k, metrics in zip(folds, pool.map(_train_fold, kwargs)):
+                        results.append(metrics)
+                        if after_fold is not None:
+                            after_fold(k, metrics, k == folds[-1])
+            else:
+                target_store = spec_store(spec, target) if target is not None else None
+                results = []
+                for k in kwargs:
+                    results.append(_train_opened(spec, store, target_store, data, k["out"], k["fold"], k["resume"],
+                                                 progress, False))
+                    if after_fold is not None:
+                        after_fold(k["fold"], results[-1], k["fold"] == folds[-1])
+            per_fold = dict(zip(folds, results))
+            summary = summarize_folds({f: m["test"] for f, m in per_fold.items()}, task_class(spec).record_keys)
+        except KeyboardInterrupt:
+            root.update(status="interrupted")
+            raise
+        except BaseException as exc:
+            root.update(status="stopped", error=f"{type(exc).__name__}: {exc}"[:2000])
+            raise
         atomic_write_text(Path(out) / "cv.json", json.dumps({"folds": folds, "test": summary}, indent=2) + "\n")
-        root.update(status="finished")
+        root.update(status="finished", error=None)
     return summary
 
 
@@ -567,12 +592,13 @@ def _train_fold(kwargs: dict[str, Any]) -> dict[str, Any]:
     return train(**{"progress": False, **kwargs})
 
 
-def summarize_folds(per_fold: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation of each metric over folds (over the folds where it applies: ACC_salience
-    is None on a fold without blends; None where it applies to none)."""
+def summarize_folds(per_fold: dict[int, dict[str, Any]],
+                    keys: Sequence[str] = ("acc_presence", "acc_salience", "score")) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation of each metric in ``keys`` over folds (the task's ``record_keys``; over the
+    folds where it applies: ACC_salience is None on a fold without blends; None where it applies to none)."""
     out = {}
-    for key in ("acc_presence", "acc_salience", "score"):
-        values = [m[key] for m in per_fold.values()]
+    for key in keys:
+        values = [m.get(key) for m in per_fold.values()]
         known = np.array([v for v in values if v is not None], dtype=float)
         out[key] = {"mean": float(known.mean()) if len(known) else None,
                     "std": float(known.std()) if len(known) else None, "values": values}
