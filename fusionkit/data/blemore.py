@@ -17,7 +17,6 @@ training metadata is refused.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import attrs
 import numpy as np
 
 from fusionkit.answers import Prediction, parse_blemore_name
+from fusionkit.data.tables import read_csv
 from fusionkit.errors import DataError
 from fusionkit.interfaces import Sample
 from fusionkit.pooling import stats7_numpy
@@ -35,6 +35,8 @@ __all__ = ["STATIC_SUFFIX", "ReleaseLayout", "EncoderSource", "read_metadata", "
            "read_release"]
 
 STATIC_SUFFIX = "_static_features.npz"
+#: The dtype kinds a feature array may have: booleans, integers, floats.
+NUMERIC_KINDS = "biuf"
 
 
 @attrs.frozen
@@ -67,11 +69,16 @@ class EncoderSource:
     def load(self, clip: str, aggregate: str) -> np.ndarray:
         if self.kind == "static":
             return self.matrix[self.static[clip]].astype(np.float32)
+        path = self.paths[clip]
+        if not path.is_file():
+            raise DataError(f"{path}: not a regular file")
         try:
-            arr = np.load(self.paths[clip], allow_pickle=False)
+            arr = np.load(path, allow_pickle=False)
         except Exception as exc:  # a damaged or pickled file: named, never executed
-            raise DataError(f"{self.paths[clip]}: not a readable .npy array ({type(exc).__name__}: {exc})") from exc
-        arr = np.asarray(arr, dtype=np.float32)
+            raise DataError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in NUMERIC_KINDS:
+            raise DataError(f"{path}: expected numbers, found an array of {getattr(arr, 'dtype', type(arr).__name__)}")
+        arr = arr.astype(np.float32)
         if arr.ndim == 1:
             arr = arr[None, :]
         if arr.ndim != 2 or len(arr) == 0:
@@ -80,21 +87,18 @@ class EncoderSource:
 
 
 def read_metadata(path: Path, required: Sequence[str] = ("filename", "fold")) -> dict[str, tuple[int, dict[str, str]]]:
-    """The rows of a metadata CSV by clip id (the ``filename`` column without its extension), with their line."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        for column in required:
-            if column not in columns:
-                raise DataError(f"{path}: no column {column!r}; its columns are {columns}")
-        rows: dict[str, tuple[int, dict[str, str]]] = {}
-        for row in reader:
-            clip = Path((row.get("filename") or "").strip()).stem
-            if not clip:
-                raise DataError(f"{path}:{reader.line_num}: empty filename")
-            if clip in rows:
-                raise DataError(f"{path}:{reader.line_num}: clip {clip!r} is listed twice (first on line {rows[clip][0]})")
-            rows[clip] = (reader.line_num, row)
+    """The rows of a metadata CSV by clip id (the ``filename`` column without its extension), with their line.
+    Read by :func:`fusionkit.data.tables.read_csv`: UTF-8, each column named once, every row as long as the
+    header."""
+    _, table = read_csv(path, required)
+    rows: dict[str, tuple[int, dict[str, str]]] = {}
+    for line, row in table:
+        clip = Path((row.get("filename") or "").strip()).stem
+        if not clip:
+            raise DataError(f"{path}:{line}: empty filename")
+        if clip in rows:
+            raise DataError(f"{path}:{line}: clip {clip!r} is listed twice (first on line {rows[clip][0]})")
+        rows[clip] = (line, row)
     return rows
 
 
@@ -147,6 +151,8 @@ def find_encoders(layout: ReleaseLayout) -> tuple[dict[str, Path], dict[str, tup
 
 
 def _open_static(name: str, path: Path) -> EncoderSource:
+    if not path.is_file():  # a FIFO or a device would block the read for ever
+        raise DataError(f"{path}: not a regular file; the static features of encoder {name!r} are an .npz file")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -156,7 +162,13 @@ def _open_static(name: str, path: Path) -> EncoderSource:
     if "X" not in arrays or "filenames" not in arrays:
         raise DataError(f"{path}: expected the arrays X and filenames (as timeseries2aggregate.py writes them), found "
                         f"{sorted(arrays)}")
-    matrix, names = arrays["X"], [Path(str(n)).stem for n in arrays["filenames"]]
+    matrix = arrays["X"]
+    if matrix.dtype.kind not in NUMERIC_KINDS:
+        raise DataError(f"{path}: X must hold numbers, found an array of {matrix.dtype}")
+    if arrays["filenames"].ndim != 1 or arrays["filenames"].dtype.kind not in "US":
+        raise DataError(f"{path}: filenames must be a list of clip names, found an array of {arrays['filenames'].dtype} "
+                        f"with shape {arrays['filenames'].shape}")
+    names = [Path(str(n)).stem for n in arrays["filenames"]]
     if matrix.ndim != 2 or len(matrix) != len(names):
         raise DataError(f"{path}: X has shape {matrix.shape} for {len(names)} filenames; expected one row per file")
     rows: dict[str, int] = {}
@@ -215,7 +227,7 @@ def read_release(layout: ReleaseLayout, encoders: Sequence[str] = (), aggregate:
         raise DataError(f"{meta_path}: missing BlEmoRE metadata CSV (train_metadata.csv of the release)")
     train_rows = read_metadata(meta_path)
     test_path = layout.root / layout.test_metadata
-    test_rows = read_metadata(test_path, ("filename",)) if test_path.is_file() else None
+    test_rows = read_metadata(test_path, ("filename",)) if test_path.exists() else None
     if test_rows is not None:
         both = set(test_rows) & set(train_rows)
         if both:
@@ -260,8 +272,19 @@ def read_release(layout: ReleaseLayout, encoders: Sequence[str] = (), aggregate:
     features: dict[str, Any] = {}
     for source in sources:
         rows = [source.load(s.id, aggregate) for s in samples]
+        _check_widths(source, [s.id for s in samples], rows)
         features[source.name] = np.stack(rows) if aggregate == "stats7" else rows
     return samples, features
+
+
+def _check_widths(source: EncoderSource, clips: Sequence[str], rows: Sequence[np.ndarray]) -> None:
+    """Every clip of an encoder must have as many features as its first; the first that differs is named."""
+    width = rows[0].shape[-1] if rows else 0
+    for clip, row in zip(clips, rows):
+        if row.shape[-1] != width:
+            raise DataError(f"{source.paths.get(clip, source.where)}: {row.shape[-1]} features, where encoder "
+                            f"{source.name!r} has {width} (clip {clips[0]!r}); every clip of an encoder needs the same "
+                            "width")
 
 
 def _truth(clip: str, row: dict[str, str], where: str) -> Prediction:

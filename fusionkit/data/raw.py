@@ -19,8 +19,6 @@ on the trainer's background thread for end-to-end training.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import stat
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from fusionkit.data.store import FeatureStore, Sample, check_samples, sample_from_record
+from fusionkit.data.tables import MAX_CSV_CELL, read_csv, read_text
 from fusionkit.errors import DataError
 from fusionkit.files import sha256_file
 from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig
@@ -178,18 +177,9 @@ def read_manifest(path: str | os.PathLike, labels: Sequence[str], confine: str |
     return RawManifest(path, tuple(labels), samples, columns, confine=None if confine is None else Path(confine))
 
 
-def _read_text(path: Path) -> str:
-    try:
-        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            return fh.read()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
-
-
 def _jsonl_records(path: Path) -> list[dict[str, Any]]:
     records = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -202,38 +192,13 @@ def _jsonl_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-#: The longest CSV cell read (a text for a text encoder can be long; the csv module's own limit is 128 KiB).
-MAX_CSV_CELL = 1 << 24
-
-
 def _csv_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV manifest, parsed by the csv module itself (quoted newlines and commas stay in their cell).
-    A row with more or fewer cells than the header, or a header naming a column twice, is refused."""
-    text = _read_text(path)
-    limit = csv.field_size_limit()
-    csv.field_size_limit(max(limit, MAX_CSV_CELL))
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        if not header or "id" not in header:
-            raise DataError(f"{path}: the first line must be a header with an 'id' column, found {header}")
-        duplicated = sorted({name for name in header if header.count(name) > 1})
-        if duplicated:
-            raise DataError(f"{path}: the header names column(s) {duplicated} more than once; name each column once")
-        records = []
-        for row in reader:
-            if not row:
-                continue  # a blank line
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path}:{reader.line_num}: {len(row)} cells where the header has {len(header)} "
-                    f"({', '.join(header)}); quote a cell that holds a comma or a line break (\"a, b\")")
-            records.append(_csv_record(dict(zip(header, row))))
-        return records
-    except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
-    finally:
-        csv.field_size_limit(limit)
+    """Rows of a CSV manifest (:func:`fusionkit.data.tables.read_csv`: quoted line breaks kept, rows of another
+    length and columns named twice refused)."""
+    header, rows = read_csv(path)
+    if not header or "id" not in header:
+        raise DataError(f"{path}: the first line must be a header with an 'id' column, found {header[:20]}")
+    return [_csv_record(row) for _, row in rows]
 
 
 def _csv_record(row: dict[str, str]) -> dict[str, Any]:

@@ -1,0 +1,70 @@
+"""Reading text tables written by people (CSV files, and the text files behind them): one reader for every loader.
+
+What each loader gets, and what it may rely on:
+
+- UTF-8 text, with or without Excel's byte-order mark; anything else is a :class:`DataError` naming the file and the
+  byte, never a ``UnicodeDecodeError``.
+- Rows parsed by the csv module itself, so quoted commas and line breaks stay in their cell; cells up to
+  :data:`MAX_CSV_CELL` characters (the csv module's own limit is 128 KiB).
+- A header that names each column once (a second ``fold`` column would silently win), and rows with exactly as many
+  cells as the header; each row keeps the line it ended on, for errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from fusionkit.errors import DataError
+
+__all__ = ["MAX_CSV_CELL", "read_text", "read_csv"]
+
+#: The longest CSV cell read (a text for a text encoder can be long).
+MAX_CSV_CELL = 1 << 24
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped, line ends as written)."""
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            return fh.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
+def read_csv(path: Path, required: Sequence[str] = ()) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header of the CSV file ``path`` and its rows as (line, {column: cell}); blank lines are skipped.
+
+    Raises :class:`DataError` naming the file (and line) for text that is not UTF-8, CSV the csv module cannot
+    parse, a missing ``required`` column, a column named twice, or a row of another length than the header."""
+    text = read_text(path)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, MAX_CSV_CELL))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None) or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(f"{path}: the first line must be a header with the column(s) {list(required)}; "
+                            f"no {missing[0]!r} among {header[:20]}")
+        duplicated = sorted({name for name in header if header.count(name) > 1})
+        if duplicated:
+            raise DataError(f"{path}: the header names column(s) {duplicated} more than once; name each column once")
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}:{reader.line_num}: {len(row)} cells where the header has {len(header)} "
+                    f"({', '.join(header)[:300]}); quote a cell that holds a comma or a line break (\"a, b\")")
+            rows.append((reader.line_num, dict(zip(header, row))))
+        return header, rows
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
