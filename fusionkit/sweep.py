@@ -296,9 +296,9 @@ class _OneLineFailures(logging.Filter):
 def _quiet_optuna_tracebacks() -> None:
     import optuna
 
-    logger = optuna.logging.get_logger("optuna")
-    if not any(isinstance(f, _OneLineFailures) for f in logger.filters):
-        logger.addFilter(_OneLineFailures())
+    for handler in optuna.logging.get_logger("optuna").handlers:  # a logger's own filters miss its children's records
+        if not any(isinstance(f, _OneLineFailures) for f in handler.filters):
+            handler.addFilter(_OneLineFailures())
 
 
 def _end_with_parent() -> None:
@@ -394,27 +394,34 @@ def _read_spec(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(spec))
 
 
-def _claim_directory(out: Path, study_name: str, storage: str | None) -> None:
-    """Make ``out`` this sweep's directory, or check that it already is: a directory that fusionkit did not make as a
-    sweep directory of this study is refused, and nothing in it is touched."""
+def _check_directory(out: Path, study_name: str, storage: str | None) -> bool:
+    """Whether ``out`` is already this study's sweep directory (False: it is absent or empty). Anything else is
+    refused, and nothing in it is touched: a directory that fusionkit did not make as a sweep directory, or the sweep
+    directory of another study or storage."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FusionkitError(f"{out}: exists and is not a directory; choose another --out")
-    marker = {"format": SWEEP_FORMAT, "study": study_name, "storage": storage}
-    if out.is_dir() and any(p for p in out.iterdir() if not is_temporary(p)):
-        if not is_sweep(out):
-            what = "a training run" if (out / RUN_FILE).exists() else f"{describe_contents(out)}"
-            raise FusionkitError(f"{out}: not a fusionkit sweep directory (no {SWEEP_FILE}), and it holds {what}; "
-                                 "nothing there is touched. Choose an empty or new --out.")
-        recorded = json.loads((out / SWEEP_FILE).read_text(encoding="utf-8"))
-        if recorded.get("study") != study_name or recorded.get("storage") != storage:
-            where = recorded.get("storage") or f"{out / STUDY_FILE}"
-            raise FusionkitError(
-                f"{out}: holds the trials of study {recorded.get('study')!r} (storage {where}); a second study there "
-                f"would number its trials from 0 over them. Resume it with --study {recorded.get('study')}"
-                f"{' --storage ' + recorded['storage'] if recorded.get('storage') else ''}, or give study "
-                f"{study_name!r} another --out.")
-        return
+    if not out.is_dir() or not any(p for p in out.iterdir() if not is_temporary(p)):
+        return False
+    if not is_sweep(out):
+        what = "a training run" if (out / RUN_FILE).exists() else f"{describe_contents(out)}"
+        raise FusionkitError(f"{out}: not a fusionkit sweep directory (no {SWEEP_FILE}), and it holds {what}; "
+                             "nothing there is touched. Choose an empty or new --out.")
+    recorded = json.loads((out / SWEEP_FILE).read_text(encoding="utf-8"))
+    resume = f"--study {recorded.get('study')}" + (f" --storage {recorded['storage']}" if recorded.get("storage") else "")
+    if recorded.get("study") != study_name:
+        raise FusionkitError(
+            f"{out}: holds the trials of study {recorded.get('study')!r}; a second study there would number its "
+            f"trials from 0 over them. Resume that one with {resume}, or give study {study_name!r} another --out.")
+    if recorded.get("storage") != storage:
+        raise FusionkitError(
+            f"{out}: its study lives in {recorded.get('storage') or out / STUDY_FILE}, not in "
+            f"{storage or out / STUDY_FILE}; resume it with {resume}, or choose another --out.")
+    return True
+
+
+def _mark_directory(out: Path, study_name: str, storage: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    marker = {"format": SWEEP_FORMAT, "study": study_name, "storage": storage}
     atomic_write_text(out / SWEEP_FILE, json.dumps(marker, indent=2) + "\n")
 
 
@@ -470,9 +477,13 @@ def sweep(spec: str | os.PathLike | Mapping[str, Any], data: str | os.PathLike, 
     else:
         make_split(store, fold)
     out = Path(out)
-    _claim_directory(out, study_name, storage)
+    marked = _check_directory(out, study_name, storage)
     _quiet_optuna_tracebacks()
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
     opened = _storage(storage, out, heartbeat)
+    if not marked:
+        _mark_directory(out, study_name, storage)
     study = optuna.create_study(study_name=study_name, storage=opened, direction="maximize", load_if_exists=True)
     _check_same_study(study, opened, spec, space_map, storage or str(out / STUDY_FILE))
     _fail_dead_trials(study)

@@ -130,31 +130,3 @@ def test_an_official_release_trains_cross_validates_ensembles_and_writes_a_submi
     assert main(["evaluate", str(tmp_path / "cv"), "--cv", "--data", str(tmp_path / "store"), "--split", "target"]) == 0
     metrics = json.loads((tmp_path / "cv" / "evaluation_ensemble_target.json").read_text())
     assert metrics["n"] == 6 and 0.0 <= metrics["score"] <= 1.0
-
-
-def test_an_ensemble_averages_its_models_and_fits_thresholds_out_of_fold(synthetic_store, tmp_path):
-    from conftest import tiny_spec
-
-    from fusionkit.data.open import spec_store
-    from fusionkit.spec import load_spec
-    from fusionkit.training.ensemble import FoldEnsemble
-    from fusionkit.training.tasks import collect_outputs
-    from fusionkit.training.train import cross_validate
-
-    cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "cv", progress=False)
-    ensemble = FoldEnsemble([tmp_path / "cv"])
-    assert [p.name for p in ensemble.runs] == [f"fold{k}" for k in range(5)]
-    store = spec_store(load_spec(tiny_spec()), synthetic_store)
-    index = store.select(labelled=True)[:20]
-    single = [collect_outputs(m, store, index)["probs"] for m in ensemble.models]
-    np.testing.assert_allclose(ensemble.outputs(store, index)["probs"], np.mean(single, axis=0), rtol=1e-6)
-    config = ensemble.fit_decoder(store)
-    assert all(m.decoder.config == config for m in ensemble.models)
-    from fusionkit.errors import CheckpointError
-    from fusionkit.training.train import train
-
-    with pytest.raises(CheckpointError, match="name one run twice"):
-        FoldEnsemble([tmp_path / "cv" / "fold0", tmp_path / "cv" / "fold0" / ".." / "fold0"])
-    train(tiny_spec(epochs=1), synthetic_store, tmp_path / "again", fold=0, progress=False)
-    with pytest.raises(DataError, match="overlaps"):
-        FoldEnsemble([tmp_path / "cv" / "fold0", tmp_path / "again"]).fit_decoder(store)
