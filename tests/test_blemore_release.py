@@ -130,3 +130,74 @@ def test_an_official_release_trains_cross_validates_ensembles_and_writes_a_submi
     assert main(["evaluate", str(tmp_path / "cv"), "--cv", "--data", str(tmp_path / "store"), "--split", "target"]) == 0
     metrics = json.loads((tmp_path / "cv" / "evaluation_ensemble_target.json").read_text())
     assert metrics["n"] == 6 and 0.0 <= metrics["score"] <= 1.0
+
+
+# --- damaged releases: one-line errors naming the file, never a hang ------------------------------------------------
+
+
+def test_a_fifo_in_place_of_a_static_npz_is_refused_not_opened(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    write_official_release(tmp_path / "r")
+    npz = tmp_path / "r" / "encoded_videos" / "static_data" / "wavlm_static_features.npz"
+    npz.unlink()
+    os.mkfifo(npz)
+    done = subprocess.run([sys.executable, "-m", "fusionkit", "data", "build", "blemore", "--set",
+                           f"root={tmp_path / 'r'}", "--out", str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "wavlm_static_features.npz: not a regular file" in done.stderr and "Traceback" not in done.stderr
+
+
+def _rewrite_metadata(root, change):
+    path = root / "train_metadata.csv"
+    rows = list(csv.reader(path.open(newline="")))
+    rows = change(rows)
+    with path.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def test_a_column_named_twice_in_the_metadata_is_refused(tmp_path):
+    write_official_release(tmp_path / "r")
+    _rewrite_metadata(tmp_path / "r", lambda rows: [rows[0] + ["fold"]] + [r + ["0"] for r in rows[1:]])
+    with pytest.raises(DataError, match=r"train_metadata.csv: the header names column\(s\) \['fold'\] more than once"):
+        build_dataset("blemore", {"root": str(tmp_path / "r")}, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_metadata_cells_over_128_kb_are_read(tmp_path):
+    write_official_release(tmp_path / "r")
+    long = "x" * 200_000
+    _rewrite_metadata(tmp_path / "r", lambda rows: [rows[0] + [long]] + [r + [long] for r in rows[1:]])
+    store = open_store(build_dataset("blemore", {"root": str(tmp_path / "r")}, tmp_path / "s"))
+    assert len(store) == 46
+
+
+def test_latin1_metadata_is_a_one_line_error(tmp_path):
+    write_official_release(tmp_path / "r")
+    path = tmp_path / "r" / "train_metadata.csv"
+    path.write_bytes(path.read_bytes().replace(b",m,", "\xe9".join([",", ","]).encode("latin-1"), 1))
+    with pytest.raises(DataError, match=r"train_metadata.csv: not UTF-8 text \(invalid continuation byte at byte"):
+        build_dataset("blemore", {"root": str(tmp_path / "r")}, tmp_path / "s")
+
+
+def test_strings_where_features_belong_are_refused_by_file(tmp_path):
+    write_official_release(tmp_path / "r")
+    npz = tmp_path / "r" / "encoded_videos" / "static_data" / "wavlm_static_features.npz"
+    with np.load(npz) as data:
+        names = data["filenames"]
+    np.savez(npz, X=np.array([["a"] * 21] * len(names)), filenames=names)
+    with pytest.raises(DataError, match=r"wavlm_static_features.npz: X must hold numbers, found an array of <U1"):
+        build_dataset("blemore", {"root": str(tmp_path / "r"), "encoders": ["wavlm"]}, tmp_path / "s")
+    np.save(tmp_path / "r" / "hubert" / "A101_ang_int1_ver1.npy", np.array([["1.0", "x"]]))
+    with pytest.raises(DataError, match=r"hubert/A101_ang_int1_ver1.npy: expected numbers, found an array of <U3"):
+        build_dataset("blemore", {"root": str(tmp_path / "r"), "encoders": ["hubert"]}, tmp_path / "s")
+
+
+def test_one_clip_of_another_width_is_named(tmp_path):
+    write_official_release(tmp_path / "r")
+    np.save(tmp_path / "r" / "hubert" / "A303_sad_int3_ver1.npy", np.zeros((4, 5), dtype=np.float32))
+    with pytest.raises(DataError, match=r"hubert/A303_sad_int3_ver1.npy: 35 features, where encoder 'hubert' has 14"):
+        build_dataset("blemore", {"root": str(tmp_path / "r"), "encoders": ["hubert"]}, tmp_path / "s")

