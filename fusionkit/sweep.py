@@ -40,11 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
 from fusionkit.data.open import spec_store
+from fusionkit.data.raw import live_encoder_names
 from fusionkit.devices import resolve_device
 from fusionkit.errors import FusionkitError, SpecError
 from fusionkit.files import atomic_write_text, describe_contents, is_temporary, json_marker
+from fusionkit.models.factory import build_model
 from fusionkit.spec import dump_spec, load_spec, read_spec_file, spec_differences
 from fusionkit.training.loggers import RunLogger
 from fusionkit.training.rundir import RUN_FILE
@@ -167,10 +170,16 @@ def load_space(path: str | os.PathLike, spec: Mapping[str, Any]) -> dict[str, di
 
 
 def _probe(spec: Mapping[str, Any], params: Mapping[str, Any], space: Mapping[str, Any]) -> str | None:
-    """Why a trial with ``params`` could not train, or None."""
+    """Why a trial with ``params`` could not train, or None: the spec must be valid, its device here, and its model
+    must build (on the meta device, which allocates nothing, unless a live backbone loads weights)."""
     try:
         resolved = load_spec(apply_params(spec, params, space))
         resolve_device(resolved.train.device, "train.device")
+        if live_encoder_names(resolved):
+            build_model(resolved)
+        else:
+            with torch.device("meta"):
+                build_model(resolved)
     except SpecError as exc:
         return "; ".join(exc.problems)
     except FusionkitError as exc:

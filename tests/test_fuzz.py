@@ -332,3 +332,200 @@ def test_raw_manifests_fail_cleanly_and_write_only_their_output(manifest, confin
     written = set(_listing(outer)) - set(before)
     assert all(p.startswith(("data/out", "data/out.partial")) for p in written), written
     assert set(before) <= set(_listing(outer))  # nothing removed
+
+
+# --- sweep space files (issue 26) ------------------------------------------------------------------------------------
+
+SPACE_EXAMPLES = max(10, EXAMPLES // 6)
+SPACE_FUZZ = settings(max_examples=SPACE_EXAMPLES, deadline=None, derandomize=True,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SWEEP_SPEC = {"latent_dim": 8, "encoders": [{"name": f"enc{k}", "type": "features", "dim": 8} for k in range(3)],
+              "gate": {"type": "attention", "top_n": 2, "heads": 2}, "train": {"epochs": 1, "batch_size": 64, "seed": 0}}
+SPACE_BASE = {"train.lr": {"float": [1.0e-3, 1.0e-2], "log": True}, "gate.top_n": {"int": [1, 3], "step": 1},
+              "latent_dim": {"choices": [8, 16]}, "encoders": {"subset": ["enc0", "enc1"], "min": 1}}
+SPACE_KEYS = ["float", "int", "choices", "subset", "log", "step", "min", "train.lr", "gate.top_n", "latent_dim",
+              "gate", "train.device", "projector.dropout", "encoders", "nope.deeper", "", "."]
+SPACE_VALUES = st.one_of(values, st.sampled_from([0, -1, "abc", 0.5, 1e-9, [1, 2], [2, 1], [1.0e-3, 1.0e-2], [0, 1],
+                                                  ["enc0", "enc9"], ["cpu", "cuda"], [[8], 16], {"a": 1}, 10**11,
+                                                  [16, 10**11], float("inf"), ["enc0", "enc0"], [], True]))
+
+
+@st.composite
+def space_files(draw):
+    """(name, bytes) of a space file: a mutated valid space as YAML, JSON or TOML-ish text, or raw bytes."""
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return "space.yaml", draw(st.binary(max_size=200))
+    if kind == 1:  # aliases, duplicate keys, YAML 1.1 booleans
+        return "space.yaml", draw(st.sampled_from([
+            b"a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+            b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nlatent_dim: {choices: *e}\n",
+            b"latent_dim: {choices: [8]}\nlatent_dim: {choices: [16]}\n",
+            b"gate.top_n: {int: [1, 3], log: yes}\n", b"!!python/object/apply:os.system ['true']\n",
+            b"train.lr: {float: [1.0e-3, 1.0e-2], step: 1.0e-3}\n", "latent_dim: {choices: [8]} # caf\xe9\n".encode("latin-1")]))
+    space = copy.deepcopy(SPACE_BASE)
+    mutate(space, draw, SPACE_VALUES, draw(st.integers(0, 3)), delete=True)
+    for _ in range(draw(st.integers(0, 2))):
+        entry = space.get(draw(st.sampled_from(sorted(space) or ["x"])))
+        if isinstance(entry, dict):
+            entry[draw(st.sampled_from(SPACE_KEYS))] = copy.deepcopy(draw(SPACE_VALUES))
+    if draw(st.booleans()):
+        return "space.json", json.dumps(space).encode()
+    import yaml
+
+    return "space.yaml", yaml.safe_dump(space, allow_unicode=True).encode()
+
+
+@SPACE_FUZZ
+@given(space=space_files())
+def test_random_space_files_are_refused_naming_the_file_or_sweep_within_their_folder(space, synthetic_store,
+                                                                                    tmp_path_factory):
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from fusionkit.spec import load_spec
+    from fusionkit.sweep import _candidates, apply_params, load_space, sweep
+
+    outer = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    name, data = space
+    (outer / name).write_bytes(data)
+    before = _listing(outer)
+
+    def hung(*_):
+        raise TimeoutError("a space example ran past 120 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        try:
+            checked = load_space(outer / name, SWEEP_SPEC)
+        except SpecError as exc:
+            assert str(outer / name) in str(exc) and len(str(exc)) < 5000, str(exc)
+            return
+        for key, entry in checked.items():  # every value a trial can take at an extreme makes a valid spec
+            for value in _candidates(entry):
+                load_spec(apply_params(SWEEP_SPEC, {key: value}, checked))
+        summary = sweep(SWEEP_SPEC, synthetic_store, outer / name, 1, outer / "out")
+        assert summary["complete"] + summary["pruned"] == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    written = set(_listing(outer)) - set(before)
+    assert all(p.startswith("out") for p in written), written
+
+
+# --- damaged BlEmoRE releases (issue 26) -------------------------------------------------------------------------
+
+RELEASE_EXAMPLES = max(10, EXAMPLES // 6)
+RELEASE_FUZZ = settings(max_examples=RELEASE_EXAMPLES, deadline=None, derandomize=True,
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+DAMAGE = ["truncate", "bytes", "cell", "delete", "fifo", "folder", "outside-link", "strings", "object", "3d", "empty",
+          "width", "npz-keys", "column-twice", "latin1"]
+METADATA_CELLS = st.one_of(CELLS, st.sampled_from(["0", "4", "7", "-1", "nan", "ang", "neu", "mix", "70", "x" * 200_000,
+                                                   "A101_ang_int1_ver1.mov", "test_0001.mov", "sad", "30.5"]))
+
+
+@st.composite
+def release_damage(draw):
+    return [(draw(st.sampled_from(DAMAGE)), draw(st.integers(0, 10**6)), draw(METADATA_CELLS))
+            for _ in range(draw(st.integers(1, 3)))]
+
+
+def _damage(root, outer, how, pick, cell):
+    import csv as csv_module
+
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    path = files[pick % len(files)]
+    npys = [p for p in files if p.suffix == ".npy"]
+    npy = npys[pick % len(npys)] if npys else path
+    meta = root / "train_metadata.csv"
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[: pick % max(1, path.stat().st_size)])
+    elif how == "bytes":
+        raw = bytearray(path.read_bytes() or b"\0")
+        for k in range(1 + pick % 4):
+            raw[(pick * (k + 7)) % len(raw)] = (pick >> k) & 0xFF
+        path.write_bytes(bytes(raw))
+    elif how == "cell" and meta.is_file():
+        try:
+            rows = list(csv_module.reader(meta.open(newline="", encoding="utf-8")))
+        except (UnicodeDecodeError, csv_module.Error):
+            return
+        if len(rows) > 1 and rows[0]:
+            row = rows[1 + pick % (len(rows) - 1)]
+            if row:
+                row[pick % len(row)] = cell
+            with meta.open("w", newline="", encoding="utf-8", errors="surrogatepass") as fh:
+                csv_module.writer(fh).writerows(rows)
+    elif how == "delete":
+        path.unlink()
+    elif how == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif how == "folder":
+        path.unlink()
+        path.mkdir()
+    elif how == "outside-link":
+        path.unlink()
+        path.symlink_to(outer / "outside.npy")
+    elif how == "strings":
+        np.save(npy, np.array([["1", "x"]]))
+    elif how == "object":
+        np.save(npy, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif how == "3d":
+        np.save(npy, np.zeros((2, 2, 2), dtype=np.float32))
+    elif how == "empty":
+        np.save(npy, np.zeros((0, 3), dtype=np.float32))
+    elif how == "width":
+        np.save(npy, np.zeros((3, 1 + pick % 6), dtype=np.float32))
+    elif how == "npz-keys":
+        static = sorted(root.rglob("*_static_features.npz"))
+        if static:
+            np.savez(static[pick % len(static)], X=np.array(["a", "b"]), names=np.zeros(2))
+    elif how == "column-twice" and meta.is_file():
+        text = meta.read_bytes().decode("utf-8", "replace").splitlines()
+        if text:
+            meta.write_text("\n".join([text[0] + ",fold"] + [line + ",0" for line in text[1:]]) + "\n")
+    elif how == "latin1" and meta.is_file():
+        meta.write_bytes(meta.read_bytes() + "A101_caf\xe9,,,,,,,,,,,0\n".encode("latin-1"))
+
+
+@RELEASE_FUZZ
+@given(damage=release_damage(), aggregate=st.sampled_from(["stats7", "sequences"]))
+def test_damaged_blemore_releases_fail_by_file_and_write_only_their_output(damage, aggregate, tmp_path_factory):
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from official_release import write_official_release
+
+    from fusionkit.components.datasets import build_dataset
+
+    outer = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    np.save(outer / "outside.npy", np.ones((2, 3), dtype=np.float32))
+    root = outer / "release"
+    write_official_release(root)
+    for how, pick, cell in damage:
+        _damage(root, outer, how, pick, cell)
+    before = _listing(outer)
+
+    def hung(*_):
+        raise TimeoutError("a release example ran past 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        store = open_store(build_dataset("blemore", {"root": str(root), "aggregate": aggregate}, outer / "out"))
+        assert len(store) > 0
+    except DataError as exc:
+        message = str(exc)
+        assert str(root) in message or "encoder" in message, message
+        assert "Traceback" not in message and len(message) < 5000
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    written = set(_listing(outer)) - set(before)
+    assert all(p.startswith("out") for p in written), written
+    assert set(before) <= set(_listing(outer))

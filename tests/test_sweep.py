@@ -209,6 +209,7 @@ def test_sweep_reads_a_spec_as_train_does(synthetic_store, tmp_path):
     ({"train.device": {"choices": ["cpu", "cuda"]}} if not __import__("torch").cuda.is_available() else
      {"train.device": {"choices": ["cpu", "cuda:99"]}}, r"train.device = 'cuda(:99)?'"),
     ({"latent_dim": {"choices": [[8], 16]}}, "each choice must be a number, a string"),
+    ({"latent_dim": {"choices": [8, 1]}}, r"latent_dim = 1: gate: .*gate.heads=2 must divide latent_dim=1"),
     ({"encoders": {"subset": ["enc0", "enc1"], "min": 3}}, r"min: expected an integer from 0 to 2 .*every trial would "
                                                            "be pruned"),
     ({"encoders": {"subset": ["enc0", "enc1", "enc2"], "min": 0}}, r"encoders = \[\]: .*encoders"),
