@@ -82,9 +82,17 @@ def _cmd_spec_validate(args: argparse.Namespace) -> int:
 def _cmd_spec_resolve(args: argparse.Namespace) -> int:
     import yaml
 
+    from fusionkit.errors import FusionkitError
+    from fusionkit.models.factory import build_model
     from fusionkit.spec import load_spec
 
-    print(yaml.safe_dump(load_spec(args.file).to_dict(), sort_keys=False), end="")
+    spec = load_spec(args.file)
+    print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
+    try:  # the cost table, as YAML comments: the output stays a spec
+        table = cost_table(build_model(spec))
+    except FusionkitError as exc:
+        table = [f"cost per sample: not measured (the model does not build here: {exc})"]
+    print("\n".join(f"# {line}" for line in table))
     return 0
 
 
@@ -118,7 +126,25 @@ def model_summary(model) -> str:
     for part, n in counts.items():
         lines.append(f"  {part:<{width}}  {n:>10,}")
     lines.append(f"  {'total':<{width}}  {sum(counts.values()):>10,}")
-    return "\n".join(lines)
+    return "\n".join(lines + cost_table(model))
+
+
+def cost_table(model) -> list[str]:
+    """Lines of each encoder's cost per sample (GFLOPs: declared, or measured for a live encoder) and when it runs."""
+    from fusionkit.models.fusion import FusionModel
+
+    trunks = [model] if isinstance(model, FusionModel) else list(model.towers.values())
+    runs = {e.name: e.run for e in model.spec.encoders}
+    declared = {e.name: e.cost_gflops for e in model.spec.encoders}
+    lines = ["cost per sample (GFLOPs):"]
+    costs = {name: cost for trunk in trunks for name, cost in trunk.encoder_costs().items()}
+    width = max(len(n) for n in costs)
+    for name, cost in costs.items():
+        how = "declared" if declared[name] is not None else "measured" if cost else "stored features"
+        shown = "unknown" if cost is None else f"{cost:.4g}"
+        lines.append(f"  {name:<{width}}  {shown:>10}  {runs[name]:<9}  ({how})")
+    lines.append(f"  {'total':<{width}}  {sum(c or 0.0 for c in costs.values()):>10.4g}")
+    return lines
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -235,18 +261,77 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             from fusionkit.errors import DataError
 
             raise DataError(f"{store.path}: the {args.split} samples are not all labelled; evaluate needs labels")
-        metrics = ensemble.evaluate(store, index)
+        metrics = ensemble.evaluate(store, index, budget=args.budget)
         task = task_class(ensemble.spec)
-        out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}.json" if len(args.run) == 1 else None
+        out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}{_budget_suffix(args.budget)}.json" \
+            if len(args.run) == 1 else None
     else:
         model, store = _open_run(args)
         task = task_class(model.spec)
         index = _run_index(Path(args.run[0]), store, args.split)
-        metrics = task.evaluate_model(model, store, index)
-        out = Path(args.run[0]) / f"evaluation_{args.split}.json"
+        if args.budget_curve:
+            return _budget_curve(args, model, store, index)
+        metrics = task.evaluate_model(model, store, index, **_budget_option(args, model))
+        out = Path(args.run[0]) / f"evaluation_{args.split}{_budget_suffix(args.budget)}.json"
     print(f"{args.split}: {task.summary(metrics)}")
+    if "compute" in metrics:
+        compute = metrics["compute"]
+        rates = ", ".join(f"{n} {r:.0%}" for n, r in compute["run_rate"].items())
+        print(f"  compute: {compute['mean_gflops']:.4g} of {compute['full_gflops']:.4g} GFLOPs per sample; ran: {rates}")
     if out is not None:
         atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _budget_suffix(budget: str | None) -> str:
+    if budget is None:
+        return ""
+    return "_budget-" + "".join(c if c.isalnum() or c == "." else "pct" if c == "%" else "-" for c in budget.strip())
+
+
+def _budget_option(args: argparse.Namespace, model) -> dict:
+    """``budget=`` for a model with on-demand encoders; a budget for a model without them is refused."""
+    if args.budget is None:
+        return {}
+    from fusionkit.errors import FusionkitError
+    from fusionkit.models.conditional import Budget
+
+    if not model.spec.on_demand:
+        raise FusionkitError(f"--budget {args.budget}: {args.run[0]} runs every encoder always (no encoder has run: "
+                             "on_demand), so there is no compute to budget")
+    return {"budget": Budget.parse(args.budget)}
+
+
+#: The budgets of ``evaluate --budget-curve``: shares of the full cost.
+CURVE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
+    """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything."""
+    import time
+
+    from fusionkit.files import atomic_write_text
+    from fusionkit.models.conditional import Budget
+    from fusionkit.progress import progress_bar
+    from fusionkit.training.tasks import task_class
+
+    if not model.spec.on_demand:
+        from fusionkit.errors import FusionkitError
+
+        raise FusionkitError(f"--budget-curve: {args.run[0]} has no on-demand encoder (run: on_demand); every budget "
+                             "would run the same encoders")
+    task = task_class(model.spec)
+    points = []
+    for share in progress_bar(CURVE_SHARES, enabled=True, desc="budgets", unit="budget", leave=False):
+        started = time.perf_counter()
+        metrics = task.evaluate_model(model, store, index, budget=Budget(share=share))
+        points.append({"budget_share": share, "score": metrics["score"], "mean_gflops": metrics["compute"]["mean_gflops"],
+                       "seconds": time.perf_counter() - started, "run_rate": metrics["compute"]["run_rate"]})
+        print(f"  budget {share:>4.0%}: Score {metrics['score']:.3f}, {metrics['compute']['mean_gflops']:.4g} GFLOPs per "
+              f"sample, {points[-1]['seconds']:.2f} s")
+    out = Path(args.run[0]) / f"budget_curve_{args.split}.json"
+    atomic_write_text(out, json.dumps({"split": args.split, "n": int(len(index)), "points": points}, indent=2) + "\n")
+    print(f"budget curve written to {out}")
     return 0
 
 
@@ -297,14 +382,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if opened is not None:
         ensemble, store = opened
         index = _run_index(Path(args.run[0]), store, args.split)
-        preds = ensemble.predictions(store, index)
+        preds = ensemble.predictions(store, index, budget=args.budget)
     else:
         model, store = _open_run(args)
         if not task_class(model.spec).predicts:
             raise FusionkitError(f"{args.run[0]}: a two-tower model embeds and retrieves; it predicts no answers, so "
                                  "there is no submission to write. `fusionkit evaluate` gives its retrieval metrics.")
         index = _run_index(Path(args.run[0]), store, args.split)
-        preds = predictions_for(model, store, index)
+        preds = predictions_for(model, store, index, **_budget_option(args, model))
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
     atomic_write_text(json_path, text)
 
@@ -469,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     splits = ("test", "val", "target", "labelled", "unlabelled", "all")
+    BUDGET_HELP = ("a compute cap per sample for a model with on-demand encoders: GFLOPs (e.g. 2.5) or a share of the "
+                   "full cost (e.g. 40%%); each sample runs its on-demand encoders in the gate's order while they fit")
     runs_help = ("a run directory; several runs, or a cross-validation directory (train --cv), are averaged as a fold "
                  "ensemble whose decoder thresholds are fitted on their pooled out-of-fold validation predictions")
     cv_help = "RUN is a cross-validation directory: ensemble its fold models (the same as naming it alone)"
@@ -485,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--split", choices=splits, default="test", help="which samples (default: the run's test fold; "
                    "target: the target-domain rows, e.g. a release's test clips)")
+    p.add_argument("--budget", metavar="B", help=BUDGET_HELP)
+    p.add_argument("--budget-curve", action="store_true", help="Score against mean GFLOPs per sample and wall "
+                   "seconds at budgets from 0%% to 100%% of the full cost (RUN/budget_curve_SPLIT.json; `fusionkit "
+                   "report` draws it)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a challenge submission (JSON, and a zip beside it)")
@@ -499,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.json", help="FILE.json and FILE.zip are written "
                    "(FILE.zip names the same pair)")
     p.add_argument("--split", choices=splits, default="unlabelled", help="which samples (default: the unlabelled ones)")
+    p.add_argument("--budget", metavar="B", help=BUDGET_HELP)
     p.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
     p.set_defaults(func=_cmd_predict)
 

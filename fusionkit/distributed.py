@@ -260,6 +260,8 @@ def unused_parameters_possible(spec: Any, missing_encoders: bool = False) -> boo
     reaches every projector anyway. A missing encoder (masked) is never used. ``static_graph``
     is wrong here for the same reason: which parameters are used changes from step to step.
     """
+    if spec.on_demand:  # a step may give an on-demand encoder no rows at all
+        return True
     gates = [spec.gate] if not spec.towers else [t.gate for t in spec.towers.values()]
     counts = [len(spec.encoders)] if not spec.towers else [len(t.encoders) for t in spec.towers.values()]
     for gate, k in zip(gates, counts):

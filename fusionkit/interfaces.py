@@ -109,6 +109,12 @@ class LiveEncoder(Encoder):
             out[i, : len(item)] = item
         return out, lengths
 
+    def example_input(self) -> tuple[Any, torch.Tensor | None] | None:
+        """A batch of one typical input ``(x, lengths)`` as :meth:`collate` gives it, on which fusionkit measures the
+        encoder's FLOPs per sample (``torch.utils.flop_counter``); None: the cost is unknown, and a spec that runs
+        the encoder on demand must declare ``cost_gflops``."""
+        return None
+
     def embed(self, x: Any, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What ``fusionkit extract`` stores: ``([B, out_dim], None)``, or ``([B, T, out_dim], lengths)`` for
         inputs with a time axis (clips), which a ``features`` encoder then pools."""
@@ -202,7 +208,16 @@ class Gate(nn.Module):
 
     Subclasses implement :meth:`score` only: ``[B, K, d]`` tokens and a ``[B, K]``
     availability mask (None when every encoder is available) -> ``[B, K]`` scores.
+
+    A gate whose class sets :attr:`scouts` can also score an on-demand encoder before it runs: its token is then
+    the encoder's identity embedding alone, and the score must come from the other tokens (attention reads them)
+    or from what the gate learned of that encoder (a static gate).
     """
+
+    #: Whether :meth:`score` gives a meaningful score to a token that holds only its encoder's identity: the
+    #: contract that lets the gate scout for on-demand encoders (docs/conditional.md). Gates that score each
+    #: token from its own content alone leave it False.
+    scouts: bool = False
 
     def __init__(self, config: GateConfig) -> None:
         super().__init__()
@@ -220,7 +235,12 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> Selection:
-        scores = full_precision(self.score(tokens, mask))  # ranks and weights in float32 (at least) under autocast
+        return self.select(self.score(tokens, mask), mask)
+
+    def select(self, scores: torch.Tensor, mask: torch.Tensor | None) -> Selection:
+        """Rank ``[B, K]`` scores and keep the top-n (or top-p) available encoders: the selection every gate shares
+        (training noise and the soft warm-up included)."""
+        scores = full_precision(scores)  # ranks and weights in float32 (at least) under autocast
         if self.training and self.noise > 0:
             scores = scores + self.noise * torch.randn_like(scores)
         soft_tail = self.training and self.epoch < self.warmup_epochs

@@ -64,16 +64,36 @@ class Component:
         return {"type": self.type, **cfg.unstructure(self.config)}
 
 
+@attrs.frozen(kw_only=True)
+class EncoderRun:
+    """When an encoder runs, and what it costs: options every encoder block has, beside its type's own."""
+
+    run: Literal["always", "on_demand"] = option(
+        "always", doc="always: the encoder runs on every sample; on_demand: only on the samples whose gate keeps it, "
+        "scored before it runs from the always-run encoders (see docs/conditional.md).")
+    cost_gflops: float | None = option(
+        None, doc="GFLOPs per sample that a deployment pays to run (or extract) this encoder; null: measured for a "
+        "live encoder, 0 for pre-extracted features.", validator=non_negative)
+
+
 @attrs.frozen
 class EncoderSpec:
-    """One encoder: the name inputs are keyed by, its registered type and config."""
+    """One encoder: the name inputs are keyed by, its registered type and config, and when it runs."""
 
     name: str
     type: str
     config: Any
+    run: str = "always"
+    cost_gflops: float | None = None
+
+    @property
+    def on_demand(self) -> bool:
+        return self.run == "on_demand"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, **cfg.unstructure(self.config)}
+        extra = {**({"run": self.run} if self.run != "always" else {}),
+                 **({"cost_gflops": self.cost_gflops} if self.cost_gflops is not None else {})}
+        return {"name": self.name, "type": self.type, **cfg.unstructure(self.config), **extra}
 
 
 @attrs.frozen(kw_only=True)
@@ -134,6 +154,21 @@ class TrainConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ConditionalConfig:
+    """How a model with on-demand encoders trains its scout (see docs/conditional.md)."""
+
+    scout_rows: float = option(
+        1.0, doc="Share of each training batch on which every on-demand encoder runs, so the scout learns what the "
+        "gate would score with every token (1: every row; less is cheaper, and teaches the scout from fewer rows).",
+        validator=unit_interval)
+    scout_weight: float = option(1.0, doc="Weight of the scout loss: the KL from the gate's scores with every token "
+                                          "to its scores before the on-demand encoders ran.", validator=non_negative)
+    budget_sampling: bool = option(
+        True, doc="In training, each sample keeps its on-demand encoders in the scout's order up to a random share "
+        "of their cost, so one model learns to fuse whatever a budget at inference leaves it.")
+
+
+@attrs.frozen(kw_only=True)
 class ContrastiveConfig:
     """The CLIP objective of a two-tower model."""
 
@@ -174,7 +209,7 @@ class DistillSpec:
 
 _TOP_LEVEL = (
     "spec_version", "labels", "neutral", "latent_dim", "encoders", "projector", "gate", "fusion",
-    "heads", "combiner", "decoder", "towers", "contrastive", "adaptation", "distill", "data", "train",
+    "heads", "combiner", "decoder", "towers", "contrastive", "adaptation", "distill", "data", "train", "conditional",
 )
 _DEFAULT_BLOCKS: dict[str, Any] = {
     "gate": {"type": "attention"},
@@ -206,10 +241,16 @@ class Spec:
     distill: DistillSpec | None = None
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    conditional: ConditionalConfig = ConditionalConfig()
 
     @property
     def encoder_names(self) -> tuple[str, ...]:
         return tuple(e.name for e in self.encoders)
+
+    @property
+    def on_demand(self) -> tuple[str, ...]:
+        """The names of the encoders that run on demand."""
+        return tuple(e.name for e in self.encoders if e.on_demand)
 
     @property
     def task(self) -> str:
@@ -236,6 +277,7 @@ class Spec:
             **({"distill": self.distill.to_dict()} if self.distill else {}),
             "data": cfg.unstructure(self.data),
             "train": cfg.unstructure(self.train),
+            **({"conditional": cfg.unstructure(self.conditional)} if self.on_demand else {}),
         }
 
     def replace(self, **changes: Any) -> Spec:
@@ -341,6 +383,7 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
         values[key] = structure_component(kind, data.get(key, _DEFAULT_BLOCKS[key]), key, registry, problems)
     values["heads"] = _structure_heads(data.get("heads", _DEFAULT_BLOCKS["heads"]), registry, problems)
     _check_gate_counts(values["gate"], len(values["encoders"]), "gate", problems)
+    values["conditional"] = cfg.structure(ConditionalConfig, data.get("conditional", {}), "conditional", problems)
     adaptation = data.get("adaptation", [])
     if not isinstance(adaptation, list):
         problems.append(f"adaptation: expected a list of adaptation loss blocks, found {short_repr(adaptation)}")
@@ -356,6 +399,9 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
         structure_component("adaptation_loss", block, f"adaptation[{i}]", registry, problems)
         for i, block in enumerate(adaptation)
     )
+    _check_conditional(values, registry, problems)
+    if "conditional" in data and not any(e.on_demand for e in values["encoders"]):
+        problems.append("conditional: configures on-demand encoders, but no encoder has run: on_demand")
     if problems:
         return None
     return Spec(spec_version=SPEC_VERSION, **values)
@@ -380,11 +426,37 @@ def _structure_encoders(blocks: Any, registry: Registry, problems: list[str]) ->
         if name in seen:
             problems.append(f"{path}.name: {name!r} is already the name of encoders[{seen[name]}]; names must be unique")
         seen.setdefault(name, i)
-        rest = {k: v for k, v in block.items() if k != "name"}
+        rest = {k: v for k, v in block.items() if k != "name" and k not in _RUN_OPTIONS}
+        running = cfg.structure(EncoderRun, {k: v for k, v in block.items() if k in _RUN_OPTIONS}, path, problems)
         comp = structure_component("encoder", rest, path, registry, problems)
-        if comp is not None:
-            out.append(EncoderSpec(name, comp.type, comp.config))
+        if comp is not None and running is not None:
+            out.append(EncoderSpec(name, comp.type, comp.config, running.run, running.cost_gflops))
     return tuple(out)
+
+
+_RUN_OPTIONS = tuple(f.name for f in attrs.fields(EncoderRun))
+
+
+def _check_conditional(values: dict[str, Any], registry: Registry, problems: list[str]) -> None:
+    """On-demand encoders need a gate that scores an encoder before it runs, and something that runs always."""
+    encoders = values["encoders"]
+    demand = [i for i, e in enumerate(encoders) if e.on_demand]
+    if not demand:
+        return
+    if len(demand) == len(encoders):
+        problems.append(f"encoders[{demand[0]}].run: every encoder is on_demand, but the gate scores on-demand "
+                        "encoders from what has already run; let at least one encoder run always")
+    if values["towers"]:
+        problems.append(f"encoders[{demand[0]}].run: on_demand is for fusion models; a two-tower model runs every "
+                        "encoder of each tower")
+    gate = values["gate"]
+    if gate is not None:
+        factory = registry.get("gate", gate.type).factory
+        if not getattr(factory, "scouts", False):  # Gate.scouts, declared by the gate's class
+            problems.append(f"gate.type: gate {gate.type!r} cannot score an encoder before it runs (it needs every "
+                            f"token), so encoders[{demand[0]}] cannot be on_demand; use a scout gate (attention, "
+                            "static) or run every encoder always")
+
 
 
 def _structure_towers(blocks: Any, encoders: tuple[EncoderSpec, ...], registry: Registry,

@@ -40,6 +40,8 @@ class UniformGateConfig(GateConfig):
 
 
 class AttentionGate(Gate):
+    scouts = True  # an on-demand encoder's identity token attends to the tokens that have run
+
     def __init__(self, config: AttentionGateConfig, context: BuildContext) -> None:
         super().__init__(config)
         d = context.latent_dim
@@ -70,6 +72,8 @@ class MLPGate(Gate):
 
 
 class StaticGate(Gate):
+    scouts = True  # one learned score per encoder: the same choice for every sample
+
     def __init__(self, config: StaticGateConfig, context: BuildContext) -> None:
         super().__init__(config)
         self.logits = nn.Parameter(torch.zeros(context.num_encoders))

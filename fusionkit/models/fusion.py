@@ -20,12 +20,13 @@ from fusionkit.answers import Prediction, from_order
 from fusionkit.checkpoint import save_checkpoint
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.interfaces import BuildContext, Decoder, LiveEncoder
+from fusionkit.models.conditional import Budget, gather_rows, kept_by, scatter_rows, scout_loss, within_budget
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
 from fusionkit.selection import Selection, gather_slots, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
 
-__all__ = ["FusionOutput", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk", "FusionModel", "count_parameters",
+__all__ = ["FusionOutput", "Encoded", "measure_gflops", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk", "FusionModel", "count_parameters",
            "decoder_inputs"]
 
 
@@ -50,6 +51,13 @@ class FusionOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     mask: torch.Tensor | None = None
     token_logits: torch.Tensor | None = None
+    #: With on-demand encoders: ``[B, K]`` which encoders ran for each sample, and ``[B]`` its cost in GFLOPs.
+    ran: torch.Tensor | None = None
+    cost: torch.Tensor | None = None
+    #: In training with on-demand encoders (see :class:`Encoded`): the tokens computed, the scout's scores, its rows.
+    computed: torch.Tensor | None = None
+    scout_scores: torch.Tensor | None = None
+    scout_rows: torch.Tensor | None = None
 
     @property
     def used(self) -> torch.Tensor:
@@ -147,6 +155,49 @@ class Projector(nn.Module):
         return self.net(x)
 
 
+@dataclass
+class Encoded:
+    """What :meth:`Trunk.encode` computed: the tokens ``[B, K, d]``, the gate's selection, the fused vector, the
+    availability mask the gate saw (None: every encoder), and, for a model with on-demand encoders, which encoders
+    ran per row (``ran`` ``[B, K]``), each row's cost in GFLOPs (``cost`` ``[B]``) and the scout's loss."""
+
+    tokens: torch.Tensor
+    selection: Selection
+    fused: torch.Tensor
+    mask: torch.Tensor | None
+    ran: torch.Tensor | None
+    cost: torch.Tensor | None
+    aux: dict[str, torch.Tensor]
+    #: In training with on-demand encoders: which tokens were computed (``[B, K]``; the rows that ran every encoder
+    #: for the scout's target have all), the gate's scores before the on-demand encoders ran, and those rows (``[B]``).
+    computed: torch.Tensor | None = None
+    scout_scores: torch.Tensor | None = None
+    scout_rows: torch.Tensor | None = None
+
+
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def measure_gflops(encoder: LiveEncoder) -> float | None:
+    """GFLOPs per sample of a live encoder's forward pass on its example input (None without one)."""
+    example = encoder.example_input()
+    if example is None:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, lengths = example
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            encoder(x, lengths)
+    finally:
+        encoder.train(was_training)
+    rows = x.shape[0] if torch.is_tensor(x) else len(x)
+    return counter.get_total_flops() / max(rows, 1) / 1e9
+
+
 class Trunk(nn.Module):
     """The shared assembler: encoders -> projectors (+ identity) -> gate -> top-n selection -> fusion.
 
@@ -184,6 +235,11 @@ class Trunk(nn.Module):
         self.residual = (nn.Linear(spec.latent_dim, self.fusion.out_dim)
                          if getattr(gate.config, "residual_mean", False) else None)
         self._context = ctx
+        #: Positions (into ``encoder_names``) of the encoders that run on demand (docs/conditional.md).
+        self.on_demand: tuple[int, ...] = tuple(k for k, (_, enc) in enumerate(encoders) if enc.on_demand)
+        self.conditional = spec.conditional
+        self._declared_costs = {enc.name: enc.cost_gflops for _, enc in encoders}
+        self._costs: dict[str, float | None] | None = None
 
     def set_domain(self, domain: str) -> None:
         """Use ``domain``'s input and normalisation statistics from now on ("source" for a domain the
@@ -207,23 +263,107 @@ class Trunk(nn.Module):
         """Encoder name -> the encoders that read raw inputs (:class:`~fusionkit.interfaces.LiveEncoder`)."""
         return {name: enc for name, enc in self.encoders.items() if isinstance(enc, LiveEncoder)}
 
+    def encoder_costs(self) -> dict[str, float | None]:
+        """GFLOPs per sample of each encoder: its declared ``cost_gflops``; else, for a live encoder, measured by
+        ``torch.utils.flop_counter`` on its example input (None where it has none); else 0 (stored features)."""
+        if self._costs is None:
+            costs: dict[str, float | None] = {}
+            for name in self.encoder_names:
+                declared, encoder = self._declared_costs[name], self.encoders[name]
+                costs[name] = declared if declared is not None else (
+                    measure_gflops(encoder) if isinstance(encoder, LiveEncoder) else 0.0)
+            self._costs = costs
+        return dict(self._costs)
+
+    def _cost_vector(self, device: torch.device) -> torch.Tensor:
+        costs = self.encoder_costs()
+        unknown = [self.encoder_names[k] for k in self.on_demand if costs[self.encoder_names[k]] is None]
+        if unknown:
+            raise FusionkitError(f"encoder(s) {unknown} run on demand but their cost is unknown (their plugin gives no "
+                                 "example input to measure): declare cost_gflops in their encoder blocks")
+        return torch.tensor([costs[n] or 0.0 for n in self.encoder_names], dtype=torch.float64, device=device)
+
     def encode(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None,
-               mask: torch.Tensor | None) -> tuple[torch.Tensor, Selection, torch.Tensor]:
-        """(tokens [B, K, d], the gate's selection, the fused vector [B, out_dim])."""
+               mask: torch.Tensor | None, budget: Budget | None = None, everything: bool = False) -> Encoded:
+        """The tokens, the gate's selection and the fused vector of a batch. On-demand encoders run on the rows
+        that keep them (within ``budget`` when given); ``everything`` runs them on every row instead."""
         lengths = lengths or {}
-        tokens = torch.stack(
-            [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
-            dim=1,
-        ) + self.identity
-        if mask is not None:
-            mask = mask.to(device=tokens.device, dtype=torch.bool)
+        if not self.on_demand or everything:
+            tokens = torch.stack(
+                [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
+                dim=1,
+            ) + self.identity
+            if mask is not None:
+                mask = mask.to(device=tokens.device, dtype=torch.bool)
+            ran = None if not self.on_demand else (torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+                                                   if mask is None else mask)
+            return self._fuse(tokens, mask, ran, {})
+        return self._encode_on_demand(inputs, lengths, mask, budget)
+
+    def _encode_on_demand(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor],
+                          mask: torch.Tensor | None, budget: Budget | None) -> Encoded:
+        names, demand = self.encoder_names, self.on_demand
+        always = [k for k in range(len(names)) if k not in demand]
+        columns: dict[int, torch.Tensor] = {
+            k: self.projectors[names[k]](self.encoders[names[k]](inputs[names[k]], lengths.get(names[k]))) for k in always}
+        first = columns[always[0]]
+        batch, device = first.shape[0], first.device
+        present = (torch.ones(batch, len(names), dtype=torch.bool, device=device) if mask is None
+                   else mask.to(device=device, dtype=torch.bool))
+        empty = first.new_zeros(batch, first.shape[1])
+        scout_tokens = torch.stack([columns.get(k, empty) for k in range(len(names))], dim=1) + self.identity
+        scout_scores = self.gate.score(scout_tokens, present)
+        available = present[:, list(demand)]
+        costs = self._cost_vector(device)
+        if budget is not None or (self.training and self.conditional.budget_sampling):
+            paid = (costs * present).sum(1) - (costs[list(demand)] * available).sum(1)  # the always-run encoders
+            full = (costs * present).sum(1)
+            if budget is not None:
+                limit = torch.full_like(full, budget.limit(float(costs.sum()))) - paid
+            else:  # a random share of each row's on-demand cost, so every budget is seen in training
+                limit = torch.rand(batch, dtype=full.dtype, device=device) * (full - paid)
+            run = within_budget(scout_scores.detach()[:, list(demand)], available, costs[list(demand)], limit)
+        else:
+            run = kept_by(self.gate.select(scout_scores, present).kept, demand) & available
+        every = torch.zeros(batch, dtype=torch.bool, device=device)
+        if self.training and self.conditional.scout_weight > 0:  # rows that run everything: the scout's target
+            every = torch.rand(batch, device=device) < self.conditional.scout_rows
+        computed = present.clone()
+        for j, k in enumerate(demand):
+            need = (run[:, j] | every) & available[:, j]
+            computed[:, k] = need
+            rows = need.nonzero().squeeze(1)
+            if len(rows) == 0:
+                columns[k] = empty
+                continue
+            name = names[k]
+            if len(rows) == 1 and self.training and batch > 1 and _has_batch_norm(self.encoders[name]):
+                # batch norm cannot normalise one row in training: a second row runs beside it, unused (not `ran`)
+                rows = torch.stack([rows[0], (rows[0] + 1) % batch])
+            value = self.projectors[name](self.encoders[name](gather_rows(inputs[name], rows),
+                                                              gather_rows(lengths.get(name), rows)))
+            columns[k] = scatter_rows(value, rows, batch)
+        tokens = torch.stack([columns[k] for k in range(len(names))], dim=1) + self.identity
+        ran = present.clone()
+        ran[:, list(demand)] = run
+        aux = {}
+        if every.any() and not self.gate.supervision:  # with rank supervision, its target teaches the scout
+            full_scores = self.gate.score(tokens[every], computed[every])
+            aux["scout"] = self.conditional.scout_weight * scout_loss(scout_scores[every], full_scores, present[every])
+        encoded = self._fuse(tokens, ran, ran, aux)
+        encoded.computed, encoded.scout_scores, encoded.scout_rows = computed, scout_scores, every
+        return encoded
+
+    def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
+              aux: dict[str, torch.Tensor]) -> Encoded:
         selection = self.gate(tokens, mask)
         fused = self.fusion(gather_slots(tokens, selection), selection.weights, selection.slot_mask)
         if self.residual is not None:
             present = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
             mean = (tokens * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True).clamp_min(1)
             fused = fused + self.residual(mean)
-        return tokens, selection, fused
+        cost = None if ran is None else (ran.double() * self._cost_vector(tokens.device)).sum(1)
+        return Encoded(tokens, selection, fused, mask, ran, cost, aux)
 
     @torch.no_grad()
     def fit_standardization(
@@ -320,33 +460,38 @@ class FusionModel(Trunk):
         inputs: Mapping[str, torch.Tensor],
         lengths: Mapping[str, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        budget: Budget | str | float | None = None,
+        everything: bool = False,
     ) -> FusionOutput:
         self._check_inputs(inputs, lengths, mask)
-        tokens, selection, fused = self.encode(inputs, lengths, mask)
-        if mask is not None:
-            mask = mask.to(device=tokens.device, dtype=torch.bool)
+        encoded = self.encode(inputs, lengths, mask, Budget.parse(budget), everything)
+        tokens, selection, fused = encoded.tokens, encoded.selection, encoded.fused
         logits = {role: head(fused) for role, head in self.heads.items()}
         probs_by_role = {role: self.heads[role].probabilities(logit) for role, logit in logits.items()}
         presence = probs_by_role.get("presence")
         salience = probs_by_role.get("salience")
         aux = {} if selection.balance_loss is None else {"gate_balance": selection.balance_loss}
+        aux.update(encoded.aux)
         return FusionOutput(
             fused=fused, scores=selection.scores, kept=selection.kept, weights=selection.weights,
             probs=self.combiner(presence, salience), presence=presence, salience=salience,
-            logits=logits, tokens=tokens, aux_losses=aux, mask=mask,
+            logits=logits, tokens=tokens, aux_losses=aux, mask=encoded.mask,
             token_logits=None if self.token_head is None else self.token_head(tokens),
+            ran=encoded.ran, cost=encoded.cost, computed=encoded.computed, scout_scores=encoded.scout_scores,
+            scout_rows=encoded.scout_rows,
         )
 
     @torch.no_grad()
     def predict(
         self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None, budget: Budget | str | float | None = None,
     ) -> list[Prediction]:
-        """BlEmoRE predictions for a batch, with the model in eval mode and the stored decoder thresholds."""
+        """BlEmoRE predictions for a batch, with the model in eval mode and the stored decoder thresholds; on-demand
+        encoders within ``budget`` (GFLOPs per sample, or a share such as ``"40%"``) when given."""
         was_training = self.training
         self.eval()
         try:
-            out = self(inputs, lengths, mask)
+            out = self(inputs, lengths, mask, budget)
         finally:
             self.train(was_training)
         order, sal = self.decoder.decode(decoder_inputs(out))

@@ -54,7 +54,8 @@ class Tower(Trunk):
 
     def forward(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        _, selection, fused = self.encode(inputs, lengths, mask)
+        encoded = self.encode(inputs, lengths, mask)
+        selection, fused = encoded.selection, encoded.fused
         return F.normalize(self.embed(fused), dim=-1), selection
 
 

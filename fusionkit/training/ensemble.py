@@ -163,10 +163,12 @@ class FoldEnsemble:
     def spec(self) -> Any:
         return self.models[0].spec
 
-    def outputs(self, store: FeatureStore, index: np.ndarray) -> dict[str, np.ndarray]:
-        """The models' probabilities (every decoder input) averaged over the models."""
-        each = [collect_outputs(model, store, index) for model in self.models]
-        return {key: np.mean([o[key] for o in each], axis=0) for key in each[0] if key != "kept"}
+    def outputs(self, store: FeatureStore, index: np.ndarray, budget: Any = None) -> dict[str, np.ndarray]:
+        """The models' probabilities (every decoder input) averaged over the models; with ``budget``, each model's
+        on-demand encoders within it (the cost is then the models' summed cost)."""
+        each = [collect_outputs(model, store, index, budget=budget) for model in self.models]
+        return {key: (np.sum if key == "cost" else np.mean)([o[key] for o in each], axis=0) for key in each[0]
+                if key != "kept"}
 
     def check_store(self, store: FeatureStore) -> None:
         """Refuse a store other than the one the runs trained on: its folds decide which rows are out of fold."""
@@ -206,11 +208,11 @@ class FoldEnsemble:
         self.decoder = self.models[0].decoder
         return config
 
-    def predictions(self, store: FeatureStore, index: np.ndarray) -> dict[str, list[dict[str, Any]]]:
+    def predictions(self, store: FeatureStore, index: np.ndarray, budget: Any = None) -> dict[str, list[dict[str, Any]]]:
         """Sample id -> BlEmoRE prediction of the averaged probabilities."""
-        order, sal = self.decoder.decode(self.outputs(store, index))
+        order, sal = self.decoder.decode(self.outputs(store, index, budget))
         return {store.ids[i]: p for i, p in zip(index.tolist(), from_order(order, sal, self.models[0].labels))}
 
-    def evaluate(self, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:
+    def evaluate(self, store: FeatureStore, index: np.ndarray, budget: Any = None) -> dict[str, Any]:
         """BlEmoRE metrics of the ensemble on the labelled samples ``index``."""
-        return evaluate_outputs(self.models[0], self.outputs(store, index), store.truth_matrix(index))
+        return evaluate_outputs(self.models[0], self.outputs(store, index, budget), store.truth_matrix(index))

@@ -21,13 +21,22 @@ def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor
     log_q = F.log_softmax(out.token_logits, dim=-1)  # [B, K, L]
     per_token = (target.unsqueeze(1) * (target.unsqueeze(1).clamp_min(1e-12).log() - log_q)).sum(-1)  # [B, K]
     mask = out.mask if out.mask is not None else torch.ones_like(per_token, dtype=torch.bool)
-    weight = mask.to(per_token.dtype)
+    computed = out.computed if out.computed is not None else mask  # on-demand tokens computed for the scout count too
+    weight = computed.to(per_token.dtype)
     token_loss = (per_token * weight).sum() / weight.sum().clamp_min(1)
     gate = model.gate
     goal = torch.softmax((-per_token.detach() / gate.supervision_temperature).masked_fill(~mask, float("-inf")), dim=1)
     scores = torch.log_softmax(out.scores.masked_fill(~mask, float("-inf")), dim=1)
     rank_loss = -(goal.nan_to_num(0.0) * scores.masked_fill(~mask, 0.0)).sum(1).mean()
-    return {"token_kl": gate.supervision * token_loss, "gate_rank": gate.supervision * rank_loss}
+    parts = {"token_kl": gate.supervision * token_loss, "gate_rank": gate.supervision * rank_loss}
+    if out.scout_scores is not None and out.scout_rows is not None and out.scout_rows.any():
+        # the scout learns, before the on-demand encoders run, how well each token predicts this sample
+        rows, full = out.scout_rows, computed[out.scout_rows]
+        ideal = torch.softmax((-per_token.detach()[rows] / gate.supervision_temperature).masked_fill(~full, float("-inf")),
+                              dim=1)
+        scout = torch.log_softmax(out.scout_scores[rows].float().masked_fill(~full, float("-inf")), dim=1)
+        parts["scout"] = model.conditional.scout_weight * -(ideal.nan_to_num(0.0) * scout.masked_fill(~full, 0.0)).sum(1).mean()
+    return parts
 
 
 def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,

@@ -24,6 +24,7 @@ from fusionkit.data.store import FeatureStore
 from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
+from fusionkit.models.conditional import Budget
 from fusionkit.models.fusion import FusionModel, decoder_inputs
 from fusionkit.models.towers import clip_loss, local_clip_loss, retrieval_metrics
 from fusionkit.spec import Spec
@@ -31,22 +32,24 @@ from fusionkit.distributed import Dist
 from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 
-__all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "kept_counts", "predictions_for",
+__all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary", "kept_counts", "predictions_for",
            "write_predictions", "Task", "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class",
            "task_for"]
 
 
 @torch.no_grad()
 def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int = 256,
-                    dist: Dist | None = None, domain: str | None = None) -> dict[str, np.ndarray]:
-    """Probabilities (and kept encoders) of the samples ``index``, in eval mode.
+                    dist: Dist | None = None, domain: str | None = None,
+                    budget: Budget | str | float | None = None) -> dict[str, np.ndarray]:
+    """Probabilities (and kept encoders) of the samples ``index``, in eval mode; for a model with on-demand
+    encoders also which encoders ran (``ran``) and each sample's cost in GFLOPs (``cost``), within ``budget``.
 
     A model with per-domain statistics uses each sample's own domain's (the store's ``domain``
     field), or ``domain`` for every sample when given.
     With ``dist`` (torchrun), each rank computes its share and every rank gets all of them, in order.
     """
     if dist is not None and dist.enabled:
-        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain))
+        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain, budget=budget))
     if len(getattr(model, "domains", ())) > 1:  # each sample with its own domain's statistics, in the given order
         index = np.asarray(index)
         domains = store.domains[index] if domain is None else np.full(len(index), domain)
@@ -55,7 +58,7 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
         try:
             for domain, positions in groups.items():
                 model.set_domain(str(domain))
-                parts[domain] = _collect(model, store, index[positions], batch_size)
+                parts[domain] = _collect(model, store, index[positions], batch_size, budget)
         finally:
             model.set_domain("source")
         out = {}
@@ -65,15 +68,18 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
             for domain, positions in groups.items():
                 out[key][positions] = parts[domain][key]
         return out
-    return _collect(model, store, index, batch_size)
+    return _collect(model, store, index, batch_size, budget)
 
 
-def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int,
+             budget: Budget | str | float | None = None) -> dict[str, np.ndarray]:
     model.eval()
+    budget = Budget.parse(budget)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
         rows = index[start : start + batch_size]
-        out = model(*store.inputs_for(model, rows))
+        out = model(*store.inputs_for(model, rows), budget=budget) if budget is not None else \
+            model(*store.inputs_for(model, rows))
         arrays = decoder_inputs(out)
         bad = ~np.isfinite(arrays["probs"]).all(axis=1)
         if bad.any():
@@ -81,6 +87,9 @@ def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_s
             raise FusionkitError(f"the model's outputs are NaN or inf for {int(bad.sum())} sample(s), e.g. {ids}; "
                                  "no metrics are computed from them. Check the checkpoint and the features.")
         arrays["kept"] = out.kept.cpu().numpy()
+        if out.ran is not None:
+            arrays["ran"] = out.ran.cpu().numpy()
+            arrays["cost"] = out.cost.cpu().numpy()
         for key, value in arrays.items():
             parts.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -95,7 +104,17 @@ def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: 
     if "presence" in outputs:
         metrics["presence_map"] = presence_map(outputs["presence"], truth)
     metrics["n"] = int(len(truth))
+    if "ran" in outputs:
+        metrics["compute"] = compute_summary(model, outputs)
     return metrics
+
+
+def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What a model with on-demand encoders spent: mean GFLOPs per sample (and the full cost, every encoder run),
+    and the share of samples on which each encoder ran."""
+    costs = model.encoder_costs()
+    return {"mean_gflops": float(np.mean(outputs["cost"])), "full_gflops": float(sum(c or 0.0 for c in costs.values())),
+            "run_rate": {name: float(np.mean(outputs["ran"][:, k])) for k, name in enumerate(model.encoder_names)}}
 
 
 def kept_counts(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, int]]:
@@ -128,9 +147,11 @@ def keep_rates(model: FusionModel, outputs: dict[str, np.ndarray], store: Featur
     return out
 
 
-def predictions_for(model: FusionModel, store: FeatureStore, index: np.ndarray) -> dict[str, Prediction]:
-    """Sample id -> BlEmoRE prediction with the model's stored decoder thresholds."""
-    outputs = collect_outputs(model, store, index)
+def predictions_for(model: FusionModel, store: FeatureStore, index: np.ndarray,
+                    budget: Budget | str | float | None = None) -> dict[str, Prediction]:
+    """Sample id -> BlEmoRE prediction with the model's stored decoder thresholds (on-demand encoders within
+    ``budget`` when given)."""
+    outputs = collect_outputs(model, store, index, budget=budget)
     order, sal = model.decoder.decode(outputs)
     preds = from_order(order, sal, model.labels)
     return {store.ids[i]: p for i, p in zip(index.tolist(), preds)}
@@ -188,9 +209,11 @@ class ClassificationTask(Task):
     predicts = True
 
     @staticmethod
-    def evaluate_model(model: FusionModel, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:
-        """Metrics of a trained model on the labelled samples ``index`` (``fusionkit evaluate``)."""
-        return evaluate_outputs(model, collect_outputs(model, store, index), store.truth_matrix(index))
+    def evaluate_model(model: FusionModel, store: FeatureStore, index: np.ndarray,
+                       budget: Budget | str | float | None = None) -> dict[str, Any]:
+        """Metrics of a trained model on the labelled samples ``index`` (``fusionkit evaluate``), its on-demand
+        encoders within ``budget`` when given."""
+        return evaluate_outputs(model, collect_outputs(model, store, index, budget=budget), store.truth_matrix(index))
 
     @staticmethod
     def summary(metrics: dict[str, Any]) -> str:

@@ -171,6 +171,13 @@ class TimmEncoder(LiveEncoder):
 
     # -- model ------------------------------------------------------------------------------------------
 
+    def example_input(self):
+        """One image of the transform's input size (a clip costs this per frame)."""
+        import torch
+
+        device = next(self.backbone.parameters()).device
+        return torch.zeros((1, *self.data_config["input_size"]), device=device), None
+
     def embed(self, x, lengths=None):
         if x.dim() == 4:
             return self.backbone(x), None

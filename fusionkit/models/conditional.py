@@ -1,0 +1,114 @@
+"""Conditional execution: which on-demand encoders run for which rows, and running them on those rows only.
+
+A model with ``run: on_demand`` encoders encodes a batch in two steps. The always-run encoders run on every row;
+the gate then scores every encoder from those tokens, an on-demand encoder's token being its identity embedding
+alone (the gate is a *scout*, :attr:`fusionkit.interfaces.Gate.scouts`). Per row, the on-demand encoders to run are
+chosen by the gate's own rule (top-n or top-p over the scout's scores) or by a compute :class:`Budget`: in the
+scout's order while the row's cost stays within it. Each on-demand encoder then runs once, on the rows gathered
+for it, and its tokens are scattered back; a row that did not run it holds no token for it, exactly as a missing
+encoder (the mixture-of-experts pattern of gathering rows per expert).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from fusionkit.errors import FusionkitError
+
+__all__ = ["Budget", "gather_rows", "scatter_rows", "within_budget", "kept_by", "scout_loss"]
+
+
+@attrs.frozen
+class Budget:
+    """A compute budget per sample: ``gflops`` (GFLOPs per sample, every encoder counted) or ``share`` (of the full
+    cost, every encoder run). A cap: no sample spends more; the always-run encoders are always paid."""
+
+    gflops: float | None = None
+    share: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.gflops is None) == (self.share is None):
+            raise FusionkitError("a budget is either GFLOPs per sample or a share of the full cost, not both or neither")
+        value = self.gflops if self.gflops is not None else self.share
+        if not math.isfinite(value) or value < 0 or (self.share is not None and value > 1):
+            raise FusionkitError(f"budget {self.describe()}: expected GFLOPs >= 0, or a share from 0% to 100%")
+
+    @classmethod
+    def parse(cls, value: Budget | str | float | None) -> Budget | None:
+        """``"40%"`` (a share of the full cost), ``"2.5"`` or ``2.5`` (GFLOPs per sample), a Budget, or None."""
+        if value is None or isinstance(value, Budget):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls(gflops=float(value))
+        text = str(value).strip()
+        try:
+            if text.endswith("%"):
+                return cls(share=float(text[:-1]) / 100.0)
+            return cls(gflops=float(text))
+        except ValueError:
+            raise FusionkitError(f"--budget {value!r}: expected GFLOPs per sample (e.g. 2.5) or a share of the full "
+                                 "cost (e.g. 40%)") from None
+
+    def limit(self, full_cost: float) -> float:
+        """GFLOPs per sample this budget allows, for a model whose every encoder costs ``full_cost`` together."""
+        return float(self.gflops) if self.gflops is not None else float(self.share) * full_cost
+
+    def describe(self) -> str:
+        return f"{self.gflops:g} GFLOPs" if self.gflops is not None else f"{100 * self.share:g}%"
+
+
+def gather_rows(x: Any, rows: torch.Tensor) -> Any:
+    """The rows ``rows`` of one encoder's batch input: a tensor, a mapping of tensors, or a sequence of items."""
+    if x is None:
+        return None
+    if torch.is_tensor(x):
+        return x.index_select(0, rows.to(x.device))
+    if isinstance(x, Mapping):
+        return {k: gather_rows(v, rows) for k, v in x.items()}
+    if isinstance(x, Sequence) and not isinstance(x, str):
+        return [x[i] for i in rows.tolist()]
+    raise FusionkitError(f"an on-demand encoder's input must be a tensor, a mapping or a sequence with a row per "
+                         f"sample, found {type(x).__name__}")
+
+
+def scatter_rows(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[batch, d]``: ``values`` at ``rows``, zeros elsewhere (differentiable in ``values``)."""
+    out = values.new_zeros((batch, *values.shape[1:]))
+    return out.index_copy(0, rows.to(values.device), values)
+
+
+def within_budget(scores: torch.Tensor, available: torch.Tensor, costs: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """``[B, m]`` which of ``m`` on-demand encoders run: per row, in the order of ``scores`` (best first), each one
+    whose cost still fits ``limit`` (``[B]``, GFLOPs left after the always-run encoders). ``available`` ``[B, m]``:
+    present for the row. A cheaper encoder further down may still fit after a dear one did not."""
+    order = scores.masked_fill(~available, float("-inf")).argsort(dim=1, descending=True)
+    run = torch.zeros_like(available)
+    spent = torch.zeros(scores.shape[0], dtype=costs.dtype, device=scores.device)
+    for j in range(scores.shape[1]):
+        k = order[:, j]
+        cost = costs[k]
+        fits = available.gather(1, k[:, None]).squeeze(1) & (spent + cost <= limit + 1e-9)
+        run.scatter_(1, k[:, None], fits[:, None])
+        spent = spent + cost * fits
+    return run
+
+
+def kept_by(kept: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
+    """``[B, m]``: whether each row's kept encoders (``[B, n]`` indices, -1 empty) include each of ``index``."""
+    wanted = torch.as_tensor(list(index), device=kept.device)
+    return (kept.unsqueeze(2) == wanted.view(1, 1, -1)).any(dim=1)
+
+
+def scout_loss(scout: torch.Tensor, full: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(full) || softmax(scout)) over the available encoders of each row, averaged over rows: the scout's
+    scores (before the on-demand encoders ran) learn the gate's scores with every token (a fixed target)."""
+    scout = scout.float().masked_fill(~available, float("-inf"))
+    target = torch.softmax(full.detach().float().masked_fill(~available, float("-inf")), dim=1)
+    log_scout = torch.log_softmax(scout, dim=1)
+    terms = torch.where(available, target * (torch.log(target.clamp_min(1e-12)) - log_scout), torch.zeros_like(target))
+    return terms.sum(1).mean()

@@ -1,0 +1,261 @@
+"""Conditional execution (fusionkit.models.conditional): on-demand encoders scored by the gate before they run, run
+on the rows that keep them, within a compute budget; costs per encoder; the scout's training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_spec
+
+from fusionkit.cli import main
+from fusionkit.errors import FusionkitError, SpecError
+from fusionkit.models.conditional import Budget, within_budget
+from fusionkit.models.factory import build_model, load_model
+from fusionkit.spec import load_spec
+
+
+def demand_spec(gate="attention", **train):
+    spec = tiny_spec(**train)
+    spec["encoders"][1].update(run="on_demand", cost_gflops=1.0)
+    spec["encoders"][2].update(run="on_demand", cost_gflops=3.0)
+    spec["gate"]["type"] = gate
+    if gate != "attention":
+        spec["gate"].pop("heads")
+    return spec
+
+
+def batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {f"enc{k}": torch.randn(n, 8, generator=g) for k in range(3)}
+
+
+@pytest.mark.parametrize("gate", ["attention", "static"])
+@pytest.mark.parametrize("budget", [None, "0%", "30%", 1.0, 3.5, "100%"])
+def test_outputs_equal_running_every_encoder_and_masking_the_rows_not_kept(gate, budget):
+    torch.manual_seed(0)
+    model = build_model(demand_spec(gate)).eval()
+    x = batch()
+    mask = torch.ones(16, 3, dtype=torch.bool)
+    mask[3, 2] = mask[5, 0] = False  # missing encoders stay missing
+    out = model(x, mask=mask, budget=budget)
+    reference = model(x, mask=out.ran, everything=True)
+    torch.testing.assert_close(out.probs, reference.probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.kept, reference.kept)
+    assert not (out.ran & ~mask).any()
+    assert out.ran[:, 0].equal(mask[:, 0])  # the always-run encoder ran wherever it is present
+
+
+def test_an_on_demand_encoder_runs_once_on_the_rows_that_keep_it():
+    model = build_model(demand_spec()).eval()
+    seen = {name: [] for name in ("enc0", "enc1", "enc2")}
+    for name, encoder in model.encoders.items():
+        encoder.register_forward_hook(lambda m, args, out, name=name: seen[name].append(len(args[0])))
+    out = model(batch(), budget="40%")
+    assert seen["enc0"] == [16]
+    for k, name in ((1, "enc1"), (2, "enc2")):
+        assert sum(seen[name]) == int(out.ran[:, k].sum()) and len(seen[name]) <= 1
+
+
+def test_a_budget_caps_every_samples_cost_in_the_scouts_order():
+    model = build_model(demand_spec()).eval()
+    x = batch(64)
+    spent = {}
+    for budget in ("0%", "25%", "50%", "75%", "100%", 0.5, 2.0):
+        out = model(x, budget=budget)
+        limit = Budget.parse(budget).limit(4.0)
+        assert (out.cost <= limit + 1e-9).all(), budget
+        spent[budget] = float(out.cost.mean())
+    assert spent["0%"] == 0.0 and spent["100%"] == 4.0
+    assert spent["0%"] <= spent["25%"] <= spent["50%"] <= spent["75%"] <= spent["100%"]
+    scores = torch.tensor([[0.1, 0.9], [0.9, 0.1]])
+    run = within_budget(scores, torch.ones(2, 2, dtype=torch.bool), torch.tensor([1.0, 3.0], dtype=torch.float64),
+                        torch.tensor([3.0, 3.0], dtype=torch.float64))
+    assert run.tolist() == [[False, True], [True, False]]  # row 0: the dear one first, then nothing else fits
+
+
+@pytest.mark.parametrize(("text", "message"), [("-1", "expected GFLOPs >= 0"), ("150%", "from 0% to 100%"),
+                                               ("abc", "expected GFLOPs per sample"), ("nan", "expected GFLOPs")])
+def test_a_bad_budget_is_a_clear_error(text, message):
+    with pytest.raises(FusionkitError, match=message):
+        Budget.parse(text)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: [e.update(run="on_demand", cost_gflops=1.0) for e in s["encoders"]], r"every encoder is on_demand"),
+    (lambda s: s["gate"].update(type="mlp") or s["gate"].pop("heads"), r"gate.type: gate 'mlp' cannot score an encoder "
+                                                                       "before it runs"),
+    (lambda s: s["gate"].update(type="uniform") or s["gate"].pop("heads"), r"gate 'uniform' cannot score"),
+    (lambda s: s["encoders"][1].update(run="sometimes"), r"encoders\[1\].run: expected one of 'always', 'on_demand'"),
+    (lambda s: s["encoders"][1].update(cost_gflops=-2), r"encoders\[1\].cost_gflops: must be >= 0"),
+])
+def test_specs_that_cannot_run_on_demand_are_refused(change, message, tmp_path, capsys):
+    spec = demand_spec()
+    change(spec)
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["spec", "validate", str(tmp_path / "spec.yaml")]) == 1
+    assert "INVALID" in capsys.readouterr().err
+
+
+def test_conditional_options_without_an_on_demand_encoder_are_refused():
+    with pytest.raises(SpecError, match="conditional: configures on-demand encoders, but no encoder"):
+        load_spec({**tiny_spec(), "conditional": {"scout_rows": 0.5}})
+
+
+def test_todays_specs_write_and_load_as_before(tmp_path):
+    spec = load_spec(tiny_spec())
+    data = spec.to_dict()
+    assert "conditional" not in data and all("run" not in e and "cost_gflops" not in e for e in data["encoders"])
+    model = build_model(tiny_spec())
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    assert "on_demand" not in (tmp_path / "ckpt" / "spec.yaml").read_text()
+    again = load_model(tmp_path / "ckpt")
+    x = batch()
+    torch.testing.assert_close(model.eval()(x).probs, again.eval()(x).probs)
+    assert again(x).ran is None and again(x).cost is None
+
+
+def test_a_checkpoint_keeps_its_run_modes_and_costs(tmp_path):
+    model = build_model(demand_spec())
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    again = load_model(tmp_path / "ckpt")
+    assert again.spec.on_demand == ("enc1", "enc2") and again.encoder_costs() == {"enc0": 0.0, "enc1": 1.0, "enc2": 3.0}
+
+
+@pytest.fixture(scope="module")
+def halves_store(tmp_path_factory):
+    """Encoder a shows the class on the samples whose flag (the always-run encoder) is up, b on the others; each is
+    noise elsewhere. A scout that learned something runs a where the flag is up and b where it is down."""
+    import numpy as np
+
+    from fusionkit.data.store import Sample, write_store
+    from fusionkit.spec import BLEMORE_LABELS
+
+    rng = np.random.default_rng(0)
+    n, labels = 600, list(BLEMORE_LABELS)
+    protos = rng.normal(size=(len(labels), 8)) * 2
+    y = rng.integers(len(labels), size=n)
+    up = rng.random(n) < 0.5
+    flag = np.where(up[:, None], 1.0, -1.0) * np.ones((n, 4)) + 0.1 * rng.normal(size=(n, 4))
+    a = np.where(up[:, None], protos[y], 0) + rng.normal(size=(n, 8)) * np.where(up[:, None], 0.3, 2.0)
+    b = np.where(~up[:, None], protos[y], 0) + rng.normal(size=(n, 8)) * np.where(~up[:, None], 0.3, 2.0)
+    samples = [Sample(id=f"s{i}", labels=[{"emotion": labels[y[i]], "salience": 100.0}], group=f"g{i % 20}",
+                      fold=(i % 20) % 5) for i in range(n)]
+    root = write_store(tmp_path_factory.mktemp("halves") / "store", labels, samples,
+                       {"flag": flag.astype("float32"), "a": a.astype("float32"), "b": b.astype("float32")})
+    return root, up
+
+
+def halves_spec(epochs=25):
+    return {"latent_dim": 16,
+            "encoders": [{"name": "flag", "type": "features", "dim": 4},
+                         {"name": "a", "type": "features", "dim": 8, "run": "on_demand", "cost_gflops": 1.0},
+                         {"name": "b", "type": "features", "dim": 8, "run": "on_demand", "cost_gflops": 1.0}],
+            "gate": {"type": "attention", "top_n": 2, "heads": 2, "supervision": 0.5},
+            "train": {"epochs": epochs, "batch_size": 32, "lr": 3e-3, "patience": 50, "seed": 0}}
+
+
+def test_the_scout_learns_which_encoder_each_sample_needs(halves_store, tmp_path):
+    from fusionkit.data.open import spec_store
+    from fusionkit.training.tasks import ClassificationTask, collect_outputs
+    from fusionkit.training.train import make_split, train
+
+    root, up = halves_store
+    metrics = train(halves_spec(), root, tmp_path / "run", fold=0, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "scout" in log[0] and log[-1]["scout"] < log[0]["scout"]  # the scout learns the gate's scores
+    assert metrics["test"]["compute"]["full_gflops"] == 2.0
+    model = load_model(tmp_path / "run" / "best")
+    store = spec_store(model.spec, root)
+    test = make_split(store, 0).test
+    one = collect_outputs(model, store, test, budget=1.0)  # room for one of the two on-demand encoders
+    ran_a, ran_b = one["ran"][:, 1].astype(bool), one["ran"][:, 2].astype(bool)
+    assert (ran_a ^ ran_b).all()  # exactly one each: neither "always" nor "never"
+    assert 0.25 < ran_a.mean() < 0.75
+    assert (ran_a == up[test]).mean() > 0.8  # and the one that shows the sample's class
+    scores = {b: ClassificationTask.evaluate_model(model, store, test, budget=b)["score"] for b in ("0%", 1.0, "100%")}
+    assert scores["0%"] < scores[1.0]  # nothing on demand is worse than the scout's one
+
+
+def test_the_command_line_prints_costs_and_takes_budgets(synthetic_store, tmp_path, capsys):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(demand_spec(epochs=2)))
+    assert main(["build", str(tmp_path / "spec.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "cost per sample (GFLOPs):" in out and "enc2" in out and "on_demand" in out and "declared" in out
+    assert main(["spec", "resolve", str(tmp_path / "spec.yaml")]) == 0
+    resolved = capsys.readouterr().out
+    assert yaml.safe_load(resolved)["encoders"][2]["run"] == "on_demand" and "# cost per sample" in resolved
+    assert main(["train", str(tmp_path / "spec.yaml"), "--data", str(synthetic_store), "--out", str(tmp_path / "run"),
+                 "--fold", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(synthetic_store), "--budget", "25%"]) == 0
+    assert "compute: " in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "evaluation_test_budget-25pct.json").read_text())
+    assert metrics["compute"]["mean_gflops"] <= 1.0 + 1e-9
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(synthetic_store), "--budget-curve"]) == 0
+    curve = json.loads((tmp_path / "run" / "budget_curve_test.json").read_text())["points"]
+    assert [p["budget_share"] for p in curve][0] == 0.0 and curve[-1]["mean_gflops"] == 4.0
+    assert main(["predict", str(tmp_path / "run"), "--data", str(synthetic_store), "--split", "labelled",
+                 "--budget", "1.5", "--out", str(tmp_path / "sub.json")]) == 0
+    assert len(json.loads((tmp_path / "sub.json").read_text())["predictions"]) > 0
+
+
+def test_a_budget_for_a_model_without_on_demand_encoders_is_refused(synthetic_store, tmp_path, capsys):
+    from fusionkit.training.train import train
+
+    train(tiny_spec(epochs=1), synthetic_store, tmp_path / "run", fold=0, progress=False)
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(synthetic_store), "--budget", "50%"]) == 2
+    assert "runs every encoder always" in capsys.readouterr().err
+
+
+# --- live encoders: measured cost, the backbone skipped, torchrun ------------------------------------------------------
+
+from test_live import IMG, raw_images  # noqa: E402,F401 - the fixture of labelled images, its manifest and store
+
+
+def live_spec(**train):
+    return {"labels": ["a", "b"], "neutral": None, "latent_dim": 16,
+            "encoders": [{"name": "vec", "type": "features", "dim": 5}, {**IMG, "run": "on_demand"}],
+            "gate": {"type": "attention", "top_n": 2, "heads": 2, "supervision": 0.5},
+            "train": {"epochs": 2, "batch_size": 8, "seed": 0, **train}}
+
+
+def test_a_live_encoders_cost_is_measured_and_its_backbone_skipped_for_rows_not_kept(raw_images):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(live_spec()).eval()
+    backbone = model.encoders["img"].backbone
+    with FlopCounterMode(display=False) as counter:
+        backbone(torch.zeros(3, 1, 32, 32))
+    assert model.encoder_costs()["img"] == pytest.approx(counter.get_total_flops() / 3 / 1e9)
+    assert model.encoder_costs()["img"] > 0.005  # test_resnet at 32x32: about 8 MFLOPs
+    rows = []
+    backbone.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    encoder = model.encoders["img"]
+    images, _ = encoder.collate([encoder.load(f"img/s{i:02d}.png", raw_images) for i in range(8)])
+    x = {"vec": torch.randn(8, 5), "img": images}
+    for budget in ("0%", "100%", None):
+        rows.clear()
+        out = model(x, budget=budget)
+        assert sum(rows) == int(out.ran[:, 1].sum())
+        torch.testing.assert_close(out.probs, model(x, mask=out.ran, everything=True).probs, rtol=1e-5, atol=1e-6)
+    assert model(x, budget="0%").ran[:, 1].sum() == 0 and model(x, budget="100%").ran[:, 1].all()
+
+
+def test_an_on_demand_live_encoder_trains_under_torchrun(raw_images, capsys):
+    from test_distributed import torchrun
+
+    # a share of the rows for the scout: some steps give a rank no row of the CNN, or one (a second joins it)
+    (raw_images / "spec.yaml").write_text(yaml.safe_dump({**live_spec(batch_size=6), "conditional": {"scout_rows": 0.3}}))
+    proc = torchrun("-m", "fusionkit", "train", "spec.yaml", "--data", "store", "--raw", "manifest.csv", "--out", "run",
+                    "--quiet", cwd=raw_images)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((raw_images / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and "compute" in metrics["val"]
+    assert main(["evaluate", str(raw_images / "run"), "--data", str(raw_images / "store"), "--raw",
+                 str(raw_images / "manifest.csv"), "--split", "labelled", "--budget", "0%"]) == 0
+    assert "compute: 0 of" in capsys.readouterr().out
