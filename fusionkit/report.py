@@ -187,10 +187,37 @@ def write_report(run: str | Path) -> Path:
         lines += ["", "Keep rate per encoder (clean / corrupted samples): " + ", ".join(
             f"{n} {format_metric(r['clean'], '.2f')} / {format_metric(r['corrupted'], '.2f')}" for n, r in rates.items()),
             "", "![keep rates](keep_rates.png)"]
+    if "compute" in m:
+        c = m["compute"]
+        lines += ["", f"Compute ({split}): {c['mean_gflops']:.4g} of {c['full_gflops']:.4g} GFLOPs per sample; ran: " +
+                  ", ".join(f"{n} {r:.0%}" for n, r in c["run_rate"].items())]
+    for curve in sorted(run.glob("budget_curve_*.json")):
+        name = curve.stem[len("budget_curve_"):]
+        _budget_curve(plt, json.loads(curve.read_text()), out / f"budget_curve_{name}.png")
+        lines += ["", f"Accuracy against compute ({name}, `fusionkit evaluate --budget-curve`):", "",
+                  f"![budget curve](budget_curve_{name}.png)"]
     lines += ["", "![learning curves](learning_curves.png)", "![kept per label](kept_per_label.png)",
               "![presence confusion](presence_confusion.png)", "![salience confusion](salience_confusion.png)"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return out
+
+
+def _budget_curve(plt, curve: dict, path: Path) -> None:
+    """Score against mean GFLOPs per sample, each point labelled with its budget (a share of the full cost)."""
+    points = curve["points"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p["mean_gflops"] for p in points], [p["score"] for p in points], marker="o")
+    labels: dict[tuple[float, float], list[float]] = {}  # budgets that spend alike share one point's label
+    for p in points:
+        labels.setdefault((p["mean_gflops"], p["score"]), []).append(p["budget_share"])
+    for (x, y), shares in labels.items():
+        text = f"{shares[0]:.0%}" if len(shares) == 1 else f"{shares[0]:.0%}-{shares[-1]:.0%}"
+        ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(title=f"Score against compute ({curve['split']}, n={curve['n']})", xlabel="mean GFLOPs per sample",
+           ylabel="Score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _heatmap(plt, values: np.ndarray, rows, cols, title: str, path: Path, fmt: str, xlabel: str, ylabel: str) -> None:

@@ -199,6 +199,9 @@ def test_the_command_line_prints_costs_and_takes_budgets(synthetic_store, tmp_pa
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(synthetic_store), "--budget-curve"]) == 0
     curve = json.loads((tmp_path / "run" / "budget_curve_test.json").read_text())["points"]
     assert [p["budget_share"] for p in curve][0] == 0.0 and curve[-1]["mean_gflops"] == 4.0
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report" / "budget_curve_test.png").stat().st_size > 0
+    assert "budget_curve_test.png" in (tmp_path / "run" / "report" / "summary.md").read_text()
     assert main(["predict", str(tmp_path / "run"), "--data", str(synthetic_store), "--split", "labelled",
                  "--budget", "1.5", "--out", str(tmp_path / "sub.json")]) == 0
     assert len(json.loads((tmp_path / "sub.json").read_text())["predictions"]) > 0
