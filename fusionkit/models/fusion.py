@@ -337,6 +337,9 @@ class Trunk(nn.Module):
                 columns[k] = empty
                 continue
             name = names[k]
+            if len(rows) == batch:  # every row: nothing to gather or scatter
+                columns[k] = self.projectors[name](self.encoders[name](inputs[name], lengths.get(name)))
+                continue
             if len(rows) == 1 and self.training and batch > 1 and _has_batch_norm(self.encoders[name]):
                 # batch norm cannot normalise one row in training: a second row runs beside it, unused (not `ran`)
                 rows = torch.stack([rows[0], (rows[0] + 1) % batch])

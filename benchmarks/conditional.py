@@ -1,0 +1,131 @@
+"""Conditional execution, the microbenchmark: is the saving real in wall-clock time, and what does routing cost?
+
+One cheap always-run encoder and K = 4 on-demand encoders of known cost (a features encoder whose projector is a
+two-layer MLP over a 2048-wide input: about 9 MFLOPs per sample each, declared as cost_gflops), attention gate,
+batch 256, inference (eval, no gradient). Every on-demand encoder costs the same, so a budget of s of the on-demand
+cost runs s * K of them per sample: run shares 0, 0.25, 0.5, 0.75 and 1.0. Rows:
+
+- the same model with every encoder `run: always` (today's unconditional path);
+- the on-demand model at each budget (scout, gather, run, scatter, fuse);
+- the on-demand model with `everything=True` (every encoder on every row through the conditional model).
+
+It also times gather + scatter alone at each share, and the ideal: the unconditional time scaled by the share of the
+encoders' FLOPs spent. Interleaved rounds, medians, one thread.
+
+    .venv/bin/python benchmarks/conditional.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from report import machine, markdown_table, write
+
+K, DIM, HIDDEN, LATENT, BATCH = 4, 2048, 2048, 64, 256
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def spec(on_demand: bool, cost: float) -> dict:
+    extra = {"run": "on_demand", "cost_gflops": cost} if on_demand else {"cost_gflops": cost}
+    return {"latent_dim": LATENT, "projector": {"hidden": HIDDEN, "dropout": 0.0},
+            "encoders": [{"name": "cheap", "type": "features", "dim": 16},
+                         *({"name": f"dear{k}", "type": "features", "dim": DIM, **extra} for k in range(K))],
+            "gate": {"type": "attention", "top_n": 3, "heads": 4},
+            "heads": {"presence": {"type": "presence", "dropout": 0.0}, "salience": {"type": "salience", "dropout": 0.0}}}
+
+
+def median_seconds(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    import fusionkit
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fusionkit.models.conditional import gather_rows, scatter_rows
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    probe = fusionkit.build_model(spec(False, 0.0)).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        probe.projectors["dear0"](probe.encoders["dear0"](torch.randn(8, DIM)))
+    cost = counter.get_total_flops() / 8 / 1e9
+    always = fusionkit.build_model(spec(False, cost)).eval()
+    demand = fusionkit.build_model(spec(True, cost)).eval()
+    demand.load_state_dict(always.state_dict())
+    x = {"cheap": torch.randn(BATCH, 16), **{f"dear{k}": torch.randn(BATCH, DIM) for k in range(K)}}
+
+    with torch.no_grad():
+        runs = {"today (every encoder always)": lambda: always(x),
+                "on demand, everything=True": lambda: demand(x, everything=True)}
+        for share in SHARES:
+            runs[f"on demand, budget {share:.0%}"] = lambda share=share: demand(x, budget=f"{100 * share}%")
+        spent = {share: float(demand(x, budget=f"{100 * share}%").ran[:, 1:].float().mean()) for share in SHARES}
+        for fn in runs.values():  # warm-up
+            fn()
+        times = {name: [] for name in runs}
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                times[name].append(median_seconds(fn, 3))
+        med = {name: statistics.median(v) for name, v in times.items()}
+
+        z = torch.randn(BATCH, LATENT)
+        routing = {}
+        for share in SHARES[1:]:
+            rows = torch.randperm(BATCH)[: int(share * BATCH)].sort().values
+
+            def route(rows=rows):
+                for k in range(K):
+                    scatter_rows(gather_rows(x[f"dear{k}"], rows)[:, :LATENT] + z[rows], rows, BATCH)
+
+            routing[share] = median_seconds(route, args.rounds * 3)
+
+    full = med["today (every encoder always)"]
+    fixed = med["on demand, budget 0%"]  # the always-run encoder, the scout and the fusion
+    rows = [["today (every encoder always)", "1.00", f"{full * 1000:.1f}", "1.00", "-"]]
+    rows.append(["on demand, everything=True", "1.00", f"{med['on demand, everything=True'] * 1000:.1f}",
+                 f"{med['on demand, everything=True'] / full:.2f}", "-"])
+    data_rows = []
+    for share in SHARES:
+        t = med[f"on demand, budget {share:.0%}"]
+        ideal = fixed + spent[share] * (full - fixed)
+        speedup, ideal_speedup = full / t, full / ideal
+        rows.append([f"on demand, budget {share:.0%}", f"{spent[share]:.2f}", f"{t * 1000:.1f}", f"{t / full:.2f}",
+                     f"{speedup:.2f}× of ideal {ideal_speedup:.2f}×"])
+        data_rows.append({"share": share, "run_share": spent[share], "seconds": t, "ideal_seconds": ideal})
+    overhead = med["on demand, everything=True"] / full
+    data = {"machine": machine(), "threads": 1, "torch": torch.__version__,
+            "config": {"K": K, "input_dim": DIM, "hidden": HIDDEN, "latent": LATENT, "batch": BATCH,
+                       "gflops_per_encoder": cost},
+            "median_seconds": med, "budgets": data_rows, "routing_seconds": {str(k): v for k, v in routing.items()},
+            "everything_over_today": overhead}
+    routing_text = ", ".join(f"{share:.0%} of rows {seconds * 1000:.2f} ms" for share, seconds in routing.items())
+    section = (
+        "## Conditional execution: the microbenchmark\n\n"
+        f"`.venv/bin/python benchmarks/conditional.py`: one cheap always-run encoder and {K} on-demand encoders of "
+        f"{cost * 1000:.1f} MFLOPs per sample each (a features encoder with a two-layer {DIM}-{HIDDEN}-{LATENT} "
+        f"projector, declared as cost_gflops), attention gate, top 3, batch {BATCH}, inference, one thread; medians "
+        f"of {args.rounds} interleaved rounds ({data['machine']['cpus']} CPUs, torch {torch.__version__}). A budget of "
+        "s of the full cost runs s of the on-demand encoders per sample (run share). The ideal time is the budget 0% "
+        "time (the always-run encoder, the scout and the fusion) plus the run share of the encoders' time.\n\n"
+        + markdown_table(["system", "run share", "ms per batch", "× today", "speed-up"], rows)
+        + f"\n\nWith every encoder kept, the conditional path is {100 * (overhead - 1):+.1f}% against today's "
+        f"unconditional path (target: at most +5%). Gather and scatter alone, for all {K} encoders: {routing_text}.\n"
+    )
+    write("conditional", data, section)
+
+
+if __name__ == "__main__":
+    main()
