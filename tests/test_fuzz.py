@@ -7,10 +7,12 @@ third each); the suite's default keeps it quick.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -112,6 +114,21 @@ def mutate(doc, draw, pool, rounds, delete=False):
                 node[key] = copy.deepcopy(draw(pool))  # a copy: later rounds must not edit the pool's values
         elif isinstance(node, list) and node:
             node[draw(st.integers(0, len(node) - 1))] = copy.deepcopy(draw(pool))
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str):
+    """Fail an example that runs past ``seconds`` (a hang on a FIFO, a runaway expansion) instead of hanging."""
+    def hung(*_):
+        raise TimeoutError(f"{what} ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 #: Stores and checkpoints: a third as many examples as specs.
@@ -299,7 +316,6 @@ def _listing(root):
 @RAW_FUZZ
 @given(manifest=raw_manifests(), confine=st.booleans())
 def test_raw_manifests_fail_cleanly_and_write_only_their_output(manifest, confine, tmp_path_factory):
-    import signal
     import tempfile
     from pathlib import Path
 
@@ -314,21 +330,14 @@ def test_raw_manifests_fail_cleanly_and_write_only_their_output(manifest, confin
     (root / name).write_bytes(data)
     before = _listing(outer)
 
-    def hung(*_):
-        raise TimeoutError("a raw manifest example ran past 60 s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    try:
-        extract(RAW_SPEC, root / name, root / "out", batch_size=2, workers=0, progress=False,
-                confine=root if confine else None)
-    except (DataError, FusionkitError) as exc:
-        message = str(exc)
-        assert str(root / name) in message or "encoder 'img'" in message or str(root / "out") in message, message
-        assert "Traceback" not in message
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    with time_limit(60, "a raw manifest example"):
+        try:
+            extract(RAW_SPEC, root / name, root / "out", batch_size=2, workers=0, progress=False,
+                    confine=root if confine else None)
+        except (DataError, FusionkitError) as exc:
+            message = str(exc)
+            assert str(root / name) in message or "encoder 'img'" in message or str(root / "out") in message, message
+            assert "Traceback" not in message
     written = set(_listing(outer)) - set(before)
     assert all(p.startswith(("data/out", "data/out.partial")) for p in written), written
     assert set(before) <= set(_listing(outer))  # nothing removed
@@ -381,7 +390,6 @@ def space_files(draw):
 @given(space=space_files())
 def test_random_space_files_are_refused_naming_the_file_or_sweep_within_their_folder(space, synthetic_store,
                                                                                     tmp_path_factory):
-    import signal
     import tempfile
     from pathlib import Path
 
@@ -393,12 +401,7 @@ def test_random_space_files_are_refused_naming_the_file_or_sweep_within_their_fo
     (outer / name).write_bytes(data)
     before = _listing(outer)
 
-    def hung(*_):
-        raise TimeoutError("a space example ran past 120 s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(120)
-    try:
+    with time_limit(120, "a space example"):
         try:
             checked = load_space(outer / name, SWEEP_SPEC)
         except SpecError as exc:
@@ -409,9 +412,6 @@ def test_random_space_files_are_refused_naming_the_file_or_sweep_within_their_fo
                 load_spec(apply_params(SWEEP_SPEC, {key: value}, checked))
         summary = sweep(SWEEP_SPEC, synthetic_store, outer / name, 1, outer / "out")
         assert summary["complete"] + summary["pruned"] == 1
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     written = set(_listing(outer)) - set(before)
     assert all(p.startswith("out") for p in written), written
 
@@ -495,7 +495,6 @@ def _damage(root, outer, how, pick, cell):
 @RELEASE_FUZZ
 @given(damage=release_damage(), aggregate=st.sampled_from(["stats7", "sequences"]))
 def test_damaged_blemore_releases_fail_by_file_and_write_only_their_output(damage, aggregate, tmp_path_factory):
-    import signal
     import tempfile
     from pathlib import Path
 
@@ -511,21 +510,14 @@ def test_damaged_blemore_releases_fail_by_file_and_write_only_their_output(damag
         _damage(root, outer, how, pick, cell)
     before = _listing(outer)
 
-    def hung(*_):
-        raise TimeoutError("a release example ran past 60 s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    try:
-        store = open_store(build_dataset("blemore", {"root": str(root), "aggregate": aggregate}, outer / "out"))
-        assert len(store) > 0
-    except DataError as exc:
-        message = str(exc)
-        assert str(root) in message or "encoder" in message, message
-        assert "Traceback" not in message and len(message) < 5000
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    with time_limit(60, "a release example"):
+        try:
+            store = open_store(build_dataset("blemore", {"root": str(root), "aggregate": aggregate}, outer / "out"))
+            assert len(store) > 0
+        except DataError as exc:
+            message = str(exc)
+            assert str(root) in message or "encoder" in message, message
+            assert "Traceback" not in message and len(message) < 5000
     written = set(_listing(outer)) - set(before)
     assert all(p.startswith("out") for p in written), written
     assert set(before) <= set(_listing(outer))

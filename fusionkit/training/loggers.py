@@ -8,14 +8,13 @@ An embedder can pass its own :class:`RunLogger` objects to :class:`fusionkit.tra
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fusionkit.errors import FusionkitError
-from fusionkit.training.rundir import LOG_FILE
+from fusionkit.training.rundir import RunDirectory
 
 __all__ = ["RunLogger", "TensorBoardLogger", "LOGGERS", "TENSORBOARD_DIR", "make_loggers", "flatten"]
 
@@ -78,7 +77,7 @@ class TensorBoardLogger(RunLogger):
                                  "the folder writable, or leave tensorboard out of train.log_to") from None
         earlier = sorted(folder.glob(EVENTS_GLOB))
         self.writer = SummaryWriter(str(folder))
-        for record in _logged_records(run_dir, first_epoch):
+        for record in RunDirectory(run_dir).records(before=first_epoch):
             self.log(record["epoch"], record)
         self.writer.flush()
         for path in earlier:  # only once the new file holds what they held
@@ -108,22 +107,6 @@ class TensorBoardLogger(RunLogger):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def _logged_records(run_dir: Path, first_epoch: int) -> list[dict[str, Any]]:
-    """The epoch records of ``RUN/log.jsonl`` before ``first_epoch`` (the trainer has cut the log to them)."""
-    path = run_dir / LOG_FILE
-    if first_epoch == 0 or not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < first_epoch:
-            records.append(record)
-    return records
 
 
 #: The built-in loggers by the name ``train.log_to`` uses.

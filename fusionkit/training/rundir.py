@@ -189,15 +189,24 @@ class RunDirectory:
         path = self.path / LOG_FILE
         if not path.exists():
             return
-        kept = []
+        kept = [line for line, record in self._epoch_lines() if record["epoch"] < epoch]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def records(self, before: int) -> list[dict[str, Any]]:
+        """The epoch records of the log for the epochs before ``before`` (a torn line is skipped)."""
+        return [record for _, record in self._epoch_lines() if record["epoch"] < before]
+
+    def _epoch_lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        path = self.path / LOG_FILE
+        if not path.exists():
+            return
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < epoch:
-                kept.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                yield line, record
 
     def log(self) -> list[dict[str, Any]]:
         path = self.path / LOG_FILE
