@@ -166,6 +166,12 @@ class ConditionalConfig:
     budget_sampling: bool = option(
         True, doc="In training, each sample keeps its on-demand encoders in the scout's order up to a random share "
         "of their cost, so one model learns to fuse whatever a budget at inference leaves it.")
+    budget_gflops: float | None = option(
+        None, doc="The compute objective term: the mean GFLOPs per sample that the gate's own rule (no budget at "
+        "inference) should spend; the expected cost above it is a hinge loss. null: no such term.",
+        validator=non_negative)
+    compute_weight: float = option(1.0, doc="Weight of the compute term (its loss is relative to the full cost).",
+                                   validator=non_negative)
 
 
 @attrs.frozen(kw_only=True)

@@ -262,3 +262,26 @@ def test_an_on_demand_live_encoder_trains_under_torchrun(raw_images, capsys):
     assert main(["evaluate", str(raw_images / "run"), "--data", str(raw_images / "store"), "--raw",
                  str(raw_images / "manifest.csv"), "--split", "labelled", "--budget", "0%"]) == 0
     assert "compute: 0 of" in capsys.readouterr().out
+
+
+def test_the_compute_term_trains_the_gates_own_rule_to_a_mean_cost(halves_store, tmp_path):
+    from fusionkit.data.open import spec_store
+    from fusionkit.training.tasks import collect_outputs
+    from fusionkit.training.train import make_split, train
+
+    root, _ = halves_store
+    spent = {}
+    for name, conditional in (("free", {}), ("budgeted", {"budget_gflops": 0.5, "compute_weight": 5.0})):
+        spec = {**halves_spec(epochs=12), **({"conditional": conditional} if conditional else {})}
+        train(spec, root, tmp_path / name, fold=0, progress=False)
+        log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert ("compute" in log[0]) == bool(conditional)
+        model = load_model(tmp_path / name / "best")
+        store = spec_store(model.spec, root)
+        spent[name] = float(collect_outputs(model, store, make_split(store, 0).test)["cost"].mean())  # no budget
+    assert spent["budgeted"] < spent["free"] and spent["budgeted"] <= 1.0, spent
+
+
+def test_a_compute_budget_in_the_spec_is_validated():
+    with pytest.raises(SpecError, match=r"conditional.budget_gflops: must be >= 0"):
+        load_spec({**demand_spec(), "conditional": {"budget_gflops": -1.0}})

@@ -58,6 +58,7 @@ class FusionOutput:
     computed: torch.Tensor | None = None
     scout_scores: torch.Tensor | None = None
     scout_rows: torch.Tensor | None = None
+    available: torch.Tensor | None = None
 
     @property
     def used(self) -> torch.Tensor:
@@ -173,6 +174,8 @@ class Encoded:
     computed: torch.Tensor | None = None
     scout_scores: torch.Tensor | None = None
     scout_rows: torch.Tensor | None = None
+    #: With on-demand encoders: ``[B, K]`` the encoders present in the input, which the scout chose among.
+    available: torch.Tensor | None = None
 
 
 def _has_batch_norm(module: nn.Module) -> bool:
@@ -275,7 +278,9 @@ class Trunk(nn.Module):
             self._costs = costs
         return dict(self._costs)
 
-    def _cost_vector(self, device: torch.device) -> torch.Tensor:
+    def cost_vector(self, device: torch.device) -> torch.Tensor:
+        """``[K]`` float64: each encoder's GFLOPs per sample, in ``encoder_names`` order (an on-demand encoder's must
+        be known)."""
         costs = self.encoder_costs()
         unknown = [self.encoder_names[k] for k in self.on_demand if costs[self.encoder_names[k]] is None]
         if unknown:
@@ -314,7 +319,7 @@ class Trunk(nn.Module):
         scout_tokens = torch.stack([columns.get(k, empty) for k in range(len(names))], dim=1) + self.identity
         scout_scores = self.gate.score(scout_tokens, present)
         available = present[:, list(demand)]
-        costs = self._cost_vector(device)
+        costs = self.cost_vector(device)
         if budget is not None or (self.training and self.conditional.budget_sampling):
             paid = (costs * present).sum(1) - (costs[list(demand)] * available).sum(1)  # the always-run encoders
             full = (costs * present).sum(1)
@@ -355,6 +360,7 @@ class Trunk(nn.Module):
             aux["scout"] = self.conditional.scout_weight * scout_loss(scout_scores[every], full_scores, present[every])
         encoded = self._fuse(tokens, ran, ran, aux)
         encoded.computed, encoded.scout_scores, encoded.scout_rows = computed, scout_scores, every
+        encoded.available = present
         return encoded
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
@@ -365,7 +371,7 @@ class Trunk(nn.Module):
             present = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
             mean = (tokens * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True).clamp_min(1)
             fused = fused + self.residual(mean)
-        cost = None if ran is None else (ran.double() * self._cost_vector(tokens.device)).sum(1)
+        cost = None if ran is None else (ran.double() * self.cost_vector(tokens.device)).sum(1)
         return Encoded(tokens, selection, fused, mask, ran, cost, aux)
 
     @torch.no_grad()
@@ -481,7 +487,7 @@ class FusionModel(Trunk):
             logits=logits, tokens=tokens, aux_losses=aux, mask=encoded.mask,
             token_logits=None if self.token_head is None else self.token_head(tokens),
             ran=encoded.ran, cost=encoded.cost, computed=encoded.computed, scout_scores=encoded.scout_scores,
-            scout_rows=encoded.scout_rows,
+            scout_rows=encoded.scout_rows, available=encoded.available,
         )
 
     @torch.no_grad()
