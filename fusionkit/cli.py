@@ -271,7 +271,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         index = _run_index(Path(args.run[0]), store, args.split)
         if args.budget_curve:
             return _budget_curve(args, model, store, index)
-        metrics = task.evaluate_model(model, store, index, **_budget_option(args, model))
+        metrics = task.evaluate_model(model, store, index, **_budget_option(args, model, store))
         out = Path(args.run[0]) / f"evaluation_{args.split}{_budget_suffix(args.budget)}.json"
     print(f"{args.split}: {task.summary(metrics)}")
     if "compute" in metrics:
@@ -289,7 +289,7 @@ def _budget_suffix(budget: str | None) -> str:
     return "_budget-" + "".join(c if c.isalnum() or c == "." else "pct" if c == "%" else "-" for c in budget.strip())
 
 
-def _budget_option(args: argparse.Namespace, model) -> dict:
+def _budget_option(args: argparse.Namespace, model, store) -> dict:
     """``budget=`` for a model with on-demand encoders; a budget for a model without them is refused."""
     if args.budget is None:
         return {}
@@ -299,7 +299,15 @@ def _budget_option(args: argparse.Namespace, model) -> dict:
     if not model.spec.on_demand:
         raise FusionkitError(f"--budget {args.budget}: {args.run[0]} runs every encoder always (no encoder has run: "
                              "on_demand), so there is no compute to budget")
-    return {"budget": Budget.parse(args.budget)}
+    budget = Budget.parse(args.budget)
+    if budget.mean:  # its threshold comes from the run's validation fold
+        from fusionkit.training.tasks import fit_mean_budget
+        from fusionkit.training.train import make_split
+
+        info = json.loads((Path(args.run[0]) / "run.json").read_text(encoding="utf-8"))
+        budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
+        print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
+    return {"budget": budget}
 
 
 #: The budgets of ``evaluate --budget-curve``: shares of the full cost.
@@ -389,7 +397,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise FusionkitError(f"{args.run[0]}: a two-tower model embeds and retrieves; it predicts no answers, so "
                                  "there is no submission to write. `fusionkit evaluate` gives its retrieval metrics.")
         index = _run_index(Path(args.run[0]), store, args.split)
-        preds = predictions_for(model, store, index, **_budget_option(args, model))
+        preds = predictions_for(model, store, index, **_budget_option(args, model, store))
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
     atomic_write_text(json_path, text)
 
@@ -555,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     splits = ("test", "val", "target", "labelled", "unlabelled", "all")
     BUDGET_HELP = ("a compute cap per sample for a model with on-demand encoders: GFLOPs (e.g. 2.5) or a share of the "
-                   "full cost (e.g. 40%%); each sample runs its on-demand encoders in the gate's order while they fit")
+                   "full cost (e.g. 40%%); each sample runs its on-demand encoders in the gate's order while they fit. "
+                   "mean:2.5 or mean:40%%: a mean over the samples instead (a threshold fitted on the run's validation "
+                   "fold; hard samples may spend more)")
     runs_help = ("a run directory; several runs, or a cross-validation directory (train --cv), are averaged as a fold "
                  "ensemble whose decoder thresholds are fitted on their pooled out-of-fold validation predictions")
     cv_help = "RUN is a cross-validation directory: ensemble its fold models (the same as naming it alone)"

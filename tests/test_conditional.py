@@ -76,6 +76,19 @@ def test_a_budget_caps_every_samples_cost_in_the_scouts_order():
     assert run.tolist() == [[False, True], [True, False]]  # row 0: the dear one first, then nothing else fits
 
 
+def test_a_mean_budgets_threshold_is_the_lowest_that_meets_it():
+    from fusionkit.models.conditional import fit_threshold
+
+    values = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.2, 0.8], [0.4, float("-inf")]])
+    costs, paid = torch.tensor([1.0, 1.0]), torch.zeros(4)
+    for target, expected_runs in ((0.0, 0), (0.5, 2), (1.0, 4), (1.75, 7), (5.0, 7)):
+        threshold = fit_threshold(values, costs, paid, target)
+        runs = int((values >= threshold).sum())
+        assert runs == expected_runs and runs / 4 <= target + 1e-9
+    assert fit_threshold(values, costs, torch.full((4,), 2.0), 1.0) == float("inf")  # the always-run part alone is over
+    assert Budget.parse("mean:40%") == Budget(share=0.4, mean=True)
+
+
 @pytest.mark.parametrize(("text", "message"), [("-1", "expected GFLOPs >= 0"), ("150%", "from 0% to 100%"),
                                                ("abc", "expected GFLOPs per sample"), ("nan", "expected GFLOPs")])
 def test_a_bad_budget_is_a_clear_error(text, message):
@@ -179,6 +192,15 @@ def test_the_scout_learns_which_encoder_each_sample_needs(halves_store, tmp_path
     assert (ran_a == up[test]).mean() > 0.8  # and the one that shows the sample's class
     scores = {b: ClassificationTask.evaluate_model(model, store, test, budget=b)["score"] for b in ("0%", 1.0, "100%")}
     assert scores["0%"] < scores[1.0]  # nothing on demand is worse than the scout's one
+    from fusionkit.training.tasks import fit_mean_budget
+
+    val = make_split(store, 0).val
+    mean = fit_mean_budget(model, store, val, "mean:50%")  # a mean of 1 GFLOP: half the on-demand cost
+    assert mean.mean and mean.threshold is not None
+    assert collect_outputs(model, store, val, budget=mean)["cost"].mean() <= 1.0 + 1e-9  # met where it was fitted
+    assert abs(collect_outputs(model, store, test, budget=mean)["cost"].mean() - 1.0) < 0.35
+    with pytest.raises(FusionkitError, match="a mean budget needs its threshold"):
+        model(*store.inputs_for(model, test[:4]), budget="mean:50%")
 
 
 def test_the_command_line_prints_costs_and_takes_budgets(synthetic_store, tmp_path, capsys):
@@ -196,6 +218,9 @@ def test_the_command_line_prints_costs_and_takes_budgets(synthetic_store, tmp_pa
     assert "compute: " in capsys.readouterr().out
     metrics = json.loads((tmp_path / "run" / "evaluation_test_budget-25pct.json").read_text())
     assert metrics["compute"]["mean_gflops"] <= 1.0 + 1e-9
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(synthetic_store), "--budget", "mean:50%"]) == 0
+    assert "threshold" in capsys.readouterr().out
+    assert (tmp_path / "run" / "evaluation_test_budget-mean-50pct.json").exists()
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(synthetic_store), "--budget-curve"]) == 0
     curve = json.loads((tmp_path / "run" / "budget_curve_test.json").read_text())["points"]
     assert [p["budget_share"] for p in curve][0] == 0.0 and curve[-1]["mean_gflops"] == 4.0

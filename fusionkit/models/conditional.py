@@ -20,16 +20,24 @@ import torch
 
 from fusionkit.errors import FusionkitError
 
-__all__ = ["Budget", "gather_rows", "scatter_rows", "within_budget", "kept_by", "scout_loss"]
+__all__ = ["Budget", "gather_rows", "scatter_rows", "within_budget", "kept_by", "scout_loss", "value_per_cost",
+           "fit_threshold"]
 
 
 @attrs.frozen
 class Budget:
     """A compute budget per sample: ``gflops`` (GFLOPs per sample, every encoder counted) or ``share`` (of the full
-    cost, every encoder run). A cap: no sample spends more; the always-run encoders are always paid."""
+    cost, every encoder run); the always-run encoders are always paid.
+
+    A **cap** (the default): no sample spends more. A **mean** (``mean=True``): the mean over the data meets it, and a
+    hard sample may spend more than an easy one; it needs ``threshold``, fitted on validation rows
+    (:func:`fit_threshold`): an on-demand encoder runs where the scout's share of it per unit of its cost reaches it.
+    """
 
     gflops: float | None = None
     share: float | None = None
+    mean: bool = False
+    threshold: float | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.gflops is None) == (self.share is None):
@@ -40,26 +48,62 @@ class Budget:
 
     @classmethod
     def parse(cls, value: Budget | str | float | None) -> Budget | None:
-        """``"40%"`` (a share of the full cost), ``"2.5"`` or ``2.5`` (GFLOPs per sample), a Budget, or None."""
+        """``"40%"`` (a share of the full cost), ``"2.5"`` or ``2.5`` (GFLOPs per sample), each a cap; ``"mean:40%"``
+        or ``"mean:2.5"`` a mean over the data; a Budget, or None."""
         if value is None or isinstance(value, Budget):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return cls(gflops=float(value))
         text = str(value).strip()
+        mean = text.lower().startswith("mean:")
+        number = text[5:].strip() if mean else text
         try:
-            if text.endswith("%"):
-                return cls(share=float(text[:-1]) / 100.0)
-            return cls(gflops=float(text))
+            if number.endswith("%"):
+                return cls(share=float(number[:-1]) / 100.0, mean=mean)
+            return cls(gflops=float(number), mean=mean)
         except ValueError:
             raise FusionkitError(f"--budget {value!r}: expected GFLOPs per sample (e.g. 2.5) or a share of the full "
-                                 "cost (e.g. 40%)") from None
+                                 "cost (e.g. 40%), each a cap per sample; mean:2.5 or mean:40% for a mean over the "
+                                 "data") from None
 
     def limit(self, full_cost: float) -> float:
         """GFLOPs per sample this budget allows, for a model whose every encoder costs ``full_cost`` together."""
         return float(self.gflops) if self.gflops is not None else float(self.share) * full_cost
 
     def describe(self) -> str:
-        return f"{self.gflops:g} GFLOPs" if self.gflops is not None else f"{100 * self.share:g}%"
+        amount = f"{self.gflops:g} GFLOPs" if self.gflops is not None else f"{100 * self.share:g}%"
+        return f"mean:{amount}" if self.mean else amount
+
+
+def value_per_cost(scout_scores: torch.Tensor, available: torch.Tensor, costs: torch.Tensor,
+                   demand: Sequence[int]) -> torch.Tensor:
+    """``[B, m]``: the scout's softmax share of each on-demand encoder per unit of its cost (relative to the mean
+    on-demand cost), -inf where it is absent: what a mean budget's threshold compares."""
+    share = torch.softmax(scout_scores.float().masked_fill(~available, float("-inf")), dim=1).nan_to_num(0.0)
+    cost = costs[list(demand)].float()
+    relative = cost / cost.mean().clamp_min(1e-12)
+    value = share[:, list(demand)] / relative.clamp_min(1e-12)
+    return value.masked_fill(~available[:, list(demand)], float("-inf"))
+
+
+def fit_threshold(values: torch.Tensor, costs: torch.Tensor, paid: torch.Tensor, target: float) -> float:
+    """The lowest threshold on ``values`` (``[N, m]``, rows of validation data) whose runs (``values >= threshold``)
+    keep the mean cost (``paid`` ``[N]`` for the always-run encoders, plus ``costs`` ``[m]`` where run) within
+    ``target``; +inf when even the always-run encoders exceed it."""
+    finite = values[torch.isfinite(values)].unique(sorted=True)
+    candidates = torch.cat([finite, finite.new_tensor([float("inf")])])
+
+    def mean_cost(threshold: float) -> float:
+        return float((paid + ((values >= threshold).double() * costs.double()).sum(1)).mean())
+
+    low, high = 0, len(candidates) - 1  # mean cost falls as the threshold rises: the first candidate that fits
+    while low < high:
+        middle = (low + high) // 2
+        if mean_cost(float(candidates[middle])) <= target + 1e-9:
+            high = middle
+        else:
+            low = middle + 1
+    return float(candidates[low])
 
 
 def gather_rows(x: Any, rows: torch.Tensor) -> Any:

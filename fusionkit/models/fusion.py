@@ -20,7 +20,15 @@ from fusionkit.answers import Prediction, from_order
 from fusionkit.checkpoint import save_checkpoint
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.interfaces import BuildContext, Decoder, LiveEncoder
-from fusionkit.models.conditional import Budget, gather_rows, kept_by, scatter_rows, scout_loss, within_budget
+from fusionkit.models.conditional import (
+    Budget,
+    gather_rows,
+    kept_by,
+    scatter_rows,
+    scout_loss,
+    value_per_cost,
+    within_budget,
+)
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
 from fusionkit.selection import Selection, gather_slots, slot_count
@@ -320,7 +328,13 @@ class Trunk(nn.Module):
         scout_scores = self.gate.score(scout_tokens, present)
         available = present[:, list(demand)]
         costs = self.cost_vector(device)
-        if budget is not None or (self.training and self.conditional.budget_sampling):
+        if budget is not None and budget.mean:
+            if budget.threshold is None:
+                raise FusionkitError(f"budget {budget.describe()}: a mean budget needs its threshold, fitted on "
+                                     "validation rows (fusionkit.training.tasks.fit_mean_budget; the command line "
+                                     "fits it on the run's validation fold)")
+            run = value_per_cost(scout_scores.detach(), present, costs, demand) >= budget.threshold
+        elif budget is not None or (self.training and self.conditional.budget_sampling):
             paid = (costs * present).sum(1) - (costs[list(demand)] * available).sum(1)  # the always-run encoders
             full = (costs * present).sum(1)
             if budget is not None:

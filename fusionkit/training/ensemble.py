@@ -21,7 +21,8 @@ import numpy as np
 from fusionkit.answers import from_order
 from fusionkit.checkpoint import SPEC_FILE
 from fusionkit.data.store import FeatureStore
-from fusionkit.errors import CheckpointError, DataError, FusionkitWarning, SpecError
+from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning, SpecError
+from fusionkit.models.conditional import Budget
 from fusionkit.models.factory import load_model
 from fusionkit.models.fusion import FusionModel
 from fusionkit.spec import Spec, load_spec, spec_differences
@@ -166,6 +167,9 @@ class FoldEnsemble:
     def outputs(self, store: FeatureStore, index: np.ndarray, budget: Any = None) -> dict[str, np.ndarray]:
         """The models' probabilities (every decoder input) averaged over the models; with ``budget``, each model's
         on-demand encoders within it (the cost is then the models' summed cost)."""
+        if Budget.parse(budget) is not None and Budget.parse(budget).mean:
+            raise FusionkitError(f"budget {budget}: a mean budget's threshold is fitted per model; give an ensemble a "
+                                 "cap per sample (e.g. 40%)")
         each = [collect_outputs(model, store, index, budget=budget) for model in self.models]
         return {key: (np.sum if key == "cost" else np.mean)([o[key] for o in each], axis=0) for key in each[0]
                 if key != "kept"}

@@ -24,7 +24,7 @@ from fusionkit.data.store import FeatureStore
 from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
-from fusionkit.models.conditional import Budget
+from fusionkit.models.conditional import Budget, fit_threshold, value_per_cost
 from fusionkit.models.fusion import FusionModel, decoder_inputs
 from fusionkit.models.towers import clip_loss, local_clip_loss, retrieval_metrics
 from fusionkit.spec import Spec
@@ -32,7 +32,7 @@ from fusionkit.distributed import Dist
 from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 
-__all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary", "kept_counts", "predictions_for",
+__all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary", "fit_mean_budget", "kept_counts", "predictions_for",
            "write_predictions", "Task", "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class",
            "task_for"]
 
@@ -90,6 +90,9 @@ def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_s
         if out.ran is not None:
             arrays["ran"] = out.ran.cpu().numpy()
             arrays["cost"] = out.cost.cpu().numpy()
+            if out.scout_scores is not None:
+                arrays["scout"] = out.scout_scores.detach().float().cpu().numpy()
+                arrays["available"] = out.available.cpu().numpy()
         for key, value in arrays.items():
             parts.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -107,6 +110,19 @@ def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: 
     if "ran" in outputs:
         metrics["compute"] = compute_summary(model, outputs)
     return metrics
+
+
+def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, budget: Budget | str) -> Budget:
+    """``budget`` as a mean over the data, with its threshold fitted on the rows ``index`` (validation rows, never
+    the rows it will be scored on): the lowest threshold whose mean cost there stays within the budget."""
+    budget = attrs.evolve(Budget.parse(budget), mean=True, threshold=None)
+    outputs = collect_outputs(model, store, index, budget=Budget(share=0.0))  # the scout's view, nothing run
+    scores, available = torch.as_tensor(outputs["scout"]), torch.as_tensor(outputs["available"]).bool()
+    costs, demand = model.cost_vector(torch.device("cpu")), list(model.on_demand)
+    values = value_per_cost(scores, available, costs, demand)
+    paid = (costs * available).sum(1) - (costs[demand] * available[:, demand]).sum(1)
+    threshold = fit_threshold(values, costs[demand], paid, budget.limit(float(costs.sum())))
+    return attrs.evolve(budget, threshold=threshold)
 
 
 def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
