@@ -9,8 +9,9 @@ cost runs s * K of them per sample: run shares 0, 0.25, 0.5, 0.75 and 1.0. Rows:
 - the on-demand model at each budget (scout, gather, run, scatter, fuse);
 - the on-demand model with `everything=True` (every encoder on every row through the conditional model).
 
-It also times gather + scatter alone at each share, and the ideal: the unconditional time scaled by the share of the
-encoders' FLOPs spent. Interleaved rounds, medians, one thread.
+It also times gather + scatter alone at each share, the ideal (the budget-0% time plus the run share of the encoders'
+time), and a training step of each (every on-demand encoder on every row for the scout, or on a quarter of the rows).
+Interleaved rounds, medians, one thread.
 
     .venv/bin/python benchmarks/conditional.py
 """
@@ -92,6 +93,30 @@ def main() -> None:
 
             routing[share] = median_seconds(route, args.rounds * 3)
 
+    # training: a step of each (forward, the supervised loss with the scout's term, backward)
+    from fusionkit.training.losses import training_loss
+
+    target = torch.softmax(torch.randn(BATCH, 6), dim=1)
+    cheap_rows = fusionkit.build_model({**spec(True, cost), "conditional": {"scout_rows": 0.25}}).train()
+    cheap_rows.load_state_dict(always.state_dict())
+    models = {"today (every encoder always)": always, "on demand, scout_rows 1.0": demand,
+              "on demand, scout_rows 0.25": cheap_rows}
+
+    def train_step(model):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        training_loss(model, model(x), target)[0].backward()
+
+    for model in models.values():
+        train_step(model)
+    train_times = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            train_times[name].append(median_seconds(lambda model=model: train_step(model), 1))
+    train_med = {name: statistics.median(v) for name, v in train_times.items()}
+    always.eval()
+    demand.eval()
+
     full = med["today (every encoder always)"]
     fixed = med["on demand, budget 0%"]  # the always-run encoder, the scout and the fusion
     rows = [["today (every encoder always)", "1.00", f"{full * 1000:.1f}", "1.00", "-"]]
@@ -110,7 +135,7 @@ def main() -> None:
             "config": {"K": K, "input_dim": DIM, "hidden": HIDDEN, "latent": LATENT, "batch": BATCH,
                        "gflops_per_encoder": cost},
             "median_seconds": med, "budgets": data_rows, "routing_seconds": {str(k): v for k, v in routing.items()},
-            "everything_over_today": overhead}
+            "everything_over_today": overhead, "training_step_seconds": train_med}
     routing_text = ", ".join(f"{share:.0%} of rows {seconds * 1000:.2f} ms" for share, seconds in routing.items())
     section = (
         "## Conditional execution: the microbenchmark\n\n"
@@ -122,7 +147,12 @@ def main() -> None:
         "time (the always-run encoder, the scout and the fusion) plus the run share of the encoders' time.\n\n"
         + markdown_table(["system", "run share", "ms per batch", "× today", "speed-up"], rows)
         + f"\n\nWith every encoder kept, the conditional path is {100 * (overhead - 1):+.1f}% against today's "
-        f"unconditional path (target: at most +5%). Gather and scatter alone, for all {K} encoders: {routing_text}.\n"
+        f"unconditional path (target: at most +5%). Gather and scatter alone, for all {K} encoders: {routing_text}.\n\n"
+        "A training step (forward, loss with the scout's term, backward; same batch):\n\n"
+        + markdown_table(["system", "ms per step", "× today"],
+                         [[name, f"{t * 1000:.1f}", f"{t / train_med['today (every encoder always)']:.2f}"]
+                          for name, t in train_med.items()])
+        + "\n\nTarget: a scout model trains in at most 1.5× the time of keep-all.\n"
     )
     write("conditional", data, section)
 
