@@ -307,6 +307,13 @@ def test_the_compute_term_trains_the_gates_own_rule_to_a_mean_cost(halves_store,
     assert spent["budgeted"] < spent["free"] and spent["budgeted"] <= 1.0, spent
 
 
+def test_on_demand_encoders_train_in_bf16(synthetic_store, tmp_path):
+    from fusionkit.training.train import train
+
+    metrics = train(demand_spec(epochs=2, precision="bf16"), synthetic_store, tmp_path / "run", fold=0, progress=False)
+    assert 0.0 < metrics["test"]["compute"]["mean_gflops"] < 4.0
+
+
 def test_a_compute_budget_in_the_spec_is_validated():
     with pytest.raises(SpecError, match=r"conditional.budget_gflops: must be >= 0"):
         load_spec({**demand_spec(), "conditional": {"budget_gflops": -1.0}})

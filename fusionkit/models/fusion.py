@@ -34,8 +34,8 @@ from fusionkit.registry import Registry
 from fusionkit.selection import Selection, gather_slots, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
 
-__all__ = ["FusionOutput", "Encoded", "measure_gflops", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk", "FusionModel", "count_parameters",
-           "decoder_inputs"]
+__all__ = ["FusionOutput", "Encoded", "measure_gflops", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
+           "FusionModel", "count_parameters", "decoder_inputs"]
 
 
 @dataclass
