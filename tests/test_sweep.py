@@ -182,8 +182,6 @@ def test_sweep_reads_a_spec_as_train_does(synthetic_store, tmp_path):
     (tmp_path / "twice.yaml").write_text("latent_dim: {choices: [8]}\nlatent_dim: {choices: [16]}\n")
     with pytest.raises(SpecError, match="duplicate key 'latent_dim'"):
         load_space(tmp_path / "twice.yaml", spec)
-    import tomllib  # noqa: F401 - the spec reader's TOML
-
     (tmp_path / "spec.toml").write_text('latent_dim = 16\n[[encoders]]\nname = "enc0"\ntype = "features"\ndim = 8\n'
                                         '[[encoders]]\nname = "enc1"\ntype = "features"\ndim = 8\n'
                                         '[train]\nepochs = 1\n')
