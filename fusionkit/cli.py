@@ -310,33 +310,20 @@ def _budget_option(args: argparse.Namespace, model, store) -> dict:
     return {"budget": budget}
 
 
-#: The budgets of ``evaluate --budget-curve``: shares of the full cost.
-CURVE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
 def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
     """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything."""
-    import time
-
     from fusionkit.files import atomic_write_text
-    from fusionkit.models.conditional import Budget
-    from fusionkit.progress import progress_bar
-    from fusionkit.training.tasks import task_class
+    from fusionkit.training.tasks import budget_curve
 
     if not model.spec.on_demand:
         from fusionkit.errors import FusionkitError
 
         raise FusionkitError(f"--budget-curve: {args.run[0]} has no on-demand encoder (run: on_demand); every budget "
                              "would run the same encoders")
-    task = task_class(model.spec)
-    points = []
-    for share in progress_bar(CURVE_SHARES, enabled=True, desc="budgets", unit="budget", leave=False):
-        started = time.perf_counter()
-        metrics = task.evaluate_model(model, store, index, budget=Budget(share=share))
-        points.append({"budget_share": share, "score": metrics["score"], "mean_gflops": metrics["compute"]["mean_gflops"],
-                       "seconds": time.perf_counter() - started, "run_rate": metrics["compute"]["run_rate"]})
-        print(f"  budget {share:>4.0%}: Score {metrics['score']:.3f}, {metrics['compute']['mean_gflops']:.4g} GFLOPs per "
-              f"sample, {points[-1]['seconds']:.2f} s")
+    points = budget_curve(model, store, index, progress=True)
+    for p in points:
+        print(f"  budget {p['budget_share']:>4.0%}: Score {p['score']:.3f}, {p['mean_gflops']:.4g} GFLOPs per sample, "
+              f"{p['seconds']:.2f} s")
     out = Path(args.run[0]) / f"budget_curve_{args.split}.json"
     atomic_write_text(out, json.dumps({"split": args.split, "n": int(len(index)), "points": points}, indent=2) + "\n")
     print(f"budget curve written to {out}")

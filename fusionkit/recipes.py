@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["UCI_DIMS", "UCI_LABELS", "FUSION_TRAIN", "baseline", "naive", "best", "selective", "keep_all", "topn",
-           "controls"]
+__all__ = ["UCI_DIMS", "UCI_LABELS", "FUSION_TRAIN", "ON_DEMAND_COSTS", "baseline", "naive", "best", "selective",
+           "keep_all", "on_demand", "topn", "controls"]
 
 UCI_DIMS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
 UCI_LABELS = ["d0", "d1", "d2", "d3", "d4", "d5"]
@@ -74,6 +74,22 @@ def keep_all(seed: int = 0, dims: dict[str, int] = UCI_DIMS, order: str = "fixed
     spec's order (``order="fixed"``: no ranking) or in rank order."""
     return topn(len(dims), "rank_attention", seed=seed, dims=dims, selection="top_n", residual_mean=True,
                 slot_order=order)
+
+
+#: Costs per sample declared for :func:`on_demand` (GFLOPs a deployment would pay to extract these views; for the
+#: demonstration: the UCI files ship them pre-extracted).
+ON_DEMAND_COSTS = {"fac": 1.0, "pix": 2.0}
+
+
+def on_demand(seed: int = 0, dims: dict[str, int] = UCI_DIMS, costs: dict[str, float] = ON_DEMAND_COSTS
+              ) -> dict[str, Any]:
+    """:func:`best` with the views of ``costs`` run on demand at those declared costs: one trained model, any
+    compute budget at inference (docs/conditional.md)."""
+    spec = best(seed, dims)
+    for block in spec["encoders"]:
+        if block["name"] in costs:
+            block.update(run="on_demand", cost_gflops=costs[block["name"]])
+    return spec
 
 
 def controls(seed: int = 0, dims: dict[str, int] = UCI_DIMS) -> dict[str, dict[str, Any]]:

@@ -446,7 +446,8 @@ def _check_same_study(study: Any, storage: Any, spec: dict[str, Any], space: dic
                                  "recorded; give another --study")
         study.set_user_attr(_SPEC_ATTR, resolved)
         study.set_user_attr(_SPACE_ATTR, space)
-        recorded = optuna.load_study(study_name=study.study_name, storage=storage).user_attrs  # a racing start wins or loses here
+        # read back: of two sweeps starting one new study at once, the one whose record was overwritten stops here
+        recorded = optuna.load_study(study_name=study.study_name, storage=storage).user_attrs
     diffs = [f"spec {d}" for d in spec_differences(recorded.get(_SPEC_ATTR), resolved)]
     diffs += [f"space {d}" for d in spec_differences(recorded.get(_SPACE_ATTR), space)]
     if diffs:

@@ -12,6 +12,8 @@ the validation score that selects the best epoch, and the final metrics:
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,14 @@ from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_
 from fusionkit.models.conditional import Budget, fit_threshold, value_per_cost
 from fusionkit.models.fusion import FusionModel, decoder_inputs
 from fusionkit.models.towers import clip_loss, local_clip_loss, retrieval_metrics
+from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec
 from fusionkit.distributed import Dist
 from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 
-__all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary", "fit_mean_budget", "kept_counts", "predictions_for",
+__all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary", "fit_mean_budget", "budget_curve",
+           "CURVE_SHARES", "kept_counts", "predictions_for",
            "write_predictions", "Task", "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class",
            "task_for"]
 
@@ -123,6 +127,23 @@ def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, 
     paid = (costs * available).sum(1) - (costs[demand] * available[:, demand]).sum(1)
     threshold = fit_threshold(values, costs[demand], paid, budget.limit(float(costs.sum())))
     return attrs.evolve(budget, threshold=threshold)
+
+
+#: The budgets of an accuracy-compute curve: shares of the full cost.
+CURVE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def budget_curve(model: FusionModel, store: FeatureStore, index: np.ndarray,
+                 shares: Sequence[float] = CURVE_SHARES, progress: bool = False) -> list[dict[str, Any]]:
+    """Score against mean GFLOPs per sample and wall seconds on the labelled rows ``index``, one point per budget
+    (a cap at each share of the full cost): the accuracy-compute curve of one trained model."""
+    points = []
+    for share in progress_bar(shares, enabled=progress, desc="budgets", unit="budget", leave=False):
+        started = time.perf_counter()
+        metrics = ClassificationTask.evaluate_model(model, store, index, budget=Budget(share=share))
+        points.append({"budget_share": share, "score": metrics["score"], "mean_gflops": metrics["compute"]["mean_gflops"],
+                       "seconds": time.perf_counter() - started, "run_rate": metrics["compute"]["run_rate"]})
+    return points
 
 
 def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
