@@ -21,6 +21,7 @@ Wall clock: the seconds of each evaluation (reading and decoding every image inc
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -32,6 +33,21 @@ from report import RESULTS, machine, markdown_table, write
 
 MEAN_SHARES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
 SIZES = {"cnn_light": [10, 10], "cnn_heavy": [40, 40]}
+
+
+def two_columns(manifest: Path) -> Path:
+    """The images' manifest with the `cnn` column as one column per CNN (a live encoder reads its own column)."""
+    out = manifest.with_name("manifest-two-cnns.csv")
+    if not out.exists():
+        with open(manifest, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        with open(out, "w", newline="") as fh:
+            columns = [c for c in rows[0] if c != "cnn"] + list(SIZES)
+            writer = csv.DictWriter(fh, columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**{k: v for k, v in row.items() if k != "cnn"}, **{name: row["cnn"] for name in SIZES}})
+    return out
 
 
 def specs(seed: int, weights: Path) -> dict[str, dict]:
@@ -107,7 +123,8 @@ def evaluate_scout(run: Path, clean: Path, manifest: Path, fold: int, seed: int)
 def main() -> None:
     args = grid_parser(__doc__, "runs/benchmark-conditional").parse_args()
     work = Path(args.work)
-    clean, manifest = pix_images(args.source, work)
+    clean, pix_manifest = pix_images(args.source, work)
+    manifest = two_columns(pix_manifest)
     weights = work / "cnn-init.safetensors"
     if not weights.exists():
         save_cnn_weights(weights)
