@@ -261,7 +261,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             from fusionkit.errors import DataError
 
             raise DataError(f"{store.path}: the {args.split} samples are not all labelled; evaluate needs labels")
-        metrics = ensemble.evaluate(store, index, budget=args.budget)
+        metrics = ensemble.evaluate(store, index, budget=_ensemble_budget(args, ensemble))
         task = task_class(ensemble.spec)
         out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}{_budget_suffix(args.budget)}.json" \
             if len(args.run) == 1 else None
@@ -308,6 +308,23 @@ def _budget_option(args: argparse.Namespace, model, store) -> dict:
         budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
         print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
     return {"budget": budget}
+
+
+def _ensemble_budget(args: argparse.Namespace, ensemble):
+    """A fold ensemble's ``--budget``: a cap per sample, for models with on-demand encoders."""
+    if args.budget is None:
+        return None
+    from fusionkit.errors import FusionkitError
+    from fusionkit.models.conditional import Budget
+
+    budget = Budget.parse(args.budget)
+    if not ensemble.spec.on_demand:
+        raise FusionkitError(f"--budget {args.budget}: the ensemble's models run every encoder always (no encoder has "
+                             "run: on_demand), so there is no compute to budget")
+    if budget.mean:
+        raise FusionkitError(f"--budget {args.budget}: a mean budget's threshold is fitted per model; give a fold "
+                             "ensemble a cap per sample (e.g. 40%)")
+    return budget
 
 
 def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
@@ -377,7 +394,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if opened is not None:
         ensemble, store = opened
         index = _run_index(Path(args.run[0]), store, args.split)
-        preds = ensemble.predictions(store, index, budget=args.budget)
+        preds = ensemble.predictions(store, index, budget=_ensemble_budget(args, ensemble))
     else:
         model, store = _open_run(args)
         if not task_class(model.spec).predicts:

@@ -317,3 +317,16 @@ def test_on_demand_encoders_train_in_bf16(synthetic_store, tmp_path):
 def test_a_compute_budget_in_the_spec_is_validated():
     with pytest.raises(SpecError, match=r"conditional.budget_gflops: must be >= 0"):
         load_spec({**demand_spec(), "conditional": {"budget_gflops": -1.0}})
+
+
+def test_a_fold_ensemble_takes_a_cap_and_refuses_a_mean_budget(synthetic_store, tmp_path, capsys):
+    from fusionkit.training.train import cross_validate
+
+    cross_validate(demand_spec(epochs=1), synthetic_store, tmp_path / "cv", progress=False)
+    assert main(["evaluate", "--cv", str(tmp_path / "cv"), "--data", str(synthetic_store), "--split", "labelled",
+                 "--budget", "25%"]) == 0
+    metrics = json.loads((tmp_path / "cv" / "evaluation_ensemble_labelled_budget-25pct.json").read_text())
+    assert metrics["compute"]["mean_gflops"] <= 5 * 1.0 + 1e-9  # five models, each within its cap of 1 GFLOP
+    assert main(["evaluate", "--cv", str(tmp_path / "cv"), "--data", str(synthetic_store), "--split", "labelled",
+                 "--budget", "mean:25%"]) == 2
+    assert "a mean budget's threshold is fitted per model" in capsys.readouterr().err
