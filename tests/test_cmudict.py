@@ -1,4 +1,4 @@
-"""Issue 18, part 2: the CMU Pronouncing Dictionary as paired symbol sequences, and an order-aware encoder."""
+"""The cmudict dataset: the CMU Pronouncing Dictionary as paired symbol sequences, and an order-aware encoder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 19 on a CPU-only machine: one device setting for every command, bf16 and fp16 precision, resume across
+"""Devices and precision on a CPU-only machine: one device setting for every command, bf16 and fp16 precision, resume across
 devices, and a clear error for a GPU that is not there. tests/gpu/ checks the GPU itself (make test-gpu)."""
 
 from __future__ import annotations

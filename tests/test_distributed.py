@@ -178,7 +178,7 @@ def test_the_batch_source_prefetches_in_order_and_passes_errors_on():
     assert list(prefetch(make, [])) == []
 
 
-# --- issue 20: two-tower models with negatives from every rank ---------------------------------------------------
+# --- two-tower models with negatives from every rank ---------------------------------------------------
 
 
 def pair_store_for(root):
@@ -241,7 +241,7 @@ def test_gather_rows_without_torchrun_is_the_identity():
     assert gathered is x and offset == 0
 
 
-# --- issue 20: extraction sharded over ranks -------------------------------------------------------------------
+# --- extraction sharded over ranks -------------------------------------------------------------------
 
 
 def test_extraction_on_two_processes_is_byte_identical_and_resumes_from_one(tmp_path, monkeypatch):

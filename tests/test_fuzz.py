@@ -247,7 +247,7 @@ def test_random_checkpoint_metadata_and_specs_give_checkpoint_errors(checkpoint_
     assert torch.isfinite(model(inputs_for(model)).probs).all()
 
 
-# --- raw manifests: random CSV/JSONL bytes, paths and media files (issue 16) ---------------------------------------
+# --- raw manifests: random CSV/JSONL bytes, paths and media files -------------------------------------------------
 
 RAW_EXAMPLES = max(10, EXAMPLES // 6)
 RAW_FUZZ = settings(max_examples=RAW_EXAMPLES, deadline=None, derandomize=True,
@@ -343,7 +343,7 @@ def test_raw_manifests_fail_cleanly_and_write_only_their_output(manifest, confin
     assert set(before) <= set(_listing(outer))  # nothing removed
 
 
-# --- sweep space files (issue 26) ------------------------------------------------------------------------------------
+# --- sweep space files ------------------------------------------------------------------------------------
 
 SPACE_EXAMPLES = max(10, EXAMPLES // 6)
 SPACE_FUZZ = settings(max_examples=SPACE_EXAMPLES, deadline=None, derandomize=True,
@@ -416,7 +416,7 @@ def test_random_space_files_are_refused_naming_the_file_or_sweep_within_their_fo
     assert all(p.startswith("out") for p in written), written
 
 
-# --- damaged BlEmoRE releases (issue 26) -------------------------------------------------------------------------
+# --- damaged BlEmoRE releases -------------------------------------------------------------------------
 
 RELEASE_EXAMPLES = max(10, EXAMPLES // 6)
 RELEASE_FUZZ = settings(max_examples=RELEASE_EXAMPLES, deadline=None, derandomize=True,

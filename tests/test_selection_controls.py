@@ -1,4 +1,4 @@
-"""Issue 22: the controls that isolate selection (slot order) and the regimes where it should pay."""
+"""Selection controls: the controls that isolate selection (slot order) and the regimes where it should pay."""
 
 from __future__ import annotations
 

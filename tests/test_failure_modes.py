@@ -1,6 +1,6 @@
-"""Issue 16: nothing lost and nothing silently wrong on raw manifests, extraction, resume and the plugin road.
+"""Failure modes of raw manifests, extraction, resume and the plugin road: nothing lost and nothing silently wrong.
 
-Each test here fails without the fix it names (the issue's item number is in its docstring).
+Each test names the failure it guards against: a bad input gets one clear error, a crash window recovers.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
     return path
 
 
-# --- item 4: the CSV reader -------------------------------------------------------------------------------
+# --- the CSV reader -------------------------------------------------------------------------------
 
 
 def test_a_quoted_line_break_and_comma_stay_in_their_cell(tmp_path):
-    """Item 4: the csv module parses the file itself, so a quoted newline is not dropped."""
+    """the csv module parses the file itself, so a quoted newline is not dropped."""
     manifest = read_manifest(write(tmp_path / "m.csv", 'id,labels,text\ns1,a,"hello\nworld"\ns2,b,"x, y"\n'), LABELS)
     assert manifest.columns["text"] == ["hello\nworld", "x, y"]
 
@@ -41,27 +41,27 @@ def test_a_quoted_line_break_and_comma_stay_in_their_cell(tmp_path):
     ("s2,b", r"m.csv:3: 2 cells where the header has 3"),
 ])
 def test_a_row_with_extra_or_missing_cells_is_refused_by_line(tmp_path, row, message):
-    """Item 4: an unquoted comma no longer truncates the cell to 'hello'."""
+    """an unquoted comma no longer truncates the cell to 'hello'."""
     with pytest.raises(DataError, match=message):
         read_manifest(write(tmp_path / "m.csv", f"id,labels,text\ns1,a,x\n{row}\n"), LABELS)
 
 
 @pytest.mark.parametrize("header", ["id,labels,text,text", "id,id,labels,text"])
 def test_a_duplicate_header_name_is_refused(tmp_path, header):
-    """Item 4: a duplicate column (a duplicate id included) was last-wins."""
+    """a duplicate column (a duplicate id included) was last-wins."""
     cells = ",".join(["s1", "a", "x", "y"][: len(header.split(","))])
     with pytest.raises(DataError, match=r"names column\(s\) \['(text|id)'\] more than once"):
         read_manifest(write(tmp_path / "m.csv", f"{header}\n{cells}\n"), LABELS)
 
 
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
-    """Item 4: Excel's "CSV UTF-8" starts with a BOM; the first column was read as '\\ufeffid'."""
+    """Excel's "CSV UTF-8" starts with a BOM; the first column was read as '\\ufeffid'."""
     manifest = read_manifest(write(tmp_path / "m.csv", "id,labels,text\ns1,a,x\n", "utf-8-sig"), LABELS)
     assert manifest.ids == ["s1"]
 
 
 def test_a_cell_over_128_kb_is_read(tmp_path):
-    """Item 12: the csv module's 128 KiB cell limit gave a raw _csv.Error."""
+    """the csv module's 128 KiB cell limit gave a raw _csv.Error."""
     long = "word " * 40_000
     manifest = read_manifest(write(tmp_path / "m.csv", f"id,labels,text\ns1,a,{long}\n"), LABELS)
     assert manifest.columns["text"] == [long]
@@ -70,12 +70,12 @@ def test_a_cell_over_128_kb_is_read(tmp_path):
     assert csv.field_size_limit() == 131072  # the process-wide limit is left as it was
 
 
-# --- item 5: domains ----------------------------------------------------------------------------------------
+# --- domains ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_a_domain_typo_is_refused_naming_the_row(tmp_path, suffix):
-    """Item 5: 'domain: Source' silently removed its rows from training."""
+    """'domain: Source' silently removed its rows from training."""
     if suffix == ".csv":
         path = write(tmp_path / "m.csv", "id,labels,domain,text\ns1,a,source,x\ns2,b,Source,y\n")
     else:
@@ -86,18 +86,18 @@ def test_a_domain_typo_is_refused_naming_the_row(tmp_path, suffix):
 
 
 def test_a_store_index_with_an_unknown_domain_is_refused(tmp_path):
-    """Item 5, stores: the same check guards the index that write_store and open_store read."""
+    """Stores: the same check guards the index that write_store and open_store read."""
     from fusionkit.data.store import Sample, write_store
 
     with pytest.raises(DataError, match="domain 'tgt' is not one of"):
         write_store(tmp_path / "s", LABELS, [Sample(id="x", domain="tgt")], {"f": np.zeros((1, 2), np.float32)})
 
 
-# --- item 13: linear duplicate check --------------------------------------------------------------------------
+# --- linear duplicate check --------------------------------------------------------------------------
 
 
 def test_a_large_manifest_with_one_duplicate_is_rejected_quickly(tmp_path):
-    """Item 13: 100k rows with one duplicate took 133 s (quadratic). Measured against a clean read of the same
+    """100k rows with one duplicate took 133 s (quadratic). Measured against a clean read of the same
     file in the same process, so the test holds on any machine: the rejection costs about as much as the read."""
     rows = [f"s{i},a,t{i}" for i in range(200_000)]
     clean = write(tmp_path / "clean.csv", "id,labels,text\n" + "\n".join(rows) + "\n")
@@ -111,11 +111,11 @@ def test_a_large_manifest_with_one_duplicate_is_rejected_quickly(tmp_path):
     assert time.perf_counter() - started < 3 * read_time + 1.0
 
 
-# --- item 8 and the path rule: which paths are read ----------------------------------------------------------
+# --- the path rule: which paths are read ----------------------------------------------------------
 
 
 def test_a_fifo_is_refused_not_opened(raw_images):
-    """Item 8: a FIFO named x.png hung extract and train forever; only regular files and folders are read."""
+    """a FIFO named x.png hung extract and train forever; only regular files and folders are read."""
     from fusionkit.data.extract import extract
 
     fifo = raw_images / "img" / "s05.png"
@@ -156,11 +156,11 @@ def test_confine_from_the_command_line(raw_images, tmp_path_factory, capsys):
     assert not (raw_images / "out").exists()
 
 
-# --- item 9: decoders that raise something else ----------------------------------------------------------------
+# --- decoders that raise something else ----------------------------------------------------------------
 
 
 def test_a_decompression_bomb_is_a_clear_error(raw_images):
-    """Item 9: a PNG claiming 20000x20000 gave a raw DecompressionBombError traceback."""
+    """a PNG claiming 20000x20000 gave a raw DecompressionBombError traceback."""
     import struct
     import zlib
 
@@ -176,7 +176,7 @@ def test_a_decompression_bomb_is_a_clear_error(raw_images):
                 progress=False)
 
 
-# --- items 6 and 7: extraction shards and one writer ------------------------------------------------------------
+# --- extraction shards and one writer ------------------------------------------------------------
 
 
 class Killed(Exception):
@@ -204,7 +204,7 @@ def _interrupted_extraction(raw_images, monkeypatch, shards_written: int = 1, sh
 
 
 def test_a_truncated_shard_is_refused_by_name(raw_images, monkeypatch):
-    """Item 6: a truncated shard gave a raw traceback when the store was assembled."""
+    """a truncated shard gave a raw traceback when the store was assembled."""
     from fusionkit.data.extract import extract
 
     partial = _interrupted_extraction(raw_images, monkeypatch)
@@ -218,7 +218,7 @@ def test_a_truncated_shard_is_refused_by_name(raw_images, monkeypatch):
 
 
 def test_a_shard_copied_over_another_is_refused(raw_images, monkeypatch):
-    """Item 6: a shard copied over another gave a silently wrong store; each shard's ids are now checked."""
+    """a shard copied over another gave a silently wrong store; each shard's ids are now checked."""
     from fusionkit.data.extract import extract
 
     partial = _interrupted_extraction(raw_images, monkeypatch, shards_written=2)
@@ -235,7 +235,7 @@ def test_a_shard_copied_over_another_is_refused(raw_images, monkeypatch):
 
 
 def test_an_empty_leftover_partial_folder_does_not_block(raw_images):
-    """Item 7: an empty, unmarked OUT.partial (what a lost race used to leave) is replaced, not refused."""
+    """an empty, unmarked OUT.partial (what a lost race used to leave) is replaced, not refused."""
     from fusionkit.data.extract import extract
 
     (raw_images / "out.partial").mkdir()
@@ -244,7 +244,7 @@ def test_an_empty_leftover_partial_folder_does_not_block(raw_images):
 
 
 def test_a_held_extraction_lock_is_refused_with_a_clear_error(raw_images, monkeypatch):
-    """Item 7: the second writer is refused at once, and the first one's partial folder is untouched."""
+    """the second writer is refused at once, and the first one's partial folder is untouched."""
     from fusionkit.files import exclusive_lock
 
     partial = _interrupted_extraction(raw_images, monkeypatch, shards_written=0, shard_batches=8)  # the CLI's default
@@ -265,14 +265,14 @@ def _spec_file(root: Path) -> Path:
     return spec
 
 
-# --- items 1-3: what a run's restart may lose or silently change -----------------------------------------------
+# --- what a run's restart may lose or silently change -----------------------------------------------
 
 from test_distill import pair_store, teacher_run, tower_spec  # noqa: E402,F401 - fixtures used by name
 from test_distributed import close, ddp_spec, torchrun  # noqa: E402
 
 
 def test_overwrite_with_a_bad_teacher_keeps_the_previous_run(teacher_run, pair_store, tmp_path):
-    """Item 1: a wrong distill.teacher with --overwrite left only the lock file of the previous run."""
+    """a wrong distill.teacher with --overwrite left only the lock file of the previous run."""
     from fusionkit.errors import CheckpointError
     from fusionkit.training.train import train
 
@@ -289,7 +289,7 @@ def test_overwrite_with_a_bad_teacher_keeps_the_previous_run(teacher_run, pair_s
 
 
 def test_resume_against_a_retrained_teacher_is_refused(teacher_run, pair_store, tmp_path, monkeypatch):
-    """Item 2: a student killed, its teacher changed, then --resume: it went on against another teacher."""
+    """a student killed, its teacher changed, then --resume: it went on against another teacher."""
     import shutil
 
     from fusionkit.errors import CheckpointError
@@ -337,7 +337,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(synthetic_store, tmp_path):
-    """Item 3: only rank 0's random state was saved and every rank restored it, so with dropout the resumed run
+    """only rank 0's random state was saved and every rank restored it, so with dropout the resumed run
     differed from its first resumed epoch on. Then a resume on another world size: a warning, and run.json says so."""
     import signal
 
@@ -404,7 +404,7 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
     assert json.loads((run / "run.json").read_text())["world_size"] == 1
 
 
-# --- items 10 and 11: audio too long or too short ---------------------------------------------------------------
+# --- audio too long or too short ---------------------------------------------------------------
 
 from test_live import wavlm_dir  # noqa: E402,F401 - fixture used by name
 
@@ -417,7 +417,7 @@ def _wav_encoder(wavlm_dir, **options):
 
 
 def test_a_long_wav_is_refused_or_cropped_as_configured(wavlm_dir, tmp_path):
-    """Item 10: a 10-minute WAV tried to allocate 1.8 TB; now a documented maximum duration applies."""
+    """a 10-minute WAV tried to allocate 1.8 TB; now a documented maximum duration applies."""
     import soundfile
 
     soundfile.write(tmp_path / "long.wav", np.zeros(16000 * 3, np.float32), 16000)  # 3 s
@@ -431,7 +431,7 @@ def test_a_long_wav_is_refused_or_cropped_as_configured(wavlm_dir, tmp_path):
 
 @pytest.mark.parametrize("samples", [0, 5])
 def test_a_wav_too_short_for_the_model_is_refused_not_stored_as_zeros(wavlm_dir, tmp_path, samples):
-    """Item 11: a WAV of 0 or 5 samples was stored as an all-zero feature, or gave a raw traceback."""
+    """a WAV of 0 or 5 samples was stored as an all-zero feature, or gave a raw traceback."""
     import soundfile
 
     from fusionkit.data.extract import extract
@@ -447,11 +447,11 @@ def test_a_wav_too_short_for_the_model_is_refused_not_stored_as_zeros(wavlm_dir,
     assert not (tmp_path / "out").exists()
 
 
-# --- item 14: two-tower runs through evaluate, predict and report -----------------------------------------------
+# --- two-tower runs through evaluate, predict and report -----------------------------------------------
 
 
 def test_evaluate_predict_and_report_on_a_two_tower_run(teacher_run, pair_store, tmp_path, capsys):
-    """Item 14: evaluate and predict gave a raw AttributeError on a two-tower run, report a misleading error."""
+    """evaluate and predict gave a raw AttributeError on a two-tower run, report a misleading error."""
     from fusionkit.cli import main
 
     run = teacher_run[0]
@@ -470,7 +470,7 @@ def test_evaluate_predict_and_report_on_a_two_tower_run(teacher_run, pair_store,
     assert (run / "report" / "retrieval.png").stat().st_size > 1000
 
 
-# --- item 15: top-p bounds --------------------------------------------------------------------------------------
+# --- top-p bounds --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("gate, message", [
@@ -479,7 +479,7 @@ def test_evaluate_predict_and_report_on_a_two_tower_run(teacher_run, pair_store,
     ({"max_n": 5}, r"gate.max_n: 5 is more than the 3 encoder\(s\) the gate ranks"),
 ])
 def test_top_p_bounds_that_cannot_hold_are_refused(gate, message):
-    """Item 15: min_n > max_n, or > the number of encoders, was accepted and clamped silently."""
+    """min_n > max_n, or > the number of encoders, was accepted and clamped silently."""
     from conftest import tiny_spec
 
     from fusionkit.errors import SpecError
@@ -493,11 +493,11 @@ def test_top_p_bounds_that_cannot_hold_are_refused(gate, message):
     load_spec(spec)
 
 
-# --- item 16: plugin descriptions ---------------------------------------------------------------------------------
+# --- plugin descriptions ---------------------------------------------------------------------------------
 
 
 def test_plugins_shows_each_registered_description(capsys):
-    """Item 16: `fusionkit plugins` never showed the description= a plugin registers."""
+    """`fusionkit plugins` never showed the description= a plugin registers."""
     from fusionkit.cli import main
 
     assert main(["plugins"]) == 0
@@ -508,11 +508,11 @@ def test_plugins_shows_each_registered_description(capsys):
     assert rows["example_encoder"]["provides"] == {"encoder": ["example_mlp"]}
 
 
-# --- item 17: lists are strict -----------------------------------------------------------------------------------
+# --- lists are strict -----------------------------------------------------------------------------------
 
 
 def test_a_string_is_not_split_into_a_list_and_bad_items_are_shown(tmp_path, capsys):
-    """Item 17: `--set classes=abc` became ['a','b','c'], and an element's type error hid the value."""
+    """`--set classes=abc` became ['a','b','c'], and an element's type error hid the value."""
     from fusionkit.cli import main
 
     assert main(["data", "build", "synthetic", "--out", str(tmp_path / "s"), "--set", "noise=abc"]) == 2
@@ -524,11 +524,11 @@ def test_a_string_is_not_split_into_a_list_and_bad_items_are_shown(tmp_path, cap
     assert not (tmp_path / "s.partial").exists()
 
 
-# --- item 19: a disabled plugin's checkpoint ----------------------------------------------------------------------
+# --- a disabled plugin's checkpoint ----------------------------------------------------------------------
 
 
 def test_a_checkpoint_of_a_disabled_plugin_says_how_to_enable_it(tmp_path, monkeypatch):
-    """Item 19: load_model under FUSIONKIT_DISABLE_PLUGINS said 'no installed plugin provides ... Install'."""
+    """load_model under FUSIONKIT_DISABLE_PLUGINS said 'no installed plugin provides ... Install'."""
     from fusionkit import plugins
     from fusionkit.errors import CheckpointError
     from fusionkit.models.factory import build_model, load_model
@@ -545,11 +545,11 @@ def test_a_checkpoint_of_a_disabled_plugin_says_how_to_enable_it(tmp_path, monke
     assert "Install" not in message and "is gate" not in message
 
 
-# --- item 20: ACC_salience without blends ------------------------------------------------------------------------
+# --- ACC_salience without blends ------------------------------------------------------------------------
 
 
 def test_acc_salience_is_not_applicable_without_blends():
-    """Item 20: a split without blends reported ACC_salience 0.000, which halved Score."""
+    """a split without blends reported ACC_salience 0.000, which halved Score."""
     from fusionkit.metrics import blemore_scores
 
     truth = {"x": [{"emotion": "hap", "salience": 100.0}], "y": [{"emotion": "sad", "salience": 100.0}]}
@@ -562,7 +562,7 @@ def test_acc_salience_is_not_applicable_without_blends():
 
 
 def test_a_run_without_blends_writes_null_and_prints_n_a(tmp_path, capsys):
-    """Item 20, end to end: metrics.json holds null, the terminal and the report say n/a."""
+    """End to end: metrics.json holds null, the terminal and the report say n/a."""
     from fusionkit.cli import main
     from fusionkit.components.datasets import build_dataset
 
@@ -580,11 +580,11 @@ def test_a_run_without_blends_writes_null_and_prints_n_a(tmp_path, capsys):
     assert "| n/a |" in (tmp_path / "run" / "report" / "summary.md").read_text()
 
 
-# --- item 21: scaffolding every kind -----------------------------------------------------------------------------
+# --- scaffolding every kind -----------------------------------------------------------------------------
 
 
 def test_plugin_new_makes_every_kind_and_each_one_works(tmp_path, monkeypatch, capsys):
-    """Item 21: `plugin new` made encoders only, and its hint `pip install NAME` would search the index."""
+    """`plugin new` made encoders only, and its hint `pip install NAME` would search the index."""
     import importlib
 
     import fusionkit
@@ -621,11 +621,11 @@ def test_plugin_new_makes_every_kind_and_each_one_works(tmp_path, monkeypatch, c
     assert {"distill_my_distill_loss"} <= set(log) and metrics["test"]["n"] > 0
 
 
-# --- item 22: spec and label hints --------------------------------------------------------------------------------
+# --- spec and label hints --------------------------------------------------------------------------------
 
 
 def test_spec_validate_warns_of_a_missing_teacher(tmp_path, capsys):
-    """Item 22: `spec validate` accepted a distill.teacher that does not exist."""
+    """`spec validate` accepted a distill.teacher that does not exist."""
     from fusionkit.cli import main
 
     spec = {"encoders": [{"name": "a", "type": "features", "dim": 3}],
@@ -636,7 +636,7 @@ def test_spec_validate_warns_of_a_missing_teacher(tmp_path, capsys):
 
 
 def test_a_label_mismatch_says_which_labels_to_write(tmp_path, uci_source):
-    """Item 22: docs/training.md's command failed on label names with no hint."""
+    """docs/training.md's command failed on label names with no hint."""
     from fusionkit.components.datasets import build_dataset
     from fusionkit.spec import load_spec
     from fusionkit.training.train import spec_store
