@@ -510,7 +510,7 @@ def sweep(spec: str | os.PathLike | Mapping[str, Any], data: str | os.PathLike, 
             for future in [pool.submit(_run_worker, attrs.evolve(worker, seed=seed + 1000 * (i + 1), threads=threads))
                            for i in range(jobs)]:
                 future.result()
-    study = optuna.load_study(study_name=study_name, storage=_storage(storage, out, heartbeat))
+    study = optuna.load_study(study_name=study_name, storage=opened)
     _fail_dead_trials(study)
     summary = _summarize(study, spec, space_map, out)
     if summary["failed"] and not summary["complete"] and not summary["pruned"]:

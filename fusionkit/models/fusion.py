@@ -34,7 +34,7 @@ from fusionkit.registry import Registry
 from fusionkit.selection import Selection, gather_slots, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
 
-__all__ = ["FusionOutput", "Encoded", "measure_gflops", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
+__all__ = ["FusionOutput", "Encoded", "measure_gflops", "has_batch_norm", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
            "FusionModel", "count_parameters", "decoder_inputs"]
 
 
@@ -186,8 +186,9 @@ class Encoded:
     available: torch.Tensor | None = None
 
 
-def _has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+def has_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` holds a batch-norm layer in training mode (one that cannot normalise a single row)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules())
 
 
 def measure_gflops(encoder: LiveEncoder) -> float | None:
@@ -308,9 +309,10 @@ class Trunk(nn.Module):
             ) + self.identity
             if mask is not None:
                 mask = mask.to(device=tokens.device, dtype=torch.bool)
-            ran = None if not self.on_demand else (torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-                                                   if mask is None else mask)
-            return self._fuse(tokens, mask, ran, {})
+            if not self.on_demand:
+                return self._fuse(tokens, mask, None, None, {})
+            ran = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
+            return self._fuse(tokens, mask, ran, self.cost_vector(tokens.device), {})
         return self._encode_on_demand(inputs, lengths, mask, budget)
 
     def _encode_on_demand(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor],
@@ -359,7 +361,7 @@ class Trunk(nn.Module):
             if len(rows) == batch:  # every row: nothing to gather or scatter
                 columns[k] = self.projectors[name](self.encoders[name](inputs[name], lengths.get(name)))
                 continue
-            if len(rows) == 1 and self.training and batch > 1 and _has_batch_norm(self.encoders[name]):
+            if len(rows) == 1 and batch > 1 and has_batch_norm(self.encoders[name]):
                 # batch norm cannot normalise one row in training: a second row runs beside it, unused (not `ran`)
                 rows = torch.stack([rows[0], (rows[0] + 1) % batch])
             value = self.projectors[name](self.encoders[name](gather_rows(inputs[name], rows),
@@ -372,20 +374,20 @@ class Trunk(nn.Module):
         if every.any() and not self.gate.supervision:  # with rank supervision, its target teaches the scout
             full_scores = self.gate.score(tokens[every], computed[every])
             aux["scout"] = self.conditional.scout_weight * scout_loss(scout_scores[every], full_scores, present[every])
-        encoded = self._fuse(tokens, ran, ran, aux)
+        encoded = self._fuse(tokens, ran, ran, costs, aux)
         encoded.computed, encoded.scout_scores, encoded.scout_rows = computed, scout_scores, every
         encoded.available = present
         return encoded
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
-              aux: dict[str, torch.Tensor]) -> Encoded:
+              costs: torch.Tensor | None, aux: dict[str, torch.Tensor]) -> Encoded:
         selection = self.gate(tokens, mask)
         fused = self.fusion(gather_slots(tokens, selection), selection.weights, selection.slot_mask)
         if self.residual is not None:
             present = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
             mean = (tokens * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True).clamp_min(1)
             fused = fused + self.residual(mean)
-        cost = None if ran is None else (ran.double() * self.cost_vector(tokens.device)).sum(1)
+        cost = None if ran is None else (ran.double() * costs).sum(1)
         return Encoded(tokens, selection, fused, mask, ran, cost, aux)
 
     @torch.no_grad()

@@ -167,7 +167,8 @@ class FoldEnsemble:
     def outputs(self, store: FeatureStore, index: np.ndarray, budget: Any = None) -> dict[str, np.ndarray]:
         """The models' probabilities (every decoder input) averaged over the models; with ``budget``, each model's
         on-demand encoders within it (the cost is then the models' summed cost)."""
-        if Budget.parse(budget) is not None and Budget.parse(budget).mean:
+        budget = Budget.parse(budget)
+        if budget is not None and budget.mean:
             raise FusionkitError(f"budget {budget}: a mean budget's threshold is fitted per model; give an ensemble a "
                                  "cap per sample (e.g. 40%)")
         each = [collect_outputs(model, store, index, budget=budget) for model in self.models]

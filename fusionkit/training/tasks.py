@@ -82,8 +82,7 @@ def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_s
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
         rows = index[start : start + batch_size]
-        out = model(*store.inputs_for(model, rows), budget=budget) if budget is not None else \
-            model(*store.inputs_for(model, rows))
+        out = model(*store.inputs_for(model, rows), budget=budget)
         arrays = decoder_inputs(out)
         bad = ~np.isfinite(arrays["probs"]).all(axis=1)
         if bad.any():

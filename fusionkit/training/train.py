@@ -38,7 +38,7 @@ from fusionkit.devices import device_name, resolve_device
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.files import atomic_write_text
 from fusionkit.models.factory import build_model, load_checkpoint
-from fusionkit.models.fusion import FusionModel
+from fusionkit.models.fusion import FusionModel, has_batch_norm
 from fusionkit.moved import moved_names
 from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
@@ -356,7 +356,7 @@ class Trainer:
         size = self.spec.train.batch_size
         bounds = [(start, min(start + size, len(order))) for start in range(0, len(order), size)]
         last = bounds[-1][1] - bounds[-1][0] if bounds else 0
-        if len(bounds) > 1 and last < 2 * self.dist.world_size and _has_batch_norm(model):
+        if len(bounds) > 1 and last < 2 * self.dist.world_size and has_batch_norm(model):
             bounds[-2:] = [(bounds[-2][0], len(order))]
 
         def assemble(bound: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -451,10 +451,6 @@ def _resumable(spec: Spec) -> dict[str, Any]:
     data["decoder"] = None
     data["train"] = {k: v for k, v in data["train"].items() if k != "device"}
     return data
-
-
-def _has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
 def prefetch(make: Callable[[Any], Any], keys: Sequence[Any]) -> Iterator[Any]:
