@@ -17,9 +17,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from fusionkit import moved
 from fusionkit.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+moved.install()  # the old import paths of CHANGELOG.md
 
 _LAZY = {
     "load_spec": "fusionkit.spec",

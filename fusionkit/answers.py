@@ -15,7 +15,12 @@ import numpy as np
 
 from fusionkit.errors import DataError
 
-__all__ = ["Prediction", "parse_blemore_name", "to_matrix", "from_order", "order_to_matrix", "align"]
+__all__ = ["BLEMORE_LABELS", "RATIOS", "Prediction", "parse_blemore_name", "to_matrix", "from_order", "order_to_matrix", "align"]
+
+#: The BlEmoRE labels, in the official order (a spec's default ``labels``).
+BLEMORE_LABELS = ("ang", "disg", "fea", "hap", "sad", "neu")
+#: The salience pairs a blend of two emotions takes.
+RATIOS = ((50, 50), (70, 30), (30, 70))
 
 Prediction = list[dict[str, Any]]
 

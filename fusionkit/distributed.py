@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusionkit.plugins import get_registry
 from fusionkit.selection import slot_count
 
 __all__ = ["Dist", "setup", "unused_parameters_possible", "wrap"]
@@ -255,9 +256,10 @@ def unused_parameters_possible(spec: Any, missing_encoders: bool = False) -> boo
     """Can a training step leave some parameters without gradient? (DDP's ``find_unused_parameters``)
 
     Hard top-n routing keeps ``top_n`` of K encoders per sample; an encoder no sample of a
-    batch keeps gets no gradient through the fusion. Only an attention gate (whose scores of
-    kept encoders depend on every token) or rank supervision (every token predicts the labels)
-    reaches every projector anyway. A missing encoder (masked) is never used. ``static_graph``
+    batch keeps gets no gradient through the fusion. Only a gate whose class says it reaches
+    every encoder (:attr:`~fusionkit.interfaces.Gate.reaches_every_encoder`: attention, whose
+    scores of kept encoders depend on every token) or rank supervision (every token predicts
+    the labels) reaches every projector anyway. A missing encoder (masked) is never used. ``static_graph``
     is wrong here for the same reason: which parameters are used changes from step to step.
     """
     if spec.on_demand:  # a step may give an on-demand encoder no rows at all
@@ -265,8 +267,9 @@ def unused_parameters_possible(spec: Any, missing_encoders: bool = False) -> boo
     gates = [spec.gate] if not spec.towers else [t.gate for t in spec.towers.values()]
     counts = [len(spec.encoders)] if not spec.towers else [len(t.encoders) for t in spec.towers.values()]
     for gate, k in zip(gates, counts):
-        selective = slot_count(gate.config, k) < k or getattr(gate.config, "selection", "top_n") == "top_p"
-        if selective and gate.type != "attention" and not gate.config.supervision:
+        selective = slot_count(gate.config, k) < k or gate.config.selection == "top_p"
+        reaches_every_encoder = get_registry().get("gate", gate.type).factory.reaches_every_encoder
+        if selective and not reaches_every_encoder and not gate.config.supervision:
             return True
     return missing_encoders
 

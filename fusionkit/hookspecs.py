@@ -72,8 +72,9 @@ def register_distill_losses(register):
 def register_datasets(register):
     """Register datasets: builders of feature stores.
 
-    A dataset factory takes only its config and returns an object with
-    ``build(out_dir, overwrite=False) -> Path`` that writes a feature store.
+    A dataset factory takes only its config and returns a :class:`fusionkit.interfaces.Dataset`, whose
+    ``generate()`` gives its samples and features and ``labels()`` its labels;
+    ``fusionkit.components.datasets.build_dataset`` (and ``fusionkit data build``) writes them as a store.
     """
 
 

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusionkit.answers import Prediction
+from fusionkit.answers import BLEMORE_LABELS, Prediction
 from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.devices import full_precision
 from fusionkit.selection import Selection, in_encoder_order, select_top_n, select_top_p, slot_count
-from fusionkit.spec import BLEMORE_LABELS
 
 __all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "restoring", "restoring_checkpoint",
            "freeze_stages", "GateConfig", "Gate", "Fusion", "Head", "Combiner", "Decoder", "Dataset", "DOMAINS",
@@ -67,6 +66,16 @@ class Encoder(nn.Module):
     """
 
     out_dim: int
+    #: A pooling of fixed inputs (``"stats7"``) that a data source may compute once per sample, handing the
+    #: encoder the pooled vector instead of the sequence; None: the encoder reads its inputs as they are.
+    precomputed_pooling: str | None = None
+    #: Whether the encoder standardises its inputs with statistics fitted on the training rows
+    #: (``data.standardize``), through :meth:`set_standardization`.
+    standardizes_inputs: bool = False
+
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor, domain: str = "source") -> None:
+        """Use ``mean`` and ``std`` ``[D]`` (of ``domain``'s training rows) to standardise the inputs."""
+        raise NotImplementedError(f"{type(self).__name__} does not standardise its inputs (standardizes_inputs)")
 
 
 @attrs.frozen(kw_only=True)
@@ -218,6 +227,10 @@ class Gate(nn.Module):
     #: contract that lets the gate scout for on-demand encoders (docs/conditional.md). Gates that score each
     #: token from its own content alone leave it False.
     scouts: bool = False
+    #: Whether a step's loss reaches every encoder's parameters through :meth:`score`, whichever encoders the
+    #: samples keep: True when the scores of the kept tokens read every token (attention). Under torchrun, DDP
+    #: then need not look for parameters without a gradient.
+    reaches_every_encoder: bool = False
 
     def __init__(self, config: GateConfig) -> None:
         super().__init__()

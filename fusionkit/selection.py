@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -135,9 +136,10 @@ def in_encoder_order(selection: Selection) -> Selection:
                      selection.slot_mask.gather(1, order), None, selection.balance_loss)
 
 
-def slot_count(config: object, encoders: int) -> int:
-    """How many rank-ordered slots a gate config fills: ``top_n``, or ``max_n`` (0: every encoder) for top-p."""
-    if getattr(config, "selection", "top_n") == "top_p":
+def slot_count(config: Any, encoders: int) -> int:
+    """How many rank-ordered slots a gate config (a :class:`~fusionkit.interfaces.GateConfig`) fills: ``top_n``,
+    or ``max_n`` (0: every encoder) for top-p."""
+    if config.selection == "top_p":
         return min(config.max_n or encoders, encoders)
     return config.top_n
 

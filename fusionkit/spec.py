@@ -20,9 +20,11 @@ import attrs
 import yaml
 
 from fusionkit import config as cfg
+from fusionkit.answers import BLEMORE_LABELS
 from fusionkit.config import key_text, non_negative, option, positive, seed_range, short_repr, unit_interval
 from fusionkit.errors import DuplicateComponentError, SpecError, UnknownComponentError
 from fusionkit.files import atomic_write_text
+from fusionkit.interfaces import Gate, GateConfig
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
 from fusionkit.yaml_reader import load_yaml
@@ -33,7 +35,6 @@ __all__ = ["SPEC_VERSION", "BLEMORE_LABELS", "HEAD_ROLES", "ENCODER_NAME", "MAX_
            "DISTILL_PRESETS", "structure_component", "spec_differences"]
 
 SPEC_VERSION = 1
-BLEMORE_LABELS = ("ang", "disg", "fea", "hap", "sad", "neu")
 HEAD_ROLES = ("presence", "salience")
 #: Encoder names key model inputs, module names and feature files: a letter, then letters,
 #: digits, ``_`` or ``-`` (64 at most).
@@ -457,8 +458,7 @@ def _check_conditional(values: dict[str, Any], registry: Registry, problems: lis
                         "encoder of each tower")
     gate = values["gate"]
     if gate is not None:
-        factory = registry.get("gate", gate.type).factory
-        if not getattr(factory, "scouts", False):  # Gate.scouts, declared by the gate's class
+        if not registry.get("gate", gate.type).factory.scouts:
             problems.append(f"gate.type: gate {gate.type!r} cannot score an encoder before it runs (it needs every "
                             f"token), so encoders[{demand[0]}] cannot be on_demand; use a scout gate (attention, "
                             "static) or run every encoder always")
@@ -516,7 +516,7 @@ def _structure_towers(blocks: Any, encoders: tuple[EncoderSpec, ...], registry: 
 
 def _check_gate_counts(gate: Component | None, encoders: int, path: str, problems: list[str]) -> None:
     """top-p's min_n and max_n must fit each other and the encoders (they were clamped silently)."""
-    if gate is None or getattr(gate.config, "selection", "top_n") != "top_p" or not encoders:
+    if gate is None or gate.config.selection != "top_p" or not encoders:
         return
     min_n, max_n = gate.config.min_n, gate.config.max_n
     if max_n and min_n > max_n:
@@ -603,9 +603,21 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
     except (UnknownComponentError, DuplicateComponentError) as exc:
         problems.append(f"{path}.type: {exc}")
         return None
+    if kind == "gate" and not _is_gate(reg.factory, reg.config):
+        problems.append(f"{path}.type: gate {name!r} ({reg.provider.describe()}) registers {reg.factory!r} with config "
+                        f"{reg.config.__name__}; a gate must be a subclass of fusionkit.interfaces.Gate with a config "
+                        "that derives from GateConfig (see docs/writing-a-plugin.md). Fix the plugin, or block it "
+                        "with FUSIONKIT_DISABLE_PLUGINS")
+        return None
     options = {k: v for k, v in block.items() if k != "type"}
     config = cfg.structure(reg.config, options, path, problems)
     return None if config is None else Component(name, config)
+
+
+def _is_gate(factory: Any, config: type) -> bool:
+    """The gate contract: the class says whether it scouts and what its gradients reach; the config says what
+    is kept."""
+    return isinstance(factory, type) and issubclass(factory, Gate) and issubclass(config, GateConfig)
 
 
 def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from fusionkit import plugins
+#: One torch thread per process: the suite runs on pytest-xdist workers (`make test`: two), and a worker, the
+#: commands it starts (CLI runs, torchrun ranks, sweep workers) and its neighbour then share the cores instead of
+#: contending for them. Measured in docs/maintainers.md#the-test-suite.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from fusionkit import plugins  # noqa: E402
 
 ENV_VARS = ("FUSIONKIT_PLUGINS", "FUSIONKIT_DISABLE_PLUGINS", "FUSIONKIT_STRICT_PLUGINS")
 

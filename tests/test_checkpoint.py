@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import fusionkit
 from fusionkit import build_model, load_model, plugins
 from fusionkit.checkpoint import METADATA_FILE, WEIGHTS_FILE
 from fusionkit.errors import CheckpointError
@@ -53,7 +54,7 @@ def test_save_load_gives_identical_outputs(saved):
 def test_metadata_records_versions_and_providers(saved):
     _, path = saved
     meta = json.loads((path / METADATA_FILE).read_text())
-    assert meta["fusionkit_version"] == "0.1.0"
+    assert meta["fusionkit_version"] == fusionkit.__version__
     assert meta["plugins"]["fusionkit-example-encoder"] == "0.1.0"
     comp = {c["path"]: c for c in meta["components"]}
     assert comp["encoders[2]"]["distribution"] == "fusionkit-example-encoder"

@@ -17,7 +17,8 @@ from fusionkit.models.towers import TwoTowerModel, clip_loss, retrieval_metrics
 from fusionkit.plugins import get_registry
 from fusionkit.spec import load_spec
 from fusionkit.training.distill import teacher_outputs
-from fusionkit.training.train import spec_store, train
+from fusionkit.data.open import spec_store
+from fusionkit.training.train import train
 
 LOSSES = ("kd", "fd", "crd", "icl", "rkd", "vrd", "xrd")
 

@@ -43,11 +43,8 @@ def torchrun(*args, cwd, timeout=300, **popen):
 def one_process(synthetic_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     (root / "spec.yaml").write_text(yaml.safe_dump(ddp_spec(epochs=4)))
-    torch.set_num_threads(1)
-    try:
-        metrics = train(root / "spec.yaml", synthetic_store, root / "one", fold=0, progress=False)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+    assert torch.get_num_threads() == 1  # as torchrun's processes here (tests/conftest.py)
+    metrics = train(root / "spec.yaml", synthetic_store, root / "one", fold=0, progress=False)
     return root, metrics
 
 
@@ -148,11 +145,8 @@ def test_dist_helpers_shard_weight_and_gather_in_order():
 def test_cross_validation_folds_in_separate_processes(synthetic_store, tmp_path):
     from fusionkit.training.train import cross_validate
 
-    torch.set_num_threads(1)
-    try:
-        serial = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "serial", progress=False)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+    assert torch.get_num_threads() == 1  # as torchrun's processes here (tests/conftest.py)
+    serial = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "serial", progress=False)
     parallel = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "parallel", progress=False, jobs=2)
     assert parallel == serial
 
@@ -211,11 +205,8 @@ def tower_ddp_spec(local_loss: bool) -> dict:
 def one_and_two_processes(spec_file, store, root) -> tuple[dict, list[list[dict]]]:
     """Train ``spec_file`` in this process (one thread, as torchrun's processes here) into ROOT/one and with
     torchrun on two processes into ROOT/two; check the two metrics are equal and return the log records of both."""
-    torch.set_num_threads(1)
-    try:
-        one = train(spec_file, store, root / "one", fold=0, progress=False)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+    assert torch.get_num_threads() == 1  # as torchrun's processes here (tests/conftest.py)
+    one = train(spec_file, store, root / "one", fold=0, progress=False)
     proc = torchrun("-m", "fusionkit", "train", spec_file, "--data", store, "--out", root / "two", "--fold", 0,
                     "--quiet", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]

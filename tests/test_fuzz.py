@@ -394,7 +394,7 @@ def test_random_space_files_are_refused_naming_the_file_or_sweep_within_their_fo
     from pathlib import Path
 
     from fusionkit.spec import load_spec
-    from fusionkit.sweep import _candidates, apply_params, load_space, sweep
+    from fusionkit.training.sweep import _candidates, apply_params, load_space, sweep
 
     outer = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
     name, data = space

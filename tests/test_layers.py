@@ -4,6 +4,7 @@ functions included, so that none can hide a circle)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,16 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "hookspecs", "registry", "plugins", "config", "files", "yaml_reader", "moved",
                      "progress", "devices"], 1),
     **dict.fromkeys(["interfaces", "pooling", "spec", "schema", "selection", "answers", "metrics", "checkpoint",
-                     "distributed"], 2),
+                     "distributed", "recipes"], 2),
     **dict.fromkeys(["models", "data"], 3),
     **dict.fromkeys(["components"], 4),
     **dict.fromkeys(["training"], 5),
-    **dict.fromkeys(["", "__main__", "cli", "report", "recipes", "demo", "scaffold", "sweep", "model", "towers"], 6),
+    **dict.fromkeys(["", "__main__", "cli"], 6),
 }
 #: Where an import inside a function may name a fusionkit module: the command line and the package's lazy
 #: API (so that `fusionkit --help` imports no torch), and the built-ins' registration hooks (likewise).
-DEFERRING = {"fusionkit", "fusionkit.cli", "fusionkit.demo", "fusionkit.components"}
+DEFERRING = {"fusionkit", "fusionkit.components"}
+DEFERRING_PACKAGES = ("fusionkit.cli",)
 #: What a plugin distribution may import of fusionkit.
 PUBLIC = {"fusionkit", "fusionkit.interfaces", "fusionkit.pooling", "fusionkit.config", "fusionkit.errors",
           "fusionkit.files"}
@@ -104,8 +106,16 @@ def test_the_package_has_no_import_circle():
 
 def test_imports_inside_functions_only_defer_heavy_work_where_allowed():
     hidden = [f"{m}: line {line} imports {t} inside a function" for m, deps in package_graph().items()
-              if m not in DEFERRING for t, line, inner in deps if inner]
+              if m not in DEFERRING and not m.startswith(DEFERRING_PACKAGES) for t, line, inner in deps if inner]
     assert hidden == []
+
+
+def test_the_package_root_holds_only_the_foundation_and_layer_6_lives_in_its_folder():
+    """Layers 1-2 (what plugins import, and the core) sit at the root; the commands live in fusionkit/cli/."""
+    root = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert [m for m in root if LAYERS.get(m, 99) > 2] == []
+    assert [m for m, layer in LAYERS.items() if layer == 6] == ["", "__main__", "cli"]
+    assert (PACKAGE / "cli" / "__init__.py").is_file()
 
 
 @pytest.mark.parametrize("rule, source, forbidden", [
@@ -135,3 +145,42 @@ def test_public_modules_declare_all():
                if not p.name.startswith("_") and "__all__" not in p.read_text(encoding="utf-8")
                and "moved_names(__name__" not in p.read_text(encoding="utf-8")]
     assert missing == []
+
+
+FOLDERS = sorted(key for key in LAYERS if key and (PACKAGE / key / "__init__.py").is_file())
+ROOT_MODULES = sorted(key for key in LAYERS if key and key not in FOLDERS and key != "__main__")
+
+
+def _modules_of(folder: str) -> set[str]:
+    """A folder's modules and sub-packages."""
+    return ({p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__"}
+            | {p.parent.name for p in (PACKAGE / folder).glob("*/__init__.py")})
+
+
+def test_layers_covers_every_module_and_folder():
+    on_disk = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"} | set(FOLDERS)
+    assert on_disk == set(LAYERS) - {""}
+
+
+def test_the_maintainers_layer_table_matches_the_code():
+    """Each row of docs/maintainers.md's table names exactly its layer's root modules, folders and their modules."""
+    text = (ROOT / "docs" / "maintainers.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d)\. [^|]+\| ([^|]+) \|", text, re.M)
+    assert [int(n) for n, _ in rows] == sorted(set(LAYERS.values()))
+    for number, cell in rows:
+        layer = int(number)
+        folders = dict(re.findall(r"`(\w+)/` \(([^)]*)\)", cell))
+        root = set(re.findall(r"`(\w+)`", re.sub(r"`\w+/` \([^)]*\)", "", cell)))
+        assert root == {m for m in ROOT_MODULES if LAYERS[m] == layer}, f"layer {layer}: root modules"
+        assert set(folders) == {f for f in FOLDERS if LAYERS[f] == layer}, f"layer {layer}: folders"
+        for folder, listed in folders.items():
+            assert set(re.findall(r"`(\w+)`", listed)) == _modules_of(folder), f"layer {layer}: {folder}/"
+
+
+def test_the_readme_layout_names_every_folder_and_root_module():
+    block = re.search(r"## Layout\n\n```\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    folders = re.findall(r"^fusionkit/(\w+)/", block, re.M)
+    assert sorted(folders) == FOLDERS
+    root_text = "\n".join(line for line in block.splitlines() if not re.match(r"fusionkit/\w+/|plugins/|tests/", line))
+    named = set(re.findall(r"\b(\w+)\b", root_text))
+    assert [m for m in ROOT_MODULES if m not in named] == []

@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fusionkit.errors import FusionkitError, SpecError
 from fusionkit.spec import load_spec
 from fusionkit.training.loggers import RunLogger
-from fusionkit.training.train import Trainer, make_split, spec_store, train
+from fusionkit.data.open import spec_store
+from fusionkit.training.train import Trainer, make_split, train
 
 
 def events(run):
@@ -59,7 +60,7 @@ def test_a_kill_between_an_epochs_record_and_its_checkpoint_leaves_each_epoch_on
     save_last = Trainer._save_last
 
     def killed(self, setup, state, rng_states):
-        if state["epoch"] == killed_at + 1:  # the record of epoch `killed_at` is logged; its last/ never written
+        if state.epoch == killed_at + 1:  # the record of epoch `killed_at` is logged; its last/ never written
             raise KeyboardInterrupt
         save_last(self, setup, state, rng_states)
 

@@ -219,7 +219,7 @@ def test_plugins_json_lists_every_plugin(fake_dist):
 
 
 def test_the_committed_template_is_exactly_what_plugin_new_writes(tmp_path):
-    from fusionkit.scaffold import new_plugin
+    from fusionkit.cli.scaffold import new_plugin
 
     made = new_plugin("example-encoder", tmp_path, component="example_mlp")
     template = Path(__file__).parents[1] / "plugins" / "fusionkit-example-encoder"

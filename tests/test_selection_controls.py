@@ -88,7 +88,7 @@ def test_the_gate_diagnostics_split_keep_rates_by_corruption(uci_source, tmp_pat
     from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
     from fusionkit.data.store import open_store
-    from fusionkit.report import write_report
+    from fusionkit.training.report import write_report
     from fusionkit.training.train import train
 
     store = build_dataset("uci-mfeat", {"source": uci_source, "corrupt_fraction": 0.5, "blends_per_single": 0.2},

@@ -17,7 +17,7 @@ from conftest import tiny_spec
 
 from fusionkit.errors import FusionkitError, SpecError
 from fusionkit.spec import load_spec
-from fusionkit.sweep import STUDY_FILE, load_space, sweep
+from fusionkit.training.sweep import STUDY_FILE, load_space, sweep
 from fusionkit.training.train import train
 
 SPACE = {"train.lr": {"float": [1.0e-3, 1.0e-2], "log": True}, "gate.top_n": {"int": [1, 3]},
@@ -176,7 +176,7 @@ def test_sweep_reads_a_spec_as_train_does(synthetic_store, tmp_path):
     (tmp_path / "spec.yaml").write_text(text)
     (tmp_path / "space.yaml").write_text("latent_dim: {choices: [8, 16]}\n")
     load_spec(tmp_path / "spec.yaml")  # train reads it
-    from fusionkit.sweep import _read_spec
+    from fusionkit.training.sweep import _read_spec
 
     assert _read_spec(tmp_path / "spec.yaml")["adaptation"][0]["on"] == "encoders"
     (tmp_path / "twice.yaml").write_text("latent_dim: {choices: [8]}\nlatent_dim: {choices: [16]}\n")
@@ -261,7 +261,7 @@ def test_data_that_no_trial_could_train_on_is_refused_first(synthetic_store, tmp
 
 def test_a_sweep_whose_every_trial_failed_exits_non_zero_with_the_first_failure(synthetic_store, tmp_path,
                                                                                 monkeypatch, capsys):
-    import fusionkit.sweep as sweep_module
+    import fusionkit.training.sweep as sweep_module
     from fusionkit.cli import main
 
     def failing(*args, **kwargs):

@@ -16,7 +16,8 @@ from fusionkit.data.store import open_store
 from fusionkit.errors import CheckpointError, DataError
 from fusionkit.models.factory import load_model
 from fusionkit.spec import load_spec
-from fusionkit.training.train import Trainer, make_split, spec_store, train
+from fusionkit.data.open import spec_store
+from fusionkit.training.train import Trainer, make_split, train
 
 
 def weights(run):

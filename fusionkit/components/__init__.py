@@ -1,8 +1,20 @@
-"""The built-in components, registered through the same hooks a third-party plugin uses."""
+"""The built-in components, registered through the same hooks a third-party plugin uses, all in this one module.
+
+Each hook imports its kind's module when plugins load, so that ``fusionkit --help`` imports no torch.
+"""
 
 from __future__ import annotations
 
 from fusionkit.hookspecs import hookimpl
+
+
+def _from_config(cls):
+    """The factory of a component built from its config alone (it needs nothing of the model being built)."""
+
+    def factory(config, context):
+        return cls(config)
+
+    return factory
 
 
 @hookimpl
@@ -46,9 +58,9 @@ def register_fusions(register):
 def register_heads(register):
     from fusionkit.components import heads
 
-    register("presence", heads.presence_head, config=heads.PresenceHeadConfig,
+    register("presence", heads.presence_head, config=heads.MLPHeadConfig,
              description="Sigmoid per label: is each emotion present?")
-    register("salience", heads.salience_head, config=heads.SalienceHeadConfig,
+    register("salience", heads.salience_head, config=heads.MLPHeadConfig,
              description="Softmax over labels: the share of each emotion.")
     register("classifier", heads.salience_head, config=heads.ClassifierHeadConfig,
              description="The official baseline head: one hidden ReLU layer, softmax over labels.")
@@ -94,13 +106,32 @@ def register_datasets(register):
 
 @hookimpl
 def register_adaptation_losses(register):
-    from fusionkit.components import adaptation
+    from fusionkit.components import adaptation as a
 
-    adaptation.register(register)
+    register("mmd", _from_config(a.MMDLoss), config=a.MMDConfig,
+             description="Multi-kernel Gaussian MMD (median-heuristic bandwidths).")
+    register("coral", _from_config(a.CoralLoss), config=a.CoralConfig,
+             description="CORAL: match feature covariances (and means).")
+    register("dann", a.DannLoss, config=a.DannConfig, description="Domain discriminator behind gradient reversal (DANN).")
+    register("entropy", _from_config(a.EntropyLoss), config=a.EntropyConfig,
+             description="Entropy minimisation of target predictions, both heads.")
 
 
 @hookimpl
 def register_distill_losses(register):
-    from fusionkit.components import distillation
+    from fusionkit.components import distillation as d
 
-    distillation.register(register)
+    register("kd", _from_config(d.KD), config=d.KDConfig,
+             description="Temperature-scaled KL of label probabilities (fusion).")
+    register("fd", _from_config(d.FD), config=d.FDConfig,
+             description="Squared distance of student and teacher embeddings.")
+    register("crd", _from_config(d.CRD), config=d.CRDConfig,
+             description="CLIP-KD: KL between teacher and student cross-modal similarity distributions.")
+    register("icl", _from_config(d.ICL), config=d.ICLConfig,
+             description="CLIP-KD: contrastive loss of student embeddings against the teacher's other modality.")
+    register("rkd", _from_config(d.RKD), config=d.RKDConfig,
+             description="RKD: distance and angle relations of each embedding.")
+    register("vrd", _from_config(d.VRD), config=d.RelationConfig,
+             description="CLIP-RD vertical: the first modality's teacher-student distribution pulled to the second's.")
+    register("xrd", _from_config(d.XRD), config=d.RelationConfig,
+             description="CLIP-RD cross: the two cross-modal teacher-student distributions pulled together.")

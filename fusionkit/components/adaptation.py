@@ -14,7 +14,7 @@ from fusionkit.config import non_negative, option, positive
 from fusionkit.interfaces import AdaptationConfig, AdaptationLoss, BuildContext
 
 __all__ = ["GradientReversal", "grl_schedule", "MMDConfig", "CoralConfig", "DannConfig", "EntropyConfig", "mmd",
-           "coral", "MMDLoss", "CoralLoss", "DannLoss", "EntropyLoss", "register"]
+           "coral", "MMDLoss", "CoralLoss", "DannLoss", "EntropyLoss"]
 
 
 class GradientReversal(torch.autograd.Function):
@@ -148,18 +148,3 @@ class EntropyLoss(AdaptationLoss):
             log_q = F.log_softmax(target.logits["salience"], dim=-1)
             loss = loss + self.config.salience_weight * -(log_q.exp() * log_q).sum(-1).mean()
         return loss
-
-
-def _plain(cls):
-    def factory(config, context: BuildContext):
-        return cls(config)
-
-    return factory
-
-
-def register(register_fn) -> None:
-    register_fn("mmd", _plain(MMDLoss), config=MMDConfig, description="Multi-kernel Gaussian MMD (median-heuristic bandwidths).")
-    register_fn("coral", _plain(CoralLoss), config=CoralConfig, description="CORAL: match feature covariances (and means).")
-    register_fn("dann", DannLoss, config=DannConfig, description="Domain discriminator behind gradient reversal (DANN).")
-    register_fn("entropy", _plain(EntropyLoss), config=EntropyConfig,
-                description="Entropy minimisation of target predictions, both heads.")

@@ -29,7 +29,7 @@ from fusionkit.interfaces import DistillBatch, DistillConfig, DistillLoss
 
 __all__ = ["row_kl", "scaled", "Mode", "softmax_relation_loss", "LOG_CLIP_SCALE", "KDConfig", "FDConfig",
            "CRDConfig", "ICLConfig", "RKDConfig", "RelationConfig", "KD", "FD", "CRD", "ICL", "RKD", "diagonal_ce",
-           "target_kl", "RelationLoss", "VRD", "XRD", "register"]
+           "target_kl", "RelationLoss", "VRD", "XRD"]
 
 
 def row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -290,21 +290,3 @@ class XRD(RelationLoss):
         b = self.beta
         return {"kl": 0.25 * (target_kl(b * t_t @ s_i.T, b * t_i @ s_t.T) + target_kl(b * t_i @ s_t.T, b * t_t @ s_i.T)
                               + target_kl(b * s_t @ t_i.T, b * s_i @ t_t.T) + target_kl(b * s_i @ t_t.T, b * s_t @ t_i.T))}
-
-
-def register(register) -> None:
-    """Called from the built-ins' ``register_distill_losses`` hook."""
-    def factory(cls):
-        return lambda config, context: cls(config)
-
-    register("kd", factory(KD), config=KDConfig, description="Temperature-scaled KL of label probabilities (fusion).")
-    register("fd", factory(FD), config=FDConfig, description="Squared distance of student and teacher embeddings.")
-    register("crd", factory(CRD), config=CRDConfig,
-             description="CLIP-KD: KL between teacher and student cross-modal similarity distributions.")
-    register("icl", factory(ICL), config=ICLConfig,
-             description="CLIP-KD: contrastive loss of student embeddings against the teacher's other modality.")
-    register("rkd", factory(RKD), config=RKDConfig, description="RKD: distance and angle relations of each embedding.")
-    register("vrd", factory(VRD), config=RelationConfig,
-             description="CLIP-RD vertical: the first modality's teacher-student distribution pulled to the second's.")
-    register("xrd", factory(XRD), config=RelationConfig,
-             description="CLIP-RD cross: the two cross-modal teacher-student distributions pulled together.")

@@ -1,4 +1,5 @@
-"""Built-in encoder ``features``: pre-extracted vectors or time series, with pooling."""
+"""Built-in encoders: ``features`` (pre-extracted vectors or time series, with pooling), ``sequence_cnn`` (1-D
+convolutions over a sequence) and ``tower`` (a trained tower of a two-tower checkpoint, as one encoder)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ class SequenceCnnEncoder(Encoder):
 
 class FeaturesEncoder(Encoder):
     """Passes vectors through, or pools a sequence into one vector."""
+
+    standardizes_inputs = True
 
     def __init__(self, config: FeaturesConfig, context: BuildContext) -> None:
         super().__init__()
@@ -165,7 +168,8 @@ class TowerEncoder(Encoder):
             raise CheckpointError(f"{config.checkpoint}: tower {config.tower!r} reads encoders {list(tower.encoder_names)}; "
                                   "only a one-encoder tower can serve as one encoder")
         self.input_name = tower.encoder_names[0]
-        expected = getattr(tower.encoders[self.input_name], "dim", config.dim)
+        reads = tower.encoders[self.input_name]
+        expected = reads.dim if isinstance(reads, FeaturesEncoder) else config.dim
         if expected != config.dim:
             raise CheckpointError(f"{config.checkpoint}: tower {config.tower!r} reads {expected}-dimensional features, "
                                   f"but dim is {config.dim}")

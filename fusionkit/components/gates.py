@@ -41,6 +41,7 @@ class UniformGateConfig(GateConfig):
 
 class AttentionGate(Gate):
     scouts = True  # an on-demand encoder's identity token attends to the tokens that have run
+    reaches_every_encoder = True  # every kept score attends to every token
 
     def __init__(self, config: AttentionGateConfig, context: BuildContext) -> None:
         super().__init__(config)

@@ -8,24 +8,20 @@ from torch import nn
 from fusionkit.config import non_negative, option, unit_interval
 from fusionkit.interfaces import BuildContext, Head
 
-__all__ = ["PresenceHeadConfig", "SalienceHeadConfig", "ClassifierHeadConfig", "MLPHead", "presence_head",
-           "salience_head"]
+__all__ = ["MLPHeadConfig", "PresenceHeadConfig", "SalienceHeadConfig", "ClassifierHeadConfig", "MLPHead",
+           "presence_head", "salience_head"]
 
 
 @attrs.frozen(kw_only=True)
-class PresenceHeadConfig:
-    """Is each emotion present? One sigmoid per label."""
+class MLPHeadConfig:
+    """A linear layer, or one hidden ReLU layer, from the fused vector to one output per label."""
 
     hidden: int = option(0, doc="Hidden layer size; 0 means a single linear layer.", validator=non_negative)
     dropout: float = option(0.1, doc="Dropout before the output layer.", validator=unit_interval)
 
 
-@attrs.frozen(kw_only=True)
-class SalienceHeadConfig:
-    """The share of each emotion: a softmax over labels."""
-
-    hidden: int = option(0, doc="Hidden layer size; 0 means a single linear layer.", validator=non_negative)
-    dropout: float = option(0.1, doc="Dropout before the output layer.", validator=unit_interval)
+#: The presence and salience heads' configs, by their 0.1 names (kept: they are the one config).
+PresenceHeadConfig = SalienceHeadConfig = MLPHeadConfig
 
 
 @attrs.frozen(kw_only=True)
@@ -56,9 +52,9 @@ class MLPHead(Head):
         return self.net(fused)
 
 
-def presence_head(config: PresenceHeadConfig, context: BuildContext) -> MLPHead:
+def presence_head(config: MLPHeadConfig, context: BuildContext) -> MLPHead:
     return MLPHead(config, context, "sigmoid")
 
 
-def salience_head(config: SalienceHeadConfig | ClassifierHeadConfig, context: BuildContext) -> MLPHead:
+def salience_head(config: MLPHeadConfig | ClassifierHeadConfig, context: BuildContext) -> MLPHead:
     return MLPHead(config, context, "softmax")

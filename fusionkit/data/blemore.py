@@ -24,12 +24,11 @@ from typing import Any
 import attrs
 import numpy as np
 
-from fusionkit.answers import Prediction, parse_blemore_name
+from fusionkit.answers import BLEMORE_LABELS, Prediction, parse_blemore_name
 from fusionkit.data.tables import read_csv
 from fusionkit.errors import DataError
 from fusionkit.interfaces import Sample
 from fusionkit.pooling import stats7_numpy
-from fusionkit.spec import BLEMORE_LABELS
 
 __all__ = ["STATIC_SUFFIX", "ReleaseLayout", "EncoderSource", "read_metadata", "metadata_labels", "find_encoders",
            "read_release"]

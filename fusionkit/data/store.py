@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import numpy as np
@@ -35,7 +35,7 @@ from fusionkit.interfaces import DOMAINS, Sample  # noqa: F401 - their public ho
 from fusionkit.pooling import stats7
 from fusionkit.spec import encoder_name_problem
 
-__all__ = ["INDEX_FILE", "STORE_FORMAT", "STORE_VERSION", "is_store", "EncoderFeatures", "FeatureStore",
+__all__ = ["INDEX_FILE", "STORE_FORMAT", "STORE_VERSION", "is_store", "ModelInputs", "EncoderFeatures", "FeatureStore",
            "open_store", "check_samples", "sample_from_record", "check_store_target", "target_rows", "write_store"]
 
 INDEX_FILE = "index.json"
@@ -43,6 +43,16 @@ STORE_FORMAT = "fusionkit-store"
 STORE_VERSION = 1
 #: A directory is a fusionkit store when its index names the store format.
 is_store = json_marker(INDEX_FILE, "format", (STORE_FORMAT,))
+
+
+class ModelInputs(Protocol):
+    """What a store asks of a model to assemble its inputs (fusion and two-tower models have it)."""
+
+    encoder_names: list[str]
+
+    def precomputed_pooling(self) -> dict[str, str]: ...
+
+    def live_encoders(self) -> dict[str, Any]: ...
 
 
 @attrs.define
@@ -151,14 +161,13 @@ class FeatureStore:
         mask = torch.stack(masks, dim=1) if masks else torch.ones((len(index), 0), dtype=torch.bool)
         return inputs, lengths, mask
 
-    def inputs_for(self, model: Any, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
+    def inputs_for(self, model: ModelInputs, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
         """A model's inputs for the samples ``index``, on the model's device, pooling fixed sequences once per
         sample where the model's encoders allow it (``model.precomputed_pooling()``)."""
         return to_device(self._cpu_inputs(model, index), device_of(model))
 
-    def _cpu_inputs(self, model: Any, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
-        pooled = model.precomputed_pooling() if hasattr(model, "precomputed_pooling") else None
-        live = model.live_encoders() if hasattr(model, "live_encoders") else {}
+    def _cpu_inputs(self, model: ModelInputs, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
+        pooled, live = model.precomputed_pooling(), model.live_encoders()
         stored = [n for n in model.encoder_names if n not in live]
         inputs, lengths, mask = self.batch(index, stored, pooled)
         if not live:

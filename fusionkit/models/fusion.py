@@ -19,7 +19,7 @@ from torch import nn
 from fusionkit.answers import Prediction, from_order
 from fusionkit.checkpoint import save_checkpoint
 from fusionkit.errors import DataError, FusionkitError
-from fusionkit.interfaces import BuildContext, Decoder, LiveEncoder
+from fusionkit.interfaces import DOMAINS, BuildContext, Decoder, Encoder, LiveEncoder
 from fusionkit.models.conditional import (
     Budget,
     gather_rows,
@@ -73,8 +73,6 @@ class FusionOutput:
         """``[B]``: how many encoders each sample kept (top-p varies it per sample)."""
         return (self.kept >= 0).sum(1)
 
-
-DOMAINS = ("source", "target")
 
 
 class GlobalBatchNorm(nn.BatchNorm1d):
@@ -240,12 +238,11 @@ class Trunk(nn.Module):
         self.identity = nn.Parameter(torch.randn(len(encoders), spec.latent_dim) * 0.02)
         self.gate = _build(registry, "gate", gate, f"{where}gate", ctx)
         # Rank supervision: each encoder token predicts the labels on its own (see fusionkit.training.losses).
-        self.token_head = nn.Linear(spec.latent_dim, len(spec.labels)) if getattr(self.gate, "supervision", 0) else None
+        self.token_head = nn.Linear(spec.latent_dim, len(spec.labels)) if self.gate.supervision else None
         self.top_n: int = slot_count(gate.config, len(encoders))
         self.fusion = _build(registry, "fusion", fusion, f"{where}fusion", attrs.evolve(ctx, top_n=self.top_n))
         # The residual mean path: every available token's mean, beside the ranked slots (gate.residual_mean).
-        self.residual = (nn.Linear(spec.latent_dim, self.fusion.out_dim)
-                         if getattr(gate.config, "residual_mean", False) else None)
+        self.residual = nn.Linear(spec.latent_dim, self.fusion.out_dim) if gate.config.residual_mean else None
         self._context = ctx
         #: Positions (into ``encoder_names``) of the encoders that run on demand (docs/conditional.md).
         self.on_demand: tuple[int, ...] = tuple(k for k, (_, enc) in enumerate(encoders) if enc.on_demand)
@@ -259,7 +256,7 @@ class Trunk(nn.Module):
         if len(self.domains) == 1:
             return  # every domain reads the source statistics: nothing to switch
         for module in self.modules():
-            if isinstance(module, DomainNorm) or hasattr(module, "set_standardization"):
+            if isinstance(module, DomainNorm) or (isinstance(module, Encoder) and module.standardizes_inputs):
                 module.domain = domain if domain in self.domains else "source"
 
     def set_epoch(self, epoch: int) -> None:
@@ -268,8 +265,7 @@ class Trunk(nn.Module):
 
     def precomputed_pooling(self) -> dict[str, str]:
         """Encoder name -> pooling that a data source may compute once per sample (fixed inputs)."""
-        return {name: enc.precomputed_pooling for name, enc in self.encoders.items()
-                if getattr(enc, "precomputed_pooling", None)}
+        return {name: enc.precomputed_pooling for name, enc in self.encoders.items() if enc.precomputed_pooling}
 
     def live_encoders(self) -> dict[str, Any]:
         """Encoder name -> the encoders that read raw inputs (:class:`~fusionkit.interfaces.LiveEncoder`)."""
@@ -406,7 +402,7 @@ class Trunk(nn.Module):
         if domain not in self._context.input_domains:
             raise DataError(f"the model keeps no input statistics of domain {domain!r}; set "
                             "data.standardize_per_domain: true in the spec")
-        skipped = [n for n in self.encoder_names if not hasattr(self.encoders[n], "set_standardization")]
+        skipped = [n for n in self.encoder_names if not self.encoders[n].standardizes_inputs]
         self._check_inputs({**{n: None for n in skipped}, **inputs}, lengths, mask)
         for k, name in enumerate(self.encoder_names):
             encoder = self.encoders[name]
@@ -526,6 +522,16 @@ class FusionModel(Trunk):
         """Replace the decoder's thresholds (e.g. after fitting on validation data); the spec follows."""
         self.decoder.config = config
         self.spec = self.spec.replace(decoder=Component(self.spec.decoder.type, config))
+
+    @staticmethod
+    def teacher_outputs(out: FusionOutput) -> dict[str, torch.Tensor]:
+        """What a distillation teacher's batch gives its student's losses: the fused vector, the encoder tokens, and
+        each head's logits (``logits.<role>``)."""
+        return {"fused": out.fused, "tokens": out.tokens, **{f"logits.{r}": v for r, v in out.logits.items()}}
+
+    def teacher_constants(self) -> dict[str, torch.Tensor]:
+        """What a distillation teacher gives once, beside its batches: nothing for a fusion model."""
+        return {}
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per part of the model."""

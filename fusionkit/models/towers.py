@@ -109,6 +109,19 @@ class TwoTowerModel(nn.Module):
         for tower in self.towers.values():
             tower.set_epoch(epoch)
 
+    @staticmethod
+    def teacher_outputs(out: TwoTowerOutput) -> dict[str, torch.Tensor]:
+        """What a distillation teacher's batch gives its student's losses: each tower's embedding (``tower.<name>``)."""
+        return {f"tower.{k}": v for k, v in out.embeddings.items()}
+
+    def teacher_constants(self) -> dict[str, torch.Tensor]:
+        """What a distillation teacher gives once: its learned logit scale (``scale``)."""
+        return {"scale": self.logit_scale.detach().exp()}
+
+    def live_encoders(self) -> dict[str, Any]:
+        """Encoder name -> every tower's encoders that read raw inputs."""
+        return {k: v for tower in self.towers.values() for k, v in tower.live_encoders().items()}
+
     def precomputed_pooling(self) -> dict[str, str]:
         return {k: v for tower in self.towers.values() for k, v in tower.precomputed_pooling().items()}
 

@@ -181,16 +181,9 @@ def teacher_outputs(teacher: nn.Module, store: FeatureStore, where: str, batch_s
     index = np.arange(len(tstore))
     for start in range(0, len(index), batch_size):
         out = teacher(*tstore.inputs_for(teacher, index[start : start + batch_size]))
-        if hasattr(out, "embeddings"):
-            items = {f"tower.{k}": v for k, v in out.embeddings.items()}
-        else:
-            items = {"fused": out.fused, "tokens": out.tokens, **{f"logits.{r}": v for r, v in out.logits.items()}}
-        for key, value in items.items():
+        for key, value in teacher.teacher_outputs(out).items():
             parts.setdefault(key, []).append(value.detach())
-    cache = {k: torch.cat(v) for k, v in parts.items()}
-    if hasattr(teacher, "logit_scale"):
-        cache["scale"] = teacher.logit_scale.detach().exp()
-    return cache
+    return {**{k: torch.cat(v) for k, v in parts.items()}, **teacher.teacher_constants()}
 
 
 def distillation_term(spec: Spec, dist: Dist | None = None):

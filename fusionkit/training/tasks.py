@@ -11,11 +11,12 @@ the validation score that selects the best epoch, and the final metrics:
 
 from __future__ import annotations
 
+import abc
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import numpy as np
@@ -54,7 +55,7 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
     """
     if dist is not None and dist.enabled:
         return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain, budget=budget))
-    if len(getattr(model, "domains", ())) > 1:  # each sample with its own domain's statistics, in the given order
+    if len(model.domains) > 1:  # each sample with its own domain's statistics, in the given order
         index = np.asarray(index)
         domains = store.domains[index] if domain is None else np.full(len(index), domain)
         groups = {d: np.flatnonzero(domains == d) for d in np.unique(domains)}
@@ -216,17 +217,34 @@ class Losses:
     parts: dict[str, float]
 
 
-class Task:
-    """What every task does alike: standardise the model's inputs on the training rows before training.
+class Task(abc.ABC):
+    """What a model is trained to do and how it is scored: every method the trainer's loop calls.
 
-    ``loss(model, out, rows, real)`` returns :class:`Losses` for a batch: ``rows`` are this rank's rows, the
-    first ``real`` of them its own (under torchrun a rank left without rows gets a stand-in row that weighs
-    nothing)."""
+    A task is built once per run (:func:`task_for`) on the run's store and split, and the loop asks it, in order:
+    :meth:`prepare` before training, :meth:`restore` on resume, :meth:`loss` and :meth:`after_step` at every
+    step, :meth:`validate` when validation is due, and :meth:`final` once, on the best checkpoint. The commands
+    ask its class: :meth:`evaluate_model`, :meth:`summary`, :attr:`record_keys`, :attr:`predicts`.
+    """
+
+    #: The validation metrics a log record keeps (``score`` selects the best epoch).
+    record_keys: ClassVar[tuple[str, ...]]
+    #: Whether the model predicts answers (a challenge submission), or only embeds.
+    predicts: ClassVar[bool]
 
     def __init__(self, spec: Spec, store: FeatureStore, split: Any, target_store: FeatureStore | None = None,
                  dist: Dist | None = None) -> None:
         self.spec, self.store, self.split, self.target_store = spec, store, split, target_store
         self.dist = dist or Dist()
+
+    @staticmethod
+    @abc.abstractmethod
+    def evaluate_model(model: Any, store: FeatureStore, index: np.ndarray) -> dict[str, Any]:
+        """Metrics of a trained model on the samples ``index`` (``fusionkit evaluate``)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def summary(metrics: dict[str, Any]) -> str:
+        """One line of a split's metrics, for the terminal."""
 
     def prepare(self, model: Any) -> None:
         """Before training: ``data.standardize`` fits each encoder's input statistics on the training rows."""
@@ -236,12 +254,27 @@ class Task:
     def restore(self, model: Any, saved: Any) -> None:
         """On resume: carry over what the checkpoint's model holds beyond its weights."""
 
+    @abc.abstractmethod
+    def loss(self, model: Any, out: Any, rows: np.ndarray, real: int) -> Losses:
+        """The :class:`Losses` of a batch: ``rows`` are this rank's rows, the first ``real`` of them its own (under
+        torchrun a rank left without rows gets a stand-in row that weighs nothing)."""
+
+    def after_step(self, model: Any) -> None:
+        """After each optimiser step (e.g. clamp a learned scale)."""
+
+    @abc.abstractmethod
+    def validate(self, model: Any, dist: Dist | None = None) -> dict[str, Any]:
+        """The validation metrics, ``score`` among them (every rank calls it; ``dist`` shares the work)."""
+
+    @abc.abstractmethod
+    def final(self, model: Any, out: Path) -> dict[str, Any]:
+        """The metrics of the best model, for ``metrics.json`` (rank 0 alone)."""
+
 
 class ClassificationTask(Task):
     """Fusion models: supervised presence + salience loss, BlEmoRE Score on validation."""
 
     record_keys = ("acc_presence", "acc_salience", "score")
-    #: Whether the model predicts answers (a challenge submission), or only embeds.
     predicts = True
 
     @staticmethod
@@ -267,9 +300,6 @@ class ClassificationTask(Task):
         loss, parts = supervised_loss(out, self.target[[self.position[int(i)] for i in rows]].to(out.probs.device),
                                       self.spec.train, model)
         return Losses(loss, 0.0, {**parts, **_selection_diagnostics(model, out.kept[:real])})
-
-    def after_step(self, model: FusionModel) -> None:
-        pass
 
     def restore(self, model: FusionModel, saved: FusionModel) -> None:
         model.set_decoder(saved.decoder.config)  # the thresholds fitted on validation so far

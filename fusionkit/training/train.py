@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fusionkit.checkpoint import save_checkpoint
-from fusionkit.data.open import spec_store
+from fusionkit.data.open import DataSource
 from fusionkit.data.store import FeatureStore
 from fusionkit.devices import device_name, resolve_device
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
@@ -47,6 +47,7 @@ from fusionkit.training.loggers import RunLogger, make_loggers
 from fusionkit.training.objective import ObjectiveTerm, TermFactory
 from fusionkit.training.precision import Precision
 from fusionkit.training.rundir import CV_FORMAT, METRICS_FILE, RunDirectory, store_fingerprint, teacher_fingerprint
+from fusionkit.training.state import LoopState
 from fusionkit.training.tasks import task_class, task_for
 from fusionkit.training.terms import objective_terms
 
@@ -227,26 +228,26 @@ class Trainer:
         state = self._begin(setup, resume)
         loggers = self.loggers if main else []
         for logger in loggers:
-            logger.start(self.out, state["epoch"])
+            logger.start(self.out, state.epoch)
         try:
-            bar = progress_bar(range(state["epoch"], train_cfg.epochs), enabled=self.progress and main, desc="epochs",
-                               unit="epoch", leave=False, initial=state["epoch"], total=train_cfg.epochs)
+            bar = progress_bar(range(state.epoch, train_cfg.epochs), enabled=self.progress and main, desc="epochs",
+                               unit="epoch", leave=False, initial=state.epoch, total=train_cfg.epochs)
             epochs_this_call = 0
             for epoch in bar:
-                if state["since_best"] >= train_cfg.patience:
+                if state.since_best >= train_cfg.patience:
                     break  # early stopping had happened before a kill: nothing more to train
                 started = time.perf_counter()
                 record = self._train_epoch(setup, epoch, state)
                 self.validate(setup.model, setup.terms, epoch, state, record)
-                state["epoch"] = epoch + 1
+                state.epoch = epoch + 1
                 record["seconds"] = round(time.perf_counter() - started, 3)
                 self._end_epoch(setup, state, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record.get('val', {}).get('score', float('nan')):.3f}")
                 epochs_this_call += 1
-                if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and state["epoch"] < train_cfg.epochs:
+                if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and state.epoch < train_cfg.epochs:
                     if main:
                         self.run.update(status="interrupted")
-                    return {"interrupted": True, "epoch": state["epoch"]}
+                    return {"interrupted": True, "epoch": state.epoch}
         finally:
             for logger in loggers:
                 logger.close()
@@ -254,10 +255,10 @@ class Trainer:
             return self.dist.broadcast(None)
         return self.dist.broadcast(self.finish(state))
 
-    def _begin(self, setup: _Setup, resume: bool) -> dict[str, Any]:
+    def _begin(self, setup: _Setup, resume: bool) -> LoopState:
         """The trainer's state at the first epoch to train: restored from ``last/``, or a new run recorded."""
         main = self.dist.is_main
-        state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0}
+        state = LoopState()
         if resume and not (self.out / "last").exists() and not self.run.read():
             raise CheckpointError(f"{self.out}: nothing to resume (no run was started there); start without --resume")
         if resume and (self.out / "last").exists():
@@ -275,13 +276,13 @@ class Trainer:
                             "n_test": int(len(self.split.test)), "torch_threads": torch.get_num_threads(),
                             "world_size": self.dist.world_size, **self._hardware()})
         if main:
-            self.run.truncate_log(state["epoch"])
+            self.run.truncate_log(state.epoch)
         return state
 
     def _hardware(self) -> dict[str, str]:
         return {"device": str(self.device), "device_name": device_name(self.device), "precision": self.spec.train.precision}
 
-    def _train_epoch(self, setup: _Setup, epoch: int, state: dict[str, Any]) -> dict[str, Any]:
+    def _train_epoch(self, setup: _Setup, epoch: int, state: LoopState) -> dict[str, Any]:
         """One pass over the training rows; returns the epoch's log record (mean losses, learning rate)."""
         setup.model.set_epoch(epoch)
         setup.model.train()
@@ -302,12 +303,12 @@ class Trainer:
             place[name] = total / len(order)
         return record
 
-    def _step(self, setup: _Setup, epoch: int, state: dict[str, Any], rows: np.ndarray, local: np.ndarray,
+    def _step(self, setup: _Setup, epoch: int, state: LoopState, rows: np.ndarray, local: np.ndarray,
               batch: tuple) -> tuple[int, dict[str, float]]:
         """One optimisation step: the task's loss plus every term's; returns this rank's real rows and the losses."""
         train_cfg, model, optimizer = self.spec.train, setup.model, setup.optimizer
         for group in optimizer.param_groups:
-            group["lr"] = train_cfg.lr * _lr_factor(state["step"], setup.total_steps, train_cfg)
+            group["lr"] = train_cfg.lr * _lr_factor(state.step, setup.total_steps, train_cfg)
         real = len(local) if self.dist.rank < len(rows) else 0  # a stand-in row (see batches) is not the rank's own
         with self.precision.autocast():
             out = setup.forward(*batch)
@@ -315,7 +316,7 @@ class Trainer:
             loss, parts = losses.local, losses.parts
             shared = losses.shared
             for term in setup.terms:
-                for name, value in term(out, local[:real], state["step"] / max(1, setup.total_steps)).items():
+                for name, value in term(out, local[:real], state.step / max(1, setup.total_steps)).items():
                     if term.shares(name):
                         shared = shared + value
                     else:
@@ -330,10 +331,10 @@ class Trainer:
         self.precision.step(total, optimizer, setup.params, train_cfg.grad_clip,
                             lambda: self.dist.average_gradients(setup.synced))
         self.task.after_step(model)
-        state["step"] += 1
+        state.step += 1
         return real, {"loss": float((loss + shared).detach()), **parts}
 
-    def _end_epoch(self, setup: _Setup, state: dict[str, Any], record: dict[str, Any]) -> None:
+    def _end_epoch(self, setup: _Setup, state: LoopState, record: dict[str, Any]) -> None:
         """The epoch's log line, then ``last/`` (after a kill between the two, resume drops the line and redoes
         the epoch)."""
         rng_states = self.dist.all_gather_object(torch.get_rng_state())  # each rank's: dropout differs per rank
@@ -368,7 +369,7 @@ class Trainer:
 
         return prefetch(assemble, bounds)
 
-    def validate(self, model: FusionModel, terms: Sequence[ObjectiveTerm], epoch: int, state: dict[str, Any],
+    def validate(self, model: FusionModel, terms: Sequence[ObjectiveTerm], epoch: int, state: LoopState,
                  record: dict[str, Any]) -> None:
         """Evaluation: the task scores validation, the best score is tracked, and ``best/`` saved when it improves
         (each term told first)."""
@@ -381,22 +382,22 @@ class Trainer:
         else:
             val = self.task.validate(model, self.dist)
             record["val"] = {k: val[k] for k in self.task.record_keys}
-            improved = val["score"] > state["best_score"]
+            improved = val["score"] > state.best_score
             if improved:
-                state["best_score"] = val["score"]
+                state.best_score = val["score"]
         if improved:
-            state["best_epoch"], state["since_best"] = epoch, 0
+            state.best_epoch, state.since_best = epoch, 0
             if self.dist.is_main:
                 for term in terms:
                     term.on_best(model)
                 save_checkpoint(model, self.out / "best")
         elif improved is not None:
-            state["since_best"] += 1
+            state.since_best += 1
 
-    def finish(self, state: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, state: LoopState) -> dict[str, Any]:
         """Evaluate the best model on validation and test data; write metrics.json."""
         model, _, _ = load_checkpoint(self.out / "best", device=self.device)
-        metrics: dict[str, Any] = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+        metrics: dict[str, Any] = {"best_epoch": state.best_epoch, "epochs_run": state.epoch,
                                    "test_fold": self.split.test_fold, "val_fold": self.split.val_fold,
                                    **self.task.final(model, self.out)}
         atomic_write_text(self.out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
@@ -405,13 +406,13 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def _save_last(self, setup: _Setup, state: dict[str, Any], rng_states: list[torch.Tensor]) -> None:
+    def _save_last(self, setup: _Setup, state: LoopState, rng_states: list[torch.Tensor]) -> None:
         tensors, groups = _flatten_optimizer(setup.optimizer)
         tensors.update({f"rng.torch.{rank}": rng for rank, rng in enumerate(rng_states)})
         tensors["rng.shuffle"] = setup.shuffle.get_state()
         tensors.update({f"terms.{k}": v for k, v in setup.terms.state_dict().items()})
         save_checkpoint(setup.model, self.out / "last", extra_tensors=tensors,
-                        extra_metadata={"trainer": state, "param_groups": groups, "world_size": len(rng_states),
+                        extra_metadata={"trainer": state.state_dict(), "param_groups": groups, "world_size": len(rng_states),
                                         "scaler": self.precision.state_dict()})
 
     def _check_same_spec(self, saved: Spec) -> None:
@@ -421,7 +422,7 @@ class Trainer:
             raise CheckpointError(f"{self.out}: the run was started with a different spec ({'; '.join(diffs[:10])}); "
                                   "resume with the same spec")
 
-    def _restore(self, setup: _Setup) -> dict[str, Any]:
+    def _restore(self, setup: _Setup) -> LoopState:
         model, optimizer, shuffle, terms = setup.model, setup.optimizer, setup.shuffle, setup.terms
         saved, tensors, metadata = load_checkpoint(self.out / "last")
         self._check_same_spec(saved.spec)
@@ -441,7 +442,7 @@ class Trainer:
                 f"{self.dist.world_size}; training continues from the checkpoint, but the result is no longer the "
                 "uninterrupted run's (each process's random state and share of every batch change). run.json records "
                 "the new world size.", FusionkitWarning, stacklevel=2)
-        return dict(metadata["extra"]["trainer"])
+        return LoopState.from_state_dict(metadata["extra"]["trainer"], where=str(self.out / "last"))
 
 
 def _resumable(spec: Spec) -> dict[str, Any]:
@@ -484,14 +485,16 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = None,
+def train(spec: Spec | dict | str, data: DataSource | str | os.PathLike, out: str | os.PathLike, *,
+          fold: int | None = None,
           resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
           overwrite: bool = False, raw: str | os.PathLike | None = None,
           confine: str | os.PathLike | None = None, device: str | None = None,
           loggers: Sequence[RunLogger] = ()) -> dict[str, Any]:
     """Train one model; see the module docstring for the folds and the run directory.
 
-    With adaptation losses in the spec, unlabelled target batches come from ``target`` (a
+    ``data`` is a :class:`~fusionkit.data.open.DataSource`, or its ``data`` path with ``target``, ``raw`` and
+    ``confine`` beside it. With adaptation losses in the spec, unlabelled target batches come from ``target`` (a
     second store) or, without it, from the rows of ``data`` whose domain is ``target``.
     Labelled target samples are evaluated ("target" in metrics.json), never trained on.
     Live encoders read their inputs from the manifest ``raw`` (or ``data`` is a manifest when
@@ -500,10 +503,9 @@ def train(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLi
     ``loggers`` receive every epoch's record besides those of ``train.log_to`` (:mod:`fusionkit.training.loggers`).
     ``out`` must be new, empty, or (with ``resume`` or ``overwrite``) a fusionkit run directory.
     """
-    spec = on_device(load_spec(spec), device)
-    store = spec_store(spec, data, raw, confine)
-    target_store = spec_store(spec, target) if target is not None else None
-    return _train_opened(spec, store, target_store, data, out, fold, resume, progress, overwrite, loggers)
+    spec, source = on_device(load_spec(spec), device), DataSource.of(data, raw, confine, target)
+    return _train_opened(spec, source.open(spec), source.open_target(spec), source.data, out, fold, resume, progress,
+                         overwrite, loggers)
 
 
 def on_device(spec: Spec, device: str | None) -> Spec:
@@ -523,13 +525,14 @@ def _train_opened(spec: Spec, store: FeatureStore, target_store: FeatureStore | 
     return metrics
 
 
-def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | os.PathLike, *,
+def cross_validate(spec: Spec | dict | str, data: DataSource | str | os.PathLike, out: str | os.PathLike, *,
                    resume: bool = False, progress: bool = True, target: str | os.PathLike | None = None,
                    overwrite: bool = False, jobs: int = 1, raw: str | os.PathLike | None = None,
                    confine: str | os.PathLike | None = None, device: str | None = None,
                    after_fold: Callable[[int, dict[str, Any], bool], None] | None = None) -> dict[str, Any]:
     """Train once per fold (each fold the test fold once); write RUN/cv.json with mean and std of the task's
-    metrics (BlEmoRE's for a fusion model, recall for two towers).
+    metrics (BlEmoRE's for a fusion model, recall for two towers). ``data`` (and ``target``, ``raw``, ``confine``)
+    as for :func:`train`.
 
     ``RUN/foldK`` is fold K's run directory. With ``resume``, finished folds are read back and
     the others continue (or start). ``jobs`` > 1 trains that many folds at a time, each in its
@@ -537,8 +540,8 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
     called after each fold, in fold order (a sweep reports and prunes there); an exception it
     raises stops the cross-validation, whose status then says so.
     """
-    spec = on_device(load_spec(spec), device)
-    store = spec_store(spec, data, raw, confine)
+    spec, source = on_device(load_spec(spec), device), DataSource.of(data, raw, confine, target)
+    store = source.open(spec)
     folds = sorted(int(f) for f in np.unique(store.folds[store.select(labelled=True, domain="source")]) if f >= 0)
     root = RunDirectory(out, fmt=CV_FORMAT)
     root.check_owned(resume=resume, overwrite=overwrite)
@@ -547,9 +550,9 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
         if overwrite and not resume:
             root.clear()
         if not root.read():
-            root.start({"data": os.path.abspath(data), "folds": folds})
-        kwargs = [dict(spec=spec.to_dict(), data=data, out=Path(out) / f"fold{fold}", fold=fold, target=target, raw=raw,
-                       confine=confine, resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
+            root.start({"data": os.path.abspath(source.data), "folds": folds})
+        kwargs = [dict(spec=spec.to_dict(), data=source, out=Path(out) / f"fold{fold}", fold=fold,
+                       resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
         try:
             if jobs > 1:  # each process validates the spec and opens the data itself
                 import multiprocessing
@@ -564,10 +567,10 @@ def cross_validate(spec: Spec | dict | str, data: str | os.PathLike, out: str | 
                         if after_fold is not None:
                             after_fold(k, metrics, k == folds[-1])
             else:
-                target_store = spec_store(spec, target) if target is not None else None
+                target_store = source.open_target(spec)
                 results = []
                 for k in kwargs:
-                    results.append(_train_opened(spec, store, target_store, data, k["out"], k["fold"], k["resume"],
+                    results.append(_train_opened(spec, store, target_store, source.data, k["out"], k["fold"], k["resume"],
                                                  progress, False))
                     if after_fold is not None:
                         after_fold(k["fold"], results[-1], k["fold"] == folds[-1])
@@ -601,5 +604,6 @@ def summarize_folds(per_fold: dict[int, dict[str, Any]],
     return out
 
 
-__getattr__ = moved_names(__name__, {"fit_standardization": "fusionkit.training.statistics",
+__getattr__ = moved_names(__name__, {"spec_store": "fusionkit.data.open",
+                                     "fit_standardization": "fusionkit.training.statistics",
                                      "estimate_domain_statistics": "fusionkit.training.statistics"})

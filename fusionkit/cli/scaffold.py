@@ -15,6 +15,7 @@ from string import Template
 
 from fusionkit.errors import FusionkitError
 from fusionkit.files import make_temp_dir
+from fusionkit.hookspecs import KIND_HOOKS
 
 __all__ = ["NAME", "PYPROJECT", "MODULE", "README", "ENCODER_USAGE", "OTHER_MODULE", "KINDS", "PLUGIN_KINDS",
            "new_plugin"]
@@ -141,10 +142,10 @@ def $hook(register):
     register("$component", $factory, config=${cls}Config, description="$summary_cap.")
 ''')
 
-#: kind -> (hook, base import, config base, imports, body, factory, summary, usage in a spec)
+#: kind -> (base import, config base, imports, body, factory, summary, usage in a spec)
 KINDS: dict[str, dict[str, str]] = {
     "gate": dict(
-        hook="register_gates", base_import="from fusionkit.interfaces import Gate, GateConfig", config_base="(GateConfig)",
+        base_import="from fusionkit.interfaces import Gate, GateConfig", config_base="(GateConfig)",
         imports="import torch\nfrom torch import nn",
         body='''    hidden: int = option(32, doc="Hidden size of the scoring MLP.", validator=positive)
 
@@ -161,7 +162,7 @@ class ${cls}(Gate):
 ''', factory="${cls}", summary="a gate scoring each encoder token with an MLP",
         usage="In a spec:\n\n```yaml\ngate: {type: $component, top_n: 2, hidden: 32}\n```"),
     "fusion": dict(
-        hook="register_fusions", base_import="from fusionkit.interfaces import Fusion", config_base="",
+        base_import="from fusionkit.interfaces import Fusion", config_base="",
         imports="import torch",
         body='''    scale: float = option(1.0, doc="Factor applied to the fused vector.", validator=positive)
 
@@ -180,7 +181,7 @@ class ${cls}(Fusion):
 ''', factory="${cls}", summary="a fusion taking the element-wise maximum of the kept slots",
         usage="In a spec:\n\n```yaml\nfusion: {type: $component}\n```"),
     "head": dict(
-        hook="register_heads", base_import="from fusionkit.interfaces import Head", config_base="",
+        base_import="from fusionkit.interfaces import Head", config_base="",
         imports="import torch\nfrom torch import nn",
         body='''    dropout: float = option(0.1, doc="Dropout before the linear layer.")
 
@@ -199,7 +200,7 @@ class ${cls}(Head):
 ''', factory="${cls}", summary="a linear salience head",
         usage="In a spec:\n\n```yaml\nheads: {salience: {type: $component, dropout: 0.1}}\n```"),
     "combiner": dict(
-        hook="register_combiners", base_import="from fusionkit.interfaces import Combiner", config_base="",
+        base_import="from fusionkit.interfaces import Combiner", config_base="",
         imports="import torch",
         body='''    presence_weight: float = option(0.5, doc="Weight of the normalised presence probabilities.")
 
@@ -218,7 +219,7 @@ class ${cls}(Combiner):
 ''', factory="${cls}", summary="a combiner mixing presence and salience probabilities",
         usage="In a spec:\n\n```yaml\ncombiner: {type: $component, presence_weight: 0.5}\n```"),
     "decoder": dict(
-        hook="register_decoders", base_import="from fusionkit.interfaces import Decoder", config_base="",
+        base_import="from fusionkit.interfaces import Decoder", config_base="",
         imports="import numpy as np",
         body='''    blend_ratio: float = option(0.5, doc="Second emotion's share of the first's above which a blend is predicted "
                                          "(fitted on validation).", validator=positive)
@@ -250,7 +251,6 @@ class ${cls}(Decoder):
 ''', factory="${cls}", summary="a decoder predicting a single emotion or a 50/50 blend",
         usage="In a spec:\n\n```yaml\ndecoder: {type: $component}\n```"),
     "adaptation_loss": dict(
-        hook="register_adaptation_losses",
         base_import="from fusionkit.interfaces import AdaptationConfig, AdaptationLoss",
         config_base="(AdaptationConfig)", imports="import torch",
         body='''    power: float = option(2.0, doc="Exponent of the distance between the feature means.", validator=positive)
@@ -267,7 +267,6 @@ class ${cls}(AdaptationLoss):
 ''', factory="${cls}", summary="an adaptation loss between source and target feature means",
         usage="In a spec:\n\n```yaml\nadaptation: [{type: $component, weight: 0.1}]\n```"),
     "distill_loss": dict(
-        hook="register_distill_losses",
         base_import="from fusionkit.interfaces import DistillBatch, DistillConfig, DistillLoss",
         config_base="(DistillConfig)", imports="import torch",
         body='''    margin: float = option(0.0, doc="Cosine distance below which a pair costs nothing.")
@@ -287,7 +286,7 @@ class ${cls}(DistillLoss):
 ''', factory="${cls}", summary="a distillation loss on the cosine distance of student and teacher embeddings",
         usage="In a spec:\n\n```yaml\ndistill: {teacher: runs/teacher/best, losses: [{type: $component}]}\n```"),
     "dataset": dict(
-        hook="register_datasets", base_import="from fusionkit.interfaces import Dataset, Sample",
+        base_import="from fusionkit.interfaces import Dataset, Sample",
         config_base="", imports="import numpy as np",
         body='''    samples: int = option(100, doc="Number of samples.", validator=positive)
     seed: int = option(0, doc="Random seed.")
@@ -309,8 +308,8 @@ class ${cls}(Dataset):
         usage="Build a store:\n\n```bash\nfusionkit data build $component --out store --set samples=200\n```"),
 }
 
-#: The kinds `fusionkit plugin new --kind` writes.
-PLUGIN_KINDS = ("encoder", *KINDS)
+#: The kinds `fusionkit plugin new --kind` writes: every kind of the one table, hookspecs.KIND_HOOKS.
+PLUGIN_KINDS = tuple(KIND_HOOKS)
 
 
 def new_plugin(name: str, out: str | Path = ".", component: str | None = None, kind: str = "encoder") -> Path:
@@ -331,7 +330,7 @@ def new_plugin(name: str, out: str | Path = ".", component: str | None = None, k
         raise FusionkitError(f"component name {component!r}: use lower-case letters, digits and '_'")
     values = {"name": name, "dist": f"fusionkit-{name}", "module": f"fusionkit_{snake}", "entry": snake,
               "component": component, "cls": "".join(part.title() for part in component.split("_")), "kind": kind,
-              "kind_words": kind.replace("_", " ")}
+              "kind_words": kind.replace("_", " "), "hook": KIND_HOOKS[kind]}
     if kind == "encoder":
         module = MODULE.substitute(values)
         values |= {"summary": "a two-layer MLP over\npre-extracted vectors",

@@ -1,0 +1,252 @@
+"""``fusionkit evaluate`` and ``fusionkit predict``: a trained run, or a fold ensemble of runs, on a store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fusionkit.cli.options import SPLITS, add_budget, add_data, add_runs, data_source
+
+__all__ = ["add_commands", "submission_paths"]
+
+
+def _run_index(run: Path, store, split_name: str):
+    import numpy as np
+
+    from fusionkit.errors import DataError
+    from fusionkit.training.train import make_split
+
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    if split_name == "unlabelled":
+        index = store.select(labelled=False)
+    elif split_name == "target":
+        index = store.select(domain="target")
+    elif split_name == "all":
+        index = np.arange(len(store))
+    elif split_name == "labelled":
+        index = store.select(labelled=True)
+    else:
+        split = make_split(store, info.get("test_fold"))
+        index = split.test if split_name == "test" else split.val
+    if len(index) == 0:
+        raise DataError(f"{store.path}: no {split_name} samples for run {run}; choose another --split")
+    return index
+
+
+def _open_run(args: argparse.Namespace):
+    from fusionkit.devices import resolve_device
+    from fusionkit.models.factory import load_model
+
+    model = load_model(Path(args.run[0]) / "best", device=resolve_device(args.device or "auto"))
+    return model, data_source(args).open(model.spec)
+
+
+def _open_ensemble(args: argparse.Namespace):
+    """The runs of ``args.run`` as a fold ensemble with its thresholds fitted out of fold, or None for one run."""
+    from fusionkit.devices import resolve_device
+    from fusionkit.errors import FusionkitError
+    from fusionkit.training.ensemble import FoldEnsemble, expand_runs
+
+    runs = expand_runs(args.run, partial=args.partial)
+    if len(runs) == 1 and not args.cv:
+        return None
+    if args.cv and (len(args.run) != 1 or runs == [Path(args.run[0])]):
+        raise FusionkitError(f"--cv: give one cross-validation directory (written by `fusionkit train --cv`), not "
+                             f"{args.run}")
+    if args.split in ("test", "val"):
+        raise FusionkitError(f"--split {args.split}: the fold models of an ensemble have different {args.split} folds; "
+                             "choose target (the test clips), unlabelled, labelled or all")
+    ensemble = FoldEnsemble(runs, device=resolve_device(args.device or "auto"))
+    store = data_source(args).open(ensemble.spec)
+    ensemble.fit_decoder(store)
+    print(f"ensemble of {len(runs)} runs; decoder thresholds fitted on their pooled out-of-fold validation predictions")
+    return ensemble, store
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fusionkit.files import atomic_write_text
+    from fusionkit.training.tasks import task_class
+
+    opened = _open_ensemble(args)
+    if opened is not None:
+        ensemble, store = opened
+        index = _run_index(Path(args.run[0]), store, args.split)
+        if not store.labelled[index].all():
+            from fusionkit.errors import DataError
+
+            raise DataError(f"{store.path}: the {args.split} samples are not all labelled; evaluate needs labels")
+        metrics = ensemble.evaluate(store, index, budget=_ensemble_budget(args, ensemble))
+        task = task_class(ensemble.spec)
+        out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}{_budget_suffix(args.budget)}.json" \
+            if len(args.run) == 1 else None
+    else:
+        model, store = _open_run(args)
+        task = task_class(model.spec)
+        index = _run_index(Path(args.run[0]), store, args.split)
+        if args.budget_curve:
+            return _budget_curve(args, model, store, index)
+        metrics = task.evaluate_model(model, store, index, **_budget_option(args, model, store))
+        out = Path(args.run[0]) / f"evaluation_{args.split}{_budget_suffix(args.budget)}.json"
+    print(f"{args.split}: {task.summary(metrics)}")
+    if "compute" in metrics:
+        compute = metrics["compute"]
+        rates = ", ".join(f"{n} {r:.0%}" for n, r in compute["run_rate"].items())
+        print(f"  compute: {compute['mean_gflops']:.4g} of {compute['full_gflops']:.4g} GFLOPs per sample; ran: {rates}")
+    if out is not None:
+        atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _budget_suffix(budget: str | None) -> str:
+    if budget is None:
+        return ""
+    return "_budget-" + "".join(c if c.isalnum() or c == "." else "pct" if c == "%" else "-" for c in budget.strip())
+
+
+def _budget_option(args: argparse.Namespace, model, store) -> dict:
+    """``budget=`` for a model with on-demand encoders; a budget for a model without them is refused."""
+    if args.budget is None:
+        return {}
+    from fusionkit.errors import FusionkitError
+    from fusionkit.models.conditional import Budget
+
+    if not model.spec.on_demand:
+        raise FusionkitError(f"--budget {args.budget}: {args.run[0]} runs every encoder always (no encoder has run: "
+                             "on_demand), so there is no compute to budget")
+    budget = Budget.parse(args.budget)
+    if budget.mean:  # its threshold comes from the run's validation fold
+        from fusionkit.training.tasks import fit_mean_budget
+        from fusionkit.training.train import make_split
+
+        info = json.loads((Path(args.run[0]) / "run.json").read_text(encoding="utf-8"))
+        budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
+        print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
+    return {"budget": budget}
+
+
+def _ensemble_budget(args: argparse.Namespace, ensemble):
+    """A fold ensemble's ``--budget``: a cap per sample, for models with on-demand encoders."""
+    if args.budget is None:
+        return None
+    from fusionkit.errors import FusionkitError
+    from fusionkit.models.conditional import Budget
+
+    budget = Budget.parse(args.budget)
+    if not ensemble.spec.on_demand:
+        raise FusionkitError(f"--budget {args.budget}: the ensemble's models run every encoder always (no encoder has "
+                             "run: on_demand), so there is no compute to budget")
+    if budget.mean:
+        raise FusionkitError(f"--budget {args.budget}: a mean budget's threshold is fitted per model; give a fold "
+                             "ensemble a cap per sample (e.g. 40%)")
+    return budget
+
+
+def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
+    """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything."""
+    from fusionkit.files import atomic_write_text
+    from fusionkit.training.tasks import budget_curve
+
+    if not model.spec.on_demand:
+        from fusionkit.errors import FusionkitError
+
+        raise FusionkitError(f"--budget-curve: {args.run[0]} has no on-demand encoder (run: on_demand); every budget "
+                             "would run the same encoders")
+    points = budget_curve(model, store, index, progress=True)
+    for p in points:
+        print(f"  budget {p['budget_share']:>4.0%}: Score {p['score']:.3f}, {p['mean_gflops']:.4g} GFLOPs per sample, "
+              f"{p['seconds']:.2f} s")
+    out = Path(args.run[0]) / f"budget_curve_{args.split}.json"
+    atomic_write_text(out, json.dumps({"split": args.split, "n": int(len(index)), "points": points}, indent=2) + "\n")
+    print(f"budget curve written to {out}")
+    return 0
+
+
+def submission_paths(out: Path) -> tuple[Path, Path]:
+    """(JSON, zip) paths of a submission from ``--out``: ``sub.json`` or ``sub.zip`` give both."""
+    suffix = out.suffix.lower()
+    if suffix not in (".json", ".zip"):
+        from fusionkit.errors import FusionkitError
+
+        raise FusionkitError(f"--out {out}: name the submission FILE.json or FILE.zip (both are written)")
+    return out.with_suffix(".json"), out.with_suffix(".zip")
+
+
+def _check_submission_replaceable(json_path: Path, zip_path: Path) -> None:
+    """Only files that are fusionkit submissions are overwritten."""
+    import zipfile
+
+    from fusionkit.errors import FusionkitError
+
+    for path in (json_path, zip_path):
+        if path.is_dir():
+            raise FusionkitError(f"{path}: is a directory; --out names a submission file (FILE.json or FILE.zip)")
+        if not path.exists():
+            continue
+        try:
+            if path == json_path:
+                ours = set(json.loads(path.read_text(encoding="utf-8"))) == {"predictions"}
+            else:
+                with zipfile.ZipFile(path) as zf:
+                    ours = zf.namelist() == [json_path.name]
+        except (ValueError, TypeError, OSError, zipfile.BadZipFile):
+            ours = False
+        if not ours:
+            raise FusionkitError(f"{path}: exists and is not a fusionkit submission; not overwritten. "
+                                 "Choose another --out or move the file away.")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import zipfile
+
+    from fusionkit.errors import FusionkitError
+    from fusionkit.files import atomic_write, atomic_write_text
+    from fusionkit.training.tasks import predictions_for, task_class
+
+    json_path, zip_path = submission_paths(Path(args.out))
+    _check_submission_replaceable(json_path, zip_path)
+    opened = _open_ensemble(args)
+    if opened is not None:
+        ensemble, store = opened
+        index = _run_index(Path(args.run[0]), store, args.split)
+        preds = ensemble.predictions(store, index, budget=_ensemble_budget(args, ensemble))
+    else:
+        model, store = _open_run(args)
+        if not task_class(model.spec).predicts:
+            raise FusionkitError(f"{args.run[0]}: a two-tower model embeds and retrieves; it predicts no answers, so "
+                                 "there is no submission to write. `fusionkit evaluate` gives its retrieval metrics.")
+        index = _run_index(Path(args.run[0]), store, args.split)
+        preds = predictions_for(model, store, index, **_budget_option(args, model, store))
+    text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
+    atomic_write_text(json_path, text)
+
+    def write_zip(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(json_path.name, text)
+
+    atomic_write(zip_path, write_zip)
+    print(f"{len(preds)} predictions written to {json_path} and {zip_path}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="BlEmoRE metrics of a trained run (or a fold ensemble) on a store")
+    add_runs(p)
+    add_data(p)
+    p.add_argument("--split", choices=SPLITS, default="test", help="which samples (default: the run's test fold; "
+                   "target: the target-domain rows, e.g. a release's test clips)")
+    add_budget(p)
+    p.add_argument("--budget-curve", action="store_true", help="Score against mean GFLOPs per sample and wall "
+                   "seconds at budgets from 0%% to 100%% of the full cost (RUN/budget_curve_SPLIT.json; `fusionkit "
+                   "report` draws it)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write a challenge submission (JSON, and a zip beside it)")
+    add_runs(p)
+    add_data(p)
+    p.add_argument("--out", required=True, metavar="FILE.json", help="FILE.json and FILE.zip are written "
+                   "(FILE.zip names the same pair)")
+    p.add_argument("--split", choices=SPLITS, default="unlabelled", help="which samples (default: the unlabelled ones)")
+    add_budget(p)
+    p.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
+    p.set_defaults(func=_cmd_predict)
