@@ -138,3 +138,38 @@ def test_matrix_round_trip():
     sal = np.array([[30.0, 70.0], [100.0, 0.0]])
     assert np.array_equal(order_to_matrix(order, sal, 6), m)
     assert scores_from_matrices(m, m) == {"acc_presence": 1.0, "acc_salience": 1.0, "score": 1.0}
+
+
+# --- ACC_salience without blends ------------------------------------------------------------------------
+
+
+def test_acc_salience_is_not_applicable_without_blends():
+    """a split without blends reported ACC_salience 0.000, which halved Score."""
+    from fusionkit.metrics import blemore_scores
+
+    truth = {"x": [{"emotion": "hap", "salience": 100.0}], "y": [{"emotion": "sad", "salience": 100.0}]}
+    pred = {"x": [{"emotion": "hap", "salience": 100.0}], "y": [{"emotion": "ang", "salience": 100.0}]}
+    scores = blemore_scores(pred, truth)
+    assert scores == {"acc_presence": 0.5, "acc_salience": None, "score": 0.5}
+    truth["z"] = [{"emotion": "hap", "salience": 70.0}, {"emotion": "sad", "salience": 30.0}]
+    pred["z"] = [{"emotion": "hap", "salience": 70.0}, {"emotion": "sad", "salience": 30.0}]
+    assert blemore_scores(pred, truth)["acc_salience"] == 1.0
+
+
+def test_a_run_without_blends_writes_null_and_prints_n_a(tmp_path, capsys):
+    """End to end: metrics.json holds null, the terminal and the report say n/a."""
+    from fusionkit.cli import main
+    from fusionkit.components.datasets import build_dataset
+
+    store = build_dataset("synthetic", {"samples": 200, "dim": 4, "noise": [0.5, 1.0], "blend_share": 0.0},
+                          tmp_path / "store")
+    spec = {"latent_dim": 8, "encoders": [{"name": f"enc{k}", "type": "features", "dim": 4} for k in range(2)],
+            "gate": {"type": "uniform", "top_n": 2}, "train": {"epochs": 2, "batch_size": 64}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert main(["train", str(tmp_path / "spec.json"), "--data", str(store), "--out", str(tmp_path / "run"),
+                 "--fold", "0", "--quiet"]) == 0
+    assert "ACC_salience n/a" in capsys.readouterr().out
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
+    assert test["acc_salience"] is None and test["score"] == test["acc_presence"]
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "| n/a |" in (tmp_path / "run" / "report" / "summary.md").read_text()

@@ -142,3 +142,24 @@ def test_loading_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
     load_model(path)
+
+
+# --- a disabled plugin's checkpoint ----------------------------------------------------------------------
+
+
+def test_a_checkpoint_of_a_disabled_plugin_says_how_to_enable_it(tmp_path, monkeypatch):
+    """load_model under FUSIONKIT_DISABLE_PLUGINS said 'no installed plugin provides ... Install'."""
+    from fusionkit import plugins
+    from fusionkit.errors import CheckpointError
+    from fusionkit.models.factory import build_model, load_model
+
+    model = build_model({"latent_dim": 8, "encoders": [{"name": "a", "type": "example_mlp", "dim": 3}]})
+    model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setenv("FUSIONKIT_DISABLE_PLUGINS", "fusionkit-example-encoder")
+    plugins.reset()
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "ckpt")
+    message = str(err.value)
+    assert "encoders[0] is encoder 'example_mlp', saved with fusionkit-example-encoder 0.1.0" in message
+    assert "installed but disabled; enable it (remove it from FUSIONKIT_DISABLE_PLUGINS" in message
+    assert "Install" not in message and "is gate" not in message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ from fusionkit.interfaces import DistillBatch
 from fusionkit.models.factory import build_model, load_model
 from fusionkit.models.towers import TwoTowerModel, clip_loss, retrieval_metrics
 from fusionkit.plugins import get_registry
+from fusionkit.data.open import spec_store
 from fusionkit.spec import load_spec
 from fusionkit.training.distill import teacher_outputs
-from fusionkit.data.open import spec_store
 from fusionkit.training.train import train
 
 LOSSES = ("kd", "fd", "crd", "icl", "rkd", "vrd", "xrd")
@@ -322,3 +323,78 @@ def test_distillation_from_the_command_line(teacher_run, pair_store, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fusionkit", "plugins"], capture_output=True, text=True, timeout=120)
     listed = proc.stdout.split("  distill_loss:\n", 1)[1]
     assert [line.split()[0] for line in listed.splitlines()[:7]] == ["crd", "fd", "icl", "kd", "rkd", "vrd", "xrd"]
+
+
+# --- what a run's restart may lose or silently change -----------------------------------------------
+
+
+
+def test_overwrite_with_a_bad_teacher_keeps_the_previous_run(teacher_run, pair_store, tmp_path):
+    """a wrong distill.teacher with --overwrite left only the lock file of the previous run."""
+    from fusionkit.errors import CheckpointError
+    from fusionkit.training.train import train
+
+    out, _ = teacher_run
+    run = tmp_path / "student"
+    spec = tower_spec(width=16, embed=8, epochs=2, distill={"teacher": str(out / "best"), "losses": [{"type": "fd"}]})
+    train(spec, pair_store, run, fold=0, progress=False)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    spec["distill"]["teacher"] = str(tmp_path / "no-such-teacher")
+    with pytest.raises(CheckpointError, match="distill.teacher: cannot load the teacher"):
+        train(spec, pair_store, run, fold=0, progress=False, overwrite=True)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    lock = Path(".fusionkit.lock")  # taken again by the refused call: it names that call's process and second
+    assert lock in after and {k: v for k, v in after.items() if k != lock} == {k: v for k, v in before.items() if k != lock}
+
+
+def test_resume_against_a_retrained_teacher_is_refused(teacher_run, pair_store, tmp_path, monkeypatch):
+    """a student killed, its teacher changed, then --resume: it went on against another teacher."""
+    import shutil
+
+    from fusionkit.errors import CheckpointError
+    from fusionkit.training.train import Trainer, train
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_run[0] / "best", teacher)
+    spec = tower_spec(width=16, embed=8, epochs=3, distill={"teacher": str(teacher), "losses": [{"type": "fd"}]})
+    real = Trainer.validate
+
+    def killed_after_one_epoch(self, model, terms, epoch, state, record):
+        real(self, model, terms, epoch, state, record)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "validate", killed_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, pair_store, tmp_path / "student", fold=0, progress=False)
+    monkeypatch.undo()
+    retrained = tower_spec(width=64, embed=32, epochs=2)
+    retrained["train"]["seed"] = 1
+    train(retrained, pair_store, tmp_path / "retrained", fold=0, progress=False)
+    shutil.rmtree(teacher)
+    shutil.copytree(tmp_path / "retrained" / "best", teacher)
+    with pytest.raises(CheckpointError, match=r"distill.teacher \(the SHA-256 of its weights: it was retrained"):
+        train(spec, pair_store, tmp_path / "student", fold=0, progress=False, resume=True)
+
+
+# --- two-tower runs through evaluate, predict and report -----------------------------------------------
+
+
+def test_evaluate_predict_and_report_on_a_two_tower_run(teacher_run, pair_store, tmp_path, capsys):
+    """evaluate and predict gave a raw AttributeError on a two-tower run, report a misleading error."""
+    from fusionkit.cli import main
+
+    run = teacher_run[0]
+    assert main(["evaluate", str(run), "--data", str(pair_store)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("test: R@1 ")
+    metrics = json.loads((run / "evaluation_test.json").read_text())
+    assert metrics["r1"] == json.loads((run / "metrics.json").read_text())["test"]["r1"]
+    assert main(["predict", str(run), "--data", str(pair_store), "--out", str(tmp_path / "sub.json"),
+                 "--split", "labelled"]) == 2
+    assert "a two-tower model embeds and retrieves; it predicts no answers" in capsys.readouterr().err
+    assert not (tmp_path / "sub.json").exists()
+    assert main(["report", str(run)]) == 0
+    summary = (run / "report" / "summary.md").read_text()
+    assert "(two-tower)" in summary and "| test |" in summary
+    assert (run / "report" / "retrieval.png").stat().st_size > 1000

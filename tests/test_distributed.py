@@ -9,15 +9,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import tiny_spec
 
+from fusionkit.distributed import Dist, unused_parameters_possible
 from fusionkit.models.factory import load_model
 from fusionkit.spec import load_spec
-from fusionkit.distributed import Dist, unused_parameters_possible
 from fusionkit.training.train import train
 
 
@@ -331,3 +332,88 @@ def test_adaptation_on_two_processes_equals_one(tmp_path):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
     a, b = load_model(tmp_path / "one" / "best").state_dict(), load_model(tmp_path / "two" / "best").state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+# --- a killed run with dropout resumes to the uninterrupted one ------------------------------------------------
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(fields[1])
+    out, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent.items() if pp in frontier]
+        out += children
+        frontier = children
+    return out
+
+
+def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(synthetic_store, tmp_path):
+    """only rank 0's random state was saved and every rank restored it, so with dropout the resumed run
+    differed from its first resumed epoch on. Then a resume on another world size: a warning, and run.json says so."""
+    import signal
+
+    import torch
+    import yaml
+
+    from fusionkit.errors import FusionkitWarning
+    from fusionkit.training.train import train
+
+    spec = ddp_spec(epochs=4)
+    spec["projector"] = {"dropout": 0.3}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    common = ("-m", "fusionkit", "train", tmp_path / "spec.yaml", "--data", synthetic_store, "--fold", 0, "--quiet")
+    whole = torchrun(*common, "--out", tmp_path / "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+
+    def kill_after_epoch(n: int) -> None:
+        proc = torchrun(*common, "--out", run, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            meta = run / "last" / "metadata.json"
+            if meta.exists() and json.loads(meta.read_text())["extra"]["trainer"]["epoch"] >= n:
+                break
+            time.sleep(0.02)
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        from fusionkit.files import LockedError, exclusive_lock
+
+        for _ in range(600):  # the killed workers release the run's lock as they exit
+            try:
+                with exclusive_lock(run, "run", ""):
+                    return
+            except LockedError:
+                time.sleep(0.05)
+
+    kill_after_epoch(1)
+    assert not (run / "metrics.json").exists()
+    resumed = torchrun(*common, "--out", run, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert close(json.loads((run / "metrics.json").read_text()), expected)
+    whole_log = [json.loads(x)["loss"] for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert close(resumed_log, whole_log)
+
+    # 2 -> 1 process: accepted, said, and recorded
+    import shutil
+
+    shutil.rmtree(run)
+    kill_after_epoch(1)
+    assert json.loads((run / "last" / "metadata.json").read_text())["extra"]["world_size"] == 2
+    assert torch.get_num_threads() == 1  # as torchrun's processes here (tests/conftest.py)
+    with pytest.warns(FusionkitWarning, match=r"started with 2 process\(es\) and resumes with 1"):
+        train(tmp_path / "spec.yaml", synthetic_store, run, fold=0, progress=False, resume=True)
+    assert json.loads((run / "run.json").read_text())["world_size"] == 1

@@ -480,3 +480,45 @@ def test_a_live_cnn_trains_under_torchrun_without_one_row_batches(raw_images):
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((raw_images / "run" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and "val" in metrics
+
+
+# --- audio too long or too short ---------------------------------------------------------------
+
+
+
+def _wav_encoder(wavlm_dir, **options):
+    from fusionkit.models.factory import build_model
+
+    return build_model(spec_with({"name": "wav", "type": "hf", "model": str(wavlm_dir), "modality": "audio",
+                                  **options})).encoders["wav"]
+
+
+def test_a_long_wav_is_refused_or_cropped_as_configured(wavlm_dir, tmp_path):
+    """a 10-minute WAV tried to allocate 1.8 TB; now a documented maximum duration applies."""
+    import soundfile
+
+    soundfile.write(tmp_path / "long.wav", np.zeros(16000 * 3, np.float32), 16000)  # 3 s
+    with pytest.raises(ValueError, match=r"3.0 s long, over max_seconds 2 of encoder 'wav'; raise max_seconds, or "
+                                         r"set too_long: crop"):
+        _wav_encoder(wavlm_dir, max_seconds=2.0).load("long.wav", tmp_path)
+    with pytest.warns(UserWarning, match=r"3.0 s long, cropped to its first 2 s"):
+        wave = _wav_encoder(wavlm_dir, max_seconds=2.0, too_long="crop").load("long.wav", tmp_path)
+    assert wave.shape == (32000,)
+
+
+@pytest.mark.parametrize("samples", [0, 5])
+def test_a_wav_too_short_for_the_model_is_refused_not_stored_as_zeros(wavlm_dir, tmp_path, samples):
+    """a WAV of 0 or 5 samples was stored as an all-zero feature, or gave a raw traceback."""
+    import soundfile
+
+    from fusionkit.data.extract import extract
+
+    for i in range(4):
+        soundfile.write(tmp_path / f"a{i}.wav", np.random.default_rng(i).normal(size=8000).astype(np.float32), 16000)
+    soundfile.write(tmp_path / "a2.wav", np.zeros(samples, np.float32), 16000)
+    (tmp_path / "m.csv").write_text("id,labels,wav\n" + "".join(f"s{i},a,a{i}.wav\n" for i in range(4)))
+    spec = spec_with({"name": "wav", "type": "hf", "model": str(wavlm_dir), "modality": "audio"})
+    with pytest.raises(DataError, match=rf"sample 's2': encoder 'wav' cannot read 'a2.wav' \(ValueError: too short: "
+                                        rf"{samples} samples at 16000 Hz give the model no frame; a clip needs at least"):
+        extract(spec, tmp_path / "m.csv", tmp_path / "out", batch_size=4, workers=0, progress=False)
+    assert not (tmp_path / "out").exists()

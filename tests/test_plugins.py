@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fusionkit import build_model, plugins
-from fusionkit.errors import DuplicateComponentError, PluginError, SpecError, UnknownComponentError
+from fusionkit.errors import DuplicateComponentError, FusionkitError, PluginError, SpecError, UnknownComponentError
 from fusionkit.spec import load_spec
 
 BROKEN = "raise RuntimeError('boom: this plugin cannot be imported')\n"
@@ -249,3 +249,59 @@ def test_plugin_new_makes_a_clean_distribution_that_registers(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fusionkit", "plugin", "new", "my-encoder", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "already exists; nothing was written" in proc.stderr
+
+
+# --- plugin descriptions ---------------------------------------------------------------------------------
+
+
+def test_plugins_shows_each_registered_description(capsys):
+    """`fusionkit plugins` never showed the description= a plugin registers."""
+    from fusionkit.cli import main
+
+    assert main(["plugins"]) == 0
+    assert "    example_mlp  An MLP over feature vectors." in capsys.readouterr().out
+    assert main(["plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["example_encoder"]["descriptions"] == {"encoder": {"example_mlp": "An MLP over feature vectors."}}
+    assert rows["example_encoder"]["provides"] == {"encoder": ["example_mlp"]}
+
+
+# --- scaffolding every kind -----------------------------------------------------------------------------
+
+
+def test_plugin_new_makes_every_kind_and_each_one_works(tmp_path, monkeypatch, capsys):
+    """`plugin new` made encoders only, and its hint `pip install NAME` would search the index."""
+    import importlib
+
+    import fusionkit
+    from fusionkit.cli import main
+    from fusionkit.components.datasets import build_dataset
+    from fusionkit.cli.scaffold import PLUGIN_KINDS
+    from fusionkit.training.train import train
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for kind in PLUGIN_KINDS:
+        name = f"my-{kind.replace('_', '-')}"
+        assert main(["plugin", "new", name, "--kind", kind, "--out", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"pip install {(tmp_path / f'fusionkit-{name}').resolve()}" in out
+        monkeypatch.syspath_prepend(str(tmp_path / f"fusionkit-{name}"))
+        module = importlib.import_module(f"fusionkit_{name.replace('-', '_')}")
+        fusionkit.register_plugin(module, f"scaffold-{kind}")
+    store = build_dataset("my_dataset", {"samples": 120}, tmp_path / "store")
+    teacher = {"labels": ["low", "high"], "neutral": None, "latent_dim": 8,
+               "encoders": [{"name": "features", "type": "my_encoder", "dim": 8},
+                            {"name": "more", "type": "features", "dim": 8}],
+               "train": {"epochs": 2, "batch_size": 32}}
+    with pytest.raises(FusionkitError):  # the store has one encoder: 'more' is missing there
+        train(teacher, store, tmp_path / "bad", fold=0, progress=False)
+    teacher["encoders"] = teacher["encoders"][:1]
+    train(teacher, store, tmp_path / "teacher", fold=0, progress=False)
+    student = {**teacher, "gate": {"type": "my_gate", "top_n": 1}, "fusion": {"type": "my_fusion"},
+               "heads": {"salience": {"type": "my_head"}}, "combiner": {"type": "my_combiner"},
+               "decoder": {"type": "my_decoder"}, "adaptation": [{"type": "my_adaptation_loss", "weight": 0.1}],
+               "distill": {"teacher": str(tmp_path / "teacher" / "best"), "losses": [{"type": "my_distill_loss"}]}}
+    target = build_dataset("my_dataset", {"samples": 40, "seed": 1}, tmp_path / "target")
+    metrics = train(student, store, tmp_path / "student", fold=0, progress=False, target=target)
+    log = json.loads((tmp_path / "student" / "log.jsonl").read_text().splitlines()[0])
+    assert {"distill_my_distill_loss"} <= set(log) and metrics["test"]["n"] > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusionkit.errors import SpecError
+from fusionkit.errors import DataError, SpecError
 from fusionkit.spec import dump_spec, load_spec
 
 EXAMPLE = Path(__file__).parents[1] / "fusionkit" / "examples" / "blemore.yaml"
@@ -185,3 +185,68 @@ def test_precision_written_as_a_number_is_read_as_the_docs_write_it(tmp_path):
     (tmp_path / "spec.yaml").write_text("encoders: [{name: a, type: features, dim: 3}]\ntrain: {precision: 8}\n")
     with pytest.raises(SpecError, match=r"train.precision: expected one of '32', 'bf16', '16', found 8 \(int\)"):
         load_spec(tmp_path / "spec.yaml")
+
+
+# --- top-p bounds --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gate, message", [
+    ({"min_n": 3, "max_n": 2}, r"gate.min_n: 3 is more than gate.max_n \(2\)"),
+    ({"min_n": 4}, r"gate.min_n: 4 is more than the 3 encoder\(s\) the gate ranks"),
+    ({"max_n": 5}, r"gate.max_n: 5 is more than the 3 encoder\(s\) the gate ranks"),
+])
+def test_top_p_bounds_that_cannot_hold_are_refused(gate, message):
+    """min_n > max_n, or > the number of encoders, was accepted and clamped silently."""
+    from conftest import tiny_spec
+
+    from fusionkit.errors import SpecError
+    from fusionkit.spec import load_spec
+
+    spec = tiny_spec()
+    spec["gate"] = {"type": "mlp", "selection": "top_p", "top_p": 0.5, **gate}
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec)
+    spec["gate"] = {"type": "mlp", "selection": "top_p", "top_p": 0.5, "min_n": 2, "max_n": 3}
+    load_spec(spec)
+
+
+# --- lists are strict -----------------------------------------------------------------------------------
+
+
+def test_a_string_is_not_split_into_a_list_and_bad_items_are_shown(tmp_path, capsys):
+    """`--set classes=abc` became ['a','b','c'], and an element's type error hid the value."""
+    from fusionkit.cli import main
+
+    assert main(["data", "build", "synthetic", "--out", str(tmp_path / "s"), "--set", "noise=abc"]) == 2
+    assert "noise: expected a list (list[float]), found 'abc' (str); write [a, b]" in capsys.readouterr().err
+    assert main(["data", "build", "synthetic", "--out", str(tmp_path / "s"), "--set", "noise=[1, abc]"]) == 2
+    assert "noise: expected list[float], but item [1] is 'abc' (str), not float" in capsys.readouterr().err
+    assert main(["data", "build", "synthetic", "--out", str(tmp_path / "s"), "--set", "noise=[1, 2.5]",
+                 "--set", "samples=50"]) == 0
+    assert not (tmp_path / "s.partial").exists()
+
+
+# --- spec and label hints --------------------------------------------------------------------------------
+
+
+def test_spec_validate_warns_of_a_missing_teacher(tmp_path, capsys):
+    """`spec validate` accepted a distill.teacher that does not exist."""
+    from fusionkit.cli import main
+
+    spec = {"encoders": [{"name": "a", "type": "features", "dim": 3}],
+            "distill": {"teacher": str(tmp_path / "nowhere"), "losses": [{"type": "kd"}]}}
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    assert main(["spec", "validate", str(tmp_path / "s.json")]) == 0
+    assert "warning: distill.teacher: " in capsys.readouterr().err
+
+
+def test_a_label_mismatch_says_which_labels_to_write(tmp_path, uci_source):
+    """docs/training.md's command failed on label names with no hint."""
+    from fusionkit.components.datasets import build_dataset
+    from fusionkit.spec import load_spec
+    from fusionkit.data.open import spec_store
+
+    store = build_dataset("uci-mfeat", {"source": uci_source}, tmp_path / "uci")
+    spec = load_spec({"encoders": [{"name": "fou", "type": "features", "dim": 76}]})
+    with pytest.raises(DataError, match=r"`labels: \[d0, d1, d2, d3, d4, d5\]` and `neutral: null`"):
+        spec_store(spec, store)
