@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-#: One torch thread per process: the suite runs on pytest-xdist workers (`make test`: two), and a worker, the
-#: commands it starts (CLI runs, torchrun ranks, sweep workers) and its neighbour then share the cores instead of
-#: contending for them. Measured in docs/maintainers.md#the-test-suite.
-os.environ["OMP_NUM_THREADS"] = "1"
+#: One torch thread per process ($FUSIONKIT_TEST_THREADS to re-time another count): the suite runs on pytest-xdist
+#: workers (`make test`: two), and a worker, the commands it starts (CLI runs, torchrun ranks, sweep workers) and its
+#: neighbour then share the cores instead of contending for them. Measured in docs/maintainers.md#the-test-suite.
+THREADS = int(os.environ.get("FUSIONKIT_TEST_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(THREADS)
 
 from fusionkit import plugins  # noqa: E402
 

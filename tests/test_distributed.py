@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,12 +41,23 @@ def torchrun(*args, cwd, timeout=300, **popen):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """As torchrun's processes here (OMP_NUM_THREADS=1): float results are bitwise equal at one thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_process(synthetic_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     (root / "spec.yaml").write_text(yaml.safe_dump(ddp_spec(epochs=4)))
-    assert torch.get_num_threads() == 1  # as torchrun's processes here (tests/conftest.py)
-    metrics = train(root / "spec.yaml", synthetic_store, root / "one", fold=0, progress=False)
+    with one_thread():
+        metrics = train(root / "spec.yaml", synthetic_store, root / "one", fold=0, progress=False)
     return root, metrics
 
 
@@ -146,8 +158,8 @@ def test_dist_helpers_shard_weight_and_gather_in_order():
 def test_cross_validation_folds_in_separate_processes(synthetic_store, tmp_path):
     from fusionkit.training.train import cross_validate
 
-    assert torch.get_num_threads() == 1  # as torchrun's processes here (tests/conftest.py)
-    serial = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "serial", progress=False)
+    with one_thread():
+        serial = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "serial", progress=False)
     parallel = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "parallel", progress=False, jobs=2)
     assert parallel == serial
 
@@ -206,8 +218,8 @@ def tower_ddp_spec(local_loss: bool) -> dict:
 def one_and_two_processes(spec_file, store, root) -> tuple[dict, list[list[dict]]]:
     """Train ``spec_file`` in this process (one thread, as torchrun's processes here) into ROOT/one and with
     torchrun on two processes into ROOT/two; check the two metrics are equal and return the log records of both."""
-    assert torch.get_num_threads() == 1  # as torchrun's processes here (tests/conftest.py)
-    one = train(spec_file, store, root / "one", fold=0, progress=False)
+    with one_thread():
+        one = train(spec_file, store, root / "one", fold=0, progress=False)
     proc = torchrun("-m", "fusionkit", "train", spec_file, "--data", store, "--out", root / "two", "--fold", 0,
                     "--quiet", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -357,13 +369,7 @@ def descendants(pid: int) -> list[int]:
 def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(synthetic_store, tmp_path):
     """only rank 0's random state was saved and every rank restored it, so with dropout the resumed run
     differed from its first resumed epoch on. Then a resume on another world size: a warning, and run.json says so."""
-    import signal
-
-    import torch
-    import yaml
-
     from fusionkit.errors import FusionkitWarning
-    from fusionkit.training.train import train
 
     spec = ddp_spec(epochs=4)
     spec["projector"] = {"dropout": 0.3}
@@ -413,7 +419,6 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
     shutil.rmtree(run)
     kill_after_epoch(1)
     assert json.loads((run / "last" / "metadata.json").read_text())["extra"]["world_size"] == 2
-    assert torch.get_num_threads() == 1  # as torchrun's processes here (tests/conftest.py)
     with pytest.warns(FusionkitWarning, match=r"started with 2 process\(es\) and resumes with 1"):
         train(tmp_path / "spec.yaml", synthetic_store, run, fold=0, progress=False, resume=True)
     assert json.loads((run / "run.json").read_text())["world_size"] == 1
