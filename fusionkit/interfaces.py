@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,7 @@ from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.devices import full_precision
 from fusionkit.selection import Selection, in_encoder_order, select_top_n, select_top_p, slot_count
 
-__all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "restoring", "restoring_checkpoint",
+__all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "DeferredInput", "restoring", "restoring_checkpoint",
            "freeze_stages", "GateConfig", "Gate", "Fusion", "Head", "Combiner", "Decoder", "Dataset", "DOMAINS",
            "Sample", "AdaptationConfig", "AdaptationLoss", "Pair", "DistillBatch", "DistillConfig", "DistillLoss"]
 
@@ -76,6 +76,19 @@ class Encoder(nn.Module):
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor, domain: str = "source") -> None:
         """Use ``mean`` and ``std`` ``[D]`` (of ``domain``'s training rows) to standardise the inputs."""
         raise NotImplementedError(f"{type(self).__name__} does not standardise its inputs (standardizes_inputs)")
+
+
+@attrs.frozen
+class DeferredInput:
+    """An on-demand encoder's input in a batch, read only for the rows that run the encoder.
+
+    ``load(rows)`` reads and preprocesses the samples at positions ``rows`` of the batch (a ``[R]`` integer tensor)
+    and returns ``(x, lengths)`` of those rows alone, on the model's device. A feature store hands the model one for
+    each on-demand live encoder when it evaluates (``FeatureStore.inputs_for(model, index, defer=...)``), so that a
+    sample the gate does not send to the encoder is neither read from disk nor decoded.
+    """
+
+    load: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @attrs.frozen(kw_only=True)

@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_spec
 
 from fusionkit.cli import main
-from fusionkit.errors import FusionkitError, SpecError
+from fusionkit.errors import DataError, FusionkitError, SpecError
 from fusionkit.models.conditional import Budget, within_budget
 from fusionkit.models.factory import build_model, load_model
 from fusionkit.spec import load_spec
@@ -272,6 +272,34 @@ def test_a_live_encoders_cost_is_measured_and_its_backbone_skipped_for_rows_not_
         assert sum(rows) == int(out.ran[:, 1].sum())
         torch.testing.assert_close(out.probs, model(x, mask=out.ran, everything=True).probs, rtol=1e-5, atol=1e-6)
     assert model(x, budget="0%").ran[:, 1].sum() == 0 and model(x, budget="100%").ran[:, 1].all()
+
+
+def test_an_on_demand_encoders_files_are_read_only_for_the_rows_that_run_it(raw_images):
+    """Evaluation reads an on-demand live encoder's images for the rows the scout sends to it, and nothing else;
+    the outputs are those of reading every image first."""
+    import numpy as np
+
+    from fusionkit.data.open import spec_store
+    from fusionkit.training.tasks import collect_outputs
+
+    model = build_model(live_spec()).eval()
+    store = spec_store(model.spec, raw_images / "store", raw_images / "manifest.csv")
+    encoder, read = model.encoders["img"], []
+    real_load = encoder.load
+    encoder.load = lambda value, base: read.append(value) or real_load(value, base)
+    index = np.arange(len(store))
+    for budget in ("0%", "100%", None):
+        read.clear()
+        lazy = collect_outputs(model, store, index, batch_size=8, budget=budget)
+        ran = lazy["ran"][:, 1]
+        assert sorted(read) == sorted(store.raw.columns["img"][int(r)] for r in store.raw_rows[index[ran]])
+        with torch.no_grad():
+            eager = [model(*store.inputs_for(model, index[i : i + 8]), budget=budget) for i in range(0, len(index), 8)]
+        assert np.array_equal(ran, torch.cat([o.ran[:, 1] for o in eager]).numpy())
+        np.testing.assert_allclose(lazy["probs"], torch.cat([o.probs for o in eager]).numpy(), rtol=1e-5, atol=1e-6)
+    assert not collect_outputs(model, store, index, budget="0%")["ran"][:, 1].any()
+    with pytest.raises(DataError, match=r"defer: \['vec'\] are not live encoders"):
+        store.inputs_for(model, index[:2], defer=["vec"])
 
 
 def test_an_on_demand_live_encoder_trains_under_torchrun(raw_images, capsys):

@@ -82,7 +82,7 @@ def test_bad_regime_options_are_refused(bad, uci_source, tmp_path):
 
 
 def test_the_gate_diagnostics_split_keep_rates_by_corruption(uci_source, tmp_path):
-    """Item 3: per encoder, the keep rate on clean against corrupted samples, in metrics.json and the report."""
+    """Per encoder, the keep rate on clean against corrupted samples, in metrics.json and the report."""
     import json
 
     from fusionkit import recipes

@@ -31,7 +31,7 @@ from fusionkit.answers import to_matrix
 from fusionkit.devices import device_of, to_device
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.files import apply_umask, check_replaceable, json_marker, write_directory
-from fusionkit.interfaces import DOMAINS, Sample  # noqa: F401 - their public home is interfaces
+from fusionkit.interfaces import DOMAINS, DeferredInput, Sample  # noqa: F401 - DOMAINS, Sample: their public home is interfaces
 from fusionkit.pooling import stats7
 from fusionkit.spec import encoder_name_problem
 
@@ -161,12 +161,32 @@ class FeatureStore:
         mask = torch.stack(masks, dim=1) if masks else torch.ones((len(index), 0), dtype=torch.bool)
         return inputs, lengths, mask
 
-    def inputs_for(self, model: ModelInputs, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
+    def inputs_for(self, model: ModelInputs, index: np.ndarray,
+                   defer: Sequence[str] = ()) -> tuple[dict, dict, torch.Tensor]:
         """A model's inputs for the samples ``index``, on the model's device, pooling fixed sequences once per
-        sample where the model's encoders allow it (``model.precomputed_pooling()``)."""
-        return to_device(self._cpu_inputs(model, index), device_of(model))
+        sample where the model's encoders allow it (``model.precomputed_pooling()``).
 
-    def _cpu_inputs(self, model: ModelInputs, index: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
+        ``defer``: live encoders (on-demand ones, ``model.deferrable_inputs()``) whose inputs are read only when the
+        model asks for some rows: each is a :class:`~fusionkit.interfaces.DeferredInput`, and no file of a row the
+        model does not run it on is opened."""
+        device = device_of(model)
+        live = model.live_encoders()
+        unknown = [name for name in defer if name not in live]
+        if unknown:
+            raise DataError(f"defer: {unknown} are not live encoders of the model (live: {sorted(live)})")
+        inputs, lengths, mask = to_device(self._cpu_inputs(model, index, set(defer)), device)
+        for name in defer:
+            inputs[name] = DeferredInput(self._row_reader(index, name, live[name], device))
+        return inputs, lengths, mask
+
+    def _row_reader(self, index: np.ndarray, name: str, encoder: Any, device: torch.device):
+        def load(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            x, lengths = to_device(self.raw.batch(self.raw_rows[index[rows.cpu().numpy()]], {name: encoder}), device)
+            return x[name], lengths.get(name)
+
+        return load
+
+    def _cpu_inputs(self, model: ModelInputs, index: np.ndarray, deferred: set[str]) -> tuple[dict, dict, torch.Tensor]:
         pooled, live = model.precomputed_pooling(), model.live_encoders()
         stored = [n for n in model.encoder_names if n not in live]
         inputs, lengths, mask = self.batch(index, stored, pooled)
@@ -175,8 +195,10 @@ class FeatureStore:
         if self.raw is None:
             raise DataError(f"{self.path}: encoder(s) {sorted(live)} are live and read raw inputs: give the "
                             "manifest (--raw MANIFEST, or a manifest as the data)")
-        raw_inputs, raw_lengths = self.raw.batch(self.raw_rows[index], live)
-        inputs, lengths = {**inputs, **raw_inputs}, {**lengths, **raw_lengths}
+        now = {name: encoder for name, encoder in live.items() if name not in deferred}
+        if now:
+            raw_inputs, raw_lengths = self.raw.batch(self.raw_rows[index], now)
+            inputs, lengths = {**inputs, **raw_inputs}, {**lengths, **raw_lengths}
         columns = {name: mask[:, k] for k, name in enumerate(stored)}
         full = torch.ones(len(index), dtype=torch.bool)
         mask = torch.stack([columns.get(name, full) for name in model.encoder_names], dim=1)

@@ -19,7 +19,7 @@ from torch import nn
 from fusionkit.answers import Prediction, from_order
 from fusionkit.checkpoint import save_checkpoint
 from fusionkit.errors import DataError, FusionkitError
-from fusionkit.interfaces import DOMAINS, BuildContext, Decoder, Encoder, LiveEncoder
+from fusionkit.interfaces import DOMAINS, BuildContext, Decoder, DeferredInput, Encoder, LiveEncoder
 from fusionkit.models.conditional import (
     Budget,
     gather_rows,
@@ -271,6 +271,12 @@ class Trunk(nn.Module):
         """Encoder name -> the encoders that read raw inputs (:class:`~fusionkit.interfaces.LiveEncoder`)."""
         return {name: enc for name, enc in self.encoders.items() if isinstance(enc, LiveEncoder)}
 
+    def deferrable_inputs(self) -> tuple[str, ...]:
+        """The on-demand live encoders: what a data source may hand over as a
+        :class:`~fusionkit.interfaces.DeferredInput`, read only for the rows that run them."""
+        live = self.live_encoders()
+        return tuple(self.encoder_names[k] for k in self.on_demand if self.encoder_names[k] in live)
+
     def encoder_costs(self) -> dict[str, float | None]:
         """GFLOPs per sample of each encoder: its declared ``cost_gflops``; else, for a live encoder, measured by
         ``torch.utils.flop_counter`` on its example input (None where it has none); else 0 (stored features)."""
@@ -298,6 +304,11 @@ class Trunk(nn.Module):
         """The tokens, the gate's selection and the fused vector of a batch. On-demand encoders run on the rows
         that keep them (within ``budget`` when given); ``everything`` runs them on every row instead."""
         lengths = lengths or {}
+        if everything and any(isinstance(v, DeferredInput) for v in inputs.values()):
+            batch = len(next(v for v in inputs.values() if torch.is_tensor(v)))
+            whole = {n: _input_rows(inputs[n], lengths.get(n), None, batch) for n in self.encoder_names}
+            inputs = {n: x for n, (x, _) in whole.items()}
+            lengths = {n: v for n, (_, v) in whole.items() if v is not None}
         if not self.on_demand or everything:
             tokens = torch.stack(
                 [self.projectors[name](self.encoders[name](inputs[name], lengths.get(name))) for name in self.encoder_names],
@@ -355,13 +366,14 @@ class Trunk(nn.Module):
                 continue
             name = names[k]
             if len(rows) == batch:  # every row: nothing to gather or scatter
-                columns[k] = self.projectors[name](self.encoders[name](inputs[name], lengths.get(name)))
+                columns[k] = self.projectors[name](self.encoders[name](*_input_rows(inputs[name], lengths.get(name),
+                                                                                    None, batch)))
                 continue
             if len(rows) == 1 and batch > 1 and has_batch_norm(self.encoders[name]):
                 # batch norm cannot normalise one row in training: a second row runs beside it, unused (not `ran`)
                 rows = torch.stack([rows[0], (rows[0] + 1) % batch])
-            value = self.projectors[name](self.encoders[name](gather_rows(inputs[name], rows),
-                                                              gather_rows(lengths.get(name), rows)))
+            value = self.projectors[name](self.encoders[name](*_input_rows(inputs[name], lengths.get(name), rows,
+                                                                           batch)))
             columns[k] = scatter_rows(value, rows, batch)
         tokens = torch.stack([columns[k] for k in range(len(names))], dim=1) + self.identity
         ran = present.clone()
@@ -556,6 +568,17 @@ def decoder_inputs(out: FusionOutput) -> dict[str, np.ndarray]:
     if out.salience is not None:
         arrays["salience"] = out.salience
     return {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
+
+
+def _input_rows(value: torch.Tensor | DeferredInput, lengths: torch.Tensor | None, rows: torch.Tensor | None,
+                batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, lengths)`` of an encoder's input at ``rows`` of the batch (None: every row); a deferred input is read
+    for those rows alone."""
+    if isinstance(value, DeferredInput):
+        return value.load(torch.arange(batch) if rows is None else rows)
+    if rows is None:
+        return value, lengths
+    return gather_rows(value, rows), gather_rows(lengths, rows)
 
 
 def _build(registry: Registry, kind: str, component: Component, path: str, ctx: BuildContext) -> Any:

@@ -83,7 +83,8 @@ def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_s
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
         rows = index[start : start + batch_size]
-        out = model(*store.inputs_for(model, rows), budget=budget)
+        # an on-demand live encoder's files are read only for the rows that run it
+        out = model(*store.inputs_for(model, rows, defer=model.deferrable_inputs()), budget=budget)
         arrays = decoder_inputs(out)
         bad = ~np.isfinite(arrays["probs"]).all(axis=1)
         if bad.any():

@@ -1,0 +1,132 @@
+"""Wall clock of predicting from raw images under a compute budget: the saving against the ideal.
+
+The models are the scout models of `benchmarks/conditional_uci.py` (five pre-extracted views always run; two live
+timm CNNs on the `pix` images on demand, at 10x10 and 40x40), one per fold and seed, trained there and kept under
+`runs/benchmark-conditional/runs`. Each evaluates its test fold the way `fusionkit predict` does
+(`fusionkit.training.tasks.collect_outputs`, batch 64, one thread), at caps and mean budgets:
+
+- *deferred*: fusionkit's data path, which reads and decodes an on-demand encoder's images only for the rows that
+  run it (`FeatureStore.inputs_for(..., defer=...)`);
+- *eager*: every image of a batch read and decoded first, the backbone then skipped for rows not kept (the data path
+  before deferral).
+
+*Ideal*: the full encoder cost over the spent encoder cost (GFLOPs per sample, as fusionkit counts them). *Speed-up*:
+the full budget's seconds over the budget's. The target is a speed-up of at least 80% of the ideal. Medians of
+interleaved rounds.
+
+    .venv/bin/python benchmarks/conditional_wallclock.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from conditional_uci import SIZES, two_columns
+from report import machine, markdown_table, write
+
+WORK = Path("runs/benchmark-conditional")
+BUDGETS = (("cap 100%", "100%"), ("mean 70%", "mean:70%"), ("mean 55%", "mean:55%"), ("mean 40%", "mean:40%"),
+           ("mean 25%", "mean:25%"), ("mean 10%", "mean:10%"), ("cap 0%", "0%"))
+BATCH = 64
+
+
+def eager_outputs(model, store, index, budget) -> None:
+    """The predict path with every image read: what the data path did before deferral."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(index), BATCH):
+            model(*store.inputs_for(model, index[start:start + BATCH]), budget=budget)
+
+
+def measure(run: Path, clean: Path, manifest: Path, fold: int, rounds: int) -> dict:
+    import torch
+
+    from fusionkit.data.open import spec_store
+    from fusionkit.models.conditional import Budget
+    from fusionkit.models.factory import load_model
+    from fusionkit.training.tasks import collect_outputs, compute_summary, fit_mean_budget
+    from fusionkit.training.train import make_split
+
+    torch.set_num_threads(1)
+    model = load_model(run / "best", device="cpu")
+    store = spec_store(model.spec, clean, manifest)
+    split = make_split(store, fold)
+    budgets = {label: fit_mean_budget(model, store, split.val, b) if b.startswith("mean:") else Budget.parse(b)
+               for label, b in BUDGETS}
+    spent, seconds = {}, {label: {"deferred": [], "eager": []} for label in budgets}
+    for label, budget in budgets.items():
+        summary = compute_summary(model, collect_outputs(model, store, split.test, batch_size=BATCH, budget=budget))
+        spent[label] = (summary["mean_gflops"], summary["full_gflops"], summary["run_rate"])
+    for _ in range(rounds):
+        for label, budget in budgets.items():
+            started = time.perf_counter()
+            collect_outputs(model, store, split.test, batch_size=BATCH, budget=budget)
+            seconds[label]["deferred"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            eager_outputs(model, store, split.test, budget)
+            seconds[label]["eager"].append(time.perf_counter() - started)
+    return {"run": run.name, "n": int(len(split.test)),
+            "points": {label: {"mean_gflops": spent[label][0], "full_gflops": spent[label][1],
+                               "run_rate": spent[label][2],
+                               "deferred": statistics.median(seconds[label]["deferred"]),
+                               "eager": statistics.median(seconds[label]["eager"])} for label in budgets}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(WORK), help="where conditional_uci.py kept its scout runs")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per budget (medians)")
+    parser.add_argument("--runs", type=int, default=10, help="how many of the scout runs (folds x seeds) to time")
+    args = parser.parse_args()
+    work = Path(args.work)
+    clean, manifest = work / "store-clean", two_columns(work / "pix-images" / "manifest.csv")
+    runs = sorted((work / "runs").glob("scout-f*-s*"))[: args.runs]
+    if not runs:
+        raise SystemExit(f"{work}/runs: no scout runs; run benchmarks/conditional_uci.py first")
+    results = [measure(run, clean, manifest, int(run.name.split("-")[1][1:]), args.rounds) for run in runs]
+    rows, table = {}, []
+    for label, _ in BUDGETS:
+        pts = [r["points"][label] for r in results]
+        full = float(np.mean([p["full_gflops"] for p in pts]))
+        mean = float(np.mean([p["mean_gflops"] for p in pts]))
+        base = {kind: float(np.mean([r["points"]["cap 100%"][kind] for r in results])) for kind in ("deferred", "eager")}
+        secs = {kind: float(np.mean([p[kind] for p in pts])) for kind in ("deferred", "eager")}
+        ideal = full / mean if mean > 0 else None
+        speed = {kind: base[kind] / secs[kind] for kind in secs}
+        rows[label] = {"mean_gflops": mean, "full_gflops": full, "ideal": ideal, "seconds": secs, "speedup": speed,
+                       "of_ideal": {k: (v / ideal if ideal else None) for k, v in speed.items()},
+                       "run_rate": {n: float(np.mean([p["run_rate"][n] for p in pts])) for n in SIZES}}
+        r = rows[label]
+        table.append([label, f"{mean:.4g} of {full:.4g}", f"{ideal:.2f}×" if ideal else "∞",
+                      f"{secs['deferred']:.2f}", f"{speed['deferred']:.2f}×",
+                      f"{r['of_ideal']['deferred']:.0%}" if ideal else "–",
+                      f"{secs['eager']:.2f}", f"{speed['eager']:.2f}×",
+                      f"{r['of_ideal']['eager']:.0%}" if ideal else "–"])
+    middle = [label for label, _ in BUDGETS if rows[label]["ideal"] and label != "cap 100%"]
+    met = all(rows[label]["of_ideal"]["deferred"] >= 0.8 for label in middle)
+    n = results[0]["n"]
+    section = "\n".join([
+        "## Conditional execution: wall clock from raw images", "",
+        f"`.venv/bin/python benchmarks/conditional_wallclock.py --rounds {args.rounds}`: the scout models of the "
+        f"UCI benchmark above ({len(results)} runs: folds × seeds), each predicting its test fold (about {n} "
+        "samples) from the raw `pix` images the way `fusionkit predict` does (batch 64, one thread), means over the "
+        "runs of the median of interleaved rounds. *GFLOPs*: spent of full, per sample. *Ideal*: full over spent. "
+        "*Deferred*: fusionkit's data path, which reads and decodes an on-demand encoder's images only for the rows "
+        "that run it; *eager*: every image read and decoded first, as before. Speed-ups are against each path's own "
+        f"full budget. ({machine()['cpus']} CPUs.)", "",
+        markdown_table(["budget", "GFLOPs", "ideal", "deferred s", "speed-up", "of ideal", "eager s", "speed-up",
+                        "of ideal"], table), "",
+        f"Target: at least 80% of the ideal at every budget between 0% and 100%: **{'met' if met else 'not met'}**.",
+    ])
+    write("conditional-wallclock", {"machine": machine(), "rounds": args.rounds, "budgets": rows, "runs": results,
+                                    "target_met": met}, section)
+
+
+if __name__ == "__main__":
+    main()
