@@ -14,7 +14,7 @@ Systems, 5 folds x 2 seeds, test-fold Score:
 - random rows: the same model, each CNN run on a random share of the rows equal to the scout's run rate at that
   budget (what a budget without a gate gives).
 
-Wall clock: the seconds of each evaluation (reading and decoding every image included: they are not skipped yet).
+Wall clock: the seconds of each evaluation (`benchmarks/conditional_wallclock.py` times reading on demand against reading every image).
 
     .venv/bin/python benchmarks/conditional_uci.py --source ../shared/data/uci-mfeat --workers 2 --seeds 2
 """
