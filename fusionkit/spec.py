@@ -604,7 +604,8 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
         problems.append(f"{path}.type: {exc}")
         return None
     if kind == "gate" and not _is_gate(reg.factory, reg.config):
-        problems.append(f"{path}.type: gate {name!r} ({reg.provider.describe()}) registers {reg.factory!r} with config "
+        made = f"class {reg.factory.__name__}" if isinstance(reg.factory, type) else "a function"
+        problems.append(f"{path}.type: gate {name!r} ({reg.provider.describe()}) registers {made} with config "
                         f"{reg.config.__name__}; a gate must be a subclass of fusionkit.interfaces.Gate with a config "
                         "that derives from GateConfig (see docs/writing-a-plugin.md). Fix the plugin, or block it "
                         "with FUSIONKIT_DISABLE_PLUGINS")

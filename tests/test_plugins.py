@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import fusionkit
 from fusionkit import build_model, plugins
 from fusionkit.errors import DuplicateComponentError, FusionkitError, PluginError, SpecError, UnknownComponentError
 from fusionkit.spec import load_spec
@@ -252,6 +253,38 @@ def test_plugin_new_makes_a_clean_distribution_that_registers(tmp_path):
 
 
 # --- plugin descriptions ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory, config", [("function", "GateConfig"), ("Gate", "Plain")])
+def test_a_gate_that_breaks_the_gate_contract_is_refused_naming_its_plugin(factory, config):
+    """A gate is a Gate subclass with a GateConfig: fusionkit reads scouts, reaches_every_encoder and the selection
+    options from them, so a gate registered otherwise is refused when a spec names it, not at some later hasattr."""
+    import attrs
+
+    from fusionkit.interfaces import Gate, GateConfig
+
+    @attrs.frozen
+    class Plain:
+        top_n: int = 1
+
+    class Scored(Gate):
+        def score(self, tokens, mask):
+            return tokens.sum(-1)
+
+    class Contract:
+        @fusionkit.hookimpl
+        def register_gates(self, register):
+            made = (lambda c, ctx: Scored(c)) if factory == "function" else Scored
+            register("odd_gate", made, config={"GateConfig": GateConfig, "Plain": Plain}[config])
+
+    fusionkit.register_plugin(Contract(), "contract-test")
+    spec = {"latent_dim": 8, "gate": {"type": "odd_gate"}, "encoders": [{"name": "a", "type": "features", "dim": 2}]}
+    made = "a function" if factory == "function" else "class Scored"
+    with pytest.raises(SpecError, match=rf"gate.type: gate 'odd_gate' \(plugin 'contract-test'\) registers {made} "
+                                        rf"with config {config}; a gate "
+                                        r"must be a subclass of fusionkit.interfaces.Gate with a config that derives "
+                                        r"from GateConfig"):
+        load_spec(spec)
 
 
 def test_plugins_shows_each_registered_description(capsys):

@@ -277,6 +277,15 @@ def test_dataset_options_are_discoverable():
     assert "fusionkit data options" in proc.stdout
 
 
+def test_a_dataset_option_without_a_value_is_a_fusionkit_error(tmp_path, capsys):
+    """`--set samples` (no `=`) ends like every other bad input: exit 2 and one line, nothing written."""
+    from fusionkit.cli import EXIT_ERROR, main
+
+    assert main(["data", "build", "synthetic", "--out", str(tmp_path / "store"), "--set", "samples"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err == "fusionkit: error: --set expects key=value, got 'samples'\n" and not (tmp_path / "store").exists()
+
+
 def test_a_spec_edited_to_other_sizes_than_the_weights_is_a_checkpoint_error(ckpt):
     import yaml
 
