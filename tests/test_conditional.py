@@ -302,6 +302,7 @@ def test_an_on_demand_encoders_files_are_read_only_for_the_rows_that_run_it(raw_
         store.inputs_for(model, index[:2], defer=["vec"])
 
 
+@pytest.mark.xdist_group("torchrun")  # beside the other torchrun tests (tests/test_distributed.py)
 def test_an_on_demand_live_encoder_trains_under_torchrun(raw_images, capsys):
     from test_distributed import torchrun
 

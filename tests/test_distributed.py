@@ -33,6 +33,11 @@ def ddp_spec(**train_options):
     return spec
 
 
+#: The torchrun tests run one after another on one xdist worker (`make test`: --dist loadgroup): two of them at once
+#: would put four ranks and two launchers on two cores.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
+
 def torchrun(*args, cwd, timeout=300, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]

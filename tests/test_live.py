@@ -468,6 +468,7 @@ def test_train_from_a_manifest_on_the_command_line(raw_images, capsys):
     assert run["raw_fingerprint"]
 
 
+@pytest.mark.xdist_group("torchrun")  # beside the other torchrun tests (tests/test_distributed.py)
 def test_a_live_cnn_trains_under_torchrun_without_one_row_batches(raw_images):
     import yaml
     from test_distributed import torchrun
