@@ -52,7 +52,7 @@ def two_columns(manifest: Path) -> Path:
     return out
 
 
-def specs(seed: int, weights: Path) -> dict[str, dict]:
+def specs(seed: int, weights: Path, full_budget_rows: float = 0.0) -> dict[str, dict]:
     from fusionkit import recipes
 
     cnns = {name: {**CNN, "name": name, "img_size": size, "pretrained": str(weights.resolve())}
@@ -63,10 +63,17 @@ def specs(seed: int, weights: Path) -> dict[str, dict]:
     for block in scout["encoders"]:
         if block["name"] in SIZES:
             block["run"] = "on_demand"
+    if full_budget_rows:
+        scout["conditional"] = {"full_budget_rows": full_budget_rows}
     top_n = recipes.selective(seed, dims={**FIVE, **{name: 96 for name in SIZES}})
     top_n["encoders"] = [cnns.get(e["name"], e) for e in top_n["encoders"]]
-    return {"keep-all": keep_all, "scout": scout, "always-run only": recipes.best(seed, dims=FIVE),
+    return {"keep-all": keep_all, scout_system(full_budget_rows): scout, "always-run only": recipes.best(seed, dims=FIVE),
             "top-n, everything run": top_n}
+
+
+def scout_system(full_budget_rows: float) -> str:
+    """The scout's system name (and its runs' and cache files' tag): a variant says its training option."""
+    return "scout" if not full_budget_rows else f"scout, full budget on {full_budget_rows:g} of the rows"
 
 
 def random_rows(model, store, index, rates: dict[str, float], seed: int) -> float:
@@ -126,7 +133,12 @@ def evaluate_scout(run: Path, clean: Path, manifest: Path, fold: int, seed: int)
 
 
 def main() -> None:
-    args = grid_parser(__doc__, "runs/benchmark-conditional").parse_args()
+    parser = grid_parser(__doc__, "runs/benchmark-conditional")
+    parser.add_argument("--full-budget-rows", type=float, default=0.0, help="train the scout with "
+                        "conditional.full_budget_rows (a variant, reported in its own section)")
+    args = parser.parse_args()
+    scout = scout_system(args.full_budget_rows)
+    tag = "" if not args.full_budget_rows else f"-fb{args.full_budget_rows:g}"
     work = Path(args.work)
     clean, pix_manifest = pix_images(args.source, work)
     manifest = two_columns(pix_manifest)
@@ -136,14 +148,14 @@ def main() -> None:
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
-            for system, spec in specs(seed, weights).items():
+            for system, spec in specs(seed, weights, args.full_budget_rows).items():
                 job = {"setting": "clean", "system": system, "fold": fold, "seed": seed, "store": str(clean),
                        "raw": str(manifest) if system != "always-run only" else None, "spec": spec}
-                if system == "scout":
-                    job["keep"] = str(work / "runs" / f"scout-f{fold}-s{seed}")
+                if system == scout:
+                    job["keep"] = str(work / "runs" / f"scout{tag}-f{fold}-s{seed}")
                 jobs.append(job)
     done = run_grid(jobs, RESULTS / "conditional-uci-runs.jsonl", args.workers)
-    cache = RESULTS / "conditional-uci-scout.jsonl"
+    cache = RESULTS / f"conditional-uci-scout{tag}.jsonl"
     evaluated = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
@@ -153,12 +165,12 @@ def main() -> None:
         for fold in range(args.folds):
             for seed in range(args.seeds):
                 if (fold, seed) not in evaluated:
-                    r = evaluate_scout(work / "runs" / f"scout-f{fold}-s{seed}", clean, manifest, fold, seed)
+                    r = evaluate_scout(work / "runs" / f"scout{tag}-f{fold}-s{seed}", clean, manifest, fold, seed)
                     evaluated[(fold, seed)] = r
                     fh.write(json.dumps(r) + "\n")
                     fh.flush()
     keys = [(f, s) for f in range(args.folds) for s in range(args.seeds)]
-    systems = ("keep-all", "always-run only", "scout", "top-n, everything run")
+    systems = ("keep-all", "always-run only", scout, "top-n, everything run")
     score = {name: np.array([done[("clean", name, f, s)]["test"]["score"] for f, s in keys]) for name in systems}
     seconds = {name: float(np.mean([done[("clean", name, f, s)]["seconds"] for f, s in keys])) for name in systems}
     labels = [p["budget"] for p in evaluated[keys[0]]["points"]]
@@ -180,7 +192,7 @@ def main() -> None:
             entry["scout_minus_random"] = [float(d.mean()), float(d.std() / np.sqrt(n))]
             random_text = f"{r.mean():.3f} ± {r.std():.3f} ({100 * d.mean():+.1f} ± {100 * d.std() / np.sqrt(n):.1f})"
         summary.append(entry)
-        rows.append([f"scout, {label}", f"{100 * spent:.0f}%", f"{s.mean():.3f} ± {s.std():.3f}",
+        rows.append([f"{scout}, {label}", f"{100 * spent:.0f}%", f"{s.mean():.3f} ± {s.std():.3f}",
                      f"{100 * gap.mean():+.1f} ± {100 * gap.std() / np.sqrt(n):.1f}", random_text,
                      f"{entry['seconds']:.2f}"])
     for position, (name, spent) in enumerate((("keep-all", "100%"), ("top-n, everything run", "100%"),
@@ -195,9 +207,9 @@ def main() -> None:
             "scores": {k: v.tolist() for k, v in score.items()}, "seconds_per_training_run": seconds,
             "budgets": summary, "largest_saving_within_half_a_point": best_saving}
     section = "\n".join([
-        "## Conditional execution on the UCI blended task", "",
+        "## Conditional execution on the UCI blended task" + (f" ({scout})" if tag else ""), "",
         f"`.venv/bin/python benchmarks/conditional_uci.py --source ../shared/data/uci-mfeat --workers {args.workers} "
-        f"--seeds {args.seeds}`: "
+        f"--seeds {args.seeds}" + (f" --full-budget-rows {args.full_budget_rows:g}" if tag else "") + "`: "
         "the five pre-extracted views always run; two live timm `test_resnet` CNNs on the `pix` images run on demand, "
         f"trained end to end, at 10×10 ({1000 * costs['cnn_light']:.2f} MFLOPs) and 40×40 "
         f"({1000 * costs['cnn_heavy']:.2f} MFLOPs, {costs['cnn_heavy'] / costs['cnn_light']:.1f}×) inputs, FLOPs measured by "
@@ -208,14 +220,14 @@ def main() -> None:
         "± standard error). *top-n, everything run*: the seed method (top-p 0.9, at least 2, rank order) over the same "
         "encoders, both CNNs always run. Seconds: one evaluation of the test fold, images read only for the rows that "
         f"run their CNN (see the wall-clock section). Training seconds per run: keep-all {seconds['keep-all']:.0f}, "
-        f"scout {seconds['scout']:.0f}, "
+        f"scout {seconds[scout]:.0f}, "
         f"five views {seconds['always-run only']:.0f}, top-n {seconds['top-n, everything run']:.0f} "
-        f"({seconds['scout'] / seconds['keep-all']:.2f}× keep-all).", "",
+        f"({seconds[scout] / seconds['keep-all']:.2f}× keep-all).", "",
         markdown_table(["system", "spent", "Score", "− keep-all (points)", "random rows (scout − random)", "s"], rows), "",
         "Largest saving of on-demand FLOPs within 0.5 Score points of keep-all: "
         + ("none" if best_saving is None else f"{100 * best_saving:.0f}%") + " (target: 50%; DynMM 46.5%).", "",
     ])
-    write("conditional-uci", data, section)
+    write(f"conditional-uci{tag}", data, section)
 
 
 if __name__ == "__main__":

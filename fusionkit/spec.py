@@ -167,6 +167,10 @@ class ConditionalConfig:
     budget_sampling: bool = option(
         True, doc="In training, each sample keeps its on-demand encoders in the scout's order up to a random share "
         "of their cost, so one model learns to fuse whatever a budget at inference leaves it.")
+    full_budget_rows: float = option(
+        0.0, doc="With budget_sampling: the share of training rows that keep the full budget (every on-demand encoder "
+        "runs), so that the fusion also learns the full-cost case that a 100% budget at inference asks for.",
+        validator=unit_interval)
     budget_gflops: float | None = option(
         None, doc="The compute objective term: the mean GFLOPs per sample that the gate's own rule (no budget at "
         "inference) should spend; the expected cost above it is a hinge loss. null: no such term.",

@@ -139,6 +139,19 @@ def test_a_checkpoint_keeps_its_run_modes_and_costs(tmp_path):
     assert again.spec.on_demand == ("enc1", "enc2") and again.encoder_costs() == {"enc0": 0.0, "enc1": 1.0, "enc2": 3.0}
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_budget_sampling_gives_a_share_of_the_training_rows_the_full_budget(share):
+    """conditional.full_budget_rows: that share of a training batch runs every on-demand encoder (the 100% case);
+    the rest keep a random share of their cost, so some rows run fewer."""
+    spec = demand_spec()
+    spec["conditional"] = {"full_budget_rows": share, "scout_rows": 0.0, "scout_weight": 0.0}
+    torch.manual_seed(0)
+    model = build_model(spec).train()
+    ran = model(batch(n=400)).ran[:, 1:]
+    every = ran.all(1).float().mean().item()
+    assert every >= share - 0.1 and (every < 0.9 if share < 1 else every == 1.0)
+
+
 @pytest.fixture(scope="module")
 def halves_store(tmp_path_factory):
     """Encoder a shows the class on the samples whose flag (the always-run encoder) is up, b on the others; each is

@@ -350,6 +350,9 @@ class Trunk(nn.Module):
                 limit = torch.full_like(full, budget.limit(float(costs.sum()))) - paid
             else:  # a random share of each row's on-demand cost, so every budget is seen in training
                 limit = torch.rand(batch, dtype=full.dtype, device=device) * (full - paid)
+                if self.conditional.full_budget_rows > 0:  # and the full budget on a share of the rows
+                    whole = torch.rand(batch, device=device) < self.conditional.full_budget_rows
+                    limit = torch.where(whole, full - paid, limit)
             run = within_budget(scout_scores.detach()[:, list(demand)], available, costs[list(demand)], limit)
         else:
             run = kept_by(self.gate.select(scout_scores, present).kept, demand) & available
