@@ -110,6 +110,17 @@ def test_imports_inside_functions_only_defer_heavy_work_where_allowed():
     assert hidden == []
 
 
+def test_the_command_line_imports_no_numpy_or_torch_to_build_its_parser():
+    """Each command module defers what its handler needs, so that `fusionkit --help` stays fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fusionkit.cli; fusionkit.cli.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'torch', 'yaml', 'attrs'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_the_package_root_holds_only_the_foundation_and_layer_6_lives_in_its_folder():
     """Layers 1-2 (what plugins import, and the core) sit at the root; the commands live in fusionkit/cli/."""
     root = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))

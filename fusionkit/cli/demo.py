@@ -23,7 +23,6 @@ from pathlib import Path
 
 from fusionkit.cli.options import add_device
 from fusionkit.errors import DataError
-from fusionkit.metrics import format_metric
 
 __all__ = ["SHARED_COPY", "BEST_SINGLE", "find_source", "run_demo", "add_commands"]
 
@@ -78,6 +77,7 @@ def _on_demand(out: Path, source: str, args: argparse.Namespace) -> dict[tuple[s
 def run_demo(args: argparse.Namespace) -> int:
     from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
+    from fusionkit.metrics import format_metric
     from fusionkit.plugins import loaded
     from fusionkit.training.report import write_report
     from fusionkit.training.train import train
