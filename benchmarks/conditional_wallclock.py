@@ -60,7 +60,7 @@ def measure(run: Path, clean: Path, manifest: Path, fold: int, rounds: int) -> d
     budgets = {label: fit_mean_budget(model, store, split.val, b) if b.startswith("mean:") else Budget.parse(b)
                for label, b in BUDGETS}
     spent, seconds = {}, {label: {"deferred": [], "eager": []} for label in budgets}
-    for label, budget in budgets.items():
+    for label, budget in budgets.items():  # what each budget spends; the pass also warms every path up
         summary = compute_summary(model, collect_outputs(model, store, split.test, batch_size=BATCH, budget=budget))
         spent[label] = (summary["mean_gflops"], summary["full_gflops"], summary["run_rate"])
     for _ in range(rounds):
@@ -91,11 +91,11 @@ def main() -> None:
         raise SystemExit(f"{work}/runs: no scout runs; run benchmarks/conditional_uci.py first")
     results = [measure(run, clean, manifest, int(run.name.split("-")[1][1:]), args.rounds) for run in runs]
     rows, table = {}, []
+    base = {kind: float(np.mean([r["points"]["cap 100%"][kind] for r in results])) for kind in ("deferred", "eager")}
     for label, _ in BUDGETS:
         pts = [r["points"][label] for r in results]
         full = float(np.mean([p["full_gflops"] for p in pts]))
         mean = float(np.mean([p["mean_gflops"] for p in pts]))
-        base = {kind: float(np.mean([r["points"]["cap 100%"][kind] for r in results])) for kind in ("deferred", "eager")}
         secs = {kind: float(np.mean([p[kind] for p in pts])) for kind in ("deferred", "eager")}
         ideal = full / mean if mean > 0 else None
         speed = {kind: base[kind] / secs[kind] for kind in secs}
