@@ -11,11 +11,17 @@ A plugin describes its parameters with an attrs class whose fields are made with
 :func:`structure` turns a plain mapping (from YAML, TOML, JSON or a dict) into
 such a class strictly — unknown keys, wrong types and failed validators are all
 reported, each with its path — and :func:`unstructure` turns it back.
+
+A converter may carry structure hooks that know where they are: inside :func:`structure`,
+:func:`where` gives a hook the path of its value and the problem list, so a hook can report
+several problems, each at its own path, and raise :class:`Reported`. :func:`nest_attrs`
+makes a converter structure nested attrs classes this way (the spec is built like this).
 """
 
 from __future__ import annotations
 
 import collections.abc
+import contextvars
 import difflib
 import math
 import reprlib
@@ -27,18 +33,50 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
-__all__ = ["NOTHING", "option", "MAX_INT_OPTION", "MAX_SEED", "positive", "non_negative", "unit_interval",
+__all__ = ["NOTHING", "FAILED", "Reported", "where", "nest_attrs", "structure_fields", "option", "MAX_INT_OPTION", "MAX_SEED", "positive", "non_negative", "unit_interval",
            "seed_range", "converter", "type_name", "short_repr", "key_text", "structure", "unstructure",
            "describe_options", "field_docs", "json_schema"]
 
 NOTHING = attrs.NOTHING
 
 
-def option(default: Any = NOTHING, *, doc: str, validator: Any = None, factory: Any = None) -> Any:
-    """An attrs field with a docstring (shown by ``fusionkit spec schema`` and the docs)."""
+class _Failed:
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+#: In the values a ``data_default`` callable is given: a field that was written but did not structure.
+FAILED: Any = _Failed()
+
+
+class Reported(Exception):
+    """Raised by a structure hook once it has appended its problems to :func:`where`'s list."""
+
+
+_WHERE: contextvars.ContextVar[tuple[str, list[str]] | None] = contextvars.ContextVar("fusionkit_where", default=None)
+
+
+def where() -> tuple[str, list[str]]:
+    """For a structure hook run by :func:`structure`: its value's path, and the list to append problems to."""
+    at = _WHERE.get()
+    if at is None:
+        raise RuntimeError("this structure hook reports problems by path; call it through fusionkit.config.structure")
+    return at
+
+
+def option(default: Any = NOTHING, *, doc: str, validator: Any = None, factory: Any = None,
+           data_default: Any = NOTHING) -> Any:
+    """An attrs field with a docstring (shown by ``fusionkit spec schema`` and the docs).
+
+    ``data_default`` is plain data that :func:`structure` structures as if it were written when the key
+    is absent (a component block such as ``{"type": "attention"}``), so a default is checked like a value.
+    It may be a callable of the fields structured so far (``FAILED`` for one that did not structure),
+    returning the data, or ``NOTHING`` to leave the field out.
+    """
+    metadata = {"doc": doc, **({"data_default": data_default} if data_default is not NOTHING else {})}
     if factory is not None:
-        return attrs.field(factory=factory, validator=validator, metadata={"doc": doc})
-    return attrs.field(default=default, validator=validator, metadata={"doc": doc})
+        return attrs.field(factory=factory, validator=validator, metadata=metadata)
+    return attrs.field(default=default, validator=validator, metadata=metadata)
 
 
 #: The largest value an integer option may take (sizes, counts, epochs): far above any real
@@ -199,51 +237,93 @@ def _reword(message: str) -> str:
     return f"{where}: {text}" if where else message
 
 
-def structure(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+def structure(cls: type, data: Any, path: str, problems: list[str], conv: cattrs.Converter | None = None) -> Any:
     """Structure ``data`` into the attrs class ``cls``; append every problem to ``problems``.
 
     Returns the instance, or None when there were problems.
     """
-    if not isinstance(data, Mapping):
-        problems.append(f"{path}: expected a mapping of {cls.__name__} options, found {_found(data)}")
-        return None
-    attrs.resolve_types(cls)
-    fields = {f.name: f for f in attrs.fields(cls)}
     start = len(problems)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=2, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            problems.append(
-                f"{path}.{key_text(key)}: unknown option{hint}{' ' if hint else '. '}Options of {cls.__name__}: {', '.join(fields) or 'none'}"
-            )
-    values: dict[str, Any] = {}
-    for name, field in fields.items():
-        fpath = f"{path}.{name}"
-        if name not in data:
-            if field.default is NOTHING:
-                problems.append(f"{fpath}: required ({type_name(field.type)}), but missing")
-            continue
-        raw = data[name]
-        try:
-            value = converter.structure(raw, field.type)
-        except Exception as exc:
-            problems.extend(_describe(exc, fpath, field.type, raw))
-            continue
-        if field.validator is not None:
-            try:
-                field.validator(None, field, value)
-            except (TypeError, ValueError) as exc:
-                problems.append(f"{fpath}: {_validator_text(exc, value)}")
-                continue
-        values[name] = value
-    if len(problems) > start:
+    values = structure_fields(cls, data, path, problems, conv)
+    if values is None or len(problems) > start:
         return None
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         problems.append(f"{path}: {exc}")
         return None
+
+
+def structure_fields(cls: type, data: Any, path: str, problems: list[str],
+                     conv: cattrs.Converter | None = None) -> dict[str, Any] | None:
+    """The fields of ``cls`` that ``data`` gives and that structure, by name; every problem goes to ``problems``.
+
+    Unknown keys are reported with close matches (a class may name its options in messages with
+    ``__option_noun__``, e.g. "unknown tower option"). A field path is ``path.name`` (``name`` at the top).
+    Returns None when ``data`` is not a mapping.
+    """
+    conv = converter if conv is None else conv
+    if not isinstance(data, Mapping):
+        problems.append(f"{path}: expected a mapping of {cls.__name__} options, found {_found(data)}")
+        return None
+    attrs.resolve_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    noun = getattr(cls, "__option_noun__", None)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            listing = f"Options: {', '.join(fields)}" if noun else f"Options of {cls.__name__}: {', '.join(fields) or 'none'}"
+            problems.append(f"{path}.{key_text(key)}: unknown {noun + ' ' if noun else ''}option{hint}"
+                            f"{' ' if hint else '. '}{listing}")
+    values: dict[str, Any] = {}
+    for name, field in fields.items():
+        fpath = f"{path}.{name}" if path else name
+        if name in data:
+            raw = data[name]
+        elif "data_default" in field.metadata:
+            raw = field.metadata["data_default"]
+            raw = raw(values) if callable(raw) else raw
+            if raw is NOTHING:
+                continue
+        else:
+            if field.default is NOTHING:
+                problems.append(f"{fpath}: required ({type_name(field.type)}), but missing")
+            continue
+        token = _WHERE.set((fpath, problems))
+        try:
+            value = conv.structure(raw, field.type)
+        except Reported:
+            values[name] = FAILED
+            continue
+        except Exception as exc:
+            problems.extend(_describe(exc, fpath, field.type, raw))
+            values[name] = FAILED
+            continue
+        finally:
+            _WHERE.reset(token)
+        if field.validator is not None:
+            try:
+                field.validator(None, field, value)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{fpath}: {_validator_text(exc, value)}")
+                values[name] = FAILED
+                continue
+        values[name] = value
+    return {k: v for k, v in values.items() if v is not FAILED}
+
+
+def nest_attrs(conv: cattrs.Converter) -> cattrs.Converter:
+    """Make ``conv`` structure nested attrs classes with :func:`structure`, each problem at its own path."""
+
+    def hook(value: Any, cls: type) -> Any:
+        path, problems = where()
+        made = structure(cls, value, path, problems, conv)
+        if made is None:
+            raise Reported
+        return made
+
+    conv.register_structure_hook_func(attrs.has, hook)
+    return conv
 
 
 def _validator_text(exc: BaseException, value: Any) -> str:

@@ -20,7 +20,7 @@ import pluggy
 
 __all__ = ["PROJECT_NAME", "hookspec", "hookimpl", "register_encoders", "register_gates", "register_fusions",
            "register_heads", "register_combiners", "register_decoders", "register_adaptation_losses",
-           "register_distill_losses", "register_datasets", "KIND_HOOKS", "kind_plural"]
+           "register_distill_losses", "register_distill_presets", "register_datasets", "KIND_HOOKS", "kind_plural"]
 
 PROJECT_NAME = "fusionkit"
 
@@ -66,6 +66,17 @@ def register_adaptation_losses(register):
 @hookspec
 def register_distill_losses(register):
     """Register relational distillation losses."""
+
+
+@hookspec
+def register_distill_presets(register):
+    """Register distillation presets: named, published sets of distillation loss blocks.
+
+    ``register(name, losses, *, description)``: ``losses`` is a non-empty list of loss blocks, each
+    ``{"type": <a registered distill_loss>, ...options}``, as a spec writes them under ``distill.losses``.
+    A spec's ``distill.preset: name`` puts them before its own ``distill.losses``; each block is validated
+    when a spec uses the preset, against the loss that is installed then.
+    """
 
 
 @hookspec

@@ -13,6 +13,7 @@ Environment:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.metadata as metadata
 import os
@@ -26,7 +27,7 @@ import pluggy
 
 from fusionkit import hookspecs
 from fusionkit.errors import FusionkitWarning, PluginError
-from fusionkit.registry import Provider, Registration, Registry
+from fusionkit.registry import Preset, Provider, Registration, Registry
 
 __all__ = ["ENTRY_POINT_GROUP", "BUILTIN_MODULE", "BUILTIN_PLUGIN", "PluginInfo", "LoadedPlugins", "normalize",
            "strict_mode", "load_plugins", "register_plugin", "loaded", "get_registry", "reset"]
@@ -92,6 +93,20 @@ def _registrar(registry: Registry, kind: str, provider: Provider) -> Callable[..
         if not callable(factory):
             raise TypeError(f"{kind} {name!r}: factory must be callable, got {factory!r}")
         registry.add(Registration(kind, name, factory, config, description.strip(), provider))
+
+    return register
+
+
+def _preset_registrar(registry: Registry, provider: Provider) -> Callable[..., None]:
+    def register(name: str, losses: Any, *, description: str = "") -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a distillation preset name must be a non-empty string, got {name!r}")
+        if not isinstance(losses, (list, tuple)) or not losses or not all(
+                isinstance(b, dict) and isinstance(b.get("type"), str) for b in losses):
+            raise TypeError(f"distillation preset {name!r}: losses must be a non-empty list of loss blocks, each a "
+                            f"dict with a 'type' string, got {losses!r}")
+        blocks = tuple(copy.deepcopy(dict(b)) for b in losses)
+        registry.add_preset(Preset(name, blocks, description.strip(), provider))
 
     return register
 
@@ -199,6 +214,9 @@ def _register_all(manager: pluggy.PluginManager, registry: Registry, plugin: str
         for impl in hook.get_hookimpls():
             if impl.plugin_name == plugin:
                 impl.function(register=_registrar(registry, kind, provider))
+    for impl in manager.hook.register_distill_presets.get_hookimpls():
+        if impl.plugin_name == plugin:
+            impl.function(register=_preset_registrar(registry, provider))
 
 
 def _own_version() -> str | None:

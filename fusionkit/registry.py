@@ -16,7 +16,7 @@ import attrs
 from fusionkit.errors import DuplicateComponentError, UnknownComponentError
 from fusionkit.hookspecs import KIND_HOOKS, kind_plural
 
-__all__ = ["Provider", "Registration", "Registry"]
+__all__ = ["Provider", "Registration", "Preset", "Registry"]
 
 
 @attrs.frozen
@@ -49,6 +49,15 @@ class Registration:
     provider: Provider
 
 
+@attrs.frozen
+class Preset:
+    """A named set of distillation loss blocks (``distill.preset``), as a spec would write them."""
+
+    name: str
+    losses: tuple[dict[str, Any], ...]
+    description: str
+    provider: Provider
+
 
 class Registry:
     """Components by kind and name, with the provider of each.
@@ -61,6 +70,7 @@ class Registry:
     def __init__(self, protected: str | None = None) -> None:
         self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KIND_HOOKS}
         self._contested: dict[tuple[str, str], list[Registration]] = {}
+        self._presets: dict[str, Preset] = {}
         self.protected = protected
         #: ``(kind, name) -> description`` of an installed-but-disabled provider, or None (set by the loader).
         self.disabled_provider: Callable[[str, str], str | None] = lambda kind, name: None
@@ -80,12 +90,34 @@ class Registry:
         self._contested.setdefault(key, [existing]).append(registration)
         table.pop(registration.name, None)
 
+    def add_preset(self, preset: Preset) -> None:
+        """Record a distillation preset; one name has one provider (a second is refused, naming both)."""
+        existing = self._presets.get(preset.name)
+        if existing is not None:
+            builtin = self.protected in (existing.provider.plugin, preset.provider.plugin)
+            raise DuplicateComponentError(
+                f"distillation preset {preset.name!r} is {'a built-in name of fusionkit' if builtin else 'taken by ' + existing.provider.describe()}; "
+                f"{preset.provider.describe()} cannot take it. Rename the preset in that plugin.")
+        self._presets[preset.name] = preset
+
+    def preset(self, name: str) -> Preset | None:
+        """The distillation preset of that name, or None."""
+        return self._presets.get(name)
+
+    def preset_names(self) -> list[str]:
+        return sorted(self._presets)
+
+    def presets_of(self, plugin: str) -> list[Preset]:
+        """The distillation presets ``plugin`` registered, by name."""
+        return [p for _, p in sorted(self._presets.items()) if p.provider.plugin == plugin]
+
     def contested(self) -> dict[tuple[str, str], list[Registration]]:
         """(kind, name) -> the registrations that claim it."""
         return dict(self._contested)
 
     def remove_provider(self, plugin: str) -> None:
         """Drop everything one plugin registered (used when its registration fails half-way)."""
+        self._presets = {n: p for n, p in self._presets.items() if p.provider.plugin != plugin}
         for table in self._entries.values():
             for name in [n for n, r in table.items() if r.provider.plugin == plugin]:
                 del table[name]

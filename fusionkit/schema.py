@@ -1,12 +1,21 @@
-"""JSON Schema of the spec, covering every installed component (for editor completion)."""
+"""JSON Schema of the spec, covering every installed component (for editor completion).
+
+It is read from the spec's declaration: each field of :class:`fusionkit.spec.Spec` (and of the
+tower and distill blocks) gives a property, described by its doc, and each component block gives
+one variant per installed component of its kind.
+"""
 
 from __future__ import annotations
 
+import typing
 from typing import Any
+
+import attrs
 
 from fusionkit import config as cfg
 from fusionkit.registry import Registry
-from fusionkit.spec import HEAD_ROLES, DataConfig, ProjectorConfig, TrainConfig
+from fusionkit.spec import (HEAD_ROLES, MAX_LATENT_DIM, SPEC_VERSION, Block, Blocks, Checked, DistillBlock, EncoderRun,
+                            Keyed, Spec, TowerSpec)
 
 __all__ = ["spec_schema"]
 
@@ -19,7 +28,8 @@ def _component_schema(registry: Registry, kind: str, with_name: bool = False) ->
         schema["properties"] = {"type": {"const": name, "description": reg.description}, **schema["properties"]}
         schema["required"] = ["type", *schema.get("required", [])]
         if with_name:
-            schema["properties"] = {"name": {"type": "string", "description": "The key inputs use for this encoder."}, **schema["properties"]}
+            schema["properties"] = {"name": {"type": "string", "description": "The key inputs use for this encoder."},
+                                    **schema["properties"], **cfg.json_schema(EncoderRun)["properties"]}
             schema["required"] = ["name", *schema["required"]]
         schema["title"] = f"{kind} {name} ({reg.provider.distribution or reg.provider.plugin})"
         variants.append(schema)
@@ -28,31 +38,61 @@ def _component_schema(registry: Registry, kind: str, with_name: bool = False) ->
     return {"oneOf": variants}
 
 
+#: The fields whose values a parse function checks (``Checked``), by name.
+_CHECKED: dict[str, dict[str, Any]] = {
+    "spec_version": {"const": SPEC_VERSION},
+    "labels": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 2, "uniqueItems": True},
+    "latent_dim": {"type": "integer", "minimum": 1, "maximum": MAX_LATENT_DIM},
+    "embed_dim": {"type": "integer", "minimum": 1, "maximum": MAX_LATENT_DIM},
+    "encoders": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    "teacher": {"type": "string", "minLength": 1},
+}
+
+
+def _field_schema(registry: Registry, field: attrs.Attribute) -> dict[str, Any]:
+    tp = field.type
+    marker = typing.get_args(tp)[1] if typing.get_origin(tp) is typing.Annotated else None
+    if isinstance(marker, Checked):
+        schema = dict(_CHECKED[field.name])
+    elif isinstance(marker, Block):
+        schema = _component_schema(registry, marker.kind)
+    elif isinstance(marker, Blocks):
+        schema = {"type": "array", "items": _component_schema(registry, marker.kind)}
+    elif isinstance(marker, Keyed):
+        schema = _keyed_schema(registry, marker.name)
+    elif attrs.has(tp):
+        schema = cfg.json_schema(tp)
+    else:
+        schema = {"type": ["string", "null"]}
+    doc = field.metadata.get("doc")
+    return {**schema, "description": doc} if doc else schema
+
+
+def _object_schema(registry: Registry, cls: type, required: list[str]) -> dict[str, Any]:
+    attrs.resolve_types(cls)
+    return {"type": "object", "additionalProperties": False, "required": required,
+            "properties": {f.name: _field_schema(registry, f) for f in attrs.fields(cls)}}
+
+
+def _keyed_schema(registry: Registry, name: str) -> dict[str, Any]:
+    if name == "encoders":
+        return {"type": "array", "minItems": 1, "items": _component_schema(registry, "encoder", with_name=True)}
+    if name == "heads":
+        return {"type": "object", "additionalProperties": False, "minProperties": 1,
+                "properties": {role: _component_schema(registry, "head") for role in HEAD_ROLES}}
+    if name == "towers":
+        return {"type": "object", "minProperties": 2, "maxProperties": 2,
+                "additionalProperties": _object_schema(registry, TowerSpec, ["encoders"])}
+    if name == "distill":
+        return _object_schema(registry, DistillBlock, ["teacher"])
+    return {"enum": [*registry.preset_names(), None]}  # preset
+
+
 def spec_schema(registry: Registry) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a fusionkit spec with the installed plugins."""
+    attrs.resolve_types(Spec)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "fusionkit spec",
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["encoders"],
-        "properties": {
-            "spec_version": {"const": 1},
-            "labels": {"type": "array", "items": {"type": "string"}, "minItems": 1, "uniqueItems": True},
-            "neutral": {"type": ["string", "null"], "description": "The label that never appears in a blend."},
-            "latent_dim": {"type": "integer", "minimum": 1},
-            "encoders": {"type": "array", "minItems": 1, "items": _component_schema(registry, "encoder", with_name=True)},
-            "projector": cfg.json_schema(ProjectorConfig),
-            "gate": _component_schema(registry, "gate"),
-            "fusion": _component_schema(registry, "fusion"),
-            "heads": {
-                "type": "object", "additionalProperties": False, "minProperties": 1,
-                "properties": {role: _component_schema(registry, "head") for role in HEAD_ROLES},
-            },
-            "combiner": _component_schema(registry, "combiner"),
-            "decoder": _component_schema(registry, "decoder"),
-            "adaptation": {"type": "array", "items": _component_schema(registry, "adaptation_loss")},
-            "data": cfg.json_schema(DataConfig),
-            "train": cfg.json_schema(TrainConfig),
-        },
+        **_object_schema(registry, Spec, ["encoders"]),
     }

@@ -12,9 +12,11 @@ import difflib
 import json
 import re
 import tomllib
-from collections.abc import Mapping
+import typing
+import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import attrs
 import yaml
@@ -25,14 +27,16 @@ from fusionkit.config import key_text, non_negative, option, positive, seed_rang
 from fusionkit.errors import DuplicateComponentError, SpecError, UnknownComponentError
 from fusionkit.files import atomic_write_text
 from fusionkit.interfaces import Gate, GateConfig
+from fusionkit.moved import moved_names
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
 from fusionkit.yaml_reader import load_yaml
 
 __all__ = ["SPEC_VERSION", "BLEMORE_LABELS", "HEAD_ROLES", "ENCODER_NAME", "MAX_LATENT_DIM", "encoder_name_problem",
            "Component", "EncoderSpec", "ProjectorConfig", "DataConfig", "TrainConfig", "ContrastiveConfig",
-           "TowerSpec", "DistillSpec", "Spec", "read_spec_file", "load_spec", "spec_from_dict", "dump_spec",
-           "DISTILL_PRESETS", "structure_component", "spec_differences"]
+           "Checked", "Block", "Blocks", "Keyed", "TowerSpec", "DistillBlock", "DistillSpec", "Spec", "TOP_LEVEL_KEYS",
+           "SPEC_CHECKS", "read_spec_file", "load_spec", "spec_from_dict", "dump_spec", "structure_component",
+           "spec_differences"]
 
 SPEC_VERSION = 1
 HEAD_ROLES = ("presence", "salience")
@@ -194,22 +198,124 @@ class ContrastiveConfig:
 
 
 @attrs.frozen
+class Checked:
+    """``Annotated[T, Checked(parse)]``: ``parse(value)`` gives the structured value, or raises ValueError(why)."""
+
+    parse: Callable[[Any], Any]
+
+
+@attrs.frozen
+class Block:
+    """``Annotated[Component, Block(kind)]``: one ``{type: name, ...options}`` block, structured by its registered
+    ``type`` (a bare string names the type)."""
+
+    kind: str
+
+
+@attrs.frozen
+class Blocks:
+    """``Annotated[tuple[Component, ...], Blocks(kind, what)]``: a list of blocks of one kind; ``what`` names
+    the list in messages ("a list of adaptation loss blocks")."""
+
+    kind: str
+    what: str
+
+
+@attrs.frozen
+class Keyed:
+    """``Annotated[..., Keyed(name)]``: a value with its own structure hook, e.g. ``encoders`` or ``towers``."""
+
+    name: str
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an int in [{low}, {high}], found {short_repr(value)}")
+        return value
+
+    return parse
+
+
+def _spec_version(value: Any) -> int:
+    if value != SPEC_VERSION or isinstance(value, bool):
+        raise ValueError(f"expected {SPEC_VERSION}, found {short_repr(value)}")
+    return value
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(x, str) and x for x in value):
+        raise ValueError(f"expected a list of at least two label names, found {short_repr(value)}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"names must be unique, found {short_repr(value)}")
+    return tuple(value)
+
+
+def _default_neutral(values: dict[str, Any]) -> Any:
+    labels = values.get("labels", BLEMORE_LABELS)
+    return "neu" if labels is not cfg.FAILED and "neu" in labels else None
+
+
+def _teacher(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected the path of a teacher checkpoint directory, found {short_repr(value)}")
+    return value
+
+
+def _encoder_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(n, str) for n in value):
+        raise ValueError(f"expected a non-empty list of encoder names, found {short_repr(value)}")
+    return tuple(value)
+
+
+def _tower_gate(values: dict[str, Any]) -> Any:
+    names = values.get("encoders", cfg.FAILED)
+    return cfg.NOTHING if names is cfg.FAILED else {"type": "uniform", "top_n": len(names)}
+
+
+@attrs.frozen(kw_only=True)
 class TowerSpec:
     """One tower of a two-tower model: its encoders, gate, fusion, and embedding size."""
 
-    encoders: tuple[str, ...]
-    gate: Component
-    fusion: Component
-    embed_dim: int
+    __option_noun__ = "tower"
+
+    encoders: Annotated[tuple[str, ...], Checked(_encoder_names)] = option(
+        doc="The names of the spec's encoders this tower fuses (each encoder feeds one tower).", data_default=None)
+    gate: Annotated[Component, Block("gate")] = option(
+        doc="The tower's gate; by default a uniform gate that keeps every encoder.", data_default=_tower_gate)
+    fusion: Annotated[Component, Block("fusion")] = option(
+        doc="The tower's fusion.", data_default={"type": "weighted_sum"})
+    embed_dim: Annotated[int, Checked(_int_in(1, MAX_LATENT_DIM))] = option(
+        128, doc="Width of the tower's embedding, where the CLIP loss compares the towers.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"encoders": list(self.encoders), "gate": self.gate.to_dict(), "fusion": self.fusion.to_dict(),
                 "embed_dim": self.embed_dim}
 
 
+def _default_distill_losses(values: dict[str, Any]) -> Any:
+    preset = values.get("preset")
+    return cfg.NOTHING if preset is cfg.FAILED else ([] if preset else None)
+
+
+@attrs.frozen(kw_only=True)
+class DistillBlock:
+    """The ``distill`` block as written: a teacher, and a preset and/or loss blocks (see :class:`DistillSpec`)."""
+
+    __option_noun__ = "distill"
+
+    teacher: Annotated[str, Checked(_teacher)] = option(
+        doc="The teacher's checkpoint directory (a run's best/ or the run itself).", data_default=None)
+    preset: Annotated[str | None, Keyed("preset")] = option(
+        None, doc="A registered preset of published loss sets (clip-kd, clip-rd), put before the losses.")
+    losses: Annotated[tuple[Component, ...], Blocks("distill_loss", "")] = option(
+        doc="Distillation loss blocks (after the preset's).", data_default=_default_distill_losses)
+
+
 @attrs.frozen
 class DistillSpec:
-    """Distillation: a frozen teacher checkpoint and the losses that pull the student towards it."""
+    """Distillation: a frozen teacher checkpoint and the losses that pull the student towards it (a preset's
+    first, then the spec's own)."""
 
     teacher: str
     losses: tuple[Component, ...]
@@ -218,41 +324,46 @@ class DistillSpec:
         return {"teacher": self.teacher, "losses": [c.to_dict() for c in self.losses]}
 
 
-_TOP_LEVEL = (
-    "spec_version", "labels", "neutral", "latent_dim", "encoders", "projector", "gate", "fusion",
-    "heads", "combiner", "decoder", "towers", "contrastive", "adaptation", "distill", "data", "train", "conditional",
-)
-_DEFAULT_BLOCKS: dict[str, Any] = {
-    "gate": {"type": "attention"},
-    "fusion": {"type": "rank_concat"},
-    "heads": {"presence": {"type": "presence"}, "salience": {"type": "salience"}},
-    "combiner": {"type": "product"},
-    "decoder": {"type": "presence_salience"},
-}
-
-
 @attrs.frozen(kw_only=True)
 class Spec:
-    """A whole model: labels, encoders, and one component per stage of the data flow."""
+    """A whole model: labels, encoders, and one component per stage of the data flow.
 
-    spec_version: int = SPEC_VERSION
-    labels: tuple[str, ...] = BLEMORE_LABELS
-    neutral: str | None = "neu"
-    latent_dim: int = 256
-    encoders: tuple[EncoderSpec, ...]
-    projector: ProjectorConfig = ProjectorConfig()
-    gate: Component
-    fusion: Component
-    heads: dict[str, Component]
-    combiner: Component
-    decoder: Component
-    towers: dict[str, TowerSpec] = attrs.field(factory=dict)
-    contrastive: ContrastiveConfig = ContrastiveConfig()
-    adaptation: tuple[Component, ...] = ()
-    distill: DistillSpec | None = None
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    conditional: ConditionalConfig = ConditionalConfig()
+    The fields are the spec's top-level keys. :func:`spec_from_dict` structures a document into it
+    through a converter whose hooks dispatch each component block on its ``type`` through the
+    registry (``Block``/``Blocks``), and then runs the checks that relate fields (:data:`SPEC_CHECKS`).
+    """
+
+    spec_version: Annotated[int, Checked(_spec_version)] = option(SPEC_VERSION, doc="The spec format's version.")
+    labels: Annotated[tuple[str, ...], Checked(_labels)] = option(
+        BLEMORE_LABELS, doc="The label names, in the order of the model's outputs (default: BlEmoRE's six).")
+    neutral: Any = option(doc="The label that never appears in a blend, or null.", data_default=_default_neutral)
+    latent_dim: Annotated[int, Checked(_int_in(1, MAX_LATENT_DIM))] = option(
+        256, doc="Width of the shared latent space every encoder is projected into.")
+    encoders: Annotated[tuple[EncoderSpec, ...], Keyed("encoders")] = option(
+        doc="Encoder blocks: name, type, the type's options, and run/cost_gflops.", data_default=None)
+    projector: ProjectorConfig = option(factory=ProjectorConfig, doc="The per-encoder projection.")
+    gate: Annotated[Component, Block("gate")] = option(doc="Scores every encoder per sample and keeps the top ones.",
+                                                       data_default={"type": "attention"})
+    fusion: Annotated[Component, Block("fusion")] = option(doc="Fuses the kept, rank-ordered encoders.",
+                                                           data_default={"type": "rank_concat"})
+    heads: Annotated[dict[str, Component], Keyed("heads")] = option(
+        doc="Head blocks by role (presence, salience).",
+        data_default={"presence": {"type": "presence"}, "salience": {"type": "salience"}})
+    combiner: Annotated[Component, Block("combiner")] = option(doc="Fuses the heads' probabilities.",
+                                                               data_default={"type": "product"})
+    decoder: Annotated[Component, Block("decoder")] = option(doc="Turns probabilities into answers.",
+                                                             data_default={"type": "presence_salience"})
+    towers: Annotated[dict[str, TowerSpec], Keyed("towers")] = option(
+        factory=dict, doc="Two towers (name -> encoders, gate, fusion, embed_dim) make a two-tower model.")
+    contrastive: ContrastiveConfig = option(factory=ContrastiveConfig, doc="A two-tower model's CLIP objective.")
+    adaptation: Annotated[tuple[Component, ...], Blocks("adaptation_loss", "a list of adaptation loss blocks")] = option(
+        (), doc="Unsupervised domain adaptation loss blocks.")
+    distill: Annotated[DistillSpec | None, Keyed("distill")] = option(
+        None, doc="A teacher checkpoint and the losses (or a preset) that distil it into this model.")
+    data: DataConfig = option(factory=DataConfig, doc="How features are read and prepared.")
+    train: TrainConfig = option(factory=TrainConfig, doc="Optimisation settings.")
+    conditional: ConditionalConfig = option(factory=ConditionalConfig,
+                                            doc="How a model with on-demand encoders trains its scout.")
 
     @property
     def encoder_names(self) -> tuple[str, ...]:
@@ -353,93 +464,108 @@ def dump_spec(spec: Spec, path: str | Path) -> None:
     atomic_write_text(path, text)
 
 
+#: The spec's top-level keys: the fields of :class:`Spec`.
+TOP_LEVEL_KEYS = tuple(f.name for f in attrs.fields(Spec))
+
+
 def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec | None:
     if not isinstance(data, Mapping):
         problems.append(f"spec: expected a mapping at the top level, found {type(data).__name__}")
         return None
     for key in data:
-        if key not in _TOP_LEVEL:
-            close = difflib.get_close_matches(str(key), _TOP_LEVEL, n=2, cutoff=0.6)
+        if key not in TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=2, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            problems.append(f"{key_text(key)}: unknown top-level key{hint}{' ' if hint else '. '}Keys: {', '.join(_TOP_LEVEL)}")
-
-    values: dict[str, Any] = {}
-    version = data.get("spec_version", SPEC_VERSION)
-    if version != SPEC_VERSION or isinstance(version, bool):
-        problems.append(f"spec_version: expected {SPEC_VERSION}, found {short_repr(version)}")
-
-    labels = data.get("labels", list(BLEMORE_LABELS))
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
-        problems.append(f"labels: expected a list of at least two label names, found {short_repr(labels)}")
-        labels = []
-    elif len(set(labels)) != len(labels):
-        problems.append(f"labels: names must be unique, found {short_repr(labels)}")
-    else:
-        values["labels"] = tuple(labels)
-    neutral = data.get("neutral", "neu" if "neu" in labels else None)
-    if neutral is not None and (not isinstance(neutral, str) or neutral not in labels):
-        problems.append(f"neutral: expected one of the labels or null, found {short_repr(neutral)}")
-    values["neutral"] = neutral
-
-    latent = data.get("latent_dim", 256)
-    if isinstance(latent, bool) or not isinstance(latent, int) or not 0 < latent <= MAX_LATENT_DIM:
-        problems.append(f"latent_dim: expected an int in [1, {MAX_LATENT_DIM}], found {short_repr(latent)}")
-    values["latent_dim"] = latent
-
-    values["encoders"] = _structure_encoders(data.get("encoders"), registry, problems)
-    values["projector"] = cfg.structure(ProjectorConfig, data.get("projector", {}), "projector", problems)
-    values["train"] = cfg.structure(TrainConfig, data.get("train", {}), "train", problems)
-    values["data"] = cfg.structure(DataConfig, data.get("data", {}), "data", problems)
-    for key, kind in (("gate", "gate"), ("fusion", "fusion"), ("combiner", "combiner"), ("decoder", "decoder")):
-        values[key] = structure_component(kind, data.get(key, _DEFAULT_BLOCKS[key]), key, registry, problems)
-    values["heads"] = _structure_heads(data.get("heads", _DEFAULT_BLOCKS["heads"]), registry, problems)
-    _check_gate_counts(values["gate"], len(values["encoders"]), "gate", problems)
-    values["conditional"] = cfg.structure(ConditionalConfig, data.get("conditional", {}), "conditional", problems)
-    adaptation = data.get("adaptation", [])
-    if not isinstance(adaptation, list):
-        problems.append(f"adaptation: expected a list of adaptation loss blocks, found {short_repr(adaptation)}")
-        adaptation = []
-    values["towers"] = _structure_towers(data.get("towers", {}), values["encoders"], registry, problems)
-    values["contrastive"] = cfg.structure(ContrastiveConfig, data.get("contrastive", {}), "contrastive", problems)
-    if "contrastive" in data and not values["towers"]:
-        problems.append("contrastive: only a two-tower spec (with a 'towers' block) trains contrastively")
-    if values["towers"] and data.get("adaptation"):
-        problems.append("adaptation: adaptation losses apply to classification models, not to two-tower ones")
-    values["distill"] = _structure_distill(data.get("distill"), registry, problems)
-    values["adaptation"] = tuple(
-        structure_component("adaptation_loss", block, f"adaptation[{i}]", registry, problems)
-        for i, block in enumerate(adaptation)
-    )
-    _check_conditional(values, registry, problems)
-    if "conditional" in data and not any(e.on_demand for e in values["encoders"]):
-        problems.append("conditional: configures on-demand encoders, but no encoder has run: on_demand")
+            problems.append(f"{key_text(key)}: unknown top-level key{hint}{' ' if hint else '. '}"
+                            f"Keys: {', '.join(TOP_LEVEL_KEYS)}")
+    written = {k: v for k, v in data.items() if k in TOP_LEVEL_KEYS}
+    values = cfg.structure_fields(Spec, written, "", problems, _converter(registry))
+    for check in SPEC_CHECKS:
+        check(values, written, registry, problems)
     if problems:
         return None
-    return Spec(spec_version=SPEC_VERSION, **values)
+    return Spec(**values)
 
 
-def _structure_encoders(blocks: Any, registry: Registry, problems: list[str]) -> tuple[EncoderSpec, ...]:
+_converters: weakref.WeakKeyDictionary[Registry, Any] = weakref.WeakKeyDictionary()
+
+
+def _converter(registry: Registry) -> Any:
+    """The spec's converter for one registry: the config converter, nested attrs classes with paths, and the
+    spec's hooks (component blocks dispatch on ``type`` through ``registry``)."""
+    if registry in _converters:
+        return _converters[registry]
+    keyed: dict[str, Callable[[Any, str, list[str]], Any]] = {
+        "encoders": lambda v, path, problems: _structure_encoders(v, path, registry, problems),
+        "heads": lambda v, path, problems: _structure_heads(v, path, registry, problems),
+        "towers": lambda v, path, problems: _structure_towers(v, path, conv, problems),
+        "distill": lambda v, path, problems: _structure_distill(v, path, registry, conv, problems),
+        "preset": lambda v, path, problems: _preset_name(v, path, registry, problems),
+    }
+
+    def hook(value: Any, tp: Any) -> Any:
+        marker = typing.get_args(tp)[1]
+        path, problems = cfg.where()
+        start = len(problems)
+        if isinstance(marker, Checked):
+            try:
+                return marker.parse(value)
+            except ValueError as exc:
+                problems.append(f"{path}: {exc}")
+                raise cfg.Reported from None
+        if isinstance(marker, Block):
+            made = structure_component(marker.kind, value, path, registry, problems)
+        elif isinstance(marker, Blocks):
+            made = _structure_blocks(marker, value, path, registry, problems)
+        else:
+            made = keyed[marker.name](value, path, problems)
+        if len(problems) > start:
+            raise cfg.Reported
+        return made
+
+    conv = cfg.nest_attrs(cfg.converter.copy())
+    conv.register_structure_hook_func(
+        lambda tp: typing.get_origin(tp) is Annotated and isinstance(typing.get_args(tp)[1], (Checked, Block, Blocks, Keyed)),
+        hook)
+    _converters[registry] = conv
+    return conv
+
+
+def _structure_blocks(marker: Blocks, blocks: Any, path: str, registry: Registry,
+                      problems: list[str]) -> tuple[Component, ...]:
+    if not isinstance(blocks, list):
+        problems.append(f"{path}: expected {marker.what or _losses_text(registry)}, found {short_repr(blocks)}")
+        return ()
+    return tuple(structure_component(marker.kind, block, f"{path}[{i}]", registry, problems)
+                 for i, block in enumerate(blocks))
+
+
+def _losses_text(registry: Registry) -> str:
+    return f"a non-empty list of distillation loss blocks (or a preset: {', '.join(registry.preset_names())})"
+
+
+def _structure_encoders(blocks: Any, path: str, registry: Registry, problems: list[str]) -> tuple[EncoderSpec, ...]:
     if not isinstance(blocks, list) or not blocks:
-        problems.append(f"encoders: expected a non-empty list of encoder blocks, found {short_repr(blocks)}")
+        problems.append(f"{path}: expected a non-empty list of encoder blocks, found {short_repr(blocks)}")
         return ()
     out: list[EncoderSpec] = []
     seen: dict[str, int] = {}
     for i, block in enumerate(blocks):
-        path = f"encoders[{i}]"
+        where = f"{path}[{i}]"
         if not isinstance(block, Mapping):
-            problems.append(f"{path}: expected a mapping with name and type, found {short_repr(block)}")
+            problems.append(f"{where}: expected a mapping with name and type, found {short_repr(block)}")
             continue
         name = block.get("name")
         why = encoder_name_problem(name)
         if why:
-            problems.append(f"{path}.name: {why}")
+            problems.append(f"{where}.name: {why}")
             continue
         if name in seen:
-            problems.append(f"{path}.name: {name!r} is already the name of encoders[{seen[name]}]; names must be unique")
+            problems.append(f"{where}.name: {name!r} is already the name of {path}[{seen[name]}]; names must be unique")
         seen.setdefault(name, i)
         rest = {k: v for k, v in block.items() if k != "name" and k not in _RUN_OPTIONS}
-        running = cfg.structure(EncoderRun, {k: v for k, v in block.items() if k in _RUN_OPTIONS}, path, problems)
-        comp = structure_component("encoder", rest, path, registry, problems)
+        running = cfg.structure(EncoderRun, {k: v for k, v in block.items() if k in _RUN_OPTIONS}, where, problems)
+        comp = structure_component("encoder", rest, where, registry, problems)
         if comp is not None and running is not None:
             out.append(EncoderSpec(name, comp.type, comp.config, running.run, running.cost_gflops))
     return tuple(out)
@@ -448,74 +574,137 @@ def _structure_encoders(blocks: Any, registry: Registry, problems: list[str]) ->
 _RUN_OPTIONS = tuple(f.name for f in attrs.fields(EncoderRun))
 
 
-def _check_conditional(values: dict[str, Any], registry: Registry, problems: list[str]) -> None:
+def _structure_heads(blocks: Any, path: str, registry: Registry, problems: list[str]) -> dict[str, Component]:
+    if not isinstance(blocks, Mapping) or not blocks:
+        problems.append(f"{path}: expected a mapping of role -> head block (roles: {', '.join(HEAD_ROLES)}), "
+                        f"found {short_repr(blocks)}")
+        return {}
+    out: dict[str, Component] = {}
+    for role, block in blocks.items():
+        if role not in HEAD_ROLES:
+            problems.append(f"{path}.{key_text(role)}: unknown head role; roles are {', '.join(HEAD_ROLES)}")
+            continue
+        comp = structure_component("head", block, f"{path}.{role}", registry, problems)
+        if comp is not None:
+            out[role] = comp
+    return out
+
+
+def _structure_towers(blocks: Any, path: str, conv: Any, problems: list[str]) -> dict[str, TowerSpec]:
+    if blocks in ({}, None):
+        return {}
+    if not isinstance(blocks, Mapping) or len(blocks) != 2:
+        problems.append(f"{path}: expected a mapping of exactly two towers (name -> {{encoders, gate, fusion, "
+                        f"embed_dim}}), found {short_repr(blocks)}")
+        return {}
+    out: dict[str, TowerSpec] = {}
+    for name, block in blocks.items():
+        where = f"{path}.{key_text(name)}"
+        if encoder_name_problem(name):
+            problems.append(f"{where}: a tower name is {encoder_name_problem(name)}")
+        elif not isinstance(block, Mapping):
+            problems.append(f"{where}: expected a mapping with encoders, gate, fusion and embed_dim, found "
+                            f"{short_repr(block)}")
+        else:
+            tower = cfg.structure(TowerSpec, block, where, problems, conv)
+            if tower is not None:
+                out[str(name)] = tower
+    return out
+
+
+def _preset_name(value: Any, path: str, registry: Registry, problems: list[str]) -> str | None:
+    if value is not None and (not isinstance(value, str) or registry.preset(value) is None):
+        problems.append(f"{path}: expected one of {', '.join(registry.preset_names())} (one preset; further terms "
+                        f"go under losses), found {short_repr(value)}")
+    return value
+
+
+def _structure_distill(block: Any, path: str, registry: Registry, conv: Any, problems: list[str]) -> DistillSpec | None:
+    """The written block (:class:`DistillBlock`) with its preset's loss blocks put before its own."""
+    if block is None:
+        return None
+    if not isinstance(block, Mapping):
+        problems.append(f"{path}: expected a mapping with teacher and losses (or a preset), found {short_repr(block)}")
+        return None
+    written = cfg.structure(DistillBlock, block, path, problems, conv)
+    if written is None:
+        return None
+    if not written.losses and not written.preset:
+        problems.append(f"{path}.losses: expected {_losses_text(registry)}, found []")
+        return None
+    preset = registry.preset(written.preset) if written.preset else None
+    given = tuple(structure_component("distill_loss", b, f"{path}.preset ({preset.name}) [{i}]", registry, problems)
+                  for i, b in enumerate(preset.losses)) if preset else ()
+    return DistillSpec(written.teacher, (*given, *written.losses))
+
+
+# -- checks that relate fields: each gets the fields that structured, the written keys, the registry, the problems
+
+
+def _check_neutral(values: dict[str, Any], written: Mapping[str, Any], registry: Registry, problems: list[str]) -> None:
+    labels = values.get("labels", () if "labels" in written else BLEMORE_LABELS)
+    neutral = values.get("neutral")
+    if neutral is not None and (not isinstance(neutral, str) or neutral not in labels):
+        problems.append(f"neutral: expected one of the labels or null, found {short_repr(neutral)}")
+
+
+def _check_gates(values: dict[str, Any], written: Mapping[str, Any], registry: Registry, problems: list[str]) -> None:
+    _check_gate_counts(values.get("gate"), len(values.get("encoders", ())), "gate", problems)
+    for name, tower in values.get("towers", {}).items():
+        _check_gate_counts(tower.gate, len(tower.encoders), f"towers.{name}.gate", problems)
+
+
+def _check_model_kind(values: dict[str, Any], written: Mapping[str, Any], registry: Registry,
+                      problems: list[str]) -> None:
+    """Contrastive settings need towers; adaptation losses need a fusion model."""
+    if "contrastive" in written and not written.get("towers"):
+        problems.append("contrastive: only a two-tower spec (with a 'towers' block) trains contrastively")
+    if written.get("towers") and written.get("adaptation"):
+        problems.append("adaptation: adaptation losses apply to classification models, not to two-tower ones")
+
+
+def _check_tower_encoders(values: dict[str, Any], written: Mapping[str, Any], registry: Registry,
+                          problems: list[str]) -> None:
+    """Each tower names the spec's encoders, and each encoder feeds exactly one tower."""
+    towers = values.get("towers")
+    if not towers or "encoders" not in values:
+        return
+    known = {e.name for e in values["encoders"]}
+    owner: dict[str, str] = {}
+    start = len(problems)
+    for name, tower in towers.items():
+        for n in tower.encoders:
+            if n not in known:
+                problems.append(f"towers.{name}.encoders: {n!r} is not one of the spec's encoders {sorted(known)}")
+            elif n in owner:
+                problems.append(f"towers.{name}.encoders: {n!r} already belongs to tower {owner[n]!r}; a store's "
+                                "encoder feeds one tower")
+            owner.setdefault(n, name)
+    missing = known - set(owner)
+    if missing and len(towers) == 2 and len(problems) == start:
+        problems.append(f"towers: encoders {sorted(missing)} belong to no tower; assign each to one")
+
+
+def _check_conditional(values: dict[str, Any], written: Mapping[str, Any], registry: Registry,
+                       problems: list[str]) -> None:
     """On-demand encoders need a gate that scores an encoder before it runs, and something that runs always."""
-    encoders = values["encoders"]
+    encoders = values.get("encoders", ())
     demand = [i for i, e in enumerate(encoders) if e.on_demand]
+    if "conditional" in written and not demand:
+        problems.append("conditional: configures on-demand encoders, but no encoder has run: on_demand")
     if not demand:
         return
     if len(demand) == len(encoders):
         problems.append(f"encoders[{demand[0]}].run: every encoder is on_demand, but the gate scores on-demand "
                         "encoders from what has already run; let at least one encoder run always")
-    if values["towers"]:
+    if values.get("towers"):
         problems.append(f"encoders[{demand[0]}].run: on_demand is for fusion models; a two-tower model runs every "
                         "encoder of each tower")
-    gate = values["gate"]
-    if gate is not None:
-        if not registry.get("gate", gate.type).factory.scouts:
-            problems.append(f"gate.type: gate {gate.type!r} cannot score an encoder before it runs (it needs every "
-                            f"token), so encoders[{demand[0]}] cannot be on_demand; use a scout gate (attention, "
-                            "static) or run every encoder always")
-
-
-
-def _structure_towers(blocks: Any, encoders: tuple[EncoderSpec, ...], registry: Registry,
-                      problems: list[str]) -> dict[str, TowerSpec]:
-    if blocks in ({}, None):
-        return {}
-    if not isinstance(blocks, Mapping) or len(blocks) != 2:
-        problems.append(f"towers: expected a mapping of exactly two towers (name -> {{encoders, gate, fusion, "
-                        f"embed_dim}}), found {short_repr(blocks)}")
-        return {}
-    known = {e.name for e in encoders}
-    owner: dict[str, str] = {}
-    out: dict[str, TowerSpec] = {}
-    for name, block in blocks.items():
-        path = f"towers.{key_text(name)}"
-        if encoder_name_problem(name):
-            problems.append(f"{path}: a tower name is {encoder_name_problem(name)}")
-            continue
-        if not isinstance(block, Mapping):
-            problems.append(f"{path}: expected a mapping with encoders, gate, fusion and embed_dim, found {short_repr(block)}")
-            continue
-        for key in block:
-            if key not in ("encoders", "gate", "fusion", "embed_dim"):
-                problems.append(f"{path}.{key_text(key)}: unknown tower option. Options: encoders, gate, fusion, embed_dim")
-        names = block.get("encoders")
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            problems.append(f"{path}.encoders: expected a non-empty list of encoder names, found {short_repr(names)}")
-            continue
-        for n in names:
-            if n not in known:
-                problems.append(f"{path}.encoders: {n!r} is not one of the spec's encoders {sorted(known)}")
-            elif n in owner:
-                problems.append(f"{path}.encoders: {n!r} already belongs to tower {owner[n]!r}; a store's encoder "
-                                "feeds one tower")
-            owner.setdefault(n, str(name))
-        embed = block.get("embed_dim", 128)
-        if isinstance(embed, bool) or not isinstance(embed, int) or not 0 < embed <= MAX_LATENT_DIM:
-            problems.append(f"{path}.embed_dim: expected an int in [1, {MAX_LATENT_DIM}], found {short_repr(embed)}")
-        gate = structure_component("gate", block.get("gate", {"type": "uniform", "top_n": len(names)}), f"{path}.gate",
-                                   registry, problems)
-        fusion = structure_component("fusion", block.get("fusion", {"type": "weighted_sum"}), f"{path}.fusion",
-                                     registry, problems)
-        _check_gate_counts(gate, len(names), f"{path}.gate", problems)
-        if gate is not None and fusion is not None:
-            out[str(name)] = TowerSpec(tuple(names), gate, fusion, embed)
-    missing = known - set(owner)
-    if missing and not problems:
-        problems.append(f"towers: encoders {sorted(missing)} belong to no tower; assign each to one")
-    return out
+    gate = values.get("gate")
+    if gate is not None and not registry.get("gate", gate.type).factory.scouts:
+        problems.append(f"gate.type: gate {gate.type!r} cannot score an encoder before it runs (it needs every "
+                        f"token), so encoders[{demand[0]}] cannot be on_demand; use a scout gate (attention, "
+                        "static) or run every encoder always")
 
 
 def _check_gate_counts(gate: Component | None, encoders: int, path: str, problems: list[str]) -> None:
@@ -533,61 +722,9 @@ def _check_gate_counts(gate: Component | None, encoders: int, path: str, problem
                         "write 0 (all)")
 
 
-#: ``distill.preset``: the published loss sets, each term in its published form, with the papers' weights. The
-#: task's own CLIP loss comes from the two-tower model; a preset adds the distillation terms.
-DISTILL_PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
-    "clip-kd": ({"type": "crd"}, {"type": "icl", "form": "published"}, {"type": "fd", "form": "published", "weight": 2000.0}),
-    "clip-rd": ({"type": "crd"}, {"type": "icl", "form": "published"}, {"type": "fd", "form": "published", "weight": 2000.0},
-                {"type": "vrd", "mode": "published"}, {"type": "xrd", "mode": "published"}),
-}
-
-
-def _structure_distill(block: Any, registry: Registry, problems: list[str]) -> DistillSpec | None:
-    if block is None:
-        return None
-    if not isinstance(block, Mapping):
-        problems.append(f"distill: expected a mapping with teacher and losses (or a preset), found {short_repr(block)}")
-        return None
-    for key in block:
-        if key not in ("teacher", "losses", "preset"):
-            problems.append(f"distill.{key_text(key)}: unknown option. Options: teacher, losses, preset")
-    teacher = block.get("teacher")
-    if not isinstance(teacher, str) or not teacher:
-        problems.append(f"distill.teacher: expected the path of a teacher checkpoint directory, found {short_repr(teacher)}")
-    preset = block.get("preset")
-    if preset is not None and (not isinstance(preset, str) or preset not in DISTILL_PRESETS):
-        problems.append(f"distill.preset: expected one of {', '.join(DISTILL_PRESETS)} (one preset; further terms go "
-                        f"under losses), found {short_repr(preset)}")
-        return None
-    losses = block.get("losses", [] if preset else None)
-    if not isinstance(losses, list) or not (losses or preset):
-        problems.append(f"distill.losses: expected a non-empty list of distillation loss blocks (or a preset: "
-                        f"{', '.join(DISTILL_PRESETS)}), found {short_repr(losses)}")
-        return None
-    blocks = [*(DISTILL_PRESETS[preset] if preset else ()), *losses]
-    first = len(blocks) - len(losses)
-    comps = tuple(structure_component("distill_loss", b, f"distill.losses[{i - first}]" if i >= first else
-                                      f"distill.preset ({preset}) [{i}]", registry, problems)
-                  for i, b in enumerate(blocks))
-    if not isinstance(teacher, str) or any(c is None for c in comps):
-        return None
-    return DistillSpec(teacher, comps)
-
-
-def _structure_heads(blocks: Any, registry: Registry, problems: list[str]) -> dict[str, Component]:
-    if not isinstance(blocks, Mapping) or not blocks:
-        problems.append(f"heads: expected a mapping of role -> head block (roles: {', '.join(HEAD_ROLES)}), "
-                        f"found {short_repr(blocks)}")
-        return {}
-    out: dict[str, Component] = {}
-    for role, block in blocks.items():
-        if role not in HEAD_ROLES:
-            problems.append(f"heads.{key_text(role)}: unknown head role; roles are {', '.join(HEAD_ROLES)}")
-            continue
-        comp = structure_component("head", block, f"heads.{role}", registry, problems)
-        if comp is not None:
-            out[role] = comp
-    return out
+#: The checks that relate a spec's fields, run after the fields are structured (each sees what did structure).
+SPEC_CHECKS: tuple[Callable[[dict[str, Any], Mapping[str, Any], Registry, list[str]], None], ...] = (
+    _check_neutral, _check_gates, _check_model_kind, _check_tower_encoders, _check_conditional)
 
 
 def structure_component(kind: str, block: Any, path: str, registry: Registry, problems: list[str]) -> Component | None:
@@ -633,3 +770,6 @@ def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:
             out += spec_differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
         return out
     return [] if old == new else [f"{path or 'spec'}: {old!r} -> {new!r}"]
+
+
+__getattr__ = moved_names(__name__, {"DISTILL_PRESETS": "fusionkit.components.distillation"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -338,3 +339,50 @@ def test_plugin_new_makes_every_kind_and_each_one_works(tmp_path, monkeypatch, c
     metrics = train(student, store, tmp_path / "student", fold=0, progress=False, target=target)
     log = json.loads((tmp_path / "student" / "log.jsonl").read_text().splitlines()[0])
     assert {"distill_my_distill_loss"} <= set(log) and metrics["test"]["n"] > 0
+
+
+# --- distillation presets ----------------------------------------------------------------------------------
+
+
+def _preset_plugin(name, losses):
+    class Presets:
+        @fusionkit.hookimpl
+        def register_distill_presets(self, register):
+            register(name, losses, description="A test preset.")
+
+    return Presets()
+
+
+def test_a_plugin_registers_a_distillation_preset_that_a_spec_names(capsys):
+    from fusionkit.cli import main
+
+    losses = [{"type": "rkd"}, {"type": "fd", "weight": 5.0}]
+    fusionkit.register_plugin(_preset_plugin("relations", losses), "preset-test")
+    losses.append({"type": "kd"})  # the registry holds its own copy
+    spec = load_spec({"latent_dim": 8, "encoders": [{"name": "a", "type": "features", "dim": 2}],
+                      "distill": {"teacher": "t", "preset": "relations", "losses": [{"type": "crd"}]}})
+    assert [c.type for c in spec.distill.losses] == ["rkd", "fd", "crd"]
+    assert spec.distill.losses[1].config.weight == 5.0
+    assert main(["plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["preset-test"]["provides"] == {"distill_preset": ["relations"]}
+    assert rows["fusionkit"]["provides"]["distill_preset"] == ["clip-kd", "clip-rd"]
+
+
+def test_a_preset_block_with_a_bad_option_is_named_by_the_preset_and_position():
+    fusionkit.register_plugin(_preset_plugin("typo", [{"type": "rkd"}, {"type": "fd", "wieght": 2.0}]), "typo-test")
+    with pytest.raises(SpecError, match=r"distill.preset \(typo\) \[1\].wieght: unknown option; did you mean 'weight'"):
+        load_spec({"latent_dim": 8, "encoders": [{"name": "a", "type": "features", "dim": 2}],
+                   "distill": {"teacher": "t", "preset": "typo"}})
+
+
+@pytest.mark.parametrize("name, losses, message", [
+    ("clip-rd", [{"type": "rkd"}], "distillation preset 'clip-rd' is a built-in name of fusionkit; plugin 'p-test'"),
+    ("", [{"type": "rkd"}], "a distillation preset name must be a non-empty string"),
+    ("empty", [], "losses must be a non-empty list of loss blocks"),
+    ("untyped", [{"weight": 1.0}], "losses must be a non-empty list of loss blocks, each a dict with a 'type'"),
+])
+def test_a_bad_preset_registration_is_refused_naming_the_plugin(name, losses, message):
+    with pytest.raises(PluginError, match=rf"plugin 'p-test' failed to register: .*{re.escape(message)}"):
+        fusionkit.register_plugin(_preset_plugin(name, losses), "p-test")
+    assert plugins.get_registry().preset("empty") is None and plugins.get_registry().preset("untyped") is None

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import yaml
 
+from fusionkit import config as cfg
 from fusionkit.errors import DataError, SpecError
 from fusionkit.spec import dump_spec, load_spec
 
@@ -250,3 +252,93 @@ def test_a_label_mismatch_says_which_labels_to_write(tmp_path, uci_source):
     spec = load_spec({"encoders": [{"name": "fou", "type": "features", "dim": 76}]})
     with pytest.raises(DataError, match=r"`labels: \[d0, d1, d2, d3, d4, d5\]` and `neutral: null`"):
         spec_store(spec, store)
+
+
+# --- the declarative spec ----------------------------------------------------------------------------------
+
+
+def test_the_top_level_keys_are_the_spec_class_fields_and_each_is_documented():
+    from fusionkit.spec import TOP_LEVEL_KEYS, Spec
+
+    assert TOP_LEVEL_KEYS == tuple(f.name for f in attrs.fields(Spec))
+    assert all(f.metadata.get("doc") for f in attrs.fields(Spec))
+    with pytest.raises(SpecError) as exc:
+        load_spec(base(lantent_dim=8))
+    assert exc.value.problems == [f"lantent_dim: unknown top-level key; did you mean 'latent_dim'? "
+                                  f"Keys: {', '.join(TOP_LEVEL_KEYS)}"]
+
+
+def test_field_problems_and_the_checks_that_relate_fields_are_reported_together():
+    """A failing field does not hide a relation check: each check sees the fields that did structure."""
+    with pytest.raises(SpecError) as exc:
+        load_spec(base(labels=["x", "y"], neutral="z", latent_dim=0, gate={"type": "attention", "selection": "top_p",
+                                                                           "min_n": 4}))
+    assert sorted(exc.value.problems) == sorted([
+        "latent_dim: expected an int in [1, 65536], found 0",
+        "neutral: expected one of the labels or null, found 'z'",
+        "gate.min_n: 4 is more than the 3 encoder(s) the gate ranks; lower it"])
+
+
+def test_a_default_block_is_structured_through_the_registry_like_a_written_one():
+    spec = load_spec(base())
+    assert (spec.gate.type, type(spec.gate.config).__name__) == ("attention", "AttentionGateConfig")
+    assert spec.heads["presence"].type == "presence" and spec.fusion.type == "rank_concat"
+    tower = load_spec({"labels": ["a", "b"], "neutral": None, "encoders": base()["encoders"][:2],
+                       "towers": {"x": {"encoders": ["a"]}, "y": {"encoders": ["b"], "embed_dim": 16}}})
+    assert tower.towers["x"].gate.config.top_n == 1 and tower.towers["x"].embed_dim == 128
+    assert load_spec(tower.to_dict()) == tower
+
+
+@attrs.frozen(kw_only=True)
+class Inner:
+    size: int = cfg.option(1, doc="A size.", validator=cfg.positive)
+
+
+@attrs.frozen(kw_only=True)
+class Outer:
+    inner: Inner = cfg.option(factory=Inner, doc="Nested.")
+    pair: tuple[int, int] = cfg.option(doc="Two ints.", data_default=[1, 2])
+
+
+def test_a_path_aware_hook_reports_each_problem_at_its_own_path():
+    """fusionkit.config's hooks: inside structure(), where() gives a hook its path; nested attrs classes keep
+    their paths and close-match hints (config.nest_attrs)."""
+    conv = cfg.nest_attrs(cfg.converter.copy())
+
+    def pair(value, tp):
+        path, problems = cfg.where()
+        bad = [i for i, v in enumerate(value) if v < 0]
+        problems.extend(f"{path}[{i}]: must be >= 0, found {value[i]}" for i in bad)
+        if bad:
+            raise cfg.Reported
+        return tuple(value)
+
+    conv.register_structure_hook_func(lambda tp: tp == tuple[int, int], pair)
+    problems: list[str] = []
+    assert cfg.structure(Outer, {}, "outer", problems, conv) == Outer(inner=Inner(), pair=(1, 2)) and not problems
+    assert cfg.structure(Outer, {"inner": {"sise": 0}, "pair": [-1, -2]}, "outer", problems, conv) is None
+    assert problems == ["outer.inner.sise: unknown option; did you mean 'size'? Options of Inner: size",
+                        "outer.pair[0]: must be >= 0, found -1", "outer.pair[1]: must be >= 0, found -2"]
+    with pytest.raises(RuntimeError, match="call it through fusionkit.config.structure"):
+        conv.structure([1, 2], tuple[int, int])
+
+
+def test_the_schema_covers_every_top_level_key_and_accepts_a_two_tower_spec_with_a_preset():
+    import jsonschema
+
+    from fusionkit.plugins import get_registry
+    from fusionkit.schema import spec_schema
+    from fusionkit.spec import TOP_LEVEL_KEYS
+
+    schema = spec_schema(get_registry())
+    assert list(schema["properties"]) == list(TOP_LEVEL_KEYS)
+    tower = {"labels": ["a", "b"], "neutral": None, "encoders": [{"name": "a", "type": "features", "dim": 3},
+                                                                 {"name": "b", "type": "features", "dim": 3}],
+             "towers": {"x": {"encoders": ["a"]}, "y": {"encoders": ["b"], "embed_dim": 16}},
+             "distill": {"teacher": "t", "preset": "clip-rd"}, "contrastive": {"temperature": 0.05}}
+    jsonschema.validate(tower, schema)
+    load_spec(tower)
+    for bad in ({"distill": {"teacher": "t", "preset": "clip-xx"}}, {"towers": {"x": {"encoders": ["a"], "size": 1}, "y": {"encoders": ["b"]}}},
+                {"encoders": [{"name": "a", "type": "features", "dim": 3, "run": "sometimes"}]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**tower, **bad}, schema)

@@ -22,6 +22,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         for reg in regs:
             provides.setdefault(reg.kind, []).append(reg.name)
             descriptions.setdefault(reg.kind, {})[reg.name] = reg.description
+        for preset in state.registry.presets_of(info.name) if info.ok else []:
+            provides.setdefault("distill_preset", []).append(preset.name)
+            descriptions.setdefault("distill_preset", {})[preset.name] = preset.description
         rows.append({"name": info.name, "distribution": info.distribution, "version": info.version,
                      "provides": provides, "descriptions": descriptions, "error": info.error})
     conflicts = [{"kind": kind, "name": name,

@@ -135,3 +135,11 @@ def register_distill_losses(register):
              description="CLIP-RD vertical: the first modality's teacher-student distribution pulled to the second's.")
     register("xrd", _from_config(d.XRD), config=d.RelationConfig,
              description="CLIP-RD cross: the two cross-modal teacher-student distributions pulled together.")
+
+
+@hookimpl
+def register_distill_presets(register):
+    from fusionkit.components import distillation as d
+
+    for name, losses in d.DISTILL_PRESETS.items():
+        register(name, list(losses), description=d.PRESET_DESCRIPTIONS[name])

@@ -29,7 +29,22 @@ from fusionkit.interfaces import DistillBatch, DistillConfig, DistillLoss
 
 __all__ = ["row_kl", "scaled", "Mode", "softmax_relation_loss", "LOG_CLIP_SCALE", "KDConfig", "FDConfig",
            "CRDConfig", "ICLConfig", "RKDConfig", "RelationConfig", "KD", "FD", "CRD", "ICL", "RKD", "diagonal_ce",
-           "target_kl", "RelationLoss", "VRD", "XRD"]
+           "target_kl", "RelationLoss", "VRD", "XRD", "DISTILL_PRESETS", "PRESET_DESCRIPTIONS"]
+
+#: ``distill.preset``: the published loss sets, each term in its published form with the papers' weights, as
+#: a spec writes them under ``distill.losses``. The task's own CLIP loss comes from the two-tower model; a preset
+#: adds the distillation terms. Registered through ``register_distill_presets``, with :data:`PRESET_DESCRIPTIONS`.
+DISTILL_PRESETS: dict[str, tuple[dict[str, object], ...]] = {
+    "clip-kd": ({"type": "crd"}, {"type": "icl", "form": "published"},
+                {"type": "fd", "form": "published", "weight": 2000.0}),
+    "clip-rd": ({"type": "crd"}, {"type": "icl", "form": "published"},
+                {"type": "fd", "form": "published", "weight": 2000.0},
+                {"type": "vrd", "mode": "published"}, {"type": "xrd", "mode": "published"}),
+}
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "clip-kd": "CLIP-KD: CRD, ICL and FD (weight 2000), each in its published form.",
+    "clip-rd": "CLIP-RD: CLIP-KD's terms, then the vertical and cross relational terms VRD and XRD, as published.",
+}
 
 
 def row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
