@@ -361,7 +361,9 @@ def test_a_compute_budget_in_the_spec_is_validated():
         load_spec({**demand_spec(), "conditional": {"budget_gflops": -1.0}})
 
 
-def test_a_fold_ensemble_takes_a_cap_and_refuses_a_mean_budget(synthetic_store, tmp_path, capsys):
+def test_a_fold_ensemble_takes_a_cap_and_a_mean_budget_fitted_per_model(synthetic_store, tmp_path, capsys):
+    from fusionkit.data.open import spec_store
+    from fusionkit.training.ensemble import FoldEnsemble
     from fusionkit.training.train import cross_validate
 
     cross_validate(demand_spec(epochs=1), synthetic_store, tmp_path / "cv", progress=False)
@@ -369,6 +371,21 @@ def test_a_fold_ensemble_takes_a_cap_and_refuses_a_mean_budget(synthetic_store, 
                  "--budget", "25%"]) == 0
     metrics = json.loads((tmp_path / "cv" / "evaluation_ensemble_labelled_budget-25pct.json").read_text())
     assert metrics["compute"]["mean_gflops"] <= 5 * 1.0 + 1e-9  # five models, each within its cap of 1 GFLOP
+    capsys.readouterr()
     assert main(["evaluate", "--cv", str(tmp_path / "cv"), "--data", str(synthetic_store), "--split", "labelled",
-                 "--budget", "mean:25%"]) == 2
-    assert "a mean budget's threshold is fitted per model" in capsys.readouterr().err
+                 "--budget", "mean:25%"]) == 0
+    assert "each model's threshold fitted on its own validation fold" in capsys.readouterr().out
+    mean = json.loads((tmp_path / "cv" / "evaluation_ensemble_labelled_budget-mean-25pct.json").read_text())
+    assert abs(mean["compute"]["mean_gflops"] - 5 * 1.0) < 5 * 0.35  # each model meets its 1 GFLOP on average
+
+    ensemble = FoldEnsemble([tmp_path / "cv"])
+    store = spec_store(ensemble.spec, synthetic_store)
+    ensemble.fit_decoder(store)
+    index = store.select(labelled=True)
+    assert ensemble.evaluate(store, index, budget="mean:25%")["score"] == pytest.approx(mean["score"])
+    thresholds = [b.threshold for b in ensemble.model_budgets(store, "mean:25%")]
+    assert len(thresholds) == 5 and all(t is not None for t in thresholds)
+    per_model = ensemble.model_budgets(store, "mean:5")  # GFLOPs: an equal part for each model
+    assert [b.gflops for b in per_model] == [1.0] * 5
+    with pytest.raises(FusionkitError, match="2 budgets for an ensemble of 5 models"):
+        ensemble.outputs(store, index, budget=["25%", "50%"])

@@ -76,7 +76,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             from fusionkit.errors import DataError
 
             raise DataError(f"{store.path}: the {args.split} samples are not all labelled; evaluate needs labels")
-        metrics = ensemble.evaluate(store, index, budget=_ensemble_budget(args, ensemble))
+        metrics = ensemble.evaluate(store, index, budget=_ensemble_budget(args, ensemble, store))
         task = task_class(ensemble.spec)
         out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}{_budget_suffix(args.budget)}.json" \
             if len(args.run) == 1 else None
@@ -125,8 +125,9 @@ def _budget_option(args: argparse.Namespace, model, store) -> dict:
     return {"budget": budget}
 
 
-def _ensemble_budget(args: argparse.Namespace, ensemble):
-    """A fold ensemble's ``--budget``: a cap per sample, for models with on-demand encoders."""
+def _ensemble_budget(args: argparse.Namespace, ensemble, store):
+    """A fold ensemble's ``--budget``, for models with on-demand encoders: a cap applies to each model; a mean
+    budget is fitted per model on its own validation fold."""
     if args.budget is None:
         return None
     from fusionkit.errors import FusionkitError
@@ -137,8 +138,10 @@ def _ensemble_budget(args: argparse.Namespace, ensemble):
         raise FusionkitError(f"--budget {args.budget}: the ensemble's models run every encoder always (no encoder has "
                              "run: on_demand), so there is no compute to budget")
     if budget.mean:
-        raise FusionkitError(f"--budget {args.budget}: a mean budget's threshold is fitted per model; give a fold "
-                             "ensemble a cap per sample (e.g. 40%)")
+        fitted = ensemble.model_budgets(store, budget)
+        print(f"mean budget {budget.describe()}: each model's threshold fitted on its own validation fold "
+              f"({', '.join(f'{b.threshold:.4g}' for b in fitted)})")
+        return fitted
     return budget
 
 
@@ -209,7 +212,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if opened is not None:
         ensemble, store = opened
         index = _run_index(Path(args.run[0]), store, args.split)
-        preds = ensemble.predictions(store, index, budget=_ensemble_budget(args, ensemble))
+        preds = ensemble.predictions(store, index, budget=_ensemble_budget(args, ensemble, store))
     else:
         model, store = _open_run(args)
         if not task_class(model.spec).predicts:

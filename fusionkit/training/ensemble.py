@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 
 from fusionkit.answers import from_order
@@ -27,7 +28,7 @@ from fusionkit.models.factory import load_model
 from fusionkit.models.fusion import FusionModel
 from fusionkit.spec import Spec, load_spec, spec_differences
 from fusionkit.training.rundir import CV_FORMAT, RUN_FILE, RUN_FORMAT, store_fingerprint
-from fusionkit.training.tasks import collect_outputs, evaluate_outputs
+from fusionkit.training.tasks import collect_outputs, evaluate_outputs, fit_mean_budget
 from fusionkit.training.train import make_split
 
 __all__ = ["expand_runs", "run_info", "check_same_specs", "FoldEnsemble"]
@@ -159,6 +160,7 @@ class FoldEnsemble:
                 raise CheckpointError(f"{run}: its labels or decoder differ from {self.runs[0]}'s; an ensemble averages "
                                       "models of one task")
         self.decoder = first.decoder
+        self._fitted: dict[str, list[Budget]] = {}
 
     @property
     def spec(self) -> Any:
@@ -166,14 +168,33 @@ class FoldEnsemble:
 
     def outputs(self, store: FeatureStore, index: np.ndarray, budget: Any = None) -> dict[str, np.ndarray]:
         """The models' probabilities (every decoder input) averaged over the models; with ``budget``, each model's
-        on-demand encoders within it (the cost is then the models' summed cost)."""
-        budget = Budget.parse(budget)
-        if budget is not None and budget.mean:
-            raise FusionkitError(f"budget {budget}: a mean budget's threshold is fitted per model; give an ensemble a "
-                                 "cap per sample (e.g. 40%)")
-        each = [collect_outputs(model, store, index, budget=budget) for model in self.models]
+        on-demand encoders within it (the cost is then the models' summed cost). A mean budget is fitted per model
+        first (:meth:`model_budgets`); a list gives each model its own budget."""
+        budgets = self.model_budgets(store, budget)
+        each = [collect_outputs(model, store, index, budget=b) for model, b in zip(self.models, budgets)]
         return {key: (np.sum if key == "cost" else np.mean)([o[key] for o in each], axis=0) for key in each[0]
                 if key != "kept"}
+
+    def model_budgets(self, store: FeatureStore, budget: Any) -> list[Budget | None]:
+        """One budget per model. A cap applies to each model as it is. A mean budget is the ensemble's: each model
+        meets its part (the share of its own full cost, or an equal part of the GFLOPs) with a threshold fitted on
+        its own validation fold, which is out of fold as the decoder's thresholds are; ``store`` must then be the
+        one the runs trained on. Fitted thresholds are kept, so predicting again with one budget refits nothing."""
+        if isinstance(budget, (list, tuple)):
+            if len(budget) != len(self.models):
+                raise FusionkitError(f"{len(budget)} budgets for an ensemble of {len(self.models)} models; give one "
+                                     "budget, or one per model")
+            return [Budget.parse(b) for b in budget]
+        parsed = Budget.parse(budget)
+        if parsed is None or not parsed.mean or parsed.threshold is not None:
+            return [parsed] * len(self.models)
+        key = parsed.describe()
+        if key not in self._fitted:
+            self.check_store(store)
+            part = parsed if parsed.gflops is None else attrs.evolve(parsed, gflops=parsed.gflops / len(self.models))
+            self._fitted[key] = [fit_mean_budget(model, store, make_split(store, run_info(run).get("test_fold")).val,
+                                                 part) for run, model in zip(self.runs, self.models)]
+        return list(self._fitted[key])
 
     def check_store(self, store: FeatureStore) -> None:
         """Refuse a store other than the one the runs trained on: its folds decide which rows are out of fold."""
