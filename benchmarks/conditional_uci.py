@@ -52,7 +52,7 @@ def two_columns(manifest: Path) -> Path:
     return out
 
 
-def specs(seed: int, weights: Path, full_budget_rows: float = 0.0) -> dict[str, dict]:
+def specs(seed: int, weights: Path, variant: dict[str, float] | None = None) -> dict[str, dict]:
     from fusionkit import recipes
 
     cnns = {name: {**CNN, "name": name, "img_size": size, "pretrained": str(weights.resolve())}
@@ -63,17 +63,30 @@ def specs(seed: int, weights: Path, full_budget_rows: float = 0.0) -> dict[str, 
     for block in scout["encoders"]:
         if block["name"] in SIZES:
             block["run"] = "on_demand"
-    if full_budget_rows:
-        scout["conditional"] = {"full_budget_rows": full_budget_rows}
+    if variant:
+        scout["conditional"] = dict(variant)
     top_n = recipes.selective(seed, dims={**FIVE, **{name: 96 for name in SIZES}})
     top_n["encoders"] = [cnns.get(e["name"], e) for e in top_n["encoders"]]
-    return {"keep-all": keep_all, scout_system(full_budget_rows): scout, "always-run only": recipes.best(seed, dims=FIVE),
+    return {"keep-all": keep_all, scout_system(variant): scout, "always-run only": recipes.best(seed, dims=FIVE),
             "top-n, everything run": top_n}
 
 
-def scout_system(full_budget_rows: float) -> str:
-    """The scout's system name (and its runs' and cache files' tag): a variant says its training option."""
-    return "scout" if not full_budget_rows else f"scout, full budget on {full_budget_rows:g} of the rows"
+#: The scout's training variants: conditional option -> (command-line flag, tag of runs and caches, its words).
+VARIANTS = {"full_budget_rows": ("--full-budget-rows", "fb", "full budget on {:g} of the rows"),
+            "full_budget_weight": ("--full-budget-weight", "fw", "full-budget pass weight {:g}")}
+
+
+def scout_system(variant: dict[str, float] | None) -> str:
+    """The scout's system name: a variant says its training options."""
+    return ", ".join(["scout", *(VARIANTS[k][2].format(v) for k, v in (variant or {}).items())])
+
+
+def variant_tag(variant: dict[str, float]) -> str:
+    return "".join(f"-{VARIANTS[k][1]}{v:g}" for k, v in variant.items())
+
+
+def variant_flags(variant: dict[str, float]) -> str:
+    return "".join(f" {VARIANTS[k][0]} {v:g}" for k, v in variant.items())
 
 
 def random_rows(model, store, index, rates: dict[str, float], seed: int) -> float:
@@ -136,9 +149,13 @@ def main() -> None:
     parser = grid_parser(__doc__, "runs/benchmark-conditional")
     parser.add_argument("--full-budget-rows", type=float, default=0.0, help="train the scout with "
                         "conditional.full_budget_rows (a variant, reported in its own section)")
+    parser.add_argument("--full-budget-weight", type=float, default=0.0, help="train the scout with "
+                        "conditional.full_budget_weight (a variant, reported in its own section)")
     args = parser.parse_args()
-    scout = scout_system(args.full_budget_rows)
-    tag = "" if not args.full_budget_rows else f"-fb{args.full_budget_rows:g}"
+    variant = {k: v for k, v in (("full_budget_rows", args.full_budget_rows),
+                                 ("full_budget_weight", args.full_budget_weight)) if v}
+    scout = scout_system(variant)
+    tag = variant_tag(variant)
     work = Path(args.work)
     clean, pix_manifest = pix_images(args.source, work)
     manifest = two_columns(pix_manifest)
@@ -148,7 +165,7 @@ def main() -> None:
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
-            for system, spec in specs(seed, weights, args.full_budget_rows).items():
+            for system, spec in specs(seed, weights, variant).items():
                 job = {"setting": "clean", "system": system, "fold": fold, "seed": seed, "store": str(clean),
                        "raw": str(manifest) if system != "always-run only" else None, "spec": spec}
                 if system == scout:
@@ -209,7 +226,7 @@ def main() -> None:
     section = "\n".join([
         "## Conditional execution on the UCI blended task" + (f" ({scout})" if tag else ""), "",
         f"`.venv/bin/python benchmarks/conditional_uci.py --source ../shared/data/uci-mfeat --workers {args.workers} "
-        f"--seeds {args.seeds}" + (f" --full-budget-rows {args.full_budget_rows:g}" if tag else "") + "`: "
+        f"--seeds {args.seeds}{variant_flags(variant)}`: "
         "the five pre-extracted views always run; two live timm `test_resnet` CNNs on the `pix` images run on demand, "
         f"trained end to end, at 10×10 ({1000 * costs['cnn_light']:.2f} MFLOPs) and 40×40 "
         f"({1000 * costs['cnn_heavy']:.2f} MFLOPs, {costs['cnn_heavy'] / costs['cnn_light']:.1f}×) inputs, FLOPs measured by "

@@ -152,6 +152,40 @@ def test_budget_sampling_gives_a_share_of_the_training_rows_the_full_budget(shar
     assert every >= share - 0.1 and (every < 0.9 if share < 1 else every == 1.0)
 
 
+def test_the_full_budget_pass_fuses_the_scout_rows_with_every_token_and_adds_their_label_loss():
+    """conditional.full_budget_weight (the sandwich rule): beside the budget-sampled pass, the scout's rows are fused
+    with every token they computed; their logits equal a forward that runs everything, and their label loss is
+    one more term of the training loss, reaching the heads."""
+    from fusionkit.training.losses import label_losses, training_loss
+
+    spec = demand_spec()
+    spec["gate"].update(noise=0.0)
+    spec["projector"] = {"dropout": 0.0}
+    spec["heads"] = {role: {"type": role, "dropout": 0.0} for role in ("presence", "salience")}
+    spec["conditional"] = {"full_budget_weight": 0.5, "scout_rows": 0.5}
+    torch.manual_seed(0)
+    model = build_model(spec).train()
+    x = batch(n=64)
+    torch.manual_seed(1)
+    out = model(x)
+    rows = out.scout_rows
+    assert 0 < int(rows.sum()) < 64 and out.full_logits["salience"].shape == (int(rows.sum()), 6)
+    everything = model(x, everything=True)
+    for role, logits in out.full_logits.items():
+        torch.testing.assert_close(logits, everything.logits[role][rows], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out.logits[role][rows], logits)  # the sampled pass left some encoders out
+    target = torch.softmax(torch.randn(64, 6), dim=1)
+    loss, parts = training_loss(model, out, target)
+    expected = 0.5 * sum(label_losses(out.full_logits, target[rows], model.spec.train).values())
+    assert parts["full_budget"] == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    assert model.heads["salience"].net[-1].weight.grad.abs().sum() > 0
+    model.eval()
+    assert model(x).full_logits is None  # inference runs one pass
+    off = build_model(demand_spec()).train()
+    assert off(x).full_logits is None and "full_budget" not in training_loss(off, off(x), target)[1]
+
+
 @pytest.fixture(scope="module")
 def halves_store(tmp_path_factory):
     """Encoder a shows the class on the samples whose flag (the always-run encoder) is up, b on the others; each is

@@ -67,6 +67,9 @@ class FusionOutput:
     scout_scores: torch.Tensor | None = None
     scout_rows: torch.Tensor | None = None
     available: torch.Tensor | None = None
+    #: In training with ``conditional.full_budget_weight``: each head's logits of the scout's rows (``scout_rows``)
+    #: at the full budget, every token they computed fused.
+    full_logits: dict[str, torch.Tensor] | None = None
 
     @property
     def used(self) -> torch.Tensor:
@@ -182,6 +185,8 @@ class Encoded:
     scout_rows: torch.Tensor | None = None
     #: With on-demand encoders: ``[B, K]`` the encoders present in the input, which the scout chose among.
     available: torch.Tensor | None = None
+    #: In training with ``conditional.full_budget_weight``: the scout's rows fused with every token they computed.
+    full: Encoded | None = None
 
 
 def has_batch_norm(module: nn.Module) -> bool:
@@ -388,6 +393,8 @@ class Trunk(nn.Module):
         encoded = self._fuse(tokens, ran, ran, costs, aux)
         encoded.computed, encoded.scout_scores, encoded.scout_rows = computed, scout_scores, every
         encoded.available = present
+        if self.training and self.conditional.full_budget_weight > 0 and every.any():
+            encoded.full = self._fuse(tokens[every], computed[every], computed[every], costs, {})
         return encoded
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
@@ -515,6 +522,8 @@ class FusionModel(Trunk):
             token_logits=None if self.token_head is None else self.token_head(tokens),
             ran=encoded.ran, cost=encoded.cost, computed=encoded.computed, scout_scores=encoded.scout_scores,
             scout_rows=encoded.scout_rows, available=encoded.available,
+            full_logits=None if encoded.full is None else {role: head(encoded.full.fused)
+                                                           for role, head in self.heads.items()},
         )
 
     @torch.no_grad()

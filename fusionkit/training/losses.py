@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.spec import TrainConfig
 
-__all__ = ["rank_supervision", "supervised_loss", "training_loss"]
+__all__ = ["label_losses", "rank_supervision", "supervised_loss", "training_loss"]
 
 
 def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -39,24 +39,33 @@ def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor
     return parts
 
 
+def label_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, train: TrainConfig) -> dict[str, torch.Tensor]:
+    """The heads' losses against ``target`` [B, L] (soft targets summing to 1), weighted: ``presence_bce``, binary
+    cross-entropy of each label's presence (target > 0), and ``salience_kl``, KL(target || softmax)."""
+    parts: dict[str, torch.Tensor] = {}
+    if "presence" in logits:
+        parts["presence_bce"] = train.presence_weight * F.binary_cross_entropy_with_logits(
+            logits["presence"], (target > 0).to(target.dtype))
+    if "salience" in logits:
+        parts["salience_kl"] = train.salience_weight * F.kl_div(
+            F.log_softmax(logits["salience"], dim=-1), target, reduction="batchmean")
+    return parts
+
+
 def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
                     model: FusionModel | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``target`` [B, L]: soft targets summing to 1 (salience / 100).
 
     presence: binary cross-entropy of each label's presence (target > 0);
     salience: KL(target || softmax) — for a ``classifier`` head too;
-    plus every entry of ``out.aux_losses`` (e.g. the gate balance loss), and the gate's rank
-    supervision when it is switched on.
+    plus every entry of ``out.aux_losses`` (e.g. the gate balance loss), the gate's rank
+    supervision when it is switched on, and ``full_budget``: the same losses of the full-budget pass
+    (``conditional.full_budget_weight``), when the model made one.
     """
-    parts: dict[str, torch.Tensor] = {}
-    if "presence" in out.logits:
-        parts["presence_bce"] = train.presence_weight * F.binary_cross_entropy_with_logits(
-            out.logits["presence"], (target > 0).to(target.dtype)
-        )
-    if "salience" in out.logits:
-        parts["salience_kl"] = train.salience_weight * F.kl_div(
-            F.log_softmax(out.logits["salience"], dim=-1), target, reduction="batchmean"
-        )
+    parts = label_losses(out.logits, target, train)
+    if out.full_logits is not None and model is not None:  # the full-budget pass of the scout's rows
+        weight = model.spec.conditional.full_budget_weight
+        parts["full_budget"] = weight * sum(label_losses(out.full_logits, target[out.scout_rows], train).values())
     parts.update(out.aux_losses)
     if out.token_logits is not None and model is not None:
         parts.update(rank_supervision(model, out, target))
