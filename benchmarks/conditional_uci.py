@@ -147,13 +147,13 @@ def evaluate_scout(run: Path, clean: Path, manifest: Path, fold: int, seed: int)
 
 def main() -> None:
     parser = grid_parser(__doc__, "runs/benchmark-conditional")
-    parser.add_argument("--full-budget-rows", type=float, default=0.0, help="train the scout with "
+    parser.add_argument("--full-budget-rows", type=float, default=None, help="train the scout with "
                         "conditional.full_budget_rows (a variant, reported in its own section)")
-    parser.add_argument("--full-budget-weight", type=float, default=0.0, help="train the scout with "
+    parser.add_argument("--full-budget-weight", type=float, default=None, help="train the scout with "
                         "conditional.full_budget_weight (a variant, reported in its own section)")
     args = parser.parse_args()
     variant = {k: v for k, v in (("full_budget_rows", args.full_budget_rows),
-                                 ("full_budget_weight", args.full_budget_weight)) if v}
+                                 ("full_budget_weight", args.full_budget_weight)) if v is not None}
     scout = scout_system(variant)
     tag = variant_tag(variant)
     work = Path(args.work)

@@ -20,6 +20,7 @@ interleaved rounds.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     clean, manifest = work / "store-clean", two_columns(work / "pix-images" / "manifest.csv")
-    runs = sorted((work / "runs").glob("scout-f*-s*"))[: args.runs]
+    runs = sorted(p for p in (work / "runs").glob("scout-f*-s*") if re.fullmatch(r"scout-f\d+-s\d+", p.name))[: args.runs]
     if not runs:
         raise SystemExit(f"{work}/runs: no scout runs; run benchmarks/conditional_uci.py first")
     results = [measure(run, clean, manifest, int(run.name.split("-")[1][1:]), args.rounds) for run in runs]

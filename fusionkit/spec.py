@@ -8,12 +8,12 @@ so loading one cannot execute code.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import json
 import re
 import tomllib
 import typing
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -176,11 +176,11 @@ class ConditionalConfig:
         "runs), so that the fusion also learns the full-cost case that a 100% budget at inference asks for.",
         validator=unit_interval)
     full_budget_weight: float = option(
-        0.0, doc="Weight of a second, full-budget pass in training (the sandwich rule of slimmable networks): each "
+        1.0, doc="Weight of a second, full-budget pass in training (the sandwich rule of slimmable networks): each "
         "row whose every on-demand encoder ran for the scout (scout_rows) is also fused with all of them and "
         "supervised by its labels, beside the budget-sampled pass, so that the full cost learns what keep-all "
-        "learns while every lower budget is still trained. Costs one more fusion and heads per step (the "
-        "encoders' tokens are shared). 0: off.", validator=non_negative)
+        "learns while every lower budget is still trained. Costs one more gate, fusion and heads per step (the "
+        "encoders' tokens are shared). 0: off, the budget-sampled pass alone.", validator=non_negative)
     budget_gflops: float | None = option(
         None, doc="The compute objective term: the mean GFLOPs per sample that the gate's own rule (no budget at "
         "inference) should spend; the expected cost above it is a hinge loss. null: no such term.",
@@ -221,7 +221,7 @@ class Block:
 @attrs.frozen
 class Blocks:
     """``Annotated[tuple[Component, ...], Blocks(kind, what)]``: a list of blocks of one kind; ``what`` names
-    the list in messages ("a list of adaptation loss blocks")."""
+    the list in messages ("a list of adaptation loss blocks"; ``{presets}`` stands for the registered presets)."""
 
     kind: str
     what: str
@@ -299,6 +299,9 @@ class TowerSpec:
                 "embed_dim": self.embed_dim}
 
 
+_LOSSES = "a non-empty list of distillation loss blocks (or a preset: {presets})"
+
+
 def _default_distill_losses(values: dict[str, Any]) -> Any:
     preset = values.get("preset")
     return cfg.NOTHING if preset is cfg.FAILED else ([] if preset else None)
@@ -314,7 +317,7 @@ class DistillBlock:
         doc="The teacher's checkpoint directory (a run's best/ or the run itself).", data_default=None)
     preset: Annotated[str | None, Keyed("preset")] = option(
         None, doc="A registered preset of published loss sets (clip-kd, clip-rd), put before the losses.")
-    losses: Annotated[tuple[Component, ...], Blocks("distill_loss", "")] = option(
+    losses: Annotated[tuple[Component, ...], Blocks("distill_loss", _LOSSES)] = option(
         doc="Distillation loss blocks (after the preset's).", data_default=_default_distill_losses)
 
 
@@ -485,7 +488,11 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
             problems.append(f"{key_text(key)}: unknown top-level key{hint}{' ' if hint else '. '}"
                             f"Keys: {', '.join(TOP_LEVEL_KEYS)}")
     written = {k: v for k, v in data.items() if k in TOP_LEVEL_KEYS}
-    values = cfg.structure_fields(Spec, written, "", problems, _converter(registry))
+    token = _REGISTRY.set(registry)
+    try:
+        values = cfg.structure_fields(Spec, written, "", problems, CONVERTER)
+    finally:
+        _REGISTRY.reset(token)
     for check in SPEC_CHECKS:
         check(values, written, registry, problems)
     if problems:
@@ -493,61 +500,51 @@ def _structure_spec(data: Any, registry: Registry, problems: list[str]) -> Spec 
     return Spec(**values)
 
 
-_converters: weakref.WeakKeyDictionary[Registry, Any] = weakref.WeakKeyDictionary()
+#: The registry a spec is structured against, for the converter's hooks (set by :func:`_structure_spec`).
+_REGISTRY: contextvars.ContextVar[Registry] = contextvars.ContextVar("fusionkit_spec_registry")
 
 
-def _converter(registry: Registry) -> Any:
-    """The spec's converter for one registry: the config converter, nested attrs classes with paths, and the
-    spec's hooks (component blocks dispatch on ``type`` through ``registry``)."""
-    if registry in _converters:
-        return _converters[registry]
-    keyed: dict[str, Callable[[Any, str, list[str]], Any]] = {
-        "encoders": lambda v, path, problems: _structure_encoders(v, path, registry, problems),
-        "heads": lambda v, path, problems: _structure_heads(v, path, registry, problems),
-        "towers": lambda v, path, problems: _structure_towers(v, path, conv, problems),
-        "distill": lambda v, path, problems: _structure_distill(v, path, registry, conv, problems),
-        "preset": lambda v, path, problems: _preset_name(v, path, registry, problems),
-    }
+def _hook(value: Any, tp: Any) -> Any:
+    """Structure one ``Annotated[..., marker]`` field of a spec, at the path :func:`fusionkit.config.where` gives."""
+    marker = typing.get_args(tp)[1]
+    path, problems = cfg.where()
+    registry = _REGISTRY.get()
+    start = len(problems)
+    if isinstance(marker, Checked):
+        try:
+            return marker.parse(value)
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
+            raise cfg.Reported from None
+    if isinstance(marker, Block):
+        made = structure_component(marker.kind, value, path, registry, problems)
+    elif isinstance(marker, Blocks):
+        made = _structure_blocks(marker, value, path, registry, problems)
+    else:
+        made = _KEYED[marker.name](value, path, registry, problems)
+    if len(problems) > start:
+        raise cfg.Reported
+    return made
 
-    def hook(value: Any, tp: Any) -> Any:
-        marker = typing.get_args(tp)[1]
-        path, problems = cfg.where()
-        start = len(problems)
-        if isinstance(marker, Checked):
-            try:
-                return marker.parse(value)
-            except ValueError as exc:
-                problems.append(f"{path}: {exc}")
-                raise cfg.Reported from None
-        if isinstance(marker, Block):
-            made = structure_component(marker.kind, value, path, registry, problems)
-        elif isinstance(marker, Blocks):
-            made = _structure_blocks(marker, value, path, registry, problems)
-        else:
-            made = keyed[marker.name](value, path, problems)
-        if len(problems) > start:
-            raise cfg.Reported
-        return made
 
-    conv = cfg.nest_attrs(cfg.converter.copy())
-    conv.register_structure_hook_func(
-        lambda tp: typing.get_origin(tp) is Annotated and isinstance(typing.get_args(tp)[1], (Checked, Block, Blocks, Keyed)),
-        hook)
-    _converters[registry] = conv
-    return conv
+def _is_marked(tp: Any) -> bool:
+    return typing.get_origin(tp) is Annotated and isinstance(typing.get_args(tp)[1], (Checked, Block, Blocks, Keyed))
+
+
+#: The spec's converter: fusionkit.config's, with nested attrs classes structured at their paths, and the spec's
+#: hooks (component blocks dispatch on ``type`` through the registry of the spec being read).
+CONVERTER = cfg.nest_attrs(cfg.converter.copy())
+CONVERTER.register_structure_hook_func(_is_marked, _hook)
 
 
 def _structure_blocks(marker: Blocks, blocks: Any, path: str, registry: Registry,
                       problems: list[str]) -> tuple[Component, ...]:
     if not isinstance(blocks, list):
-        problems.append(f"{path}: expected {marker.what or _losses_text(registry)}, found {short_repr(blocks)}")
+        problems.append(f"{path}: expected {marker.what.format(presets=', '.join(registry.preset_names()))}, "
+                        f"found {short_repr(blocks)}")
         return ()
     return tuple(structure_component(marker.kind, block, f"{path}[{i}]", registry, problems)
                  for i, block in enumerate(blocks))
-
-
-def _losses_text(registry: Registry) -> str:
-    return f"a non-empty list of distillation loss blocks (or a preset: {', '.join(registry.preset_names())})"
 
 
 def _structure_encoders(blocks: Any, path: str, registry: Registry, problems: list[str]) -> tuple[EncoderSpec, ...]:
@@ -596,7 +593,7 @@ def _structure_heads(blocks: Any, path: str, registry: Registry, problems: list[
     return out
 
 
-def _structure_towers(blocks: Any, path: str, conv: Any, problems: list[str]) -> dict[str, TowerSpec]:
+def _structure_towers(blocks: Any, path: str, registry: Registry, problems: list[str]) -> dict[str, TowerSpec]:
     if blocks in ({}, None):
         return {}
     if not isinstance(blocks, Mapping) or len(blocks) != 2:
@@ -612,7 +609,7 @@ def _structure_towers(blocks: Any, path: str, conv: Any, problems: list[str]) ->
             problems.append(f"{where}: expected a mapping with encoders, gate, fusion and embed_dim, found "
                             f"{short_repr(block)}")
         else:
-            tower = cfg.structure(TowerSpec, block, where, problems, conv)
+            tower = cfg.structure(TowerSpec, block, where, problems, CONVERTER)
             if tower is not None:
                 out[str(name)] = tower
     return out
@@ -625,23 +622,29 @@ def _preset_name(value: Any, path: str, registry: Registry, problems: list[str])
     return value
 
 
-def _structure_distill(block: Any, path: str, registry: Registry, conv: Any, problems: list[str]) -> DistillSpec | None:
+def _structure_distill(block: Any, path: str, registry: Registry, problems: list[str]) -> DistillSpec | None:
     """The written block (:class:`DistillBlock`) with its preset's loss blocks put before its own."""
     if block is None:
         return None
     if not isinstance(block, Mapping):
         problems.append(f"{path}: expected a mapping with teacher and losses (or a preset), found {short_repr(block)}")
         return None
-    written = cfg.structure(DistillBlock, block, path, problems, conv)
+    written = cfg.structure(DistillBlock, block, path, problems, CONVERTER)
     if written is None:
         return None
     if not written.losses and not written.preset:
-        problems.append(f"{path}.losses: expected {_losses_text(registry)}, found []")
+        problems.append(f"{path}.losses: expected {_LOSSES.format(presets=', '.join(registry.preset_names()))}, found []")
         return None
     preset = registry.preset(written.preset) if written.preset else None
     given = tuple(structure_component("distill_loss", b, f"{path}.preset ({preset.name}) [{i}]", registry, problems)
                   for i, b in enumerate(preset.losses)) if preset else ()
     return DistillSpec(written.teacher, (*given, *written.losses))
+
+
+#: The hooks of the ``Keyed`` fields, by name: ``hook(value, path, registry, problems)``.
+_KEYED: dict[str, Callable[[Any, str, Registry, list[str]], Any]] = {
+    "encoders": _structure_encoders, "heads": _structure_heads, "towers": _structure_towers,
+    "distill": _structure_distill, "preset": _preset_name}
 
 
 # -- checks that relate fields: each gets the fields that structured, the written keys, the registry, the problems
