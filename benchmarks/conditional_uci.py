@@ -35,6 +35,16 @@ from report import RESULTS, machine, markdown_table, write
 
 MEAN_SHARES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
 SIZES = {"cnn_light": [10, 10], "cnn_heavy": [40, 40]}
+#: The heavy CNN's input side of the first measurement; another (``--heavy-size``) keeps its runs and caches apart.
+HEAVY = 40
+
+
+def sizes_for(heavy: int) -> dict[str, list[int]]:
+    return {**SIZES, "cnn_heavy": [heavy, heavy]}
+
+
+def size_tag(heavy: int) -> str:
+    return "" if heavy == HEAVY else f"-h{heavy}"
 
 
 def two_columns(manifest: Path) -> Path:
@@ -52,11 +62,11 @@ def two_columns(manifest: Path) -> Path:
     return out
 
 
-def specs(seed: int, weights: Path, variant: dict[str, float] | None = None) -> dict[str, dict]:
+def specs(seed: int, weights: Path, variant: dict[str, float] | None = None, heavy: int = HEAVY) -> dict[str, dict]:
     from fusionkit import recipes
 
     cnns = {name: {**CNN, "name": name, "img_size": size, "pretrained": str(weights.resolve())}
-            for name, size in SIZES.items()}
+            for name, size in sizes_for(heavy).items()}
     keep_all = recipes.best(seed, dims={**FIVE, **{name: 96 for name in SIZES}})
     keep_all["encoders"] = [cnns.get(e["name"], e) for e in keep_all["encoders"]]
     scout = json.loads(json.dumps(keep_all))
@@ -151,11 +161,13 @@ def main() -> None:
                         "conditional.full_budget_rows (a variant, reported in its own section)")
     parser.add_argument("--full-budget-weight", type=float, default=None, help="train the scout with "
                         "conditional.full_budget_weight (a variant, reported in its own section)")
+    parser.add_argument("--heavy-size", type=int, default=HEAVY, help="the heavy CNN's input side (its runs, caches "
+                        "and section are kept apart from the 40x40 measurement's)")
     args = parser.parse_args()
     variant = {k: v for k, v in (("full_budget_rows", args.full_budget_rows),
                                  ("full_budget_weight", args.full_budget_weight)) if v is not None}
     scout = scout_system(variant)
-    tag = variant_tag(variant)
+    tag = size_tag(args.heavy_size) + variant_tag(variant)
     work = Path(args.work)
     clean, pix_manifest = pix_images(args.source, work)
     manifest = two_columns(pix_manifest)
@@ -165,13 +177,13 @@ def main() -> None:
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
-            for system, spec in specs(seed, weights, variant).items():
+            for system, spec in specs(seed, weights, variant, args.heavy_size).items():
                 job = {"setting": "clean", "system": system, "fold": fold, "seed": seed, "store": str(clean),
                        "raw": str(manifest) if system != "always-run only" else None, "spec": spec}
                 if system == scout:
                     job["keep"] = str(work / "runs" / f"scout{tag}-f{fold}-s{seed}")
                 jobs.append(job)
-    done = run_grid(jobs, RESULTS / "conditional-uci-runs.jsonl", args.workers)
+    done = run_grid(jobs, RESULTS / f"conditional-uci-runs{size_tag(args.heavy_size)}.jsonl", args.workers)
     cache = RESULTS / f"conditional-uci-scout{tag}.jsonl"
     evaluated = {}
     if cache.exists():
@@ -224,11 +236,14 @@ def main() -> None:
             "scores": {k: v.tolist() for k, v in score.items()}, "seconds_per_training_run": seconds,
             "budgets": summary, "largest_saving_within_half_a_point": best_saving}
     section = "\n".join([
-        "## Conditional execution on the UCI blended task" + (f" ({scout})" if tag else ""), "",
+        "## Conditional execution on the UCI blended task"
+        + (f", heavy CNN at {args.heavy_size}×{args.heavy_size}" if args.heavy_size != HEAVY else "")
+        + (f" ({scout})" if variant else ""), "",
         f"`.venv/bin/python benchmarks/conditional_uci.py --source ../shared/data/uci-mfeat --workers {args.workers} "
-        f"--seeds {args.seeds}{variant_flags(variant)}`: "
+        f"--seeds {args.seeds}{variant_flags(variant)}"
+        + (f" --heavy-size {args.heavy_size}" if args.heavy_size != HEAVY else "") + "`: "
         "the five pre-extracted views always run; two live timm `test_resnet` CNNs on the `pix` images run on demand, "
-        f"trained end to end, at 10×10 ({1000 * costs['cnn_light']:.2f} MFLOPs) and 40×40 "
+        f"trained end to end, at 10×10 ({1000 * costs['cnn_light']:.2f} MFLOPs) and {args.heavy_size}×{args.heavy_size} "
         f"({1000 * costs['cnn_heavy']:.2f} MFLOPs, {costs['cnn_heavy'] / costs['cnn_light']:.1f}×) inputs, FLOPs measured by "
         f"fusionkit. Recipe: `recipes.best()`'s gate and fusion. Test-fold Score over {args.folds} folds × "
         f"{args.seeds} seeds; the scout's rows come from one trained model per fold and seed, at caps and at mean "

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conditional_uci import SIZES, two_columns
+from conditional_uci import HEAVY, SIZES, size_tag, two_columns
 from report import machine, markdown_table, write
 
 WORK = Path("runs/benchmark-conditional")
@@ -84,13 +84,17 @@ def main() -> None:
     parser.add_argument("--work", default=str(WORK), help="where conditional_uci.py kept its scout runs")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per budget (medians)")
     parser.add_argument("--runs", type=int, default=10, help="how many of the scout runs (folds x seeds) to time")
+    parser.add_argument("--heavy-size", type=int, default=HEAVY, help="time the scout runs of conditional_uci.py "
+                        "--heavy-size N")
     args = parser.parse_args()
+    tag = size_tag(args.heavy_size)
     work = Path(args.work)
     clean, manifest = work / "store-clean", two_columns(work / "pix-images" / "manifest.csv")
-    runs = sorted(p for p in (work / "runs").glob("scout-f*-s*") if re.fullmatch(r"scout-f\d+-s\d+", p.name))[: args.runs]
+    runs = sorted(p for p in (work / "runs").glob(f"scout{tag}-f*-s*")
+                  if re.fullmatch(rf"scout{re.escape(tag)}-f\d+-s\d+", p.name))[: args.runs]
     if not runs:
         raise SystemExit(f"{work}/runs: no scout runs; run benchmarks/conditional_uci.py first")
-    results = [measure(run, clean, manifest, int(run.name.split("-")[1][1:]), args.rounds) for run in runs]
+    results = [measure(run, clean, manifest, int(run.name.split("-")[-2][1:]), args.rounds) for run in runs]
     rows, table = {}, []
     base = {kind: float(np.mean([r["points"]["cap 100%"][kind] for r in results])) for kind in ("deferred", "eager")}
     for label, _ in BUDGETS:
@@ -113,8 +117,10 @@ def main() -> None:
     met = all(rows[label]["of_ideal"]["deferred"] >= 0.8 for label in middle)
     n = results[0]["n"]
     section = "\n".join([
-        "## Conditional execution: wall clock from raw images", "",
-        f"`.venv/bin/python benchmarks/conditional_wallclock.py --rounds {args.rounds}`: the scout models of the "
+        "## Conditional execution: wall clock from raw images"
+        + (f", heavy CNN at {args.heavy_size}×{args.heavy_size}" if tag else ""), "",
+        f"`.venv/bin/python benchmarks/conditional_wallclock.py --rounds {args.rounds}"
+        + (f" --heavy-size {args.heavy_size}" if tag else "") + "`: the scout models of the "
         f"UCI benchmark above ({len(results)} runs: folds × seeds), each predicting its test fold (about {n} "
         "samples) from the raw `pix` images the way `fusionkit predict` does (batch 64, one thread), means over the "
         "runs of the median of interleaved rounds. *GFLOPs*: spent of full, per sample. *Ideal*: full over spent. "
@@ -125,7 +131,7 @@ def main() -> None:
                         "of ideal"], table), "",
         f"Target: at least 80% of the ideal at every budget between 0% and 100%: **{'met' if met else 'not met'}**.",
     ])
-    write("conditional-wallclock", {"machine": machine(), "rounds": args.rounds, "budgets": rows, "runs": results,
+    write(f"conditional-wallclock{tag}", {"machine": machine(), "rounds": args.rounds, "budgets": rows, "runs": results,
                                     "target_met": met}, section)
 
 
