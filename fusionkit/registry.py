@@ -95,9 +95,9 @@ class Registry:
         existing = self._presets.get(preset.name)
         if existing is not None:
             builtin = self.protected in (existing.provider.plugin, preset.provider.plugin)
-            raise DuplicateComponentError(
-                f"distillation preset {preset.name!r} is {'a built-in name of fusionkit' if builtin else 'taken by ' + existing.provider.describe()}; "
-                f"{preset.provider.describe()} cannot take it. Rename the preset in that plugin.")
+            owner = "a built-in name of fusionkit" if builtin else f"taken by {existing.provider.describe()}"
+            raise DuplicateComponentError(f"distillation preset {preset.name!r} is {owner}; {preset.provider.describe()} "
+                                          "cannot take it. Rename the preset in that plugin.")
         self._presets[preset.name] = preset
 
     def preset(self, name: str) -> Preset | None:

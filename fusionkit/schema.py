@@ -14,8 +14,7 @@ import attrs
 
 from fusionkit import config as cfg
 from fusionkit.registry import Registry
-from fusionkit.spec import (HEAD_ROLES, MAX_LATENT_DIM, SPEC_VERSION, Block, Blocks, Checked, DistillBlock, EncoderRun,
-                            Keyed, Spec, TowerSpec)
+from fusionkit.spec import HEAD_ROLES, Block, Blocks, Checked, DistillBlock, EncoderRun, Keyed, Spec, TowerSpec
 
 __all__ = ["spec_schema"]
 
@@ -38,22 +37,11 @@ def _component_schema(registry: Registry, kind: str, with_name: bool = False) ->
     return {"oneOf": variants}
 
 
-#: The fields whose values a parse function checks (``Checked``), by name.
-_CHECKED: dict[str, dict[str, Any]] = {
-    "spec_version": {"const": SPEC_VERSION},
-    "labels": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 2, "uniqueItems": True},
-    "latent_dim": {"type": "integer", "minimum": 1, "maximum": MAX_LATENT_DIM},
-    "embed_dim": {"type": "integer", "minimum": 1, "maximum": MAX_LATENT_DIM},
-    "encoders": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-    "teacher": {"type": "string", "minLength": 1},
-}
-
-
 def _field_schema(registry: Registry, field: attrs.Attribute) -> dict[str, Any]:
     tp = field.type
     marker = typing.get_args(tp)[1] if typing.get_origin(tp) is typing.Annotated else None
     if isinstance(marker, Checked):
-        schema = dict(_CHECKED[field.name])
+        schema = dict(marker.schema)
     elif isinstance(marker, Block):
         schema = _component_schema(registry, marker.kind)
     elif isinstance(marker, Blocks):

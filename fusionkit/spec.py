@@ -203,11 +203,13 @@ class ContrastiveConfig:
                                          "large world sizes, the same gradient). Without torchrun it changes nothing.")
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)  # hashed by identity: cattrs caches its hooks by field type, and a schema is a dict
 class Checked:
-    """``Annotated[T, Checked(parse)]``: ``parse(value)`` gives the structured value, or raises ValueError(why)."""
+    """``Annotated[T, Checked(parse, schema)]``: ``parse(value)`` gives the structured value, or raises
+    ValueError(why); ``schema`` is the JSON Schema of what it accepts (``fusionkit spec schema``)."""
 
     parse: Callable[[Any], Any]
+    schema: dict[str, Any]
 
 
 @attrs.frozen
@@ -232,6 +234,11 @@ class Keyed:
     """``Annotated[..., Keyed(name)]``: a value with its own structure hook, e.g. ``encoders`` or ``towers``."""
 
     name: str
+
+
+_SIZE_SCHEMA = {"type": "integer", "minimum": 1, "maximum": MAX_LATENT_DIM}
+_NAMES_SCHEMA = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+_LABELS_SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 2, "uniqueItems": True}
 
 
 def _int_in(low: int, high: int) -> Callable[[Any], int]:
@@ -285,13 +292,13 @@ class TowerSpec:
 
     __option_noun__ = "tower"
 
-    encoders: Annotated[tuple[str, ...], Checked(_encoder_names)] = option(
+    encoders: Annotated[tuple[str, ...], Checked(_encoder_names, _NAMES_SCHEMA)] = option(
         doc="The names of the spec's encoders this tower fuses (each encoder feeds one tower).", data_default=None)
     gate: Annotated[Component, Block("gate")] = option(
         doc="The tower's gate; by default a uniform gate that keeps every encoder.", data_default=_tower_gate)
     fusion: Annotated[Component, Block("fusion")] = option(
         doc="The tower's fusion.", data_default={"type": "weighted_sum"})
-    embed_dim: Annotated[int, Checked(_int_in(1, MAX_LATENT_DIM))] = option(
+    embed_dim: Annotated[int, Checked(_int_in(1, MAX_LATENT_DIM), _SIZE_SCHEMA)] = option(
         128, doc="Width of the tower's embedding, where the CLIP loss compares the towers.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,7 +320,7 @@ class DistillBlock:
 
     __option_noun__ = "distill"
 
-    teacher: Annotated[str, Checked(_teacher)] = option(
+    teacher: Annotated[str, Checked(_teacher, {"type": "string", "minLength": 1})] = option(
         doc="The teacher's checkpoint directory (a run's best/ or the run itself).", data_default=None)
     preset: Annotated[str | None, Keyed("preset")] = option(
         None, doc="A registered preset of published loss sets (clip-kd, clip-rd), put before the losses.")
@@ -342,11 +349,12 @@ class Spec:
     registry (``Block``/``Blocks``), and then runs the checks that relate fields (:data:`SPEC_CHECKS`).
     """
 
-    spec_version: Annotated[int, Checked(_spec_version)] = option(SPEC_VERSION, doc="The spec format's version.")
-    labels: Annotated[tuple[str, ...], Checked(_labels)] = option(
+    spec_version: Annotated[int, Checked(_spec_version, {"const": SPEC_VERSION})] = option(
+        SPEC_VERSION, doc="The spec format's version.")
+    labels: Annotated[tuple[str, ...], Checked(_labels, _LABELS_SCHEMA)] = option(
         BLEMORE_LABELS, doc="The label names, in the order of the model's outputs (default: BlEmoRE's six).")
     neutral: Any = option(doc="The label that never appears in a blend, or null.", data_default=_default_neutral)
-    latent_dim: Annotated[int, Checked(_int_in(1, MAX_LATENT_DIM))] = option(
+    latent_dim: Annotated[int, Checked(_int_in(1, MAX_LATENT_DIM), _SIZE_SCHEMA)] = option(
         256, doc="Width of the shared latent space every encoder is projected into.")
     encoders: Annotated[tuple[EncoderSpec, ...], Keyed("encoders")] = option(
         doc="Encoder blocks: name, type, the type's options, and run/cost_gflops.", data_default=None)
