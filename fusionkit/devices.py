@@ -9,6 +9,7 @@ on the CPU.
 
 from __future__ import annotations
 
+import itertools
 import platform
 from collections.abc import Mapping
 from typing import Any
@@ -45,9 +46,8 @@ def resolve_device(name: str, option: str = "--device", local_rank: int | None =
 
 def device_of(module: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (the CPU for one that has neither)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)  # lazily: the first one only
+    return torch.device("cpu") if first is None else first.device
 
 
 def device_name(device: torch.device) -> str:

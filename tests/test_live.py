@@ -65,7 +65,8 @@ def test_timm_images_and_clips_give_pooled_prelogit_features(raw_images):
     enc = model.encoders["img"]
     assert enc.out_dim == enc.backbone.num_features == 96
     image = enc.load("img/s00.png", raw_images)
-    assert image.shape == (1, 32, 32)  # timm's own transform: grayscale, resized to img_size, normalised
+    assert image.shape == (1, 32, 32)  # timm's own transform: grayscale, resized to img_size
+    assert image.dtype == torch.uint8  # normalised on the batch, on the model's device
     x, lengths = enc.collate([image, enc.load("img/s01.png", raw_images)])
     enc.eval()
     assert enc(x).shape == (2, 96) and lengths is None
@@ -83,9 +84,33 @@ def test_timm_images_and_clips_give_pooled_prelogit_features(raw_images):
     assert torch.equal(per_frame[1, 2], torch.zeros(96))
     pooled = enc(x, lengths)
     assert torch.allclose(pooled[1], per_frame[1, :2].mean(0), atol=1e-6)
-    assert torch.allclose(pooled[0], enc.backbone(frames).mean(0), atol=1e-5)
+    assert torch.allclose(pooled[0], enc.backbone(enc.normalize(frames)).mean(0), atol=1e-5)
     stats = build_model(spec_with({**IMG, "pooling": "stats7"})).encoders["img"]
     assert stats.out_dim == 7 * 96
+
+
+@pytest.mark.parametrize("options", [{}, {"in_chans": 3, "img_size": [40, 24], "crop_pct": 0.875},
+                                     {"in_chans": 3, "img_size": []}], ids=["gray", "rgb-crop", "rgb-default"])
+def test_timm_pixels_normalised_on_the_batch_equal_timms_own_transform_exactly(tmp_path, options):
+    """An image is read as uint8 pixels, resized and cropped by timm's transform; normalised on the batch, it is
+    bit for bit what timm's whole transform gives, and the encoder's output is the same either way."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    enc = build_model(spec_with({**IMG, **options})).encoders["img"].eval()
+    mode = "L" if enc.config.in_chans == 1 else "RGB"
+    items, reference = [], []
+    for i in range(3):
+        shape = (37, 29) if mode == "L" else (37, 29, 3)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        with Image.open(tmp_path / f"{i}.png") as img:
+            reference.append(enc.transform(img.convert(mode)))
+        items.append(enc.load(f"{i}.png", tmp_path))
+    x, _ = enc.collate(items)
+    assert x.dtype == torch.uint8 and x.shape == (3, *enc.data_config["input_size"])
+    assert torch.equal(enc.normalize(x), torch.stack(reference))
+    with torch.no_grad():
+        assert torch.equal(enc(x), enc(torch.stack(reference)))  # a float input is taken as normalised already
 
 
 def test_timm_vit_takes_img_size_and_preprocessing_comes_from_timm():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
+import torch
 
 import fusionkit
 from fusionkit.config import non_negative, option, unit_interval
@@ -52,8 +53,6 @@ def _timm():
 
 def create_backbone(config: TimmEncoderConfig, where: str):
     """The timm model with its classifier removed (``num_classes=0``), weights random or from the file."""
-    import torch
-
     timm = _timm()
     if not timm.models.is_model(config.model):
         close = difflib.get_close_matches(config.model, timm.list_models(), n=3, cutoff=0.6)
@@ -84,6 +83,21 @@ def create_backbone(config: TimmEncoderConfig, where: str):
     if weights is not None:
         _load_weights(model, weights, where)
     return model, weights
+
+
+def _split_transform(transform) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
+    """timm's eval transform (``Compose``: resize and crop, then to-tensor and normalise) as its image steps (one
+    image at a time, on PIL images) and the normalisation's mean and std (on the batch)."""
+    import torchvision.transforms as T
+    from timm.data.transforms import MaybeToTensor
+
+    steps = list(transform.transforms)
+    kinds = [type(step) for step in steps[-2:]]
+    if len(steps) < 2 or not issubclass(kinds[0], (T.ToTensor, MaybeToTensor)) or kinds[1] is not T.Normalize:
+        raise FusionkitError(f"timm {_timm().__version__}'s eval transform does not end in to-tensor and normalise "
+                             f"as fusionkit-timm expects: {transform}")
+    normalize = steps[-1]
+    return T.Compose(steps[:-2]), tuple(float(v) for v in normalize.mean), tuple(float(v) for v in normalize.std)
 
 
 def _load_weights(model, weights: Path, where: str) -> None:
@@ -132,6 +146,10 @@ class TimmEncoder(LiveEncoder):
             data_config["crop_pct"] = config.crop_pct
         self.data_config = data_config
         self.transform = timm.data.create_transform(**data_config, is_training=False)
+        self._resize_crop, mean, std = _split_transform(self.transform)
+        # the normalisation runs on the batch, on the model's device (not saved: it follows the data config)
+        self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.modality = "image"
         self.frame_dim = int(self.backbone.num_features)
         self.out_dim = self.frame_dim * (7 if config.pooling == "stats7" else 1)
@@ -144,8 +162,6 @@ class TimmEncoder(LiveEncoder):
     # -- data path (runs in loader workers) --------------------------------------------------------------
 
     def load(self, value: str, base: Path):
-        import torch
-
         path = base / value
         if path.is_dir():
             frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -155,6 +171,9 @@ class TimmEncoder(LiveEncoder):
         return self._image(path)
 
     def _image(self, path: Path):
+        """One image, resized and cropped as timm's transform does, as uint8 ``[C, H, W]``: its conversion to
+        float and its normalisation are left to :meth:`normalize`, once per batch."""
+        import numpy as np
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -162,7 +181,15 @@ class TimmEncoder(LiveEncoder):
                 img = img.convert("L" if self.config.in_chans == 1 else "RGB")
         except UnidentifiedImageError as exc:
             raise ValueError(f"not a readable image ({exc})") from None
-        return self.transform(img)
+        pixels = torch.from_numpy(np.array(self._resize_crop(img), dtype=np.uint8))
+        return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
+
+    def normalize(self, x):
+        """Pixels as :meth:`load` gives them (uint8) -> timm's normalised float input, with the very operations of
+        its transform (``/ 255``, then ``- mean``, ``/ std``); a float input is taken as normalised already."""
+        if x.dtype != torch.uint8:
+            return x
+        return x.to(self._mean.dtype).div(255).sub_(self._mean).div_(self._std)
 
     def collate(self, items):
         if len({item.dim() for item in items}) != 1:
@@ -173,24 +200,21 @@ class TimmEncoder(LiveEncoder):
 
     def example_input(self):
         """One image of the transform's input size (a clip costs this per frame)."""
-        import torch
-
         device = next(self.backbone.parameters()).device
-        return torch.zeros((1, *self.data_config["input_size"]), device=device), None
+        return torch.zeros((1, *self.data_config["input_size"]), dtype=torch.uint8, device=device), None
 
     def embed(self, x, lengths=None):
         if x.dim() == 4:
-            return self.backbone(x), None
+            return self.backbone(self.normalize(x)), None
         if x.dim() != 5:
             raise FusionkitError(f"encoder {self.name!r}: timm takes images [B, C, H, W] or clips [B, T, C, H, W], "
                                  f"found shape {tuple(x.shape)}")
-        import torch
-
         b, t = x.shape[:2]
         valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if lengths is None else \
             torch.arange(t, device=x.device) < lengths.to(x.device)[:, None]
-        frames = x.new_zeros((b, t, self.frame_dim))
-        frames[valid] = self.backbone(x[valid])  # padding frames never go through the backbone
+        computed = self.backbone(self.normalize(x[valid]))  # padding frames never go through the backbone
+        frames = computed.new_zeros((b, t, self.frame_dim))
+        frames[valid] = computed
         return frames, valid.sum(1)
 
     def forward(self, x, lengths=None):
