@@ -152,7 +152,14 @@ def evaluate_scout(run: Path, clean: Path, manifest: Path, fold: int, seed: int)
         if 0.0 < spent < 1.0:
             point["random"] = random_rows(model, store, split.test, rates, seed=1000 * fold + seed)
         points.append(point)
-    return {"fold": fold, "seed": seed, "costs": costs, "points": points}
+    return {"fold": fold, "seed": seed, "checkpoint": checkpoint_hash(run), "costs": costs, "points": points}
+
+
+def checkpoint_hash(run: Path) -> str:
+    """SHA-256 of a run's best weights: a cached evaluation holds for the model it was made from only."""
+    from fusionkit.files import sha256_file
+
+    return sha256_file(run / "best" / "model.safetensors")
 
 
 def main() -> None:
@@ -193,8 +200,9 @@ def main() -> None:
     with open(cache, "a") as fh:
         for fold in range(args.folds):
             for seed in range(args.seeds):
-                if (fold, seed) not in evaluated:
-                    r = evaluate_scout(work / "runs" / f"scout{tag}-f{fold}-s{seed}", clean, manifest, fold, seed)
+                run = work / "runs" / f"scout{tag}-f{fold}-s{seed}"
+                if evaluated.get((fold, seed), {}).get("checkpoint") != checkpoint_hash(run):  # new, or retrained
+                    r = evaluate_scout(run, clean, manifest, fold, seed)
                     evaluated[(fold, seed)] = r
                     fh.write(json.dumps(r) + "\n")
                     fh.flush()

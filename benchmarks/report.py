@@ -6,6 +6,7 @@ Each benchmark owns the section between ``<!-- NAME:start -->`` and
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import re
@@ -18,9 +19,31 @@ DOC = ROOT / "docs" / "benchmarks.md"
 
 
 def machine() -> dict[str, Any]:
+    """Where a benchmark ran. The CPU's model and vector extensions are recorded because float results of the same
+    seeded training differ between machines (they are identical within one)."""
     import os
 
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    cpu, extensions = platform.processor(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            cpu = value.strip()
+        elif key.strip() == "flags":
+            extensions = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma")))
+            break
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "cpu": cpu, "vector_extensions": extensions, "torch": _torch_version()}
+
+
+def _torch_version() -> str | None:
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -113,6 +113,15 @@ def test_timm_pixels_normalised_on_the_batch_equal_timms_own_transform_exactly(t
         assert torch.equal(enc(x), enc(torch.stack(reference)))  # a float input is taken as normalised already
 
 
+def test_timm_refuses_a_transform_that_does_not_end_in_to_tensor_and_normalise(monkeypatch):
+    import timm.data
+    import torchvision.transforms as T
+
+    monkeypatch.setattr(timm.data, "create_transform", lambda **config: T.Compose([T.Resize(8), T.ToTensor()]))
+    with pytest.raises(FusionkitError, match="eval transform does not end in to-tensor and normalise"):
+        build_model(spec_with(IMG))
+
+
 def test_timm_vit_takes_img_size_and_preprocessing_comes_from_timm():
     import timm.data
 
