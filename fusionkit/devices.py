@@ -19,7 +19,7 @@ from torch import nn
 
 from fusionkit.errors import FusionkitError
 
-__all__ = ["device_name", "device_of", "full_precision", "resolve_device", "to_device"]
+__all__ = ["device_name", "device_of", "full_precision", "resolve_device", "synchronize", "to_device"]
 
 
 def resolve_device(name: str, option: str = "--device", local_rank: int | None = None) -> torch.device:
@@ -48,6 +48,12 @@ def device_of(module: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (the CPU for one that has neither)."""
     first = next(itertools.chain(module.parameters(), module.buffers()), None)  # lazily: the first one only
     return torch.device("cpu") if first is None else first.device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a GPU runs asynchronously), so that a clock read after it counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_name(device: torch.device) -> str:

@@ -424,3 +424,89 @@ def test_a_fold_ensemble_takes_a_cap_and_a_mean_budget_fitted_per_model(syntheti
     assert [b.gflops for b in per_model] == [1.0] * 5
     with pytest.raises(FusionkitError, match="2 budgets for an ensemble of 5 models"):
         ensemble.outputs(store, index, budget=["25%", "50%"])
+
+# --- budgets over measured time ------------------------------------------------------------------------------------
+
+
+def test_a_budget_over_measured_seconds_chooses_by_them_and_reports_gflops():
+    model = build_model(demand_spec()).eval()  # enc1 1 GFLOP, enc2 3 GFLOPs; in seconds the other way round
+    x = batch(64)
+    seconds = {"enc1": 3e-3, "enc2": 1e-3}
+    flops, timed = model(x, budget="25%"), model(x, budget=Budget.parse("25%").timed(seconds))
+    assert flops.ran[:, 1].any() and not flops.ran[:, 2].any()  # 1 of 4 GFLOPs: enc1 alone fits
+    assert timed.ran[:, 2].any() and not timed.ran[:, 1].any()  # 1 of 4 ms: enc2 alone fits
+    assert torch.equal(timed.cost, timed.ran[:, 2].double() * 3.0)  # the cost reported stays in GFLOPs
+    reference = model(x, mask=timed.ran, everything=True)
+    torch.testing.assert_close(timed.probs, reference.probs, rtol=1e-5, atol=1e-6)
+    full = model(x, budget=Budget(share=1.0, seconds=seconds))
+    assert full.ran.all()
+    budget = Budget(share=0.4, mean=True, seconds=seconds)
+    assert budget == Budget(share=0.4, mean=True, seconds=[("enc2", 1e-3), ("enc1", 3e-3)])  # a value, order-free
+    assert budget.describe() == "mean:40% of the measured time" and hash(budget) == hash(budget.timed(seconds))
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: Budget(gflops=2.0, seconds={"enc1": 1.0}), "GFLOPs count FLOPs"),
+    (lambda: Budget(share=0.5, seconds={"enc1": -1.0}), "finite and >= 0"),
+    (lambda: Budget(share=0.5, seconds={}), "none given"),
+])
+def test_a_bad_time_budget_is_a_clear_error(make, message):
+    with pytest.raises(FusionkitError, match=message):
+        make()
+
+
+def test_a_time_budget_must_name_each_on_demand_encoder():
+    model = build_model(demand_spec()).eval()
+    with pytest.raises(FusionkitError, match=r"missing \['enc2'\], not on demand \['enc0'\]"):
+        model(batch(), budget=Budget(share=0.5, seconds={"enc1": 1.0, "enc0": 1.0}))
+
+
+def test_an_encoders_measured_seconds_count_reading_its_files(raw_images):
+    import time
+
+    import numpy as np
+
+    from fusionkit.data.open import spec_store
+    from fusionkit.training.tasks import measure_encoder_seconds
+
+    model = build_model(live_spec())
+    store = spec_store(model.spec, raw_images / "store", raw_images / "manifest.csv")
+    quick = measure_encoder_seconds(model, store, np.arange(len(store)), batch_size=8)
+    assert set(quick) == {"img"} and quick["img"] > 0 and model.training  # its mode is left as it was
+    encoder, real_load = model.encoders["img"], model.encoders["img"].load
+    encoder.load = lambda value, base: time.sleep(0.004) or real_load(value, base)  # a slow disk
+    slow = measure_encoder_seconds(model, store, np.arange(len(store)), rows=10, batch_size=4)
+    assert slow["img"] >= 0.004 > quick["img"]
+    with pytest.raises(FusionkitError, match=r"on-demand encoder\(s\) \['enc1', 'enc2'\] read stored features"):
+        measure_encoder_seconds(build_model(demand_spec()), store, np.arange(4))
+
+
+def test_the_command_line_budgets_by_measured_time(raw_images, capsys):
+    (raw_images / "spec.yaml").write_text(yaml.safe_dump(live_spec(epochs=1)))
+    data = ["--data", str(raw_images / "store"), "--raw", str(raw_images / "manifest.csv")]
+    run = raw_images / "run"
+    assert main(["train", str(raw_images / "spec.yaml"), *data, "--out", str(run), "--fold", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    for costs in ("flops", "time"):
+        assert main(["evaluate", str(run), *data, "--budget", "mean:50%", "--budget-costs", costs]) == 0
+    out = capsys.readouterr().out
+    assert "encoder time measured on" in out and "mean budget mean:50% of the measured time: threshold" in out
+    flops = json.loads((run / "evaluation_test_budget-mean-50pct.json").read_text())["compute"]
+    timed = json.loads((run / "evaluation_test_budget-mean-50pct-time.json").read_text())["compute"]
+    assert timed["run_rate"] == flops["run_rate"]  # one on-demand encoder: time and FLOPs choose alike
+    assert timed["encoder_seconds"]["img"] > 0 and "encoder_seconds" not in flops
+    assert timed["mean_encoder_seconds"] == pytest.approx(timed["run_rate"]["img"] * timed["encoder_seconds"]["img"])
+    assert main(["evaluate", str(run), *data, "--budget-curve", "--budget-costs", "time"]) == 0
+    curve = json.loads((run / "budget_curve_test_time.json").read_text())
+    assert curve["costs"] == "time" and curve["points"][0]["mean_encoder_seconds"] == 0.0
+    assert curve["points"][-1]["mean_encoder_seconds"] == pytest.approx(curve["encoder_seconds"]["img"])
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "budget_curve_test_time.png").stat().st_size > 0
+    assert main(["predict", str(run), *data, "--split", "labelled", "--budget", "40%", "--budget-costs", "time",
+                 "--out", str(raw_images / "sub.json")]) == 0
+    assert len(json.loads((raw_images / "sub.json").read_text())["predictions"]) == 24
+    capsys.readouterr()
+    assert main(["evaluate", str(run), *data, "--budget", "2.5", "--budget-costs", "time"]) == 2
+    assert "GFLOPs count FLOPs" in capsys.readouterr().err
+    assert main(["evaluate", str(run), *data, "--budget-costs", "time"]) == 2
+    assert "give a --budget such as 40%" in capsys.readouterr().err

@@ -76,9 +76,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             from fusionkit.errors import DataError
 
             raise DataError(f"{store.path}: the {args.split} samples are not all labelled; evaluate needs labels")
-        metrics = ensemble.evaluate(store, index, budget=_ensemble_budget(args, ensemble, store))
+        metrics = ensemble.evaluate(store, index, budget=_ensemble_budget(args, ensemble, store, index))
         task = task_class(ensemble.spec)
-        out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}{_budget_suffix(args.budget)}.json" \
+        out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}{_budget_suffix(args)}.json" \
             if len(args.run) == 1 else None
     else:
         model, store = _open_run(args)
@@ -86,26 +86,58 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         index = _run_index(Path(args.run[0]), store, args.split)
         if args.budget_curve:
             return _budget_curve(args, model, store, index)
-        metrics = task.evaluate_model(model, store, index, **_budget_option(args, model, store))
-        out = Path(args.run[0]) / f"evaluation_{args.split}{_budget_suffix(args.budget)}.json"
+        metrics = task.evaluate_model(model, store, index, **_budget_option(args, model, store, index))
+        out = Path(args.run[0]) / f"evaluation_{args.split}{_budget_suffix(args)}.json"
     print(f"{args.split}: {task.summary(metrics)}")
     if "compute" in metrics:
         compute = metrics["compute"]
         rates = ", ".join(f"{n} {r:.0%}" for n, r in compute["run_rate"].items())
         print(f"  compute: {compute['mean_gflops']:.4g} of {compute['full_gflops']:.4g} GFLOPs per sample; ran: {rates}")
+        if "mean_encoder_seconds" in compute:
+            print(f"  encoder time: {1e3 * compute['mean_encoder_seconds']:.3g} of "
+                  f"{1e3 * compute['full_encoder_seconds']:.3g} ms per sample, as measured")
     if out is not None:
         atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
-def _budget_suffix(budget: str | None) -> str:
-    if budget is None:
+def _budget_suffix(args: argparse.Namespace) -> str:
+    if args.budget is None:
         return ""
-    return "_budget-" + "".join(c if c.isalnum() or c == "." else "pct" if c == "%" else "-" for c in budget.strip())
+    return ("_budget-" + "".join(c if c.isalnum() or c == "." else "pct" if c == "%" else "-"
+                                 for c in args.budget.strip()) + ("-time" if args.budget_costs == "time" else ""))
 
 
-def _budget_option(args: argparse.Namespace, model, store) -> dict:
+def _check_budget_costs(args: argparse.Namespace) -> None:
+    """``--budget-costs time`` counts a budget: refuse it alone, or with GFLOPs, before anything is measured."""
+    from fusionkit.errors import FusionkitError
+    from fusionkit.models.conditional import Budget
+
+    if args.budget_costs != "time":
+        return
+    if args.budget is None and not getattr(args, "budget_curve", False):
+        raise FusionkitError("--budget-costs time: it says what a --budget counts; give a --budget such as 40% or "
+                             "mean:40%" + (" (or --budget-curve)" if hasattr(args, "budget_curve") else ""))
+    if args.budget is not None and Budget.parse(args.budget).gflops is not None:
+        raise FusionkitError(f"--budget {args.budget} --budget-costs time: GFLOPs count FLOPs; a budget over measured "
+                             "time is a share of the full time, e.g. --budget 40% or --budget mean:40%")
+
+
+def _measured_seconds(args: argparse.Namespace, model, store, index) -> dict[str, float] | None:
+    """With ``--budget-costs time``: each on-demand encoder's seconds per sample, measured on the rows to score."""
+    if args.budget_costs != "time":
+        return None
+    from fusionkit.training.tasks import measure_encoder_seconds
+
+    seconds = measure_encoder_seconds(model, store, index)
+    print(f"encoder time measured on {min(len(index), 256)} samples: "
+          + ", ".join(f"{name} {1e3 * value:.3g} ms" for name, value in seconds.items()) + " per sample")
+    return seconds
+
+
+def _budget_option(args: argparse.Namespace, model, store, index) -> dict:
     """``budget=`` for a model with on-demand encoders; a budget for a model without them is refused."""
+    _check_budget_costs(args)
     if args.budget is None:
         return {}
     from fusionkit.errors import FusionkitError
@@ -115,6 +147,9 @@ def _budget_option(args: argparse.Namespace, model, store) -> dict:
         raise FusionkitError(f"--budget {args.budget}: {args.run[0]} runs every encoder always (no encoder has run: "
                              "on_demand), so there is no compute to budget")
     budget = Budget.parse(args.budget)
+    seconds = _measured_seconds(args, model, store, index)
+    if seconds is not None:
+        budget = budget.timed(seconds)
     if budget.mean:  # its threshold comes from the run's validation fold
         from fusionkit.training.tasks import fit_mean_budget
         from fusionkit.training.train import make_split
@@ -125,9 +160,11 @@ def _budget_option(args: argparse.Namespace, model, store) -> dict:
     return {"budget": budget}
 
 
-def _ensemble_budget(args: argparse.Namespace, ensemble, store):
+def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
     """A fold ensemble's ``--budget``, for models with on-demand encoders: a cap applies to each model; a mean
-    budget is fitted per model on its own validation fold."""
+    budget is fitted per model on its own validation fold. Measured time is measured on the first model (the
+    models share one spec, so their encoders cost the same)."""
+    _check_budget_costs(args)
     if args.budget is None:
         return None
     from fusionkit.errors import FusionkitError
@@ -137,6 +174,9 @@ def _ensemble_budget(args: argparse.Namespace, ensemble, store):
     if not ensemble.spec.on_demand:
         raise FusionkitError(f"--budget {args.budget}: the ensemble's models run every encoder always (no encoder has "
                              "run: on_demand), so there is no compute to budget")
+    seconds = _measured_seconds(args, ensemble.models[0], store, index)
+    if seconds is not None:
+        budget = budget.timed(seconds)
     if budget.mean:
         fitted = ensemble.model_budgets(store, budget)
         print(f"mean budget {budget.describe()}: each model's threshold fitted on its own validation fold "
@@ -155,12 +195,15 @@ def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
 
         raise FusionkitError(f"--budget-curve: {args.run[0]} has no on-demand encoder (run: on_demand); every budget "
                              "would run the same encoders")
-    points = budget_curve(model, store, index, progress=True)
+    seconds = _measured_seconds(args, model, store, index)
+    points = budget_curve(model, store, index, progress=True, seconds=seconds)
     for p in points:
         print(f"  budget {p['budget_share']:>4.0%}: Score {p['score']:.3f}, {p['mean_gflops']:.4g} GFLOPs per sample, "
               f"{p['seconds']:.2f} s")
-    out = Path(args.run[0]) / f"budget_curve_{args.split}.json"
-    atomic_write_text(out, json.dumps({"split": args.split, "n": int(len(index)), "points": points}, indent=2) + "\n")
+    out = Path(args.run[0]) / f"budget_curve_{args.split}{'_time' if seconds else ''}.json"
+    atomic_write_text(out, json.dumps({"split": args.split, "n": int(len(index)), "costs": args.budget_costs,
+                                       "points": points} | ({"encoder_seconds": seconds} if seconds else {}),
+                                      indent=2) + "\n")
     print(f"budget curve written to {out}")
     return 0
 
@@ -212,14 +255,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if opened is not None:
         ensemble, store = opened
         index = _run_index(Path(args.run[0]), store, args.split)
-        preds = ensemble.predictions(store, index, budget=_ensemble_budget(args, ensemble, store))
+        preds = ensemble.predictions(store, index, budget=_ensemble_budget(args, ensemble, store, index))
     else:
         model, store = _open_run(args)
         if not task_class(model.spec).predicts:
             raise FusionkitError(f"{args.run[0]}: a two-tower model embeds and retrieves; it predicts no answers, so "
                                  "there is no submission to write. `fusionkit evaluate` gives its retrieval metrics.")
         index = _run_index(Path(args.run[0]), store, args.split)
-        preds = predictions_for(model, store, index, **_budget_option(args, model, store))
+        preds = predictions_for(model, store, index, **_budget_option(args, model, store, index))
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
     atomic_write_text(json_path, text)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["DEVICE_HELP", "CONFINE_HELP", "BUDGET_HELP", "SPLITS", "add_device", "add_confine", "add_data",
-           "data_source", "add_runs", "add_budget"]
+__all__ = ["DEVICE_HELP", "CONFINE_HELP", "BUDGET_HELP", "BUDGET_COSTS_HELP", "SPLITS", "add_device", "add_confine",
+           "add_data", "data_source", "add_runs", "add_budget"]
 
 DEVICE_HELP = "auto (default: CUDA when present, else the CPU), cpu, cuda or cuda:K"
 CONFINE_HELP = ("refuse manifest paths that resolve outside DIR (after .. and symlinks): for manifests you did not "
@@ -14,6 +14,9 @@ BUDGET_HELP = ("a compute cap per sample for a model with on-demand encoders: GF
                "full cost (e.g. 40%%); each sample runs its on-demand encoders in the gate's order while they fit. "
                "mean:2.5 or mean:40%%: a mean over the samples instead (a threshold fitted on the run's validation "
                "fold; hard samples may spend more)")
+BUDGET_COSTS_HELP = ("what a budget's share counts: flops (default: each encoder's GFLOPs per sample) or time (each "
+                     "on-demand live encoder's seconds per sample, reading and decoding included, measured here "
+                     "on the first 256 samples to score before they are scored: where FLOPs do not follow time)")
 #: What `evaluate --split` and `predict --split` may name.
 SPLITS = ("test", "val", "target", "labelled", "unlabelled", "all")
 
@@ -56,4 +59,6 @@ def add_runs(p: argparse.ArgumentParser) -> None:
 
 
 def add_budget(p: argparse.ArgumentParser) -> None:
+    """``--budget`` and ``--budget-costs``: which on-demand encoders each sample runs, counted in what."""
     p.add_argument("--budget", metavar="B", help=BUDGET_HELP)
+    p.add_argument("--budget-costs", choices=("flops", "time"), default="flops", help=BUDGET_COSTS_HELP)

@@ -176,15 +176,22 @@ class FeatureStore:
             raise DataError(f"defer: {unknown} are not live encoders of the model (live: {sorted(live)})")
         inputs, lengths, mask = to_device(self._cpu_inputs(model, index, set(defer)), device)
         for name in defer:
-            inputs[name] = DeferredInput(self._row_reader(index, name, live[name], device))
+            inputs[name] = self.deferred_input(model, index, name)
         return inputs, lengths, mask
 
-    def _row_reader(self, index: np.ndarray, name: str, encoder: Any, device: torch.device):
+    def deferred_input(self, model: ModelInputs, index: np.ndarray, name: str) -> DeferredInput:
+        """The live encoder ``name``'s input for the samples ``index``, read (on the model's device) only for the
+        rows asked for: what :meth:`inputs_for` hands over for a deferred encoder, alone."""
+        live = model.live_encoders()
+        if name not in live:
+            raise DataError(f"{name!r} is not a live encoder of the model (live: {sorted(live)})")
+        encoder, device = live[name], device_of(model)
+
         def load(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             x, lengths = to_device(self.raw.batch(self.raw_rows[index[rows.cpu().numpy()]], {name: encoder}), device)
             return x[name], lengths.get(name)
 
-        return load
+        return DeferredInput(load)
 
     def _cpu_inputs(self, model: ModelInputs, index: np.ndarray, deferred: set[str]) -> tuple[dict, dict, torch.Tensor]:
         pooled, live = model.precomputed_pooling(), model.live_encoders()

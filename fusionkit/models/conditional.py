@@ -32,12 +32,18 @@ class Budget:
     A **cap** (the default): no sample spends more. A **mean** (``mean=True``): the mean over the data meets it, and a
     hard sample may spend more than an easy one; it needs ``threshold``, fitted on validation rows
     (:func:`fit_threshold`): an on-demand encoder runs where the scout's share of it per unit of its cost reaches it.
+
+    ``seconds``: a share counted in measured seconds per sample of each on-demand encoder (name -> seconds,
+    e.g. from :func:`fusionkit.training.tasks.measure_encoder_seconds`) instead of FLOPs: what the rows chosen cost
+    where FLOPs do not follow time (a small CNN whose cost is reading its image). The always-run encoders count
+    nothing then; the cost reported per sample stays in GFLOPs.
     """
 
     gflops: float | None = None
     share: float | None = None
     mean: bool = False
     threshold: float | None = None
+    seconds: tuple[tuple[str, float], ...] | None = attrs.field(default=None, converter=lambda v: _seconds(v))
 
     def __attrs_post_init__(self) -> None:
         if (self.gflops is None) == (self.share is None):
@@ -45,6 +51,13 @@ class Budget:
         value = self.gflops if self.gflops is not None else self.share
         if not math.isfinite(value) or value < 0 or (self.share is not None and value > 1):
             raise FusionkitError(f"budget {self.describe()}: expected GFLOPs >= 0, or a share from 0% to 100%")
+        if self.seconds is not None and self.gflops is not None:
+            raise FusionkitError(f"budget {self.describe()}: GFLOPs count FLOPs; a budget over measured seconds is a "
+                                 "share of the full time (e.g. 40% or mean:40%)")
+
+    def timed(self, seconds: Mapping[str, float]) -> Budget:
+        """This share counted in ``seconds`` per sample of each on-demand encoder (its threshold refitted)."""
+        return attrs.evolve(self, seconds=seconds, threshold=None)
 
     @classmethod
     def parse(cls, value: Budget | str | float | None) -> Budget | None:
@@ -72,7 +85,20 @@ class Budget:
 
     def describe(self) -> str:
         amount = f"{self.gflops:g} GFLOPs" if self.gflops is not None else f"{100 * self.share:g}%"
+        if self.seconds is not None:
+            amount += " of the measured time"
         return f"mean:{amount}" if self.mean else amount
+
+
+def _seconds(value: Mapping[str, float] | Sequence[tuple[str, float]] | None) -> tuple[tuple[str, float], ...] | None:
+    """Seconds per encoder as sorted ``(name, seconds)`` pairs (hashable, so a budget stays a value)."""
+    if value is None:
+        return None
+    pairs = sorted(dict(value).items())
+    bad = [name for name, v in pairs if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]
+    if bad or not pairs:
+        raise FusionkitError(f"a budget's seconds must be finite and >= 0 per encoder ({bad or 'none given'})")
+    return tuple((str(name), float(v)) for name, v in pairs)
 
 
 def value_per_cost(scout_scores: torch.Tensor, available: torch.Tensor, costs: torch.Tensor,

@@ -304,6 +304,20 @@ class Trunk(nn.Module):
                                  "example input to measure): declare cost_gflops in their encoder blocks")
         return torch.tensor([costs[n] or 0.0 for n in self.encoder_names], dtype=torch.float64, device=device)
 
+    def choice_costs(self, budget: Budget | None, device: torch.device) -> torch.Tensor:
+        """``[K]`` float64: the costs ``budget`` chooses by, in ``encoder_names`` order: GFLOPs per sample
+        (:meth:`cost_vector`), or the budget's measured seconds per sample of each on-demand encoder (the always-run
+        encoders count 0: they run whatever the budget)."""
+        if budget is None or budget.seconds is None:
+            return self.cost_vector(device)
+        seconds = dict(budget.seconds)
+        demand = [self.encoder_names[k] for k in self.on_demand]
+        missing, unknown = [n for n in demand if n not in seconds], [n for n in seconds if n not in demand]
+        if missing or unknown:
+            raise FusionkitError(f"budget {budget.describe()}: its seconds must name each on-demand encoder "
+                                 f"({demand}); missing {missing}, not on demand {unknown}")
+        return torch.tensor([seconds.get(n, 0.0) for n in self.encoder_names], dtype=torch.float64, device=device)
+
     def encode(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None,
                mask: torch.Tensor | None, budget: Budget | None = None, everything: bool = False) -> Encoded:
         """The tokens, the gate's selection and the fused vector of a batch. On-demand encoders run on the rows
@@ -341,24 +355,24 @@ class Trunk(nn.Module):
         scout_tokens = torch.stack([columns.get(k, empty) for k in range(len(names))], dim=1) + self.identity
         scout_scores = self.gate.score(scout_tokens, present)
         available = present[:, list(demand)]
-        costs = self.cost_vector(device)
+        costs, choice = self.cost_vector(device), self.choice_costs(budget, device)  # reported; chosen by
         if budget is not None and budget.mean:
             if budget.threshold is None:
                 raise FusionkitError(f"budget {budget.describe()}: a mean budget needs its threshold, fitted on "
                                      "validation rows (fusionkit.training.tasks.fit_mean_budget; the command line "
                                      "fits it on the run's validation fold)")
-            run = value_per_cost(scout_scores.detach(), present, costs, demand) >= budget.threshold
+            run = value_per_cost(scout_scores.detach(), present, choice, demand) >= budget.threshold
         elif budget is not None or (self.training and self.conditional.budget_sampling):
-            paid = (costs * present).sum(1) - (costs[list(demand)] * available).sum(1)  # the always-run encoders
-            full = (costs * present).sum(1)
+            paid = (choice * present).sum(1) - (choice[list(demand)] * available).sum(1)  # the always-run encoders
+            full = (choice * present).sum(1)
             if budget is not None:
-                limit = torch.full_like(full, budget.limit(float(costs.sum()))) - paid
+                limit = torch.full_like(full, budget.limit(float(choice.sum()))) - paid
             else:  # a random share of each row's on-demand cost, so every budget is seen in training
                 limit = torch.rand(batch, dtype=full.dtype, device=device) * (full - paid)
                 if self.conditional.full_budget_rows > 0:  # and the full budget on a share of the rows
                     whole = torch.rand(batch, device=device) < self.conditional.full_budget_rows
                     limit = torch.where(whole, full - paid, limit)
-            run = within_budget(scout_scores.detach()[:, list(demand)], available, costs[list(demand)], limit)
+            run = within_budget(scout_scores.detach()[:, list(demand)], available, choice[list(demand)], limit)
         else:
             run = kept_by(self.gate.select(scout_scores, present).kept, demand) & available
         every = torch.zeros(batch, dtype=torch.bool, device=device)

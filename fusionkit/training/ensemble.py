@@ -188,7 +188,7 @@ class FoldEnsemble:
         parsed = Budget.parse(budget)
         if parsed is None or not parsed.mean or parsed.threshold is not None:
             return [parsed] * len(self.models)
-        key = parsed.describe()
+        key = (parsed.describe(), parsed.seconds)
         if key not in self._fitted:
             self.check_store(store)
             part = parsed if parsed.gflops is None else attrs.evolve(parsed, gflops=parsed.gflops / len(self.models))
@@ -241,4 +241,12 @@ class FoldEnsemble:
 
     def evaluate(self, store: FeatureStore, index: np.ndarray, budget: Any = None) -> dict[str, Any]:
         """BlEmoRE metrics of the ensemble on the labelled samples ``index``."""
-        return evaluate_outputs(self.models[0], self.outputs(store, index, budget), store.truth_matrix(index))
+        budgets = self.model_budgets(store, budget)
+        metrics = evaluate_outputs(self.models[0], self.outputs(store, index, budgets), store.truth_matrix(index),
+                                   budgets[0])
+        if "compute" in metrics:  # every model runs its encoders: their costs add up (run rates are the mean)
+            compute = metrics["compute"]
+            for key in ("full_gflops", "mean_encoder_seconds", "full_encoder_seconds"):
+                if key in compute:
+                    compute[key] *= len(self.models)
+        return metrics

@@ -203,18 +203,21 @@ def write_report(run: str | Path) -> Path:
 
 
 def _budget_curve(plt, curve: dict, path: Path) -> None:
-    """Score against mean GFLOPs per sample, each point labelled with its budget (a share of the full cost)."""
+    """Score against mean GFLOPs per sample (or, for a curve over measured time, encoder milliseconds per sample),
+    each point labelled with its budget (a share of the full cost)."""
     points = curve["points"]
+    timed = curve.get("costs") == "time"
+    spent = [1e3 * p["mean_encoder_seconds"] if timed else p["mean_gflops"] for p in points]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([p["mean_gflops"] for p in points], [p["score"] for p in points], marker="o")
+    ax.plot(spent, [p["score"] for p in points], marker="o")
     labels: dict[tuple[float, float], list[float]] = {}  # budgets that spend alike share one point's label
-    for p in points:
-        labels.setdefault((p["mean_gflops"], p["score"]), []).append(p["budget_share"])
+    for x, p in zip(spent, points):
+        labels.setdefault((x, p["score"]), []).append(p["budget_share"])
     for (x, y), shares in labels.items():
         text = f"{shares[0]:.0%}" if len(shares) == 1 else f"{shares[0]:.0%}-{shares[-1]:.0%}"
         ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(title=f"Score against compute ({curve['split']}, n={curve['n']})", xlabel="mean GFLOPs per sample",
-           ylabel="Score")
+    ax.set(title=f"Score against compute ({curve['split']}, n={curve['n']})",
+           xlabel="mean encoder ms per sample (measured)" if timed else "mean GFLOPs per sample", ylabel="Score")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

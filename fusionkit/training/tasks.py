@@ -24,6 +24,7 @@ import torch
 
 from fusionkit.answers import Prediction, from_order, order_to_matrix
 from fusionkit.data.store import FeatureStore
+from fusionkit.devices import device_of, synchronize
 from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
@@ -37,7 +38,7 @@ from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 
 __all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary", "fit_mean_budget", "budget_curve",
-           "CURVE_SHARES", "kept_counts", "predictions_for",
+           "CURVE_SHARES", "measure_encoder_seconds", "kept_counts", "predictions_for",
            "write_predictions", "Task", "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class",
            "task_for"]
 
@@ -103,8 +104,10 @@ def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_s
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, Any]:
-    """BlEmoRE metrics with the model's current decoder, plus per-label F1 and presence mAP."""
+def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray,
+                     budget: Budget | None = None) -> dict[str, Any]:
+    """BlEmoRE metrics with the model's current decoder, plus per-label F1 and presence mAP (and, for a model with
+    on-demand encoders, what ``budget`` let it spend)."""
     order, sal = model.decoder.decode(outputs)
     pred = order_to_matrix(order, sal, len(model.labels))
     metrics: dict[str, Any] = scores_from_matrices(pred, truth)
@@ -113,7 +116,8 @@ def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: 
         metrics["presence_map"] = presence_map(outputs["presence"], truth)
     metrics["n"] = int(len(truth))
     if "ran" in outputs:
-        metrics["compute"] = compute_summary(model, outputs)
+        metrics["compute"] = compute_summary(model, outputs, None if budget is None or budget.seconds is None
+                                             else dict(budget.seconds))
     return metrics
 
 
@@ -123,11 +127,54 @@ def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, 
     budget = attrs.evolve(Budget.parse(budget), mean=True, threshold=None)
     outputs = collect_outputs(model, store, index, budget=Budget(share=0.0))  # the scout's view, nothing run
     scores, available = torch.as_tensor(outputs["scout"]), torch.as_tensor(outputs["available"]).bool()
-    costs, demand = model.cost_vector(torch.device("cpu")), list(model.on_demand)
+    costs, demand = model.choice_costs(budget, torch.device("cpu")), list(model.on_demand)
     values = value_per_cost(scores, available, costs, demand)
     paid = (costs * available).sum(1) - (costs[demand] * available[:, demand]).sum(1)
     threshold = fit_threshold(values, costs[demand], paid, budget.limit(float(costs.sum())))
     return attrs.evolve(budget, threshold=threshold)
+
+
+@torch.no_grad()
+def measure_encoder_seconds(model: FusionModel, store: FeatureStore, index: np.ndarray, rows: int = 256,
+                            batch_size: int = 64) -> dict[str, float]:
+    """Seconds per sample of each on-demand encoder, each alone on the first ``rows`` samples of ``index``: reading
+    and decoding its inputs, encoding and projecting them, batch by batch as predict runs them (after one warm-up
+    batch, on the model's device). What a budget over measured time counts (:meth:`Budget.timed`).
+
+    Only live encoders are measured: a stored feature's time here is a table lookup, not what extracting it costs,
+    so a model with an on-demand stored encoder budgets by its declared GFLOPs."""
+    demand = [model.encoder_names[k] for k in model.on_demand]
+    if not demand:
+        raise FusionkitError("the model has no on-demand encoder (run: on_demand): there is no encoder time to budget")
+    stored = [name for name in demand if name not in model.deferrable_inputs()]
+    if stored:
+        raise FusionkitError(f"on-demand encoder(s) {stored} read stored features, whose time here is not what "
+                             "extracting them costs: budget by GFLOPs (their cost_gflops) instead of measured time")
+    index = np.asarray(index)[:rows]
+    if len(index) == 0:
+        raise FusionkitError("no samples to measure the encoders' time on")
+    device, training = device_of(model), model.training
+    batches = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
+    model.eval()
+    seconds = {}
+    try:
+        for name in demand:
+            _encode_alone(model, store, batches[0], name)  # warm-up: first calls allocate and pick kernels
+            synchronize(device)
+            started = time.perf_counter()
+            for batch in batches:
+                _encode_alone(model, store, batch, name)
+            synchronize(device)
+            seconds[name] = (time.perf_counter() - started) / len(index)
+    finally:
+        model.train(training)
+    return seconds
+
+
+def _encode_alone(model: FusionModel, store: FeatureStore, index: np.ndarray, name: str) -> torch.Tensor:
+    """The tokens of one live encoder for the samples ``index``, read and encoded as a deferred input is."""
+    x, lengths = store.deferred_input(model, index, name).load(torch.arange(len(index)))
+    return model.projectors[name](model.encoders[name](x, lengths))
 
 
 #: The budgets of an accuracy-compute curve: shares of the full cost.
@@ -135,24 +182,37 @@ CURVE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def budget_curve(model: FusionModel, store: FeatureStore, index: np.ndarray,
-                 shares: Sequence[float] = CURVE_SHARES, progress: bool = False) -> list[dict[str, Any]]:
+                 shares: Sequence[float] = CURVE_SHARES, progress: bool = False,
+                 seconds: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Score against mean GFLOPs per sample and wall seconds on the labelled rows ``index``, one point per budget
-    (a cap at each share of the full cost): the accuracy-compute curve of one trained model."""
+    (a cap at each share of the full cost): the accuracy-compute curve of one trained model. With ``seconds``
+    (:func:`measure_encoder_seconds`), the shares are of the measured encoder time instead of the FLOPs."""
     points = []
     for share in progress_bar(shares, enabled=progress, desc="budgets", unit="budget", leave=False):
+        budget = Budget(share=share, seconds=seconds)
         started = time.perf_counter()
-        metrics = ClassificationTask.evaluate_model(model, store, index, budget=Budget(share=share))
+        metrics = ClassificationTask.evaluate_model(model, store, index, budget=budget)
         points.append({"budget_share": share, "score": metrics["score"], "mean_gflops": metrics["compute"]["mean_gflops"],
-                       "seconds": time.perf_counter() - started, "run_rate": metrics["compute"]["run_rate"]})
+                       "seconds": time.perf_counter() - started, "run_rate": metrics["compute"]["run_rate"]}
+                      | ({"mean_encoder_seconds": metrics["compute"]["mean_encoder_seconds"]} if seconds else {}))
     return points
 
 
-def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray],
+                    seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """What a model with on-demand encoders spent: mean GFLOPs per sample (and the full cost, every encoder run),
-    and the share of samples on which each encoder ran."""
+    and the share of samples on which each encoder ran; with a time budget's ``seconds`` per sample of each
+    on-demand encoder, also their measured time per sample as spent (``mean_encoder_seconds``) and in full."""
     costs = model.encoder_costs()
-    return {"mean_gflops": float(np.mean(outputs["cost"])), "full_gflops": float(sum(c or 0.0 for c in costs.values())),
-            "run_rate": {name: float(np.mean(outputs["ran"][:, k])) for k, name in enumerate(model.encoder_names)}}
+    summary = {"mean_gflops": float(np.mean(outputs["cost"])),
+               "full_gflops": float(sum(c or 0.0 for c in costs.values())),
+               "run_rate": {name: float(np.mean(outputs["ran"][:, k])) for k, name in enumerate(model.encoder_names)}}
+    if seconds:
+        per_encoder = np.array([seconds.get(name, 0.0) for name in model.encoder_names])
+        summary |= {"encoder_seconds": dict(seconds),
+                    "mean_encoder_seconds": float(np.mean(outputs["ran"] @ per_encoder)),
+                    "full_encoder_seconds": float(per_encoder.sum())}
+    return summary
 
 
 def kept_counts(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, int]]:
@@ -283,7 +343,9 @@ class ClassificationTask(Task):
                        budget: Budget | str | float | None = None) -> dict[str, Any]:
         """Metrics of a trained model on the labelled samples ``index`` (``fusionkit evaluate``), its on-demand
         encoders within ``budget`` when given."""
-        return evaluate_outputs(model, collect_outputs(model, store, index, budget=budget), store.truth_matrix(index))
+        budget = Budget.parse(budget)
+        return evaluate_outputs(model, collect_outputs(model, store, index, budget=budget), store.truth_matrix(index),
+                                budget)
 
     @staticmethod
     def summary(metrics: dict[str, Any]) -> str:
