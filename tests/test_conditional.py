@@ -406,7 +406,11 @@ def test_a_fold_ensemble_takes_a_cap_and_a_mean_budget_fitted_per_model(syntheti
                  "--budget", "25%"]) == 0
     metrics = json.loads((tmp_path / "cv" / "evaluation_ensemble_labelled_budget-25pct.json").read_text())
     assert metrics["compute"]["mean_gflops"] <= 5 * 1.0 + 1e-9  # five models, each within its cap of 1 GFLOP
+    assert metrics["compute"]["full_gflops"] == 5 * 4.0  # and each costs 4 in full
     capsys.readouterr()
+    assert main(["evaluate", "--cv", str(tmp_path / "cv"), "--data", str(synthetic_store), "--split", "labelled",
+                 "--budget", "25%", "--budget-costs", "time"]) == 2
+    assert "['enc1', 'enc2'] read stored features" in capsys.readouterr().err  # only live encoders are timed
     assert main(["evaluate", "--cv", str(tmp_path / "cv"), "--data", str(synthetic_store), "--split", "labelled",
                  "--budget", "mean:25%"]) == 0
     assert "each model's threshold fitted on its own validation fold" in capsys.readouterr().out
