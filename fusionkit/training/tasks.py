@@ -138,8 +138,9 @@ def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, 
 def measure_encoder_seconds(model: FusionModel, store: FeatureStore, index: np.ndarray, rows: int = 256,
                             batch_size: int = 64) -> dict[str, float]:
     """Seconds per sample of each on-demand encoder, each alone on the first ``rows`` samples of ``index``: reading
-    and decoding its inputs, encoding and projecting them, batch by batch as predict runs them (after one warm-up
-    batch, on the model's device). What a budget over measured time counts (:meth:`Budget.timed`).
+    and decoding its inputs, encoding and projecting them, batch by batch as predict runs them (after a warm-up
+    pass of every encoder over those samples, on the model's device). What a budget over measured time counts
+    (:meth:`Budget.timed`).
 
     Only live encoders are measured: a stored feature's time here is a table lookup, not what extracting it costs,
     so a model with an on-demand stored encoder budgets by its declared GFLOPs."""
@@ -158,8 +159,10 @@ def measure_encoder_seconds(model: FusionModel, store: FeatureStore, index: np.n
     model.eval()
     seconds = {}
     try:
+        for name in demand:  # warm-up: first calls allocate and pick kernels, and every file is read once, so that
+            for batch in batches:  # the encoder measured first does not pay the disk cache for those after it
+                _encode_alone(model, store, batch, name)
         for name in demand:
-            _encode_alone(model, store, batches[0], name)  # warm-up: first calls allocate and pick kernels
             synchronize(device)
             started = time.perf_counter()
             for batch in batches:
