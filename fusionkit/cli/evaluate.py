@@ -127,10 +127,10 @@ def _measured_seconds(args: argparse.Namespace, model, store, index) -> dict[str
     """With ``--budget-costs time``: each on-demand encoder's seconds per sample, measured on the rows to score."""
     if args.budget_costs != "time":
         return None
-    from fusionkit.training.tasks import measure_encoder_seconds
+    from fusionkit.training.tasks import TIMED_SAMPLES, measure_encoder_seconds
 
     seconds = measure_encoder_seconds(model, store, index)
-    print(f"encoder time measured on {min(len(index), 256)} samples: "
+    print(f"encoder time measured on {min(len(index), TIMED_SAMPLES)} samples: "
           + ", ".join(f"{name} {1e3 * value:.3g} ms" for name, value in seconds.items()) + " per sample")
     return seconds
 

@@ -24,6 +24,17 @@ __all__ = ["Budget", "gather_rows", "scatter_rows", "within_budget", "kept_by", 
            "fit_threshold"]
 
 
+def _seconds(value: Mapping[str, float] | Sequence[tuple[str, float]] | None) -> tuple[tuple[str, float], ...] | None:
+    """Seconds per encoder as sorted ``(name, seconds)`` pairs (hashable, so a budget stays a value)."""
+    if value is None:
+        return None
+    pairs = sorted(dict(value).items())
+    bad = [name for name, v in pairs if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]
+    if bad or not pairs:
+        raise FusionkitError(f"a budget's seconds must be finite and >= 0 per encoder ({bad or 'none given'})")
+    return tuple((str(name), float(v)) for name, v in pairs)
+
+
 @attrs.frozen
 class Budget:
     """A compute budget per sample: ``gflops`` (GFLOPs per sample, every encoder counted) or ``share`` (of the full
@@ -43,7 +54,7 @@ class Budget:
     share: float | None = None
     mean: bool = False
     threshold: float | None = None
-    seconds: tuple[tuple[str, float], ...] | None = attrs.field(default=None, converter=lambda v: _seconds(v))
+    seconds: tuple[tuple[str, float], ...] | None = attrs.field(default=None, converter=_seconds)
 
     def __attrs_post_init__(self) -> None:
         if (self.gflops is None) == (self.share is None):
@@ -88,17 +99,6 @@ class Budget:
         if self.seconds is not None:
             amount += " of the measured time"
         return f"mean:{amount}" if self.mean else amount
-
-
-def _seconds(value: Mapping[str, float] | Sequence[tuple[str, float]] | None) -> tuple[tuple[str, float], ...] | None:
-    """Seconds per encoder as sorted ``(name, seconds)`` pairs (hashable, so a budget stays a value)."""
-    if value is None:
-        return None
-    pairs = sorted(dict(value).items())
-    bad = [name for name, v in pairs if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]
-    if bad or not pairs:
-        raise FusionkitError(f"a budget's seconds must be finite and >= 0 per encoder ({bad or 'none given'})")
-    return tuple((str(name), float(v)) for name, v in pairs)
 
 
 def value_per_cost(scout_scores: torch.Tensor, available: torch.Tensor, costs: torch.Tensor,

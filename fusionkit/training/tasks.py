@@ -38,7 +38,7 @@ from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 
 __all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary", "fit_mean_budget", "budget_curve",
-           "CURVE_SHARES", "measure_encoder_seconds", "kept_counts", "predictions_for",
+           "CURVE_SHARES", "measure_encoder_seconds", "TIMED_SAMPLES", "kept_counts", "predictions_for",
            "write_predictions", "Task", "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class",
            "task_for"]
 
@@ -134,8 +134,12 @@ def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, 
     return attrs.evolve(budget, threshold=threshold)
 
 
+#: How many samples :func:`measure_encoder_seconds` times by default (the command line's ``--budget-costs time``).
+TIMED_SAMPLES = 256
+
+
 @torch.no_grad()
-def measure_encoder_seconds(model: FusionModel, store: FeatureStore, index: np.ndarray, rows: int = 256,
+def measure_encoder_seconds(model: FusionModel, store: FeatureStore, index: np.ndarray, rows: int = TIMED_SAMPLES,
                             batch_size: int = 64) -> dict[str, float]:
     """Seconds per sample of each on-demand encoder, each alone on the first ``rows`` samples of ``index``: reading
     and decoding its inputs, encoding and projecting them, batch by batch as predict runs them (after a warm-up
