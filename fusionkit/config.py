@@ -212,6 +212,8 @@ _short.maxlevel = 3
 
 def short_repr(value: Any) -> str:
     """A repr bounded in size, for error messages about values that may be huge."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     return _short.repr(value)
 
 
@@ -364,6 +366,7 @@ def json_schema(cls: type) -> dict[str, Any]:
     required: list[str] = []
     for f in attrs.fields(cls):
         prop = _type_schema(f.type)
+        _add_ranges(prop, f.validator)
         doc = f.metadata.get("doc")
         if doc:
             prop["description"] = doc
@@ -380,6 +383,34 @@ def json_schema(cls: type) -> dict[str, Any]:
     if required:
         schema["required"] = required
     return schema
+
+
+def _validators(validator: Any) -> list[Any]:
+    """The validators an attrs field runs (an ``and_`` of several, or one)."""
+    if validator is None:
+        return []
+    return [v for part in getattr(validator, "_validators", (validator,)) for v in _validators(part)] \
+        if hasattr(validator, "_validators") else [validator]
+
+
+def _add_ranges(prop: dict[str, Any], validator: Any) -> None:
+    """Put the bounds of fusionkit's range validators (:func:`positive`, :func:`non_negative`, :func:`unit_interval`,
+    :func:`seed_range`) into a number's schema, or into the number variants of an optional one."""
+    found = _validators(validator)
+    for variant in prop.get("anyOf", [prop]):
+        kind = variant.get("type")
+        if kind not in ("integer", "number"):
+            continue
+        if positive in found:
+            variant["exclusiveMinimum"] = 0
+        if non_negative in found:
+            variant["minimum"] = 0
+        if (positive in found or non_negative in found) and kind == "integer":
+            variant["maximum"] = MAX_INT_OPTION
+        if unit_interval in found:
+            variant.update(minimum=0, maximum=1)
+        if seed_range in found:
+            variant.update(minimum=0, maximum=MAX_SEED)
 
 
 def _type_schema(tp: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from fusionkit.errors import FusionkitError
 
 __all__ = ["LOCK_FILE", "TEMP_PATTERNS", "current_umask", "apply_umask", "make_temp_file", "make_temp_dir",
            "atomic_write", "atomic_write_text", "sha256_file", "describe_contents", "json_marker",
-           "check_replaceable", "replace_directory", "write_directory", "backups_of", "is_temporary",
+           "check_replaceable", "check_file_replaceable", "json_file_marker", "replace_directory", "write_directory", "backups_of", "is_temporary",
            "recover_directory", "remove_temporaries", "LockedError", "exclusive_lock"]
 
 #: The lock file of a folder that one fusionkit process writes at a time (a run, an extraction in progress).
@@ -121,6 +121,32 @@ def json_marker(file: str, key: str, values: tuple[str, ...]) -> Callable[[Path]
         return isinstance(data, dict) and data.get(key) in values
 
     return test
+
+
+def json_file_marker(key: str, values: tuple[str, ...]) -> Callable[[Path], bool]:
+    """A marker test for a file: a JSON object whose ``key`` is one of ``values``."""
+
+    def test(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get(key) in values
+
+    return test
+
+
+def check_file_replaceable(target: Path, what: str, is_ours: Callable[[Path], bool]) -> None:
+    """Raise unless the file ``target`` may be replaced by a new ``what``: absent, or a file ``is_ours`` recognises
+    as one fusionkit wrote. A directory, a symlink or anyone else's file is never replaced."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_file():
+        raise FusionkitError(f"{target}: exists and is not a regular file; not replaced. Choose another output path "
+                             f"for the {what}, or move it away.")
+    if not is_ours(target):
+        raise FusionkitError(f"{target}: exists and is not a {what} written by fusionkit; not replaced. Choose "
+                             "another output path, or move the file away.")
 
 
 def check_replaceable(target: Path, what: str, is_ours: Callable[[Path], bool], flag: str = "--overwrite") -> None:

@@ -25,12 +25,13 @@ from typing import Any
 import attrs
 import pluggy
 
+from fusionkit import config as cfg
 from fusionkit import hookspecs
 from fusionkit.errors import FusionkitWarning, PluginError
 from fusionkit.registry import Preset, Provider, Registration, Registry
 
 __all__ = ["ENTRY_POINT_GROUP", "BUILTIN_MODULE", "BUILTIN_PLUGIN", "PluginInfo", "LoadedPlugins", "normalize",
-           "strict_mode", "load_plugins", "register_plugin", "loaded", "get_registry", "reset"]
+           "strict_mode", "load_plugins", "check_presets", "register_plugin", "loaded", "get_registry", "reset"]
 
 ENTRY_POINT_GROUP = "fusionkit"
 BUILTIN_MODULE = "fusionkit.components"
@@ -98,17 +99,44 @@ def _registrar(registry: Registry, kind: str, provider: Provider) -> Callable[..
 
 
 def _preset_registrar(registry: Registry, provider: Provider) -> Callable[..., None]:
-    def register(name: str, losses: Any, *, description: str = "") -> None:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"a distillation preset name must be a non-empty string, got {name!r}")
+    def register(name: str, losses: Any, *, description: str | None = "") -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(f"a distillation preset name must be a non-blank string, got {name!r}")
+        if name.strip() != name:
+            raise TypeError(f"distillation preset {name!r}: a name has no leading or trailing spaces")
+        if name.casefold() in {n.casefold() for n in registry.names("distill_loss")}:
+            raise TypeError(f"distillation preset {name!r}: the name of a distillation loss; a spec could not tell "
+                            "them apart, so give the preset a name of its own")
+        if description is not None and not isinstance(description, str):
+            raise TypeError(f"distillation preset {name!r}: description must be a string, got {description!r}")
+        if isinstance(losses, (list, tuple)):  # bare names, as a spec writes them: ["kd", "fd"]
+            losses = [{"type": b} if isinstance(b, str) else b for b in losses]
         if not isinstance(losses, (list, tuple)) or not losses or not all(
                 isinstance(b, dict) and isinstance(b.get("type"), str) for b in losses):
             raise TypeError(f"distillation preset {name!r}: losses must be a non-empty list of loss blocks, each a "
-                            f"dict with a 'type' string, got {losses!r}")
+                            f"dict with a 'type' string (or a loss name), got {losses!r}")
         blocks = tuple(copy.deepcopy(dict(b)) for b in losses)
-        registry.add_preset(Preset(name, blocks, description.strip(), provider))
+        registry.add_preset(Preset(name, blocks, (description or "").strip(), provider))
 
     return register
+
+
+def check_presets(registry: Registry, plugin: str) -> None:
+    """Raise ``TypeError`` unless each preset ``plugin`` registered names installed losses with valid options (run
+    once every plugin has registered, so that a preset may use another plugin's loss)."""
+    for preset in registry.presets_of(plugin):
+        problems: list[str] = []
+        for i, block in enumerate(preset.losses):
+            where = f"distillation preset {preset.name!r} [{i}]"
+            if ("distill_loss", block["type"]) not in registry:
+                refers = " (the preset itself)" if block["type"].casefold() == preset.name.casefold() else ""
+                problems.append(f"{where}: unknown distillation loss {block['type']!r}{refers}; known: "
+                                f"{', '.join(registry.names('distill_loss'))}")
+                continue
+            options = {k: v for k, v in block.items() if k != "type"}
+            cfg.structure(registry.get("distill_loss", block["type"]).config, options, where, problems)
+        if problems:
+            raise TypeError("; ".join(problems))
 
 
 def load_plugins() -> LoadedPlugins:
@@ -158,7 +186,18 @@ def load_plugins() -> LoadedPlugins:
             infos.append(info)
             continue
         infos.append(PluginInfo(ep.name, dist, dist_version))
+    for i, info in enumerate(infos):
+        if not info.ok or info.name == BUILTIN_PLUGIN:
+            continue
+        try:
+            check_presets(registry, info.name)
+        except TypeError as exc:
+            registry.remove_provider(info.name)
+            manager.unregister(name=info.name)
+            infos[i] = attrs.evolve(info, error=f"registration failed: TypeError: {exc}")
+            _fail(infos[i], strict, exc)
     registry.disabled_provider = _disabled_lookup(skipped)
+    registry.failed_plugins = tuple(f"{p.name} ({p.error})" for p in infos if not p.ok)
     return LoadedPlugins(manager, registry, infos)
 
 
@@ -243,6 +282,7 @@ def register_plugin(plugin: object, name: str) -> None:
     before = set(state.registry.contested())
     try:
         _register_all(state.manager, state.registry, name, Provider(name))
+        check_presets(state.registry, name)
         clashes = sorted(set(state.registry.contested()) - before)
         if clashes:
             raise PluginError(f"it registers names other plugins provide: {clashes}")

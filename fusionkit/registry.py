@@ -74,6 +74,8 @@ class Registry:
         self.protected = protected
         #: ``(kind, name) -> description`` of an installed-but-disabled provider, or None (set by the loader).
         self.disabled_provider: Callable[[str, str], str | None] = lambda kind, name: None
+        #: The plugins that failed to load, each ``"name (error)"`` (set by the loader): an unknown name may be theirs.
+        self.failed_plugins: tuple[str, ...] = ()
 
     def add(self, registration: Registration) -> None:
         table = self._entries[registration.kind]
@@ -91,25 +93,33 @@ class Registry:
         table.pop(registration.name, None)
 
     def add_preset(self, preset: Preset) -> None:
-        """Record a distillation preset; one name has one provider (a second is refused, naming both)."""
-        existing = self._presets.get(preset.name)
+        """Record a distillation preset; one name, compared without case, has one provider (a second is refused,
+        naming both)."""
+        existing = self._presets.get(preset.name.casefold())
         if existing is not None:
             builtin = self.protected in (existing.provider.plugin, preset.provider.plugin)
             owner = "a built-in name of fusionkit" if builtin else f"taken by {existing.provider.describe()}"
             raise DuplicateComponentError(f"distillation preset {preset.name!r} is {owner}; {preset.provider.describe()} "
                                           "cannot take it. Rename the preset in that plugin.")
-        self._presets[preset.name] = preset
+        self._presets[preset.name.casefold()] = preset
 
     def preset(self, name: str) -> Preset | None:
-        """The distillation preset of that name, or None."""
-        return self._presets.get(name)
+        """The distillation preset of that name (compared without case), or None."""
+        return self._presets.get(name.casefold()) if isinstance(name, str) else None
 
     def preset_names(self) -> list[str]:
-        return sorted(self._presets)
+        return sorted(p.name for p in self._presets.values())
+
+    def failure_note(self) -> str:
+        """A sentence naming the plugins that failed to load ("" when none did), for unknown-name messages."""
+        if not self.failed_plugins:
+            return ""
+        return (f" Plugins that failed to load (a name may be theirs): {'; '.join(self.failed_plugins)[:600]}; "
+                "see `fusionkit plugins`.")
 
     def presets_of(self, plugin: str) -> list[Preset]:
         """The distillation presets ``plugin`` registered, by name."""
-        return [p for _, p in sorted(self._presets.items()) if p.provider.plugin == plugin]
+        return [p for p in sorted(self._presets.values(), key=lambda p: p.name) if p.provider.plugin == plugin]
 
     def contested(self) -> dict[tuple[str, str], list[Registration]]:
         """(kind, name) -> the registrations that claim it."""
@@ -158,7 +168,7 @@ class Registry:
         return (
             f"unknown {kind} {name!r}.{hint} Known {plural}: {', '.join(known) or 'none'}. "
             f"Installed plugins: {', '.join(providers) or 'none'}; "
-            "install a plugin that provides it, and check `fusionkit plugins`."
+            "install a plugin that provides it, and check `fusionkit plugins`." + self.failure_note()
         )
 
     def names(self, kind: str) -> list[str]:

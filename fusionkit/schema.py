@@ -7,6 +7,7 @@ one variant per installed component of its kind.
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any
 
@@ -34,6 +35,8 @@ def _component_schema(registry: Registry, kind: str, with_name: bool = False) ->
         variants.append(schema)
     if not variants:
         return {"not": {}, "description": f"no installed plugin provides a {kind}"}
+    if not with_name:  # a block may be written as its type's name alone (gate: attention)
+        variants.append({"enum": registry.names(kind), "description": f"a {kind}'s name, with its defaults"})
     return {"oneOf": variants}
 
 
@@ -68,12 +71,17 @@ def _keyed_schema(registry: Registry, name: str) -> dict[str, Any]:
     if name == "heads":
         return {"type": "object", "additionalProperties": False, "minProperties": 1,
                 "properties": {role: _component_schema(registry, "head") for role in HEAD_ROLES}}
-    if name == "towers":
-        return {"type": "object", "minProperties": 2, "maxProperties": 2,
-                "additionalProperties": _object_schema(registry, TowerSpec, ["encoders"])}
+    if name == "towers":  # two towers, or none (null or {}: a fusion model)
+        return {"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0},
+                          {"type": "object", "minProperties": 2, "maxProperties": 2,
+                           "additionalProperties": _object_schema(registry, TowerSpec, ["encoders"])}]}
     if name == "distill":
-        return _object_schema(registry, DistillBlock, ["teacher"])
-    return {"enum": [*registry.preset_names(), None]}  # preset
+        return {"anyOf": [{"type": "null"}, _object_schema(registry, DistillBlock, ["teacher"])]}
+    # a preset, its name compared without case
+    names = "|".join("".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in n)
+                     for n in registry.preset_names())
+    return {"anyOf": [{"type": "null"}, {"type": "string", "pattern": f"^({names})$"}],
+            "examples": registry.preset_names()}
 
 
 def spec_schema(registry: Registry) -> dict[str, Any]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextvars
 import difflib
 import json
+import math
 import re
 import tomllib
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,7 +32,7 @@ from fusionkit.interfaces import Gate, GateConfig
 from fusionkit.moved import moved_names
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
-from fusionkit.yaml_reader import load_yaml
+from fusionkit.yaml_reader import MAX_DEPTH, MAX_INT_DIGITS, check_depth, load_yaml
 
 __all__ = ["SPEC_VERSION", "BLEMORE_LABELS", "HEAD_ROLES", "ENCODER_NAME", "MAX_LATENT_DIM", "encoder_name_problem",
            "Component", "EncoderSpec", "ProjectorConfig", "DataConfig", "TrainConfig", "ContrastiveConfig",
@@ -437,12 +439,30 @@ def read_spec_file(path: str | Path) -> Any:
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
-            return tomllib.loads(text)
-        if suffix == ".json":
-            return json.loads(text)
-        return load_yaml(text)
-    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text, parse_int=_bounded_int)
+        else:
+            return load_yaml(text)
+        check_depth(data)
+        return data
+    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SpecError([f"cannot parse {path.name}: {str(exc)[:1000]}"], source=str(path)) from None
+    except RecursionError:
+        raise SpecError([f"cannot parse {path.name}: mappings and lists nest more than {MAX_DEPTH} deep; a spec "
+                         "nests a few levels"], source=str(path)) from None
+    except ValueError as exc:  # an integer too long to convert, or nesting too deep
+        why = str(exc)[:1000] if not str(exc).startswith("Exceeds the limit") else (
+            f"an integer too long to read; no spec value has more than {MAX_INT_DIGITS} digits")
+        raise SpecError([f"cannot parse {path.name}: {why}"], source=str(path)) from None
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON integer, refused past :data:`fusionkit.yaml_reader.MAX_INT_DIGITS` digits."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits; no spec value has more than "
+                         f"{MAX_INT_DIGITS} digits")
+    return int(text)
 
 
 def load_spec(source: str | Path | Mapping[str, Any] | Spec, registry: Registry | None = None) -> Spec:
@@ -626,7 +646,7 @@ def _structure_towers(blocks: Any, path: str, registry: Registry, problems: list
 def _preset_name(value: Any, path: str, registry: Registry, problems: list[str]) -> str | None:
     if value is not None and (not isinstance(value, str) or registry.preset(value) is None):
         problems.append(f"{path}: expected one of {', '.join(registry.preset_names())} (one preset; further terms "
-                        f"go under losses), found {short_repr(value)}")
+                        f"go under losses), found {short_repr(value)}.{registry.failure_note()}")
     return value
 
 
@@ -711,6 +731,11 @@ def _check_conditional(values: dict[str, Any], written: Mapping[str, Any], regis
         problems.append("conditional: configures on-demand encoders, but no encoder has run: on_demand")
     if not demand:
         return
+    declared = [e.cost_gflops for e in encoders if e.cost_gflops is not None]
+    if declared and not math.isfinite(sum(declared)):
+        problems.append(f"encoders[*].cost_gflops: the declared costs add up to more than a float holds "
+                        f"({', '.join(f'{c:g}' for c in declared[:4])}...); a budget is a share of their total, so "
+                        "declare costs in a unit that keeps it finite (GFLOPs per sample)")
     if len(demand) == len(encoders):
         problems.append(f"encoders[{demand[0]}].run: every encoder is on_demand, but the gate scores on-demand "
                         "encoders from what has already run; let at least one encoder run always")
@@ -718,7 +743,7 @@ def _check_conditional(values: dict[str, Any], written: Mapping[str, Any], regis
         problems.append(f"encoders[{demand[0]}].run: on_demand is for fusion models; a two-tower model runs every "
                         "encoder of each tower")
     gate = values.get("gate")
-    if gate is not None and not registry.get("gate", gate.type).factory.scouts:
+    if gate is not None and not gate_scouts(registry.get("gate", gate.type).factory):
         problems.append(f"gate.type: gate {gate.type!r} cannot score an encoder before it runs (it needs every "
                         f"token), so encoders[{demand[0]}] cannot be on_demand; use a scout gate (attention, "
                         "static) or run every encoder always")
@@ -768,6 +793,11 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
                         "that derives from GateConfig (see docs/writing-a-plugin.md). Fix the plugin, or block it "
                         "with FUSIONKIT_DISABLE_PLUGINS")
         return None
+    if kind == "gate" and not isinstance(reg.factory, type):
+        warnings.warn(f"gate {name!r} ({reg.provider.describe()}) is registered with a factory function, as fusionkit "
+                      "0.1.0 allowed; register the Gate subclass itself (register(name, MyGate, config=...)), so "
+                      "that its class declares whether it scouts. Factory functions for gates stop working in "
+                      "fusionkit 0.3.0.", DeprecationWarning, stacklevel=2)
     options = {k: v for k, v in block.items() if k != "type"}
     config = cfg.structure(reg.config, options, path, problems)
     return None if config is None else Component(name, config)
@@ -775,8 +805,17 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
 
 def _is_gate(factory: Any, config: type) -> bool:
     """The gate contract: the class says whether it scouts and what its gradients reach; the config says what
-    is kept."""
-    return isinstance(factory, type) and issubclass(factory, Gate) and issubclass(config, GateConfig)
+    is kept. A factory function (0.1.0's style, deprecated) passes on its config; what it builds is checked when
+    the model is built, and it never scouts (:func:`gate_scouts`)."""
+    if not isinstance(factory, type):
+        return callable(factory) and issubclass(config, GateConfig)
+    return issubclass(factory, Gate) and issubclass(config, GateConfig)
+
+
+def gate_scouts(factory: Any) -> bool:
+    """Whether a registered gate can score an on-demand encoder before it runs: its class says so
+    (:attr:`Gate.scouts`); a 0.1.0-style factory function does not."""
+    return isinstance(factory, type) and factory.scouts
 
 
 def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -160,7 +160,7 @@ def test_cli_schema_covers_installed_components():
     schema = json.loads(proc.stdout)
     encoder_types = {v["properties"]["type"]["const"] for v in schema["properties"]["encoders"]["items"]["oneOf"]}
     assert {"features", "example_mlp", "timm"} <= encoder_types
-    gates = {v["properties"]["type"]["const"]: v for v in schema["properties"]["gate"]["oneOf"]}
+    gates = {v["properties"]["type"]["const"]: v for v in schema["properties"]["gate"]["oneOf"] if "properties" in v}
     assert gates["attention"]["properties"]["top_n"]["default"] == 2
     assert gates["attention"]["properties"]["top_n"]["description"]
 

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fusionkit.cli.options import SPLITS, add_budget, add_data, add_runs, data_source
 
-__all__ = ["add_commands", "submission_paths"]
+__all__ = ["add_commands", "submission_paths", "EVALUATION_FORMAT", "CURVE_FORMAT", "SUBMISSION_COMMENT"]
+
+#: The ``format`` of the JSON files ``evaluate`` writes into a run: what marks them as fusionkit's to replace.
+EVALUATION_FORMAT = "fusionkit-evaluation"
+CURVE_FORMAT = "fusionkit-budget-curve"
+#: How a submission zip that fusionkit wrote begins its comment; the comment goes on with the SHA-256 of the JSON
+#: written beside it (and of the one that JSON replaced, so that a crash between the two writes stays recoverable).
+SUBMISSION_COMMENT = "fusionkit submission"
 
 
 def _run_index(run: Path, store, split_name: str):
@@ -65,21 +73,29 @@ def _open_ensemble(args: argparse.Namespace):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fusionkit.files import atomic_write_text
+    from fusionkit.errors import DataError, FusionkitError
+    from fusionkit.files import atomic_write_text, check_file_replaceable, json_file_marker
     from fusionkit.training.tasks import task_class
 
+    if args.budget_curve and args.budget is not None:
+        raise FusionkitError(f"--budget {args.budget} --budget-curve: the curve scores every budget from 0% to 100%; "
+                             "give one or the other")
+    suffix = _budget_suffix(args)
     opened = _open_ensemble(args)
+    if opened is not None and args.budget_curve:
+        raise FusionkitError("--budget-curve: it draws one model's curve; a fold ensemble has none. Give one fold's "
+                             "run (e.g. RUN/fold0), or leave --budget-curve out")
+    kind = "ensemble_" if opened is not None else ""
+    out = Path(args.run[0]) / f"evaluation_{kind}{args.split}{suffix}.json" if len(args.run) == 1 else None
+    if out is not None and not args.budget_curve:  # before anything is scored for a file that cannot be written
+        check_file_replaceable(out, "evaluation", json_file_marker("format", (EVALUATION_FORMAT,)))
     if opened is not None:
         ensemble, store = opened
         index = _run_index(Path(args.run[0]), store, args.split)
         if not store.labelled[index].all():
-            from fusionkit.errors import DataError
-
             raise DataError(f"{store.path}: the {args.split} samples are not all labelled; evaluate needs labels")
         metrics = ensemble.evaluate(store, index, budget=_ensemble_budget(args, ensemble, store, index))
         task = task_class(ensemble.spec)
-        out = Path(args.run[0]) / f"evaluation_ensemble_{args.split}{_budget_suffix(args)}.json" \
-            if len(args.run) == 1 else None
     else:
         model, store = _open_run(args)
         task = task_class(model.spec)
@@ -87,7 +103,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.budget_curve:
             return _budget_curve(args, model, store, index)
         metrics = task.evaluate_model(model, store, index, **_budget_option(args, model, store, index))
-        out = Path(args.run[0]) / f"evaluation_{args.split}{_budget_suffix(args)}.json"
     print(f"{args.split}: {task.summary(metrics)}")
     if "compute" in metrics:
         compute = metrics["compute"]
@@ -97,15 +112,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"  encoder time: {1e3 * compute['mean_encoder_seconds']:.3g} of "
                   f"{1e3 * compute['full_encoder_seconds']:.3g} ms per sample, as measured")
     if out is not None:
-        atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+        record = {"format": EVALUATION_FORMAT, "split": args.split, "budget": args.budget,
+                  "budget_costs": args.budget_costs if args.budget is not None else None}
+        atomic_write_text(out, json.dumps(record | metrics, indent=2) + "\n")
     return 0
 
 
 def _budget_suffix(args: argparse.Namespace) -> str:
+    """The file-name part of ``--budget``, from the parsed budget: two budgets share a name only when they are
+    equal (``10`` and ``1e+1``), never when they differ (``1e-1`` and ``1e+1``)."""
     if args.budget is None:
         return ""
-    return ("_budget-" + "".join(c if c.isalnum() or c == "." else "pct" if c == "%" else "-"
-                                 for c in args.budget.strip()) + ("-time" if args.budget_costs == "time" else ""))
+    from fusionkit.models.conditional import Budget
+
+    budget = Budget.parse(args.budget)
+    amount = _exact(100 * budget.share) + "pct" if budget.share is not None else _exact(budget.gflops)
+    return f"_budget-{'mean-' if budget.mean else ''}{amount}{'-time' if args.budget_costs == 'time' else ''}"
+
+
+def _exact(value: float) -> str:
+    """A number as its shortest exact text (``25``, ``0.1``, ``1e+20``): distinct numbers, distinct texts."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _check_budget_costs(args: argparse.Namespace) -> None:
@@ -150,14 +178,31 @@ def _budget_option(args: argparse.Namespace, model, store, index) -> dict:
     seconds = _measured_seconds(args, model, store, index)
     if seconds is not None:
         budget = budget.timed(seconds)
+    _warn_over_cap(model, budget)
     if budget.mean:  # its threshold comes from the run's validation fold
         from fusionkit.training.tasks import fit_mean_budget
         from fusionkit.training.train import make_split
 
+        from fusionkit.training.rundir import check_trained_store
+
         info = json.loads((Path(args.run[0]) / "run.json").read_text(encoding="utf-8"))
+        check_trained_store(Path(args.run[0]), info, store, f"a mean budget's threshold is fitted on the run's "
+                            "validation fold, which another store's folds would fill with rows it trained on")
         budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
         print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
     return {"budget": budget}
+
+
+def _warn_over_cap(model, budget) -> None:
+    """A cap below what the always-run encoders cost cannot hold (they run whatever the budget): say so."""
+    if budget.mean or budget.seconds is not None:
+        return
+    always = model.always_run_gflops()
+    limit = budget.limit(sum(c or 0.0 for c in model.encoder_costs().values()))
+    if always > limit + 1e-9:
+        print(f"warning: --budget {budget.describe()} ({limit:.4g} GFLOPs per sample) is below what the always-run "
+              f"encoders cost ({always:.4g}); they run anyway, so every sample spends {always:.4g} and nothing on "
+              "demand runs", file=sys.stderr)
 
 
 def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
@@ -177,6 +222,7 @@ def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
     seconds = _measured_seconds(args, ensemble.models[0], store, index)
     if seconds is not None:
         budget = budget.timed(seconds)
+    _warn_over_cap(ensemble.models[0], budget)
     if budget.mean:
         fitted = ensemble.model_budgets(store, budget)
         print(f"mean budget {budget.describe()}: each model's threshold fitted on its own validation fold "
@@ -187,7 +233,7 @@ def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
 
 def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
     """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything."""
-    from fusionkit.files import atomic_write_text
+    from fusionkit.files import atomic_write_text, check_file_replaceable, json_file_marker
     from fusionkit.training.tasks import budget_curve
 
     if not model.spec.on_demand:
@@ -195,13 +241,14 @@ def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
 
         raise FusionkitError(f"--budget-curve: {args.run[0]} has no on-demand encoder (run: on_demand); every budget "
                              "would run the same encoders")
+    out = Path(args.run[0]) / f"budget_curve_{args.split}{'_time' if args.budget_costs == 'time' else ''}.json"
+    check_file_replaceable(out, "budget curve", json_file_marker("format", (CURVE_FORMAT,)))
     seconds = _measured_seconds(args, model, store, index)
     points = budget_curve(model, store, index, progress=True, seconds=seconds)
     for p in points:
         print(f"  budget {p['budget_share']:>4.0%}: Score {p['score']:.3f}, {p['mean_gflops']:.4g} GFLOPs per sample, "
               f"{p['seconds']:.2f} s")
-    out = Path(args.run[0]) / f"budget_curve_{args.split}{'_time' if seconds else ''}.json"
-    atomic_write_text(out, json.dumps({"split": args.split, "n": int(len(index)), "costs": args.budget_costs,
+    atomic_write_text(out, json.dumps({"format": CURVE_FORMAT, "split": args.split, "n": int(len(index)), "costs": args.budget_costs,
                                        "points": points} | ({"encoder_seconds": seconds} if seconds else {}),
                                       indent=2) + "\n")
     print(f"budget curve written to {out}")
@@ -218,31 +265,48 @@ def submission_paths(out: Path) -> tuple[Path, Path]:
     return out.with_suffix(".json"), out.with_suffix(".zip")
 
 
-def _check_submission_replaceable(json_path: Path, zip_path: Path) -> None:
-    """Only files that are fusionkit submissions are overwritten."""
+def _submission_comment(zip_path: Path) -> list[str] | None:
+    """The JSON hashes a submission zip's comment records (what it was written beside, and what that replaced),
+    or None when fusionkit did not write the zip."""
     import zipfile
 
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            words = zf.comment.decode("ascii").split()
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    head = SUBMISSION_COMMENT.split()
+    return words[len(head):] if words[:len(head)] == head else None
+
+
+def _json_hash(path: Path) -> str:
+    from fusionkit.files import sha256_file
+
+    return sha256_file(path) if path.is_file() else "none"
+
+
+def _check_submission_replaceable(json_path: Path, zip_path: Path) -> str:
+    """Only a submission that fusionkit wrote is overwritten: a zip whose comment marks it as fusionkit's, and a
+    JSON whose SHA-256 that comment records. Returns the SHA-256 of the JSON about to be replaced ("none")."""
     from fusionkit.errors import FusionkitError
 
     for path in (json_path, zip_path):
-        if path.is_dir():
-            raise FusionkitError(f"{path}: is a directory; --out names a submission file (FILE.json or FILE.zip)")
-        if not path.exists():
-            continue
-        try:
-            if path == json_path:
-                ours = set(json.loads(path.read_text(encoding="utf-8"))) == {"predictions"}
-            else:
-                with zipfile.ZipFile(path) as zf:
-                    ours = zf.namelist() == [json_path.name]
-        except (ValueError, TypeError, OSError, zipfile.BadZipFile):
-            ours = False
-        if not ours:
-            raise FusionkitError(f"{path}: exists and is not a fusionkit submission; not overwritten. "
-                                 "Choose another --out or move the file away.")
+        if path.is_symlink() or path.is_dir() or (path.exists() and not path.is_file()):
+            raise FusionkitError(f"{path}: is not a regular file; --out names a submission file (FILE.json or "
+                                 "FILE.zip). Not replaced.")
+    recorded = _submission_comment(zip_path) if zip_path.exists() else []
+    if recorded is None:
+        raise FusionkitError(f"{zip_path}: exists and is not a submission zip written by fusionkit; not overwritten. "
+                             "Choose another --out or move the file away.")
+    old = _json_hash(json_path)
+    if json_path.exists() and old not in recorded:
+        raise FusionkitError(f"{json_path}: exists and is not the submission fusionkit wrote beside "
+                             f"{zip_path.name}; not overwritten. Choose another --out or move the file away.")
+    return old
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import hashlib
     import zipfile
 
     from fusionkit.errors import FusionkitError
@@ -250,7 +314,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from fusionkit.training.tasks import predictions_for, task_class
 
     json_path, zip_path = submission_paths(Path(args.out))
-    _check_submission_replaceable(json_path, zip_path)
+    replaced = _check_submission_replaceable(json_path, zip_path)
     opened = _open_ensemble(args)
     if opened is not None:
         ensemble, store = opened
@@ -264,13 +328,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         index = _run_index(Path(args.run[0]), store, args.split)
         preds = predictions_for(model, store, index, **_budget_option(args, model, store, index))
     text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
-    atomic_write_text(json_path, text)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def write_zip(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.comment = f"{SUBMISSION_COMMENT} {digest} {replaced}".encode("ascii")
             zf.writestr(json_path.name, text)
 
+    # the zip first: until the JSON follows, its comment still vouches for the JSON it replaces
     atomic_write(zip_path, write_zip)
+    atomic_write_text(json_path, text)
     print(f"{len(preds)} predictions written to {json_path} and {zip_path}")
     return 0
 

@@ -33,6 +33,7 @@ def _cmd_spec_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_spec_resolve(args: argparse.Namespace) -> int:
+    import torch
     import yaml
 
     from fusionkit.errors import FusionkitError
@@ -41,10 +42,16 @@ def _cmd_spec_resolve(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.file)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
-    try:  # the cost table, as YAML comments: the output stays a spec
-        table = cost_table(build_model(spec))
+    # The cost table, as YAML comments (the output stays a spec), from a model built on the meta device: shapes
+    # and FLOPs without allocating, whatever the sizes a valid spec may declare.
+    try:
+        with torch.device("meta"):
+            table = cost_table(build_model(spec))
     except FusionkitError as exc:
         table = [f"cost per sample: not measured (the model does not build here: {exc})"]
+    except Exception as exc:  # a backbone that cannot be built without memory (e.g. it loads weights)
+        table = [f"cost per sample: not measured (building the model without memory failed: "
+                 f"{type(exc).__name__}: {str(exc)[:200]}); `fusionkit build` builds it for real"]
     print("\n".join(f"# {line}" for line in table))
     return 0
 

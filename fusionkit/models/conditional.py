@@ -20,7 +20,7 @@ import torch
 
 from fusionkit.errors import FusionkitError
 
-__all__ = ["Budget", "gather_rows", "scatter_rows", "within_budget", "kept_by", "scout_loss", "value_per_cost",
+__all__ = ["Budget", "RowShare", "row_uniform", "gather_rows", "scatter_rows", "within_budget", "kept_by", "scout_loss", "value_per_cost",
            "fit_threshold"]
 
 
@@ -57,6 +57,15 @@ class Budget:
     seconds: tuple[tuple[str, float], ...] | None = attrs.field(default=None, converter=_seconds)
 
     def __attrs_post_init__(self) -> None:
+        for key in ("gflops", "share", "threshold"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise FusionkitError(f"budget {key}={value!r}: expected a number, found {type(value).__name__}")
+        if not isinstance(self.mean, bool):
+            raise FusionkitError(f"budget mean={self.mean!r}: expected True or False")
+        if self.threshold is not None and (math.isnan(self.threshold) or not self.mean):
+            raise FusionkitError(f"budget threshold={self.threshold!r}: a threshold is a mean budget's (mean=True), "
+                                 "a number or +inf (nothing on demand runs), never NaN; fit it with fit_threshold")
         if (self.gflops is None) == (self.share is None):
             raise FusionkitError("a budget is either GFLOPs per sample or a share of the full cost, not both or neither")
         value = self.gflops if self.gflops is not None else self.share
@@ -77,7 +86,11 @@ class Budget:
         if value is None or isinstance(value, Budget):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return cls(gflops=float(value))
+            try:
+                return cls(gflops=float(value))
+            except OverflowError:
+                raise FusionkitError(f"budget {str(value)[:20]}...: too large for GFLOPs per sample; expected a finite number "
+                                     "of GFLOPs >= 0, or a share such as '40%'") from None
         text = str(value).strip()
         mean = text.lower().startswith("mean:")
         number = text[5:].strip() if mean else text
@@ -85,7 +98,7 @@ class Budget:
             if number.endswith("%"):
                 return cls(share=float(number[:-1]) / 100.0, mean=mean)
             return cls(gflops=float(number), mean=mean)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise FusionkitError(f"--budget {value!r}: expected GFLOPs per sample (e.g. 2.5) or a share of the full "
                                  "cost (e.g. 40%), each a cap per sample; mean:2.5 or mean:40% for a mean over the "
                                  "data") from None
@@ -99,6 +112,31 @@ class Budget:
         if self.seconds is not None:
             amount += " of the measured time"
         return f"mean:{amount}" if self.mean else amount
+
+
+@attrs.frozen
+class RowShare:
+    """Where a batch's rows sit in the global batch under torchrun: its ``size`` and this rank's ``positions``.
+
+    The random draws per row in training (a sampled budget, the scout's rows) are made for the global batch and
+    each rank takes its rows' draws, so that two processes draw what one process draws (docs/scaling.md)."""
+
+    size: int
+    positions: tuple[int, ...]
+
+    @classmethod
+    def of(cls, size: int, rank: int, world: int) -> RowShare:
+        """A rank's rows of a global batch of ``size`` shared out every ``world``-th from ``rank``
+        (:meth:`fusionkit.distributed.Dist.shard`); a rank left without rows holds a stand-in of row 0."""
+        return cls(size, tuple(range(rank, size, world)) or (0,))
+
+
+def row_uniform(share: RowShare | None, batch: int, device: torch.device) -> torch.Tensor:
+    """``[batch]`` uniform draws, one per row: the global batch's draws at this rank's positions when ``share``
+    describes this batch, else the batch's own."""
+    if share is None or len(share.positions) != batch:
+        return torch.rand(batch, device=device)
+    return torch.rand(share.size, device=device)[torch.as_tensor(share.positions, device=device)]
 
 
 def value_per_cost(scout_scores: torch.Tensor, available: torch.Tensor, costs: torch.Tensor,

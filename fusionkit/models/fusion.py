@@ -19,11 +19,13 @@ from torch import nn
 from fusionkit.answers import Prediction, from_order
 from fusionkit.checkpoint import save_checkpoint
 from fusionkit.errors import DataError, FusionkitError
-from fusionkit.interfaces import DOMAINS, BuildContext, Decoder, DeferredInput, Encoder, LiveEncoder
+from fusionkit.interfaces import DOMAINS, BuildContext, Decoder, DeferredInput, Encoder, Gate, LiveEncoder
 from fusionkit.models.conditional import (
     Budget,
+    RowShare,
     gather_rows,
     kept_by,
+    row_uniform,
     scatter_rows,
     scout_loss,
     value_per_cost,
@@ -251,6 +253,9 @@ class Trunk(nn.Module):
         self._context = ctx
         #: Positions (into ``encoder_names``) of the encoders that run on demand (docs/conditional.md).
         self.on_demand: tuple[int, ...] = tuple(k for k, (_, enc) in enumerate(encoders) if enc.on_demand)
+        #: Set by the trainer under torchrun: where this rank's rows sit in the global batch (the per-row draws
+        #: of training are the global batch's).
+        self.row_share: RowShare | None = None
         self.conditional = spec.conditional
         self._declared_costs = {enc.name: enc.cost_gflops for _, enc in encoders}
         self._costs: dict[str, float | None] | None = None
@@ -294,6 +299,11 @@ class Trunk(nn.Module):
             self._costs = costs
         return dict(self._costs)
 
+    def always_run_gflops(self) -> float:
+        """GFLOPs per sample of the encoders that run whatever the budget (every encoder not on demand)."""
+        costs = self.encoder_costs()
+        return float(sum(costs[n] or 0.0 for k, n in enumerate(self.encoder_names) if k not in self.on_demand))
+
     def cost_vector(self, device: torch.device) -> torch.Tensor:
         """``[K]`` float64: each encoder's GFLOPs per sample, in ``encoder_names`` order (an on-demand encoder's must
         be known)."""
@@ -302,7 +312,11 @@ class Trunk(nn.Module):
         if unknown:
             raise FusionkitError(f"encoder(s) {unknown} run on demand but their cost is unknown (their plugin gives no "
                                  "example input to measure): declare cost_gflops in their encoder blocks")
-        return torch.tensor([costs[n] or 0.0 for n in self.encoder_names], dtype=torch.float64, device=device)
+        vector = torch.tensor([costs[n] or 0.0 for n in self.encoder_names], dtype=torch.float64, device=device)
+        if not torch.isfinite(vector.sum()):
+            raise FusionkitError(f"the encoders' costs per sample add up to more than a float holds ({costs}); a "
+                                 "budget is a share of their total: declare cost_gflops in GFLOPs per sample")
+        return vector
 
     def choice_costs(self, budget: Budget | None, device: torch.device) -> torch.Tensor:
         """``[K]`` float64: the costs ``budget`` chooses by, in ``encoder_names`` order: GFLOPs per sample
@@ -368,16 +382,16 @@ class Trunk(nn.Module):
             if budget is not None:
                 limit = torch.full_like(full, budget.limit(float(choice.sum()))) - paid
             else:  # a random share of each row's on-demand cost, so every budget is seen in training
-                limit = torch.rand(batch, dtype=full.dtype, device=device) * (full - paid)
+                limit = row_uniform(self.row_share, batch, device).to(full.dtype) * (full - paid)
                 if self.conditional.full_budget_rows > 0:  # and the full budget on a share of the rows
-                    whole = torch.rand(batch, device=device) < self.conditional.full_budget_rows
+                    whole = row_uniform(self.row_share, batch, device) < self.conditional.full_budget_rows
                     limit = torch.where(whole, full - paid, limit)
             run = within_budget(scout_scores.detach()[:, list(demand)], available, choice[list(demand)], limit)
         else:
             run = kept_by(self.gate.select(scout_scores, present).kept, demand) & available
         every = torch.zeros(batch, dtype=torch.bool, device=device)
         if self.training and self.conditional.scout_weight > 0:  # rows that run everything: the scout's target
-            every = torch.rand(batch, device=device) < self.conditional.scout_rows
+            every = row_uniform(self.row_share, batch, device) < self.conditional.scout_rows
         computed = present.clone()
         for j, k in enumerate(demand):
             need = (run[:, j] | every) & available[:, j]
@@ -391,8 +405,10 @@ class Trunk(nn.Module):
                 columns[k] = self.projectors[name](self.encoders[name](*_input_rows(inputs[name], lengths.get(name),
                                                                                     None, batch)))
                 continue
-            if len(rows) == 1 and batch > 1 and has_batch_norm(self.encoders[name]):
-                # batch norm cannot normalise one row in training: a second row runs beside it, unused (not `ran`)
+            if len(rows) == 1 and batch > 1 and (has_batch_norm(self.encoders[name])
+                                                 or has_batch_norm(self.projectors[name])):
+                # batch norm (in the encoder, or the projector's domain_norm) cannot normalise one row in training:
+                # a second row runs beside it, unused (not `ran`)
                 rows = torch.stack([rows[0], (rows[0] + 1) % batch])
             value = self.projectors[name](self.encoders[name](*_input_rows(inputs[name], lengths.get(name), rows,
                                                                            batch)))
@@ -610,10 +626,14 @@ def _input_rows(value: torch.Tensor | DeferredInput, lengths: torch.Tensor | Non
 def _build(registry: Registry, kind: str, component: Component, path: str, ctx: BuildContext) -> Any:
     reg = registry.get(kind, component.type)
     try:
-        return reg.factory(component.config, ctx)
+        built = reg.factory(component.config, ctx)
     except FusionkitError:
         raise
     except Exception as exc:
         raise FusionkitError(
             f"{path}: building {kind} {component.type!r} ({reg.provider.describe()}) failed: {type(exc).__name__}: {exc}"
         ) from exc
+    if kind == "gate" and not isinstance(built, Gate):  # a 0.1.0-style factory function must still build a Gate
+        raise FusionkitError(f"{path}: gate {component.type!r} ({reg.provider.describe()}) built a "
+                             f"{type(built).__name__}, not a fusionkit.interfaces.Gate; fix the plugin")
+    return built

@@ -22,6 +22,7 @@ from fusionkit.distributed import Dist
 from fusionkit.errors import DataError
 from fusionkit.interfaces import AdaptationLoss as _AdaptationLoss
 from fusionkit.interfaces import BuildContext
+from fusionkit.models.conditional import RowShare
 from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.moved import moved_names
 from fusionkit.plugins import get_registry
@@ -72,6 +73,8 @@ class AdaptationObjective(ObjectiveTerm):
         if own == 0:  # fewer target rows than ranks: a stand-in row, left out of every loss
             local = drawn[:1]
         model.set_domain("target")  # per-domain statistics (when the model keeps them) follow the batch
+        if self.dist.enabled:  # per-row draws: the global target batch's
+            model.row_share = RowShare.of(len(drawn), self.dist.rank, self.dist.world_size)
         try:
             target = model(*self.target.inputs_for(model, local))
         finally:

@@ -27,7 +27,7 @@ from fusionkit.models.conditional import Budget
 from fusionkit.models.factory import load_model
 from fusionkit.models.fusion import FusionModel
 from fusionkit.spec import Spec, load_spec, spec_differences
-from fusionkit.training.rundir import CV_FORMAT, RUN_FILE, RUN_FORMAT, store_fingerprint
+from fusionkit.training.rundir import CV_FORMAT, RUN_FILE, RUN_FORMAT, check_trained_store
 from fusionkit.training.tasks import collect_outputs, evaluate_outputs, fit_mean_budget
 from fusionkit.training.train import make_split
 
@@ -198,18 +198,9 @@ class FoldEnsemble:
 
     def check_store(self, store: FeatureStore) -> None:
         """Refuse a store other than the one the runs trained on: its folds decide which rows are out of fold."""
-        here = store_fingerprint(store.path)
-        raw = store.raw.fingerprint() if store.raw is not None and store.raw.path != store.path else None
         for run in self.runs:
-            info = run_info(run)
-            if info.get("data_fingerprint") not in (None, here):
-                raise DataError(f"{run}: trained on other data than {store.path} (the store's contents differ from "
-                                f"{info.get('data')!r}, which it trained on: another store, or its folds were "
-                                "reassigned); out-of-fold thresholds would be fitted on rows the models trained on. "
-                                "Give the store the runs were trained on")
-            if raw is not None and info.get("raw_fingerprint") not in (None, raw):
-                raise DataError(f"{run}: trained with another raw manifest than {store.raw.path}; give the one it "
-                                "trained with")
+            check_trained_store(run, run_info(run), store, "out-of-fold thresholds would be fitted on rows the models "
+                                "trained on")
 
     def fit_decoder(self, store: FeatureStore) -> dict[str, Any]:
         """Fit the decoder's thresholds on the pooled out-of-fold validation predictions; returns its config.

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fusionkit.errors import FusionkitError
+from fusionkit.files import atomic_write_text, is_temporary
 from fusionkit.metrics import format_metric
 from fusionkit.spec import load_spec
 from fusionkit.training.tasks import task_class
 
-__all__ = ["RATIO_NAMES", "write_report"]
+__all__ = ["RATIO_NAMES", "REPORT_FILES", "write_report"]
 
 RATIO_NAMES = ("single", "50/50", "70/30", "30/70")
 
@@ -68,7 +70,7 @@ def _keep_rates(plt, rates: dict[str, dict[str, float | None]], path: Path) -> N
     plt.close(fig)
 
 
-def _retrieval_report(plt, run: Path, out: Path, metrics: dict) -> Path:
+def _retrieval_report(plt, run: Path, out: Path, metrics: dict) -> list[str]:
     """A two-tower run: retrieval in each direction, beside the learning curves."""
     splits = [s for s in ("val", "test") if s in metrics]
     directions = sorted(k for k in metrics[splits[-1]] if k.startswith("r") and "_to_" in k)
@@ -91,8 +93,7 @@ def _retrieval_report(plt, run: Path, out: Path, metrics: dict) -> Path:
         lines.append(f"| {name} | {x['r1']:.3f} | {x['r5']:.3f} | {format_metric(x.get('nn_class_accuracy'))} | "
                      f"{int(x['n'])} |")
     lines += ["", "![learning curves](learning_curves.png)", "![retrieval](retrieval.png)"]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    return out
+    return lines
 
 
 def _ratio(pred: list[dict]) -> str:
@@ -103,47 +104,89 @@ def _ratio(pred: list[dict]) -> str:
 
 
 def write_report(run: str | Path) -> Path:
-    """Write the report of a single run directory (or of every fold of a cross-validation run)."""
+    """Write the report of a single run directory (or of every fold of a cross-validation run) into RUN/report/."""
     run = Path(run)
     if (run / "cv.json").exists():
-        folds = sorted(p for p in run.glob("fold*") if (p / "metrics.json").exists())
-        for fold in folds:
-            write_report(fold)
-        cv = json.loads((run / "cv.json").read_text())
-        lines = ["# Cross-validation", "", "| metric | mean | std |", "|---|---|---|"]
-        lines += [f"| {k} | {format_metric(v['mean'])} | {format_metric(v['std'])} |" for k, v in cv["test"].items()]
-        lines += ["", "Per fold: " + ", ".join(f"[{p.name}]({p.name}/report/summary.md)" for p in folds)]
-        out = run / "report"
-        out.mkdir(exist_ok=True)
-        (out / "summary.md").write_text("\n".join(lines) + "\n")
-        return out
+        return _cv_report(run)
     if not (run / "metrics.json").exists():
         raise FusionkitError(f"{run}: no metrics.json; is it a finished run directory (fusionkit train ... --out {run})?")
+    out = _report_dir(run)
     plt = _pyplot()
-    out = run / "report"
-    out.mkdir(exist_ok=True)
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = _read_json(run / "metrics.json")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     split = "test" if "test" in metrics else "val"
     task = task_class(load_spec(run / "spec.yaml"))  # the task says what a run has to draw
     _learning_curves(plt, log, metrics["best_epoch"], task.record_keys, out / "learning_curves.png")
     if not task.predicts:
-        return _retrieval_report(plt, run, out, metrics)
-    preds = json.loads((run / f"predictions_{split}.json").read_text())
-    labels = list(metrics[split]["per_label_f1"])
+        lines = _retrieval_report(plt, run, out, metrics)
+    else:
+        preds = _read_json(run / f"predictions_{split}.json")
+        rates = metrics[split].get("keep_rates")
+        _prediction_plots(plt, metrics[split], preds, rates, out)
+        lines = _summary_lines(run, metrics, split) + _curve_sections(plt, run, out)
+        lines += ["", "![learning curves](learning_curves.png)", "![kept per label](kept_per_label.png)",
+                  "![presence confusion](presence_confusion.png)", "![salience confusion](salience_confusion.png)"]
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    return out
 
-    kept = metrics[split]["kept_counts"]
+
+#: What a report folder holds: a folder holding anything else is not replaced into.
+REPORT_FILES = ("summary.md", "learning_curves.png", "kept_per_label.png", "keep_rates.png",
+                "presence_confusion.png", "salience_confusion.png", "retrieval.png", "budget_curve_*.png")
+
+
+def _report_dir(run: Path) -> Path:
+    """RUN/report, created, after checking that it holds only what a report writes (a user's files are never
+    written over)."""
+    out = run / "report"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FusionkitError(f"{out}: exists and is not a directory; move it away so that the report can be written")
+    out.mkdir(exist_ok=True)
+    foreign = [p.name for p in out.iterdir()
+               if not is_temporary(p) and not any(p.match(pattern) for pattern in REPORT_FILES)]
+    if foreign:
+        raise FusionkitError(f"{out}: holds files that fusionkit's report does not write ({', '.join(sorted(foreign)[:5])}); "
+                             "not written into. Move them away, then run fusionkit report again.")
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of the run, or an error naming it and what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FusionkitError(f"{path}: missing; the run directory is incomplete (train it again, or rerun the "
+                             "command that writes it)") from None
+    except (OSError, ValueError) as exc:
+        raise FusionkitError(f"{path}: unreadable ({str(exc)[:200]}): it is truncated or damaged; rerun the command "
+                             "that wrote it (e.g. fusionkit evaluate RUN --budget-curve) or move it away") from None
+
+
+def _cv_report(run: Path) -> Path:
+    folds = sorted(p for p in run.glob("fold*") if (p / "metrics.json").exists())
+    for fold in folds:
+        write_report(fold)
+    cv = _read_json(run / "cv.json")
+    lines = ["# Cross-validation", "", "| metric | mean | std |", "|---|---|---|"]
+    lines += [f"| {k} | {format_metric(v['mean'])} | {format_metric(v['std'])} |" for k, v in cv["test"].items()]
+    lines += ["", "Per fold: " + ", ".join(f"[{p.name}]({p.name}/report/summary.md)" for p in folds)]
+    out = _report_dir(run)
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    return out
+
+
+def _prediction_plots(plt, m: dict, preds: dict, rates: dict | None, out: Path) -> None:
+    """The plots of a fusion run's predictions: kept encoders per label, keep rates, and both confusions."""
+    labels = list(m["per_label_f1"])
+    kept = m["kept_counts"]
     encoders = list(next(iter(kept.values())))
     matrix = np.array([[kept[lab][e] for e in encoders] for lab in labels], dtype=float)
     totals = np.array([sum(1 for r in preds.values() if any(t["emotion"] == lab for t in r["truth"])) for lab in labels])
     share = matrix / np.maximum(totals[:, None], 1)
     _heatmap(plt, share, labels, encoders, "How often each encoder is kept, per true label", out / "kept_per_label.png",
              fmt="{:.2f}", xlabel="encoder", ylabel="true label")
-
-    rates = metrics[split].get("keep_rates")
     if rates:
         _keep_rates(plt, rates, out / "keep_rates.png")
-
     conf = np.zeros((len(labels), len(labels)))
     for r in preds.values():
         for t in r["truth"]:
@@ -151,7 +194,13 @@ def write_report(run: str | Path) -> Path:
                 conf[labels.index(t["emotion"]), labels.index(p["emotion"])] += 1
     _heatmap(plt, conf, labels, labels, "Presence: true label vs predicted label", out / "presence_confusion.png",
              fmt="{:.0f}", xlabel="predicted", ylabel="true")
+    _heatmap(plt, _salience_counts(preds), RATIO_NAMES[1:], ("wrong pair", *RATIO_NAMES),
+             "Salience on blends (ratios in the truth's emotion order)", out / "salience_confusion.png", fmt="{:.0f}",
+             xlabel="predicted", ylabel="true")
 
+
+def _salience_counts(preds: dict) -> np.ndarray:
+    """[true ratio, predicted ratio] counts over the blends, a wrong pair or a single emotion its own column."""
     columns = ("wrong pair", *RATIO_NAMES)
     sal = np.zeros((3, len(columns)))
     for r in preds.values():
@@ -166,10 +215,13 @@ def write_report(run: str | Path) -> Path:
         else:
             col = _ratio(sorted(r["prediction"], key=lambda e: truth_order.index(e["emotion"])))
         sal[row, columns.index(col)] += 1
-    _heatmap(plt, sal, RATIO_NAMES[1:], columns, "Salience on blends (ratios in the truth's emotion order)",
-             out / "salience_confusion.png", fmt="{:.0f}", xlabel="predicted", ylabel="true")
+    return sal
 
+
+def _summary_lines(run: Path, metrics: dict, split: str) -> list[str]:
+    """The summary's scores, per-label F1, keep rates and compute."""
     m = metrics[split]
+    rates = m.get("keep_rates")
     lines = [
         f"# Run {run.name}", "",
         f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; decoder {metrics['decoder']}.", "",
@@ -191,22 +243,33 @@ def write_report(run: str | Path) -> Path:
         c = m["compute"]
         lines += ["", f"Compute ({split}): {c['mean_gflops']:.4g} of {c['full_gflops']:.4g} GFLOPs per sample; ran: " +
                   ", ".join(f"{n} {r:.0%}" for n, r in c["run_rate"].items())]
+    return lines
+
+
+def _curve_sections(plt, run: Path, out: Path) -> list[str]:
+    """Each budget curve of the run (``evaluate --budget-curve``), drawn, with its section of the summary."""
+    lines = []
     for curve in sorted(run.glob("budget_curve_*.json")):
         name = curve.stem[len("budget_curve_"):]
-        _budget_curve(plt, json.loads(curve.read_text()), out / f"budget_curve_{name}.png")
+        _budget_curve(plt, _read_json(curve), out / f"budget_curve_{name}.png", curve)
         lines += ["", f"Accuracy against compute ({name}, `fusionkit evaluate --budget-curve`):", "",
                   f"![budget curve](budget_curve_{name}.png)"]
-    lines += ["", "![learning curves](learning_curves.png)", "![kept per label](kept_per_label.png)",
-              "![presence confusion](presence_confusion.png)", "![salience confusion](salience_confusion.png)"]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    return out
+    return lines
 
 
-def _budget_curve(plt, curve: dict, path: Path) -> None:
+def _budget_curve(plt, curve: Any, path: Path, source: Path) -> None:
     """Score against mean GFLOPs per sample (or, for a curve over measured time, encoder milliseconds per sample),
     each point labelled with its budget (a share of the full cost)."""
-    points = curve["points"]
-    timed = curve.get("costs") == "time"
+    timed = isinstance(curve, dict) and curve.get("costs") == "time"
+    needed = ("budget_share", "score", "mean_encoder_seconds" if timed else "mean_gflops")
+    points = curve.get("points") if isinstance(curve, dict) else None
+    if not isinstance(points, list) or not all(isinstance(p, dict) and all(isinstance(p.get(k), (int, float))
+                                                                           for k in needed) for p in points):
+        raise FusionkitError(f"{source}: not a budget curve fusionkit can draw (each point needs {', '.join(needed)}); "
+                             "write it again with fusionkit evaluate RUN --budget-curve, or move it away")
+    if not all(isinstance(curve.get(k), (str, int)) for k in ("split", "n")):
+        raise FusionkitError(f"{source}: its split or n is missing; write it again with fusionkit evaluate RUN "
+                             "--budget-curve, or move it away")
     spent = [1e3 * p["mean_encoder_seconds"] if timed else p["mean_gflops"] for p in points]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(spent, [p["score"] for p in points], marker="o")

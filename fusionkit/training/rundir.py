@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionkit.checkpoint import WEIGHTS_FILE
-from fusionkit.errors import CheckpointError, FusionkitError, FusionkitWarning
+from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.files import (
     LOCK_FILE,
     LockedError,
@@ -39,7 +39,7 @@ from fusionkit.files import (
 )
 
 __all__ = ["RUN_FILE", "LOG_FILE", "METRICS_FILE", "RUN_FORMAT", "CV_FORMAT", "CHECKPOINTS", "RUN_OUTPUTS", "is_run",
-           "RunLockedError", "RunDirectory", "store_fingerprint", "teacher_fingerprint"]
+           "RunLockedError", "check_trained_store", "RunDirectory", "store_fingerprint", "teacher_fingerprint"]
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -49,7 +49,7 @@ CV_FORMAT = "fusionkit-cv"
 CHECKPOINTS = ("last", "best")
 #: What a run writes; ``--overwrite`` removes these and nothing else.
 RUN_OUTPUTS = (RUN_FILE, LOG_FILE, METRICS_FILE, "spec.yaml", "cv.json", "last", "best", "report", "tensorboard",
-               "predictions_*.json", "evaluation_*.json", "fold[0-9]*")
+               "predictions_*.json", "evaluation_*.json", "budget_curve_*.json", "fold[0-9]*")
 
 is_run = json_marker(RUN_FILE, "format", (RUN_FORMAT, CV_FORMAT))
 
@@ -222,6 +222,20 @@ def store_fingerprint(root: Path) -> str:
     for file in sorted(root.glob("*.safetensors")):
         digest.update(f"{file.name}:{file.stat().st_size}".encode())
     return digest.hexdigest()
+
+
+def check_trained_store(run: Path, info: dict[str, Any], store: Any, why: str) -> None:
+    """Refuse a store (a :class:`fusionkit.data.store.FeatureStore`) other than the one the run ``run`` (its
+    ``run.json`` read as ``info``) trained on; ``why`` says what would go wrong on another one."""
+    here = store_fingerprint(store.path)
+    if info.get("data_fingerprint") not in (None, here):
+        raise DataError(f"{run}: trained on other data than {store.path} (the store's contents differ from "
+                        f"{info.get('data')!r}, which it trained on: another store, or its folds were reassigned); "
+                        f"{why}. Give the store the run was trained on")
+    raw = store.raw.fingerprint() if store.raw is not None and store.raw.path != store.path else None
+    if raw is not None and info.get("raw_fingerprint") not in (None, raw):
+        raise DataError(f"{run}: trained with another raw manifest than {store.raw.path}; {why}. Give the one it "
+                        "trained with")
 
 
 def teacher_fingerprint(teacher: str | os.PathLike) -> str | None:

@@ -117,7 +117,7 @@ def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: 
     metrics["n"] = int(len(truth))
     if "ran" in outputs:
         metrics["compute"] = compute_summary(model, outputs, None if budget is None or budget.seconds is None
-                                             else dict(budget.seconds))
+                                             else dict(budget.seconds), budget=budget)
     return metrics
 
 
@@ -205,15 +205,27 @@ def budget_curve(model: FusionModel, store: FeatureStore, index: np.ndarray,
     return points
 
 
-def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray],
-                    seconds: dict[str, float] | None = None) -> dict[str, Any]:
+def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray], seconds: dict[str, float] | None = None,
+                    budget: Budget | None = None) -> dict[str, Any]:
     """What a model with on-demand encoders spent: mean GFLOPs per sample (and the full cost, every encoder run),
     and the share of samples on which each encoder ran; with a time budget's ``seconds`` per sample of each
-    on-demand encoder, also their measured time per sample as spent (``mean_encoder_seconds``) and in full."""
+    on-demand encoder, also their measured time per sample as spent (``mean_encoder_seconds``) and in full.
+
+    With ``budget``, it is recorded (``budget``); a cap below what the always-run encoders cost cannot hold, since
+    they run whatever the budget: ``over_cap`` then says so, with both figures."""
     costs = model.encoder_costs()
-    summary = {"mean_gflops": float(np.mean(outputs["cost"])),
-               "full_gflops": float(sum(c or 0.0 for c in costs.values())),
-               "run_rate": {name: float(np.mean(outputs["ran"][:, k])) for k, name in enumerate(model.encoder_names)}}
+    summary: dict[str, Any] = {
+        "mean_gflops": float(np.mean(outputs["cost"])), "full_gflops": float(sum(c or 0.0 for c in costs.values())),
+        "run_rate": {name: float(np.mean(outputs["ran"][:, k])) for k, name in enumerate(model.encoder_names)}}
+    if budget is not None:
+        summary["budget"] = budget.describe()
+        always = model.always_run_gflops()
+        limit = budget.limit(summary["full_gflops"])
+        if not budget.mean and budget.seconds is None and always > limit + 1e-9:
+            summary["over_cap"] = {
+                "limit_gflops": limit, "always_run_gflops": always,
+                "note": f"the budget {budget.describe()} ({limit:.4g} GFLOPs per sample) is below what the always-run "
+                        f"encoders cost ({always:.4g}); they ran anyway, and nothing on demand ran"}
     if seconds:
         per_encoder = np.array([seconds.get(name, 0.0) for name in model.encoder_names])
         summary |= {"encoder_seconds": dict(seconds),

@@ -37,6 +37,7 @@ from fusionkit.data.store import FeatureStore
 from fusionkit.devices import device_name, resolve_device
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.files import atomic_write_text
+from fusionkit.models.conditional import RowShare
 from fusionkit.models.factory import build_model, load_checkpoint
 from fusionkit.models.fusion import FusionModel, has_batch_norm
 from fusionkit.moved import moved_names
@@ -310,6 +311,8 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr * _lr_factor(state.step, setup.total_steps, train_cfg)
         real = len(local) if self.dist.rank < len(rows) else 0  # a stand-in row (see batches) is not the rank's own
+        if self.dist.enabled and isinstance(model, FusionModel):  # per-row draws: the global batch's
+            model.row_share = RowShare.of(len(rows), self.dist.rank, self.dist.world_size)
         with self.precision.autocast():
             out = setup.forward(*batch)
             losses = self.task.loss(model, out, local, real)
@@ -355,6 +358,11 @@ class Trainer:
         thread while the current one trains.
         """
         size = self.spec.train.batch_size
+        if size < 2 * self.dist.world_size and has_batch_norm(model):
+            raise FusionkitError(f"train.batch_size: {size} leaves each of the {self.dist.world_size} process(es) "
+                                 "fewer than 2 rows, and the model has batch normalisation (projector.domain_norm, or "
+                                 "a live encoder's), which cannot normalise one row in training; raise "
+                                 f"train.batch_size to at least {2 * self.dist.world_size}")
         bounds = [(start, min(start + size, len(order))) for start in range(0, len(order), size)]
         last = bounds[-1][1] - bounds[-1][0] if bounds else 0
         if len(bounds) > 1 and last < 2 * self.dist.world_size and has_batch_norm(model):

@@ -145,8 +145,9 @@ class TimmEncoder(LiveEncoder):
         if config.crop_pct:
             data_config["crop_pct"] = config.crop_pct
         self.data_config = data_config
-        self.transform = timm.data.create_transform(**data_config, is_training=False)
-        self._resize_crop, mean, std = _split_transform(self.transform)
+        with torch.device("cpu"):  # image steps on PIL images, on the CPU, whatever device the model is built on
+            self.transform = timm.data.create_transform(**data_config, is_training=False)
+            self._resize_crop, mean, std = _split_transform(self.transform)
         # the normalisation runs on the batch, on the model's device (not saved: it follows the data config)
         self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
