@@ -74,8 +74,9 @@ def register_distill_presets(register):
 
     ``register(name, losses, *, description)``: ``losses`` is a non-empty list of loss blocks, each
     ``{"type": <a registered distill_loss>, ...options}``, as a spec writes them under ``distill.losses``.
-    A spec's ``distill.preset: name`` puts them before its own ``distill.losses``; each block is validated
-    when a spec uses the preset, against the loss that is installed then.
+    A bare loss name stands for ``{"type": name}``. A spec's ``distill.preset: name`` (compared without case) puts
+    them before its own ``distill.losses``; each block is validated once every plugin has registered, and a preset
+    that names an unknown loss or a bad option fails its plugin.
     """
 
 

@@ -32,7 +32,7 @@ from fusionkit.interfaces import Gate, GateConfig
 from fusionkit.moved import moved_names
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
-from fusionkit.yaml_reader import MAX_DEPTH, MAX_INT_DIGITS, check_depth, load_yaml
+from fusionkit.yaml_reader import MAX_DEPTH, MAX_INT_DIGITS, check_bounds, load_yaml
 
 __all__ = ["SPEC_VERSION", "BLEMORE_LABELS", "HEAD_ROLES", "ENCODER_NAME", "MAX_LATENT_DIM", "encoder_name_problem",
            "Component", "EncoderSpec", "ProjectorConfig", "DataConfig", "TrainConfig", "ContrastiveConfig",
@@ -444,7 +444,7 @@ def read_spec_file(path: str | Path) -> Any:
             data = json.loads(text, parse_int=_bounded_int)
         else:
             return load_yaml(text)
-        check_depth(data)
+        check_bounds(data)
         return data
     except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SpecError([f"cannot parse {path.name}: {str(exc)[:1000]}"], source=str(path)) from None

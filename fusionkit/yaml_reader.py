@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["MAX_NODES", "MAX_DEPTH", "MAX_INT_DIGITS", "StrictLoader", "load_yaml", "check_depth"]
+__all__ = ["MAX_NODES", "MAX_DEPTH", "MAX_INT_DIGITS", "StrictLoader", "load_yaml", "check_bounds"]
 
 MAX_NODES = 100_000
 #: How deep mappings and lists may nest; a spec nests a few levels.
@@ -127,14 +127,18 @@ def _check_expanded_size(root: yaml.Node | None) -> None:
     )
 
 
-def check_depth(data: Any, limit: int = MAX_DEPTH) -> None:
-    """Raise ``ValueError`` naming the path where parsed data (a JSON or TOML document) nests deeper than ``limit``."""
+def check_bounds(data: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise ``ValueError`` naming the path where parsed data (a JSON or TOML document) nests deeper than ``limit``
+    or holds an integer of more than :data:`MAX_INT_DIGITS` digits."""
     stack: list[tuple[Any, str, int]] = [(data, "", 1)]
     while stack:
         value, path, depth = stack.pop()
         if depth > limit:
             raise ValueError(f"mappings and lists nest more than {limit} deep at {path or 'the top'}; a spec nests "
                              "a few levels")
+        if isinstance(value, int) and not isinstance(value, bool) and len(str(abs(value))) > MAX_INT_DIGITS:
+            raise ValueError(f"an integer of {len(str(abs(value)))} digits at {path or 'the top'}; no spec value has "
+                             f"more than {MAX_INT_DIGITS} digits")
         if isinstance(value, dict):
             stack += [(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items()]
         elif isinstance(value, list):

@@ -443,3 +443,21 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
     with pytest.warns(FusionkitWarning, match=r"started with 2 process\(es\) and resumes with 1"):
         train(tmp_path / "spec.yaml", synthetic_store, run, fold=0, progress=False, resume=True)
     assert json.loads((run / "run.json").read_text())["world_size"] == 1
+
+
+def test_an_on_demand_model_with_sampled_budgets_trains_in_two_processes_as_in_one(synthetic_store, tmp_path):
+    """The per-row budgets drawn in training are the global batch's draws, so 2 processes = 1 process."""
+    spec = ddp_spec(epochs=2)
+    spec["gate"] = {"type": "static", "top_n": 2}
+    spec["encoders"][1].update(run="on_demand", cost_gflops=1.0)
+    spec["encoders"][2].update(run="on_demand", cost_gflops=3.0)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with one_thread():
+        one = train(tmp_path / "spec.yaml", synthetic_store, tmp_path / "one", fold=0, progress=False)
+    proc = torchrun("-m", "fusionkit", "train", tmp_path / "spec.yaml", "--data", synthetic_store, "--out",
+                    tmp_path / "two", "--fold", 0, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert close(logs[1][0]["loss"], logs[0][0]["loss"])
+    assert close(json.loads((tmp_path / "two" / "metrics.json").read_text()), one)

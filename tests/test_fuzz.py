@@ -8,6 +8,7 @@ third each); the suite's default keeps it quick.
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import json
 import os
@@ -17,6 +18,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+import jsonschema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -148,6 +150,14 @@ def inputs_for(model, batch=3):
     return out
 
 
+@functools.cache
+def SCHEMA():  # noqa: N802 - a constant, built once the plugins are loaded
+    from fusionkit.plugins import get_registry
+    from fusionkit.schema import spec_schema
+
+    return spec_schema(get_registry())
+
+
 @FUZZ
 @given(specs())
 def test_random_specs_give_path_naming_errors_or_finite_predictions(spec):
@@ -160,6 +170,7 @@ def test_random_specs_give_path_naming_errors_or_finite_predictions(spec):
     except FusionkitError as exc:
         assert re.match(r"^[\w\[\].]+: ", str(exc)), str(exc)  # names the block that failed to build
         return
+    jsonschema.validate(spec, SCHEMA())  # valid for validate means valid for the schema
     try:
         preds = model.predict(inputs_for(model))
         out = model(inputs_for(model))
@@ -167,6 +178,32 @@ def test_random_specs_give_path_naming_errors_or_finite_predictions(spec):
         return
     assert torch.isfinite(out.probs).all()
     assert len(preds) == 3 and all(len(p) in (1, 2) for p in preds)
+
+
+@FILE_FUZZ
+@given(digits=st.integers(1, 6000), depth=st.integers(0, 600), suffix=st.sampled_from([".yaml", ".json", ".toml"]),
+       key=st.sampled_from(["latent_dim", "projector", "x"]))
+def test_spec_files_with_long_integers_or_deep_nesting_are_refused_naming_the_file(digits, depth, suffix, key,
+                                                                                  tmp_path_factory):
+    """Integer size and nesting depth: a valid spec, or a SpecError naming the file; never a raw traceback."""
+    from fusionkit.spec import load_spec
+
+    number = "7" * digits
+    if suffix == ".toml":
+        text = f'[[encoders]]\nname = "a"\ntype = "features"\ndim = 3\n[{key}0]\nv = {"[" * depth}{number}{"]" * depth}\n'
+    else:
+        doc = {"encoders": [{"name": "a", "type": "features", "dim": 3}]}
+        value = "[" * depth + number + "]" * depth
+        text = json.dumps(doc)[:-1] + f', "{key}": {value}}}'
+    path = tmp_path_factory.mktemp("deep") / f"spec{suffix}"
+    path.write_text(text)
+    with time_limit(30, "loading the spec"):
+        try:
+            load_spec(path)
+        except SpecError as exc:
+            assert all(len(p) < 2000 for p in exc.problems), exc.problems
+            if digits > 100 or depth > 63:
+                assert any(path.name in p for p in exc.problems), exc.problems
 
 
 # --- stores -------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_a_users_submission_json_is_never_replaced_and_ours_is(run, synthetic_st
     (tmp_path / "sub.json").write_text(json.dumps({"predictions": {}}))
     args = ("predict", run, "--data", synthetic_store, "--split", "labelled", "--out", tmp_path / "sub.json")
     assert cli(*args) == 2
-    assert "not the submission fusionkit wrote" in capsys.readouterr().err
+    assert "not a fusionkit submission" in capsys.readouterr().err
     assert json.loads((tmp_path / "sub.json").read_text()) == {"predictions": {}}
     (tmp_path / "sub.json").unlink()
     assert cli(*args) == 0 and cli(*args) == 0  # its own submission, replaced

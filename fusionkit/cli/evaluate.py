@@ -300,8 +300,8 @@ def _check_submission_replaceable(json_path: Path, zip_path: Path) -> str:
                              "Choose another --out or move the file away.")
     old = _json_hash(json_path)
     if json_path.exists() and old not in recorded:
-        raise FusionkitError(f"{json_path}: exists and is not the submission fusionkit wrote beside "
-                             f"{zip_path.name}; not overwritten. Choose another --out or move the file away.")
+        raise FusionkitError(f"{json_path}: exists and is not a fusionkit submission (not the JSON fusionkit wrote "
+                             f"beside {zip_path.name}); not overwritten. Choose another --out or move the file away.")
     return old
 
 
