@@ -137,16 +137,16 @@ def json_file_marker(key: str, values: tuple[str, ...]) -> Callable[[Path], bool
 
 
 def check_file_replaceable(target: Path, what: str, is_ours: Callable[[Path], bool]) -> None:
-    """Raise unless the file ``target`` may be replaced by a new ``what``: absent, or a file ``is_ours`` recognises
-    as one fusionkit wrote. A directory, a symlink or anyone else's file is never replaced."""
+    """Raise unless the file ``target`` may be replaced by a new ``what`` (with its article: "an evaluation"): absent,
+    or a file ``is_ours`` recognises as one fusionkit wrote. A directory, a symlink or anyone else's file is never
+    replaced."""
     if not target.exists() and not target.is_symlink():
         return
     if target.is_symlink() or not target.is_file():
-        raise FusionkitError(f"{target}: exists and is not a regular file; not replaced. Choose another output path "
-                             f"for the {what}, or move it away.")
+        raise FusionkitError(f"{target}: exists and is not a regular file; not replaced by {what}. Move it away.")
     if not is_ours(target):
-        raise FusionkitError(f"{target}: exists and is not a {what} written by fusionkit; not replaced. Choose "
-                             "another output path, or move the file away.")
+        raise FusionkitError(f"{target}: exists and is not {what} written by fusionkit; not replaced. Move the file "
+                             "away (or choose another output path).")
 
 
 def check_replaceable(target: Path, what: str, is_ours: Callable[[Path], bool], flag: str = "--overwrite") -> None:

@@ -88,7 +88,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     kind = "ensemble_" if opened is not None else ""
     out = Path(args.run[0]) / f"evaluation_{kind}{args.split}{suffix}.json" if len(args.run) == 1 else None
     if out is not None and not args.budget_curve:  # before anything is scored for a file that cannot be written
-        check_file_replaceable(out, "evaluation", json_file_marker("format", (EVALUATION_FORMAT,)))
+        check_file_replaceable(out, "an evaluation", json_file_marker("format", (EVALUATION_FORMAT,)))
     if opened is not None:
         ensemble, store = opened
         index = _run_index(Path(args.run[0]), store, args.split)
@@ -180,10 +180,9 @@ def _budget_option(args: argparse.Namespace, model, store, index) -> dict:
         budget = budget.timed(seconds)
     _warn_over_cap(model, budget)
     if budget.mean:  # its threshold comes from the run's validation fold
+        from fusionkit.training.rundir import check_trained_store
         from fusionkit.training.tasks import fit_mean_budget
         from fusionkit.training.train import make_split
-
-        from fusionkit.training.rundir import check_trained_store
 
         info = json.loads((Path(args.run[0]) / "run.json").read_text(encoding="utf-8"))
         check_trained_store(Path(args.run[0]), info, store, f"a mean budget's threshold is fitted on the run's "
@@ -234,7 +233,10 @@ def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
 def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
     """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything."""
     from fusionkit.files import atomic_write_text, check_file_replaceable, json_file_marker
+    from fusionkit.training.controls import curve_controls, frontier_at
+    from fusionkit.training.rundir import check_trained_store
     from fusionkit.training.tasks import budget_curve
+    from fusionkit.training.train import make_split
 
     if not model.spec.on_demand:
         from fusionkit.errors import FusionkitError
@@ -242,15 +244,27 @@ def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
         raise FusionkitError(f"--budget-curve: {args.run[0]} has no on-demand encoder (run: on_demand); every budget "
                              "would run the same encoders")
     out = Path(args.run[0]) / f"budget_curve_{args.split}{'_time' if args.budget_costs == 'time' else ''}.json"
-    check_file_replaceable(out, "budget curve", json_file_marker("format", (CURVE_FORMAT,)))
+    check_file_replaceable(out, "a budget curve", json_file_marker("format", (CURVE_FORMAT,)))
+    run = Path(args.run[0])
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    check_trained_store(run, info, store, "the cascade's thresholds are fitted on the run's validation fold, which "
+                        "another store's folds would fill with rows it trained on")
     seconds = _measured_seconds(args, model, store, index)
     points = budget_curve(model, store, index, progress=True, seconds=seconds)
-    for p in points:
-        print(f"  budget {p['budget_share']:>4.0%}: Score {p['score']:.3f}, {p['mean_gflops']:.4g} GFLOPs per sample, "
-              f"{p['seconds']:.2f} s")
-    atomic_write_text(out, json.dumps({"format": CURVE_FORMAT, "split": args.split, "n": int(len(index)), "costs": args.budget_costs,
-                                       "points": points} | ({"encoder_seconds": seconds} if seconds else {}),
-                                      indent=2) + "\n")
+    controls = curve_controls(model, store, index, make_split(store, info.get("test_fold")).val, points, seconds,
+                              progress=True)
+    axis = controls["axis"]
+    frontier = controls["frontier"]
+    print(f"  {'budget':>6}  {'scout':>6}  {'static':>6}  {'random':>6}  {'cascade':>7}  GFLOPs per sample")
+    for p, r, c in zip(points, controls["random"], controls["cascade"]):
+        print(f"  {p['budget_share']:>6.0%}  {p['score']:>6.3f}  {frontier_at(frontier, p[axis], axis):>6.3f}  "
+              f"{r['score']:>6.3f}  {c['score']:>7.3f}  {p['mean_gflops']:.4g}")
+    print(f"  static choices: " + "; ".join(f"{'+'.join(s['encoders']) or 'none'} {s['score']:.3f} at "
+                                            f"{s['mean_gflops']:.4g}" for s in controls["static"]))
+    print(controls["verdict"]["summary"])
+    atomic_write_text(out, json.dumps({"format": CURVE_FORMAT, "split": args.split, "n": int(len(index)),
+                                       "costs": args.budget_costs, "points": points}
+                                      | ({"encoder_seconds": seconds} if seconds else {}) | controls, indent=2) + "\n")
     print(f"budget curve written to {out}")
     return 0
 

@@ -333,9 +333,15 @@ class Trunk(nn.Module):
         return torch.tensor([seconds.get(n, 0.0) for n in self.encoder_names], dtype=torch.float64, device=device)
 
     def encode(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None,
-               mask: torch.Tensor | None, budget: Budget | None = None, everything: bool = False) -> Encoded:
+               mask: torch.Tensor | None, budget: Budget | None = None, everything: bool = False,
+               runs: torch.Tensor | None = None) -> Encoded:
         """The tokens, the gate's selection and the fused vector of a batch. On-demand encoders run on the rows
-        that keep them (within ``budget`` when given); ``everything`` runs them on every row instead."""
+        that keep them (within ``budget`` when given); ``everything`` runs them on every row instead; ``runs``
+        (``[B, m]`` bool, one column per on-demand encoder in ``on_demand`` order) says instead which run for which
+        row, whatever the scout scores (the controls of an accuracy-compute curve: static choices, random rows)."""
+        if runs is not None and (budget is not None or everything or not self.on_demand):
+            raise FusionkitError("runs chooses which on-demand encoders run: give it to a model with on-demand "
+                                 "encoders, without a budget or everything")
         lengths = lengths or {}
         if everything and any(isinstance(v, DeferredInput) for v in inputs.values()):
             batch = len(next(v for v in inputs.values() if torch.is_tensor(v)))
@@ -353,10 +359,10 @@ class Trunk(nn.Module):
                 return self._fuse(tokens, mask, None, None, {})
             ran = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
             return self._fuse(tokens, mask, ran, self.cost_vector(tokens.device), {})
-        return self._encode_on_demand(inputs, lengths, mask, budget)
+        return self._encode_on_demand(inputs, lengths, mask, budget, runs)
 
     def _encode_on_demand(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor],
-                          mask: torch.Tensor | None, budget: Budget | None) -> Encoded:
+                          mask: torch.Tensor | None, budget: Budget | None, runs: torch.Tensor | None) -> Encoded:
         names, demand = self.encoder_names, self.on_demand
         always = [k for k in range(len(names)) if k not in demand]
         columns: dict[int, torch.Tensor] = {
@@ -370,7 +376,12 @@ class Trunk(nn.Module):
         scout_scores = self.gate.score(scout_tokens, present)
         available = present[:, list(demand)]
         costs, choice = self.cost_vector(device), self.choice_costs(budget, device)  # reported; chosen by
-        if budget is not None and budget.mean:
+        if runs is not None:
+            if tuple(runs.shape) != (batch, len(demand)):
+                raise FusionkitError(f"runs: expected [{batch}, {len(demand)}] (a row per sample, a column per "
+                                     f"on-demand encoder), found {list(runs.shape)}")
+            run = runs.to(device=device, dtype=torch.bool) & available
+        elif budget is not None and budget.mean:
             if budget.threshold is None:
                 raise FusionkitError(f"budget {budget.describe()}: a mean budget needs its threshold, fitted on "
                                      "validation rows (fusionkit.training.tasks.fit_mean_budget; the command line "
@@ -535,9 +546,10 @@ class FusionModel(Trunk):
         mask: torch.Tensor | None = None,
         budget: Budget | str | float | None = None,
         everything: bool = False,
+        runs: torch.Tensor | None = None,
     ) -> FusionOutput:
         self._check_inputs(inputs, lengths, mask)
-        encoded = self.encode(inputs, lengths, mask, Budget.parse(budget), everything)
+        encoded = self.encode(inputs, lengths, mask, Budget.parse(budget), everything, runs)
         tokens, selection, fused = encoded.tokens, encoded.selection, encoded.fused
         logits = {role: head(fused) for role, head in self.heads.items()}
         probs_by_role = {role: self.heads[role].probabilities(logit) for role, logit in logits.items()}

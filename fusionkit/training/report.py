@@ -251,9 +251,12 @@ def _curve_sections(plt, run: Path, out: Path) -> list[str]:
     lines = []
     for curve in sorted(run.glob("budget_curve_*.json")):
         name = curve.stem[len("budget_curve_"):]
-        _budget_curve(plt, _read_json(curve), out / f"budget_curve_{name}.png", curve)
+        data = _read_json(curve)
+        _budget_curve(plt, data, out / f"budget_curve_{name}.png", curve)
+        verdict = data.get("verdict", {}).get("summary") if isinstance(data.get("verdict"), dict) else None
         lines += ["", f"Accuracy against compute ({name}, `fusionkit evaluate --budget-curve`):", "",
-                  f"![budget curve](budget_curve_{name}.png)"]
+                  f"![budget curve](budget_curve_{name}.png)"] + (["", f"Per-sample selection: {verdict}."]
+                                                                 if verdict else [])
     return lines
 
 
@@ -270,9 +273,12 @@ def _budget_curve(plt, curve: Any, path: Path, source: Path) -> None:
     if not all(isinstance(curve.get(k), (str, int)) for k in ("split", "n")):
         raise FusionkitError(f"{source}: its split or n is missing; write it again with fusionkit evaluate RUN "
                              "--budget-curve, or move it away")
-    spent = [1e3 * p["mean_encoder_seconds"] if timed else p["mean_gflops"] for p in points]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(spent, [p["score"] for p in points], marker="o")
+    key = "mean_encoder_seconds" if timed else "mean_gflops"
+    scale = 1e3 if timed else 1.0
+    spent = [scale * p[key] for p in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    _draw_controls(ax, curve, key, scale)
+    ax.plot(spent, [p["score"] for p in points], marker="o", label="scout", zorder=3)
     labels: dict[tuple[float, float], list[float]] = {}  # budgets that spend alike share one point's label
     for x, p in zip(spent, points):
         labels.setdefault((x, p["score"]), []).append(p["budget_share"])
@@ -281,9 +287,30 @@ def _budget_curve(plt, curve: Any, path: Path, source: Path) -> None:
         ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(title=f"Score against compute ({curve['split']}, n={curve['n']})",
            xlabel="mean encoder ms per sample (measured)" if timed else "mean GFLOPs per sample", ylabel="Score")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _draw_controls(ax, curve: dict, key: str, scale: float) -> None:
+    """The controls beside the scout (``evaluate --budget-curve`` writes them; a curve from before has none): each
+    static choice, their frontier, random rows at the scout's rates and the confidence cascade."""
+    def xy(points: list) -> tuple[list[float], list[float]]:
+        kept = [p for p in points if isinstance(p, dict) and isinstance(p.get(key), (int, float))]
+        return [scale * p[key] for p in kept], [p["score"] for p in kept]
+
+    if isinstance(curve.get("static"), list):
+        ax.scatter(*xy(curve["static"]), marker="s", color="grey", s=18, label="static choices", zorder=2)
+        for p in curve["static"]:
+            ax.annotate("+".join(p.get("encoders", [])) or "none", (scale * p[key], p["score"]), fontsize=6,
+                        color="grey", xytext=(3, -8), textcoords="offset points")
+    if isinstance(curve.get("frontier"), list):
+        ax.plot(*xy(curve["frontier"]), color="grey", ls="--", label="static frontier")
+    if isinstance(curve.get("random"), list):
+        ax.plot(*xy(curve["random"]), color="tab:orange", marker="x", ls=":", label="random rows")
+    if isinstance(curve.get("cascade"), list):
+        ax.plot(*xy(curve["cascade"]), color="tab:green", marker="^", ls="-.", label="confidence cascade")
 
 
 def _heatmap(plt, values: np.ndarray, rows, cols, title: str, path: Path, fmt: str, xlabel: str, ylabel: str) -> None:

@@ -46,16 +46,19 @@ __all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary
 @torch.no_grad()
 def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int = 256,
                     dist: Dist | None = None, domain: str | None = None,
-                    budget: Budget | str | float | None = None) -> dict[str, np.ndarray]:
+                    budget: Budget | str | float | None = None, runs: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Probabilities (and kept encoders) of the samples ``index``, in eval mode; for a model with on-demand
-    encoders also which encoders ran (``ran``) and each sample's cost in GFLOPs (``cost``), within ``budget``.
+    encoders also which encoders ran (``ran``) and each sample's cost in GFLOPs (``cost``), within ``budget``, or
+    as ``runs`` says (``[len(index), m]`` bool: which on-demand encoders run for each sample; see
+    :meth:`fusionkit.models.fusion.Trunk.encode`).
 
     A model with per-domain statistics uses each sample's own domain's (the store's ``domain``
     field), or ``domain`` for every sample when given.
     With ``dist`` (torchrun), each rank computes its share and every rank gets all of them, in order.
     """
     if dist is not None and dist.enabled:
-        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain, budget=budget))
+        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain, budget=budget,
+                                           runs=None if runs is None else dist.shard(runs)))
     if len(model.domains) > 1:  # each sample with its own domain's statistics, in the given order
         index = np.asarray(index)
         domains = store.domains[index] if domain is None else np.full(len(index), domain)
@@ -64,7 +67,8 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
         try:
             for domain, positions in groups.items():
                 model.set_domain(str(domain))
-                parts[domain] = _collect(model, store, index[positions], batch_size, budget)
+                parts[domain] = _collect(model, store, index[positions], batch_size, budget,
+                                         None if runs is None else runs[positions])
         finally:
             model.set_domain("source")
         out = {}
@@ -74,18 +78,19 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
             for domain, positions in groups.items():
                 out[key][positions] = parts[domain][key]
         return out
-    return _collect(model, store, index, batch_size, budget)
+    return _collect(model, store, index, batch_size, budget, runs)
 
 
 def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int,
-             budget: Budget | str | float | None = None) -> dict[str, np.ndarray]:
+             budget: Budget | str | float | None = None, runs: np.ndarray | None = None) -> dict[str, np.ndarray]:
     model.eval()
     budget = Budget.parse(budget)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
         rows = index[start : start + batch_size]
+        chosen = None if runs is None else torch.as_tensor(np.asarray(runs[start : start + batch_size], dtype=bool))
         # an on-demand live encoder's files are read only for the rows that run it
-        out = model(*store.inputs_for(model, rows, defer=model.deferrable_inputs()), budget=budget)
+        out = model(*store.inputs_for(model, rows, defer=model.deferrable_inputs()), budget=budget, runs=chosen)
         arrays = decoder_inputs(out)
         bad = ~np.isfinite(arrays["probs"]).all(axis=1)
         if bad.any():

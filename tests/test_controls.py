@@ -1,0 +1,143 @@
+"""The controls of an accuracy-compute curve (fusionkit.training.controls): static choices and their frontier,
+random rows at the scout's rates, the confidence cascade, and the verdict the command line prints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_spec
+
+from fusionkit.cli import main
+from fusionkit.errors import FusionkitError
+from fusionkit.models.factory import build_model
+from fusionkit.training.controls import (
+    cascade,
+    curve_controls,
+    frontier_at,
+    random_rows,
+    static_choices,
+    static_frontier,
+)
+from fusionkit.training.tasks import budget_curve, collect_outputs
+from fusionkit.training.train import make_split, train
+
+
+def demand_spec(**train_options):
+    spec = tiny_spec(**train_options)
+    spec["encoders"][1].update(run="on_demand", cost_gflops=1.0)
+    spec["encoders"][2].update(run="on_demand", cost_gflops=3.0)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_store, tmp_path_factory):
+    from fusionkit.data.store import open_store
+    from fusionkit.models.factory import load_model
+
+    run = tmp_path_factory.mktemp("controls") / "run"
+    train(demand_spec(epochs=3), synthetic_store, run, fold=0, progress=False)
+    store = open_store(synthetic_store)
+    split = make_split(store, 0)
+    return load_model(run / "best"), store, split, run
+
+
+def test_a_static_choice_equals_the_model_that_runs_exactly_those_encoders():
+    model = build_model(demand_spec()).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {f"enc{k}": torch.randn(12, 8, generator=g) for k in range(3)}
+    for chosen in ([], [0], [1], [0, 1]):
+        runs = torch.zeros(12, 2, dtype=torch.bool)
+        runs[:, chosen] = True
+        mask = torch.ones(12, 3, dtype=torch.bool)
+        mask[:, [1 + j for j in range(2) if j not in chosen]] = False
+        with torch.no_grad():
+            static = model(inputs, runs=runs)
+            exact = model(inputs, mask=mask, everything=True)
+        assert torch.allclose(static.probs, exact.probs, atol=1e-6)
+        assert static.ran[:, 1:].tolist() == runs.tolist()
+        assert torch.allclose(static.cost, torch.full((12,), float(sum((1.0, 3.0)[j] for j in chosen)),
+                                                      dtype=static.cost.dtype))
+
+
+def test_static_choices_cover_every_subset_and_the_frontier_is_their_upper_hull(trained):
+    model, store, split, _ = trained
+    points = static_choices(model, store, split.test)
+    assert sorted(tuple(p["encoders"]) for p in points) == [(), ("enc1",), ("enc1", "enc2"), ("enc2",)]
+    assert {p["mean_gflops"] for p in points} == {0.0, 1.0, 3.0, 4.0}
+    frontier = static_frontier(points)
+    for p in points:  # no static choice lies above its frontier
+        assert p["score"] <= frontier_at(frontier, p["mean_gflops"]) + 1e-12
+
+
+def test_the_frontier_mixes_choices_and_never_falls():
+    points = [{"mean_gflops": 0.0, "score": 0.2}, {"mean_gflops": 1.0, "score": 0.3},
+              {"mean_gflops": 2.0, "score": 0.7}, {"mean_gflops": 3.0, "score": 0.6}, {"mean_gflops": 4.0, "score": 0.65}]
+    frontier = static_frontier(points)
+    assert [p["mean_gflops"] for p in frontier] == [0.0, 2.0]  # (1, 0.3) lies below the mix of 0 and 2
+    assert frontier_at(frontier, 1.0) == pytest.approx(0.45)
+    assert frontier_at(frontier, 3.5) == pytest.approx(0.7)  # a budget may be left unspent
+    assert np.isnan(frontier_at(frontier, -1.0))
+
+
+def test_random_rows_meet_the_rates_exactly(trained):
+    model, store, split, _ = trained
+    point = random_rows(model, store, split.test, {"enc1": 0.5, "enc2": 0.25}, seed=3)
+    n = len(split.test)
+    assert point["run_rate"] == {"enc1": round(0.5 * n) / n, "enc2": round(0.25 * n) / n}
+    assert point["mean_gflops"] == pytest.approx((round(0.5 * n) * 1.0 + round(0.25 * n) * 3.0) / n)
+    with pytest.raises(FusionkitError, match="shares in \\[0, 1\\]"):
+        random_rows(model, store, split.test, {"enc1": 1.5})
+    with pytest.raises(FusionkitError, match="shares in \\[0, 1\\]"):
+        random_rows(model, store, split.test, {"enc0": 0.5})
+
+
+def test_the_cascade_adds_encoders_in_cost_order_within_its_validation_budget(trained):
+    model, store, split, _ = trained
+    steps = cascade(model, store, split.test, split.val, [0.0, 0.5, 2.0, 4.0])
+    assert steps[0]["mean_gflops"] == 0.0 and steps[-1]["mean_gflops"] == 4.0
+    assert all(a["mean_gflops"] <= b["mean_gflops"] + 1e-9 for a, b in zip(steps, steps[1:]))
+    on_val = cascade(model, store, split.val, split.val, [0.5, 2.0])  # fitted and scored on the same rows
+    assert on_val[0]["mean_gflops"] <= 0.5 + 1e-9 and on_val[1]["mean_gflops"] <= 2.0 + 1e-9
+    assert on_val[0]["run_rate"]["enc2"] <= on_val[0]["run_rate"]["enc1"]  # the cheaper encoder comes first
+
+
+def test_runs_are_checked():
+    model = build_model(demand_spec()).eval()
+    inputs = {f"enc{k}": torch.randn(4, 8) for k in range(3)}
+    with pytest.raises(FusionkitError, match=r"runs: expected \[4, 2\]"):
+        model(inputs, runs=torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(FusionkitError, match="without a budget"):
+        model(inputs, runs=torch.ones(4, 2, dtype=torch.bool), budget="50%")
+    with pytest.raises(FusionkitError, match="model with on-demand encoders"):
+        build_model(tiny_spec())(inputs, runs=torch.ones(4, 0, dtype=torch.bool))
+
+
+def test_the_controls_sit_beside_the_scouts_curve_with_a_verdict(trained):
+    model, store, split, _ = trained
+    points = budget_curve(model, store, split.test)
+    controls = curve_controls(model, store, split.test, split.val, points)
+    assert len(controls["random"]) == len(controls["cascade"]) == len(points)
+    for p, r in zip(points, controls["random"]):  # random rows run each encoder as often as the scout did
+        n = len(split.test)
+        assert all(abs(r["run_rate"][k] - v) <= 0.5 / n + 1e-12 for k, v in p["run_rate"].items() if k != "enc0")
+    margins = controls["verdict"]["margins"]
+    assert [m["budget_share"] for m in margins] == [p["budget_share"] for p in points]
+    full = collect_outputs(model, store, split.test, budget="100%")
+    assert points[-1]["mean_gflops"] == pytest.approx(float(np.mean(full["cost"])))
+    assert isinstance(controls["verdict"]["summary"], str)
+
+
+def test_the_command_line_writes_and_reports_the_controls(trained, synthetic_store, capsys):
+    _, _, _, run = trained
+    assert main(["evaluate", str(run), "--data", str(synthetic_store), "--budget-curve"]) == 0
+    out = capsys.readouterr().out
+    assert "static" in out and "random" in out and "cascade" in out and "middle budget" in out
+    curve = json.loads((run / "budget_curve_test.json").read_text())
+    for key in ("static", "random", "cascade"):
+        assert curve[key] and all({"mean_gflops", "score"} <= set(p) for p in curve[key])
+    assert curve["frontier"] and isinstance(curve["verdict"]["pays"], bool)
+    assert main(["report", str(run)]) == 0
+    assert "Per-sample selection:" in (run / "report" / "summary.md").read_text()
