@@ -141,3 +141,19 @@ def test_the_command_line_writes_and_reports_the_controls(trained, synthetic_sto
     assert curve["frontier"] and isinstance(curve["verdict"]["pays"], bool)
     assert main(["report", str(run)]) == 0
     assert "Per-sample selection:" in (run / "report" / "summary.md").read_text()
+
+
+def test_compute_counts_the_on_demand_runs_the_gate_did_not_keep(trained):
+    from fusionkit.training.tasks import compute_summary
+
+    model, store, split, _ = trained
+    outputs = collect_outputs(model, store, split.test, budget="100%")
+    summary = compute_summary(model, outputs)
+    ran, kept = outputs["ran"], outputs["kept"]
+    for k, name in ((1, "enc1"), (2, "enc2")):
+        wasted = ran[:, k].astype(bool) & ~(kept == k).any(axis=1)
+        assert summary["unused_run_rate"][name] == pytest.approx(wasted.sum() / max(ran[:, k].sum(), 1))
+    runs = ran[:, [1, 2]].astype(bool)
+    wasted = sum((runs[:, j] & ~(kept == k).any(axis=1)).sum() for j, k in enumerate((1, 2)))
+    assert summary["unused_runs"] == pytest.approx(wasted / runs.sum())
+    assert 0.0 < summary["unused_runs"] < 1.0  # top_n 2 of 3 at full budget: some runs go unused

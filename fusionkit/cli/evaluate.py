@@ -108,6 +108,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         compute = metrics["compute"]
         rates = ", ".join(f"{n} {r:.0%}" for n, r in compute["run_rate"].items())
         print(f"  compute: {compute['mean_gflops']:.4g} of {compute['full_gflops']:.4g} GFLOPs per sample; ran: {rates}")
+        if "unused_runs" in compute:
+            print(f"  unused: {compute['unused_runs']:.0%} of the on-demand runs were not kept by the gate's top-n")
         if "mean_encoder_seconds" in compute:
             print(f"  encoder time: {1e3 * compute['mean_encoder_seconds']:.3g} of "
                   f"{1e3 * compute['full_encoder_seconds']:.3g} ms per sample, as measured")

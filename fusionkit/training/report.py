@@ -242,7 +242,9 @@ def _summary_lines(run: Path, metrics: dict, split: str) -> list[str]:
     if "compute" in m:
         c = m["compute"]
         lines += ["", f"Compute ({split}): {c['mean_gflops']:.4g} of {c['full_gflops']:.4g} GFLOPs per sample; ran: " +
-                  ", ".join(f"{n} {r:.0%}" for n, r in c["run_rate"].items())]
+                  ", ".join(f"{n} {r:.0%}" for n, r in c["run_rate"].items())
+                  + (f"; {c['unused_runs']:.0%} of the on-demand runs unused (not kept by the gate's top-n)"
+                     if "unused_runs" in c else "")]
     return lines
 
 

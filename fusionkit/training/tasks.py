@@ -216,12 +216,22 @@ def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray], seconds:
     and the share of samples on which each encoder ran; with a time budget's ``seconds`` per sample of each
     on-demand encoder, also their measured time per sample as spent (``mean_encoder_seconds``) and in full.
 
-    With ``budget``, it is recorded (``budget``); a cap below what the always-run encoders cost cannot hold, since
-    they run whatever the budget: ``over_cap`` then says so, with both figures."""
+    ``unused_runs``: the share of on-demand runs whose token the gate's final top-n did not keep (compute spent for
+    nothing), and ``unused_run_rate`` the same per encoder. With ``budget``, it is recorded (``budget``); a cap below
+    what the always-run encoders cost cannot hold, since they run whatever the budget: ``over_cap`` then says so,
+    with both figures."""
     costs = model.encoder_costs()
     summary: dict[str, Any] = {
         "mean_gflops": float(np.mean(outputs["cost"])), "full_gflops": float(sum(c or 0.0 for c in costs.values())),
         "run_rate": {name: float(np.mean(outputs["ran"][:, k])) for k, name in enumerate(model.encoder_names)}}
+    demand = list(model.on_demand)
+    if demand and "kept" in outputs:  # an on-demand encoder that ran but that the gate's final top-n did not keep
+        kept = np.stack([(outputs["kept"] == k).any(axis=1) for k in demand], axis=1)
+        ran = outputs["ran"][:, demand].astype(bool)
+        unused = ran & ~kept
+        summary["unused_runs"] = float(unused.sum() / ran.sum()) if ran.any() else 0.0
+        summary["unused_run_rate"] = {model.encoder_names[k]: float(unused[:, j].sum() / max(ran[:, j].sum(), 1))
+                                      for j, k in enumerate(demand)}
     if budget is not None:
         summary["budget"] = budget.describe()
         always = model.always_run_gflops()
