@@ -129,7 +129,8 @@ def evaluate_scout(run: Path, clean: Path, manifest: Path, fold: int, seed: int)
 
     from fusionkit.data.open import spec_store
     from fusionkit.models.factory import load_model
-    from fusionkit.training.tasks import ClassificationTask, fit_mean_budget
+    from fusionkit.inference import fit_mean_budget
+    from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import make_split
 
     torch.set_num_threads(1)

@@ -3,7 +3,7 @@
 The models are the scout models of `benchmarks/conditional_uci.py` (five pre-extracted views always run; two live
 timm CNNs on the `pix` images on demand, at 10x10 and 40x40), one per fold and seed, trained there and kept under
 `runs/benchmark-conditional/runs`. Each evaluates its test fold the way `fusionkit predict` does
-(`fusionkit.training.tasks.collect_outputs`, batch 64, one thread), at caps and mean budgets:
+(`fusionkit.inference.collect_outputs`, batch 64, one thread), at caps and mean budgets:
 
 - *deferred*: fusionkit's data path, which reads and decodes an on-demand encoder's images only for the rows that
   run it (`FeatureStore.inputs_for(..., defer=...)`);
@@ -17,7 +17,7 @@ FLOPs, and the always-run part as timed at a cap of 0%: it tells the execution's
 that does not follow time. Medians of interleaved rounds.
 
 *Budgets over measured time* (``--budget-costs time``): the same mean budgets counted in each CNN's seconds per
-sample as ``fusionkit.training.tasks.measure_encoder_seconds`` measures them, their ideal the full measured time
+sample as ``fusionkit.inference.measure_encoder_seconds`` measures them, their ideal the full measured time
 over the spent one. Each budget's test-fold Score is recorded beside its seconds.
 
     .venv/bin/python benchmarks/conditional_wallclock.py --rounds 3
@@ -73,8 +73,8 @@ def measure(run: Path, clean: Path, manifest: Path, fold: int, rounds: int) -> d
     from fusionkit.data.open import spec_store
     from fusionkit.models.conditional import Budget
     from fusionkit.models.factory import load_model
-    from fusionkit.training.tasks import (collect_outputs, compute_summary, evaluate_outputs, fit_mean_budget,
-                                          measure_encoder_seconds)
+    from fusionkit.inference import collect_outputs, fit_mean_budget, measure_encoder_seconds
+    from fusionkit.training.tasks import compute_summary, evaluate_outputs
     from fusionkit.training.train import make_split
 
     torch.set_num_threads(1)
@@ -211,7 +211,7 @@ def main() -> None:
         f"Target: at least 80% of the ideal at every budget between 0% and 100%: **{'met' if met else 'not met'}**.",
         "", "Test-fold Score at each of these budgets: " + ", ".join(f"{a} {b}" for a, b in flops_table) + ".", "",
         "**Budgets over measured time** (`--budget-costs time`): the same mean budgets counted in each CNN's "
-        "seconds per sample, measured by `fusionkit.training.tasks.measure_encoder_seconds` on the test fold (as "
+        "seconds per sample, measured by `fusionkit.inference.measure_encoder_seconds` on the test fold (as "
         "the command line does) and the threshold fitted on the validation fold. *Encoder ms*: measured encoder "
         "time per sample, spent of full; *ideal*: full over spent; speed-ups against the full budget above. "
         "*GFLOPs*: what the same rows spend in FLOPs. *Ran*: the light and heavy CNN's run rates.", "",

@@ -198,7 +198,7 @@ def test_per_domain_statistics_come_from_target_inputs_never_its_labels(tmp_path
 def test_a_checkpoint_with_per_domain_statistics_round_trips_and_predict_picks_the_domain(tmp_path, capsys):
     from fusionkit.cli import main
     from fusionkit.data.store import open_store
-    from fusionkit.training.tasks import collect_outputs
+    from fusionkit.inference import collect_outputs
 
     store = shifted_store(tmp_path / "store", target_shift=1.0)
     metrics = train(domain_spec(), store, tmp_path / "run", fold=0, progress=False)

@@ -222,7 +222,8 @@ def halves_spec(epochs=25):
 
 def test_the_scout_learns_which_encoder_each_sample_needs(halves_store, tmp_path):
     from fusionkit.data.open import spec_store
-    from fusionkit.training.tasks import ClassificationTask, collect_outputs
+    from fusionkit.inference import collect_outputs
+    from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import make_split, train
 
     root, up = halves_store
@@ -240,7 +241,7 @@ def test_the_scout_learns_which_encoder_each_sample_needs(halves_store, tmp_path
     assert (ran_a == up[test]).mean() > 0.8  # and the one that shows the sample's class
     scores = {b: ClassificationTask.evaluate_model(model, store, test, budget=b)["score"] for b in ("0%", 1.0, "100%")}
     assert scores["0%"] < scores[1.0]  # nothing on demand is worse than the scout's one
-    from fusionkit.training.tasks import fit_mean_budget
+    from fusionkit.inference import fit_mean_budget
 
     val = make_split(store, 0).val
     mean = fit_mean_budget(model, store, val, "mean:50%")  # a mean of 1 GFLOP: half the on-demand cost
@@ -328,7 +329,7 @@ def test_an_on_demand_encoders_files_are_read_only_for_the_rows_that_run_it(raw_
     import numpy as np
 
     from fusionkit.data.open import spec_store
-    from fusionkit.training.tasks import collect_outputs
+    from fusionkit.inference import collect_outputs
 
     model = build_model(live_spec()).eval()
     store = spec_store(model.spec, raw_images / "store", raw_images / "manifest.csv")
@@ -368,7 +369,7 @@ def test_an_on_demand_live_encoder_trains_under_torchrun(raw_images, capsys):
 
 def test_the_compute_term_trains_the_gates_own_rule_to_a_mean_cost(halves_store, tmp_path):
     from fusionkit.data.open import spec_store
-    from fusionkit.training.tasks import collect_outputs
+    from fusionkit.inference import collect_outputs
     from fusionkit.training.train import make_split, train
 
     root, _ = halves_store
@@ -471,7 +472,7 @@ def test_an_encoders_measured_seconds_count_reading_its_files(raw_images):
     import numpy as np
 
     from fusionkit.data.open import spec_store
-    from fusionkit.training.tasks import measure_encoder_seconds
+    from fusionkit.inference import measure_encoder_seconds
 
     model = build_model(live_spec())
     store = spec_store(model.spec, raw_images / "store", raw_images / "manifest.csv")

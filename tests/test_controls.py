@@ -21,7 +21,8 @@ from fusionkit.training.controls import (
     static_choices,
     static_frontier,
 )
-from fusionkit.training.tasks import budget_curve, collect_outputs
+from fusionkit.inference import collect_outputs
+from fusionkit.training.tasks import budget_curve
 from fusionkit.training.train import make_split, train
 
 

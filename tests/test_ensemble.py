@@ -16,7 +16,7 @@ from fusionkit.data.open import spec_store
 from fusionkit.errors import CheckpointError, DataError, FusionkitWarning
 from fusionkit.spec import load_spec
 from fusionkit.training.ensemble import FoldEnsemble, expand_runs
-from fusionkit.training.tasks import collect_outputs
+from fusionkit.inference import collect_outputs
 from fusionkit.training.train import cross_validate, train
 
 

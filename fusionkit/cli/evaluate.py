@@ -157,7 +157,7 @@ def _measured_seconds(args: argparse.Namespace, model, store, index) -> dict[str
     """With ``--budget-costs time``: each on-demand encoder's seconds per sample, measured on the rows to score."""
     if args.budget_costs != "time":
         return None
-    from fusionkit.training.tasks import TIMED_SAMPLES, measure_encoder_seconds
+    from fusionkit.inference import TIMED_SAMPLES, measure_encoder_seconds
 
     seconds = measure_encoder_seconds(model, store, index)
     print(f"encoder time measured on {min(len(index), TIMED_SAMPLES)} samples: "
@@ -183,7 +183,7 @@ def _budget_option(args: argparse.Namespace, model, store, index) -> dict:
     _warn_over_cap(model, budget)
     if budget.mean:  # its threshold comes from the run's validation fold
         from fusionkit.training.rundir import check_trained_store
-        from fusionkit.training.tasks import fit_mean_budget
+        from fusionkit.inference import fit_mean_budget
         from fusionkit.training.train import make_split
 
         info = json.loads((Path(args.run[0]) / "run.json").read_text(encoding="utf-8"))
@@ -327,7 +327,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from fusionkit.errors import FusionkitError
     from fusionkit.files import atomic_write, atomic_write_text
-    from fusionkit.training.tasks import predictions_for, task_class
+    from fusionkit.inference import predictions_for
+    from fusionkit.training.tasks import task_class
 
     json_path, zip_path = submission_paths(Path(args.out))
     replaced = _check_submission_replaceable(json_path, zip_path)

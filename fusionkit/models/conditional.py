@@ -45,7 +45,7 @@ class Budget:
     (:func:`fit_threshold`): an on-demand encoder runs where the scout's share of it per unit of its cost reaches it.
 
     ``seconds``: a share counted in measured seconds per sample of each on-demand encoder (name -> seconds,
-    e.g. from :func:`fusionkit.training.tasks.measure_encoder_seconds`) instead of FLOPs: what the rows chosen cost
+    e.g. from :func:`fusionkit.inference.measure_encoder_seconds`) instead of FLOPs: what the rows chosen cost
     where FLOPs do not follow time (a small CNN whose cost is reading its image). The always-run encoders count
     nothing then; the cost reported per sample stays in GFLOPs.
     """

@@ -384,7 +384,7 @@ class Trunk(nn.Module):
         elif budget is not None and budget.mean:
             if budget.threshold is None:
                 raise FusionkitError(f"budget {budget.describe()}: a mean budget needs its threshold, fitted on "
-                                     "validation rows (fusionkit.training.tasks.fit_mean_budget; the command line "
+                                     "validation rows (fusionkit.inference.fit_mean_budget; the command line "
                                      "fits it on the run's validation fold)")
             run = value_per_cost(scout_scores.detach(), present, choice, demand) >= budget.threshold
         elif budget is not None or (self.training and self.conditional.budget_sampling):

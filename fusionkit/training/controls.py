@@ -30,7 +30,7 @@ from fusionkit.errors import FusionkitError
 from fusionkit.metrics import scores_from_matrices
 from fusionkit.models.fusion import FusionModel
 from fusionkit.progress import progress_bar
-from fusionkit.training.tasks import collect_outputs
+from fusionkit.inference import collect_outputs
 
 __all__ = ["EXHAUSTIVE", "static_choices", "static_frontier", "frontier_at", "random_rows", "cascade",
            "curve_controls", "verdict"]

@@ -28,7 +28,8 @@ from fusionkit.models.factory import load_model
 from fusionkit.models.fusion import FusionModel
 from fusionkit.spec import Spec, load_spec, spec_differences
 from fusionkit.training.rundir import CV_FORMAT, RUN_FILE, RUN_FORMAT, check_trained_store
-from fusionkit.training.tasks import collect_outputs, evaluate_outputs, fit_mean_budget
+from fusionkit.inference import collect_outputs, fit_mean_budget
+from fusionkit.training.tasks import evaluate_outputs
 from fusionkit.training.train import make_split
 
 __all__ = ["expand_runs", "run_info", "check_same_specs", "FoldEnsemble"]

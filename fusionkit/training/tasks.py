@@ -22,91 +22,24 @@ import attrs
 import numpy as np
 import torch
 
-from fusionkit.answers import Prediction, from_order, order_to_matrix
+from fusionkit import inference
+from fusionkit.answers import from_order, order_to_matrix
 from fusionkit.data.store import FeatureStore
-from fusionkit.devices import device_of, synchronize
-from fusionkit.errors import FusionkitError
+from fusionkit.distributed import Dist
 from fusionkit.files import atomic_write_text
 from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
-from fusionkit.models.conditional import Budget, fit_threshold, value_per_cost
-from fusionkit.models.fusion import FusionModel, decoder_inputs
+from fusionkit.models.conditional import Budget
+from fusionkit.models.fusion import FusionModel
 from fusionkit.models.towers import clip_loss, local_clip_loss, retrieval_metrics
+from fusionkit.moved import moved_names
 from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec
-from fusionkit.distributed import Dist
 from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 
-__all__ = ["keep_rates", "collect_outputs", "evaluate_outputs", "compute_summary", "fit_mean_budget", "budget_curve",
-           "CURVE_SHARES", "measure_encoder_seconds", "TIMED_SAMPLES", "kept_counts", "predictions_for",
+__all__ = ["keep_rates", "evaluate_outputs", "compute_summary", "budget_curve", "CURVE_SHARES", "kept_counts",
            "write_predictions", "Task", "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class",
            "task_for"]
-
-
-@torch.no_grad()
-def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int = 256,
-                    dist: Dist | None = None, domain: str | None = None,
-                    budget: Budget | str | float | None = None, runs: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Probabilities (and kept encoders) of the samples ``index``, in eval mode; for a model with on-demand
-    encoders also which encoders ran (``ran``) and each sample's cost in GFLOPs (``cost``), within ``budget``, or
-    as ``runs`` says (``[len(index), m]`` bool: which on-demand encoders run for each sample; see
-    :meth:`fusionkit.models.fusion.Trunk.encode`).
-
-    A model with per-domain statistics uses each sample's own domain's (the store's ``domain``
-    field), or ``domain`` for every sample when given.
-    With ``dist`` (torchrun), each rank computes its share and every rank gets all of them, in order.
-    """
-    if dist is not None and dist.enabled:
-        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain, budget=budget,
-                                           runs=None if runs is None else dist.shard(runs)))
-    if len(model.domains) > 1:  # each sample with its own domain's statistics, in the given order
-        index = np.asarray(index)
-        domains = store.domains[index] if domain is None else np.full(len(index), domain)
-        groups = {d: np.flatnonzero(domains == d) for d in np.unique(domains)}
-        parts = {}
-        try:
-            for domain, positions in groups.items():
-                model.set_domain(str(domain))
-                parts[domain] = _collect(model, store, index[positions], batch_size, budget,
-                                         None if runs is None else runs[positions])
-        finally:
-            model.set_domain("source")
-        out = {}
-        for key in next(iter(parts.values()), {}):
-            first = parts[next(iter(parts))][key]
-            out[key] = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
-            for domain, positions in groups.items():
-                out[key][positions] = parts[domain][key]
-        return out
-    return _collect(model, store, index, batch_size, budget, runs)
-
-
-def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int,
-             budget: Budget | str | float | None = None, runs: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    model.eval()
-    budget = Budget.parse(budget)
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(index), batch_size):
-        rows = index[start : start + batch_size]
-        chosen = None if runs is None else torch.as_tensor(np.asarray(runs[start : start + batch_size], dtype=bool))
-        # an on-demand live encoder's files are read only for the rows that run it
-        out = model(*store.inputs_for(model, rows, defer=model.deferrable_inputs()), budget=budget, runs=chosen)
-        arrays = decoder_inputs(out)
-        bad = ~np.isfinite(arrays["probs"]).all(axis=1)
-        if bad.any():
-            ids = [store.ids[i] for i in rows[bad][:5]]
-            raise FusionkitError(f"the model's outputs are NaN or inf for {int(bad.sum())} sample(s), e.g. {ids}; "
-                                 "no metrics are computed from them. Check the checkpoint and the features.")
-        arrays["kept"] = out.kept.cpu().numpy()
-        if out.ran is not None:
-            arrays["ran"] = out.ran.cpu().numpy()
-            arrays["cost"] = out.cost.cpu().numpy()
-            if out.scout_scores is not None:
-                arrays["scout"] = out.scout_scores.detach().float().cpu().numpy()
-                arrays["available"] = out.available.cpu().numpy()
-        for key, value in arrays.items():
-            parts.setdefault(key, []).append(value)
-    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: np.ndarray,
@@ -124,69 +57,6 @@ def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: 
         metrics["compute"] = compute_summary(model, outputs, None if budget is None or budget.seconds is None
                                              else dict(budget.seconds), budget=budget)
     return metrics
-
-
-def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, budget: Budget | str) -> Budget:
-    """``budget`` as a mean over the data, with its threshold fitted on the rows ``index`` (validation rows, never
-    the rows it will be scored on): the lowest threshold whose mean cost there stays within the budget."""
-    budget = attrs.evolve(Budget.parse(budget), mean=True, threshold=None)
-    outputs = collect_outputs(model, store, index, budget=Budget(share=0.0))  # the scout's view, nothing run
-    scores, available = torch.as_tensor(outputs["scout"]), torch.as_tensor(outputs["available"]).bool()
-    costs, demand = model.choice_costs(budget, torch.device("cpu")), list(model.on_demand)
-    values = value_per_cost(scores, available, costs, demand)
-    paid = (costs * available).sum(1) - (costs[demand] * available[:, demand]).sum(1)
-    threshold = fit_threshold(values, costs[demand], paid, budget.limit(float(costs.sum())))
-    return attrs.evolve(budget, threshold=threshold)
-
-
-#: How many samples :func:`measure_encoder_seconds` times by default (the command line's ``--budget-costs time``).
-TIMED_SAMPLES = 256
-
-
-@torch.no_grad()
-def measure_encoder_seconds(model: FusionModel, store: FeatureStore, index: np.ndarray, rows: int = TIMED_SAMPLES,
-                            batch_size: int = 64) -> dict[str, float]:
-    """Seconds per sample of each on-demand encoder, each alone on the first ``rows`` samples of ``index``: reading
-    and decoding its inputs, encoding and projecting them, batch by batch as predict runs them (after a warm-up
-    pass of every encoder over those samples, on the model's device). What a budget over measured time counts
-    (:meth:`Budget.timed`).
-
-    Only live encoders are measured: a stored feature's time here is a table lookup, not what extracting it costs,
-    so a model with an on-demand stored encoder budgets by its declared GFLOPs."""
-    demand = [model.encoder_names[k] for k in model.on_demand]
-    if not demand:
-        raise FusionkitError("the model has no on-demand encoder (run: on_demand): there is no encoder time to budget")
-    stored = [name for name in demand if name not in model.deferrable_inputs()]
-    if stored:
-        raise FusionkitError(f"on-demand encoder(s) {stored} read stored features, whose time here is not what "
-                             "extracting them costs: budget by GFLOPs (their cost_gflops) instead of measured time")
-    index = np.asarray(index)[:rows]
-    if len(index) == 0:
-        raise FusionkitError("no samples to measure the encoders' time on")
-    device, training = device_of(model), model.training
-    batches = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
-    model.eval()
-    seconds = {}
-    try:
-        for name in demand:  # warm-up: first calls allocate and pick kernels, and every file is read once, so that
-            for batch in batches:  # the encoder measured first does not pay the disk cache for those after it
-                _encode_alone(model, store, batch, name)
-        for name in demand:
-            synchronize(device)
-            started = time.perf_counter()
-            for batch in batches:
-                _encode_alone(model, store, batch, name)
-            synchronize(device)
-            seconds[name] = (time.perf_counter() - started) / len(index)
-    finally:
-        model.train(training)
-    return seconds
-
-
-def _encode_alone(model: FusionModel, store: FeatureStore, index: np.ndarray, name: str) -> torch.Tensor:
-    """The tokens of one live encoder for the samples ``index``, read and encoded as a deferred input is."""
-    x, lengths = store.deferred_input(model, index, name).load(torch.arange(len(index)))
-    return model.projectors[name](model.encoders[name](x, lengths))
 
 
 #: The budgets of an accuracy-compute curve: shares of the full cost.
@@ -279,16 +149,6 @@ def keep_rates(model: FusionModel, outputs: dict[str, np.ndarray], store: Featur
     return out
 
 
-def predictions_for(model: FusionModel, store: FeatureStore, index: np.ndarray,
-                    budget: Budget | str | float | None = None) -> dict[str, Prediction]:
-    """Sample id -> BlEmoRE prediction with the model's stored decoder thresholds (on-demand encoders within
-    ``budget`` when given)."""
-    outputs = collect_outputs(model, store, index, budget=budget)
-    order, sal = model.decoder.decode(outputs)
-    preds = from_order(order, sal, model.labels)
-    return {store.ids[i]: p for i, p in zip(index.tolist(), preds)}
-
-
 def write_predictions(path: Path, model: FusionModel, store: FeatureStore, index: np.ndarray,
                       outputs: dict[str, np.ndarray]) -> None:
     """Per-sample predictions beside the truth (when known), for reports and error analysis."""
@@ -378,7 +238,7 @@ class ClassificationTask(Task):
         """Metrics of a trained model on the labelled samples ``index`` (``fusionkit evaluate``), its on-demand
         encoders within ``budget`` when given."""
         budget = Budget.parse(budget)
-        return evaluate_outputs(model, collect_outputs(model, store, index, budget=budget), store.truth_matrix(index),
+        return evaluate_outputs(model, inference.collect_outputs(model, store, index, budget=budget), store.truth_matrix(index),
                                 budget)
 
     @staticmethod
@@ -404,7 +264,7 @@ class ClassificationTask(Task):
     def validate(self, model: FusionModel, dist: Dist | None = None) -> dict[str, Any]:
         """Fit the decoder's thresholds on validation and score with them."""
         truth = self.store.truth_matrix(self.split.val)
-        outputs = collect_outputs(model, self.store, self.split.val, dist=dist)
+        outputs = inference.collect_outputs(model, self.store, self.split.val, dist=dist)
         model.set_decoder(model.decoder.fit(outputs, truth))
         return evaluate_outputs(model, outputs, truth)
 
@@ -417,7 +277,7 @@ class ClassificationTask(Task):
                                    ("target", target_store, target)):
             if len(index):  # target labels are read here, for evaluation, and nowhere else
                 truth = store.truth_matrix(index)
-                outputs = collect_outputs(model, store, index,
+                outputs = inference.collect_outputs(model, store, index,
                                           domain="target" if name == "target" and self.target_store else None)
                 metrics[name] = evaluate_outputs(model, outputs, truth)
                 metrics[name]["kept_counts"] = kept_counts(model, outputs, truth)
@@ -519,3 +379,7 @@ def task_for(spec: Spec, store: FeatureStore, split: Any, target_store: FeatureS
              dist: Dist | None = None):
     """The task a spec describes, for training on ``split`` of ``store`` (on the ranks of ``dist``)."""
     return task_class(spec)(spec, store, split, target_store, dist)
+
+
+__getattr__ = moved_names(__name__, {name: "fusionkit.inference" for name in (
+    "collect_outputs", "predictions_for", "fit_mean_budget", "measure_encoder_seconds", "TIMED_SAMPLES")})
