@@ -77,6 +77,13 @@ class Encoder(nn.Module):
         """Use ``mean`` and ``std`` ``[D]`` (of ``domain``'s training rows) to standardise the inputs."""
         raise NotImplementedError(f"{type(self).__name__} does not standardise its inputs (standardizes_inputs)")
 
+    def export_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Example inputs ``(x, lengths)`` as a deployment hands them to :meth:`forward`: a batch of two rows
+        (``[2, D]``, or ``[2, T, D]`` frames with ``lengths`` ``[2]``), on which ``fusionkit export`` traces the
+        encoder's graph with a dynamic batch (and frame count). None, the default: the encoder does not export, and
+        an export of a model that has it is refused, naming it (see docs/deployment.md)."""
+        return None
+
 
 @attrs.frozen
 class DeferredInput:

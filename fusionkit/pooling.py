@@ -65,8 +65,8 @@ def pool_frames(x: torch.Tensor, lengths: torch.Tensor | None, kind: str) -> tor
 
 def _sort_time(x: torch.Tensor) -> torch.Tensor:
     """``x`` [B, T, D] sorted along T."""
-    if x.requires_grad or x.device.type != "cpu":
-        return x.sort(dim=1).values
+    if x.requires_grad or x.device.type != "cpu" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return x.sort(dim=1).values  # on the CPU NumPy sorts faster, but an export must trace torch's own sort
     rows = x.transpose(1, 2).contiguous()  # [B, D, T]: each row one dimension's time series
     return torch.from_numpy(np.sort(rows.numpy(), axis=-1)).transpose(1, 2)
 

@@ -12,6 +12,7 @@ from conftest import tiny_spec
 
 from fusionkit.cli import main
 from fusionkit.errors import FusionkitError
+from fusionkit.inference import collect_outputs
 from fusionkit.models.factory import build_model
 from fusionkit.training.controls import (
     cascade,
@@ -21,7 +22,6 @@ from fusionkit.training.controls import (
     static_choices,
     static_frontier,
 )
-from fusionkit.inference import collect_outputs
 from fusionkit.training.tasks import budget_curve
 from fusionkit.training.train import make_split, train
 

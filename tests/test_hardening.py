@@ -6,7 +6,6 @@ import json
 import zipfile
 
 import pytest
-import torch
 import yaml
 from conftest import tiny_spec
 
@@ -63,8 +62,6 @@ def test_a_users_submission_json_is_never_replaced_and_ours_is(run, synthetic_st
 
 
 def test_a_crash_between_the_zip_and_the_json_stays_recoverable(run, synthetic_store, tmp_path, monkeypatch):
-    from fusionkit.cli import evaluate
-
     args = ("predict", run, "--data", synthetic_store, "--split", "labelled", "--out", tmp_path / "sub.json")
     assert cli(*args) == 0
     old = (tmp_path / "sub.json").read_bytes()
@@ -77,8 +74,7 @@ def test_a_crash_between_the_zip_and_the_json_stays_recoverable(run, synthetic_s
         calls.append(path)
         raise Crash
 
-    monkeypatch.setattr(evaluate, "atomic_write_text", crash, raising=False)
-    monkeypatch.setattr("fusionkit.files.atomic_write_text", crash)
+    monkeypatch.setattr("fusionkit.submission.atomic_write_text", crash)
     with pytest.raises(Crash):
         cli(*args, "--id-suffix", ".mov")
     assert calls and (tmp_path / "sub.json").read_bytes() == old  # the old JSON, a new zip beside it

@@ -15,10 +15,10 @@ PACKAGE = ROOT / "fusionkit"
 #: Each module's layer; a module imports only modules of its own layer or a lower one.
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "hookspecs", "registry", "plugins", "config", "files", "yaml_reader", "moved",
-                     "progress", "devices", "decoding"], 1),
+                     "progress", "devices", "decoding", "budget", "submission"], 1),
     **dict.fromkeys(["interfaces", "pooling", "spec", "schema", "selection", "answers", "metrics", "checkpoint",
                      "distributed", "recipes"], 2),
-    **dict.fromkeys(["models", "data"], 3),
+    **dict.fromkeys(["models", "data", "runtime"], 3),
     **dict.fromkeys(["components", "inference"], 4),
     **dict.fromkeys(["training"], 5),
     **dict.fromkeys(["", "__main__", "cli"], 6),

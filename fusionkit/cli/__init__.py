@@ -12,15 +12,15 @@ import os
 import sys
 from pathlib import Path
 
-from fusionkit.cli import data, demo, evaluate, plugins, report, spec, sweep, train
-from fusionkit.cli.evaluate import submission_paths
+from fusionkit.cli import data, demo, evaluate, export, plugins, report, spec, sweep, train
 from fusionkit.cli.spec import cost_table, model_summary
+from fusionkit.submission import submission_paths
 
 __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OS", "EXIT_INTERRUPTED", "EXIT_PIPE", "build_parser", "main",
            "model_summary", "cost_table", "submission_paths"]
 
 #: The command groups, in the order `fusionkit --help` lists them.
-COMMANDS = (plugins, spec, data, train, evaluate, sweep, report, demo)
+COMMANDS = (plugins, spec, data, train, evaluate, export, sweep, report, demo)
 
 #: Exit codes: 2 a fusionkit error (bad input), 74 an operating-system error (EX_IOERR),
 #: 130 interrupted (128 + SIGINT), 141 the output was closed early (128 + SIGPIPE).

@@ -9,14 +9,11 @@ from pathlib import Path
 
 from fusionkit.cli.options import SPLITS, add_budget, add_data, add_runs, data_source
 
-__all__ = ["add_commands", "submission_paths", "EVALUATION_FORMAT", "CURVE_FORMAT", "SUBMISSION_COMMENT"]
+__all__ = ["add_commands", "EVALUATION_FORMAT", "CURVE_FORMAT"]
 
 #: The ``format`` of the JSON files ``evaluate`` writes into a run: what marks them as fusionkit's to replace.
 EVALUATION_FORMAT = "fusionkit-evaluation"
 CURVE_FORMAT = "fusionkit-budget-curve"
-#: How a submission zip that fusionkit wrote begins its comment; the comment goes on with the SHA-256 of the JSON
-#: written beside it (and of the one that JSON replaced, so that a crash between the two writes stays recoverable).
-SUBMISSION_COMMENT = "fusionkit submission"
 
 
 def _run_index(run: Path, store, split_name: str):
@@ -182,12 +179,12 @@ def _budget_option(args: argparse.Namespace, model, store, index) -> dict:
         budget = budget.timed(seconds)
     _warn_over_cap(model, budget)
     if budget.mean:  # its threshold comes from the run's validation fold
-        from fusionkit.training.rundir import check_trained_store
         from fusionkit.inference import fit_mean_budget
+        from fusionkit.training.rundir import check_trained_store
         from fusionkit.training.train import make_split
 
         info = json.loads((Path(args.run[0]) / "run.json").read_text(encoding="utf-8"))
-        check_trained_store(Path(args.run[0]), info, store, f"a mean budget's threshold is fitted on the run's "
+        check_trained_store(Path(args.run[0]), info, store, "a mean budget's threshold is fitted on the run's "
                             "validation fold, which another store's folds would fill with rows it trained on")
         budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
         print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
@@ -261,7 +258,7 @@ def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
     for p, r, c in zip(points, controls["random"], controls["cascade"]):
         print(f"  {p['budget_share']:>6.0%}  {p['score']:>6.3f}  {frontier_at(frontier, p[axis], axis):>6.3f}  "
               f"{r['score']:>6.3f}  {c['score']:>7.3f}  {p['mean_gflops']:.4g}")
-    print(f"  static choices: " + "; ".join(f"{'+'.join(s['encoders']) or 'none'} {s['score']:.3f} at "
+    print("  static choices: " + "; ".join(f"{'+'.join(s['encoders']) or 'none'} {s['score']:.3f} at "
                                             f"{s['mean_gflops']:.4g}" for s in controls["static"]))
     print(controls["verdict"]["summary"])
     atomic_write_text(out, json.dumps({"format": CURVE_FORMAT, "split": args.split, "n": int(len(index)),
@@ -271,67 +268,13 @@ def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
     return 0
 
 
-def submission_paths(out: Path) -> tuple[Path, Path]:
-    """(JSON, zip) paths of a submission from ``--out``: ``sub.json`` or ``sub.zip`` give both."""
-    suffix = out.suffix.lower()
-    if suffix not in (".json", ".zip"):
-        from fusionkit.errors import FusionkitError
-
-        raise FusionkitError(f"--out {out}: name the submission FILE.json or FILE.zip (both are written)")
-    return out.with_suffix(".json"), out.with_suffix(".zip")
-
-
-def _submission_comment(zip_path: Path) -> list[str] | None:
-    """The JSON hashes a submission zip's comment records (what it was written beside, and what that replaced),
-    or None when fusionkit did not write the zip."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            words = zf.comment.decode("ascii").split()
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return None
-    head = SUBMISSION_COMMENT.split()
-    return words[len(head):] if words[:len(head)] == head else None
-
-
-def _json_hash(path: Path) -> str:
-    from fusionkit.files import sha256_file
-
-    return sha256_file(path) if path.is_file() else "none"
-
-
-def _check_submission_replaceable(json_path: Path, zip_path: Path) -> str:
-    """Only a submission that fusionkit wrote is overwritten: a zip whose comment marks it as fusionkit's, and a
-    JSON whose SHA-256 that comment records. Returns the SHA-256 of the JSON about to be replaced ("none")."""
-    from fusionkit.errors import FusionkitError
-
-    for path in (json_path, zip_path):
-        if path.is_symlink() or path.is_dir() or (path.exists() and not path.is_file()):
-            raise FusionkitError(f"{path}: is not a regular file; --out names a submission file (FILE.json or "
-                                 "FILE.zip). Not replaced.")
-    recorded = _submission_comment(zip_path) if zip_path.exists() else []
-    if recorded is None:
-        raise FusionkitError(f"{zip_path}: exists and is not a submission zip written by fusionkit; not overwritten. "
-                             "Choose another --out or move the file away.")
-    old = _json_hash(json_path)
-    if json_path.exists() and old not in recorded:
-        raise FusionkitError(f"{json_path}: exists and is not a fusionkit submission (not the JSON fusionkit wrote "
-                             f"beside {zip_path.name}); not overwritten. Choose another --out or move the file away.")
-    return old
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import hashlib
-    import zipfile
-
     from fusionkit.errors import FusionkitError
-    from fusionkit.files import atomic_write, atomic_write_text
     from fusionkit.inference import predictions_for
+    from fusionkit.submission import check_submission_replaceable, submission_paths, write_submission
     from fusionkit.training.tasks import task_class
 
-    json_path, zip_path = submission_paths(Path(args.out))
-    replaced = _check_submission_replaceable(json_path, zip_path)
+    check_submission_replaceable(*submission_paths(Path(args.out)))
     opened = _open_ensemble(args)
     if opened is not None:
         ensemble, store = opened
@@ -344,17 +287,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                  "there is no submission to write. `fusionkit evaluate` gives its retrieval metrics.")
         index = _run_index(Path(args.run[0]), store, args.split)
         preds = predictions_for(model, store, index, **_budget_option(args, model, store, index))
-    text = json.dumps({"predictions": {f"{k}{args.id_suffix}": v for k, v in preds.items()}}, indent=1) + "\n"
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-    def write_zip(tmp: Path) -> None:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.comment = f"{SUBMISSION_COMMENT} {digest} {replaced}".encode("ascii")
-            zf.writestr(json_path.name, text)
-
-    # the zip first: until the JSON follows, its comment still vouches for the JSON it replaces
-    atomic_write(zip_path, write_zip)
-    atomic_write_text(json_path, text)
+    json_path, zip_path = write_submission(Path(args.out), {f"{k}{args.id_suffix}": v for k, v in preds.items()})
     print(f"{len(preds)} predictions written to {json_path} and {zip_path}")
     return 0
 

@@ -63,6 +63,10 @@ class SequenceCnnEncoder(Encoder):
                                    for a, b in zip(sizes[:-1], sizes[1:]))
         self.dropout = nn.Dropout(config.dropout)
 
+    def export_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two sequences of three frames, with their lengths."""
+        return torch.zeros(2, 3, self.dim), torch.tensor([3, 2])
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise DataError(f"encoder {self.name!r}: sequence_cnn takes [B, T, {self.dim}] sequences, found shape "
@@ -99,6 +103,13 @@ class FeaturesEncoder(Encoder):
             self.register_buffer(f"{domain}_input_std", torch.ones(config.dim))
         self.domains = context.input_domains
         self.domain = "source"
+
+    def export_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Vectors ``[2, dim]``, or (any pooling) two sequences of three frames with their lengths: a deployment
+        hands the frames, and the graph pools them (stats7 too)."""
+        if self.pooling == "none":
+            return torch.zeros(2, self.dim), None
+        return torch.zeros(2, 3, self.dim), torch.tensor([3, 2])
 
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor, domain: str = "source") -> None:
         """Standardise raw inputs (per dimension; frames for sequences) with training-set statistics, or
@@ -184,6 +195,10 @@ class TowerEncoder(Encoder):
         if self.freeze:
             self.tower.eval()
         return self
+
+    def export_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The inputs of the tower's one encoder, when that encoder exports."""
+        return self.tower.encoders[self.input_name].export_inputs()
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         lens = None if lengths is None else {self.input_name: lengths}

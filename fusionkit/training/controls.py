@@ -27,10 +27,10 @@ import numpy as np
 from fusionkit.answers import order_to_matrix
 from fusionkit.data.store import FeatureStore
 from fusionkit.errors import FusionkitError
+from fusionkit.inference import collect_outputs
 from fusionkit.metrics import scores_from_matrices
 from fusionkit.models.fusion import FusionModel
 from fusionkit.progress import progress_bar
-from fusionkit.inference import collect_outputs
 
 __all__ = ["EXHAUSTIVE", "static_choices", "static_frontier", "frontier_at", "random_rows", "cascade",
            "curve_controls", "verdict"]

@@ -23,12 +23,12 @@ from fusionkit.answers import from_order
 from fusionkit.checkpoint import SPEC_FILE
 from fusionkit.data.store import FeatureStore
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning, SpecError
+from fusionkit.inference import collect_outputs, fit_mean_budget
 from fusionkit.models.conditional import Budget
 from fusionkit.models.factory import load_model
 from fusionkit.models.fusion import FusionModel
 from fusionkit.spec import Spec, load_spec, spec_differences
 from fusionkit.training.rundir import CV_FORMAT, RUN_FILE, RUN_FORMAT, check_trained_store
-from fusionkit.inference import collect_outputs, fit_mean_budget
 from fusionkit.training.tasks import evaluate_outputs
 from fusionkit.training.train import make_split
 

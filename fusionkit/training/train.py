@@ -35,6 +35,7 @@ from fusionkit.checkpoint import save_checkpoint
 from fusionkit.data.open import DataSource
 from fusionkit.data.store import FeatureStore
 from fusionkit.devices import device_name, resolve_device
+from fusionkit.distributed import Dist, setup, wrap
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.files import atomic_write_text
 from fusionkit.models.conditional import RowShare
@@ -43,7 +44,6 @@ from fusionkit.models.fusion import FusionModel, has_batch_norm
 from fusionkit.moved import moved_names
 from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec, dump_spec, load_spec, spec_differences
-from fusionkit.distributed import Dist, setup, wrap
 from fusionkit.training.loggers import RunLogger, make_loggers
 from fusionkit.training.objective import ObjectiveTerm, TermFactory
 from fusionkit.training.precision import Precision

@@ -1,0 +1,65 @@
+"""``fusionkit export RUN --out DIR``: a trained run as split ONNX graphs and a manifest, for the runtime without
+torch (``fusionkit-runtime``); ``--check STORE`` runs both on a store's rows and compares them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_commands"]
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fusionkit.data.open import DataSource
+    from fusionkit.errors import FusionkitError
+    from fusionkit.inference import fit_mean_budget
+    from fusionkit.inference.export import check_export, export_model
+    from fusionkit.models.conditional import Budget
+    from fusionkit.models.factory import load_model
+    from fusionkit.training.rundir import check_trained_store
+    from fusionkit.training.train import make_split
+
+    run = Path(args.run)
+    model = load_model(run / "best", device="cpu")
+    budget = None
+    if args.budget is not None:
+        budget = Budget.parse(args.budget)
+        if not budget.mean:
+            raise FusionkitError(f"--budget {args.budget}: an export stores a mean budget (mean:40%), whose threshold "
+                                 "is fitted now; a cap needs nothing stored: give it to the runtime at predict time")
+        if args.data is None:
+            raise FusionkitError(f"--budget {args.budget}: its threshold is fitted on the run's validation fold; give "
+                                 "the store the run trained on with --data STORE")
+        store = DataSource(args.data).open(model.spec)
+        info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+        check_trained_store(run, info, store, "a mean budget's threshold is fitted on the run's validation fold, "
+                            "which another store's folds would fill with rows it trained on")
+        budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
+        print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
+    out = export_model(model, args.out, budget=budget, overwrite=args.overwrite)
+    print(f"exported to {out}: {len(model.encoder_names)} encoder graph(s)"
+          f"{', the scout' if model.on_demand else ''} and the fusion, with manifest.json")
+    if args.check:
+        store = DataSource(args.check).open(model.spec)
+        for line in check_export(model, out, store):
+            print(f"  checked budget {line['budget'] or 'gate rule'}: {line['rows']} rows, probabilities within "
+                  f"{line['max_prob_diff']:.2g}, the same encoders run, the same answers "
+                  f"({line['mean_gflops']:.4g} GFLOPs per sample)")
+        print("the export matches the model")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a trained run as ONNX graphs for the runtime without torch "
+                       "(fusionkit-runtime)")
+    p.add_argument("run", metavar="RUN", help="a run directory (its best/ checkpoint is exported)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the export folder: new or empty (or, with "
+                   "--overwrite, an earlier export)")
+    p.add_argument("--budget", metavar="mean:S%", help="store a mean budget, its threshold fitted on the run's "
+                   "validation fold (needs --data); the runtime applies it as --budget mean")
+    p.add_argument("--data", metavar="STORE", help="the store the run trained on (to fit --budget)")
+    p.add_argument("--check", metavar="STORE", help="run the export and the model on this store's first rows at "
+                   "several budgets and compare them (probabilities, encoders run, answers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=_cmd_export)

@@ -1,0 +1,299 @@
+"""Export a fusion model to ONNX as split graphs that keep conditional execution (docs/deployment.md).
+
+One graph cannot choose per row which encoders run, so an export is a folder of graphs and a manifest that says how
+to drive them, as Hugging Face Optimum splits an encoder-decoder::
+
+    DIR/manifest.json        encoders (inputs, costs, when they run), decoder and its thresholds, a fitted mean
+                             budget, the spec, versions, opset, and each graph's SHA-256
+    DIR/encoders/NAME.onnx   one encoder with its projector: inputs -> its token [B, d] (dynamic batch)
+    DIR/scout.onnx           the always-run tokens -> the scout's scores and the gate's own choice of on-demand
+                             encoders (only with on-demand encoders)
+    DIR/fusion.onnx          every token and which are present -> gate, top-n, fusion, heads and combiner
+
+The runtime (:mod:`fusionkit.runtime`) runs them with numpy and onnxruntime alone. Any encoder exports when its class
+gives :meth:`fusionkit.interfaces.Encoder.export_inputs`; one that does not is refused, named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusionkit.answers import from_order
+from fusionkit.budget import Budget
+from fusionkit.data.store import FeatureStore
+from fusionkit.errors import FusionkitError
+from fusionkit.files import check_replaceable, json_marker, sha256_file, write_directory
+from fusionkit.inference.outputs import collect_outputs
+from fusionkit.interfaces import LiveEncoder
+from fusionkit.models.conditional import kept_by
+from fusionkit.models.fusion import FusionModel
+from fusionkit.plugins import loaded
+from fusionkit.runtime.model import EXPORT_FORMAT, MANIFEST_FILE, RuntimeModel, load
+from fusionkit.runtime.store import StoreRows, read_store
+
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS", "export_model",
+           "check_export", "ExportError"]
+
+#: The ONNX opset the graphs are written in.
+OPSET = 18
+#: The decoders a runtime applies (``fusionkit.decoding``), by type, with the config keys it reads.
+DECODERS = {"blemore": ("alpha", "beta"), "presence_salience": ("threshold", "beta")}
+
+
+class ExportError(FusionkitError):
+    """A model, or one of its parts, that cannot be exported; the message names it and says why."""
+
+
+class _EncoderGraph(nn.Module):
+    """One encoder and its projector: ``(x[, lengths]) -> token [B, d]`` (the identity embedding is the fusion's)."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module, sequences: bool) -> None:
+        super().__init__()
+        self.encoder, self.projector, self.sequences = encoder, projector, sequences
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.projector(self.encoder(x, lengths if self.sequences else None))
+
+
+class _ScoutGraph(nn.Module):
+    """``(tokens [B, K, d], present [B, K]) -> (scores [B, K], runs [B, m])``: the scout's scores from the tokens
+    that ran (zeros stand for the on-demand ones), and the on-demand encoders the gate's own rule keeps."""
+
+    def __init__(self, model: FusionModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        scores = model.gate.score(tokens + model.identity, present)
+        runs = kept_by(model.gate.select(scores, present).kept, model.on_demand) & present[:, list(model.on_demand)]
+        return scores, runs
+
+
+class _FusionGraph(nn.Module):
+    """``(tokens [B, K, d], mask [B, K]) -> probs [B, L], presence, salience, kept [B, n]``: the model's fusion of
+    the tokens present (a missing or skipped encoder holds zeros and is masked out)."""
+
+    def __init__(self, model: FusionModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        encoded = model._fuse(tokens + model.identity, mask, None, None, {})
+        probs = {role: head.probabilities(head(encoded.fused)) for role, head in model.heads.items()}
+        combined = model.combiner(probs.get("presence"), probs.get("salience"))
+        outputs = [combined, *(probs[role] for role in _roles(model)), encoded.selection.kept]
+        return tuple(outputs)
+
+
+def _roles(model: FusionModel) -> list[str]:
+    return [role for role in ("presence", "salience") if role in model.heads]
+
+
+def _exportable(model: Any) -> FusionModel:
+    """The model, after refusing what the runtime cannot run, naming it."""
+    if not isinstance(model, FusionModel):
+        raise ExportError(f"{type(model).__name__}: only fusion models export for now; a two-tower model's towers "
+                          "do not (tracked in the open deployment issue)")
+    for name in model.encoder_names:
+        encoder = model.encoders[name]
+        if isinstance(encoder, LiveEncoder):
+            raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) is live: it reads raw files, and the "
+                              "runtime does not read raw files yet; extract its features into a store "
+                              "(`fusionkit extract`) and export a model that reads them")
+        if encoder.export_inputs() is None:
+            raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) declares no export_inputs(), so its graph "
+                              "cannot be traced; its plugin can add one (docs/deployment.md)")
+    if model.spec.decoder.type not in DECODERS:
+        raise ExportError(f"decoder {model.spec.decoder.type!r}: the runtime applies the built-in decoders "
+                          f"({', '.join(DECODERS)}) only")
+    if len(model.domains) > 1:
+        raise ExportError("the model keeps per-domain statistics (data.standardize_per_domain or "
+                          "projector.domain_norm for a target domain); an export holds one domain's: not built yet")
+    return model
+
+
+def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+                 dynamic: dict[str, dict[int, str]], what: str) -> None:
+    """One graph, traced (TorchScript exporter: fast, and exact for these modules), with its dynamic axes."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernels have no ONNX form; the math is equal
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - what the exporter raised, named with the part that failed
+        raise ExportError(f"{what}: the ONNX exporter failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _encoder_entry(model: FusionModel, k: int, name: str, folder: Path) -> dict[str, Any]:
+    encoder = model.encoders[name]
+    x, lengths = encoder.export_inputs()
+    sequences = lengths is not None
+    graph = _EncoderGraph(encoder, model.projectors[name], sequences).eval()
+    path = folder / "encoders" / f"{name}.onnx"
+    args = (x, lengths) if sequences else (x,)
+    inputs = ["x", "lengths"] if sequences else ["x"]
+    dynamic = {"x": {0: "batch", **({1: "frames"} if sequences else {})}, "token": {0: "batch"},
+               **({"lengths": {0: "batch"}} if sequences else {})}
+    _onnx_export(graph, args, path, inputs, ["token"], dynamic, f"encoder {name!r} ({type(encoder).__name__})")
+    spec = model.spec.encoders[k]
+    shape = ["batch", "frames", int(x.shape[-1])] if sequences else ["batch", int(x.shape[-1])]
+    return {"name": name, "type": spec.type, "run": spec.run, "cost_gflops": model.encoder_costs()[name],
+            "graph": f"encoders/{name}.onnx",
+            "inputs": {"x": {"shape": shape, "dtype": "float32"},
+                       **({"lengths": {"shape": ["batch"], "dtype": "int64"}} if sequences else {})}}
+
+
+def export_model(model: FusionModel, out: str | os.PathLike, *, budget: Budget | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write ``model`` to the folder ``out`` as split ONNX graphs and a manifest; returns the folder.
+
+    ``budget``: a mean budget with its fitted threshold (:func:`fusionkit.inference.fit_mean_budget`), stored so
+    that the runtime applies it as ``budget="mean"``. ``out`` must be new or empty, or, with ``overwrite``, an
+    earlier export (nothing else is replaced); it is written atomically.
+    """
+    model = _exportable(model)
+    if budget is not None and (not budget.mean or budget.threshold is None):
+        raise ExportError(f"budget {budget.describe()}: an export stores a mean budget with its fitted threshold "
+                          "(fusionkit.inference.fit_mean_budget); a cap needs nothing stored: give it at predict time")
+    if budget is not None and not model.on_demand:
+        raise ExportError("a budget needs on-demand encoders (run: on_demand); this model runs every encoder")
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not overwrite and json_marker(MANIFEST_FILE, "format",
+                                                                                      (EXPORT_FORMAT,))(target):
+        raise ExportError(f"{target}: holds an earlier export; give --overwrite to replace it")
+    check_replaceable(target, "model export", json_marker(MANIFEST_FILE, "format", (EXPORT_FORMAT,)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            write_directory(target, lambda folder: _write(model, folder, budget))
+    finally:
+        model.train(was_training)
+    return target
+
+
+def _write(model: FusionModel, folder: Path, budget: Budget | None) -> None:
+    (folder / "encoders").mkdir()
+    encoders = [_encoder_entry(model, k, name, folder) for k, name in enumerate(model.encoder_names)]
+    K, d = len(model.encoder_names), model.spec.latent_dim
+    tokens, mask = torch.zeros(2, K, d), torch.ones(2, K, dtype=torch.bool)
+    roles = _roles(model)
+    _onnx_export(_FusionGraph(model), (tokens, mask), folder / "fusion.onnx", ["tokens", "mask"],
+                 ["probs", *roles, "kept"], {n: {0: "batch"} for n in ["tokens", "mask", "probs", *roles, "kept"]},
+                 "the fusion (gate, selection, fusion, heads, combiner)")
+    graphs = {"fusion": "fusion.onnx", **{f"encoders/{e['name']}": e["graph"] for e in encoders}}
+    if model.on_demand:
+        _onnx_export(_ScoutGraph(model), (tokens, mask), folder / "scout.onnx", ["tokens", "present"],
+                     ["scores", "runs"], {n: {0: "batch"} for n in ("tokens", "present", "scores", "runs")},
+                     f"the scout ({model.spec.gate.type} gate)")
+        graphs["scout"] = "scout.onnx"
+    decoder = model.spec.decoder
+    manifest = {
+        "format": EXPORT_FORMAT, "fusionkit": _version(), "opset": OPSET, "torch": torch.__version__,
+        "labels": list(model.labels), "neutral": model.decoder.context.neutral_index, "latent_dim": d,
+        "encoders": encoders, "on_demand": [model.encoder_names[k] for k in model.on_demand],
+        "nan_policy": model.spec.data.nan_policy, "heads": roles,
+        "decoder": {"type": decoder.type, **{key: float(getattr(decoder.config, key)) for key in DECODERS[decoder.type]}},
+        "budget": None if budget is None else {"describe": budget.describe(), "share": budget.share,
+                                                "gflops": budget.gflops, "threshold": budget.threshold},
+        "spec": model.spec.to_dict(), "plugins": _plugin_versions(),
+        "sha256": {path: sha256_file(folder / path) for path in graphs.values()},
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _version() -> str | None:
+    try:
+        return metadata.version("fusionkit")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _plugin_versions() -> dict[str, str | None]:
+    return loaded().versions()
+
+
+#: How many of a store's rows ``check_export`` compares (the first ones).
+CHECK_ROWS = 512
+#: The budgets ``check_export`` compares at, beside the gate's own rule and an export's stored mean budget.
+CHECK_BUDGETS = ("0%", "25%", "50%", "100%")
+
+
+def check_export(model: FusionModel, folder: str | os.PathLike, store: FeatureStore, index: np.ndarray | None = None,
+                 atol: float = 1e-4) -> list[dict[str, Any]]:
+    """Run the export in ``folder`` (without torch) and ``model`` on the rows ``index`` of ``store`` (default: its
+    first :data:`CHECK_ROWS`) at the gate's own rule, several caps and the stored mean budget, and compare: the
+    probabilities within ``atol``, the same encoders run on the same rows, the same answers except on exact ties.
+    Returns one line per budget; a mismatch is an :class:`ExportError` that names the graph at fault."""
+    runtime = load(folder)
+    index = np.arange(min(len(store), CHECK_ROWS)) if index is None else np.asarray(index)
+    rows = read_store(store.path, runtime.names).take(index)
+    _check_tokens(model, runtime, store, index, rows, atol)
+    budgets: list[Any] = [None, *(CHECK_BUDGETS if runtime.demand else ())]
+    if runtime.stored_budget is not None:
+        budgets.append("mean")
+    report = []
+    for given in budgets:
+        budget = runtime.budget(given)
+        expected = collect_outputs(model, store, index, budget=budget)
+        got = runtime.predict(rows.inputs, given, lengths=rows.lengths)
+        where = f"budget {given or 'the gate rule'}"
+        if runtime.demand and not np.array_equal(expected["ran"].astype(bool), got.ran):
+            rows_off = np.flatnonzero((expected["ran"].astype(bool) != got.ran).any(axis=1))
+            raise ExportError(f"scout.onnx ({where}): the runtime runs other encoders than the model on "
+                              f"{len(rows_off)} of {len(index)} rows (e.g. {[rows.ids[i] for i in rows_off[:3]]})")
+        diff = float(np.abs(expected["probs"] - got.probs).max())
+        if diff > atol:
+            raise ExportError(f"fusion.onnx ({where}): probabilities differ from the model's by up to {diff:.3g} "
+                              f"(more than {atol:g})")
+        order, sal = model.decoder.decode(expected)
+        wrong = [i for i, (a, b) in enumerate(zip(from_order(order, sal, model.labels), got.answers))
+                 if a != b and not _tied(expected, i)]
+        if wrong:
+            raise ExportError(f"the decoder ({where}): {len(wrong)} answers differ from the model's, e.g. "
+                              f"{rows.ids[wrong[0]]}")
+        report.append({"budget": given, "rows": int(len(index)), "max_prob_diff": diff,
+                       "mean_gflops": float(got.cost.mean())})
+    return report
+
+
+def _tied(outputs: dict[str, np.ndarray], row: int, tolerance: float = 1e-6) -> bool:
+    """Whether a row's decoding rests on an exact tie (two top probabilities within ``tolerance``)."""
+    for key in ("probs", "presence", "salience"):
+        if key in outputs:
+            top = np.sort(outputs[key][row])[::-1]
+            if len(top) > 2 and (abs(top[0] - top[1]) <= tolerance or abs(top[1] - top[2]) <= tolerance):
+                return True
+    return False
+
+
+def _check_tokens(model: FusionModel, runtime: RuntimeModel, store: FeatureStore, index: np.ndarray,
+                  rows: StoreRows, atol: float) -> None:
+    """Each encoder graph against the model's encoder and projector on the same rows, so that a mismatch names the
+    encoder's graph rather than the fusion."""
+    inputs, lengths, mask = store.inputs_for(model, index)
+    feeds, present = runtime._inputs(rows.inputs, rows.lengths, None)
+    with torch.no_grad():
+        for k, name in enumerate(model.encoder_names):
+            expected = model.projectors[name](model.encoders[name](inputs[name], lengths.get(name))).cpu().numpy()
+            got = runtime._encode(name, feeds[name], None)
+            valid = mask[:, k].cpu().numpy() & present[:, k]
+            diff = float(np.abs(expected[valid] - got[valid]).max()) if valid.any() else 0.0
+            if diff > atol:
+                raise ExportError(f"encoders/{name}.onnx: its tokens differ from the model's by up to {diff:.3g} "
+                                  f"(more than {atol:g})")

@@ -1,0 +1,274 @@
+"""An exported model driven by numpy and onnxruntime: the always-run graphs, the scout, each on-demand graph on
+the rows that keep it (gathered and scattered in numpy), then the fusion, and the decoded answers.
+
+Nothing here imports torch: a deployment installs numpy, onnxruntime and safetensors (docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusionkit.answers import Prediction, from_order
+from fusionkit.budget import Budget
+from fusionkit.decoding import blemore_decode, presence_salience_decode
+from fusionkit.errors import FusionkitError
+
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "DeploymentError", "RuntimeOutput", "RuntimeModel", "load",
+           "within_budget", "value_per_cost"]
+
+EXPORT_FORMAT = "fusionkit-export"
+MANIFEST_FILE = "manifest.json"
+
+
+class DeploymentError(FusionkitError):
+    """An export that cannot be loaded or run: tampered, incomplete, or given inputs it does not take."""
+
+
+@dataclass
+class RuntimeOutput:
+    """What :meth:`RuntimeModel.predict` gives for a batch of ``B`` samples.
+
+    ``probs`` ``[B, L]`` the combined probabilities; ``ran`` ``[B, K]`` which encoders ran (None without on-demand
+    encoders); ``cost`` ``[B]`` GFLOPs spent per sample; ``answers`` the decoded BlEmoRE predictions; ``kept``
+    ``[B, n]`` the encoders fused, in rank order (-1: an empty slot); ``presence``/``salience`` the heads'
+    probabilities (None without that head)."""
+
+    probs: np.ndarray
+    ran: np.ndarray | None
+    cost: np.ndarray
+    answers: list[Prediction]
+    kept: np.ndarray
+    presence: np.ndarray | None = None
+    salience: np.ndarray | None = None
+
+
+def within_budget(scores: np.ndarray, available: np.ndarray, costs: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """``[B, m]`` which on-demand encoders run: per row, in the order of ``scores`` (best first), each whose cost
+    still fits ``limit`` (``[B]``, GFLOPs left after the always-run encoders); the rule of
+    :func:`fusionkit.models.conditional.within_budget`, in numpy."""
+    masked = np.where(available, scores, -np.inf)
+    order = np.argsort(-masked, axis=1, kind="stable")
+    rows = np.arange(len(scores))
+    run = np.zeros_like(available)
+    spent = np.zeros(len(scores), dtype=np.float64)
+    for j in range(scores.shape[1]):
+        k = order[:, j]
+        cost = costs[k]
+        fits = available[rows, k] & (spent + cost <= limit + 1e-9)
+        run[rows, k] = fits
+        spent = spent + cost * fits
+    return run
+
+
+def value_per_cost(scores: np.ndarray, present: np.ndarray, costs: np.ndarray, demand: list[int]) -> np.ndarray:
+    """``[B, m]``: the scout's softmax share of each on-demand encoder per unit of its cost (relative to the mean
+    on-demand cost), -inf where absent; :func:`fusionkit.models.conditional.value_per_cost` in numpy (float32)."""
+    logits = np.where(present, scores.astype(np.float32), np.float32(-np.inf))
+    top = np.max(logits, axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, np.float32(0.0))
+    exp = np.exp(logits - top).astype(np.float32)
+    total = exp.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.nan_to_num(exp / total, nan=0.0).astype(np.float32)
+    cost = costs[demand].astype(np.float32)
+    relative = cost / np.float32(max(float(cost.mean()), 1e-12))
+    value = share[:, demand] / np.maximum(relative, np.float32(1e-12))
+    return np.where(present[:, demand], value, np.float32(-np.inf))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DeploymentError(f"{path}: missing; is {folder} a fusionkit export (fusionkit export RUN --out DIR)?") from None
+    except (OSError, ValueError) as exc:
+        raise DeploymentError(f"{path}: unreadable ({str(exc)[:200]}); export the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise DeploymentError(f"{path}: not a fusionkit export's manifest (format {EXPORT_FORMAT!r})")
+    needed = ("labels", "latent_dim", "encoders", "on_demand", "decoder", "sha256", "heads")
+    missing = [key for key in needed if key not in manifest]
+    if missing:
+        raise DeploymentError(f"{path}: the manifest lacks {missing}; export the model again")
+    return manifest
+
+
+class RuntimeModel:
+    """An export loaded for prediction (:func:`load`). Each graph's SHA-256 is checked against the manifest first,
+    so a tampered or mismatched graph is refused before it runs."""
+
+    def __init__(self, folder: str | Path, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort  # the one heavy import, deferred: importing fusionkit.runtime stays cheap
+
+        self.folder = Path(folder)
+        self.manifest = manifest = _read_manifest(self.folder)
+        for relative, expected in manifest["sha256"].items():
+            path = self.folder / relative
+            if ".." in Path(relative).parts or not path.is_file():
+                raise DeploymentError(f"{path}: missing graph named by the manifest; export the model again")
+            if _sha256(path) != expected:
+                raise DeploymentError(f"{path}: its SHA-256 does not match the manifest's (the graph was changed or "
+                                    "replaced after export); refused. Export the model again")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        providers = providers or ["CPUExecutionProvider"]
+
+        def session(relative: str) -> Any:
+            if relative not in manifest["sha256"]:
+                raise DeploymentError(f"{self.folder}: the manifest names {relative} without its SHA-256; refused")
+            return ort.InferenceSession(str(self.folder / relative), options, providers=providers)
+
+        self.encoders: list[dict[str, Any]] = manifest["encoders"]
+        self.names = [e["name"] for e in self.encoders]
+        self.labels: tuple[str, ...] = tuple(manifest["labels"])
+        self.demand = [self.names.index(n) for n in manifest["on_demand"]]
+        self.costs = np.array([float(e["cost_gflops"] or 0.0) for e in self.encoders], dtype=np.float64)
+        if not np.isfinite(self.costs.sum()):
+            raise DeploymentError(f"{self.folder}: the manifest's encoder costs are not finite")
+        self.sessions = {e["name"]: session(e["graph"]) for e in self.encoders}
+        self.fusion = session("fusion.onnx")
+        self.scout = session("scout.onnx") if self.demand else None
+        self.stored_budget = manifest.get("budget")
+
+    # --- budgets ------------------------------------------------------------------------------------------------
+
+    def budget(self, value: Budget | str | float | None) -> Budget | None:
+        """``value`` as a Budget: a cap (``"40%"``, ``2.5``), or ``"mean"`` (or the stored mean budget written
+        out, e.g. ``"mean:40%"``): the mean budget whose threshold the export stored."""
+        if value is None:
+            return None
+        stored = self.stored_budget
+        if isinstance(value, str) and value.strip().lower().startswith("mean"):
+            if stored is None:
+                raise DeploymentError(f"--budget {value}: this export stores no mean budget; export it with --budget "
+                                    "mean:S% to fit its threshold on the run's validation fold, or give a cap (40%)")
+            budget = Budget(gflops=stored["gflops"], share=stored["share"], mean=True, threshold=stored["threshold"])
+            if value.strip().lower() not in ("mean", budget.describe().lower()):
+                raise DeploymentError(f"--budget {value}: this export stores the mean budget {budget.describe()} only; "
+                                    "give --budget mean (or that one), or a cap")
+            return budget
+        budget = Budget.parse(value)
+        if budget.seconds is not None:
+            raise DeploymentError("a budget over measured time is not supported by the runtime; give a share or GFLOPs")
+        if budget.mean and budget.threshold is None:
+            raise DeploymentError(f"budget {budget.describe()}: a mean budget needs its fitted threshold")
+        return budget
+
+    # --- prediction -----------------------------------------------------------------------------------------------
+
+    def _inputs(self, inputs: Mapping[str, np.ndarray], lengths: Mapping[str, np.ndarray] | None,
+                mask: np.ndarray | None) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+        """Each encoder's graph inputs and the ``[B, K]`` availability (NaN rows missing, or refused)."""
+        lengths = lengths or {}
+        missing = [n for n in self.names if n not in inputs]
+        if missing:
+            raise DeploymentError(f"inputs: no array for encoder(s) {missing}; the export reads {self.names}")
+        batch = len(next(iter(inputs.values())))
+        present = np.ones((batch, len(self.names)), dtype=bool) if mask is None else np.asarray(mask, dtype=bool).copy()
+        if present.shape != (batch, len(self.names)):
+            raise DeploymentError(f"mask: expected [{batch}, {len(self.names)}], found {list(present.shape)}")
+        feeds = {}
+        for k, entry in enumerate(self.encoders):
+            name = entry["name"]
+            x = np.asarray(inputs[name], dtype=np.float32)
+            shape = entry["inputs"]["x"]["shape"]
+            if x.ndim != len(shape) or x.shape[-1] != shape[-1] or len(x) != batch:
+                raise DeploymentError(f"inputs[{name!r}]: expected {shape} with {batch} rows, found {list(x.shape)}")
+            bad = ~np.isfinite(x.reshape(batch, -1)).all(axis=1)
+            if bad.any():
+                if self.manifest.get("nan_policy") != "mask":
+                    raise DeploymentError(f"inputs[{name!r}]: NaN or inf in rows {np.flatnonzero(bad)[:5].tolist()}; the "
+                                        "model's nan_policy is 'error' (with 'mask' such rows count as missing)")
+                x = np.where(bad.reshape((batch,) + (1,) * (x.ndim - 1)), np.float32(0.0), x)
+                present[bad, k] = False
+            feed = {"x": np.ascontiguousarray(x)}
+            if "lengths" in entry["inputs"]:
+                given = lengths.get(name)
+                steps = np.full(batch, x.shape[1], dtype=np.int64) if given is None else np.asarray(given, np.int64)
+                present[steps == 0, k] = False
+                feed["lengths"] = np.maximum(steps, 1) if (steps == 0).any() else steps
+            feeds[name] = feed
+        return feeds, present
+
+    def _encode(self, name: str, feed: Mapping[str, np.ndarray], rows: np.ndarray | None) -> np.ndarray:
+        if rows is not None:
+            feed = {key: value[rows] for key, value in feed.items()}
+        return self.sessions[name].run(["token"], dict(feed))[0]
+
+    def _choose(self, scores: np.ndarray, gate_runs: np.ndarray, present: np.ndarray,
+                budget: Budget | None) -> np.ndarray:
+        available = present[:, self.demand]
+        if budget is None:
+            return gate_runs.astype(bool) & available
+        if budget.mean:
+            return value_per_cost(scores, present, self.costs, self.demand) >= budget.threshold
+        choice = self.costs
+        full = (choice * present).sum(1)
+        paid = full - (choice[self.demand] * available).sum(1)
+        limit = np.full_like(full, budget.limit(float(choice.sum()))) - paid
+        return within_budget(scores[:, self.demand], available, choice[self.demand], limit)
+
+    def predict(self, inputs: Mapping[str, np.ndarray], budget: Budget | str | float | None = None, *,
+                lengths: Mapping[str, np.ndarray] | None = None, mask: np.ndarray | None = None) -> RuntimeOutput:
+        """Predict a batch: ``inputs`` maps every encoder name to ``[B, D]`` (or ``[B, T, D]`` frames, with
+        ``lengths``); ``mask`` ``[B, K]`` is False where an encoder is missing. ``budget``: None (the gate's own
+        rule), a cap (``"40%"``, ``2.5`` GFLOPs) or ``"mean"`` (the mean budget the export stores)."""
+        budget = self.budget(budget)
+        if budget is not None and not self.demand:
+            raise DeploymentError("a budget needs on-demand encoders; this export runs every encoder always")
+        feeds, present = self._inputs(inputs, lengths, mask)
+        batch, d = len(present), int(self.manifest["latent_dim"])
+        tokens = np.zeros((batch, len(self.names), d), dtype=np.float32)
+        always = [k for k in range(len(self.names)) if k not in self.demand]
+        for k in always:
+            tokens[:, k] = self._encode(self.names[k], feeds[self.names[k]], None)
+        ran = None
+        mask_fused = present
+        if self.demand:
+            scores, gate_runs = self.scout.run(["scores", "runs"], {"tokens": tokens, "present": present})
+            run = self._choose(scores, gate_runs, present, budget)
+            for j, k in enumerate(self.demand):
+                rows = np.flatnonzero(run[:, j])
+                if len(rows):  # each on-demand graph runs once, on the rows gathered for it
+                    tokens[rows, k] = self._encode(self.names[k], feeds[self.names[k]],
+                                                   None if len(rows) == batch else rows)
+            ran = present.copy()
+            ran[:, self.demand] = run
+            mask_fused = ran
+        names = ["probs", *self.manifest["heads"], "kept"]
+        values = dict(zip(names, self.fusion.run(names, {"tokens": tokens, "mask": mask_fused})))
+        cost = (mask_fused.astype(np.float64) * self.costs).sum(1)
+        order, sal = self._decode(values)
+        return RuntimeOutput(probs=values["probs"], ran=ran, cost=cost, answers=from_order(order, sal, self.labels),
+                             kept=values["kept"], presence=values.get("presence"), salience=values.get("salience"))
+
+    def _decode(self, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        decoder, neutral = self.manifest["decoder"], self.manifest.get("neutral")
+        if decoder["type"] == "blemore":
+            return blemore_decode(values["probs"].astype(np.float64), decoder["alpha"], decoder["beta"], neutral)
+        if decoder["type"] == "presence_salience":
+            return presence_salience_decode(values["presence"].astype(np.float64),
+                                            values["salience"].astype(np.float64), decoder["threshold"],
+                                            decoder["beta"], neutral)
+        raise DeploymentError(f"decoder {decoder['type']!r}: the runtime applies blemore and presence_salience only")
+
+
+def load(folder: str | Path, providers: list[str] | None = None) -> RuntimeModel:
+    """Load an export (``fusionkit export RUN --out DIR``) for prediction; its graphs' hashes are checked first.
+    ``providers``: onnxruntime's execution providers (default: the CPU)."""
+    return RuntimeModel(folder, providers)
