@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +30,7 @@ from torch import nn
 from fusionkit.plugins import get_registry
 from fusionkit.selection import slot_count
 
-__all__ = ["Dist", "setup", "unused_parameters_possible", "wrap"]
+__all__ = ["Dist", "setup", "unused_parameters_possible", "wrap", "end_rank"]
 
 
 @attrs.frozen
@@ -250,6 +252,26 @@ def setup(backend: str | None = None, timeout_s: float = 1800) -> Dist:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     return Dist(rank, world, local, device)
+
+
+def end_rank(code: int) -> typing.NoReturn:
+    """End a torchrun rank's process with ``code`` once its work is written, without the interpreter's finalization.
+
+    PyTorch's DistributedDataParallel keeps a reference to the process group from C++ that outlives
+    ``destroy_process_group`` (and the model), so gloo's worker threads are still running when the interpreter
+    finalizes. A worker that is still releasing a finished collective (the last barrier holds the collectives before
+    it, and their tensors) must take the GIL to drop a tensor's Python object; a finalizing interpreter ends such a
+    thread instead, and the unwinding through C++ ends in ``std::terminate``: "terminate called without an active
+    exception", SIGABRT (seen on a rank in about 1 run of 30 under load; the backtrace is in docs/scaling.md). So a
+    rank ends here: standard streams flushed, and ``os._exit``, which runs no finalization. Call it only when every
+    file is written and closed (fusionkit's writers close their files before they return).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more can be written to it anyway
+            pass
+    os._exit(code)
 
 
 def unused_parameters_possible(spec: Any, missing_encoders: bool = False) -> bool:

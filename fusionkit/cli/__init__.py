@@ -46,6 +46,16 @@ def _one_line_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    code = _run(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: ends without the interpreter's finalization
+        from fusionkit.distributed import end_rank
+
+        end_rank(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit status; its errors as one line each."""
     from fusionkit.errors import FusionkitError
 
     _one_line_warnings()
