@@ -431,7 +431,7 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
 
 def test_an_on_demand_model_with_sampled_budgets_trains_in_two_processes_as_in_one(synthetic_store, tmp_path):
     """The per-row budgets drawn in training are the global batch's draws, so 2 processes = 1 process."""
-    spec = ddp_spec(epochs=2)
+    spec = ddp_spec(epochs=1)
     spec["gate"] = {"type": "static", "top_n": 2}
     spec["encoders"][1].update(run="on_demand", cost_gflops=1.0)
     spec["encoders"][2].update(run="on_demand", cost_gflops=3.0)
