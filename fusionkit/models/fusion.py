@@ -36,7 +36,7 @@ from fusionkit.registry import Registry
 from fusionkit.selection import Selection, gather_slots, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
 
-__all__ = ["FusionOutput", "Encoded", "measure_gflops", "has_batch_norm", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
+__all__ = ["FusionOutput", "Encoded", "measure_gflops", "has_batch_norm", "synchronizes", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
            "FusionModel", "count_parameters", "decoder_inputs"]
 
 
@@ -95,6 +95,8 @@ class GlobalBatchNorm(nn.BatchNorm1d):
 
         x32 = x.float()
         count = all_reduce(x32.new_tensor([float(len(x32))]))
+        if float(count) == 0:  # no rank had a row (every rank calls it, see synchronizes): nothing to learn from
+            return x
         mean = all_reduce(x32.sum(0)) / count
         var = all_reduce((x32 - mean).pow(2).sum(0)) / count
         if self.track_running_stats:
@@ -189,6 +191,14 @@ class Encoded:
     available: torch.Tensor | None = None
     #: In training with ``conditional.full_budget_weight``: the scout's rows fused with every token they computed.
     full: Encoded | None = None
+
+
+def synchronizes(module: nn.Module) -> bool:
+    """Whether ``module`` holds a :class:`GlobalBatchNorm` that gathers every rank's rows in this step (training,
+    under torchrun): then every rank must call it in every step, with no rows if it has none for it, or the ranks'
+    collectives no longer match."""
+    return (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+            and any(isinstance(m, GlobalBatchNorm) and m.training and not m.local for m in module.modules()))
 
 
 def has_batch_norm(module: nn.Module) -> bool:
@@ -408,10 +418,14 @@ class Trunk(nn.Module):
             need = (run[:, j] | every) & available[:, j]
             computed[:, k] = need
             rows = need.nonzero().squeeze(1)
+            name = names[k]
             if len(rows) == 0:
                 columns[k] = empty
+                if synchronizes(self.projectors[name]):  # the other ranks' rows may need it: join with none, in
+                    # the forward pass and (through a zero term) in the backward pass, whose collectives match theirs
+                    joined = self.projectors[name](first.new_zeros(0, self.encoders[name].out_dim))
+                    columns[k] = empty + 0.0 * joined.sum()
                 continue
-            name = names[k]
             if len(rows) == batch:  # every row: nothing to gather or scatter
                 columns[k] = self.projectors[name](self.encoders[name](*_input_rows(inputs[name], lengths.get(name),
                                                                                     None, batch)))
