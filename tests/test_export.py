@@ -225,3 +225,25 @@ def test_budgets_choose_as_the_model_does_on_random_scores():
                                               torch.as_tensor(costs), demand).numpy()
         assert np.allclose(got, expected, rtol=1e-6, equal_nan=True)
         assert np.array_equal(np.isinf(got), np.isinf(expected))
+
+
+@pytest.mark.parametrize("gate, fusion, combiner, decoder", [
+    ("mlp", "weighted_sum", "mean", "blemore"),
+    ("static", "rank_concat", "salience_only", "blemore"),
+    ("uniform", "rank_attention", "product", "presence_salience"),
+])
+def test_every_built_in_part_round_trips(sequences, tmp_path, gate, fusion, combiner, decoder):
+    """Untrained models of other built-in gates, fusions, combiners and decoders, with a sequence_cnn encoder,
+    on demand where the gate scouts."""
+    _, _, store = sequences
+    spec = tiny_spec()
+    spec["encoders"] = [{"name": "enc0", "type": "features", "dim": 8, "pooling": "stats7"},
+                        {"name": "enc1", "type": "sequence_cnn", "dim": 8, "channels": 8, "layers": 2},
+                        {"name": "enc2", "type": "features", "dim": 8, "pooling": "mean"}]
+    if gate == "static":
+        spec["encoders"][1].update(run="on_demand", cost_gflops=1.0)
+    spec["gate"] = {"type": gate, "top_n": 2}
+    spec["fusion"], spec["combiner"], spec["decoder"] = {"type": fusion}, {"type": combiner}, {"type": decoder}
+    model = fusionkit.build_model(spec).eval()
+    report = check_export(model, export_model(model, tmp_path / "exp"), spec_store(model.spec, store.path))
+    assert all(line["max_prob_diff"] <= 1e-4 for line in report)
