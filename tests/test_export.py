@@ -150,14 +150,32 @@ def test_an_export_folder_holding_a_users_files_is_refused_untouched(sequences, 
     export_model(model, tmp_path / "ours", overwrite=True)
 
 
+def test_a_two_tower_model_exports_each_tower(sequences, tmp_path, capsys):
+    _, _, store = sequences
+    spec = {"latent_dim": 16, "encoders": [{"name": "enc0", "type": "features", "dim": 8, "pooling": "mean"},
+                                           {"name": "enc1", "type": "features", "dim": 8, "pooling": "stats7"},
+                                           {"name": "enc2", "type": "features", "dim": 8, "pooling": "attention"}],
+            "towers": {"a": {"encoders": ["enc0", "enc1"], "embed_dim": 8}, "b": {"encoders": ["enc2"]}}}
+    model = fusionkit.build_model(spec).eval()
+    folder = export_model(model, tmp_path / "towers")
+    report = check_export(model, folder, spec_store(model.spec, store.path))
+    assert [line["tower"] for line in report] == ["a", "b"] and all(line["max_embedding_diff"] <= 1e-4 for line in report)
+    runtime = load(folder)
+    rows = read_store(store.path, ["enc2"]).take(np.arange(4))
+    only_b = runtime.embed(rows.inputs, ["b"], lengths=rows.lengths)
+    assert list(only_b) == ["b"] and np.allclose(np.linalg.norm(only_b["b"], axis=1), 1.0, atol=1e-5)
+    with pytest.raises(DeploymentError, match="embeds and predicts no answers"):
+        runtime.predict(rows.inputs)
+    with pytest.raises(ExportError, match="stores a mean budget|needs on-demand"):
+        export_model(model, tmp_path / "again", budget=fusionkit.models.conditional.Budget(share=0.4, mean=True,
+                                                                                          threshold=0.1))
+
+
 def test_what_does_not_export_is_refused_naming_it(tmp_path):
     from fusionkit.interfaces import Encoder
 
-    towers = fusionkit.build_model({"encoders": [{"name": "x", "type": "features", "dim": 3},
-                                                 {"name": "y", "type": "features", "dim": 3}],
-                                    "towers": {"a": {"encoders": ["x"]}, "b": {"encoders": ["y"]}}})
-    with pytest.raises(ExportError, match="only fusion models export"):
-        export_model(towers, tmp_path / "a")
+    with pytest.raises(ExportError, match="not a fusionkit model"):
+        export_model(torch.nn.Linear(2, 2), tmp_path / "a")
     model = fusionkit.build_model(tiny_spec())
     model.encoders["enc1"].export_inputs = lambda: None
     with pytest.raises(ExportError, match=r"encoder 'enc1' \(FeaturesEncoder\) declares no export_inputs"):

@@ -38,11 +38,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
         print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
     out = export_model(model, args.out, budget=budget, overwrite=args.overwrite)
-    print(f"exported to {out}: {len(model.encoder_names)} encoder graph(s)"
-          f"{', the scout' if model.on_demand else ''} and the fusion, with manifest.json")
+    graphs = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sha256"]
+    print(f"exported to {out}: {', '.join(sorted(graphs))}, with manifest.json")
     if args.check:
         store = DataSource(args.check).open(model.spec)
         for line in check_export(model, out, store):
+            if "tower" in line:
+                print(f"  checked tower {line['tower']}: {line['rows']} rows, embeddings within "
+                      f"{line['max_embedding_diff']:.2g}")
+                continue
             print(f"  checked budget {line['budget'] or 'gate rule'}: {line['rows']} rows, probabilities within "
                   f"{line['max_prob_diff']:.2g}, the same encoders run, the same answers "
                   f"({line['mean_gflops']:.4g} GFLOPs per sample)")

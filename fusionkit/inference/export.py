@@ -35,7 +35,8 @@ from fusionkit.files import check_replaceable, json_marker, sha256_file, write_d
 from fusionkit.inference.outputs import collect_outputs
 from fusionkit.interfaces import LiveEncoder
 from fusionkit.models.conditional import kept_by
-from fusionkit.models.fusion import FusionModel
+from fusionkit.models.fusion import FusionModel, Trunk
+from fusionkit.models.towers import Tower, TwoTowerModel
 from fusionkit.plugins import loaded
 from fusionkit.runtime.model import EXPORT_FORMAT, MANIFEST_FILE, RuntimeModel, load
 from fusionkit.runtime.store import StoreRows, read_store
@@ -96,30 +97,45 @@ class _FusionGraph(nn.Module):
         return tuple(outputs)
 
 
+class _TowerGraph(nn.Module):
+    """``(tokens [B, K_t, d], mask [B, K_t]) -> embedding [B, E], kept``: one tower of a two-tower model (its gate,
+    selection, fusion and L2-normalised embedding) over its encoders' tokens."""
+
+    def __init__(self, tower: Tower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tower = self.tower
+        encoded = tower._fuse(tokens + tower.identity, mask, None, None, {})
+        return torch.nn.functional.normalize(tower.embed(encoded.fused), dim=-1), encoded.selection.kept
+
+
 def _roles(model: FusionModel) -> list[str]:
     return [role for role in ("presence", "salience") if role in model.heads]
 
 
-def _exportable(model: Any) -> FusionModel:
+def _exportable(model: Any) -> FusionModel | TwoTowerModel:
     """The model, after refusing what the runtime cannot run, naming it."""
-    if not isinstance(model, FusionModel):
-        raise ExportError(f"{type(model).__name__}: only fusion models export for now; a two-tower model's towers "
-                          "do not (tracked in the open deployment issue)")
-    for name in model.encoder_names:
-        encoder = model.encoders[name]
-        if isinstance(encoder, LiveEncoder):
-            raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) is live: it reads raw files, and the "
-                              "runtime does not read raw files yet; extract its features into a store "
-                              "(`fusionkit extract`) and export a model that reads them")
-        if encoder.export_inputs() is None:
-            raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) declares no export_inputs(), so its graph "
-                              "cannot be traced; its plugin can add one (docs/deployment.md)")
-    if model.spec.decoder.type not in DECODERS:
+    if not isinstance(model, (FusionModel, TwoTowerModel)):
+        raise ExportError(f"{type(model).__name__}: not a fusionkit model (a fusion or two-tower model)")
+    trunks = [model] if isinstance(model, FusionModel) else list(model.towers.values())
+    for trunk in trunks:
+        for name in trunk.encoder_names:
+            encoder = trunk.encoders[name]
+            if isinstance(encoder, LiveEncoder):
+                raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) is live: it reads raw files, and the "
+                                  "runtime does not read raw files yet; extract its features into a store "
+                                  "(`fusionkit extract`) and export a model that reads them")
+            if encoder.export_inputs() is None:
+                raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) declares no export_inputs(), so its "
+                                  "graph cannot be traced; its plugin can add one (docs/deployment.md)")
+        if len(trunk.domains) > 1:
+            raise ExportError("the model keeps per-domain statistics (data.standardize_per_domain or "
+                              "projector.domain_norm for a target domain); an export holds one domain's: not built yet")
+    if isinstance(model, FusionModel) and model.spec.decoder.type not in DECODERS:
         raise ExportError(f"decoder {model.spec.decoder.type!r}: the runtime applies the built-in decoders "
                           f"({', '.join(DECODERS)}) only")
-    if len(model.domains) > 1:
-        raise ExportError("the model keeps per-domain statistics (data.standardize_per_domain or "
-                          "projector.domain_norm for a target domain); an export holds one domain's: not built yet")
     return model
 
 
@@ -139,28 +155,30 @@ def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], 
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _encoder_entry(model: FusionModel, k: int, name: str, folder: Path) -> dict[str, Any]:
-    encoder = model.encoders[name]
+def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, folder: Path) -> dict[str, Any]:
+    """One encoder's graph (the encoder and its projector, in ``trunk``) and its manifest entry."""
+    encoder = trunk.encoders[name]
     x, lengths = encoder.export_inputs()
     sequences = lengths is not None
-    graph = _EncoderGraph(encoder, model.projectors[name], sequences).eval()
+    graph = _EncoderGraph(encoder, trunk.projectors[name], sequences).eval()
     path = folder / "encoders" / f"{name}.onnx"
     args = (x, lengths) if sequences else (x,)
     inputs = ["x", "lengths"] if sequences else ["x"]
     dynamic = {"x": {0: "batch", **({1: "frames"} if sequences else {})}, "token": {0: "batch"},
                **({"lengths": {0: "batch"}} if sequences else {})}
     _onnx_export(graph, args, path, inputs, ["token"], dynamic, f"encoder {name!r} ({type(encoder).__name__})")
-    spec = model.spec.encoders[k]
+    spec = model.spec.encoders[model.spec.encoder_names.index(name)]
     shape = ["batch", "frames", int(x.shape[-1])] if sequences else ["batch", int(x.shape[-1])]
-    return {"name": name, "type": spec.type, "run": spec.run, "cost_gflops": model.encoder_costs()[name],
+    return {"name": name, "type": spec.type, "run": spec.run, "cost_gflops": trunk.encoder_costs()[name],
             "graph": f"encoders/{name}.onnx",
             "inputs": {"x": {"shape": shape, "dtype": "float32"},
                        **({"lengths": {"shape": ["batch"], "dtype": "int64"}} if sequences else {})}}
 
 
-def export_model(model: FusionModel, out: str | os.PathLike, *, budget: Budget | None = None,
+def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, budget: Budget | None = None,
                  overwrite: bool = False) -> Path:
-    """Write ``model`` to the folder ``out`` as split ONNX graphs and a manifest; returns the folder.
+    """Write ``model`` to the folder ``out`` as split ONNX graphs and a manifest; returns the folder. A two-tower
+    model writes each tower's graph (``towers/NAME.onnx``) beside its encoders', for ``RuntimeModel.embed``.
 
     ``budget``: a mean budget with its fitted threshold (:func:`fusionkit.inference.fit_mean_budget`), stored so
     that the runtime applies it as ``budget="mean"``. ``out`` must be new or empty, or, with ``overwrite``, an
@@ -170,7 +188,7 @@ def export_model(model: FusionModel, out: str | os.PathLike, *, budget: Budget |
     if budget is not None and (not budget.mean or budget.threshold is None):
         raise ExportError(f"budget {budget.describe()}: an export stores a mean budget with its fitted threshold "
                           "(fusionkit.inference.fit_mean_budget); a cap needs nothing stored: give it at predict time")
-    if budget is not None and not model.on_demand:
+    if budget is not None and (isinstance(model, TwoTowerModel) or not model.on_demand):
         raise ExportError("a budget needs on-demand encoders (run: on_demand); this model runs every encoder")
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not overwrite and json_marker(MANIFEST_FILE, "format",
@@ -181,7 +199,8 @@ def export_model(model: FusionModel, out: str | os.PathLike, *, budget: Budget |
     model.eval()
     try:
         with torch.no_grad():
-            write_directory(target, lambda folder: _write(model, folder, budget))
+            write_directory(target, lambda folder: (_write_towers(model, folder) if isinstance(model, TwoTowerModel)
+                                                    else _write(model, folder, budget)))
     finally:
         model.train(was_training)
     return target
@@ -189,7 +208,7 @@ def export_model(model: FusionModel, out: str | os.PathLike, *, budget: Budget |
 
 def _write(model: FusionModel, folder: Path, budget: Budget | None) -> None:
     (folder / "encoders").mkdir()
-    encoders = [_encoder_entry(model, k, name, folder) for k, name in enumerate(model.encoder_names)]
+    encoders = [_encoder_entry(model, model, name, folder) for name in model.encoder_names]
     K, d = len(model.encoder_names), model.spec.latent_dim
     tokens, mask = torch.zeros(2, K, d), torch.ones(2, K, dtype=torch.bool)
     roles = _roles(model)
@@ -204,16 +223,41 @@ def _write(model: FusionModel, folder: Path, budget: Budget | None) -> None:
         graphs["scout"] = "scout.onnx"
     decoder = model.spec.decoder
     manifest = {
-        "format": EXPORT_FORMAT, "fusionkit": _version(), "opset": OPSET, "torch": torch.__version__,
-        "labels": list(model.labels), "neutral": model.decoder.context.neutral_index, "latent_dim": d,
+        **_manifest_head(model), "kind": "fusion", "neutral": model.decoder.context.neutral_index,
         "encoders": encoders, "on_demand": [model.encoder_names[k] for k in model.on_demand],
         "nan_policy": model.spec.data.nan_policy, "heads": roles,
         "decoder": {"type": decoder.type, **{key: float(getattr(decoder.config, key)) for key in DECODERS[decoder.type]}},
         "budget": None if budget is None else {"describe": budget.describe(), "share": budget.share,
                                                 "gflops": budget.gflops, "threshold": budget.threshold},
-        "spec": model.spec.to_dict(), "plugins": _plugin_versions(),
         "sha256": {path: sha256_file(folder / path) for path in graphs.values()},
     }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _manifest_head(model: FusionModel | TwoTowerModel) -> dict[str, Any]:
+    """What every manifest says first: its format, the versions, the labels and the latent size, the spec."""
+    return {"format": EXPORT_FORMAT, "fusionkit": _version(), "opset": OPSET, "torch": torch.__version__,
+            "labels": list(model.labels), "latent_dim": model.spec.latent_dim, "spec": model.spec.to_dict(),
+            "plugins": _plugin_versions()}
+
+
+def _write_towers(model: TwoTowerModel, folder: Path) -> None:
+    """Each tower's encoders and its tower graph, and a manifest that names which encoders feed which tower."""
+    (folder / "encoders").mkdir()
+    (folder / "towers").mkdir()
+    encoders, towers = [], {}
+    for name, tower in model.towers.items():
+        encoders += [_encoder_entry(model, tower, n, folder) for n in tower.encoder_names]
+        k, d = len(tower.encoder_names), model.spec.latent_dim
+        _onnx_export(_TowerGraph(tower), (torch.zeros(2, k, d), torch.ones(2, k, dtype=torch.bool)),
+                     folder / "towers" / f"{name}.onnx", ["tokens", "mask"], ["embedding", "kept"],
+                     {n: {0: "batch"} for n in ("tokens", "mask", "embedding", "kept")}, f"tower {name!r}")
+        towers[name] = {"encoders": list(tower.encoder_names), "graph": f"towers/{name}.onnx",
+                        "embed_dim": tower.embed_dim}
+    graphs = [e["graph"] for e in encoders] + [t["graph"] for t in towers.values()]
+    manifest = {**_manifest_head(model), "kind": "two_tower", "encoders": encoders, "towers": towers,
+                "logit_scale": float(model.logit_scale.exp()), "nan_policy": model.spec.data.nan_policy,
+                "sha256": {path: sha256_file(folder / path) for path in graphs}}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
@@ -234,7 +278,7 @@ CHECK_ROWS = 512
 CHECK_BUDGETS = ("0%", "25%", "50%", "100%")
 
 
-def check_export(model: FusionModel, folder: str | os.PathLike, store: FeatureStore, index: np.ndarray | None = None,
+def check_export(model: FusionModel | TwoTowerModel, folder: str | os.PathLike, store: FeatureStore, index: np.ndarray | None = None,
                  atol: float = 1e-4) -> list[dict[str, Any]]:
     """Run the export in ``folder`` (without torch) and ``model`` on the rows ``index`` of ``store`` (default: its
     first :data:`CHECK_ROWS`) at the gate's own rule, several caps and the stored mean budget, and compare: the
@@ -244,6 +288,8 @@ def check_export(model: FusionModel, folder: str | os.PathLike, store: FeatureSt
     index = np.arange(min(len(store), CHECK_ROWS)) if index is None else np.asarray(index)
     rows = read_store(store.path, runtime.names).take(index)
     _check_tokens(model, runtime, store, index, rows, atol)
+    if isinstance(model, TwoTowerModel):
+        return _check_towers(model, runtime, store, index, rows, atol)
     budgets: list[Any] = [None, *(CHECK_BUDGETS if runtime.demand else ())]
     if runtime.stored_budget is not None:
         budgets.append("mean")
@@ -282,18 +328,38 @@ def _tied(outputs: dict[str, np.ndarray], row: int, tolerance: float = 1e-6) -> 
     return False
 
 
-def _check_tokens(model: FusionModel, runtime: RuntimeModel, store: FeatureStore, index: np.ndarray,
+def _check_tokens(model: FusionModel | TwoTowerModel, runtime: RuntimeModel, store: FeatureStore, index: np.ndarray,
                   rows: StoreRows, atol: float) -> None:
     """Each encoder graph against the model's encoder and projector on the same rows, so that a mismatch names the
     encoder's graph rather than the fusion."""
     inputs, lengths, mask = store.inputs_for(model, index)
     feeds, present = runtime._inputs(rows.inputs, rows.lengths, None)
+    trunks = [model] if isinstance(model, FusionModel) else list(model.towers.values())
     with torch.no_grad():
-        for k, name in enumerate(model.encoder_names):
-            expected = model.projectors[name](model.encoders[name](inputs[name], lengths.get(name))).cpu().numpy()
-            got = runtime._encode(name, feeds[name], None)
-            valid = mask[:, k].cpu().numpy() & present[:, k]
-            diff = float(np.abs(expected[valid] - got[valid]).max()) if valid.any() else 0.0
-            if diff > atol:
-                raise ExportError(f"encoders/{name}.onnx: its tokens differ from the model's by up to {diff:.3g} "
-                                  f"(more than {atol:g})")
+        for trunk in trunks:
+            for name in trunk.encoder_names:
+                k = model.encoder_names.index(name)
+                expected = trunk.projectors[name](trunk.encoders[name](inputs[name], lengths.get(name))).cpu().numpy()
+                got = runtime._encode(name, feeds[name], None)
+                valid = mask[:, k].cpu().numpy() & present[:, runtime.names.index(name)]
+                diff = float(np.abs(expected[valid] - got[valid]).max()) if valid.any() else 0.0
+                if diff > atol:
+                    raise ExportError(f"encoders/{name}.onnx: its tokens differ from the model's by up to {diff:.3g} "
+                                      f"(more than {atol:g})")
+
+
+def _check_towers(model: TwoTowerModel, runtime: RuntimeModel, store: FeatureStore, index: np.ndarray,
+                  rows: StoreRows, atol: float) -> list[dict[str, Any]]:
+    """Each tower's embeddings from the export against the model's."""
+    inputs, lengths, mask = store.inputs_for(model, index)
+    with torch.no_grad():
+        expected = model(inputs, lengths, mask).embeddings
+    got = runtime.embed(rows.inputs, lengths=rows.lengths)
+    report = []
+    for name, value in expected.items():
+        diff = float(np.abs(value.cpu().numpy() - got[name]).max())
+        if diff > atol:
+            raise ExportError(f"towers/{name}.onnx: its embeddings differ from the model's by up to {diff:.3g} "
+                              f"(more than {atol:g})")
+        report.append({"tower": name, "rows": int(len(index)), "max_embedding_diff": diff})
+    return report

@@ -101,7 +101,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise DeploymentError(f"{path}: unreadable ({str(exc)[:200]}); export the model again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise DeploymentError(f"{path}: not a fusionkit export's manifest (format {EXPORT_FORMAT!r})")
-    needed = ("labels", "latent_dim", "encoders", "on_demand", "decoder", "sha256", "heads")
+    needed = ("labels", "latent_dim", "encoders", "sha256",
+              *(("towers",) if manifest.get("kind") == "two_tower" else ("on_demand", "decoder", "heads")))
     missing = [key for key in needed if key not in manifest]
     if missing:
         raise DeploymentError(f"{path}: the manifest lacks {missing}; export the model again")
@@ -136,12 +137,14 @@ class RuntimeModel:
         self.encoders: list[dict[str, Any]] = manifest["encoders"]
         self.names = [e["name"] for e in self.encoders]
         self.labels: tuple[str, ...] = tuple(manifest["labels"])
-        self.demand = [self.names.index(n) for n in manifest["on_demand"]]
+        self.demand = [self.names.index(n) for n in manifest.get("on_demand", [])]
         self.costs = np.array([float(e["cost_gflops"] or 0.0) for e in self.encoders], dtype=np.float64)
         if not np.isfinite(self.costs.sum()):
             raise DeploymentError(f"{self.folder}: the manifest's encoder costs are not finite")
         self.sessions = {e["name"]: session(e["graph"]) for e in self.encoders}
-        self.fusion = session("fusion.onnx")
+        self.towers: dict[str, dict[str, Any]] = manifest.get("towers") or {}
+        self.tower_sessions = {name: session(t["graph"]) for name, t in self.towers.items()}
+        self.fusion = None if self.towers else session("fusion.onnx")
         self.scout = session("scout.onnx") if self.demand else None
         self.stored_budget = manifest.get("budget")
 
@@ -172,19 +175,22 @@ class RuntimeModel:
     # --- prediction -----------------------------------------------------------------------------------------------
 
     def _inputs(self, inputs: Mapping[str, np.ndarray], lengths: Mapping[str, np.ndarray] | None,
-                mask: np.ndarray | None) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
-        """Each encoder's graph inputs and the ``[B, K]`` availability (NaN rows missing, or refused)."""
+                mask: np.ndarray | None, names: list[str] | None = None
+                ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+        """The graph inputs of the encoders ``names`` (default: every encoder) and their ``[B, len(names)]``
+        availability (NaN rows missing, or refused)."""
         lengths = lengths or {}
-        missing = [n for n in self.names if n not in inputs]
+        names = self.names if names is None else names
+        missing = [n for n in names if n not in inputs]
         if missing:
-            raise DeploymentError(f"inputs: no array for encoder(s) {missing}; the export reads {self.names}")
-        batch = len(next(iter(inputs.values())))
-        present = np.ones((batch, len(self.names)), dtype=bool) if mask is None else np.asarray(mask, dtype=bool).copy()
-        if present.shape != (batch, len(self.names)):
-            raise DeploymentError(f"mask: expected [{batch}, {len(self.names)}], found {list(present.shape)}")
+            raise DeploymentError(f"inputs: no array for encoder(s) {missing}; the export reads {names}")
+        batch = len(inputs[names[0]])
+        present = np.ones((batch, len(names)), dtype=bool) if mask is None else np.asarray(mask, dtype=bool).copy()
+        if present.shape != (batch, len(names)):
+            raise DeploymentError(f"mask: expected [{batch}, {len(names)}], found {list(present.shape)}")
         feeds = {}
-        for k, entry in enumerate(self.encoders):
-            name = entry["name"]
+        for k, name in enumerate(names):
+            entry = self.encoders[self.names.index(name)]
             x = np.asarray(inputs[name], dtype=np.float32)
             shape = entry["inputs"]["x"]["shape"]
             if x.ndim != len(shape) or x.shape[-1] != shape[-1] or len(x) != batch:
@@ -228,6 +234,8 @@ class RuntimeModel:
         """Predict a batch: ``inputs`` maps every encoder name to ``[B, D]`` (or ``[B, T, D]`` frames, with
         ``lengths``); ``mask`` ``[B, K]`` is False where an encoder is missing. ``budget``: None (the gate's own
         rule), a cap (``"40%"``, ``2.5`` GFLOPs) or ``"mean"`` (the mean budget the export stores)."""
+        if self.towers:
+            raise DeploymentError(f"{self.folder}: a two-tower export embeds and predicts no answers; use embed()")
         budget = self.budget(budget)
         if budget is not None and not self.demand:
             raise DeploymentError("a budget needs on-demand encoders; this export runs every encoder always")
@@ -256,6 +264,24 @@ class RuntimeModel:
         order, sal = self._decode(values)
         return RuntimeOutput(probs=values["probs"], ran=ran, cost=cost, answers=from_order(order, sal, self.labels),
                              kept=values["kept"], presence=values.get("presence"), salience=values.get("salience"))
+
+    def embed(self, inputs: Mapping[str, np.ndarray], towers: list[str] | None = None, *,
+              lengths: Mapping[str, np.ndarray] | None = None,
+              masks: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """A two-tower export's L2-normalised embeddings ``[B, E]``, per tower of ``towers`` (default: every tower),
+        each from its own encoders' arrays in ``inputs`` (and ``masks[tower]`` ``[B, K_t]``: False where missing)."""
+        if not self.towers:
+            raise DeploymentError(f"{self.folder}: a fusion export predicts (predict()); only a two-tower export embeds")
+        unknown = [t for t in towers or () if t not in self.towers]
+        if unknown:
+            raise DeploymentError(f"towers {unknown}: the export has {list(self.towers)}")
+        out = {}
+        for name in towers or list(self.towers):
+            names = self.towers[name]["encoders"]
+            feeds, present = self._inputs(inputs, lengths, (masks or {}).get(name), names)
+            tokens = np.stack([self._encode(n, feeds[n], None) for n in names], axis=1)
+            out[name] = self.tower_sessions[name].run(["embedding"], {"tokens": tokens, "mask": present})[0]
+        return out
 
     def _decode(self, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         decoder, neutral = self.manifest["decoder"], self.manifest.get("neutral")
