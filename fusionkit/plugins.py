@@ -27,7 +27,7 @@ import pluggy
 
 from fusionkit import config as cfg
 from fusionkit import hookspecs
-from fusionkit.errors import FusionkitWarning, PluginError
+from fusionkit.errors import DuplicateComponentError, FusionkitWarning, PluginError
 from fusionkit.registry import Preset, Provider, Registration, Registry
 
 __all__ = ["ENTRY_POINT_GROUP", "BUILTIN_MODULE", "BUILTIN_PLUGIN", "PluginInfo", "LoadedPlugins", "normalize",
@@ -133,8 +133,12 @@ def check_presets(registry: Registry, plugin: str) -> None:
                 problems.append(f"{where}: unknown distillation loss {block['type']!r}{refers}; known: "
                                 f"{', '.join(registry.names('distill_loss'))}")
                 continue
-            options = {k: v for k, v in block.items() if k != "type"}
-            cfg.structure(registry.get("distill_loss", block["type"]).config, options, where, problems)
+            try:
+                config = registry.get("distill_loss", block["type"]).config
+            except DuplicateComponentError as exc:  # two other plugins provide the loss: the spec must choose
+                problems.append(f"{where}: {exc}")
+                continue
+            cfg.structure(config, {k: v for k, v in block.items() if k != "type"}, where, problems)
         if problems:
             raise TypeError("; ".join(problems))
 

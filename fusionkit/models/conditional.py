@@ -41,12 +41,13 @@ class RowShare:
         return cls(size, tuple(range(rank, size, world)) or (0,))
 
 
-def row_uniform(share: RowShare | None, batch: int, device: torch.device) -> torch.Tensor:
+def row_uniform(share: RowShare | None, batch: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[batch]`` uniform draws, one per row: the global batch's draws at this rank's positions when ``share``
-    describes this batch, else the batch's own."""
+    describes this batch, else the batch's own (in one process, exactly ``torch.rand(batch)``)."""
     if share is None or len(share.positions) != batch:
-        return torch.rand(batch, device=device)
-    return torch.rand(share.size, device=device)[torch.as_tensor(share.positions, device=device)]
+        return torch.rand(batch, dtype=dtype, device=device)
+    return torch.rand(share.size, dtype=dtype, device=device)[torch.as_tensor(share.positions, device=device)]
 
 
 def value_per_cost(scout_scores: torch.Tensor, available: torch.Tensor, costs: torch.Tensor,

@@ -403,7 +403,7 @@ class Trunk(nn.Module):
             if budget is not None:
                 limit = torch.full_like(full, budget.limit(float(choice.sum()))) - paid
             else:  # a random share of each row's on-demand cost, so every budget is seen in training
-                limit = row_uniform(self.row_share, batch, device).to(full.dtype) * (full - paid)
+                limit = row_uniform(self.row_share, batch, device, full.dtype) * (full - paid)
                 if self.conditional.full_budget_rows > 0:  # and the full budget on a share of the rows
                     whole = row_uniform(self.row_share, batch, device) < self.conditional.full_budget_rows
                     limit = torch.where(whole, full - paid, limit)
