@@ -171,13 +171,14 @@ class Dist:
                 dist.broadcast(tensor, 0)
 
     def sum(self, values: Mapping[str, float]) -> dict[str, float]:
-        """``values`` summed over ranks (every rank must pass the same keys)."""
+        """``values`` summed over ranks, over the union of their keys (a key one rank lacks counts 0 there: a loss
+        term that only some ranks' rows produced in an epoch, such as the scout's on a small share of rows)."""
         if not self.enabled:
             return dict(values)
         import torch.distributed as dist
 
-        keys = sorted(values)
-        total = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        keys = sorted({key for keys in self.all_gather_object(sorted(values)) for key in keys})
+        total = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
         dist.all_reduce(total)
         return dict(zip(keys, total.tolist()))
 

@@ -98,7 +98,8 @@ def test_random_rows_meet_the_rates_exactly(trained):
 def test_the_cascade_adds_encoders_in_cost_order_within_its_validation_budget(trained):
     model, store, split, _ = trained
     steps = cascade(model, store, split.test, split.val, [0.0, 0.5, 2.0, 4.0])
-    assert steps[0]["mean_gflops"] == 0.0 and steps[-1]["mean_gflops"] == 4.0
+    assert steps[-1]["mean_gflops"] == 4.0  # the full budget: every row goes on to the last stage
+    assert steps[0]["mean_gflops"] <= 1.0  # fitted to spend nothing on the validation rows; test rows land near
     assert all(a["mean_gflops"] <= b["mean_gflops"] + 1e-9 for a, b in zip(steps, steps[1:]))
     on_val = cascade(model, store, split.val, split.val, [0.5, 2.0])  # fitted and scored on the same rows
     assert on_val[0]["mean_gflops"] <= 0.5 + 1e-9 and on_val[1]["mean_gflops"] <= 2.0 + 1e-9

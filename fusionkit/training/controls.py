@@ -167,7 +167,7 @@ class _Cascade:
     def fit(self, target: float, axis: str) -> float:
         """The highest threshold whose mean cost on these rows stays within ``target`` (a higher threshold sends
         more rows on to dearer stages)."""
-        candidates = np.unique(np.concatenate([self.confidence.ravel(), [-np.inf]]))
+        candidates = np.unique(np.concatenate([self.confidence.ravel(), [-np.inf, np.inf]]))
         low, high = 0, len(candidates) - 1
         while low < high:
             middle = (low + high + 1) // 2
