@@ -193,11 +193,9 @@ def _budget_option(args: argparse.Namespace, model, store, index) -> dict:
 
 def _warn_over_cap(model, budget) -> None:
     """A cap below what the always-run encoders cost cannot hold (they run whatever the budget): say so."""
-    if budget.mean or budget.seconds is not None:
-        return
-    always = model.always_run_gflops()
-    limit = budget.limit(sum(c or 0.0 for c in model.encoder_costs().values()))
-    if always > limit + 1e-9:
+    over = model.over_cap(budget)
+    if over is not None:
+        limit, always = over
         print(f"warning: --budget {budget.describe()} ({limit:.4g} GFLOPs per sample) is below what the always-run "
               f"encoders cost ({always:.4g}); they run anyway, so every sample spends {always:.4g} and nothing on "
               "demand runs", file=sys.stderr)

@@ -190,11 +190,10 @@ def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, 
                           "(fusionkit.inference.fit_mean_budget); a cap needs nothing stored: give it at predict time")
     if budget is not None and (isinstance(model, TwoTowerModel) or not model.on_demand):
         raise ExportError("a budget needs on-demand encoders (run: on_demand); this model runs every encoder")
-    target = Path(out)
-    if target.exists() and any(target.iterdir()) and not overwrite and json_marker(MANIFEST_FILE, "format",
-                                                                                      (EXPORT_FORMAT,))(target):
+    target, is_export = Path(out), json_marker(MANIFEST_FILE, "format", (EXPORT_FORMAT,))
+    if target.is_dir() and any(target.iterdir()) and not overwrite and is_export(target):
         raise ExportError(f"{target}: holds an earlier export; give --overwrite to replace it")
-    check_replaceable(target, "model export", json_marker(MANIFEST_FILE, "format", (EXPORT_FORMAT,)))
+    check_replaceable(target, "model export", is_export)
     was_training = model.training
     model.eval()
     try:

@@ -309,10 +309,15 @@ class Trunk(nn.Module):
             self._costs = costs
         return dict(self._costs)
 
-    def always_run_gflops(self) -> float:
-        """GFLOPs per sample of the encoders that run whatever the budget (every encoder not on demand)."""
+    def over_cap(self, budget: Budget | None) -> tuple[float, float] | None:
+        """``(limit, always)`` in GFLOPs per sample when ``budget`` is a cap below what the always-run encoders cost
+        (they run whatever the budget, so the cap cannot hold); None otherwise."""
+        if budget is None or budget.mean or budget.seconds is not None:
+            return None
         costs = self.encoder_costs()
-        return float(sum(costs[n] or 0.0 for k, n in enumerate(self.encoder_names) if k not in self.on_demand))
+        always = float(sum(costs[n] or 0.0 for k, n in enumerate(self.encoder_names) if k not in self.on_demand))
+        limit = budget.limit(float(sum(c or 0.0 for c in costs.values())))
+        return (limit, always) if always > limit + 1e-9 else None
 
     def cost_vector(self, device: torch.device) -> torch.Tensor:
         """``[K]`` float64: each encoder's GFLOPs per sample, in ``encoder_names`` order (an on-demand encoder's must

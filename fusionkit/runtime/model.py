@@ -6,7 +6,6 @@ Nothing here imports torch: a deployment installs numpy, onnxruntime and safeten
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from fusionkit.answers import Prediction, from_order
 from fusionkit.budget import Budget
 from fusionkit.decoding import blemore_decode, presence_salience_decode
 from fusionkit.errors import FusionkitError
+from fusionkit.files import sha256_file
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "DeploymentError", "RuntimeOutput", "RuntimeModel", "load",
            "within_budget", "value_per_cost"]
@@ -83,14 +83,6 @@ def value_per_cost(scores: np.ndarray, present: np.ndarray, costs: np.ndarray, d
     return np.where(present[:, demand], value, np.float32(-np.inf))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_FILE
     try:
@@ -122,7 +114,7 @@ class RuntimeModel:
             path = self.folder / relative
             if ".." in Path(relative).parts or not path.is_file():
                 raise DeploymentError(f"{path}: missing graph named by the manifest; export the model again")
-            if _sha256(path) != expected:
+            if sha256_file(path) != expected:
                 raise DeploymentError(f"{path}: its SHA-256 does not match the manifest's (the graph was changed or "
                                     "replaced after export); refused. Export the model again")
         options = ort.SessionOptions()

@@ -31,6 +31,7 @@ from fusionkit.inference import collect_outputs
 from fusionkit.metrics import scores_from_matrices
 from fusionkit.models.fusion import FusionModel
 from fusionkit.progress import progress_bar
+from fusionkit.training.tasks import compute_summary
 
 __all__ = ["EXHAUSTIVE", "static_choices", "static_frontier", "frontier_at", "random_rows", "cascade",
            "curve_controls", "verdict"]
@@ -45,11 +46,9 @@ class _Scorer:
 
     def __init__(self, model: FusionModel, store: FeatureStore, index: np.ndarray,
                  seconds: dict[str, float] | None) -> None:
-        self.model, self.store, self.index = model, store, np.asarray(index)
+        self.model, self.store, self.index, self.seconds = model, store, np.asarray(index), seconds
         self.truth = store.truth_matrix(self.index)
         self.demand = list(model.on_demand)
-        names = model.encoder_names
-        self.per_encoder = None if not seconds else np.array([seconds.get(n, 0.0) for n in names])
 
     def outputs(self, runs: np.ndarray) -> dict[str, np.ndarray]:
         return collect_outputs(self.model, self.store, self.index, runs=runs)
@@ -57,11 +56,11 @@ class _Scorer:
     def point(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
         order, sal = self.model.decoder.decode(outputs)
         score = scores_from_matrices(order_to_matrix(order, sal, len(self.model.labels)), self.truth)["score"]
-        point = {"score": float(score), "mean_gflops": float(np.mean(outputs["cost"])),
-                 "run_rate": {self.model.encoder_names[k]: float(np.mean(outputs["ran"][:, k])) for k in self.demand}}
-        if self.per_encoder is not None:
-            point["mean_encoder_seconds"] = float(np.mean(outputs["ran"] @ self.per_encoder))
-        return point
+        spent = compute_summary(self.model, outputs, self.seconds)
+        names = [self.model.encoder_names[k] for k in self.demand]
+        return {"score": float(score), "mean_gflops": spent["mean_gflops"],
+                "run_rate": {name: spent["run_rate"][name] for name in names}} | (
+            {"mean_encoder_seconds": spent["mean_encoder_seconds"]} if self.seconds else {})
 
     def every_row(self, chosen: Sequence[int]) -> np.ndarray:
         """``[N, m]``: the on-demand encoders at positions ``chosen`` (of ``on_demand``) run on every row."""
@@ -154,24 +153,34 @@ class _Cascade:
         self.scorer = scorer
         costs, names = scorer.model.encoder_costs(), scorer.model.encoder_names
         self.order = sorted(range(len(scorer.demand)), key=lambda j: costs[names[scorer.demand[j]]] or 0.0)
-        self.stages = [scorer.outputs(scorer.every_row(self.order[:s])) for s in range(len(self.order) + 1)]
-        self.confidence = np.stack([stage["probs"].max(axis=1) for stage in self.stages])  # [stages, N]
+        stages = [scorer.outputs(scorer.every_row(self.order[:s])) for s in range(len(self.order) + 1)]
+        self.stages = {key: np.stack([stage[key] for stage in stages]) for key in stages[0]}  # [stages, N, ...]
+        self.confidence = self.stages["probs"].max(axis=2)  # [stages, N]
+        seconds = scorer.seconds
+        per_encoder = None if not seconds else np.array([seconds.get(n, 0.0) for n in names])
+        self.spent = {"mean_gflops": self.stages["cost"],  # what each row spends at each stage, on either axis
+                      "mean_encoder_seconds": None if per_encoder is None else self.stages["ran"] @ per_encoder}
 
-    def outputs(self, threshold: float) -> dict[str, np.ndarray]:
-        """Each row's outputs at the first stage whose confidence reaches ``threshold`` (the last stage else)."""
+    def _stops(self, threshold: float) -> np.ndarray:
+        """``[N]``: each row's first stage whose confidence reaches ``threshold`` (the last stage else)."""
         sure = self.confidence >= threshold
         sure[-1] = True
-        stop, rows = sure.argmax(axis=0), np.arange(self.confidence.shape[1])
-        return {key: np.stack([stage[key] for stage in self.stages])[stop, rows] for key in self.stages[0]}
+        return sure.argmax(axis=0)
+
+    def outputs(self, threshold: float) -> dict[str, np.ndarray]:
+        """Each row's outputs at the stage where it stops."""
+        stop, rows = self._stops(threshold), np.arange(self.confidence.shape[1])
+        return {key: value[stop, rows] for key, value in self.stages.items()}
 
     def fit(self, target: float, axis: str) -> float:
-        """The highest threshold whose mean cost on these rows stays within ``target`` (a higher threshold sends
-        more rows on to dearer stages)."""
+        """The highest threshold whose mean cost (on ``axis``) on these rows stays within ``target`` (a higher
+        threshold sends more rows on to dearer stages)."""
+        spent, rows = self.spent[axis], np.arange(self.confidence.shape[1])
         candidates = np.unique(np.concatenate([self.confidence.ravel(), [-np.inf, np.inf]]))
         low, high = 0, len(candidates) - 1
         while low < high:
             middle = (low + high + 1) // 2
-            if self.scorer.point(self.outputs(float(candidates[middle])))[axis] <= target + 1e-9:
+            if float(spent[self._stops(float(candidates[middle])), rows].mean()) <= target + 1e-9:
                 low = middle
             else:
                 high = middle - 1

@@ -54,8 +54,7 @@ def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: 
         metrics["presence_map"] = presence_map(outputs["presence"], truth)
     metrics["n"] = int(len(truth))
     if "ran" in outputs:
-        metrics["compute"] = compute_summary(model, outputs, None if budget is None or budget.seconds is None
-                                             else dict(budget.seconds), budget=budget)
+        metrics["compute"] = compute_summary(model, outputs, budget=budget)
     return metrics
 
 
@@ -83,13 +82,16 @@ def budget_curve(model: FusionModel, store: FeatureStore, index: np.ndarray,
 def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray], seconds: dict[str, float] | None = None,
                     budget: Budget | None = None) -> dict[str, Any]:
     """What a model with on-demand encoders spent: mean GFLOPs per sample (and the full cost, every encoder run),
-    and the share of samples on which each encoder ran; with a time budget's ``seconds`` per sample of each
-    on-demand encoder, also their measured time per sample as spent (``mean_encoder_seconds``) and in full.
+    and the share of samples on which each encoder ran; with ``seconds`` per sample of each on-demand encoder (by
+    default a time budget's own), also their measured time per sample as spent (``mean_encoder_seconds``) and in
+    full.
 
     ``unused_runs``: the share of on-demand runs whose token the gate's final top-n did not keep (compute spent for
     nothing), and ``unused_run_rate`` the same per encoder. With ``budget``, it is recorded (``budget``); a cap below
     what the always-run encoders cost cannot hold, since they run whatever the budget: ``over_cap`` then says so,
     with both figures."""
+    if seconds is None and budget is not None and budget.seconds is not None:
+        seconds = dict(budget.seconds)
     costs = model.encoder_costs()
     summary: dict[str, Any] = {
         "mean_gflops": float(np.mean(outputs["cost"])), "full_gflops": float(sum(c or 0.0 for c in costs.values())),
@@ -104,9 +106,9 @@ def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray], seconds:
                                       for j, k in enumerate(demand)}
     if budget is not None:
         summary["budget"] = budget.describe()
-        always = model.always_run_gflops()
-        limit = budget.limit(summary["full_gflops"])
-        if not budget.mean and budget.seconds is None and always > limit + 1e-9:
+        over = model.over_cap(budget)
+        if over is not None:
+            limit, always = over
             summary["over_cap"] = {
                 "limit_gflops": limit, "always_run_gflops": always,
                 "note": f"the budget {budget.describe()} ({limit:.4g} GFLOPs per sample) is below what the always-run "
