@@ -267,12 +267,13 @@ class Gate(nn.Module):
     def score(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> Selection:
-        return self.select(self.score(tokens, mask), mask)
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None, first: torch.Tensor | None = None) -> Selection:
+        return self.select(self.score(tokens, mask), mask, first)
 
-    def select(self, scores: torch.Tensor, mask: torch.Tensor | None) -> Selection:
+    def select(self, scores: torch.Tensor, mask: torch.Tensor | None, first: torch.Tensor | None = None) -> Selection:
         """Rank ``[B, K]`` scores and keep the top-n (or top-p) available encoders: the selection every gate shares
-        (training noise and the soft warm-up included)."""
+        (training noise and the soft warm-up included). ``first`` ``[B, K]``: encoders kept before any other (the
+        on-demand encoders that ran for each sample, so that what runs is fused)."""
         scores = full_precision(scores)  # ranks and weights in float32 (at least) under autocast
         if self.training and self.noise > 0:
             scores = scores + self.noise * torch.randn_like(scores)
@@ -280,9 +281,9 @@ class Gate(nn.Module):
         if self.config.selection == "top_p":
             max_n = slot_count(self.config, scores.shape[1])
             selection = select_top_p(scores, mask, self.config.top_p, min(self.config.min_n, max_n), max_n,
-                                     self.temperature, soft_tail, self.balance_weight)
+                                     self.temperature, soft_tail, self.balance_weight, first)
         else:
-            selection = select_top_n(scores, mask, self.top_n, self.temperature, soft_tail, self.balance_weight)
+            selection = select_top_n(scores, mask, self.top_n, self.temperature, soft_tail, self.balance_weight, first)
         return in_encoder_order(selection) if self.config.slot_order == "fixed" else selection
 
 

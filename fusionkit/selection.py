@@ -35,6 +35,7 @@ def select_top_n(
     temperature: float = 1.0,
     soft_tail: bool = False,
     balance_weight: float = 0.0,
+    first: torch.Tensor | None = None,
 ) -> Selection:
     """Keep, per sample, the ``n`` best-scored available encoders in rank order.
 
@@ -43,18 +44,26 @@ def select_top_n(
     available keeps all available ones. With ``soft_tail`` the last slot is a
     softmax-weighted mixture of every encoder not in the first ``n - 1`` slots,
     so that all encoders and the gate receive gradient early in training.
+    ``first`` [B, K] (None: none): encoders kept before any other, whatever their scores (the on-demand encoders
+    that ran for a sample: what runs is fused); the kept slots stay in the order of their scores.
     """
     batch, k = scores.shape
     take = min(n, k)
-    if mask is None:  # every encoder available: no masking work on the hot path
+    if mask is None and first is None:  # every encoder available: no masking work on the hot path
         mask = torch.ones_like(scores, dtype=torch.bool)
         masked = scores
         top_scores, top_idx = scores.topk(take, dim=1)
         slot_mask = torch.ones_like(top_idx, dtype=torch.bool)
         weights = torch.softmax(top_scores / temperature, dim=1)
     else:
+        if mask is None:
+            mask = torch.ones_like(scores, dtype=torch.bool)
         masked = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        top_scores, top_idx = masked.topk(take, dim=1)
+        if first is None:
+            top_scores, top_idx = masked.topk(take, dim=1)
+        else:
+            top_idx = _first_then_best(masked, mask, first & mask, take)
+            top_scores = masked.gather(1, top_idx)
         slot_mask = mask.gather(1, top_idx)
         logits = (top_scores / temperature).masked_fill(~slot_mask, float("-inf"))
         weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
@@ -86,14 +95,16 @@ def select_top_p(
     temperature: float = 1.0,
     soft_tail: bool = False,
     balance_weight: float = 0.0,
+    first: torch.Tensor | None = None,
 ) -> Selection:
     """Keep, per sample, the smallest rank-ordered prefix of available encoders whose gate probability
     (softmax of the scores over the available encoders) reaches ``p``, at least ``min_n`` and at most
     ``max_n`` of them (fewer when fewer are available). Confident samples keep few encoders, uncertain
     ones more. The result has ``max_n`` slots; slots beyond a sample's prefix are empty (-1, masked).
     During the soft warm-up it is top-``max_n`` with the soft tail, so every encoder learns early.
+    ``first``: as :func:`select_top_n`'s, and always kept.
     """
-    ranked = select_top_n(scores, mask, max_n, temperature, soft_tail, 0.0)
+    ranked = select_top_n(scores, mask, max_n, temperature, soft_tail, 0.0, first)
     available = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask
     masked = scores.masked_fill(~available, torch.finfo(scores.dtype).min)
     if not soft_tail:
@@ -102,12 +113,23 @@ def select_top_p(
         before = in_rank.cumsum(1) - in_rank  # probability of the better-ranked slots
         position = torch.arange(ranked.kept.shape[1], device=scores.device)
         keep = ranked.slot_mask & ((before < p) | (position < min_n))
+        if first is not None:
+            keep = keep | (ranked.slot_mask & first.gather(1, ranked.kept.clamp_min(0)))
         logits = (scores.gather(1, ranked.kept.clamp_min(0)) / temperature).masked_fill(~keep, float("-inf"))
         ranked = Selection(scores, ranked.kept.masked_fill(~keep, -1), torch.softmax(logits, dim=1).nan_to_num(0.0),
                            keep, None, None)
     if balance_weight > 0:
         ranked.balance_loss = _balance_loss(masked, available, ranked.kept, temperature) * balance_weight
     return ranked
+
+
+def _first_then_best(masked: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, take: int) -> torch.Tensor:
+    """``[B, take]`` indices: the encoders of ``first`` and then the best-scored others, in the order of their
+    scores (``masked``: the scores, the lowest float where ``mask`` says unavailable). Top-k only, so it exports."""
+    scores = masked.detach()
+    span = (scores.max(dim=1).values - scores.masked_fill(~mask, float("inf")).min(dim=1).values).clamp_min(0) + 1
+    chosen = (scores + first.to(scores.dtype) * span.unsqueeze(1)).topk(take, dim=1).indices
+    return chosen.gather(1, scores.gather(1, chosen).topk(take, dim=1).indices)
 
 
 def _balance_loss(masked: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -164,6 +164,13 @@ class TrainConfig:
 class ConditionalConfig:
     """How a model with on-demand encoders trains its scout (see docs/conditional.md)."""
 
+    scout: Literal["gate", "value"] = option(
+        "gate", doc="What decides which on-demand encoders run for a sample. gate: the gate's own scores before they "
+        "run, taught the gate's scores with every token, in the scout's order. value: a small value head that "
+        "predicts, from the tokens computed so far, how much this sample's loss drops when each on-demand encoder's "
+        "token joins the fusion, taught on the rows where everything ran; it decides in stages (one encoder per row "
+        "at each stage, the rest re-scored with its token) by predicted value per unit of cost.")
+    value_hidden: int = option(64, doc="Hidden width of the value head (scout: value).", validator=positive)
     scout_rows: float = option(
         1.0, doc="Share of each training batch on which every on-demand encoder runs, so the scout learns what the "
         "gate would score with every token (1: every row; less is cheaper, and teaches the scout from fewer rows).",

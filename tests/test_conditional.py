@@ -17,8 +17,10 @@ from fusionkit.models.factory import build_model, load_model
 from fusionkit.spec import load_spec
 
 
-def demand_spec(gate="attention", **train):
+def demand_spec(gate="attention", top_n=2, **train):
+    """Three encoders, enc1 (1 GFLOP) and enc2 (3 GFLOPs) on demand; ``top_n`` 3 keeps every encoder that runs."""
     spec = tiny_spec(**train)
+    spec["gate"]["top_n"] = top_n
     spec["encoders"][1].update(run="on_demand", cost_gflops=1.0)
     spec["encoders"][2].update(run="on_demand", cost_gflops=3.0)
     spec["gate"]["type"] = gate
@@ -60,7 +62,7 @@ def test_an_on_demand_encoder_runs_once_on_the_rows_that_keep_it():
 
 
 def test_a_budget_caps_every_samples_cost_in_the_scouts_order():
-    model = build_model(demand_spec()).eval()
+    model = build_model(demand_spec(top_n=3)).eval()
     x = batch(64)
     spent = {}
     for budget in ("0%", "25%", "50%", "75%", "100%", 0.5, 2.0):
@@ -143,7 +145,7 @@ def test_a_checkpoint_keeps_its_run_modes_and_costs(tmp_path):
 def test_budget_sampling_gives_a_share_of_the_training_rows_the_full_budget(share):
     """conditional.full_budget_rows: that share of a training batch runs every on-demand encoder (the 100% case);
     the rest keep a random share of their cost, so some rows run fewer."""
-    spec = demand_spec()
+    spec = demand_spec(top_n=3)
     spec["conditional"] = {"full_budget_rows": share, "scout_rows": 0.0, "scout_weight": 0.0}
     torch.manual_seed(0)
     model = build_model(spec).train()
@@ -253,7 +255,7 @@ def test_the_scout_learns_which_encoder_each_sample_needs(halves_store, tmp_path
 
 
 def test_the_command_line_prints_costs_and_takes_budgets(synthetic_store, tmp_path, capsys):
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(demand_spec(epochs=2)))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(demand_spec(top_n=3, epochs=2)))
     assert main(["build", str(tmp_path / "spec.yaml")]) == 0
     out = capsys.readouterr().out
     assert "cost per sample (GFLOPs):" in out and "enc2" in out and "on_demand" in out and "declared" in out
@@ -434,7 +436,7 @@ def test_a_fold_ensemble_takes_a_cap_and_a_mean_budget_fitted_per_model(syntheti
 
 
 def test_a_budget_over_measured_seconds_chooses_by_them_and_reports_gflops():
-    model = build_model(demand_spec()).eval()  # enc1 1 GFLOP, enc2 3 GFLOPs; in seconds the other way round
+    model = build_model(demand_spec(top_n=3)).eval()  # enc1 1 GFLOP, enc2 3 GFLOPs; in seconds the other way round
     x = batch(64)
     seconds = {"enc1": 3e-3, "enc2": 1e-3}
     flops, timed = model(x, budget="25%"), model(x, budget=Budget.parse("25%").timed(seconds))

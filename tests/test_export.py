@@ -56,7 +56,8 @@ def test_an_export_runs_as_the_model_at_every_budget(sequences, exported):
     report = check_export(model, exported, store)
     assert [line["budget"] for line in report] == [None, "0%", "25%", "50%", "100%", "mean"]
     assert all(line["max_prob_diff"] <= 1e-4 for line in report)
-    assert report[1]["mean_gflops"] == 0.0 and report[4]["mean_gflops"] == 4.0
+    assert report[1]["mean_gflops"] == 0.0 and 0.0 < report[4]["mean_gflops"] <= 4.0  # top_n 2 of 3: the
+    # on-demand encoders that could enter a row's top two run at 100%
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["budget"]["threshold"] is not None and set(manifest["sha256"]) == {
         "fusion.onnx", "scout.onnx", "encoders/enc0.onnx", "encoders/enc1.onnx", "encoders/enc2.onnx"}

@@ -66,8 +66,9 @@ class _EncoderGraph(nn.Module):
 
 
 class _ScoutGraph(nn.Module):
-    """``(tokens [B, K, d], present [B, K]) -> (scores [B, K], runs [B, m])``: the scout's scores from the tokens
-    that ran (zeros stand for the on-demand ones), and the on-demand encoders the gate's own rule keeps."""
+    """``(tokens [B, K, d], present [B, K]) -> (scores [B, K], runs [B, m], candidates [B, m])``: the scout's scores
+    from the tokens that ran (zeros stand for the on-demand ones), the on-demand encoders the gate's own rule keeps,
+    and those that could enter the row's top-n (the only ones a budget may run)."""
 
     def __init__(self, model: FusionModel) -> None:
         super().__init__()
@@ -76,8 +77,9 @@ class _ScoutGraph(nn.Module):
     def forward(self, tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         scores = model.gate.score(tokens + model.identity, present)
-        runs = kept_by(model.gate.select(scores, present).kept, model.on_demand) & present[:, list(model.on_demand)]
-        return scores, runs
+        available = present[:, list(model.on_demand)]
+        runs = kept_by(model.gate.select(scores, present).kept, model.on_demand) & available
+        return scores, runs, model._candidates(scores, present) & available
 
 
 class _FusionGraph(nn.Module):
@@ -90,7 +92,8 @@ class _FusionGraph(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model
-        encoded = model._fuse(tokens + model.identity, mask, None, None, {})
+        first = model._demanded(mask) if model.on_demand else None  # an on-demand encoder that ran is fused
+        encoded = model._fuse(tokens + model.identity, mask, None, None, {}, first=first)
         probs = {role: head.probabilities(head(encoded.fused)) for role, head in model.heads.items()}
         combined = model.combiner(probs.get("presence"), probs.get("salience"))
         outputs = [combined, *(probs[role] for role in _roles(model)), encoded.selection.kept]
@@ -133,6 +136,9 @@ def _exportable(model: Any) -> FusionModel | TwoTowerModel:
         if len(trunk.domains) > 1:
             raise ExportError("the model keeps per-domain statistics (data.standardize_per_domain or "
                               "projector.domain_norm for a target domain); an export holds one domain's: not built yet")
+    if isinstance(model, FusionModel) and model.value_head is not None:
+        raise ExportError("conditional.scout: value: the value scout decides in stages, which the runtime does not "
+                          "orchestrate yet; export a model trained with the gate's scout (conditional.scout: gate)")
     if isinstance(model, FusionModel) and model.spec.decoder.type not in DECODERS:
         raise ExportError(f"decoder {model.spec.decoder.type!r}: the runtime applies the built-in decoders "
                           f"({', '.join(DECODERS)}) only")
@@ -217,7 +223,8 @@ def _write(model: FusionModel, folder: Path, budget: Budget | None) -> None:
     graphs = {"fusion": "fusion.onnx", **{f"encoders/{e['name']}": e["graph"] for e in encoders}}
     if model.on_demand:
         _onnx_export(_ScoutGraph(model), (tokens, mask), folder / "scout.onnx", ["tokens", "present"],
-                     ["scores", "runs"], {n: {0: "batch"} for n in ("tokens", "present", "scores", "runs")},
+                     ["scores", "runs", "candidates"],
+                     {n: {0: "batch"} for n in ("tokens", "present", "scores", "runs", "candidates")},
                      f"the scout ({model.spec.gate.type} gate)")
         graphs["scout"] = "scout.onnx"
     decoder = model.spec.decoder

@@ -20,7 +20,7 @@ from fusionkit.data.store import FeatureStore
 from fusionkit.devices import device_of, synchronize
 from fusionkit.distributed import Dist
 from fusionkit.errors import FusionkitError
-from fusionkit.models.conditional import Budget, fit_threshold, value_per_cost
+from fusionkit.models.conditional import Budget, fit_threshold, path_values
 from fusionkit.models.fusion import FusionModel, decoder_inputs
 
 __all__ = ["collect_outputs", "predictions_for", "fit_mean_budget", "measure_encoder_seconds", "TIMED_SAMPLES"]
@@ -94,15 +94,41 @@ def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_s
 
 def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, budget: Budget | str) -> Budget:
     """``budget`` as a mean over the data, with its threshold fitted on the rows ``index`` (validation rows, never
-    the rows it will be scored on): the lowest threshold whose mean cost there stays within the budget."""
+    the rows it will be scored on): the lowest threshold whose mean cost there stays within the budget.
+
+    For the gate's scout the threshold is on the scout's value per unit of cost of each on-demand encoder; for the
+    value scout (``conditional.scout: value``) on the predicted loss drop per unit of cost along each row's stages,
+    found by walking them with every encoder's token at hand."""
     budget = attrs.evolve(Budget.parse(budget), mean=True, threshold=None)
-    outputs = collect_outputs(model, store, index, budget=Budget(share=0.0))  # the scout's view, nothing run
-    scores, available = torch.as_tensor(outputs["scout"]), torch.as_tensor(outputs["available"]).bool()
     costs, demand = model.choice_costs(budget, torch.device("cpu")), list(model.on_demand)
-    values = value_per_cost(scores, available, costs, demand)
-    paid = (costs * available).sum(1) - (costs[demand] * available[:, demand]).sum(1)
-    threshold = fit_threshold(values, costs[demand], paid, budget.limit(float(costs.sum())))
+    if model.value_head is not None:
+        values, spent, present = _value_paths(model, store, index, budget)
+    else:
+        outputs = collect_outputs(model, store, index, budget=Budget(share=0.0))  # the scout's view, nothing run
+        scores, present = torch.as_tensor(outputs["scout"]), torch.as_tensor(outputs["available"]).bool()
+        values, spent = model.mean_budget_values(scores, present, costs), costs[demand]
+    paid = (costs * present).sum(1) - (costs[demand] * present[:, demand]).sum(1)
+    threshold = fit_threshold(values, spent, paid, budget.limit(float(costs.sum())))
     return attrs.evolve(budget, threshold=threshold)
+
+
+@torch.no_grad()
+def _value_paths(model: FusionModel, store: FeatureStore, index: np.ndarray,
+                 budget: Budget) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The value scout's paths on ``index`` (:meth:`~fusionkit.models.fusion.Trunk.value_path`) as
+    :func:`~fusionkit.models.conditional.fit_threshold` reads them: each stage's threshold, its cost, and which
+    encoders each row holds (``[N, m]``, ``[N, m]``, ``[N, K]``)."""
+    model.eval()
+    values, spent, present = [], [], []
+    for start in range(0, len(index), 256):
+        rows = index[start : start + 256]
+        inputs, lengths, mask = store.inputs_for(model, rows)
+        keys, cost = model.value_path(inputs, lengths, mask, budget)
+        values.append(path_values(keys).cpu())
+        spent.append(cost.cpu())
+        present.append(torch.ones(len(rows), len(model.encoder_names), dtype=torch.bool) if mask is None
+                       else mask.bool().cpu())
+    return torch.cat(values), torch.cat(spent), torch.cat(present)
 
 
 #: How many samples :func:`measure_encoder_seconds` times by default (the command line's ``--budget-costs time``).

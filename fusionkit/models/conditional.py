@@ -16,12 +16,13 @@ from typing import Any
 
 import attrs
 import torch
+from torch import nn
 
 from fusionkit.budget import Budget
 from fusionkit.errors import FusionkitError
 
 __all__ = ["Budget", "RowShare", "row_uniform", "gather_rows", "scatter_rows", "within_budget", "kept_by", "scout_loss", "value_per_cost",
-           "fit_threshold"]
+           "fit_threshold", "ValueHead", "relative_costs", "path_values"]
 
 
 @attrs.frozen
@@ -55,16 +56,14 @@ def value_per_cost(scout_scores: torch.Tensor, available: torch.Tensor, costs: t
     """``[B, m]``: the scout's softmax share of each on-demand encoder per unit of its cost (relative to the mean
     on-demand cost), -inf where it is absent: what a mean budget's threshold compares."""
     share = torch.softmax(scout_scores.float().masked_fill(~available, float("-inf")), dim=1).nan_to_num(0.0)
-    cost = costs[list(demand)].float()
-    relative = cost / cost.mean().clamp_min(1e-12)
-    value = share[:, list(demand)] / relative.clamp_min(1e-12)
+    value = share[:, list(demand)] / relative_costs(costs, demand)
     return value.masked_fill(~available[:, list(demand)], float("-inf"))
 
 
 def fit_threshold(values: torch.Tensor, costs: torch.Tensor, paid: torch.Tensor, target: float) -> float:
     """The lowest threshold on ``values`` (``[N, m]``, rows of validation data) whose runs (``values >= threshold``)
-    keep the mean cost (``paid`` ``[N]`` for the always-run encoders, plus ``costs`` ``[m]`` where run) within
-    ``target``; +inf when even the always-run encoders exceed it."""
+    keep the mean cost (``paid`` ``[N]`` for the always-run encoders, plus ``costs`` ``[m]``, or ``[N, m]`` per row,
+    where run) within ``target``; +inf when even the always-run encoders exceed it."""
     finite = values[torch.isfinite(values)].unique(sorted=True)
     candidates = torch.cat([finite, finite.new_tensor([float("inf")])])
 
@@ -131,3 +130,36 @@ def scout_loss(scout: torch.Tensor, full: torch.Tensor, available: torch.Tensor)
     log_scout = torch.log_softmax(scout, dim=1)
     terms = torch.where(available, target * (torch.log(target.clamp_min(1e-12)) - log_scout), torch.zeros_like(target))
     return terms.sum(1).mean()
+
+
+class ValueHead(nn.Module):
+    """The value scout (``conditional.scout: value``): from the tokens a sample has computed so far, how much its
+    loss would drop if each on-demand encoder's token joined the fusion (``[B, m]``).
+
+    It reads every token (zeros where not computed), which encoders are present and which on-demand ones already
+    ran, so that after a stage it re-scores the rest knowing what they would add to what is there. Its inputs are
+    detached: it learns to predict the fusion, never to shape the tokens."""
+
+    def __init__(self, encoders: int, demand: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(encoders * dim)
+        self.net = nn.Sequential(nn.Linear(encoders * dim + encoders + demand, hidden), nn.GELU(),
+                                 nn.Linear(hidden, demand))
+
+    def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
+        x = self.norm(tokens.detach().float().flatten(1))
+        return self.net(torch.cat([x, present.float(), ran.float()], dim=1))
+
+
+def relative_costs(costs: torch.Tensor, demand: Sequence[int]) -> torch.Tensor:
+    """``[m]``: each on-demand encoder's cost relative to their mean cost (what a value per unit of cost divides by)."""
+    cost = costs[list(demand)].float()
+    return (cost / cost.mean().clamp_min(1e-12)).clamp_min(1e-12)
+
+
+def path_values(keys: torch.Tensor) -> torch.Tensor:
+    """``[N, m]``: the value scout's keys along each row's path of stages (``keys``, -inf past its end) as the
+    thresholds under which each stage still runs: a row stops at its first stage whose key falls below the
+    threshold, so a stage runs when the lowest key up to it reaches it (what :func:`fit_threshold` compares)."""
+    keys = keys.float().nan_to_num(float("-inf"), float("-inf"), float("-inf"))
+    return torch.cummin(keys, dim=1).values

@@ -6,7 +6,8 @@ is looked up by name in the plugin registry and built by its factory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ import attrs
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.answers import Prediction, from_order
@@ -23,8 +25,10 @@ from fusionkit.interfaces import DOMAINS, BuildContext, Decoder, DeferredInput, 
 from fusionkit.models.conditional import (
     Budget,
     RowShare,
+    ValueHead,
     gather_rows,
     kept_by,
+    relative_costs,
     row_uniform,
     scatter_rows,
     scout_loss,
@@ -33,10 +37,10 @@ from fusionkit.models.conditional import (
 )
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
-from fusionkit.selection import Selection, gather_slots, slot_count
+from fusionkit.selection import Selection, gather_slots, select_top_n, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
 
-__all__ = ["FusionOutput", "Encoded", "measure_gflops", "has_batch_norm", "synchronizes", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
+__all__ = ["FusionOutput", "Encoded", "ValueTarget", "measure_gflops", "has_batch_norm", "synchronizes", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
            "FusionModel", "count_parameters", "decoder_inputs"]
 
 
@@ -72,6 +76,11 @@ class FusionOutput:
     #: In training with ``conditional.full_budget_weight``: each head's logits of the scout's rows (``scout_rows``)
     #: at the full budget, every token they computed fused.
     full_logits: dict[str, torch.Tensor] | None = None
+    #: In training with the value scout (see :class:`ValueTarget`): its predictions on the scout's rows, which
+    #: encoders could be added, and each head's logits ``[m + 1, R, L]`` of the state and of each addition.
+    value_predicted: torch.Tensor | None = None
+    value_addable: torch.Tensor | None = None
+    value_logits: dict[str, torch.Tensor] | None = None
 
     @property
     def used(self) -> torch.Tensor:
@@ -191,6 +200,20 @@ class Encoded:
     available: torch.Tensor | None = None
     #: In training with ``conditional.full_budget_weight``: the scout's rows fused with every token they computed.
     full: Encoded | None = None
+    #: In training with the value scout: its example on the scout's rows (:class:`ValueTarget`).
+    value: ValueTarget | None = None
+
+
+@dataclass
+class ValueTarget:
+    """The value scout's training example on the rows where every on-demand encoder ran: in a random state of
+    what already ran, its ``predicted`` loss drop of each on-demand encoder (``[R, m]``), which could be added
+    (``addable``, ``[R, m]``: present and not yet in the state), and the fused vectors of the state and of the
+    state with each one added (``[m + 1, R, d]``; None without rows)."""
+
+    predicted: torch.Tensor
+    addable: torch.Tensor
+    fused: torch.Tensor | None
 
 
 def synchronizes(module: nn.Module) -> bool:
@@ -267,6 +290,9 @@ class Trunk(nn.Module):
         #: of training are the global batch's).
         self.row_share: RowShare | None = None
         self.conditional = spec.conditional
+        #: The value scout (``conditional.scout: value``): what each on-demand encoder would add to a sample.
+        self.value_head = (ValueHead(len(encoders), len(self.on_demand), spec.latent_dim, spec.conditional.value_hidden)
+                           if self.on_demand and spec.conditional.scout == "value" else None)
         self._declared_costs = {enc.name: enc.cost_gflops for _, enc in encoders}
         self._costs: dict[str, float | None] | None = None
 
@@ -373,7 +399,7 @@ class Trunk(nn.Module):
             if not self.on_demand:
                 return self._fuse(tokens, mask, None, None, {})
             ran = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
-            return self._fuse(tokens, mask, ran, self.cost_vector(tokens.device), {})
+            return self._fuse(tokens, mask, ran, self.cost_vector(tokens.device), {}, first=self._demanded(ran))
         return self._encode_on_demand(inputs, lengths, mask, budget, runs)
 
     def _encode_on_demand(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor],
@@ -387,22 +413,15 @@ class Trunk(nn.Module):
         present = (torch.ones(batch, len(names), dtype=torch.bool, device=device) if mask is None
                    else mask.to(device=device, dtype=torch.bool))
         empty = first.new_zeros(batch, first.shape[1])
-        scout_tokens = torch.stack([columns.get(k, empty) for k in range(len(names))], dim=1) + self.identity
-        scout_scores = self.gate.score(scout_tokens, present)
+        for k in demand:
+            columns[k] = empty
+        scout_scores = self.gate.score(torch.stack([columns[k] for k in range(len(names))], dim=1) + self.identity,
+                                       present)
         available = present[:, list(demand)]
         costs, choice = self.cost_vector(device), self.choice_costs(budget, device)  # reported; chosen by
-        if runs is not None:
-            if tuple(runs.shape) != (batch, len(demand)):
-                raise FusionkitError(f"runs: expected [{batch}, {len(demand)}] (a row per sample, a column per "
-                                     f"on-demand encoder), found {list(runs.shape)}")
-            run = runs.to(device=device, dtype=torch.bool) & available
-        elif budget is not None and budget.mean:
-            if budget.threshold is None:
-                raise FusionkitError(f"budget {budget.describe()}: a mean budget needs its threshold, fitted on "
-                                     "validation rows (fusionkit.inference.fit_mean_budget; the command line "
-                                     "fits it on the run's validation fold)")
-            run = value_per_cost(scout_scores.detach(), present, choice, demand) >= budget.threshold
-        elif budget is not None or (self.training and self.conditional.budget_sampling):
+        limit = None  # GFLOPs (or seconds) per row left for the on-demand encoders, under a cap or a sampled budget
+        if runs is None and not (budget is not None and budget.mean) and (
+                budget is not None or (self.training and self.conditional.budget_sampling)):
             paid = (choice * present).sum(1) - (choice[list(demand)] * available).sum(1)  # the always-run encoders
             full = (choice * present).sum(1)
             if budget is not None:
@@ -412,54 +431,197 @@ class Trunk(nn.Module):
                 if self.conditional.full_budget_rows > 0:  # and the full budget on a share of the rows
                     whole = row_uniform(self.row_share, batch, device) < self.conditional.full_budget_rows
                     limit = torch.where(whole, full - paid, limit)
-            run = within_budget(scout_scores.detach()[:, list(demand)], available, choice[list(demand)], limit)
+        if budget is not None and budget.mean and budget.threshold is None:
+            raise FusionkitError(f"budget {budget.describe()}: a mean budget needs its threshold, fitted on "
+                                 "validation rows (fusionkit.inference.fit_mean_budget; the command line "
+                                 "fits it on the run's validation fold)")
+        run_rows = self._run_rows_of(inputs, lengths, batch, first, empty)
+        if runs is not None:
+            if tuple(runs.shape) != (batch, len(demand)):
+                raise FusionkitError(f"runs: expected [{batch}, {len(demand)}] (a row per sample, a column per "
+                                     f"on-demand encoder), found {list(runs.shape)}")
+            run = runs.to(device=device, dtype=torch.bool) & available
+        elif self.value_head is not None:
+            threshold = -math.inf if limit is not None else budget.threshold if budget is not None else 0.0
+            run = self._stages(columns, present, available, choice, limit, threshold, run_rows)
+        elif budget is not None and budget.mean:
+            run = self.mean_budget_values(scout_scores.detach(), present, choice) >= budget.threshold
+        elif limit is not None:
+            candidates = available & self._candidates(scout_scores.detach(), present)
+            run = within_budget(scout_scores.detach()[:, list(demand)], candidates, choice[list(demand)], limit)
         else:
             run = kept_by(self.gate.select(scout_scores, present).kept, demand) & available
         every = torch.zeros(batch, dtype=torch.bool, device=device)
         if self.training and self.conditional.scout_weight > 0:  # rows that run everything: the scout's target
             every = row_uniform(self.row_share, batch, device) < self.conditional.scout_rows
         computed = present.clone()
+        staged = self.value_head is not None and runs is None
         for j, k in enumerate(demand):
-            need = (run[:, j] | every) & available[:, j]
-            computed[:, k] = need
-            rows = need.nonzero().squeeze(1)
+            computed[:, k] = (run[:, j] | every) & available[:, j]
+            # the stages ran their rows already: what is left is the scout's target rows
+            need = computed[:, k] & ~run[:, j] if staged else computed[:, k]
+            columns[k] = columns[k] + run_rows(k, need.nonzero().squeeze(1))
+        raw = torch.stack([columns[k] for k in range(len(names))], dim=1)
+        tokens = raw + self.identity
+        ran = present.clone()
+        ran[:, list(demand)] = run
+        aux = {}
+        if every.any() and not self.gate.supervision and self.value_head is None:  # with rank supervision, its
+            # target teaches the scout
+            full_scores = self.gate.score(tokens[every], computed[every])
+            aux["scout"] = self.conditional.scout_weight * scout_loss(scout_scores[every], full_scores, present[every])
+        encoded = self._fuse(tokens, ran, ran, costs, aux, first=self._demanded(ran))
+        encoded.computed, encoded.scout_scores, encoded.scout_rows = computed, scout_scores, every
+        encoded.available = present
+        if self.training and self.conditional.full_budget_weight > 0 and every.any():
+            encoded.full = self._fuse(tokens[every], computed[every], computed[every], costs, {},
+                                      first=self._demanded(computed[every]))
+        if self.training and self.value_head is not None and self.conditional.scout_weight > 0:
+            encoded.value = self._value_target(raw[every], tokens[every], present[every], batch, every)
+        return encoded
+
+    def _demanded(self, ran: torch.Tensor) -> torch.Tensor:
+        """``[B, K]``: the on-demand encoders among ``ran``, which the gate keeps first (what runs is fused)."""
+        first = torch.zeros_like(ran)
+        first[:, list(self.on_demand)] = ran[:, list(self.on_demand)]
+        return first
+
+    def _candidates(self, scout_scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``[B, m]``: the on-demand encoders that could enter a row's top-n (the gate's slots) by the scout's scores:
+        the only ones a budget may run, so that every encoder run is fused. Every one when the slots hold every
+        encoder."""
+        if self.top_n >= len(self.encoder_names):
+            return torch.ones(len(present), len(self.on_demand), dtype=torch.bool, device=present.device)
+        return kept_by(select_top_n(scout_scores, present, self.top_n).kept, self.on_demand)
+
+    def mean_budget_values(self, scout_scores: torch.Tensor, present: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """``[B, m]``: what a mean budget's threshold compares for the gate's scout: the scout's value per unit of
+        cost (:func:`~fusionkit.models.conditional.value_per_cost`), -inf for an encoder that could not enter the
+        row's top-n."""
+        values = value_per_cost(scout_scores, present, choice, self.on_demand)
+        return values.masked_fill(~self._candidates(scout_scores, present), float("-inf"))
+
+    def _run_rows_of(self, inputs: Mapping[str, Any], lengths: Mapping[str, torch.Tensor], batch: int,
+                     first: torch.Tensor, empty: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """``run(k, rows)``: encoder ``k``'s tokens ``[batch, d]`` computed on ``rows`` alone, zeros elsewhere."""
+        names = self.encoder_names
+
+        def run(k: int, rows: torch.Tensor) -> torch.Tensor:
             name = names[k]
             if len(rows) == 0:
-                columns[k] = empty
                 if synchronizes(self.projectors[name]):  # the other ranks' rows may need it: join with none, in
                     # the forward pass and (through a zero term) in the backward pass, whose collectives match theirs
                     joined = self.projectors[name](first.new_zeros(0, self.encoders[name].out_dim))
-                    columns[k] = empty + 0.0 * joined.sum()
-                continue
+                    return empty + 0.0 * joined.sum()
+                return empty
             if len(rows) == batch:  # every row: nothing to gather or scatter
-                columns[k] = self.projectors[name](self.encoders[name](*_input_rows(inputs[name], lengths.get(name),
-                                                                                    None, batch)))
-                continue
+                return self.projectors[name](self.encoders[name](*_input_rows(inputs[name], lengths.get(name), None,
+                                                                              batch)))
             if len(rows) == 1 and batch > 1 and (has_batch_norm(self.encoders[name])
                                                  or has_batch_norm(self.projectors[name])):
                 # batch norm (in the encoder, or the projector's domain_norm) cannot normalise one row in training:
                 # a second row runs beside it, unused (not `ran`)
-                rows = torch.stack([rows[0], (rows[0] + 1) % batch])
+                value = self.projectors[name](self.encoders[name](*_input_rows(
+                    inputs[name], lengths.get(name), torch.stack([rows[0], (rows[0] + 1) % batch]), batch)))
+                return scatter_rows(value[:1], rows, batch)
             value = self.projectors[name](self.encoders[name](*_input_rows(inputs[name], lengths.get(name), rows,
                                                                            batch)))
-            columns[k] = scatter_rows(value, rows, batch)
-        tokens = torch.stack([columns[k] for k in range(len(names))], dim=1) + self.identity
-        ran = present.clone()
-        ran[:, list(demand)] = run
-        aux = {}
-        if every.any() and not self.gate.supervision:  # with rank supervision, its target teaches the scout
-            full_scores = self.gate.score(tokens[every], computed[every])
-            aux["scout"] = self.conditional.scout_weight * scout_loss(scout_scores[every], full_scores, present[every])
-        encoded = self._fuse(tokens, ran, ran, costs, aux)
-        encoded.computed, encoded.scout_scores, encoded.scout_rows = computed, scout_scores, every
-        encoded.available = present
-        if self.training and self.conditional.full_budget_weight > 0 and every.any():
-            encoded.full = self._fuse(tokens[every], computed[every], computed[every], costs, {})
-        return encoded
+            return scatter_rows(value, rows, batch)
+
+        return run
+
+    def _stages(self, columns: dict[int, torch.Tensor], present: torch.Tensor, available: torch.Tensor,
+                choice: torch.Tensor, limit: torch.Tensor | None, threshold: float,
+                run_rows: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The value scout's decisions (``[B, m]``), in stages: at each, every row still going scores the on-demand
+        encoders it has not run from the tokens it holds and picks the one of most predicted value per unit of
+        cost; it runs it when that value reaches ``threshold`` (and its cost fits ``limit``), else stops. Each
+        stage gathers each encoder's rows and scatters their tokens into ``columns``; a row runs at most as many
+        on-demand encoders as the gate has slots."""
+        return self._walk(columns, present, available, choice, limit, threshold, run_rows)[0]
+
+    def _walk(self, columns: dict[int, torch.Tensor], present: torch.Tensor, available: torch.Tensor,
+              choice: torch.Tensor, limit: torch.Tensor | None, threshold: float,
+              run_rows: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_stages`' decisions, and by stage (``[B, m]``) the value per unit of cost of the encoder each row
+        picked (-inf once it stopped) and which it picked (its position in ``on_demand``, -1 once it stopped)."""
+        demand, names = list(self.on_demand), self.encoder_names
+        batch, m = available.shape
+        relative = relative_costs(choice, demand)
+        run = torch.zeros_like(available)
+        keys = torch.full((batch, m), float("-inf"), device=available.device)
+        picks = torch.full((batch, m), -1, dtype=torch.long, device=available.device)
+        going = available.any(1)
+        for stage in range(m):
+            values = self.value_head(torch.stack([columns[k] for k in range(len(names))], dim=1), present, run)
+            eligible = available & ~run & (going & (run.sum(1) < self.top_n)).unsqueeze(1)
+            if limit is not None:
+                eligible = eligible & (choice[demand].unsqueeze(0) <= limit.unsqueeze(1) + 1e-9)
+            key = (values.detach().float() / relative).masked_fill(~eligible, float("-inf"))
+            best, pick = key.max(dim=1)
+            going = torch.isfinite(best) & (best >= threshold)
+            keys[:, stage] = torch.where(going, best, keys[:, stage])
+            picks[:, stage] = torch.where(going, pick, picks[:, stage])
+            for j, k in enumerate(demand):  # every encoder is called at every stage (with no rows if none picked
+                # it), so that ranks under torchrun make the same calls
+                columns[k] = columns[k] + run_rows(k, (going & (pick == j)).nonzero().squeeze(1))
+            run = run | (F.one_hot(pick, m).bool() & going.unsqueeze(1))
+            if limit is not None:
+                limit = limit - torch.where(going, choice[demand][pick], torch.zeros_like(limit))
+        return run, keys, picks
+
+    @torch.no_grad()
+    def value_path(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor] | None,
+                   mask: torch.Tensor | None, budget: Budget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The value scout's path of a batch with no threshold (every row goes on while an encoder is left):
+        ``(keys, costs)``, each ``[B, m]`` by stage: the value per unit of cost of the encoder a row picks at each
+        stage (-inf past its end) and its cost (``budget``'s choice costs). A mean budget with threshold ``t`` runs
+        a row's stages while their keys reach ``t``: what :func:`fusionkit.inference.fit_mean_budget` fits."""
+        if self.value_head is None:
+            raise FusionkitError("value_path: the model's scout is the gate (conditional.scout: gate)")
+        encoded = self.encode(inputs, lengths, mask, everything=True)
+        demand = list(self.on_demand)
+        raw = encoded.tokens - self.identity
+        present = (torch.ones(raw.shape[:2], dtype=torch.bool, device=raw.device) if mask is None
+                   else mask.to(device=raw.device, dtype=torch.bool))
+        columns = {k: raw[:, k] if k not in demand else torch.zeros_like(raw[:, k]) for k in range(raw.shape[1])}
+        choice = self.choice_costs(budget, raw.device)
+
+        def read(k: int, rows: torch.Tensor) -> torch.Tensor:
+            return scatter_rows(raw[rows, k], rows, raw.shape[0])
+
+        _, keys, picks = self._walk(columns, present, present[:, demand], choice, None, -math.inf, read)
+        picked = choice[demand][picks.clamp_min(0)]
+        return keys, torch.where(picks >= 0, picked, torch.zeros_like(picked))
+
+    def _value_target(self, raw: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor, batch: int,
+                      every: torch.Tensor) -> ValueTarget:
+        """The value scout's training example on the rows where everything ran (``raw``: their tokens before the
+        identity): a random state (each available on-demand encoder already run or not, one draw per row and
+        encoder), the head's prediction there, and the fusion of that state and of the state with each encoder
+        added, whose losses give the target (:func:`fusionkit.training.losses.value_loss`)."""
+        demand, m = list(self.on_demand), len(self.on_demand)
+        rows = len(raw)
+        draws = torch.stack([row_uniform(self.row_share, batch, raw.device) for _ in demand], dim=1)[every]
+        state = (draws < 0.5) & present[:, demand]
+        held = present.clone()
+        held[:, demand] = state
+        predicted = self.value_head(raw * held.unsqueeze(-1).to(raw.dtype), present, state)
+        addable = present[:, demand] & ~state
+        if rows == 0:
+            return ValueTarget(predicted, addable, None)
+        masks = [held]
+        for j, k in enumerate(demand):
+            added = held.clone()
+            added[:, k] = True
+            masks.append(added & present)
+        stacked = torch.cat(masks)
+        fused = self._fuse(tokens.repeat(m + 1, 1, 1), stacked, None, None, {}, first=self._demanded(stacked)).fused
+        return ValueTarget(predicted, addable, fused.view(m + 1, rows, -1))
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
-              costs: torch.Tensor | None, aux: dict[str, torch.Tensor]) -> Encoded:
-        selection = self.gate(tokens, mask)
+              costs: torch.Tensor | None, aux: dict[str, torch.Tensor], first: torch.Tensor | None = None) -> Encoded:
+        selection = self.gate(tokens, mask, first)
         fused = self.fusion(gather_slots(tokens, selection), selection.weights, selection.slot_mask)
         if self.residual is not None:
             present = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
@@ -585,7 +747,14 @@ class FusionModel(Trunk):
             scout_rows=encoded.scout_rows, available=encoded.available,
             full_logits=None if encoded.full is None else {role: head(encoded.full.fused)
                                                            for role, head in self.heads.items()},
+            **self._value_outputs(encoded.value),
         )
+
+    def _value_outputs(self, value: ValueTarget | None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        logits = None if value.fused is None else {role: head(value.fused) for role, head in self.heads.items()}
+        return {"value_predicted": value.predicted, "value_addable": value.addable, "value_logits": logits}
 
     @torch.no_grad()
     def predict(

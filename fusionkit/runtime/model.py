@@ -208,18 +208,21 @@ class RuntimeModel:
             feed = {key: value[rows] for key, value in feed.items()}
         return self.sessions[name].run(["token"], dict(feed))[0]
 
-    def _choose(self, scores: np.ndarray, gate_runs: np.ndarray, present: np.ndarray,
+    def _choose(self, scores: np.ndarray, gate_runs: np.ndarray, candidates: np.ndarray, present: np.ndarray,
                 budget: Budget | None) -> np.ndarray:
+        """Which on-demand encoders run for each row: the gate's own rule, or a budget over the ``candidates`` (those
+        that could enter the row's top-n, so that every encoder run is fused), as the PyTorch model chooses."""
         available = present[:, self.demand]
         if budget is None:
             return gate_runs.astype(bool) & available
+        candidates = candidates.astype(bool) & available
         if budget.mean:
-            return value_per_cost(scores, present, self.costs, self.demand) >= budget.threshold
+            return (value_per_cost(scores, present, self.costs, self.demand) >= budget.threshold) & candidates
         choice = self.costs
         full = (choice * present).sum(1)
         paid = full - (choice[self.demand] * available).sum(1)
         limit = np.full_like(full, budget.limit(float(choice.sum()))) - paid
-        return within_budget(scores[:, self.demand], available, choice[self.demand], limit)
+        return within_budget(scores[:, self.demand], candidates, choice[self.demand], limit)
 
     def predict(self, inputs: Mapping[str, np.ndarray], budget: Budget | str | float | None = None, *,
                 lengths: Mapping[str, np.ndarray] | None = None, mask: np.ndarray | None = None) -> RuntimeOutput:
@@ -240,8 +243,9 @@ class RuntimeModel:
         ran = None
         mask_fused = present
         if self.demand:
-            scores, gate_runs = self.scout.run(["scores", "runs"], {"tokens": tokens, "present": present})
-            run = self._choose(scores, gate_runs, present, budget)
+            scores, gate_runs, candidates = self.scout.run(["scores", "runs", "candidates"],
+                                                           {"tokens": tokens, "present": present})
+            run = self._choose(scores, gate_runs, candidates, present, budget)
             for j, k in enumerate(self.demand):
                 rows = np.flatnonzero(run[:, j])
                 if len(rows):  # each on-demand graph runs once, on the rows gathered for it

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.spec import TrainConfig
 
-__all__ = ["label_losses", "rank_supervision", "supervised_loss", "training_loss"]
+__all__ = ["label_losses", "row_losses", "value_loss", "rank_supervision", "supervised_loss", "training_loss"]
 
 
 def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -29,7 +29,8 @@ def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor
     scores = torch.log_softmax(out.scores.masked_fill(~mask, float("-inf")), dim=1)
     rank_loss = -(goal.nan_to_num(0.0) * scores.masked_fill(~mask, 0.0)).sum(1).mean()
     parts = {"token_kl": gate.supervision * token_loss, "gate_rank": gate.supervision * rank_loss}
-    if out.scout_scores is not None and out.scout_rows is not None and out.scout_rows.any():
+    if out.scout_scores is not None and out.scout_rows is not None and out.scout_rows.any() \
+            and out.value_predicted is None:
         # the scout learns, before the on-demand encoders run, how well each token predicts this sample
         rows, full = out.scout_rows, computed[out.scout_rows]
         ideal = torch.softmax((-per_token.detach()[rows] / gate.supervision_temperature).masked_fill(~full, float("-inf")),
@@ -52,6 +53,33 @@ def label_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, train: T
     return parts
 
 
+def row_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, train: TrainConfig) -> torch.Tensor:
+    """``[..., B]``: each row's weighted loss of :func:`label_losses` (its terms before the mean over rows), for
+    logits ``[..., B, L]``."""
+    total = torch.zeros(logits[next(iter(logits))].shape[:-1], device=target.device)
+    if "presence" in logits:
+        bce = F.binary_cross_entropy_with_logits(logits["presence"].float(), (target > 0).float().expand_as(
+            logits["presence"]), reduction="none")
+        total = total + train.presence_weight * bce.mean(-1)
+    if "salience" in logits:
+        log_q = F.log_softmax(logits["salience"].float(), dim=-1)
+        total = total + train.salience_weight * (target * (target.clamp_min(1e-12).log() - log_q)).sum(-1)
+    return total
+
+
+def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weight: float) -> torch.Tensor:
+    """The value scout's loss: the squared error of its predicted loss drops against the measured ones, on the rows
+    where everything ran (``out.scout_rows``). The measured drop of encoder j is the row's loss with the tokens of its
+    drawn state fused, less its loss with j's token added (positive: j helps this sample)."""
+    predicted, addable = out.value_predicted.float(), out.value_addable
+    if out.value_logits is None or not addable.any():  # no row to learn from: a zero term keeps the head in the graph
+        return 0.0 * predicted.sum()
+    losses = row_losses(out.value_logits, target[out.scout_rows].float(), train).detach()  # [m + 1, R]
+    drop = (losses[:1] - losses[1:]).T  # [R, m]
+    error = (predicted - drop).pow(2).masked_fill(~addable, 0.0)
+    return weight * error.sum() / addable.sum()
+
+
 def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
                     model: FusionModel | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``target`` [B, L]: soft targets summing to 1 (salience / 100).
@@ -67,6 +95,8 @@ def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
         weight = model.spec.conditional.full_budget_weight
         parts["full_budget"] = weight * sum(label_losses(out.full_logits, target[out.scout_rows], train).values())
     parts.update(out.aux_losses)
+    if out.value_predicted is not None and model is not None:
+        parts["scout"] = value_loss(out, target, train, model.spec.conditional.scout_weight)
     if out.token_logits is not None and model is not None:
         parts.update(rank_supervision(model, out, target))
     total = sum(parts.values())

@@ -1,0 +1,252 @@
+"""Does choosing per sample pay? Two scouts against every static choice, random rows and a cascade, on two testbeds.
+
+Each testbed trains, per fold and seed, keep-all (every encoder always run) and one model per scout with encoders on
+demand (`conditional.scout: gate`, the gate's scores before they run; `conditional.scout: value`, the value head that
+predicts each encoder's loss drop and decides in stages). Each scout model is evaluated on the test fold at mean
+budgets (25%, 40%, 55%, and 10%, 70%, 85% for the saving; thresholds fitted on the validation fold) and at a cap of
+100%, and beside it, on the same model (`fusionkit.training.controls`):
+
+- the static frontier: every subset of the on-demand encoders run on every row, its upper hull read at the scout's
+  mean cost (mixing two static choices over the rows gives every point between them);
+- random rows: each on-demand encoder run on random rows at the scout's rate;
+- the confidence cascade: encoders added in cost order to the least confident rows, fitted on validation to the
+  scout's mean cost.
+
+Testbeds (UCI Multiple Features, the clean blended task):
+
+- views: stored views, fou, zer and mor always run; kar, fac and pix on demand at declared costs of 0.5, 1 and 2
+  GFLOPs (what a deployment would pay to extract them);
+- cnn: the five stored views always run; two live timm `test_resnet` CNNs on the `pix` images on demand, trained end
+  to end, at 10x10 and 40x40 (FLOPs measured by fusionkit), as in `benchmarks/conditional_uci.py`.
+
+    .venv/bin/python benchmarks/per_sample.py --testbed views --seeds 2
+    .venv/bin/python benchmarks/per_sample.py --testbed cnn --seeds 2
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from grid import grid_parser, run_grid
+from report import RESULTS, machine, markdown_table, write
+
+MIDDLE = (0.25, 0.4, 0.55)
+OTHERS = (0.1, 0.7, 0.85)
+VIEW_COSTS = {"kar": 0.5, "fac": 1.0, "pix": 2.0}
+SCOUTS = ("gate", "value")
+
+
+def view_specs(seed: int) -> dict[str, dict]:
+    from fusionkit import recipes
+
+    keep_all = recipes.best(seed)
+    systems = {"keep-all": keep_all}
+    for scout in SCOUTS:
+        spec = recipes.on_demand(seed, costs=VIEW_COSTS)
+        spec["conditional"] = {"scout": scout}
+        systems[f"scout: {scout}"] = spec
+    return systems
+
+
+def cnn_specs(seed: int, weights: Path) -> dict[str, dict]:
+    from conditional_uci import specs
+
+    both = specs(seed, weights)
+    systems = {"keep-all": both["keep-all"]}
+    for scout in SCOUTS:
+        spec = json.loads(json.dumps(both["scout"]))
+        spec["conditional"] = {"scout": scout}
+        systems[f"scout: {scout}"] = spec
+    return systems
+
+
+def evaluate(job: dict) -> dict:
+    """One scout model on its fold's test rows: its points and their controls."""
+    import torch
+
+    from fusionkit.data.open import spec_store
+    from fusionkit.inference import fit_mean_budget
+    from fusionkit.models.factory import load_model
+    from fusionkit.training.controls import cascade, frontier_at, random_rows, static_choices, static_frontier
+    from fusionkit.training.tasks import ClassificationTask
+    from fusionkit.training.train import make_split
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    model = load_model(Path(job["run"]) / "best", device="cpu")
+    store = spec_store(model.spec, job["store"], job["raw"])
+    split = make_split(store, job["fold"])
+    costs = model.encoder_costs()
+    demand = [model.encoder_names[k] for k in model.on_demand]
+    always = sum(costs[n] or 0.0 for n in model.encoder_names if n not in demand)
+    demand_cost = sum(costs[n] for n in demand)
+    static = static_choices(model, store, split.test)
+    frontier = static_frontier(static)
+    points = []
+    for share in (*sorted(MIDDLE + OTHERS), 1.0):
+        budget = fit_mean_budget(model, store, split.val, f"mean:{100 * share:g}%") if share < 1 else "100%"
+        metrics = ClassificationTask.evaluate_model(model, store, split.test, budget=budget)
+        compute = metrics["compute"]
+        rates = {n: compute["run_rate"][n] for n in demand}
+        point = {"share": share, "score": metrics["score"], "mean_gflops": compute["mean_gflops"],
+                 "spent": (compute["mean_gflops"] - always) / demand_cost, "rates": rates,
+                 "unused_runs": compute.get("unused_runs", 0.0)}
+        point["static"] = frontier_at(frontier, compute["mean_gflops"])
+        point["random"] = random_rows(model, store, split.test, rates, seed=1000 * job["fold"] + job["seed"])["score"]
+        points.append(point)
+    steps = cascade(model, store, split.test, split.val, [p["mean_gflops"] for p in points])
+    for point, step in zip(points, steps):
+        point["cascade"] = step["score"]
+    return {"system": job["system"], "fold": job["fold"], "seed": job["seed"], "checkpoint": job["checkpoint"],
+            "static": static, "frontier": frontier, "points": points, "seconds": time.perf_counter() - started}
+
+
+def checkpoint_hash(run: Path) -> str:
+    from fusionkit.files import sha256_file
+
+    return sha256_file(run / "best" / "model.safetensors")
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
+
+
+def main() -> None:
+    parser = grid_parser(__doc__, "runs/benchmark-per-sample")
+    parser.add_argument("--testbed", choices=("views", "cnn"), default="views")
+    args = parser.parse_args()
+    work = Path(args.work)
+    from live import pix_images
+
+    clean, pix_manifest = pix_images(args.source, work)
+    raw = None
+    if args.testbed == "cnn":
+        from conditional_uci import two_columns
+        from live import save_cnn_weights
+
+        raw = two_columns(pix_manifest)
+        weights = work / "cnn-init.safetensors"
+        if not weights.exists():
+            save_cnn_weights(weights)
+    jobs = []
+    for fold in range(args.folds):
+        for seed in range(args.seeds):
+            systems = view_specs(seed) if args.testbed == "views" else cnn_specs(seed, weights)
+            for system, spec in systems.items():
+                job = {"setting": args.testbed, "system": system, "fold": fold, "seed": seed, "store": str(clean),
+                       "raw": None if raw is None else str(raw), "spec": spec}
+                if system != "keep-all":
+                    job["keep"] = str(work / "runs" / f"{args.testbed}-{system.split(': ')[1]}-f{fold}-s{seed}")
+                jobs.append(job)
+    done = run_grid(jobs, RESULTS / f"per-sample-{args.testbed}-runs.jsonl", args.workers)
+    failed = [k for k, r in done.items() if "error" in r and k[0] == args.testbed]
+    if failed:
+        raise SystemExit(f"failed runs: {failed}")
+    cache = RESULTS / f"per-sample-{args.testbed}-points.jsonl"
+    evaluated = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            evaluated[(r["system"], r["fold"], r["seed"])] = r
+    todo = []
+    for job in jobs:
+        if "keep" in job:
+            digest = checkpoint_hash(Path(job["keep"]))
+            if evaluated.get((job["system"], job["fold"], job["seed"]), {}).get("checkpoint") != digest:
+                todo.append({"system": job["system"], "fold": job["fold"], "seed": job["seed"], "run": job["keep"],
+                             "store": job["store"], "raw": job["raw"], "checkpoint": digest})
+    print(f"{len(todo)} scout models to evaluate", flush=True)
+    with ProcessPoolExecutor(args.workers) as pool, open(cache, "a") as fh:
+        for r in pool.map(evaluate, todo):
+            evaluated[(r["system"], r["fold"], r["seed"])] = r
+            fh.write(json.dumps(r) + "\n")
+            fh.flush()
+            print(f"evaluated {r['system']} fold {r['fold']} seed {r['seed']} in {r['seconds']:.0f} s", flush=True)
+    summarize(args, done, evaluated)
+
+
+def summarize(args, done: dict, evaluated: dict) -> None:
+    keys = [(f, s) for f in range(args.folds) for s in range(args.seeds)]
+    n = len(keys)
+    keep_all = np.array([done[(args.testbed, "keep-all", f, s)]["test"]["score"] for f, s in keys])
+    seconds = {name: float(np.mean([done[(args.testbed, name, f, s)]["seconds"] for f, s in keys]))
+               for name in ("keep-all", *(f"scout: {x}" for x in SCOUTS))}
+    rows, data = [], {"machine": machine(), "testbed": args.testbed, "folds": args.folds, "seeds": args.seeds,
+                      "keep_all": [float(keep_all.mean()), float(keep_all.std())], "seconds_per_training_run": seconds,
+                      "systems": {}}
+    rows.append(["keep-all", "100%", f"{keep_all.mean():.3f} ± {keep_all.std():.3f}", "-", "-", "-", "-", "-"])
+    targets = {}
+    for scout in SCOUTS:
+        system = f"scout: {scout}"
+        runs = [evaluated[(system, f, s)] for f, s in keys]
+        shares = [p["share"] for p in runs[0]["points"]]
+        entries = []
+        for i, share in enumerate(shares):
+            pts = [r["points"][i] for r in runs]
+            score = np.array([p["score"] for p in pts])
+            margins = {c: mean_se([100 * (p["score"] - p[c]) for p in pts]) for c in ("static", "random", "cascade")}
+            full_gap = mean_se([100 * (p["score"] - k) for p, k in zip(pts, keep_all)])
+            entry = {"share": share, "score": [float(score.mean()), float(score.std())],
+                     "spent": float(np.mean([p["spent"] for p in pts])), "over": margins, "minus_keep_all": full_gap,
+                     "unused_runs": float(np.mean([p["unused_runs"] for p in pts])),
+                     "rates": {k: float(np.mean([p["rates"][k] for p in pts])) for k in pts[0]["rates"]}}
+            entries.append(entry)
+            label = "cap 100%" if share == 1.0 else f"mean {100 * share:g}%"
+            rows.append([f"{system}, {label}", f"{100 * entry['spent']:.0f}%", f"{score.mean():.3f} ± {score.std():.3f}",
+                         *(f"{m:+.1f} ± {se:.1f}" for m, se in (margins["static"], margins["random"],
+                                                                 margins["cascade"], full_gap)),
+                         f"{100 * entry['unused_runs']:.1f}%"])
+        full = entries[-1]
+        best_full = max(float(keep_all.mean()), full["score"][0])
+        within = [e for e in entries if e["score"][0] >= best_full - 0.005]
+        saving = max((1 - e["spent"] for e in within), default=0.0)
+        middle = [e for e in entries if e["share"] in MIDDLE]
+        targets[system] = {
+            "per_sample_beats_static": all(e["over"]["static"][0] >= 1.0 and e["over"]["static"][0] > 2 * e["over"]["static"][1]
+                                           for e in middle),
+            "per_sample_beats_random": all(e["over"]["random"][0] >= 1.0 and e["over"]["random"][0] > 2 * e["over"]["random"][1]
+                                           for e in middle),
+            "beats_cascade": all(e["over"]["cascade"][0] > 0 for e in middle),
+            "full_budget_within_half_a_point": full["minus_keep_all"][0] >= -0.5,
+            "saving_within_half_a_point": saving, "saving_target_met": saving >= 0.5,
+            "training_time_ratio": seconds[system] / seconds["keep-all"],
+            "max_unused_runs": max(e["unused_runs"] for e in entries)}
+        data["systems"][system] = {"points": entries, "targets": targets[system]}
+    testbed_words = ("stored views: fou, zer and mor always run; kar, fac and pix on demand at declared costs of "
+                     "0.5, 1 and 2 GFLOPs" if args.testbed == "views" else
+                     "the five stored views always run; two live timm `test_resnet` CNNs on the `pix` images on demand, "
+                     "trained end to end, at 10×10 and 40×40 (FLOPs measured by fusionkit)")
+    verdicts = []
+    for system, t in targets.items():
+        verdicts.append(f"- **{system}**: beats the static frontier by ≥ 1 point beyond 2 SE at 25/40/55%: "
+                        f"{'met' if t['per_sample_beats_static'] else 'not met'}; random rows: "
+                        f"{'met' if t['per_sample_beats_random'] else 'not met'}; beats the cascade at all three: "
+                        f"{'yes' if t['beats_cascade'] else 'no'}; full budget within 0.5 of keep-all: "
+                        f"{'met' if t['full_budget_within_half_a_point'] else 'not met'}; largest saving within 0.5 of "
+                        f"the better full-cost system: {100 * t['saving_within_half_a_point']:.0f}% (target 50%); "
+                        f"training time {t['training_time_ratio']:.2f}× keep-all (target ≤ 1.5×); unused on-demand "
+                        f"runs at most {100 * t['max_unused_runs']:.1f}% (target ≤ 5%).")
+    section = "\n".join([
+        f"## Per-sample selection against static choices: {args.testbed} testbed", "",
+        f"`.venv/bin/python benchmarks/per_sample.py --testbed {args.testbed} --seeds {args.seeds} --workers "
+        f"{args.workers}`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
+        f"Score over {args.folds} folds × {args.seeds} seeds; each scout's rows come from one model per fold and seed, at "
+        "mean budgets fitted on the validation fold and at a cap of 100%. *spent*: the share of the on-demand cost run. "
+        "The margins are the scout's, in points, ± standard error over the runs: over the **static frontier** (every "
+        "subset of the on-demand encoders on every row, their upper hull at the scout's mean cost), over **random "
+        "rows** at the scout's rates, over the **confidence cascade** fitted to the same mean cost, and over keep-all. "
+        f"Training seconds per run: keep-all {seconds['keep-all']:.0f}, "
+        + ", ".join(f"{s} {seconds[f'scout: {s}']:.0f}" for s in SCOUTS) + ".", "",
+        markdown_table(["system", "spent", "Score", "− static", "− random", "− cascade", "− keep-all", "unused runs"],
+                       rows), "", *verdicts, ""])
+    data["targets"] = targets
+    write(f"per-sample-{args.testbed}", data, section)
+
+
+if __name__ == "__main__":
+    main()
