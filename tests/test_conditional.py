@@ -178,8 +178,10 @@ def test_the_full_budget_pass_fuses_the_scout_rows_with_every_token_and_adds_the
         assert not torch.allclose(out.logits[role][rows], logits)  # the sampled pass left some encoders out
     target = torch.softmax(torch.randn(64, 6), dim=1)
     loss, parts = training_loss(model, out, target)
-    expected = 0.5 * sum(label_losses(out.full_logits, target[rows], model.spec.train).values())
-    assert parts["full_budget"] == pytest.approx(float(expected), rel=1e-5)
+    expected = 0.5 / 1.5 * sum(label_losses(out.full_logits, target[rows], model.spec.train).values())
+    assert parts["full_budget"] == pytest.approx(float(expected), rel=1e-5)  # the passes averaged, weights 1 and 0.5
+    sampled = label_losses(out.logits, target, model.spec.train)
+    assert parts["salience_kl"] == pytest.approx(float(sampled["salience_kl"]) / 1.5, rel=1e-5)
     loss.backward()
     assert model.heads["salience"].net[-1].weight.grad.abs().sum() > 0
     model.eval()

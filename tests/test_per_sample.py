@@ -34,32 +34,40 @@ def batch(n=16, seed=0):
 
 
 def test_the_value_target_is_computed_on_the_rows_where_everything_ran():
+    """On the scout's rows (every on-demand token computed), the state is what the row's sampled budget ran; one
+    more encoder is added per row, and the drop of the row's loss is what the value head learns."""
     torch.manual_seed(0)
-    model = build_model(value_spec(scout_rows=0.5, full_budget_weight=0.0)).train()
+    spec = value_spec(scout_rows=0.5, full_budget_weight=0.0)
+    spec["heads"] = {role: {"type": role, "dropout": 0.5} for role in ("presence", "salience")}
+    spec["gate"]["noise"] = 0.5  # the target's fusions are made as at inference: neither reaches them
+    model = build_model(spec).train()
     x = batch(64)
     out = model(x)
     rows = out.scout_rows
-    assert 0 < int(rows.sum()) < 64 and out.value_predicted.shape == (int(rows.sum()), 2)
-    assert out.computed[rows].all()  # every on-demand token computed there, whatever the scout chose
-    state = ~out.value_addable  # what the drawn state held (every encoder is present)
-    assert state.any() and out.value_addable.any()
-    held = torch.ones(int(rows.sum()), 3, dtype=torch.bool)
-    held[:, 1:] = state
+    r = int(rows.sum())
+    assert 0 < r < 64 and out.value_predicted.shape == (r, 2) and out.computed[rows].all()
+    state, chosen = out.ran[rows][:, 1:], out.value_chosen
+    assert (chosen.sum(1) <= 1).all() and not (chosen & state).any()
+    assert torch.equal(chosen.any(1), (~state).any(1))  # one encoder added wherever one was left to add
     rows_x = {name: value[rows] for name, value in x.items()}
-    for j in range(3):  # the state, then the state with each on-demand encoder added
-        mask = held.clone()
-        if j:
-            mask[:, j] = True
-        reference = model(rows_x, mask=mask, everything=True)
-        for role, logits in out.value_logits.items():
-            torch.testing.assert_close(logits[j], reference.logits[role], rtol=1e-5, atol=1e-5)
+    added = out.ran[rows].clone()
+    added[:, 1:] |= chosen
+    model.eval()  # the target's two fusions are made as at inference
+    with torch.no_grad():
+        with_one = model(rows_x, mask=added, everything=True)
+        in_state = model(rows_x, mask=out.ran[rows], everything=True)
+    model.train()
+    for role, logits in out.value_logits.items():
+        torch.testing.assert_close(logits[1], with_one.logits[role], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[0], in_state.logits[role], rtol=1e-5, atol=1e-5)
+    assert all(not v.requires_grad for v in out.value_logits.values())
     target = torch.softmax(torch.randn(64, 6), dim=1)
     loss, parts = training_loss(model, out, target)
-    losses = row_losses(out.value_logits, target[rows], model.spec.train)
-    drop = (losses[0] - losses[1:]).T
-    expected = ((out.value_predicted - drop) ** 2)[out.value_addable].mean()
-    assert parts["scout"] == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert "scout" in parts and parts["scout"] > 0
+    drop = row_losses(in_state.logits, target[rows], model.spec.train) - row_losses(with_one.logits, target[rows],
+                                                                                    model.spec.train)
+    predicted = out.value_predicted[chosen]
+    expected = ((predicted - drop[chosen.any(1)]) ** 2).mean()
+    assert parts["scout"] == pytest.approx(float(expected.detach()), rel=1e-4) and parts["scout"] > 0
     loss.backward()
     assert model.value_head.net[0].weight.grad.abs().sum() > 0
 
@@ -183,12 +191,27 @@ def test_the_scouts_options_reject_bad_values(conditional, message):
         build_model(spec)
 
 
-def test_a_value_scout_is_refused_by_export_with_the_reason(tmp_path):
-    from fusionkit.inference.export import ExportError, export_model
-
-    with pytest.raises(ExportError, match="conditional.scout: value"):
-        export_model(build_model(value_spec()).eval(), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_value_path_needs_the_value_scout():
     with pytest.raises(FusionkitError, match="gate"):
         build_model({**tiny_spec(), "encoders": value_spec()["encoders"]}).value_path(batch(), None, None)
-    assert torch.isfinite(build_model(value_spec()).eval().value_path(batch(), None, None)[0][:, 0]).all()
+    keys, costs = build_model(value_spec()).eval().value_path(batch(), None, None)
+    assert torch.isfinite(keys[:, 0]).all() and set(costs[:, 0].tolist()) <= {1.0, 3.0}
+
+
+def test_a_value_scout_exports_and_the_runtime_decides_in_the_same_stages(synthetic_store, tmp_path):
+    from fusionkit.data.store import open_store
+    from fusionkit.inference.export import check_export, export_model
+    from fusionkit.runtime import load
+
+    spec = value_spec()
+    spec["train"]["epochs"] = 2
+    train(spec, synthetic_store, tmp_path / "run", fold=0, progress=False)
+    model = load_model(tmp_path / "run" / "best")
+    store = open_store(synthetic_store)
+    budget = fit_mean_budget(model, store, make_split(store, 0).val, "mean:40%")
+    folder = export_model(model, tmp_path / "exported", budget=budget)
+    manifest = load(folder).manifest
+    assert manifest["scout"] == "value" and "value.onnx" in manifest["sha256"] and "scout.onnx" not in manifest["sha256"]
+    report = check_export(model, folder, store)
+    assert [line["budget"] for line in report] == [None, "0%", "25%", "50%", "100%", "mean"]
+    assert 0.0 < report[-1]["mean_gflops"] < 4.0  # the mean budget runs some encoders on some rows

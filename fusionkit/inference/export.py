@@ -6,8 +6,10 @@ to drive them, as Hugging Face Optimum splits an encoder-decoder::
     DIR/manifest.json        encoders (inputs, costs, when they run), decoder and its thresholds, a fitted mean
                              budget, the spec, versions, opset, and each graph's SHA-256
     DIR/encoders/NAME.onnx   one encoder with its projector: inputs -> its token [B, d] (dynamic batch)
-    DIR/scout.onnx           the always-run tokens -> the scout's scores and the gate's own choice of on-demand
-                             encoders (only with on-demand encoders)
+    DIR/scout.onnx           the always-run tokens -> the scout's scores, the gate's own choice of on-demand
+                             encoders and those that could enter each row's top-n (on-demand encoders, gate scout)
+    DIR/value.onnx           the tokens computed so far, which encoders are present and which on-demand ones ran ->
+                             each on-demand encoder's predicted value (the value scout, run once per stage)
     DIR/fusion.onnx          every token and which are present -> gate, top-n, fusion, heads and combiner
 
 The runtime (:mod:`fusionkit.runtime`) runs them with numpy and onnxruntime alone. Any encoder exports when its class
@@ -82,6 +84,19 @@ class _ScoutGraph(nn.Module):
         return scores, runs, model._candidates(scores, present) & available
 
 
+class _ValueGraph(nn.Module):
+    """``(tokens [B, K, d], present [B, K], ran [B, m]) -> values [B, m]``: the value scout's predicted loss drop of
+    each on-demand encoder, from the tokens computed so far (zeros for the rest); the runtime calls it once per
+    stage."""
+
+    def __init__(self, model: FusionModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
+        return self.model.value_head(tokens, present, ran)
+
+
 class _FusionGraph(nn.Module):
     """``(tokens [B, K, d], mask [B, K]) -> probs [B, L], presence, salience, kept [B, n]``: the model's fusion of
     the tokens present (a missing or skipped encoder holds zeros and is masked out)."""
@@ -136,9 +151,6 @@ def _exportable(model: Any) -> FusionModel | TwoTowerModel:
         if len(trunk.domains) > 1:
             raise ExportError("the model keeps per-domain statistics (data.standardize_per_domain or "
                               "projector.domain_norm for a target domain); an export holds one domain's: not built yet")
-    if isinstance(model, FusionModel) and model.value_head is not None:
-        raise ExportError("conditional.scout: value: the value scout decides in stages, which the runtime does not "
-                          "orchestrate yet; export a model trained with the gate's scout (conditional.scout: gate)")
     if isinstance(model, FusionModel) and model.spec.decoder.type not in DECODERS:
         raise ExportError(f"decoder {model.spec.decoder.type!r}: the runtime applies the built-in decoders "
                           f"({', '.join(DECODERS)}) only")
@@ -221,7 +233,13 @@ def _write(model: FusionModel, folder: Path, budget: Budget | None) -> None:
                  ["probs", *roles, "kept"], {n: {0: "batch"} for n in ["tokens", "mask", "probs", *roles, "kept"]},
                  "the fusion (gate, selection, fusion, heads, combiner)")
     graphs = {"fusion": "fusion.onnx", **{f"encoders/{e['name']}": e["graph"] for e in encoders}}
-    if model.on_demand:
+    if model.value_head is not None:
+        ran = torch.zeros(2, len(model.on_demand), dtype=torch.bool)
+        _onnx_export(_ValueGraph(model), (tokens, mask, ran), folder / "value.onnx", ["tokens", "present", "ran"],
+                     ["values"], {n: {0: "batch"} for n in ("tokens", "present", "ran", "values")},
+                     "the value scout (conditional.scout: value)")
+        graphs["value"] = "value.onnx"
+    elif model.on_demand:
         _onnx_export(_ScoutGraph(model), (tokens, mask), folder / "scout.onnx", ["tokens", "present"],
                      ["scores", "runs", "candidates"],
                      {n: {0: "batch"} for n in ("tokens", "present", "scores", "runs", "candidates")},
@@ -231,6 +249,7 @@ def _write(model: FusionModel, folder: Path, budget: Budget | None) -> None:
     manifest = {
         **_manifest_head(model), "kind": "fusion", "neutral": model.decoder.context.neutral_index,
         "encoders": encoders, "on_demand": [model.encoder_names[k] for k in model.on_demand],
+        "scout": None if not model.on_demand else model.spec.conditional.scout, "slots": model.top_n,
         "nan_policy": model.spec.data.nan_policy, "heads": roles,
         "decoder": {"type": decoder.type, **{key: float(getattr(decoder.config, key)) for key in DECODERS[decoder.type]}},
         "budget": None if budget is None else {"describe": budget.describe(), "share": budget.share,
@@ -307,7 +326,7 @@ def check_export(model: FusionModel | TwoTowerModel, folder: str | os.PathLike, 
         where = f"budget {given or 'the gate rule'}"
         if runtime.demand and not np.array_equal(expected["ran"].astype(bool), got.ran):
             rows_off = np.flatnonzero((expected["ran"].astype(bool) != got.ran).any(axis=1))
-            raise ExportError(f"scout.onnx ({where}): the runtime runs other encoders than the model on "
+            raise ExportError(f"{runtime.scout_graph} ({where}): the runtime runs other encoders than the model on "
                               f"{len(rows_off)} of {len(index)} rows (e.g. {[rows.ids[i] for i in rows_off[:3]]})")
         diff = float(np.abs(expected["probs"] - got.probs).max())
         if diff > atol:

@@ -76,10 +76,11 @@ class FusionOutput:
     #: In training with ``conditional.full_budget_weight``: each head's logits of the scout's rows (``scout_rows``)
     #: at the full budget, every token they computed fused.
     full_logits: dict[str, torch.Tensor] | None = None
-    #: In training with the value scout (see :class:`ValueTarget`): its predictions on the scout's rows, which
-    #: encoders could be added, and each head's logits ``[m + 1, R, L]`` of the state and of each addition.
+    #: In training with the value scout (see :class:`ValueTarget`): its predictions on the scout's rows, the
+    #: encoder added to each row's state, and each head's logits ``[2, R, L]`` (no gradient; eval mode) in the state
+    #: and with it added.
     value_predicted: torch.Tensor | None = None
-    value_addable: torch.Tensor | None = None
+    value_chosen: torch.Tensor | None = None
     value_logits: dict[str, torch.Tensor] | None = None
 
     @property
@@ -206,14 +207,16 @@ class Encoded:
 
 @dataclass
 class ValueTarget:
-    """The value scout's training example on the rows where every on-demand encoder ran: in a random state of
-    what already ran, its ``predicted`` loss drop of each on-demand encoder (``[R, m]``), which could be added
-    (``addable``, ``[R, m]``: present and not yet in the state), and the fused vectors of the state and of the
-    state with each one added (``[m + 1, R, d]``; None without rows)."""
+    """The value scout's training example on the rows where every on-demand encoder ran (``R`` of them): its
+    ``predicted`` loss drop of each on-demand encoder (``[R, m]``) in the state the row's sampled budget ran, which
+    one encoder is added to that state (``chosen``, ``[R, m]``, at most one per row), the rows' tokens, and the
+    masks (``[R, K]``) of the state and of the state with it added."""
 
     predicted: torch.Tensor
-    addable: torch.Tensor
-    fused: torch.Tensor | None
+    chosen: torch.Tensor
+    tokens: torch.Tensor
+    state: torch.Tensor
+    added: torch.Tensor
 
 
 def synchronizes(module: nn.Module) -> bool:
@@ -477,7 +480,7 @@ class Trunk(nn.Module):
             encoded.full = self._fuse(tokens[every], computed[every], computed[every], costs, {},
                                       first=self._demanded(computed[every]))
         if self.training and self.value_head is not None and self.conditional.scout_weight > 0:
-            encoded.value = self._value_target(raw[every], tokens[every], present[every], batch, every)
+            encoded.value = self._value_target(raw[every], tokens[every], present[every], ran[every], batch, every)
         return encoded
 
     def _demanded(self, ran: torch.Tensor) -> torch.Tensor:
@@ -579,9 +582,11 @@ class Trunk(nn.Module):
         a row's stages while their keys reach ``t``: what :func:`fusionkit.inference.fit_mean_budget` fits."""
         if self.value_head is None:
             raise FusionkitError("value_path: the model's scout is the gate (conditional.scout: gate)")
-        encoded = self.encode(inputs, lengths, mask, everything=True)
+        lengths = lengths or {}
+        batch = len(next(v for v in inputs.values() if torch.is_tensor(v)))
+        raw = torch.stack([self.projectors[n](self.encoders[n](*_input_rows(inputs[n], lengths.get(n), None, batch)))
+                           for n in self.encoder_names], dim=1)
         demand = list(self.on_demand)
-        raw = encoded.tokens - self.identity
         present = (torch.ones(raw.shape[:2], dtype=torch.bool, device=raw.device) if mask is None
                    else mask.to(device=raw.device, dtype=torch.bool))
         columns = {k: raw[:, k] if k not in demand else torch.zeros_like(raw[:, k]) for k in range(raw.shape[1])}
@@ -594,30 +599,39 @@ class Trunk(nn.Module):
         picked = choice[demand][picks.clamp_min(0)]
         return keys, torch.where(picks >= 0, picked, torch.zeros_like(picked))
 
-    def _value_target(self, raw: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor, batch: int,
-                      every: torch.Tensor) -> ValueTarget:
+    def _value_target(self, raw: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor,
+                      batch: int, every: torch.Tensor) -> ValueTarget:
         """The value scout's training example on the rows where everything ran (``raw``: their tokens before the
-        identity): a random state (each available on-demand encoder already run or not, one draw per row and
-        encoder), the head's prediction there, and the fusion of that state and of the state with each encoder
-        added, whose losses give the target (:func:`fusionkit.training.losses.value_loss`)."""
-        demand, m = list(self.on_demand), len(self.on_demand)
-        rows = len(raw)
-        draws = torch.stack([row_uniform(self.row_share, batch, raw.device) for _ in demand], dim=1)[every]
-        state = (draws < 0.5) & present[:, demand]
-        held = present.clone()
-        held[:, demand] = state
-        predicted = self.value_head(raw * held.unsqueeze(-1).to(raw.dtype), present, state)
+        identity; ``ran``: what the row's sampled budget ran, its state): the head's prediction in that state, and
+        one more on-demand encoder per row, drawn among those it could add. The drop of the row's loss from the
+        state to the state with it added is what the head learns (:func:`fusionkit.training.losses.value_loss`)."""
+        demand = list(self.on_demand)
+        state = ran[:, demand]
+        predicted = self.value_head(raw * ran.unsqueeze(-1).to(raw.dtype), present, state)
         addable = present[:, demand] & ~state
-        if rows == 0:
-            return ValueTarget(predicted, addable, None)
-        masks = [held]
-        for j, k in enumerate(demand):
-            added = held.clone()
-            added[:, k] = True
-            masks.append(added & present)
-        stacked = torch.cat(masks)
-        fused = self._fuse(tokens.repeat(m + 1, 1, 1), stacked, None, None, {}, first=self._demanded(stacked)).fused
-        return ValueTarget(predicted, addable, fused.view(m + 1, rows, -1))
+        draws = row_uniform(self.row_share, batch, raw.device)[every]  # one encoder per row, uniformly
+        position = (draws * addable.sum(1)).floor().long().unsqueeze(1)  # the position-th addable one
+        chosen = addable & (addable.long().cumsum(1) - 1 == position)
+        added = ran.clone()
+        added[:, demand] = state | chosen
+        return ValueTarget(predicted, chosen, tokens.detach(), ran, added)
+
+    @torch.no_grad()
+    def value_fusions(self, value: ValueTarget) -> torch.Tensor:
+        """``[2, R, d]``: the fused vectors of the value target's rows in their state and with the chosen encoder
+        added, computed as at inference (the gate, fusion and residual in eval mode: no dropout, no gate noise), so
+        that the drop between them is the encoder's and not the noise's."""
+        parts = [self.gate, self.fusion, *([self.residual] if self.residual is not None else [])]
+        modes = [part.training for part in parts]
+        try:
+            for part in parts:
+                part.eval()
+            fused = [self._fuse(value.tokens, mask, None, None, {}, first=self._demanded(mask)).fused
+                     for mask in (value.state, value.added)]
+        finally:
+            for part, mode in zip(parts, modes):
+                part.train(mode)
+        return torch.stack(fused)
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
               costs: torch.Tensor | None, aux: dict[str, torch.Tensor], first: torch.Tensor | None = None) -> Encoded:
@@ -753,8 +767,17 @@ class FusionModel(Trunk):
     def _value_outputs(self, value: ValueTarget | None) -> dict[str, Any]:
         if value is None:
             return {}
-        logits = None if value.fused is None else {role: head(value.fused) for role, head in self.heads.items()}
-        return {"value_predicted": value.predicted, "value_addable": value.addable, "value_logits": logits}
+        logits = None
+        if value.chosen.any():
+            fused = self.value_fusions(value)
+            modes = [head.training for head in self.heads.values()]
+            try:
+                with torch.no_grad():
+                    logits = {role: head.eval()(fused) for role, head in self.heads.items()}
+            finally:
+                for head, mode in zip(self.heads.values(), modes):
+                    head.train(mode)
+        return {"value_predicted": value.predicted, "value_chosen": value.chosen, "value_logits": logits}
 
     @torch.no_grad()
     def predict(

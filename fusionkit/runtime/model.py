@@ -137,7 +137,12 @@ class RuntimeModel:
         self.towers: dict[str, dict[str, Any]] = manifest.get("towers") or {}
         self.tower_sessions = {name: session(t["graph"]) for name, t in self.towers.items()}
         self.fusion = None if self.towers else session("fusion.onnx")
-        self.scout = session("scout.onnx") if self.demand else None
+        #: Which scout decides what runs: "gate" (scout.onnx) or "value" (value.onnx, in stages); None without
+        #: on-demand encoders.
+        self.scout_kind: str | None = manifest.get("scout") or ("gate" if self.demand else None)
+        self.scout_graph = "value.onnx" if self.scout_kind == "value" else "scout.onnx"
+        self.scout = session(self.scout_graph) if self.demand else None
+        self.slots = int(manifest.get("slots") or len(self.names))
         self.stored_budget = manifest.get("budget")
 
     # --- budgets ------------------------------------------------------------------------------------------------
@@ -224,6 +229,43 @@ class RuntimeModel:
         limit = np.full_like(full, budget.limit(float(choice.sum()))) - paid
         return within_budget(scores[:, self.demand], candidates, choice[self.demand], limit)
 
+    def _stages(self, tokens: np.ndarray, feeds: Mapping[str, Mapping[str, np.ndarray]], present: np.ndarray,
+                budget: Budget | None) -> np.ndarray:
+        """The value scout's decisions, in stages, as :meth:`fusionkit.models.fusion.Trunk._stages` makes them: each
+        row still going picks the on-demand encoder of most predicted value per unit of cost among those left (that
+        fit a cap), runs it when that value reaches the threshold (0 under the gate's own rule, the stored one under
+        a mean budget, any under a cap), and the rest are re-scored with its token, written into ``tokens``."""
+        demand, batch, m = self.demand, len(present), len(self.demand)
+        available = present[:, demand]
+        cost = self.costs[demand].astype(np.float32)
+        relative = np.maximum(cost / max(float(cost.mean()), 1e-12), np.float32(1e-12)).astype(np.float32)
+        limit, threshold = None, 0.0
+        if budget is not None and budget.mean:
+            threshold = float(budget.threshold)
+        elif budget is not None:
+            full = (self.costs * present).sum(1)
+            paid = full - (self.costs[demand] * available).sum(1)
+            limit, threshold = np.full_like(full, budget.limit(float(self.costs.sum()))) - paid, -np.inf
+        run = np.zeros((batch, m), dtype=bool)
+        going = available.any(axis=1)
+        for _ in range(m):
+            values = self.scout.run(["values"], {"tokens": tokens, "present": present, "ran": run})[0]
+            eligible = available & ~run & (going & (run.sum(1) < self.slots))[:, None]
+            if limit is not None:
+                eligible &= self.costs[demand][None, :] <= limit[:, None] + 1e-9
+            key = np.where(eligible, values.astype(np.float32) / relative, np.float32(-np.inf))
+            pick, best = key.argmax(axis=1), key.max(axis=1)
+            going = np.isfinite(best) & (best >= threshold)
+            for j, k in enumerate(demand):
+                rows = np.flatnonzero(going & (pick == j))
+                if len(rows):  # each stage runs each on-demand graph once, on the rows that picked it
+                    tokens[rows, k] = self._encode(self.names[k], feeds[self.names[k]],
+                                                   None if len(rows) == batch else rows)
+            run[np.flatnonzero(going), pick[going]] = True
+            if limit is not None:
+                limit = limit - np.where(going, self.costs[demand][pick], 0.0)
+        return run
+
     def predict(self, inputs: Mapping[str, np.ndarray], budget: Budget | str | float | None = None, *,
                 lengths: Mapping[str, np.ndarray] | None = None, mask: np.ndarray | None = None) -> RuntimeOutput:
         """Predict a batch: ``inputs`` maps every encoder name to ``[B, D]`` (or ``[B, T, D]`` frames, with
@@ -242,7 +284,9 @@ class RuntimeModel:
             tokens[:, k] = self._encode(self.names[k], feeds[self.names[k]], None)
         ran = None
         mask_fused = present
-        if self.demand:
+        if self.demand and self.scout_kind == "value":
+            run = self._stages(tokens, feeds, present, budget)
+        elif self.demand:
             scores, gate_runs, candidates = self.scout.run(["scores", "runs", "candidates"],
                                                            {"tokens": tokens, "present": present})
             run = self._choose(scores, gate_runs, candidates, present, budget)
@@ -251,6 +295,7 @@ class RuntimeModel:
                 if len(rows):  # each on-demand graph runs once, on the rows gathered for it
                     tokens[rows, k] = self._encode(self.names[k], feeds[self.names[k]],
                                                    None if len(rows) == batch else rows)
+        if self.demand:
             ran = present.copy()
             ran[:, self.demand] = run
             mask_fused = ran

@@ -68,16 +68,16 @@ def row_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, train: Tra
 
 
 def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weight: float) -> torch.Tensor:
-    """The value scout's loss: the squared error of its predicted loss drops against the measured ones, on the rows
-    where everything ran (``out.scout_rows``). The measured drop of encoder j is the row's loss with the tokens of its
-    drawn state fused, less its loss with j's token added (positive: j helps this sample)."""
-    predicted, addable = out.value_predicted.float(), out.value_addable
-    if out.value_logits is None or not addable.any():  # no row to learn from: a zero term keeps the head in the graph
+    """The value scout's loss: the squared error of its predicted loss drop against the measured one, on the rows
+    where everything ran (``out.scout_rows``). The measured drop of the encoder added to a row's state
+    (``out.value_chosen``) is the row's loss in that state (what its sampled budget ran) less its loss with the
+    encoder's token added, both fused as at inference (positive: it helps this sample)."""
+    predicted, chosen = out.value_predicted.float(), out.value_chosen
+    if out.value_logits is None or not chosen.any():  # no row to learn from: a zero term keeps the head in the graph
         return 0.0 * predicted.sum()
-    losses = row_losses(out.value_logits, target[out.scout_rows].float(), train).detach()  # [m + 1, R]
-    drop = (losses[:1] - losses[1:]).T  # [R, m]
-    error = (predicted - drop).pow(2).masked_fill(~addable, 0.0)
-    return weight * error.sum() / addable.sum()
+    losses = row_losses(out.value_logits, target[out.scout_rows].float(), train)  # [2, R]
+    drop = (losses[0] - losses[1]).unsqueeze(1).expand_as(predicted)
+    return weight * (predicted[chosen] - drop[chosen]).pow(2).mean()
 
 
 def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
@@ -88,12 +88,17 @@ def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
     salience: KL(target || softmax) — for a ``classifier`` head too;
     plus every entry of ``out.aux_losses`` (e.g. the gate balance loss), the gate's rank
     supervision when it is switched on, and ``full_budget``: the same losses of the full-budget pass
-    (``conditional.full_budget_weight``), when the model made one.
+    (``conditional.full_budget_weight`` w), when the model made one: then the budget-sampled pass's label losses
+    weigh 1 / (1 + w) and the full pass's w / (1 + w).
     """
     parts = label_losses(out.logits, target, train)
     if out.full_logits is not None and model is not None:  # the full-budget pass of the scout's rows
+        # the two passes' label losses are averaged (weights 1 and w, over 1 + w), so that the fusion and heads
+        # take steps of keep-all's size: summed, they trained twice as fast and overfitted by epoch 7-12
         weight = model.spec.conditional.full_budget_weight
-        parts["full_budget"] = weight * sum(label_losses(out.full_logits, target[out.scout_rows], train).values())
+        parts = {key: value / (1 + weight) for key, value in parts.items()}
+        parts["full_budget"] = weight / (1 + weight) * sum(
+            label_losses(out.full_logits, target[out.scout_rows], train).values())
     parts.update(out.aux_losses)
     if out.value_predicted is not None and model is not None:
         parts["scout"] = value_loss(out, target, train, model.spec.conditional.scout_weight)
