@@ -63,7 +63,8 @@ def value_per_cost(scout_scores: torch.Tensor, available: torch.Tensor, costs: t
 def fit_threshold(values: torch.Tensor, costs: torch.Tensor, paid: torch.Tensor, target: float) -> float:
     """The lowest threshold on ``values`` (``[N, m]``, rows of validation data) whose runs (``values >= threshold``)
     keep the mean cost (``paid`` ``[N]`` for the always-run encoders, plus ``costs`` ``[m]``, or ``[N, m]`` per row,
-    where run) within ``target``; +inf when even the always-run encoders exceed it."""
+    where run) within ``target``, placed halfway to the next lower value (the same runs on these rows, none of
+    them on the threshold itself); +inf when even the always-run encoders exceed it."""
     finite = values[torch.isfinite(values)].unique(sorted=True)
     candidates = torch.cat([finite, finite.new_tensor([float("inf")])])
 
@@ -77,7 +78,12 @@ def fit_threshold(values: torch.Tensor, costs: torch.Tensor, paid: torch.Tensor,
             high = middle
         else:
             low = middle + 1
-    return float(candidates[low])
+    if not torch.isfinite(candidates[low]):
+        return float(candidates[low])
+    # halfway down to the next lower value, so that no row sits on the threshold itself, where a graph in another
+    # runtime, a float32 rounding away, would decide the other way; on these rows the runs are the same
+    below = candidates[low - 1] if low > 0 else candidates[low] - (candidates[low].abs() + 1)
+    return float((candidates[low] + below) / 2)
 
 
 def gather_rows(x: Any, rows: torch.Tensor) -> Any:
