@@ -493,8 +493,8 @@ class Trunk(nn.Module):
         """``[B, m]``: the on-demand encoders that could enter a row's top-n (the gate's slots) by the scout's scores:
         the only ones a budget may run, so that every encoder run is fused. Every one when the slots hold every
         encoder."""
-        if self.top_n >= len(self.encoder_names):
-            return torch.ones(len(present), len(self.on_demand), dtype=torch.bool, device=present.device)
+        if self.top_n >= len(self.encoder_names):  # shaped from the batch's tensor, so that a traced graph keeps B
+            return torch.ones_like(present[:, list(self.on_demand)])
         return kept_by(select_top_n(scout_scores, present, self.top_n).kept, self.on_demand)
 
     def mean_budget_values(self, scout_scores: torch.Tensor, present: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
