@@ -62,6 +62,15 @@ def two_columns(manifest: Path) -> Path:
     return out
 
 
+def cnn_material(source: str, work: Path) -> tuple[Path, Path, Path]:
+    """The clean store, the images' manifest with a column per CNN, and the CNNs' initial weights, made once."""
+    clean, pix_manifest = pix_images(source, work)
+    weights = work / "cnn-init.safetensors"
+    if not weights.exists():
+        save_cnn_weights(weights)
+    return clean, two_columns(pix_manifest), weights
+
+
 def specs(seed: int, weights: Path, variant: dict[str, float] | None = None, heavy: int = HEAVY) -> dict[str, dict]:
     from fusionkit import recipes
 
@@ -177,11 +186,7 @@ def main() -> None:
     scout = scout_system(variant)
     tag = size_tag(args.heavy_size) + variant_tag(variant)
     work = Path(args.work)
-    clean, pix_manifest = pix_images(args.source, work)
-    manifest = two_columns(pix_manifest)
-    weights = work / "cnn-init.safetensors"
-    if not weights.exists():
-        save_cnn_weights(weights)
+    clean, manifest, weights = cnn_material(args.source, work)
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):

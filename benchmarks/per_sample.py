@@ -167,16 +167,13 @@ def main() -> None:
     work = Path(args.work)
     from live import pix_images
 
-    clean, pix_manifest = pix_images(args.source, work)
-    raw = None
+    raw = weights = None
     if args.testbed == "cnn":
-        from conditional_uci import two_columns
-        from live import save_cnn_weights
+        from conditional_uci import cnn_material
 
-        raw = two_columns(pix_manifest)
-        weights = work / "cnn-init.safetensors"
-        if not weights.exists():
-            save_cnn_weights(weights)
+        clean, raw, weights = cnn_material(args.source, work)
+    else:
+        clean, _ = pix_images(args.source, work)
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):

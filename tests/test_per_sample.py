@@ -34,39 +34,39 @@ def batch(n=16, seed=0):
 
 
 def test_the_value_target_is_computed_on_the_rows_where_everything_ran():
-    """On the scout's rows (every on-demand token computed), the state is what the row's sampled budget ran; one
-    more encoder is added per row, and the drop of the row's loss is what the value head learns."""
+    """On the scout's rows (every on-demand token computed), the state is what the row's sampled budget ran; the
+    drop of the row's loss when each encoder it could add joins is what the value head learns, both fusions made as
+    at inference (dropout and gate noise reach neither)."""
     torch.manual_seed(0)
     spec = value_spec(scout_rows=0.5, full_budget_weight=0.0)
     spec["heads"] = {role: {"type": role, "dropout": 0.5} for role in ("presence", "salience")}
-    spec["gate"]["noise"] = 0.5  # the target's fusions are made as at inference: neither reaches them
+    spec["gate"]["noise"] = 0.5
     model = build_model(spec).train()
     x = batch(64)
     out = model(x)
     rows = out.scout_rows
     r = int(rows.sum())
     assert 0 < r < 64 and out.value_predicted.shape == (r, 2) and out.computed[rows].all()
-    state, chosen = out.ran[rows][:, 1:], out.value_chosen
-    assert (chosen.sum(1) <= 1).all() and not (chosen & state).any()
-    assert torch.equal(chosen.any(1), (~state).any(1))  # one encoder added wherever one was left to add
+    state = out.ran[rows]
+    assert torch.equal(out.value_addable, ~state[:, 1:]) and out.value_addable.any() and state[:, 1:].any()
     rows_x = {name: value[rows] for name, value in x.items()}
-    added = out.ran[rows].clone()
-    added[:, 1:] |= chosen
-    model.eval()  # the target's two fusions are made as at inference
+    model.eval()
     with torch.no_grad():
-        with_one = model(rows_x, mask=added, everything=True)
-        in_state = model(rows_x, mask=out.ran[rows], everything=True)
+        references = [model(rows_x, mask=state, everything=True)]
+        for k in (1, 2):
+            added = state.clone()
+            added[:, k] = True
+            references.append(model(rows_x, mask=added, everything=True))
     model.train()
     for role, logits in out.value_logits.items():
-        torch.testing.assert_close(logits[1], with_one.logits[role], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(logits[0], in_state.logits[role], rtol=1e-5, atol=1e-5)
-    assert all(not v.requires_grad for v in out.value_logits.values())
+        assert not logits.requires_grad
+        for j, reference in enumerate(references):
+            torch.testing.assert_close(logits[j], reference.logits[role], rtol=1e-5, atol=1e-5)
     target = torch.softmax(torch.randn(64, 6), dim=1)
     loss, parts = training_loss(model, out, target)
-    drop = row_losses(in_state.logits, target[rows], model.spec.train) - row_losses(with_one.logits, target[rows],
-                                                                                    model.spec.train)
-    predicted = out.value_predicted[chosen]
-    expected = ((predicted - drop[chosen.any(1)]) ** 2).mean()
+    losses = torch.stack([row_losses(ref.logits, target[rows], model.spec.train) for ref in references])
+    drop = (losses[:1] - losses[1:]).T
+    expected = ((out.value_predicted - drop)[out.value_addable] ** 2).mean()
     assert parts["scout"] == pytest.approx(float(expected.detach()), rel=1e-4) and parts["scout"] > 0
     loss.backward()
     assert model.value_head.net[0].weight.grad.abs().sum() > 0

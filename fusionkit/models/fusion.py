@@ -77,10 +77,10 @@ class FusionOutput:
     #: at the full budget, every token they computed fused.
     full_logits: dict[str, torch.Tensor] | None = None
     #: In training with the value scout (see :class:`ValueTarget`): its predictions on the scout's rows, the
-    #: encoder added to each row's state, and each head's logits ``[2, R, L]`` (no gradient; eval mode) in the state
-    #: and with it added.
+    #: encoders each row's state could add, and each head's logits ``[m + 1, R, L]`` (no gradient; eval mode) in the
+    #: state and with each on-demand encoder added.
     value_predicted: torch.Tensor | None = None
-    value_chosen: torch.Tensor | None = None
+    value_addable: torch.Tensor | None = None
     value_logits: dict[str, torch.Tensor] | None = None
 
     @property
@@ -209,14 +209,13 @@ class Encoded:
 class ValueTarget:
     """The value scout's training example on the rows where every on-demand encoder ran (``R`` of them): its
     ``predicted`` loss drop of each on-demand encoder (``[R, m]``) in the state the row's sampled budget ran, which
-    one encoder is added to that state (``chosen``, ``[R, m]``, at most one per row), the rows' tokens, and the
-    masks (``[R, K]``) of the state and of the state with it added."""
+    encoders could be added to that state (``addable``, ``[R, m]``: present, not in it), the rows' tokens, and the
+    state's mask (``[R, K]``)."""
 
     predicted: torch.Tensor
-    chosen: torch.Tensor
+    addable: torch.Tensor
     tokens: torch.Tensor
     state: torch.Tensor
-    added: torch.Tensor
 
 
 def synchronizes(module: nn.Module) -> bool:
@@ -480,7 +479,7 @@ class Trunk(nn.Module):
             encoded.full = self._fuse(tokens[every], computed[every], computed[every], costs, {},
                                       first=self._demanded(computed[every]))
         if self.training and self.value_head is not None and self.conditional.scout_weight > 0:
-            encoded.value = self._value_target(raw[every], tokens[every], present[every], ran[every], batch, every)
+            encoded.value = self._value_target(raw[every], tokens[every], present[every], ran[every])
         return encoded
 
     def _demanded(self, ran: torch.Tensor) -> torch.Tensor:
@@ -599,39 +598,39 @@ class Trunk(nn.Module):
         picked = choice[demand][picks.clamp_min(0)]
         return keys, torch.where(picks >= 0, picked, torch.zeros_like(picked))
 
-    def _value_target(self, raw: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor,
-                      batch: int, every: torch.Tensor) -> ValueTarget:
+    def _value_target(self, raw: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor,
+                      ran: torch.Tensor) -> ValueTarget:
         """The value scout's training example on the rows where everything ran (``raw``: their tokens before the
         identity; ``ran``: what the row's sampled budget ran, its state): the head's prediction in that state, and
-        one more on-demand encoder per row, drawn among those it could add. The drop of the row's loss from the
-        state to the state with it added is what the head learns (:func:`fusionkit.training.losses.value_loss`)."""
+        the on-demand encoders it could add. The drop of the row's loss from the state to the state with each of
+        them added is what the head learns (:func:`fusionkit.training.losses.value_loss`)."""
         demand = list(self.on_demand)
         state = ran[:, demand]
         predicted = self.value_head(raw * ran.unsqueeze(-1).to(raw.dtype), present, state)
-        addable = present[:, demand] & ~state
-        draws = row_uniform(self.row_share, batch, raw.device)[every]  # one encoder per row, uniformly
-        position = (draws * addable.sum(1)).floor().long().unsqueeze(1)  # the position-th addable one
-        chosen = addable & (addable.long().cumsum(1) - 1 == position)
-        added = ran.clone()
-        added[:, demand] = state | chosen
-        return ValueTarget(predicted, chosen, tokens.detach(), ran, added)
+        return ValueTarget(predicted, present[:, demand] & ~state, tokens.detach(), ran)
 
     @torch.no_grad()
     def value_fusions(self, value: ValueTarget) -> torch.Tensor:
-        """``[2, R, d]``: the fused vectors of the value target's rows in their state and with the chosen encoder
-        added, computed as at inference (the gate, fusion and residual in eval mode: no dropout, no gate noise), so
-        that the drop between them is the encoder's and not the noise's."""
+        """``[m + 1, R, d]``: the fused vectors of the value target's rows in their state and with each on-demand
+        encoder added, computed as at inference (the gate, fusion and residual in eval mode: no dropout, no gate
+        noise), so that the drop between them is the encoder's and not the noise's."""
         parts = [self.gate, self.fusion, *([self.residual] if self.residual is not None else [])]
         modes = [part.training for part in parts]
+        masks = [value.state]
+        for k in self.on_demand:
+            added = value.state.clone()
+            added[:, k] = True
+            masks.append(added)
+        stacked = torch.cat(masks)
         try:
             for part in parts:
                 part.eval()
-            fused = [self._fuse(value.tokens, mask, None, None, {}, first=self._demanded(mask)).fused
-                     for mask in (value.state, value.added)]
+            fused = self._fuse(value.tokens.repeat(len(masks), 1, 1), stacked, None, None, {},
+                               first=self._demanded(stacked)).fused
         finally:
             for part, mode in zip(parts, modes):
                 part.train(mode)
-        return torch.stack(fused)
+        return fused.view(len(masks), len(value.tokens), -1)
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
               costs: torch.Tensor | None, aux: dict[str, torch.Tensor], first: torch.Tensor | None = None) -> Encoded:
@@ -768,7 +767,7 @@ class FusionModel(Trunk):
         if value is None:
             return {}
         logits = None
-        if value.chosen.any():
+        if value.addable.any():
             fused = self.value_fusions(value)
             modes = [head.training for head in self.heads.values()]
             try:
@@ -777,7 +776,7 @@ class FusionModel(Trunk):
             finally:
                 for head, mode in zip(self.heads.values(), modes):
                     head.train(mode)
-        return {"value_predicted": value.predicted, "value_chosen": value.chosen, "value_logits": logits}
+        return {"value_predicted": value.predicted, "value_addable": value.addable, "value_logits": logits}
 
     @torch.no_grad()
     def predict(

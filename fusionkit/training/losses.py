@@ -68,16 +68,16 @@ def row_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, train: Tra
 
 
 def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weight: float) -> torch.Tensor:
-    """The value scout's loss: the squared error of its predicted loss drop against the measured one, on the rows
-    where everything ran (``out.scout_rows``). The measured drop of the encoder added to a row's state
-    (``out.value_chosen``) is the row's loss in that state (what its sampled budget ran) less its loss with the
-    encoder's token added, both fused as at inference (positive: it helps this sample)."""
-    predicted, chosen = out.value_predicted.float(), out.value_chosen
-    if out.value_logits is None or not chosen.any():  # no row to learn from: a zero term keeps the head in the graph
+    """The value scout's loss: the squared error of its predicted loss drops against the measured ones, on the rows
+    where everything ran (``out.scout_rows``), for each on-demand encoder the row's state could add
+    (``out.value_addable``). The measured drop is the row's loss in its state (what its sampled budget ran) less its
+    loss with the encoder's token added, both fused as at inference (positive: it helps this sample)."""
+    predicted, addable = out.value_predicted.float(), out.value_addable
+    if out.value_logits is None or not addable.any():  # no row to learn from: a zero term keeps the head in the graph
         return 0.0 * predicted.sum()
-    losses = row_losses(out.value_logits, target[out.scout_rows].float(), train)  # [2, R]
-    drop = (losses[0] - losses[1]).unsqueeze(1).expand_as(predicted)
-    return weight * (predicted[chosen] - drop[chosen]).pow(2).mean()
+    losses = row_losses(out.value_logits, target[out.scout_rows].float(), train)  # [m + 1, R]
+    drop = (losses[:1] - losses[1:]).T  # [R, m]
+    return weight * (predicted[addable] - drop[addable]).pow(2).mean()
 
 
 def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
