@@ -6,8 +6,9 @@ is looked up by name in the plugin registry and built by its factory.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from fusionkit.registry import Registry
 from fusionkit.selection import Selection, gather_slots, select_top_n, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
 
-__all__ = ["FusionOutput", "Encoded", "ValueTarget", "measure_gflops", "has_batch_norm", "synchronizes", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
+__all__ = ["FusionOutput", "Encoded", "ValueTarget", "measure_gflops", "has_batch_norm", "synchronizes", "as_at_inference", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
            "FusionModel", "count_parameters", "decoder_inputs"]
 
 
@@ -216,6 +217,21 @@ class ValueTarget:
     addable: torch.Tensor
     tokens: torch.Tensor
     state: torch.Tensor
+
+
+@contextlib.contextmanager
+def as_at_inference(*modules: nn.Module | None) -> Iterator[None]:
+    """``modules`` (None skipped) in eval mode for the block, each back in its own mode after: a pass inside a
+    training step made as inference makes it (no dropout, no gate noise)."""
+    parts = [m for m in modules if m is not None]
+    modes = [m.training for m in parts]
+    try:
+        for m in parts:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(parts, modes):
+            m.train(mode)
 
 
 def synchronizes(module: nn.Module) -> bool:
@@ -417,8 +433,8 @@ class Trunk(nn.Module):
         empty = first.new_zeros(batch, first.shape[1])
         for k in demand:
             columns[k] = empty
-        scout_scores = self.gate.score(torch.stack([columns[k] for k in range(len(names))], dim=1) + self.identity,
-                                       present)
+        scout_scores = None if self.value_head is not None else self.gate.score(  # the gate's scout: before they run
+            torch.stack([columns[k] for k in range(len(names))], dim=1) + self.identity, present)
         available = present[:, list(demand)]
         costs, choice = self.cost_vector(device), self.choice_costs(budget, device)  # reported; chosen by
         limit = None  # GFLOPs (or seconds) per row left for the on-demand encoders, under a cap or a sampled budget
@@ -443,9 +459,10 @@ class Trunk(nn.Module):
                 raise FusionkitError(f"runs: expected [{batch}, {len(demand)}] (a row per sample, a column per "
                                      f"on-demand encoder), found {list(runs.shape)}")
             run = runs.to(device=device, dtype=torch.bool) & available
-        elif self.value_head is not None:
+        elif self.value_head is not None:  # under a cap any value goes while the cost fits; a mean budget has its
+            # threshold; the gate's own rule runs while a gain is expected
             threshold = -math.inf if limit is not None else budget.threshold if budget is not None else 0.0
-            run = self._stages(columns, present, available, choice, limit, threshold, run_rows)
+            run = self._stages(columns, present, available, choice, limit, threshold, run_rows)[0]
         elif budget is not None and budget.mean:
             run = self.mean_budget_values(scout_scores.detach(), present, choice) >= budget.threshold
         elif limit is not None:
@@ -534,19 +551,14 @@ class Trunk(nn.Module):
 
     def _stages(self, columns: dict[int, torch.Tensor], present: torch.Tensor, available: torch.Tensor,
                 choice: torch.Tensor, limit: torch.Tensor | None, threshold: float,
-                run_rows: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                run_rows: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The value scout's decisions (``[B, m]``), in stages: at each, every row still going scores the on-demand
         encoders it has not run from the tokens it holds and picks the one of most predicted value per unit of
         cost; it runs it when that value reaches ``threshold`` (and its cost fits ``limit``), else stops. Each
-        stage gathers each encoder's rows and scatters their tokens into ``columns``; a row runs at most as many
-        on-demand encoders as the gate has slots."""
-        return self._walk(columns, present, available, choice, limit, threshold, run_rows)[0]
-
-    def _walk(self, columns: dict[int, torch.Tensor], present: torch.Tensor, available: torch.Tensor,
-              choice: torch.Tensor, limit: torch.Tensor | None, threshold: float,
-              run_rows: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_stages`' decisions, and by stage (``[B, m]``) the value per unit of cost of the encoder each row
-        picked (-inf once it stopped) and which it picked (its position in ``on_demand``, -1 once it stopped)."""
+        stage gathers each encoder's rows (``run_rows``) and scatters their tokens into ``columns``; a row runs at
+        most as many on-demand encoders as the gate has slots. Also, by stage (``[B, m]``), the value per unit of
+        cost of the encoder each row picked (-inf once it stopped) and which it picked (its position in
+        ``on_demand``, -1 once it stopped)."""
         demand, names = list(self.on_demand), self.encoder_names
         batch, m = available.shape
         relative = relative_costs(choice, demand)
@@ -594,7 +606,7 @@ class Trunk(nn.Module):
         def read(k: int, rows: torch.Tensor) -> torch.Tensor:
             return scatter_rows(raw[rows, k], rows, raw.shape[0])
 
-        _, keys, picks = self._walk(columns, present, present[:, demand], choice, None, -math.inf, read)
+        _, keys, picks = self._stages(columns, present, present[:, demand], choice, None, -math.inf, read)
         picked = choice[demand][picks.clamp_min(0)]
         return keys, torch.where(picks >= 0, picked, torch.zeros_like(picked))
 
@@ -614,22 +626,15 @@ class Trunk(nn.Module):
         """``[m + 1, R, d]``: the fused vectors of the value target's rows in their state and with each on-demand
         encoder added, computed as at inference (the gate, fusion and residual in eval mode: no dropout, no gate
         noise), so that the drop between them is the encoder's and not the noise's."""
-        parts = [self.gate, self.fusion, *([self.residual] if self.residual is not None else [])]
-        modes = [part.training for part in parts]
         masks = [value.state]
         for k in self.on_demand:
             added = value.state.clone()
             added[:, k] = True
             masks.append(added)
         stacked = torch.cat(masks)
-        try:
-            for part in parts:
-                part.eval()
+        with as_at_inference(self.gate, self.fusion, self.residual):
             fused = self._fuse(value.tokens.repeat(len(masks), 1, 1), stacked, None, None, {},
                                first=self._demanded(stacked)).fused
-        finally:
-            for part, mode in zip(parts, modes):
-                part.train(mode)
         return fused.view(len(masks), len(value.tokens), -1)
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
@@ -769,13 +774,8 @@ class FusionModel(Trunk):
         logits = None
         if value.addable.any():
             fused = self.value_fusions(value)
-            modes = [head.training for head in self.heads.values()]
-            try:
-                with torch.no_grad():
-                    logits = {role: head.eval()(fused) for role, head in self.heads.items()}
-            finally:
-                for head, mode in zip(self.heads.values(), modes):
-                    head.train(mode)
+            with torch.no_grad(), as_at_inference(*self.heads.values()):
+                logits = {role: head(fused) for role, head in self.heads.items()}
         return {"value_predicted": value.predicted, "value_addable": value.addable, "value_logits": logits}
 
     @torch.no_grad()
