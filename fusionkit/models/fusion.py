@@ -639,7 +639,8 @@ class Trunk(nn.Module):
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
               costs: torch.Tensor | None, aux: dict[str, torch.Tensor], first: torch.Tensor | None = None) -> Encoded:
-        selection = self.gate(tokens, mask, first)
+        # a gate is called as before when nothing must come first (a plugin's own forward(tokens, mask) keeps working)
+        selection = self.gate(tokens, mask) if first is None else self.gate(tokens, mask, first)
         fused = self.fusion(gather_slots(tokens, selection), selection.weights, selection.slot_mask)
         if self.residual is not None:
             present = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
