@@ -40,26 +40,26 @@ VIEW_COSTS = {"kar": 0.5, "fac": 1.0, "pix": 2.0}
 SCOUTS = ("gate", "value")
 
 
-def view_specs(seed: int) -> dict[str, dict]:
+def view_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
     from fusionkit import recipes
 
     keep_all = recipes.best(seed)
     systems = {"keep-all": keep_all}
     for scout in SCOUTS:
         spec = recipes.on_demand(seed, costs=VIEW_COSTS)
-        spec["conditional"] = {"scout": scout}
+        spec["conditional"] = {"scout": scout, **(conditional or {})}
         systems[f"scout: {scout}"] = spec
     return systems
 
 
-def cnn_specs(seed: int, weights: Path) -> dict[str, dict]:
+def cnn_specs(seed: int, weights: Path, conditional: dict | None = None) -> dict[str, dict]:
     from conditional_uci import specs
 
     both = specs(seed, weights)
     systems = {"keep-all": both["keep-all"]}
     for scout in SCOUTS:
         spec = json.loads(json.dumps(both["scout"]))
-        spec["conditional"] = {"scout": scout}
+        spec["conditional"] = {"scout": scout, **(conditional or {})}
         systems[f"scout: {scout}"] = spec
     return systems
 
@@ -163,7 +163,11 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = grid_parser(__doc__, "runs/benchmark-per-sample")
     parser.add_argument("--testbed", choices=("views", "cnn"), default="views")
+    parser.add_argument("--full-budget-weight", type=float, default=None, help="train the scouts with "
+                        "conditional.full_budget_weight (a variant: its runs, results and section are its own)")
     args = parser.parse_args()
+    conditional = {} if args.full_budget_weight is None else {"full_budget_weight": args.full_budget_weight}
+    args.tag = args.testbed + ("" if args.full_budget_weight is None else f"-fw{args.full_budget_weight:g}")
     work = Path(args.work)
     from live import pix_images
 
@@ -177,18 +181,24 @@ def main() -> None:
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
-            systems = view_specs(seed) if args.testbed == "views" else cnn_specs(seed, weights)
+            systems = (view_specs(seed, conditional) if args.testbed == "views"
+                       else cnn_specs(seed, weights, conditional))
             for system, spec in systems.items():
                 job = {"setting": args.testbed, "system": system, "fold": fold, "seed": seed, "store": str(clean),
                        "raw": None if raw is None else str(raw), "spec": spec}
                 if system != "keep-all":
-                    job["keep"] = str(work / "runs" / f"{args.testbed}-{system.split(': ')[1]}-f{fold}-s{seed}")
+                    job["keep"] = str(work / "runs" / f"{args.tag}-{system.split(': ')[1]}-f{fold}-s{seed}")
                 jobs.append(job)
-    done = run_grid(jobs, RESULTS / f"per-sample-{args.testbed}-runs.jsonl", args.workers)
+    runs_cache = RESULTS / f"per-sample-{args.tag}-runs.jsonl"
+    base = RESULTS / f"per-sample-{args.testbed}-runs.jsonl"
+    if runs_cache != base and not runs_cache.exists() and base.exists():  # a variant shares keep-all's runs
+        runs_cache.write_text("".join(line + "\n" for line in base.read_text().splitlines()
+                                      if json.loads(line)["system"] == "keep-all"))
+    done = run_grid(jobs, runs_cache, args.workers)
     failed = [k for k, r in done.items() if "error" in r and k[0] == args.testbed]
     if failed:
         raise SystemExit(f"failed runs: {failed}")
-    cache = RESULTS / f"per-sample-{args.testbed}-points.jsonl"
+    cache = RESULTS / f"per-sample-{args.tag}-points.jsonl"
     evaluated = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
@@ -275,9 +285,11 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                         f"training time {t['training_time_ratio']:.2f}× keep-all (target ≤ 1.5×); unused on-demand "
                         f"runs at most {100 * t['max_unused_runs']:.1f}% (target ≤ 5%).")
     section = "\n".join([
-        f"## Per-sample selection against static choices: {args.testbed} testbed", "",
+        f"## Per-sample selection against static choices: {args.testbed} testbed"
+        + ("" if args.full_budget_weight is None else f", full-budget pass weight {args.full_budget_weight:g}"), "",
         f"`.venv/bin/python benchmarks/per_sample.py --testbed {args.testbed} --seeds {args.seeds} --workers "
-        f"{args.workers}`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
+        f"{args.workers}" + ("" if args.full_budget_weight is None else f" --full-budget-weight {args.full_budget_weight:g}")
+        + f"`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
         f"Score over {args.folds} folds × {args.seeds} seeds; each scout's rows come from one model per fold and seed, at "
         "mean budgets fitted on the validation fold and at a cap of 100%. *spent*: the share of the on-demand cost run. "
         "The margins are the scout's, in points, ± standard error over the runs: over the **static frontier** (every "
@@ -292,7 +304,7 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                         "oracle − static", "unused runs"],
                        rows), "", *verdicts, ""])
     data["targets"] = targets
-    write(f"per-sample-{args.testbed}", data, section)
+    write(f"per-sample-{args.tag}", data, section)
 
 
 if __name__ == "__main__":

@@ -185,11 +185,12 @@ class ConditionalConfig:
         "runs), so that the fusion also learns the full-cost case that a 100% budget at inference asks for.",
         validator=unit_interval)
     full_budget_weight: float = option(
-        1.0, doc="Weight of a second, full-budget pass in training (the sandwich rule of slimmable networks): each "
+        3.0, doc="Weight w of a second, full-budget pass in training (the sandwich rule of slimmable networks): each "
         "row whose every on-demand encoder ran for the scout (scout_rows) is also fused with all of them and "
         "supervised by its labels, beside the budget-sampled pass, so that the full cost learns what keep-all "
-        "learns while every lower budget is still trained. Costs one more gate, fusion and heads per step (the "
-        "encoders' tokens are shared). 0: off, the budget-sampled pass alone.", validator=non_negative)
+        "learns while every lower budget is still trained. The two passes' label losses are averaged, weighted "
+        "1 and w over 1 + w. Costs one more gate, fusion and heads per step (the encoders' tokens are shared). "
+        "0: off, the budget-sampled pass alone.", validator=non_negative)
     budget_gflops: float | None = option(
         None, doc="The compute objective term: the mean GFLOPs per sample that the gate's own rule (no budget at "
         "inference) should spend; the expected cost above it is a hinge loss. null: no such term.",

@@ -187,7 +187,7 @@ def test_the_full_budget_pass_fuses_the_scout_rows_with_every_token_and_adds_the
     model.eval()
     assert model(x).full_logits is None  # inference runs one pass
     off = build_model({**demand_spec(), "conditional": {"full_budget_weight": 0.0}}).train()
-    assert build_model(demand_spec()).spec.conditional.full_budget_weight == 1.0  # on by default
+    assert build_model(demand_spec()).spec.conditional.full_budget_weight == 3.0  # on by default
     assert off(x).full_logits is None and "full_budget" not in training_loss(off, off(x), target)[1]
 
 
