@@ -10,7 +10,12 @@ budgets (25%, 40%, 55%, and 10%, 70%, 85% for the saving; thresholds fitted on t
   mean cost (mixing two static choices over the rows gives every point between them);
 - random rows: each on-demand encoder run on random rows at the scout's rate;
 - the confidence cascade: encoders added in cost order to the least confident rows, fitted on validation to the
-  scout's mean cost.
+  scout's mean cost;
+- a diagnostic, not a control: an oracle that knows the labels and picks each row's subset (its loss plus a price
+  per GFLOP, priced to the scout's mean cost); it cherry-picks per row, so it bounds what a scout could gain.
+
+`--full-budget-weight W` trains the scouts with `conditional.full_budget_weight: W` (its runs, results and section
+are its own; keep-all's runs are shared).
 
 Testbeds (UCI Multiple Features, the clean blended task):
 
