@@ -14,6 +14,12 @@ time), and a training step of each (every on-demand encoder on every row for the
 Interleaved rounds, medians, one thread.
 
     .venv/bin/python benchmarks/conditional.py
+
+With `--large`, the on-demand encoders are instead four timm ResNet-50s at 224×224 (random weights, 8.2 GFLOPs per
+image as fusionkit measures it) on image tensors, batch 8, three rounds, inference only: the regime where the
+encoders, not reading or routing, dominate, and the saving should approach its ideal.
+
+    .venv/bin/python benchmarks/conditional.py --large
 """
 
 from __future__ import annotations
@@ -39,6 +45,64 @@ def spec(on_demand: bool, cost: float) -> dict:
             "heads": {"presence": {"type": "presence", "dropout": 0.0}, "salience": {"type": "salience", "dropout": 0.0}}}
 
 
+LARGE_K, LARGE_BATCH = 4, 8
+
+
+def large_spec(on_demand: bool) -> dict:
+    """The cheap always-run encoder and LARGE_K ResNet-50s at 224×224 (random weights; their cost is measured)."""
+    extra = {"run": "on_demand"} if on_demand else {}
+    return {"latent_dim": LATENT, "projector": {"dropout": 0.0},
+            "encoders": [{"name": "cheap", "type": "features", "dim": 16},
+                         *({"name": f"dear{k}", "type": "timm", "model": "resnet50", "img_size": [224, 224],
+                            "seed": k, **extra} for k in range(LARGE_K))],
+            "gate": {"type": "attention", "top_n": LARGE_K + 1, "heads": 4},
+            "heads": {"presence": {"type": "presence", "dropout": 0.0}, "salience": {"type": "salience", "dropout": 0.0}}}
+
+
+def large(rounds: int) -> None:
+    """Inference at budgets with ResNet-50s on demand, against every encoder always run, and the ideal."""
+    import fusionkit
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    always = fusionkit.build_model(large_spec(False)).eval()
+    demand = fusionkit.build_model(large_spec(True)).eval()
+    demand.load_state_dict(always.state_dict())
+    costs = demand.encoder_costs()
+    x = {"cheap": torch.randn(LARGE_BATCH, 16),
+         **{f"dear{k}": torch.randint(0, 256, (LARGE_BATCH, 3, 224, 224), dtype=torch.uint8) for k in range(LARGE_K)}}
+    shares = (0.0, 0.25, 0.5, 0.75, 1.0)
+    with torch.no_grad():
+        runs = {"today (every encoder always)": lambda: always(x)}
+        for share in shares:
+            runs[f"on demand, budget {share:.0%}"] = lambda share=share: demand(x, budget=f"{100 * share}%")
+        spent = {share: float(demand(x, budget=f"{100 * share}%").ran[:, 1:].float().mean()) for share in shares}
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, fn in runs.items():
+                times[name].append(median_seconds(fn, 1))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    full, fixed = med["today (every encoder always)"], med["on demand, budget 0%"]
+    rows, data_rows = [["today (every encoder always)", "1.00", f"{1000 * full:.0f}", "1.00", "-", "-"]], []
+    for share in shares:
+        t = med[f"on demand, budget {share:.0%}"]
+        ideal = fixed + spent[share] * (full - fixed)
+        rows.append([f"on demand, budget {share:.0%}", f"{spent[share]:.2f}", f"{1000 * t:.0f}", f"{t / full:.3f}",
+                     f"{full / t:.2f}× of ideal {full / ideal:.2f}×", "-" if share == 0 else f"{100 * ideal / t:.0f}%"])
+        data_rows.append({"share": share, "run_share": spent[share], "seconds": t, "ideal_seconds": ideal})
+    data = {"machine": machine(), "threads": 1, "torch": torch.__version__, "batch": LARGE_BATCH,
+            "gflops_per_encoder": costs["dear0"], "median_seconds": med, "budgets": data_rows}
+    section = (
+        "## Conditional execution: the microbenchmark with large encoders\n\n"
+        f"`.venv/bin/python benchmarks/conditional.py --large`: one cheap always-run encoder and {LARGE_K} timm "
+        f"ResNet-50s at 224×224 on demand ({costs['dear0']:.2f} GFLOPs per image each, measured by fusionkit; random "
+        f"weights), attention gate keeping every encoder, batch {LARGE_BATCH} of image tensors, inference, one thread; "
+        f"medians of {rounds} interleaved rounds ({data['machine']['cpus']} CPUs, torch {torch.__version__}). The ideal "
+        "time is the budget 0% time plus the run share of the encoders' time; *of ideal*: ideal time over measured.\n\n"
+        + markdown_table(["system", "run share", "ms per batch", "× today", "speed-up", "of ideal"], rows) + "\n")
+    write("conditional-large", data, section)
+
+
 def median_seconds(fn, rounds: int) -> float:
     times = []
     for _ in range(rounds):
@@ -50,8 +114,13 @@ def median_seconds(fn, rounds: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (15; 3 with --large)")
+    parser.add_argument("--large", action="store_true", help="four ResNet-50s at 224x224 on demand instead")
     args = parser.parse_args()
+    if args.large:
+        large(args.rounds or 3)
+        return
+    args.rounds = args.rounds or 15
     import fusionkit
     from torch.utils.flop_counter import FlopCounterMode
 
