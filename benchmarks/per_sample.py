@@ -76,7 +76,13 @@ def evaluate(job: dict) -> dict:
     from fusionkit.data.open import spec_store
     from fusionkit.inference import fit_mean_budget
     from fusionkit.models.factory import load_model
-    from fusionkit.training.controls import cascade, frontier_at, random_rows, static_choices, static_frontier
+    from fusionkit.training.controls import (
+        cascade,
+        frontier_at,
+        random_rows,
+        static_choices,
+        static_frontier,
+    )
     from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import make_split
 
@@ -228,7 +234,6 @@ def main() -> None:
 
 def summarize(args, done: dict, evaluated: dict) -> None:
     keys = [(f, s) for f in range(args.folds) for s in range(args.seeds)]
-    n = len(keys)
     keep_all = np.array([done[(args.testbed, "keep-all", f, s)]["test"]["score"] for f, s in keys])
     seconds = {name: float(np.mean([done[(args.testbed, name, f, s)]["seconds"] for f, s in keys]))
                for name in ("keep-all", *(f"scout: {x}" for x in SCOUTS))}

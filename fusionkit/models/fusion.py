@@ -22,7 +22,15 @@ from torch import nn
 from fusionkit.answers import Prediction, from_order
 from fusionkit.checkpoint import save_checkpoint
 from fusionkit.errors import DataError, FusionkitError
-from fusionkit.interfaces import DOMAINS, BuildContext, Decoder, DeferredInput, Encoder, Gate, LiveEncoder
+from fusionkit.interfaces import (
+    DOMAINS,
+    BuildContext,
+    Decoder,
+    DeferredInput,
+    Encoder,
+    Gate,
+    LiveEncoder,
+)
 from fusionkit.models.conditional import (
     Budget,
     RowShare,
