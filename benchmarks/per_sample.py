@@ -36,7 +36,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from conditional_uci import checkpoint_hash, cnn_material, specs
 from grid import grid_parser, run_grid
+from live import pix_images
 from report import RESULTS, machine, markdown_table, write
 
 MIDDLE = (0.25, 0.4, 0.55)
@@ -58,8 +60,6 @@ def view_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
 
 
 def cnn_specs(seed: int, weights: Path, conditional: dict | None = None) -> dict[str, dict]:
-    from conditional_uci import specs
-
     both = specs(seed, weights)
     systems = {"keep-all": both["keep-all"]}
     for scout in SCOUTS:
@@ -160,12 +160,6 @@ class Oracle:
         return float(scores_from_matrices(order_to_matrix(order, sal, len(self.model.labels)), self.truth)["score"])
 
 
-def checkpoint_hash(run: Path) -> str:
-    from fusionkit.files import sha256_file
-
-    return sha256_file(run / "best" / "model.safetensors")
-
-
 def mean_se(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
@@ -180,12 +174,8 @@ def main() -> None:
     conditional = {} if args.full_budget_weight is None else {"full_budget_weight": args.full_budget_weight}
     args.tag = args.testbed + ("" if args.full_budget_weight is None else f"-fw{args.full_budget_weight:g}")
     work = Path(args.work)
-    from live import pix_images
-
     raw = weights = None
     if args.testbed == "cnn":
-        from conditional_uci import cnn_material
-
         clean, raw, weights = cnn_material(args.source, work)
     else:
         clean, _ = pix_images(args.source, work)
