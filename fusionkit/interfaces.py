@@ -163,6 +163,14 @@ class LiveEncoder(Encoder):
         """What made these features, for the store's index: model name, weights file, preprocessing."""
         return {}
 
+    def export_preprocessing(self) -> dict[str, Any] | None:
+        """How the runtime without torch turns one input file into what :meth:`export_inputs` shows the graph,
+        written into the export's manifest as the encoder's ``reads``: for an image, ``{"kind": "image", "mode":
+        "RGB" | "L", "steps": [...]}`` with the steps of :mod:`fusionkit.runtime.images` (``resize``,
+        ``center_crop``), which must give exactly the pixels :meth:`load` gives. None, the default: the runtime
+        cannot read this encoder's inputs, and an export of a model that has it is refused, naming it."""
+        return None
+
 
 _restoring: contextvars.ContextVar[bool] = contextvars.ContextVar("fusionkit_restoring", default=False)
 

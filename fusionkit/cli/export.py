@@ -31,7 +31,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.data is None:
             raise FusionkitError(f"--budget {args.budget}: its threshold is fitted on the run's validation fold; give "
                                  "the store the run trained on with --data STORE")
-        store = DataSource(args.data).open(model.spec)
+        store = DataSource(args.data, args.raw).open(model.spec)
         info = json.loads((run / "run.json").read_text(encoding="utf-8"))
         check_trained_store(run, info, store, "a mean budget's threshold is fitted on the run's validation fold, "
                             "which another store's folds would fill with rows it trained on")
@@ -41,7 +41,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     graphs = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sha256"]
     print(f"exported to {out}: {', '.join(sorted(graphs))}, with manifest.json")
     if args.check:
-        store = DataSource(args.check).open(model.spec)
+        store = DataSource(args.check, args.raw).open(model.spec)
         for line in check_export(model, out, store):
             if "tower" in line:
                 print(f"  checked tower {line['tower']}: {line['rows']} rows, embeddings within "
@@ -65,5 +65,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="STORE", help="the store the run trained on (to fit --budget)")
     p.add_argument("--check", metavar="STORE", help="run the export and the model on this store's first rows at "
                    "several budgets and compare them (probabilities, encoders run, answers)")
+    p.add_argument("--raw", metavar="MANIFEST", help="with --data or --check: the manifest of the live encoders' "
+                   "inputs beside the store (as fusionkit train --raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=_cmd_export)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fusionkit.data.store import FeatureStore, Sample, check_samples, sample_from_record
-from fusionkit.data.tables import MAX_CSV_CELL, read_csv, read_text
+from fusionkit.data.tables import MAX_CSV_CELL, manifest_records
 from fusionkit.errors import DataError
 from fusionkit.files import sha256_file
 from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig
@@ -149,15 +149,7 @@ def read_manifest(path: str | os.PathLike, labels: Sequence[str], confine: str |
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such manifest file (a .csv or .jsonl file; see docs/live-encoders.md)")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = _jsonl_records(path)
-    elif suffix == ".csv":
-        records = _csv_records(path)
-    else:
-        raise DataError(f"{path}: a manifest is a .csv or .jsonl file")
-    if not records:
-        raise DataError(f"{path}: no samples")
+    records = manifest_records(path)
     samples, columns = [], {}
     names = [k for k in records[0] if k not in RECORD_COLUMNS]
     known = set(names)
@@ -175,45 +167,6 @@ def read_manifest(path: str | os.PathLike, labels: Sequence[str], confine: str |
             columns.setdefault(name, []).append(value)
     check_samples(samples, path)
     return RawManifest(path, tuple(labels), samples, columns, confine=None if confine is None else Path(confine))
-
-
-def _jsonl_records(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: not a JSON object ({exc})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{n}: each line must be a JSON object, found {type(rec).__name__}")
-        records.append(rec)
-    return records
-
-
-def _csv_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV manifest (:func:`fusionkit.data.tables.read_csv`: quoted line breaks kept, rows of another
-    length and columns named twice refused)."""
-    header, rows = read_csv(path)
-    if not header or "id" not in header:
-        raise DataError(f"{path}: the first line must be a header with an 'id' column, found {header[:20]}")
-    return [_csv_record(row) for _, row in rows]
-
-
-def _csv_record(row: dict[str, str]) -> dict[str, Any]:
-    rec: dict[str, Any] = dict(row)
-    if rec.get("fold", "") in ("", None):
-        rec.pop("fold", None)
-    else:
-        try:
-            rec["fold"] = int(rec["fold"])
-        except ValueError:
-            pass  # reported by the record check, with the sample id
-    for key in ("group", "domain"):
-        if rec.get(key) == "":
-            rec.pop(key)
-    return rec
 
 
 def _answer(value: Any, path: Path, sid: Any) -> Any:

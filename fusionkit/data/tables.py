@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fusionkit.errors import DataError
 
-__all__ = ["MAX_CSV_CELL", "read_text", "read_csv"]
+__all__ = ["MAX_CSV_CELL", "read_text", "read_csv", "manifest_records"]
 
 #: The longest CSV cell read (a text for a text encoder can be long).
 MAX_CSV_CELL = 1 << 24
@@ -68,3 +70,57 @@ def read_csv(path: Path, required: Sequence[str] = ()) -> tuple[list[str], list[
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     finally:
         csv.field_size_limit(limit)
+
+def manifest_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a raw manifest (docs/live-encoders.md), a ``.csv`` or ``.jsonl`` file, as dicts, before any
+    meaning is given to their columns: what :func:`fusionkit.data.raw.read_manifest` and the runtime without torch
+    both read. Errors name the file (and the line of a JSONL file)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _jsonl_records(path)
+    elif suffix == ".csv":
+        records = _csv_records(path)
+    else:
+        raise DataError(f"{path}: a manifest is a .csv or .jsonl file")
+    if not records:
+        raise DataError(f"{path}: no samples")
+    return records
+
+
+def _jsonl_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not a JSON object ({exc})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n}: each line must be a JSON object, found {type(rec).__name__}")
+        records.append(rec)
+    return records
+
+
+def _csv_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV manifest (:func:`fusionkit.data.tables.read_csv`: quoted line breaks kept, rows of another
+    length and columns named twice refused)."""
+    header, rows = read_csv(path)
+    if not header or "id" not in header:
+        raise DataError(f"{path}: the first line must be a header with an 'id' column, found {header[:20]}")
+    return [_csv_record(row) for _, row in rows]
+
+
+def _csv_record(row: dict[str, str]) -> dict[str, Any]:
+    rec: dict[str, Any] = dict(row)
+    if rec.get("fold", "") in ("", None):
+        rec.pop("fold", None)
+    else:
+        try:
+            rec["fold"] = int(rec["fold"])
+        except ValueError:
+            pass  # reported by the record check, with the sample id
+    for key in ("group", "domain"):
+        if rec.get(key) == "":
+            rec.pop(key)
+    return rec

@@ -13,7 +13,9 @@ to drive them, as Hugging Face Optimum splits an encoder-decoder::
     DIR/fusion.onnx          every token and which are present -> gate, top-n, fusion, heads and combiner
 
 The runtime (:mod:`fusionkit.runtime`) runs them with numpy and onnxruntime alone. Any encoder exports when its class
-gives :meth:`fusionkit.interfaces.Encoder.export_inputs`; one that does not is refused, named.
+gives :meth:`fusionkit.interfaces.Encoder.export_inputs` (and a live one
+:meth:`fusionkit.interfaces.LiveEncoder.export_preprocessing`, how the runtime reads its files); one that does not is
+refused, named.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from fusionkit.models.fusion import FusionModel, Trunk
 from fusionkit.models.towers import Tower, TwoTowerModel
 from fusionkit.plugins import loaded
 from fusionkit.runtime.model import EXPORT_FORMAT, MANIFEST_FILE, RuntimeModel, load
-from fusionkit.runtime.store import StoreRows, read_store
+from fusionkit.runtime.images import check_reads
+from fusionkit.runtime.store import StoreRows
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS", "export_model",
            "check_export", "ExportError"]
@@ -141,9 +144,10 @@ def _exportable(model: Any) -> FusionModel | TwoTowerModel:
     for trunk in trunks:
         for name in trunk.encoder_names:
             encoder = trunk.encoders[name]
-            if isinstance(encoder, LiveEncoder):
-                raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) is live: it reads raw files, and the "
-                                  "runtime does not read raw files yet; extract its features into a store "
+            if isinstance(encoder, LiveEncoder) and _reads(encoder, name) is None:
+                raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) is live and declares no "
+                                  "export_preprocessing(): the runtime cannot read its raw inputs "
+                                  f"({encoder.modality}; it reads images). Extract its features into a store "
                                   "(`fusionkit extract`) and export a model that reads them")
             if encoder.export_inputs() is None:
                 raise ExportError(f"encoder {name!r} ({type(encoder).__name__}) declares no export_inputs(), so its "
@@ -155,6 +159,17 @@ def _exportable(model: Any) -> FusionModel | TwoTowerModel:
         raise ExportError(f"decoder {model.spec.decoder.type!r}: the runtime applies the built-in decoders "
                           f"({', '.join(DECODERS)}) only")
     return model
+
+
+def _reads(encoder: LiveEncoder, name: str) -> dict[str, Any] | None:
+    """A live encoder's preprocessing for the manifest, checked as the runtime will read it; refusals name it."""
+    try:
+        reads = encoder.export_preprocessing()
+        if reads is not None:
+            check_reads(reads, f"encoder {name!r} ({type(encoder).__name__}).export_preprocessing()")
+    except FusionkitError as exc:
+        raise ExportError(str(exc)) from None
+    return reads
 
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -186,11 +201,14 @@ def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, 
                **({"lengths": {0: "batch"}} if sequences else {})}
     _onnx_export(graph, args, path, inputs, ["token"], dynamic, f"encoder {name!r} ({type(encoder).__name__})")
     spec = model.spec.encoders[model.spec.encoder_names.index(name)]
-    shape = ["batch", "frames", int(x.shape[-1])] if sequences else ["batch", int(x.shape[-1])]
-    return {"name": name, "type": spec.type, "run": spec.run, "cost_gflops": trunk.encoder_costs()[name],
-            "graph": f"encoders/{name}.onnx",
-            "inputs": {"x": {"shape": shape, "dtype": "float32"},
-                       **({"lengths": {"shape": ["batch"], "dtype": "int64"}} if sequences else {})}}
+    shape = ["batch", "frames", int(x.shape[-1])] if sequences else ["batch", *(int(n) for n in x.shape[1:])]
+    entry = {"name": name, "type": spec.type, "run": spec.run, "cost_gflops": trunk.encoder_costs()[name],
+             "graph": f"encoders/{name}.onnx",
+             "inputs": {"x": {"shape": shape, "dtype": str(x.dtype).removeprefix("torch.")},
+                        **({"lengths": {"shape": ["batch"], "dtype": "int64"}} if sequences else {})}}
+    if isinstance(encoder, LiveEncoder):
+        entry["reads"] = _reads(encoder, name)
+    return entry
 
 
 def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, budget: Budget | None = None,
@@ -311,7 +329,8 @@ def check_export(model: FusionModel | TwoTowerModel, folder: str | os.PathLike, 
     Returns one line per budget; a mismatch is an :class:`ExportError` that names the graph at fault."""
     runtime = load(folder)
     index = np.arange(min(len(store), CHECK_ROWS)) if index is None else np.asarray(index)
-    rows = read_store(store.path, runtime.names).take(index)
+    raw = None if store.raw is None or Path(store.raw.path) == Path(store.path) else store.raw.path
+    rows = runtime.read(store.path, raw).take(index)
     _check_tokens(model, runtime, store, index, rows, atol)
     if isinstance(model, TwoTowerModel):
         return _check_towers(model, runtime, store, index, rows, atol)

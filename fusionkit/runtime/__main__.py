@@ -1,5 +1,5 @@
-"""``fusionkit-runtime DIR --data STORE --out sub.json [--budget B] [--split S]``: the challenge files of an export,
-predicted without torch (``python -m fusionkit.runtime`` is the same)."""
+"""``fusionkit-runtime DIR --data STORE [--raw MANIFEST] --out sub.json [--budget B] [--split S]``: the challenge
+files of an export, predicted without torch (``python -m fusionkit.runtime`` is the same)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fusionkit.errors import FusionkitError
 from fusionkit.runtime.model import load
-from fusionkit.runtime.store import read_store, select_rows
+from fusionkit.runtime.store import select_rows
 from fusionkit.submission import check_submission_replaceable, submission_paths, write_submission
 
 __all__ = ["main", "build_parser"]
@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusionkit-runtime", description="Predict with an exported fusionkit model "
                                      "(numpy and onnxruntime, no torch) and write a challenge submission.")
     parser.add_argument("export", metavar="DIR", help="the folder `fusionkit export` wrote")
-    parser.add_argument("--data", required=True, metavar="STORE", help="a feature store with the export's encoders")
+    parser.add_argument("--data", required=True, metavar="STORE", help="a feature store with the export's encoders, "
+                        "or the raw manifest when every encoder is live (reads images)")
+    parser.add_argument("--raw", metavar="MANIFEST", help="the manifest of the live encoders' image files, beside a "
+                        "feature store (as fusionkit train --raw)")
     parser.add_argument("--out", required=True, metavar="FILE.json", help="FILE.json and FILE.zip are written")
     parser.add_argument("--split", default="unlabelled", choices=["unlabelled", "labelled", "target", "all"],
                         help="which samples (default: the unlabelled ones)")
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         check_submission_replaceable(*submission_paths(Path(args.out)))
         model = load(args.export)
         model.budget(args.budget)  # a bad budget is refused before any store is read
-        rows = read_store(args.data, model.names)
+        rows = model.read(args.data, args.raw)
         chosen = select_rows(rows, args.split)
         answers = []
         for start in range(0, len(chosen), BATCH):
@@ -52,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(answers)} predictions written to {json_path} and {zip_path}")
     return 0
-
-
 
 
 if __name__ == "__main__":

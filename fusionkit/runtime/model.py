@@ -7,6 +7,7 @@ Nothing here imports torch: a deployment installs numpy, onnxruntime and safeten
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from fusionkit.budget import Budget
 from fusionkit.decoding import blemore_decode, presence_salience_decode
 from fusionkit.errors import FusionkitError
 from fusionkit.files import sha256_file
+from fusionkit.runtime.images import check_reads, read_images
+from fusionkit.runtime.store import StoreRows, read_inputs
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "DeploymentError", "RuntimeOutput", "RuntimeModel", "load",
            "within_budget", "value_per_cost"]
@@ -83,6 +86,13 @@ def value_per_cost(scores: np.ndarray, present: np.ndarray, costs: np.ndarray, d
     return np.where(present[:, demand], value, np.float32(-np.inf))
 
 
+def _is_paths(value: Any) -> bool:
+    """Whether an input is a sequence of file paths (an image encoder's, read by the runtime) rather than an array."""
+    if isinstance(value, np.ndarray):
+        return value.dtype == object or value.dtype.kind == "U"
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_FILE
     try:
@@ -128,6 +138,12 @@ class RuntimeModel:
 
         self.encoders: list[dict[str, Any]] = manifest["encoders"]
         self.names = [e["name"] for e in self.encoders]
+        for entry in self.encoders:
+            if "reads" in entry:
+                try:
+                    check_reads(entry["reads"], f"{self.folder / MANIFEST_FILE}: encoder {entry['name']!r}")
+                except FusionkitError as exc:
+                    raise DeploymentError(str(exc)) from None
         self.labels: tuple[str, ...] = tuple(manifest["labels"])
         self.demand = [self.names.index(n) for n in manifest.get("on_demand", [])]
         self.costs = np.array([float(e["cost_gflops"] or 0.0) for e in self.encoders], dtype=np.float64)
@@ -188,9 +204,21 @@ class RuntimeModel:
         feeds = {}
         for k, name in enumerate(names):
             entry = self.encoders[self.names.index(name)]
-            x = np.asarray(inputs[name], dtype=np.float32)
-            shape = entry["inputs"]["x"]["shape"]
-            if x.ndim != len(shape) or x.shape[-1] != shape[-1] or len(x) != batch:
+            given = inputs[name]
+            if "reads" in entry and _is_paths(given):  # read later, only for the rows that run the encoder
+                if len(given) != batch:
+                    raise DeploymentError(f"inputs[{name!r}]: {len(given)} paths for {batch} rows")
+                feeds[name] = {"paths": np.asarray([os.fspath(p) for p in given], dtype=object)}
+                continue
+            spec = entry["inputs"]["x"]
+            dtype = np.dtype(spec.get("dtype", "float32"))
+            if dtype == np.uint8 and np.asarray(given).dtype != np.uint8:
+                raise DeploymentError(f"inputs[{name!r}]: expected uint8 pixels (fusionkit.runtime.images.read_images "
+                                      f"gives them) or a list of image paths, found {np.asarray(given).dtype}")
+            x = np.asarray(given, dtype=dtype)
+            shape = spec["shape"]
+            fixed = [(x.shape[n], size) for n, size in enumerate(shape) if isinstance(size, int) and n < x.ndim]
+            if x.ndim != len(shape) or any(a != b for a, b in fixed) or len(x) != batch:
                 raise DeploymentError(f"inputs[{name!r}]: expected {shape} with {batch} rows, found {list(x.shape)}")
             bad = ~np.isfinite(x.reshape(batch, -1)).all(axis=1)
             if bad.any():
@@ -211,7 +239,17 @@ class RuntimeModel:
     def _encode(self, name: str, feed: Mapping[str, np.ndarray], rows: np.ndarray | None) -> np.ndarray:
         if rows is not None:
             feed = {key: value[rows] for key, value in feed.items()}
+        if "paths" in feed:  # a live encoder's images, read now for these rows alone
+            feed = {"x": read_images(list(feed["paths"]), self.encoders[self.names.index(name)]["reads"])}
         return self.sessions[name].run(["token"], dict(feed))[0]
+
+    def read(self, data: str | os.PathLike, raw: str | os.PathLike | None = None) -> StoreRows:
+        """The inputs of this export's encoders: ``data`` a feature store (and ``raw`` the manifest of the live
+        encoders' image files), or the manifest itself when every encoder is live
+        (:func:`fusionkit.runtime.store.read_inputs`). Images are read by :meth:`predict`, for the rows that run
+        their encoder."""
+        live = [e["name"] for e in self.encoders if "reads" in e]
+        return read_inputs(data, [n for n in self.names if n not in live], live, raw)
 
     def _choose(self, scores: np.ndarray, gate_runs: np.ndarray, candidates: np.ndarray, present: np.ndarray,
                 budget: Budget | None) -> np.ndarray:
@@ -269,7 +307,9 @@ class RuntimeModel:
     def predict(self, inputs: Mapping[str, np.ndarray], budget: Budget | str | float | None = None, *,
                 lengths: Mapping[str, np.ndarray] | None = None, mask: np.ndarray | None = None) -> RuntimeOutput:
         """Predict a batch: ``inputs`` maps every encoder name to ``[B, D]`` (or ``[B, T, D]`` frames, with
-        ``lengths``); ``mask`` ``[B, K]`` is False where an encoder is missing. ``budget``: None (the gate's own
+        ``lengths``), a live image encoder's to ``B`` image paths (read only for the rows that run it) or its
+        ``uint8`` ``[B, C, H, W]`` pixels (:func:`fusionkit.runtime.images.read_images`); ``mask`` ``[B, K]`` is
+        False where an encoder is missing. ``budget``: None (the gate's own
         rule), a cap (``"40%"``, ``2.5`` GFLOPs) or ``"mean"`` (the mean budget the export stores)."""
         if self.towers:
             raise DeploymentError(f"{self.folder}: a two-tower export embeds and predicts no answers; use embed()")

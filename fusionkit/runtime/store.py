@@ -1,8 +1,10 @@
-"""A feature store (docs/feature-store.md) read with numpy and safetensors alone, as an export's inputs."""
+"""An export's inputs read with numpy and safetensors alone: a feature store (docs/feature-store.md), and for live
+image encoders a raw manifest (docs/live-encoders.md) whose image paths are read only for the rows that run them."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,15 +12,17 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from fusionkit.data.tables import manifest_records
 from fusionkit.errors import DataError
 
-__all__ = ["StoreRows", "read_store", "select_rows"]
+__all__ = ["StoreRows", "read_store", "read_manifest_rows", "read_inputs", "select_rows"]
 
 
 @dataclass
 class StoreRows:
-    """The rows of a store that an export reads: ``ids``, each encoder's ``inputs`` (``[N, D]`` vectors, or frames
-    padded to ``[N, T, D]`` with ``lengths``), and per sample whether it is labelled and its domain."""
+    """The rows of a store that an export reads: ``ids``, each encoder's ``inputs`` (``[N, D]`` vectors, frames
+    padded to ``[N, T, D]`` with ``lengths``, or a live encoder's ``[N]`` file paths), and per sample whether it is
+    labelled and its domain."""
 
     ids: list[str]
     inputs: dict[str, np.ndarray]
@@ -75,6 +79,68 @@ def read_store(path: str | Path, encoders: Sequence[str]) -> StoreRows:
     labelled = np.array([s.get("labels") is not None for s in samples], dtype=bool)
     domains = np.array([str(s.get("domain", "source")) for s in samples])
     return StoreRows(ids, inputs, lengths, labelled, domains)
+
+
+def read_manifest_rows(path: str | os.PathLike, encoders: Sequence[str]) -> StoreRows:
+    """The samples of the raw manifest at ``path`` with the file paths of the live ``encoders`` (each its own column,
+    relative to the manifest's folder, or absolute); the files are read later, by the rows that run them."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such manifest file (a .csv or .jsonl file; see docs/live-encoders.md)")
+    records = manifest_records(path)
+    missing = [name for name in encoders if name not in records[0]]
+    if missing:
+        raise DataError(f"{path}: no column for the live encoder(s) {missing}; its columns are {sorted(records[0])}")
+    ids, seen = [], set()
+    for n, rec in enumerate(records):
+        sid = rec.get("id")
+        if sid in (None, ""):
+            raise DataError(f"{path}: record #{n} has no id")
+        if str(sid) in seen:
+            raise DataError(f"{path}: sample id {sid!r} appears twice")
+        seen.add(str(sid))
+        ids.append(str(sid))
+    inputs = {}
+    for name in encoders:
+        values = [rec.get(name) for rec in records]
+        bad = [ids[n] for n, value in enumerate(values) if not isinstance(value, str) or not value]
+        if bad:
+            raise DataError(f"{path}: column {name!r} holds no path for sample(s) {bad[:5]}")
+        inputs[name] = np.array([str(path.parent / value) for value in values], dtype=object)
+    labelled = np.array([rec.get("labels") not in (None, "", []) for rec in records], dtype=bool)
+    domains = np.array([str(rec.get("domain") or "source") for rec in records])
+    return StoreRows(ids, inputs, {}, labelled, domains)
+
+
+def read_inputs(data: str | os.PathLike, stored: Sequence[str], live: Sequence[str] = (),
+                raw: str | os.PathLike | None = None) -> StoreRows:
+    """The inputs of an export's encoders: ``data`` a feature store with the ``stored`` encoders' features and
+    ``raw`` the manifest of the ``live`` ones (every store sample must be in it), or ``data`` the manifest itself
+    when every encoder is live; as ``fusionkit train --data STORE --raw MANIFEST`` reads them."""
+    if Path(data).suffix.lower() in (".csv", ".jsonl") and not Path(data).is_dir():
+        if raw is not None:
+            raise DataError(f"{data}: the data is already a manifest; --raw adds a manifest to a feature store")
+        if stored:
+            raise DataError(f"{data}: encoder(s) {list(stored)} read stored features: give a feature store as --data "
+                            f"and the manifest as --raw {data}")
+        return read_manifest_rows(data, live)
+    rows = read_store(data, stored)
+    if not live:
+        if raw is not None:
+            raise DataError(f"--raw {raw}: the export has no live encoder to read it")
+        return rows
+    if raw is None:
+        raise DataError(f"encoder(s) {list(live)} read image files: give their manifest with --raw "
+                        "(docs/live-encoders.md)")
+    manifest = read_manifest_rows(raw, live)
+    position = {sid: n for n, sid in enumerate(manifest.ids)}
+    absent = [sid for sid in rows.ids if sid not in position]
+    if absent:
+        raise DataError(f"{raw}: lacks {len(absent)} sample(s) of {data}, e.g. {absent[:5]}; the manifest must list "
+                        "every sample of the store")
+    take = np.array([position[sid] for sid in rows.ids], dtype=np.int64)
+    rows.inputs.update({name: manifest.inputs[name][take] for name in live})
+    return rows
 
 
 def select_rows(rows: StoreRows, split: str) -> np.ndarray:

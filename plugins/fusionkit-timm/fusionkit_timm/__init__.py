@@ -204,6 +204,29 @@ class TimmEncoder(LiveEncoder):
         device = next(self.backbone.parameters()).device
         return torch.zeros((1, *self.data_config["input_size"]), dtype=torch.uint8, device=device), None
 
+    def export_inputs(self):
+        """Two images of the transform's size as :meth:`load` gives them (``uint8``): the exported graph takes the
+        resized and cropped pixels and normalises them itself, as :meth:`normalize` does."""
+        device = next(self.backbone.parameters()).device
+        return torch.zeros((2, *self.data_config["input_size"]), dtype=torch.uint8, device=device), None
+
+    def export_preprocessing(self) -> dict[str, Any] | None:
+        """timm's resize and crop (:attr:`_resize_crop`) in the words of ``fusionkit.runtime.images``; a step it
+        has no word for (e.g. timm's ResizeKeepRatio, for a non-square ``crop_mode: center``) raises, naming it."""
+        import torchvision.transforms as T
+
+        steps = []
+        for step in self._resize_crop.transforms:
+            if type(step) is T.Resize and step.max_size is None:
+                size = step.size if isinstance(step.size, int) else [int(v) for v in step.size]
+                steps.append({"op": "resize", "size": size, "interpolation": step.interpolation.value})
+            elif type(step) is T.CenterCrop:
+                steps.append({"op": "center_crop", "size": [int(v) for v in step.size]})
+            else:
+                raise FusionkitError(f"encoder {self.name!r}: timm's preprocessing step {step} has no counterpart in "
+                                     "the runtime (it knows resize and center_crop); extract features instead")
+        return {"kind": "image", "mode": "L" if self.config.in_chans == 1 else "RGB", "steps": steps}
+
     def embed(self, x, lengths=None):
         if x.dim() == 4:
             return self.backbone(self.normalize(x)), None
