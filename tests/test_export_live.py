@@ -10,7 +10,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 import fusionkit
 from fusionkit.cli import main

@@ -42,8 +42,8 @@ from fusionkit.models.conditional import kept_by
 from fusionkit.models.fusion import FusionModel, Trunk
 from fusionkit.models.towers import Tower, TwoTowerModel
 from fusionkit.plugins import loaded
-from fusionkit.runtime.model import EXPORT_FORMAT, MANIFEST_FILE, RuntimeModel, load
 from fusionkit.runtime.images import check_reads
+from fusionkit.runtime.model import EXPORT_FORMAT, MANIFEST_FILE, RuntimeModel, load
 from fusionkit.runtime.store import StoreRows
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS", "export_model",
