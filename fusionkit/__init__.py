@@ -18,6 +18,7 @@ from importlib import import_module
 from typing import Any
 
 from fusionkit import moved
+from fusionkit.errors import NO_TORCH
 from fusionkit.hookspecs import hookimpl
 
 __version__ = "0.2.0"
@@ -45,5 +46,11 @@ __all__ = ["hookimpl", "__version__", *_LAZY]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        try:
+            module = import_module(_LAZY[name])
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] != "torch":
+                raise
+            raise ModuleNotFoundError(f"fusionkit.{name}: {NO_TORCH}", name=exc.name) from exc
+        return getattr(module, name)
     raise AttributeError(f"module 'fusionkit' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["FusionkitError", "PluginError", "DuplicateComponentError", "UnknownComponentError", "SpecError",
-           "CheckpointError", "DataError", "FusionkitWarning"]
+           "CheckpointError", "DataError", "FusionkitWarning", "NO_TORCH"]
 
 
 class FusionkitError(Exception):
@@ -53,3 +53,9 @@ class DataError(FusionkitError):
 
 class FusionkitWarning(UserWarning):
     """Something the user should know that does not stop the command."""
+
+
+#: What to do where a part of fusionkit that needs PyTorch is used and torch is not installed (it is an extra, so
+#: that ``pip install 'fusionkit[runtime]'`` deploys without it).
+NO_TORCH = ("this needs PyTorch, which is not installed here: pip install 'fusionkit[torch]' (or first the torch build "
+            "for your CUDA version, https://pytorch.org/get-started); an export runs without it (fusionkit-runtime)")

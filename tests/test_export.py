@@ -201,6 +201,41 @@ def test_the_runtime_imports_no_torch(exported, sequences):
     assert proc.stdout.split() == ["5", "['torch']"]  # only the blocker itself
 
 
+def test_the_runtime_extra_installs_no_torch():
+    """The installed package's requirements: `fusionkit[runtime]` brings onnxruntime and Pillow and no torch (an
+    extra cannot remove a requirement, so torch is an extra too); `fusionkit[torch]` and `[export]` bring it."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(line) for line in metadata.requires("fusionkit")]
+
+    def names(extra):
+        return {r.name.lower() for r in requirements if r.marker is None or r.marker.evaluate({"extra": extra})}
+
+    assert "torch" not in names("runtime") and {"onnxruntime", "pillow", "numpy", "safetensors"} <= names("runtime")
+    assert "torch" in names("torch") and {"torch", "onnx"} <= names("export")
+
+
+def test_a_command_that_needs_torch_says_how_to_install_it():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # torch not installed
+        import fusionkit
+        from fusionkit.cli import main
+        print(main(["train", "spec.yaml", "--data", "store", "--out", "run"]))
+        try:
+            fusionkit.build_model
+        except ModuleNotFoundError as exc:
+            print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines()[0] == "2", proc.stderr[-2000:]
+    assert "fusionkit: error: this needs PyTorch, which is not installed here: pip install 'fusionkit[torch]'" in \
+        proc.stderr
+    assert proc.stdout.splitlines()[1].startswith("fusionkit.build_model: this needs PyTorch")
+
+
 def test_the_command_line_exports_checks_and_predicts_without_torch(sequences, tmp_path, capsys):
     root, model, store = sequences
     assert main(["export", str(root / "run"), "--out", str(tmp_path / "exp"), "--budget", "mean:40%", "--data",

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The command's exit status; its errors as one line each."""
-    from fusionkit.errors import FusionkitError
+    from fusionkit.errors import NO_TORCH, FusionkitError
 
     _one_line_warnings()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -65,6 +65,11 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except FusionkitError as exc:
         print(f"fusionkit: error{where}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "torch":
+            raise
+        print(f"fusionkit: error{where}: {NO_TORCH}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", None)

@@ -33,7 +33,7 @@ name = "$dist"
 version = "0.1.0"
 description = "fusionkit plugin: the $kind_words $component"
 requires-python = ">=3.11"
-dependencies = ["fusionkit"]
+dependencies = ["fusionkit[torch]"]
 
 # The one line that makes fusionkit find the plugin: group "fusionkit",
 # any entry name, value = the module holding the hook implementations.

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which samples (default: the unlabelled ones)")
     parser.add_argument("--budget", help="a cap (40%% of the full cost, or 2.5 GFLOPs per sample), or mean (the "
                         "mean budget the export stores); default: the gate's own rule")
+    parser.add_argument("--threads", type=int, help="threads per graph (default: onnxruntime's, every core)")
     parser.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
     return parser
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_submission_replaceable(*submission_paths(Path(args.out)))
-        model = load(args.export)
+        model = load(args.export, threads=args.threads)
         model.budget(args.budget)  # a bad budget is refused before any store is read
         rows = model.read(args.data, args.raw)
         chosen = select_rows(rows, args.split)

@@ -115,7 +115,7 @@ class RuntimeModel:
     """An export loaded for prediction (:func:`load`). Each graph's SHA-256 is checked against the manifest first,
     so a tampered or mismatched graph is refused before it runs."""
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort  # the one heavy import, deferred: importing fusionkit.runtime stays cheap
 
         self.folder = Path(folder)
@@ -129,6 +129,10 @@ class RuntimeModel:
                                     "replaced after export); refused. Export the model again")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads is not None:
+            if threads < 1:
+                raise DeploymentError(f"threads {threads}: give at least 1 (None: onnxruntime's default, every core)")
+            options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
 
         def session(relative: str) -> Any:
@@ -375,7 +379,8 @@ class RuntimeModel:
         raise DeploymentError(f"decoder {decoder['type']!r}: the runtime applies blemore and presence_salience only")
 
 
-def load(folder: str | Path, providers: list[str] | None = None) -> RuntimeModel:
+def load(folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> RuntimeModel:
     """Load an export (``fusionkit export RUN --out DIR``) for prediction; its graphs' hashes are checked first.
-    ``providers``: onnxruntime's execution providers (default: the CPU)."""
-    return RuntimeModel(folder, providers)
+    ``providers``: onnxruntime's execution providers (default: the CPU); ``threads``: the threads each graph runs
+    on (default: onnxruntime's, every core)."""
+    return RuntimeModel(folder, providers, threads)
