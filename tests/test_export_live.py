@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,12 @@ def test_images_are_read_only_for_the_rows_that_run_their_encoder(live, tmp_path
     assert not out.ran[:, 1:].any() and out.probs.shape == (12, 2)
     with pytest.raises(DataError, match=r"absent\d+\.jpg: not a readable image"):
         runtime.predict(inputs, "100%")
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "clip").mkdir()
+    for odd, why in (("fifo.png", "not a regular file"), ("clip", "a folder")):
+        inputs["rgb"] = np.array([str(tmp_path / odd)] * len(rows.ids), dtype=object)
+        with pytest.raises(DataError, match=why):
+            runtime.predict(inputs, "100%")
     pixels = np.stack([read_image(p, runtime.encoders[2]["reads"]) for p in rows.inputs["rgb"]])
     by_paths = runtime.predict(rows.inputs, "100%")
     by_pixels = runtime.predict({**rows.inputs, "rgb": pixels}, "100%")
@@ -183,6 +190,13 @@ def test_a_live_encoder_the_runtime_cannot_read_is_refused_naming_it(tmp_path, m
     with pytest.raises(ExportError, match=r"encoder 'gray' .*unknown step \{'op': 'rotate'\}"):
         export_model(model, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_threads_are_onnxruntimes_and_checked(live):
+    _, _, _, exported = live
+    assert load(exported, threads=1).sessions["gray"].get_session_options().intra_op_num_threads == 1
+    with pytest.raises(DeploymentError, match="threads 0: give at least 1"):
+        load(exported, threads=0)
 
 
 def test_a_tampered_reads_entry_is_refused_at_load(live, tmp_path):

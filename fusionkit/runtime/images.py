@@ -22,6 +22,7 @@ The result is ``uint8`` ``[C, H, W]``: the graph converts it to float and normal
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -122,8 +123,14 @@ def read_image(path: str | os.PathLike, reads: Mapping[str, Any]) -> np.ndarray:
     except ImportError:
         raise DataError("reading images needs Pillow: pip install 'fusionkit[runtime]' (or pip install pillow)") from None
     path = os.fspath(path)
-    if os.path.isdir(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable image ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
         raise DataError(f"{path}: a folder (a clip's frames); the runtime reads one image per sample, not clips")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block, or never end
+        raise DataError(f"{path}: not a regular file")
     try:
         with Image.open(path) as image:
             return preprocess(image, reads)
