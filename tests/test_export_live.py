@@ -174,6 +174,9 @@ def test_the_runtime_reads_a_manifest_alone_when_every_encoder_is_live(live, tmp
     assert rows.ids == [f"s{i}" for i in range(12)] and rows.labelled.sum() == 8
     with pytest.raises(DataError, match="the data is already a manifest"):
         runtime.read(root / "manifest.csv", root / "manifest.csv")
+    assert runtime.read(root / "manifest.csv", confine=root).ids == rows.ids
+    with pytest.raises(DataError, match=r"12 path\(s\) of column 'gray' resolve outside --confine .*img/g0\.png"):
+        runtime.read(root / "manifest.csv", confine=root / "elsewhere")
     (tmp_path / "holes.csv").write_text("id,gray,rgb\ns0,img/g0.png,\n")
     with pytest.raises(DataError, match=r"column 'rgb' holds no path for sample\(s\) \['s0'\]"):
         runtime.read(tmp_path / "holes.csv")

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which samples (default: the unlabelled ones)")
     parser.add_argument("--budget", help="a cap (40%% of the full cost, or 2.5 GFLOPs per sample), or mean (the "
                         "mean budget the export stores); default: the gate's own rule")
+    parser.add_argument("--confine", metavar="DIR", help="refuse a manifest whose image paths resolve outside DIR "
+                        "(for a manifest you did not write)")
     parser.add_argument("--threads", type=int, help="threads per graph (default: onnxruntime's, every core)")
     parser.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
     return parser
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         check_submission_replaceable(*submission_paths(Path(args.out)))
         model = load(args.export, threads=args.threads)
         model.budget(args.budget)  # a bad budget is refused before any store is read
-        rows = model.read(args.data, args.raw)
+        rows = model.read(args.data, args.raw, args.confine)
         chosen = select_rows(rows, args.split)
         answers = []
         for start in range(0, len(chosen), BATCH):

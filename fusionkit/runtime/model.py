@@ -247,13 +247,14 @@ class RuntimeModel:
             feed = {"x": read_images(list(feed["paths"]), self.encoders[self.names.index(name)]["reads"])}
         return self.sessions[name].run(["token"], dict(feed))[0]
 
-    def read(self, data: str | os.PathLike, raw: str | os.PathLike | None = None) -> StoreRows:
+    def read(self, data: str | os.PathLike, raw: str | os.PathLike | None = None,
+             confine: str | os.PathLike | None = None) -> StoreRows:
         """The inputs of this export's encoders: ``data`` a feature store (and ``raw`` the manifest of the live
-        encoders' image files), or the manifest itself when every encoder is live
-        (:func:`fusionkit.runtime.store.read_inputs`). Images are read by :meth:`predict`, for the rows that run
+        encoders' image files), or the manifest itself when every encoder is live; ``confine``: a folder every image
+        path must resolve into (:func:`fusionkit.runtime.store.read_inputs`). Images are read by :meth:`predict`, for the rows that run
         their encoder."""
         live = [e["name"] for e in self.encoders if "reads" in e]
-        return read_inputs(data, [n for n in self.names if n not in live], live, raw)
+        return read_inputs(data, [n for n in self.names if n not in live], live, raw, confine)
 
     def _choose(self, scores: np.ndarray, gate_runs: np.ndarray, candidates: np.ndarray, present: np.ndarray,
                 budget: Budget | None) -> np.ndarray:

@@ -81,9 +81,12 @@ def read_store(path: str | Path, encoders: Sequence[str]) -> StoreRows:
     return StoreRows(ids, inputs, lengths, labelled, domains)
 
 
-def read_manifest_rows(path: str | os.PathLike, encoders: Sequence[str]) -> StoreRows:
+def read_manifest_rows(path: str | os.PathLike, encoders: Sequence[str],
+                       confine: str | os.PathLike | None = None) -> StoreRows:
     """The samples of the raw manifest at ``path`` with the file paths of the live ``encoders`` (each its own column,
-    relative to the manifest's folder, or absolute); the files are read later, by the rows that run them."""
+    relative to the manifest's folder, or absolute); the files are read later, by the rows that run them.
+    ``confine``: a folder every path must resolve into (after ``..`` and symbolic links), for a manifest you did not
+    write."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such manifest file (a .csv or .jsonl file; see docs/live-encoders.md)")
@@ -107,23 +110,29 @@ def read_manifest_rows(path: str | os.PathLike, encoders: Sequence[str]) -> Stor
         if bad:
             raise DataError(f"{path}: column {name!r} holds no path for sample(s) {bad[:5]}")
         inputs[name] = np.array([str(path.parent / value) for value in values], dtype=object)
+        if confine is not None:
+            outside = [(ids[n], value) for n, value in enumerate(values)
+                       if not (path.parent / value).resolve().is_relative_to(Path(confine).resolve())]
+            if outside:
+                raise DataError(f"{path}: {len(outside)} path(s) of column {name!r} resolve outside --confine "
+                                f"{confine}, e.g. sample {outside[0][0]!r} ({outside[0][1]})")
     labelled = np.array([rec.get("labels") not in (None, "", []) for rec in records], dtype=bool)
     domains = np.array([str(rec.get("domain") or "source") for rec in records])
     return StoreRows(ids, inputs, {}, labelled, domains)
 
 
 def read_inputs(data: str | os.PathLike, stored: Sequence[str], live: Sequence[str] = (),
-                raw: str | os.PathLike | None = None) -> StoreRows:
+                raw: str | os.PathLike | None = None, confine: str | os.PathLike | None = None) -> StoreRows:
     """The inputs of an export's encoders: ``data`` a feature store with the ``stored`` encoders' features and
     ``raw`` the manifest of the ``live`` ones (every store sample must be in it), or ``data`` the manifest itself
-    when every encoder is live; as ``fusionkit train --data STORE --raw MANIFEST`` reads them."""
+    when every encoder is live; as ``fusionkit train --data STORE --raw MANIFEST [--confine DIR]`` reads them."""
     if Path(data).suffix.lower() in (".csv", ".jsonl") and not Path(data).is_dir():
         if raw is not None:
             raise DataError(f"{data}: the data is already a manifest; --raw adds a manifest to a feature store")
         if stored:
             raise DataError(f"{data}: encoder(s) {list(stored)} read stored features: give a feature store as --data "
                             f"and the manifest as --raw {data}")
-        return read_manifest_rows(data, live)
+        return read_manifest_rows(data, live, confine)
     rows = read_store(data, stored)
     if not live:
         if raw is not None:
@@ -132,7 +141,7 @@ def read_inputs(data: str | os.PathLike, stored: Sequence[str], live: Sequence[s
     if raw is None:
         raise DataError(f"encoder(s) {list(live)} read image files: give their manifest with --raw "
                         "(docs/live-encoders.md)")
-    manifest = read_manifest_rows(raw, live)
+    manifest = read_manifest_rows(raw, live, confine)
     position = {sid: n for n, sid in enumerate(manifest.ids)}
     absent = [sid for sid in rows.ids if sid not in position]
     if absent:
