@@ -84,6 +84,20 @@ def test_each_on_demand_graph_runs_only_on_the_rows_that_keep_it(sequences, expo
     assert len(out.answers) == 40 and out.probs.shape == (40, len(model.labels))
 
 
+def test_the_dynamo_exporter_round_trips_at_every_budget(sequences, tmp_path):
+    """torch.export's exporter (`--exporter dynamo`) writes graphs that keep the dynamic batch and frame count and
+    run as the model does: mean, stats7 and attention pooling, on-demand encoders, a stored mean budget."""
+    _, model, store = sequences
+    budget = fit_mean_budget(model, store, make_split(store, 0).val, "mean:40%")
+    folder = export_model(model, tmp_path / "dynamo", budget=budget, exporter="dynamo")
+    assert json.loads((folder / "manifest.json").read_text())["exporter"] == "dynamo"
+    report = check_export(model, folder, store, np.arange(37))  # a batch size the example inputs did not have
+    assert [line["budget"] for line in report] == [None, "0%", "25%", "50%", "100%", "mean"]
+    with pytest.raises(ExportError, match="exporter 'jit': expected one of torchscript, dynamo"):
+        export_model(model, tmp_path / "other", exporter="jit")
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_batch_of_one_row_and_missing_encoders(sequences, exported):
     _, model, store = sequences
     runtime = load(exported)

@@ -37,7 +37,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             "which another store's folds would fill with rows it trained on")
         budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
         print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
-    out = export_model(model, args.out, budget=budget, overwrite=args.overwrite)
+    out = export_model(model, args.out, budget=budget, overwrite=args.overwrite, exporter=args.exporter)
     graphs = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sha256"]
     print(f"exported to {out}: {', '.join(sorted(graphs))}, with manifest.json")
     if args.check:
@@ -67,5 +67,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "several budgets and compare them (probabilities, encoders run, answers)")
     p.add_argument("--raw", metavar="MANIFEST", help="with --data or --check: the manifest of the live encoders' "
                    "inputs beside the store (as fusionkit train --raw)")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torch's ONNX exporter: torchscript (default: fast) or dynamo (torch.export; needs onnxscript)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=_cmd_export)

@@ -20,6 +20,8 @@ refused, named.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import os
 import warnings
@@ -46,11 +48,15 @@ from fusionkit.runtime.images import check_reads
 from fusionkit.runtime.model import EXPORT_FORMAT, MANIFEST_FILE, RuntimeModel, load
 from fusionkit.runtime.store import StoreRows
 
-__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS", "export_model",
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "EXPORTERS", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS", "export_model",
            "check_export", "ExportError"]
 
 #: The ONNX opset the graphs are written in.
 OPSET = 18
+#: The exporters ``export_model`` can write the graphs with: torch's TorchScript exporter (the default: fast, and
+#: exact for these modules; torch deprecates it) and its ``torch.export`` one (``dynamo=True``; needs onnxscript,
+#: and takes seconds per graph).
+EXPORTERS = ("torchscript", "dynamo")
 #: The decoders a runtime applies (``fusionkit.decoding``), by type, with the config keys it reads.
 DECODERS = {"blemore": ("alpha", "beta"), "presence_salience": ("threshold", "beta")}
 
@@ -173,22 +179,32 @@ def _reads(encoder: LiveEncoder, name: str) -> dict[str, Any] | None:
 
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-                 dynamic: dict[str, dict[int, str]], what: str) -> None:
-    """One graph, traced (TorchScript exporter: fast, and exact for these modules), with its dynamic axes."""
+                 dynamic: dict[str, dict[int, str]], what: str, exporter: str) -> None:
+    """One graph with its dynamic axes, by the ``exporter`` of :data:`EXPORTERS`."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernels have no ONNX form; the math is equal
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
-                              dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+            if exporter == "dynamo":
+                # torch.export names no axes: each dynamic one must stay dynamic (Dim.DYNAMIC refuses to specialise)
+                params = list(inspect.signature(module.forward).parameters)[:len(args)]
+                shapes = {param: {axis: torch.export.Dim.DYNAMIC for axis in dynamic.get(name, {})} or None
+                          for param, name in zip(params, inputs)}
+                torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                                  dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, verbose=False)
+            else:
+                torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                                  dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
     except Exception as exc:  # noqa: BLE001 - what the exporter raised, named with the part that failed
-        raise ExportError(f"{what}: the ONNX exporter failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+        raise ExportError(f"{what}: the ONNX exporter ({exporter}) failed: {type(exc).__name__}: "
+                          f"{str(exc)[:500]}") from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, folder: Path) -> dict[str, Any]:
+def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, folder: Path,
+                   exporter: str) -> dict[str, Any]:
     """One encoder's graph (the encoder and its projector, in ``trunk``) and its manifest entry."""
     encoder = trunk.encoders[name]
     x, lengths = encoder.export_inputs()
@@ -199,7 +215,8 @@ def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, 
     inputs = ["x", "lengths"] if sequences else ["x"]
     dynamic = {"x": {0: "batch", **({1: "frames"} if sequences else {})}, "token": {0: "batch"},
                **({"lengths": {0: "batch"}} if sequences else {})}
-    _onnx_export(graph, args, path, inputs, ["token"], dynamic, f"encoder {name!r} ({type(encoder).__name__})")
+    _onnx_export(graph, args, path, inputs, ["token"], dynamic, f"encoder {name!r} ({type(encoder).__name__})",
+                 exporter)
     spec = model.spec.encoders[model.spec.encoder_names.index(name)]
     shape = ["batch", "frames", int(x.shape[-1])] if sequences else ["batch", *(int(n) for n in x.shape[1:])]
     entry = {"name": name, "type": spec.type, "run": spec.run, "cost_gflops": trunk.encoder_costs()[name],
@@ -212,14 +229,18 @@ def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, 
 
 
 def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, budget: Budget | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, exporter: str = "torchscript") -> Path:
     """Write ``model`` to the folder ``out`` as split ONNX graphs and a manifest; returns the folder. A two-tower
     model writes each tower's graph (``towers/NAME.onnx``) beside its encoders', for ``RuntimeModel.embed``.
 
     ``budget``: a mean budget with its fitted threshold (:func:`fusionkit.inference.fit_mean_budget`), stored so
     that the runtime applies it as ``budget="mean"``. ``out`` must be new or empty, or, with ``overwrite``, an
-    earlier export (nothing else is replaced); it is written atomically.
+    earlier export (nothing else is replaced); it is written atomically. ``exporter``: one of :data:`EXPORTERS`.
     """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        raise ExportError("exporter 'dynamo' needs onnxscript: pip install 'fusionkit[export]' (or onnxscript)")
     model = _exportable(model)
     if budget is not None and (not budget.mean or budget.threshold is None):
         raise ExportError(f"budget {budget.describe()}: an export stores a mean budget with its fitted threshold "
@@ -234,38 +255,39 @@ def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, 
     model.eval()
     try:
         with torch.no_grad():
-            write_directory(target, lambda folder: (_write_towers(model, folder) if isinstance(model, TwoTowerModel)
-                                                    else _write(model, folder, budget)))
+            write_directory(target, lambda folder: (_write_towers(model, folder, exporter)
+                                                    if isinstance(model, TwoTowerModel)
+                                                    else _write(model, folder, budget, exporter)))
     finally:
         model.train(was_training)
     return target
 
 
-def _write(model: FusionModel, folder: Path, budget: Budget | None) -> None:
+def _write(model: FusionModel, folder: Path, budget: Budget | None, exporter: str) -> None:
     (folder / "encoders").mkdir()
-    encoders = [_encoder_entry(model, model, name, folder) for name in model.encoder_names]
+    encoders = [_encoder_entry(model, model, name, folder, exporter) for name in model.encoder_names]
     K, d = len(model.encoder_names), model.spec.latent_dim
     tokens, mask = torch.zeros(2, K, d), torch.ones(2, K, dtype=torch.bool)
     roles = _roles(model)
     _onnx_export(_FusionGraph(model), (tokens, mask), folder / "fusion.onnx", ["tokens", "mask"],
                  ["probs", *roles, "kept"], {n: {0: "batch"} for n in ["tokens", "mask", "probs", *roles, "kept"]},
-                 "the fusion (gate, selection, fusion, heads, combiner)")
+                 "the fusion (gate, selection, fusion, heads, combiner)", exporter)
     graphs = {"fusion": "fusion.onnx", **{f"encoders/{e['name']}": e["graph"] for e in encoders}}
     if model.value_head is not None:
         ran = torch.zeros(2, len(model.on_demand), dtype=torch.bool)
         _onnx_export(_ValueGraph(model), (tokens, mask, ran), folder / "value.onnx", ["tokens", "present", "ran"],
                      ["values"], {n: {0: "batch"} for n in ("tokens", "present", "ran", "values")},
-                     "the value scout (conditional.scout: value)")
+                     "the value scout (conditional.scout: value)", exporter)
         graphs["value"] = "value.onnx"
     elif model.on_demand:
         _onnx_export(_ScoutGraph(model), (tokens, mask), folder / "scout.onnx", ["tokens", "present"],
                      ["scores", "runs", "candidates"],
                      {n: {0: "batch"} for n in ("tokens", "present", "scores", "runs", "candidates")},
-                     f"the scout ({model.spec.gate.type} gate)")
+                     f"the scout ({model.spec.gate.type} gate)", exporter)
         graphs["scout"] = "scout.onnx"
     decoder = model.spec.decoder
     manifest = {
-        **_manifest_head(model), "kind": "fusion", "neutral": model.decoder.context.neutral_index,
+        **_manifest_head(model, exporter), "kind": "fusion", "neutral": model.decoder.context.neutral_index,
         "encoders": encoders, "on_demand": [model.encoder_names[k] for k in model.on_demand],
         "scout": None if not model.on_demand else model.spec.conditional.scout, "slots": model.top_n,
         "nan_policy": model.spec.data.nan_policy, "heads": roles,
@@ -277,28 +299,30 @@ def _write(model: FusionModel, folder: Path, budget: Budget | None) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def _manifest_head(model: FusionModel | TwoTowerModel) -> dict[str, Any]:
-    """What every manifest says first: its format, the versions, the labels and the latent size, the spec."""
+def _manifest_head(model: FusionModel | TwoTowerModel, exporter: str) -> dict[str, Any]:
+    """What every manifest says first: its format, the versions, the exporter, the labels and the latent size, the
+    spec."""
     return {"format": EXPORT_FORMAT, "fusionkit": _version(), "opset": OPSET, "torch": torch.__version__,
+            "exporter": exporter,
             "labels": list(model.labels), "latent_dim": model.spec.latent_dim, "spec": model.spec.to_dict(),
             "plugins": _plugin_versions()}
 
 
-def _write_towers(model: TwoTowerModel, folder: Path) -> None:
+def _write_towers(model: TwoTowerModel, folder: Path, exporter: str) -> None:
     """Each tower's encoders and its tower graph, and a manifest that names which encoders feed which tower."""
     (folder / "encoders").mkdir()
     (folder / "towers").mkdir()
     encoders, towers = [], {}
     for name, tower in model.towers.items():
-        encoders += [_encoder_entry(model, tower, n, folder) for n in tower.encoder_names]
+        encoders += [_encoder_entry(model, tower, n, folder, exporter) for n in tower.encoder_names]
         k, d = len(tower.encoder_names), model.spec.latent_dim
         _onnx_export(_TowerGraph(tower), (torch.zeros(2, k, d), torch.ones(2, k, dtype=torch.bool)),
                      folder / "towers" / f"{name}.onnx", ["tokens", "mask"], ["embedding", "kept"],
-                     {n: {0: "batch"} for n in ("tokens", "mask", "embedding", "kept")}, f"tower {name!r}")
+                     {n: {0: "batch"} for n in ("tokens", "mask", "embedding", "kept")}, f"tower {name!r}", exporter)
         towers[name] = {"encoders": list(tower.encoder_names), "graph": f"towers/{name}.onnx",
                         "embed_dim": tower.embed_dim}
     graphs = [e["graph"] for e in encoders] + [t["graph"] for t in towers.values()]
-    manifest = {**_manifest_head(model), "kind": "two_tower", "encoders": encoders, "towers": towers,
+    manifest = {**_manifest_head(model, exporter), "kind": "two_tower", "encoders": encoders, "towers": towers,
                 "logit_scale": float(model.logit_scale.exp()), "nan_policy": model.spec.data.nan_policy,
                 "sha256": {path: sha256_file(folder / path) for path in graphs}}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
