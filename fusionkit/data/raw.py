@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fusionkit.data.store import FeatureStore, Sample, check_samples, sample_from_record
-from fusionkit.data.tables import MAX_CSV_CELL, manifest_records
+from fusionkit.data.tables import MANIFEST_SUFFIXES, MAX_CSV_CELL, is_manifest, manifest_records
 from fusionkit.errors import DataError
 from fusionkit.files import sha256_file
 from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig
@@ -40,7 +40,6 @@ __all__ = ["MANIFEST_SUFFIXES", "RECORD_COLUMNS", "live_encoder_names", "is_mani
            "read_manifest", "MAX_CSV_CELL", "collate", "manifest_store", "LoadFailure", "ManifestItems",
            "load_batches"]
 
-MANIFEST_SUFFIXES = (".csv", ".jsonl")
 #: Columns with a fixed meaning; every other column holds one encoder's inputs.
 RECORD_COLUMNS = ("id", "labels", "group", "fold", "domain")
 
@@ -51,11 +50,6 @@ def live_encoder_names(spec: Any, registry: Any = None) -> set[str]:
     registry = registry or get_registry()
     return {e.name for e in spec.encoders
             if (("encoder", e.type) in registry and issubclass(registry.get("encoder", e.type).config, LiveEncoderConfig))}
-
-
-def is_manifest(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a manifest file (rather than a feature store folder)."""
-    return Path(path).suffix.lower() in MANIFEST_SUFFIXES and not Path(path).is_dir()
 
 
 class RawManifest:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fusionkit.errors import DataError
 
-__all__ = ["MAX_CSV_CELL", "read_text", "read_csv", "manifest_records"]
+__all__ = ["MAX_CSV_CELL", "MANIFEST_SUFFIXES", "read_text", "read_csv", "is_manifest", "manifest_records"]
 
 #: The longest CSV cell read (a text for a text encoder can be long).
 MAX_CSV_CELL = 1 << 24
@@ -70,6 +71,15 @@ def read_csv(path: Path, required: Sequence[str] = ()) -> tuple[list[str], list[
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     finally:
         csv.field_size_limit(limit)
+
+#: The suffixes of a raw manifest's file (docs/live-encoders.md).
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+
+
+def is_manifest(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a manifest file (rather than a feature store folder)."""
+    return Path(path).suffix.lower() in MANIFEST_SUFFIXES and not Path(path).is_dir()
+
 
 def manifest_records(path: Path) -> list[dict[str, Any]]:
     """The records of a raw manifest (docs/live-encoders.md), a ``.csv`` or ``.jsonl`` file, as dicts, before any

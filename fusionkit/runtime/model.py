@@ -251,8 +251,8 @@ class RuntimeModel:
              confine: str | os.PathLike | None = None) -> StoreRows:
         """The inputs of this export's encoders: ``data`` a feature store (and ``raw`` the manifest of the live
         encoders' image files), or the manifest itself when every encoder is live; ``confine``: a folder every image
-        path must resolve into (:func:`fusionkit.runtime.store.read_inputs`). Images are read by :meth:`predict`, for the rows that run
-        their encoder."""
+        path must resolve into (:func:`fusionkit.runtime.store.read_inputs`). Images are read by :meth:`predict`,
+        for the rows that run their encoder."""
         live = [e["name"] for e in self.encoders if "reads" in e]
         return read_inputs(data, [n for n in self.names if n not in live], live, raw, confine)
 
@@ -314,8 +314,8 @@ class RuntimeModel:
         """Predict a batch: ``inputs`` maps every encoder name to ``[B, D]`` (or ``[B, T, D]`` frames, with
         ``lengths``), a live image encoder's to ``B`` image paths (read only for the rows that run it) or its
         ``uint8`` ``[B, C, H, W]`` pixels (:func:`fusionkit.runtime.images.read_images`); ``mask`` ``[B, K]`` is
-        False where an encoder is missing. ``budget``: None (the gate's own
-        rule), a cap (``"40%"``, ``2.5`` GFLOPs) or ``"mean"`` (the mean budget the export stores)."""
+        False where an encoder is missing. ``budget``: None (the gate's own rule), a cap (``"40%"``, ``2.5``
+        GFLOPs) or ``"mean"`` (the mean budget the export stores)."""
         if self.towers:
             raise DeploymentError(f"{self.folder}: a two-tower export embeds and predicts no answers; use embed()")
         budget = self.budget(budget)
