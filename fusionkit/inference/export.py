@@ -48,8 +48,8 @@ from fusionkit.runtime.images import check_reads
 from fusionkit.runtime.model import EXPORT_FORMAT, MANIFEST_FILE, RuntimeModel, load
 from fusionkit.runtime.store import StoreRows
 
-__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "EXPORTERS", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS", "export_model",
-           "check_export", "ExportError"]
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "EXPORTERS", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS",
+           "export_model", "check_export", "ExportError"]
 
 #: The ONNX opset the graphs are written in.
 OPSET = 18
