@@ -143,8 +143,9 @@ def runtime_environment(export: Path, data: Path, raw: Path | None, workdir: Pat
                           text=True, cwd=workdir)
     packages = subprocess.run([python, "-m", "pip", "list", "--format", "freeze"], capture_output=True, text=True)
     site = next((venv / "lib").glob("python*/site-packages"))
-    return {"installed": install.returncode == 0, "predicts": proc.returncode == 0 and
-            proc.stdout.split() == ["8", "False", "True"], "output": (install.stderr + proc.stdout + proc.stderr)[-800:],
+    predicts = proc.returncode == 0 and proc.stdout.split() == ["8", "False", "True"]
+    return {"installed": install.returncode == 0, "predicts": predicts,
+            "output": (install.stderr + proc.stdout + proc.stderr)[-800:],
             "packages": packages.stdout.split(), "bytes": size_of(venv), "site_packages_bytes": size_of(site)}
 
 
@@ -326,7 +327,8 @@ def cnn(args: argparse.Namespace, work: Path) -> None:
           f"{c[0]['seconds']:.3f} / {c[1]['seconds']:.3f} / {c[2]['seconds']:.3f}", f"{c[1]['ideal_seconds']:.3f}",
           f"{c[1]['of_ideal']:.0%}", f"{c[1]['gflops_share']:.0%}", f"{c[1]['of_gflops_ideal']:.0%}"]
          for c in clock]
-        + [["100%", " / ".join(f"{clock[0][2]['run_rates'][n]:.0%}" for n in SIZES), f"- / {clock[0][2]['seconds']:.3f}",
+        + [["100%", " / ".join(f"{clock[0][2]['run_rates'][n]:.0%}" for n in SIZES),
+            f"- / {clock[0][2]['seconds']:.3f}",
             f"{clock[0][2]['ideal_seconds']:.3f}", f"{clock[0][2]['of_ideal']:.0%}", "100%", "100%"]])
     alone = clock[0][0]["encoder_seconds_alone"]
     light, heavy = (costs[name] for name in SIZES)

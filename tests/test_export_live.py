@@ -90,7 +90,8 @@ def test_resize_and_center_crop_follow_torchvision_on_odd_sizes():
         image = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
         for steps, transform in [
             ([{"op": "center_crop", "size": [16, 12]}], T.CenterCrop((16, 12))),
-            ([{"op": "resize", "size": [12, 20], "interpolation": "nearest"}], T.Resize((12, 20), T.InterpolationMode.NEAREST)),
+            ([{"op": "resize", "size": [12, 20], "interpolation": "nearest"}],
+             T.Resize((12, 20), T.InterpolationMode.NEAREST)),
             ([{"op": "resize", "size": 21, "interpolation": "lanczos"}, {"op": "center_crop", "size": [21, 21]}],
              T.Compose([T.Resize(21, T.InterpolationMode.LANCZOS), T.CenterCrop(21)])),
         ]:

@@ -121,7 +121,7 @@ def read_image(path: str | os.PathLike, reads: Mapping[str, Any]) -> np.ndarray:
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
-        raise DataError("reading images needs Pillow: pip install 'fusionkit[runtime]' (or pip install pillow)") from None
+        raise DataError("reading images needs Pillow: pip install 'fusionkit[runtime]' (or pillow)") from None
     path = os.fspath(path)
     try:
         mode = os.stat(path).st_mode
