@@ -198,6 +198,20 @@ def test_what_does_not_export_is_refused_naming_it(tmp_path):
     assert Encoder.export_inputs(model.encoders["enc1"]) is None  # the default: not exportable
 
 
+def test_a_third_party_encoder_exports_through_its_plugin(tmp_path):
+    """The installed example plugin's encoder (what `fusionkit plugin new` writes) declares export_inputs, so a model
+    with it on demand exports and runs as the model does."""
+    from fusionkit.components.datasets import build_dataset
+
+    store = build_dataset("synthetic", {"samples": 60, "noise": [0.3, 1.0, 3.0], "dim": 8, "seed": 0}, tmp_path / "s")
+    spec = tiny_spec()
+    spec["encoders"][1] = {"name": "enc1", "type": "example_mlp", "dim": 8, "run": "on_demand", "cost_gflops": 1.0}
+    spec["gate"] = {"type": "attention", "top_n": 2}
+    model = fusionkit.build_model(spec).eval()
+    report = check_export(model, export_model(model, tmp_path / "exp"), spec_store(model.spec, store))
+    assert len(report) == 5 and all(line["max_prob_diff"] <= 1e-4 for line in report)
+
+
 def test_the_runtime_imports_no_torch(exported, sequences):
     _, _, store = sequences
     code = textwrap.dedent(f"""

@@ -70,6 +70,7 @@ class ${cls}Config:
 
 def build(config: ${cls}Config, context):
     """Factory: called with the validated config and the build context."""
+    import torch
     from torch import nn
 
     from fusionkit.interfaces import Encoder
@@ -82,6 +83,10 @@ def build(config: ${cls}Config, context):
 
         def forward(self, x, lengths=None):
             return self.net(x)
+
+        def export_inputs(self):
+            """Two rows as a deployment gives them: with this, `fusionkit export` exports the encoder."""
+            return torch.zeros(2, config.dim), None
 
     return ${cls}Encoder()
 

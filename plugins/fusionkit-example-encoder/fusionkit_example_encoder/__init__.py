@@ -23,6 +23,7 @@ class ExampleMlpConfig:
 
 def build(config: ExampleMlpConfig, context):
     """Factory: called with the validated config and the build context."""
+    import torch
     from torch import nn
 
     from fusionkit.interfaces import Encoder
@@ -35,6 +36,10 @@ def build(config: ExampleMlpConfig, context):
 
         def forward(self, x, lengths=None):
             return self.net(x)
+
+        def export_inputs(self):
+            """Two rows as a deployment gives them: with this, `fusionkit export` exports the encoder."""
+            return torch.zeros(2, config.dim), None
 
     return ExampleMlpEncoder()
 
