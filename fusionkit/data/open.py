@@ -12,8 +12,9 @@ import os
 
 import attrs
 
-from fusionkit.data.raw import is_manifest, live_encoder_names, manifest_store, read_manifest
+from fusionkit.data.raw import live_encoder_names, manifest_store, read_manifest
 from fusionkit.data.store import FeatureStore, open_store
+from fusionkit.data.tables import manifest_is_the_data
 from fusionkit.errors import DataError
 from fusionkit.spec import Spec
 
@@ -66,12 +67,7 @@ def spec_store(spec: Spec, data: str | os.PathLike, raw: str | os.PathLike | Non
     ``confine``: a folder every input path of the manifest must resolve into."""
     live = live_encoder_names(spec)
     stored = [e.name for e in spec.encoders if e.name not in live]
-    if is_manifest(data):
-        if raw is not None:
-            raise DataError(f"{data}: the data is already a manifest; --raw adds a manifest to a feature store")
-        if stored:
-            raise DataError(f"{data}: encoder(s) {stored} read stored features: give a feature store as the data and "
-                            f"the manifest as --raw {data}")
+    if manifest_is_the_data(data, raw, stored):
         return manifest_store(read_manifest(data, spec.labels, confine))
     dims = {e.name: getattr(e.config, "dim", None) for e in spec.encoders if e.name not in live}
     store = open_store(data, dims, nan_policy=spec.data.nan_policy)

@@ -22,7 +22,8 @@ from typing import Any
 
 from fusionkit.errors import DataError
 
-__all__ = ["MAX_CSV_CELL", "MANIFEST_SUFFIXES", "read_text", "read_csv", "is_manifest", "manifest_records"]
+__all__ = ["MAX_CSV_CELL", "MANIFEST_SUFFIXES", "read_text", "read_csv", "is_manifest", "manifest_is_the_data",
+           "manifest_records"]
 
 #: The longest CSV cell read (a text for a text encoder can be long).
 MAX_CSV_CELL = 1 << 24
@@ -79,6 +80,20 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 def is_manifest(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a manifest file (rather than a feature store folder)."""
     return Path(path).suffix.lower() in MANIFEST_SUFFIXES and not Path(path).is_dir()
+
+
+def manifest_is_the_data(data: str | os.PathLike, raw: str | os.PathLike | None, stored: Sequence[str]) -> bool:
+    """Whether ``data`` is a manifest standing for the whole data (every encoder live), rather than a feature store
+    that ``raw`` completes: a manifest as the data with ``raw`` beside it, or with encoders that read ``stored``
+    features, is refused, saying what to give instead (``fusionkit train`` and the runtime read data alike)."""
+    if not is_manifest(data):
+        return False
+    if raw is not None:
+        raise DataError(f"{data}: the data is already a manifest; --raw adds a manifest to a feature store")
+    if stored:
+        raise DataError(f"{data}: encoder(s) {list(stored)} read stored features: give a feature store as the data "
+                        f"and the manifest as --raw {data}")
+    return True
 
 
 def manifest_records(path: Path) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from fusionkit.data.tables import is_manifest, manifest_records
+from fusionkit.data.tables import manifest_is_the_data, manifest_records
 from fusionkit.errors import DataError
 
 __all__ = ["StoreRows", "read_store", "read_manifest_rows", "read_inputs", "select_rows"]
@@ -126,12 +126,7 @@ def read_inputs(data: str | os.PathLike, stored: Sequence[str], live: Sequence[s
     """The inputs of an export's encoders: ``data`` a feature store with the ``stored`` encoders' features and
     ``raw`` the manifest of the ``live`` ones (every store sample must be in it), or ``data`` the manifest itself
     when every encoder is live; as ``fusionkit train --data STORE --raw MANIFEST [--confine DIR]`` reads them."""
-    if is_manifest(data):
-        if raw is not None:
-            raise DataError(f"{data}: the data is already a manifest; --raw adds a manifest to a feature store")
-        if stored:
-            raise DataError(f"{data}: encoder(s) {list(stored)} read stored features: give a feature store as --data "
-                            f"and the manifest as --raw {data}")
+    if manifest_is_the_data(data, raw, stored):
         return read_manifest_rows(data, live, confine)
     rows = read_store(data, stored)
     if not live:
