@@ -149,32 +149,55 @@ def runtime_environment(export: Path, data: Path, raw: Path | None, workdir: Pat
             "packages": packages.stdout.split(), "bytes": size_of(venv), "site_packages_bytes": size_of(site)}
 
 
+def interleaved_seconds(passes: dict, rounds: int) -> dict[str, float]:
+    """The median seconds of each pass (name -> a function that runs it) over ``rounds`` interleaved rounds, after
+    a warm-up of each: a slow moment of the machine falls on every pass alike (one pass after another, best of a few,
+    gave the same budget 0.18 to 0.28 s here)."""
+    for run in passes.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(rounds):
+        for name, run in passes.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def runtime_wall_clock(runtime, inputs: dict, budgets: dict[str, str], fixed: float, rounds: int) -> list[dict]:
     """The runtime's seconds over ``inputs`` in batches of 64 at each budget (label -> the runtime's budget; the
     first is 0%, the last 100%), beside two ideals: the 0% time plus each on-demand encoder's share of rows run
     times its own seconds on every row (its images read and its graph run, timed alone: the time ideal), and the
     0% time plus the budget's share of the on-demand GFLOPs that 100% runs times the extra seconds of 100% (the
-    GFLOPs ideal; ``fixed``: the always-run GFLOPs per sample)."""
+    GFLOPs ideal; ``fixed``: the always-run GFLOPs per sample). Every time is a median of interleaved rounds."""
     from fusionkit.runtime import read_images
 
     rows = len(next(iter(inputs.values())))
     batches = [{n: v[start:start + 64] for n, v in inputs.items()} for start in range(0, rows, 64)]
-    alone = {}
-    for k in runtime.demand:
-        entry = runtime.encoders[k]
 
-        def encode(batch, entry=entry):
-            pixels = read_images(list(batch[entry["name"]]), entry["reads"])
-            return runtime.sessions[entry["name"]].run(["token"], {"x": pixels})
+    def encoder_pass(entry):
+        def run():
+            for batch in batches:
+                pixels = read_images(list(batch[entry["name"]]), entry["reads"])
+                runtime.sessions[entry["name"]].run(["token"], {"x": pixels})
+        return run
 
-        alone[entry["name"]] = rows / rate(encode, batches, rounds, rows)
+    def budget_pass(budget):
+        def run():
+            for batch in batches:
+                runtime.predict(batch, budget)
+        return run
+
+    passes = {f"alone {runtime.names[k]}": encoder_pass(runtime.encoders[k]) for k in runtime.demand}
+    passes |= {label: budget_pass(budget) for label, budget in budgets.items()}
+    seconds = interleaved_seconds(passes, rounds)
+    alone = {runtime.names[k]: seconds[f"alone {runtime.names[k]}"] for k in runtime.demand}
     out = []
     for label, budget in budgets.items():
-        seconds = rows / rate(lambda b, budget=budget: runtime.predict(b, budget), batches, rounds, rows)
         outputs = [runtime.predict(b, budget) for b in batches]
         ran = np.concatenate([o.ran for o in outputs]).mean(axis=0)
-        out.append({"budget": label, "seconds": seconds, "run_rates": {runtime.names[k]: float(ran[k])
-                                                                       for k in runtime.demand},
+        out.append({"budget": label, "seconds": seconds[label], "run_rates": {runtime.names[k]: float(ran[k])
+                                                                              for k in runtime.demand},
                     "on_demand_gflops": float(np.mean(np.concatenate([o.cost for o in outputs]))) - fixed})
     zero, full = out[0], out[-1]
     for line in out:
@@ -307,7 +330,7 @@ def cnn(args: argparse.Namespace, work: Path) -> None:
     clock = []
     for label in MEAN_BUDGETS:
         clock.append(runtime_wall_clock(runtimes[label], read.inputs, {"0%": "0%", label: "mean", "100%": "100%"},
-                                        fixed, args.rounds))
+                                        fixed, 3 * args.rounds))
     env = runtime_environment(exports["mean:40%"], clean, manifest, work)
     data = {"machine": machine(), "spec": spec, "test_score": metrics["test"]["score"], "train_seconds": train_seconds,
             "costs": costs, "check": check, "throughput": rows, "wall_clock": clock, "runtime_env": env,
@@ -343,7 +366,8 @@ def cnn(args: argparse.Namespace, work: Path) -> None:
         f"every checked budget). Both sides read the PNG images while they predict, only for the rows that run a "
         f"CNN; timed over the test fold ({len(split.test)} samples; the best of {args.rounds} passes).\n\n"
         + throughput_table(rows) + "\n\n"
-        "A mean budget's wall clock in the runtime (batch 64). The time ideal is the 0% time plus, per CNN, the "
+        f"A mean budget's wall clock in the runtime (batch 64; medians of {3 * args.rounds} interleaved rounds). "
+        "The time ideal is the 0% time plus, per CNN, the "
         "share of rows it runs on times its own seconds on every row, timed alone (its images read and its graph "
         f"run: {' and '.join(f'{alone[n]:.3f} s' for n in SIZES)} over the test fold); the GFLOPs ideal is the 0% "
         "time plus the budget's share of the on-demand GFLOPs that 100% runs times the extra seconds of 100%, which "
