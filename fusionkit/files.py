@@ -29,7 +29,7 @@ from fusionkit.errors import FusionkitError
 __all__ = ["LOCK_FILE", "TEMP_PATTERNS", "current_umask", "apply_umask", "make_temp_file", "make_temp_dir",
            "atomic_write", "atomic_write_text", "sha256_file", "describe_contents", "json_marker",
            "check_replaceable", "check_file_replaceable", "json_file_marker", "replace_directory", "write_directory", "backups_of", "is_temporary",
-           "recover_directory", "remove_temporaries", "LockedError", "exclusive_lock"]
+           "recover_directory", "remove_temporaries", "LockedError", "exclusive_lock", "folder_lock"]
 
 #: The lock file of a folder that one fusionkit process writes at a time (a run, an extraction in progress).
 LOCK_FILE = ".fusionkit.lock"
@@ -264,3 +264,41 @@ def exclusive_lock(directory: Path, what: str, busy: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def folder_lock(target: Path, what: str, busy: str) -> Iterator[None]:
+    """Hold the lock of a folder written whole and swapped into place (an export) while the block runs: the file
+    ``.NAME.lock`` beside ``target``, which the holder removes when it is done.
+
+    A second writer gets :class:`LockedError` at once (``busy`` says what to do). The lock dies with its process,
+    however it ends, and a lock file that its last holder removed between another's open and lock is noticed (its
+    inode is no longer the path's), so that two writers never hold it together."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{target}: another fusionkit process is writing this {what} ({holder}). {busy}") from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the file we locked was removed by its last holder: lock the one at the path now
+    else:
+        raise LockedError(f"{target}: its lock {path} keeps changing hands; {busy}")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a waiting writer then sees a new inode at the path
+        os.close(fd)

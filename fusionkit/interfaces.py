@@ -19,6 +19,7 @@ import attrs
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fusionkit.answers import BLEMORE_LABELS, Prediction
 from fusionkit.config import non_negative, option, positive, unit_interval
@@ -308,7 +309,10 @@ class Head(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         if self.activation == "sigmoid":
-            return torch.sigmoid(logits)
+            # sigmoid as exp(-softplus(-x)): the same value, but ONNX Runtime's Sigmoid kernel keeps no relative
+            # precision below about 1e-6, where Exp and Softplus keep float32's; an exported model's saturated
+            # presence probabilities (which the product combiner renormalises) then agree with torch's
+            return torch.exp(-F.softplus(-logits))
         return torch.softmax(logits, dim=-1)
 
 

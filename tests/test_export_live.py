@@ -20,6 +20,7 @@ from fusionkit.errors import DataError
 from fusionkit.inference import predictions_for
 from fusionkit.inference.export import ExportError, check_export, export_model
 from fusionkit.runtime import DeploymentError, load
+from fusionkit.runtime.__main__ import main as main_runtime
 from fusionkit.runtime.images import preprocess, read_image
 
 LABELS = ["a", "b"]
@@ -198,9 +199,12 @@ def test_a_live_encoder_the_runtime_cannot_read_is_refused_naming_it(tmp_path, m
 
 def test_threads_are_onnxruntimes_and_checked(live):
     _, _, _, exported = live
-    assert load(exported, threads=1).sessions["gray"].get_session_options().intra_op_num_threads == 1
-    with pytest.raises(DeploymentError, match="threads 0: give at least 1"):
-        load(exported, threads=0)
+    assert load(exported, threads=1).sessions["gray"].session.get_session_options().intra_op_num_threads == 1
+    cores = len(os.sched_getaffinity(0))
+    for bad in (0, -1, cores + 1, 100000, 2147483648, 1.5, "2", True):
+        with pytest.raises(DeploymentError, match=rf"threads .*: give a whole number from 1 to {cores}"):
+            load(exported, threads=bad)
+    assert main_runtime([str(exported), "--data", "x", "--out", "y.json", "--threads", "100000"]) == 2
 
 
 def test_a_tampered_reads_entry_is_refused_at_load(live, tmp_path):

@@ -37,12 +37,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             "which another store's folds would fill with rows it trained on")
         budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
         print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
-    out = export_model(model, args.out, budget=budget, overwrite=args.overwrite, exporter=args.exporter)
+    report: list[dict] = []
+    check = None
+    if args.check:  # checked before the export takes --out's place: a failed check replaces and leaves nothing
+        check_store = DataSource(args.check, args.raw).open(model.spec)
+
+        def check(folder: Path) -> None:
+            report.extend(check_export(model, folder, check_store))
+
+    out = export_model(model, args.out, budget=budget, overwrite=args.overwrite, exporter=args.exporter, check=check)
     graphs = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sha256"]
     print(f"exported to {out}: {', '.join(sorted(graphs))}, with manifest.json")
     if args.check:
-        store = DataSource(args.check, args.raw).open(model.spec)
-        for line in check_export(model, out, store):
+        for line in report:
             if "tower" in line:
                 print(f"  checked tower {line['tower']}: {line['rows']} rows, embeddings within "
                       f"{line['max_embedding_diff']:.2g}")
@@ -64,7 +71,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "validation fold (needs --data); the runtime applies it as --budget mean")
     p.add_argument("--data", metavar="STORE", help="the store the run trained on (to fit --budget)")
     p.add_argument("--check", metavar="STORE", help="run the export and the model on this store's first rows at "
-                   "several budgets and compare them (probabilities, encoders run, answers)")
+                   "several budgets and compare them (probabilities, encoders run, answers) before the export takes "
+                   "--out's place: a failed check leaves nothing")
     p.add_argument("--raw", metavar="MANIFEST", help="with --data or --check: the manifest of the live encoders' "
                    "inputs beside the store (as fusionkit train --raw)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",

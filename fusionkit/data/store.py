@@ -396,7 +396,9 @@ def _check_finite(name, file, data, offsets, ids, nan_policy) -> np.ndarray:
                 f"{file}: NaN or inf in the features of {int(bad.sum())} sample(s) of encoder {name!r}, e.g. {shown}. "
                 "Fix the features, or set data.nan_policy: mask in the spec to treat them as missing."
             )
-        data[bad_values] = 0.0  # masked samples' values are never used; zeros keep arithmetic finite
+        # masked samples' values are never used; zeros keep arithmetic finite. A sequence with one bad frame is
+        # zeroed whole, as the runtime's reader does, so that both give its (unused) token the same input
+        data[bad_values if offsets is None else torch.as_tensor(bad)[seq]] = 0.0
     return ~(bad | empty)
 
 

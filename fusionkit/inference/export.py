@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from fusionkit.answers import from_order
 from fusionkit.budget import Budget
 from fusionkit.data.store import FeatureStore
 from fusionkit.errors import FusionkitError
-from fusionkit.files import check_replaceable, json_marker, sha256_file, write_directory
+from fusionkit.files import check_replaceable, folder_lock, recover_directory, sha256_file, write_directory
 from fusionkit.inference.outputs import collect_outputs
 from fusionkit.interfaces import LiveEncoder
 from fusionkit.models.conditional import kept_by
@@ -45,7 +46,8 @@ from fusionkit.models.fusion import FusionModel, Trunk
 from fusionkit.models.towers import Tower, TwoTowerModel
 from fusionkit.plugins import loaded
 from fusionkit.runtime.images import check_reads
-from fusionkit.runtime.model import EXPORT_FORMAT, MANIFEST_FILE, RuntimeModel, load
+from fusionkit.runtime.manifest import DECODERS, EXPORT_FORMAT, MANIFEST_FILE, foreign_entries
+from fusionkit.runtime.model import RuntimeModel, load
 from fusionkit.runtime.store import StoreRows
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "EXPORTERS", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS",
@@ -57,8 +59,6 @@ OPSET = 18
 #: exact for these modules; torch deprecates it) and its ``torch.export`` one (``dynamo=True``; needs onnxscript,
 #: and takes seconds per graph).
 EXPORTERS = ("torchscript", "dynamo")
-#: The decoders a runtime applies (``fusionkit.decoding``), by type, with the config keys it reads.
-DECODERS = {"blemore": ("alpha", "beta"), "presence_salience": ("threshold", "beta")}
 
 
 class ExportError(FusionkitError):
@@ -181,6 +181,7 @@ def _reads(encoder: LiveEncoder, name: str) -> dict[str, Any] | None:
 def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
                  dynamic: dict[str, dict[int, str]], what: str, exporter: str) -> None:
     """One graph with its dynamic axes, by the ``exporter`` of :data:`EXPORTERS`."""
+    module.eval()  # the exporter restores the wrapper's mode afterwards, recursively: a new wrapper is in training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernels have no ONNX form; the math is equal
     try:
@@ -229,13 +230,20 @@ def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, 
 
 
 def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, budget: Budget | None = None,
-                 overwrite: bool = False, exporter: str = "torchscript") -> Path:
+                 overwrite: bool = False, exporter: str = "torchscript",
+                 check: Callable[[Path], Any] | None = None) -> Path:
     """Write ``model`` to the folder ``out`` as split ONNX graphs and a manifest; returns the folder. A two-tower
     model writes each tower's graph (``towers/NAME.onnx``) beside its encoders', for ``RuntimeModel.embed``.
 
     ``budget``: a mean budget with its fitted threshold (:func:`fusionkit.inference.fit_mean_budget`), stored so
-    that the runtime applies it as ``budget="mean"``. ``out`` must be new or empty, or, with ``overwrite``, an
-    earlier export (nothing else is replaced); it is written atomically. ``exporter``: one of :data:`EXPORTERS`.
+    that the runtime applies it as ``budget="mean"``. ``exporter``: one of :data:`EXPORTERS`. ``check``: called
+    with the finished folder before it takes ``out``'s place (e.g. :func:`check_export`); when it raises, nothing
+    is replaced and nothing is left behind.
+
+    ``out`` must be new or empty, or, with ``overwrite``, an earlier export that holds nothing but what its export
+    wrote (its manifest's SHA-256s cover every file; a user's file inside is refused, named). One process writes
+    ``out`` at a time (a lock beside it, ``.NAME.lock``); the temporaries of a killed export are removed by the
+    next. The folder is written atomically.
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
@@ -247,20 +255,46 @@ def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, 
                           "(fusionkit.inference.fit_mean_budget); a cap needs nothing stored: give it at predict time")
     if budget is not None and (isinstance(model, TwoTowerModel) or not model.on_demand):
         raise ExportError("a budget needs on-demand encoders (run: on_demand); this model runs every encoder")
-    target, is_export = Path(out), json_marker(MANIFEST_FILE, "format", (EXPORT_FORMAT,))
-    if target.is_dir() and any(target.iterdir()) and not overwrite and is_export(target):
-        raise ExportError(f"{target}: holds an earlier export; give --overwrite to replace it")
-    check_replaceable(target, "model export", is_export)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            write_directory(target, lambda folder: (_write_towers(model, folder, exporter)
-                                                    if isinstance(model, TwoTowerModel)
-                                                    else _write(model, folder, budget, exporter)))
-    finally:
-        model.train(was_training)
+    target = Path(out)
+    with folder_lock(target, "model export", "Wait for it to finish, or choose another --out."):
+        recover_directory(target)  # a killed export's temporaries: no live writer holds them while we hold the lock
+        _check_target(target, overwrite)
+
+        def fill(folder: Path) -> None:
+            if isinstance(model, TwoTowerModel):
+                _write_towers(model, folder, exporter)
+            else:
+                _write(model, folder, budget, exporter)
+            if check is not None:
+                check(folder)
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                write_directory(target, fill)
+        finally:
+            model.train(was_training)
     return target
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse ``target`` unless it is absent, empty, or (with ``overwrite``) an intact earlier export holding only
+    what its export wrote; the refusal names what is there."""
+    if target.is_dir() and not target.is_symlink() and any(target.iterdir()):
+        foreign = foreign_entries(target)
+        if foreign is not None:
+            raise ExportError(f"{target}: not replaced: {foreign}. An export replaces only an earlier export that "
+                              "holds nothing else; move your files away or choose another --out")
+        if not overwrite:
+            raise ExportError(f"{target}: holds an earlier export; give --overwrite to replace it")
+    check_replaceable(target, "model export", lambda folder: True)
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file written into ``folder`` (the graphs and any data they read), by relative path."""
+    return {path.relative_to(folder).as_posix(): sha256_file(path)
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
 
 
 def _write(model: FusionModel, folder: Path, budget: Budget | None, exporter: str) -> None:
@@ -272,19 +306,16 @@ def _write(model: FusionModel, folder: Path, budget: Budget | None, exporter: st
     _onnx_export(_FusionGraph(model), (tokens, mask), folder / "fusion.onnx", ["tokens", "mask"],
                  ["probs", *roles, "kept"], {n: {0: "batch"} for n in ["tokens", "mask", "probs", *roles, "kept"]},
                  "the fusion (gate, selection, fusion, heads, combiner)", exporter)
-    graphs = {"fusion": "fusion.onnx", **{f"encoders/{e['name']}": e["graph"] for e in encoders}}
     if model.value_head is not None:
         ran = torch.zeros(2, len(model.on_demand), dtype=torch.bool)
         _onnx_export(_ValueGraph(model), (tokens, mask, ran), folder / "value.onnx", ["tokens", "present", "ran"],
                      ["values"], {n: {0: "batch"} for n in ("tokens", "present", "ran", "values")},
                      "the value scout (conditional.scout: value)", exporter)
-        graphs["value"] = "value.onnx"
     elif model.on_demand:
         _onnx_export(_ScoutGraph(model), (tokens, mask), folder / "scout.onnx", ["tokens", "present"],
                      ["scores", "runs", "candidates"],
                      {n: {0: "batch"} for n in ("tokens", "present", "scores", "runs", "candidates")},
                      f"the scout ({model.spec.gate.type} gate)", exporter)
-        graphs["scout"] = "scout.onnx"
     decoder = model.spec.decoder
     manifest = {
         **_manifest_head(model, exporter), "kind": "fusion", "neutral": model.decoder.context.neutral_index,
@@ -294,7 +325,7 @@ def _write(model: FusionModel, folder: Path, budget: Budget | None, exporter: st
         "decoder": {"type": decoder.type, **{key: float(getattr(decoder.config, key)) for key in DECODERS[decoder.type]}},
         "budget": None if budget is None else {"describe": budget.describe(), "share": budget.share,
                                                 "gflops": budget.gflops, "threshold": budget.threshold},
-        "sha256": {path: sha256_file(folder / path) for path in graphs.values()},
+        "sha256": _hashes(folder),
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
@@ -321,10 +352,9 @@ def _write_towers(model: TwoTowerModel, folder: Path, exporter: str) -> None:
                      {n: {0: "batch"} for n in ("tokens", "mask", "embedding", "kept")}, f"tower {name!r}", exporter)
         towers[name] = {"encoders": list(tower.encoder_names), "graph": f"towers/{name}.onnx",
                         "embed_dim": tower.embed_dim}
-    graphs = [e["graph"] for e in encoders] + [t["graph"] for t in towers.values()]
     manifest = {**_manifest_head(model, exporter), "kind": "two_tower", "encoders": encoders, "towers": towers,
                 "logit_scale": float(model.logit_scale.exp()), "nan_policy": model.spec.data.nan_policy,
-                "sha256": {path: sha256_file(folder / path) for path in graphs}}
+                "sha256": _hashes(folder)}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

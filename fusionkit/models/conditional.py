@@ -142,7 +142,7 @@ class ValueHead(nn.Module):
     """The value scout (``conditional.scout: value``): from the tokens a sample has computed so far, how much its
     loss would drop if each on-demand encoder's token joined the fusion (``[B, m]``).
 
-    It reads every token (zeros where not computed), which encoders are present and which on-demand ones already
+    It reads every token (zeros where not computed or missing), which encoders are present and which on-demand ones already
     ran, so that after a stage it re-scores the rest knowing what they would add to what is there. Its inputs are
     detached: it learns to predict the fusion, never to shape the tokens."""
 
@@ -153,7 +153,8 @@ class ValueHead(nn.Module):
                                  nn.Linear(hidden, demand))
 
     def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
-        x = self.norm(tokens.detach().float().flatten(1))
+        # a missing encoder's token is not read: its value would depend on how its reader filled the gap
+        x = self.norm((tokens.detach().float() * present.unsqueeze(-1).float()).flatten(1))
         return self.net(torch.cat([x, present.float(), ran.float()], dim=1))
 
 

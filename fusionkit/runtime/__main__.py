@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean budget the export stores); default: the gate's own rule")
     parser.add_argument("--confine", metavar="DIR", help="refuse a manifest whose image paths resolve outside DIR "
                         "(for a manifest you did not write)")
-    parser.add_argument("--threads", type=int, help="threads per graph (default: onnxruntime's, every core)")
+    parser.add_argument("--threads", type=int, help="threads per graph, from 1 to the cores available (default: "
+                        "onnxruntime's, every core)")
     parser.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
     return parser
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                 for i, a in zip(ids, answers)})
     except FusionkitError as exc:
         print(f"fusionkit-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output or an input could not be written or read: named, in one line
+        print(f"fusionkit-runtime: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"{len(answers)} predictions written to {json_path} and {zip_path}")
     return 0

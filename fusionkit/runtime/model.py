@@ -19,20 +19,22 @@ from fusionkit.answers import Prediction, from_order
 from fusionkit.budget import Budget
 from fusionkit.decoding import blemore_decode, presence_salience_decode
 from fusionkit.errors import FusionkitError
-from fusionkit.files import sha256_file
 from fusionkit.runtime.images import check_reads, read_images
+from fusionkit.runtime.manifest import EXPORT_FORMAT, MANIFEST_FILE, SCOUTS, DeploymentError, graph_bytes, read_manifest
 from fusionkit.runtime.store import StoreRows, read_inputs
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "DeploymentError", "RuntimeOutput", "RuntimeModel", "load",
-           "within_budget", "value_per_cost"]
-
-EXPORT_FORMAT = "fusionkit-export"
-MANIFEST_FILE = "manifest.json"
+           "within_budget", "value_per_cost", "check_threads"]
 
 
-class DeploymentError(FusionkitError):
-    """An export that cannot be loaded or run: tampered, incomplete, or given inputs it does not take."""
-
+def check_threads(threads: Any) -> int:
+    """``threads`` as onnxruntime's intra-op thread count: a whole number from 1 to the cores this process may use
+    (more only contend for them); anything else is a :class:`DeploymentError` that says what to give."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= cores:
+        raise DeploymentError(f"threads {threads!r}: give a whole number from 1 to {cores} (the cores this process may "
+                              "use), or None for onnxruntime's default")
+    return int(threads)
 
 @dataclass
 class RuntimeOutput:
@@ -93,22 +95,18 @@ def _is_paths(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DeploymentError(f"{path}: missing; is {folder} a fusionkit export (fusionkit export RUN --out DIR)?") from None
-    except (OSError, ValueError) as exc:
-        raise DeploymentError(f"{path}: unreadable ({str(exc)[:200]}); export the model again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
-        raise DeploymentError(f"{path}: not a fusionkit export's manifest (format {EXPORT_FORMAT!r})")
-    needed = ("labels", "latent_dim", "encoders", "sha256",
-              *(("towers",) if manifest.get("kind") == "two_tower" else ("on_demand", "decoder", "heads")))
-    missing = [key for key in needed if key not in manifest]
-    if missing:
-        raise DeploymentError(f"{path}: the manifest lacks {missing}; export the model again")
-    return manifest
+class _Graph:
+    """One loaded graph: onnxruntime's session, whose run errors name the graph in one line."""
+
+    def __init__(self, session: Any, path: Path) -> None:
+        self.session, self.path = session, path
+
+    def run(self, outputs: list[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(outputs, dict(feeds))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors carry no type of their own to catch
+            first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise DeploymentError(f"{self.path}: onnxruntime failed to run it ({first})") from None
 
 
 class RuntimeModel:
@@ -119,26 +117,38 @@ class RuntimeModel:
         import onnxruntime as ort  # the one heavy import, deferred: importing fusionkit.runtime stays cheap
 
         self.folder = Path(folder)
-        self.manifest = manifest = _read_manifest(self.folder)
-        for relative, expected in manifest["sha256"].items():
-            path = self.folder / relative
-            if ".." in Path(relative).parts or not path.is_file():
-                raise DeploymentError(f"{path}: missing graph named by the manifest; export the model again")
-            if sha256_file(path) != expected:
-                raise DeploymentError(f"{path}: its SHA-256 does not match the manifest's (the graph was changed or "
-                                    "replaced after export); refused. Export the model again")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads is not None:
-            if threads < 1:
-                raise DeploymentError(f"threads {threads}: give at least 1 (None: onnxruntime's default, every core)")
-            options.intra_op_num_threads = threads
+        self.manifest = manifest = read_manifest(self.folder)
+        self.labels: tuple[str, ...] = tuple(manifest["labels"])
+        threads = None if threads is None else check_threads(threads)
         providers = providers or ["CPUExecutionProvider"]
 
-        def session(relative: str) -> Any:
-            if relative not in manifest["sha256"]:
-                raise DeploymentError(f"{self.folder}: the manifest names {relative} without its SHA-256; refused")
-            return ort.InferenceSession(str(self.folder / relative), options, providers=providers)
+        def session(relative: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
+            data = graph_bytes(self.folder, manifest, relative)  # what runs is what was hashed
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            if threads is not None:
+                options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str((self.folder / relative).parent))
+            try:
+                made = ort.InferenceSession(data, options, providers=providers)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, named with the graph
+                raise DeploymentError(f"{self.folder / relative}: onnxruntime cannot load it "
+                                      f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+                                      "export the model again") from None
+            found = (tuple(i.name for i in made.get_inputs()), tuple(o.name for o in made.get_outputs()))
+            if found[0][:1] != inputs[:1] or set(found[0]) - set(inputs) or found[1] != outputs:
+                raise DeploymentError(f"{self.folder / relative}: takes {list(found[0])} and gives {list(found[1])}, "
+                                      f"where the manifest's {relative} takes {list(inputs)} and gives "
+                                      f"{list(outputs)}; the graphs were swapped or replaced: export the model again")
+            width = made.get_outputs()[0].shape[-1]
+            expected = len(self.labels) if outputs[0] == "probs" else (
+                int(manifest["latent_dim"]) if outputs[0] == "token" else None)
+            if expected is not None and isinstance(width, int) and width != expected:
+                raise DeploymentError(f"{self.folder / relative}: gives {outputs[0]} of width {width}, where the "
+                                      f"manifest says {expected} ({'labels' if outputs[0] == 'probs' else 'latent_dim'}"
+                                      "); the manifest or the graph was changed: export the model again")
+            return _Graph(made, self.folder / relative)
 
         self.encoders: list[dict[str, Any]] = manifest["encoders"]
         self.names = [e["name"] for e in self.encoders]
@@ -148,20 +158,24 @@ class RuntimeModel:
                     check_reads(entry["reads"], f"{self.folder / MANIFEST_FILE}: encoder {entry['name']!r}")
                 except FusionkitError as exc:
                     raise DeploymentError(str(exc)) from None
-        self.labels: tuple[str, ...] = tuple(manifest["labels"])
         self.demand = [self.names.index(n) for n in manifest.get("on_demand", [])]
         self.costs = np.array([float(e["cost_gflops"] or 0.0) for e in self.encoders], dtype=np.float64)
-        if not np.isfinite(self.costs.sum()):
-            raise DeploymentError(f"{self.folder}: the manifest's encoder costs are not finite")
-        self.sessions = {e["name"]: session(e["graph"]) for e in self.encoders}
+        self.sessions = {e["name"]: session(e["graph"], ("x", "lengths") if "lengths" in e["inputs"] else ("x",),
+                                            ("token",)) for e in self.encoders}
         self.towers: dict[str, dict[str, Any]] = manifest.get("towers") or {}
-        self.tower_sessions = {name: session(t["graph"]) for name, t in self.towers.items()}
-        self.fusion = None if self.towers else session("fusion.onnx")
+        self.tower_sessions = {name: session(t["graph"], ("tokens", "mask"), ("embedding", "kept"))
+                               for name, t in self.towers.items()}
+        self.fusion = None if self.towers else session("fusion.onnx", ("tokens", "mask"),
+                                                       ("probs", *manifest["heads"], "kept"))
         #: Which scout decides what runs: "gate" (scout.onnx) or "value" (value.onnx, in stages); None without
         #: on-demand encoders.
-        self.scout_kind: str | None = manifest.get("scout") or ("gate" if self.demand else None)
-        self.scout_graph = "value.onnx" if self.scout_kind == "value" else "scout.onnx"
-        self.scout = session(self.scout_graph) if self.demand else None
+        self.scout_kind: str | None = manifest.get("scout") if self.demand else None
+        self.scout_graph = SCOUTS.get(self.scout_kind or "gate")
+        self.scout = None
+        if self.demand:
+            self.scout = (session(self.scout_graph, ("tokens", "present", "ran"), ("values",))
+                          if self.scout_kind == "value" else
+                          session(self.scout_graph, ("tokens", "present"), ("scores", "runs", "candidates")))
         self.slots = int(manifest.get("slots") or len(self.names))
         self.stored_budget = manifest.get("budget")
 
@@ -196,11 +210,22 @@ class RuntimeModel:
                 ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
         """The graph inputs of the encoders ``names`` (default: every encoder) and their ``[B, len(names)]``
         availability (NaN rows missing, or refused)."""
+        if not isinstance(inputs, Mapping):
+            raise DeploymentError(f"inputs: expected a mapping of encoder name to array, found {type(inputs).__name__}")
         lengths = lengths or {}
+        if not isinstance(lengths, Mapping):
+            raise DeploymentError(f"lengths: expected a mapping of encoder name to [B] frame counts, found "
+                                  f"{type(lengths).__name__}")
         names = self.names if names is None else names
         missing = [n for n in names if n not in inputs]
         if missing:
             raise DeploymentError(f"inputs: no array for encoder(s) {missing}; the export reads {names}")
+        for name in names:
+            given = inputs[name]
+            if given is None or isinstance(given, (str, bytes, int, float, complex, bool)) or np.ndim(
+                    given if not isinstance(given, (list, tuple)) else 1) == 0:
+                raise DeploymentError(f"inputs[{name!r}]: expected an array with a row per sample (or a list of "
+                                      f"image paths), found {type(given).__name__}")
         batch = len(inputs[names[0]])
         present = np.ones((batch, len(names)), dtype=bool) if mask is None else np.asarray(mask, dtype=bool).copy()
         if present.shape != (batch, len(names)):
@@ -219,11 +244,19 @@ class RuntimeModel:
             if dtype == np.uint8 and np.asarray(given).dtype != np.uint8:
                 raise DeploymentError(f"inputs[{name!r}]: expected uint8 pixels (fusionkit.runtime.images.read_images "
                                       f"gives them) or a list of image paths, found {np.asarray(given).dtype}")
-            x = np.asarray(given, dtype=dtype)
+            try:
+                x = np.asarray(given, dtype=dtype)
+            except (TypeError, ValueError) as exc:
+                raise DeploymentError(f"inputs[{name!r}]: not an array of numbers ({str(exc)[:120]})") from None
             shape = spec["shape"]
             fixed = [(x.shape[n], size) for n, size in enumerate(shape) if isinstance(size, int) and n < x.ndim]
+            if x.ndim == len(shape) - 1 and all(a == b for a, b in zip(x.shape, shape[1:]) if isinstance(b, int)):
+                raise DeploymentError(f"inputs[{name!r}]: found one sample's {list(x.shape)} without its batch axis; "
+                                      f"give [{', '.join(map(str, ['B', *shape[1:]]))}], e.g. x[None] for one "
+                                      "sample")
             if x.ndim != len(shape) or any(a != b for a, b in fixed) or len(x) != batch:
-                raise DeploymentError(f"inputs[{name!r}]: expected {shape} with {batch} rows, found {list(x.shape)}")
+                raise DeploymentError(f"inputs[{name!r}]: expected {shape} with {batch} rows (one per sample), "
+                                      f"found {list(x.shape)}")
             bad = ~np.isfinite(x.reshape(batch, -1)).all(axis=1)
             if bad.any():
                 if self.manifest.get("nan_policy") != "mask":
@@ -234,7 +267,16 @@ class RuntimeModel:
             feed = {"x": np.ascontiguousarray(x)}
             if "lengths" in entry["inputs"]:
                 given = lengths.get(name)
-                steps = np.full(batch, x.shape[1], dtype=np.int64) if given is None else np.asarray(given, np.int64)
+                try:
+                    steps = (np.full(batch, x.shape[1], dtype=np.int64) if given is None
+                             else np.asarray(given, dtype=np.float64))
+                except (TypeError, ValueError):
+                    steps = np.zeros(0)
+                if (steps.shape != (batch,) or not np.isfinite(steps).all() or (steps != np.round(steps)).any()
+                        or (steps < 0).any() or (steps > x.shape[1]).any()):
+                    raise DeploymentError(f"lengths[{name!r}]: expected [{batch}] whole frame counts from 0 to "
+                                          f"{x.shape[1]} (the frames given), found {np.asarray(given)!r:.80}")
+                steps = steps.astype(np.int64)
                 present[steps == 0, k] = False
                 feed["lengths"] = np.maximum(steps, 1) if (steps == 0).any() else steps
             feeds[name] = feed
@@ -323,6 +365,12 @@ class RuntimeModel:
             raise DeploymentError("a budget needs on-demand encoders; this export runs every encoder always")
         feeds, present = self._inputs(inputs, lengths, mask)
         batch, d = len(present), int(self.manifest["latent_dim"])
+        if batch == 0:  # what the model gives for no rows: empty arrays of the right widths
+            heads = {role: np.zeros((0, len(self.labels)), np.float32) for role in self.manifest["heads"]}
+            return RuntimeOutput(probs=np.zeros((0, len(self.labels)), np.float32),
+                                 ran=np.zeros((0, len(self.names)), bool) if self.demand else None,
+                                 cost=np.zeros(0), answers=[], kept=np.zeros((0, self.slots), np.int64),
+                                 presence=heads.get("presence"), salience=heads.get("salience"))
         tokens = np.zeros((batch, len(self.names), d), dtype=np.float32)
         always = [k for k in range(len(self.names)) if k not in self.demand]
         for k in always:
@@ -365,6 +413,9 @@ class RuntimeModel:
         for name in towers or list(self.towers):
             names = self.towers[name]["encoders"]
             feeds, present = self._inputs(inputs, lengths, (masks or {}).get(name), names)
+            if len(present) == 0:
+                out[name] = np.zeros((0, int(self.towers[name]["embed_dim"])), np.float32)
+                continue
             tokens = np.stack([self._encode(n, feeds[n], None) for n in names], axis=1)
             out[name] = self.tower_sessions[name].run(["embedding"], {"tokens": tokens, "mask": present})[0]
         return out

@@ -62,6 +62,12 @@ class _Scorer:
                 "run_rate": {name: spent["run_rate"][name] for name in names}} | (
             {"mean_encoder_seconds": spent["mean_encoder_seconds"]} if self.seconds else {})
 
+    def available(self, name: str) -> np.ndarray:
+        """``[N]``: the rows whose input of encoder ``name`` is there (a stored encoder's rows without NaN under
+        ``nan_policy: mask``; a live encoder's rows all)."""
+        features = self.store.encoders.get(name)
+        return np.ones(len(self.index), dtype=bool) if features is None else np.asarray(features.available)[self.index]
+
     def every_row(self, chosen: Sequence[int]) -> np.ndarray:
         """``[N, m]``: the on-demand encoders at positions ``chosen`` (of ``on_demand``) run on every row."""
         runs = np.zeros((len(self.index), len(self.demand)), dtype=bool)
@@ -130,7 +136,8 @@ def frontier_at(frontier: Sequence[dict[str, float]], cost: float, axis: str = "
 def random_rows(model: FusionModel, store: FeatureStore, index: np.ndarray, rates: dict[str, float],
                 seed: int = 0, seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """The model with each on-demand encoder run on random rows at ``rates`` (name -> share of the rows; each
-    encoder on ``round(rate * N)`` rows drawn without replacement, independently of the others)."""
+    encoder on ``round(rate * N)`` rows drawn without replacement, independently of the others, among the rows that
+    have the encoder: a row missing it cannot run it, so a draw there would spend less than the rate says)."""
     scorer = _Scorer(model, store, index, seconds)
     names = [model.encoder_names[k] for k in scorer.demand]
     unknown = sorted(set(rates) - set(names))
@@ -141,7 +148,8 @@ def random_rows(model: FusionModel, store: FeatureStore, index: np.ndarray, rate
     n = len(scorer.index)
     runs = np.zeros((n, len(names)), dtype=bool)
     for j, name in enumerate(names):
-        runs[rng.choice(n, size=int(round(float(rates.get(name, 0.0)) * n)), replace=False), j] = True
+        has = np.flatnonzero(scorer.available(name))
+        runs[rng.choice(has, size=min(int(round(float(rates.get(name, 0.0)) * n)), len(has)), replace=False), j] = True
     return scorer.point(scorer.outputs(runs))
 
 
