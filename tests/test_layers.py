@@ -29,7 +29,7 @@ DEFERRING = {"fusionkit", "fusionkit.components"}
 DEFERRING_PACKAGES = ("fusionkit.cli",)
 #: What a plugin distribution may import of fusionkit.
 PUBLIC = {"fusionkit", "fusionkit.interfaces", "fusionkit.pooling", "fusionkit.config", "fusionkit.errors",
-          "fusionkit.files"}
+          "fusionkit.files", "fusionkit.runtime.images"}
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fusionkit.answers import to_matrix
+from fusionkit.data.format import INDEX_FILE, STORE_FORMAT, STORE_VERSION, feature_file, read_features, read_index
 from fusionkit.devices import device_of, to_device
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.files import apply_umask, check_replaceable, json_marker, write_directory
@@ -38,9 +39,6 @@ from fusionkit.spec import encoder_name_problem
 __all__ = ["INDEX_FILE", "STORE_FORMAT", "STORE_VERSION", "is_store", "ModelInputs", "EncoderFeatures", "FeatureStore",
            "open_store", "check_samples", "sample_from_record", "check_store_target", "target_rows", "write_store"]
 
-INDEX_FILE = "index.json"
-STORE_FORMAT = "fusionkit-store"
-STORE_VERSION = 1
 #: A directory is a fusionkit store when its index names the store format.
 is_store = json_marker(INDEX_FILE, "format", (STORE_FORMAT,))
 
@@ -229,49 +227,18 @@ def open_store(
     nan_policy: Literal["error", "mask"] = "error",
 ) -> FeatureStore:
     """Open and validate a store. ``encoders`` maps the names a spec needs to their feature sizes."""
-    from safetensors import SafetensorError, safe_open
-
     root = Path(path)
     index_path = root / INDEX_FILE
-    if not index_path.is_file():
-        raise DataError(f"{index_path}: missing; is {root} a feature store? (see docs/feature-store.md)")
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{index_path}: not valid JSON ({exc})") from None
+    index = read_index(root)
     labels, samples = _check_index(index, index_path)
     ids = [s.id for s in samples]
     wanted = dict(encoders) if encoders is not None else {n: None for n in index["encoders"]}
     loaded: dict[str, EncoderFeatures] = {}
     for name, dim in wanted.items():
-        meta = index["encoders"].get(name)
-        if meta is None:
-            raise DataError(f"{root}: no encoder {name!r} in {INDEX_FILE}; the store has {sorted(index['encoders'])}")
-        file = root / meta["file"]
-        if not file.is_file():
-            raise DataError(f"{file}: missing feature file of encoder {name!r}")
-        try:
-            with safe_open(str(file), framework="pt") as fh:
-                raw_ids = (fh.metadata() or {}).get("ids")
-                data = fh.get_tensor("features").float()
-                offsets = fh.get_tensor("offsets") if "offsets" in fh.keys() else None
-        except (SafetensorError, OSError, KeyError) as exc:
-            raise DataError(f"{file}: not a readable feature file ({exc})") from None
-        try:
-            stored_ids = json.loads(raw_ids) if raw_ids is not None else None
-        except json.JSONDecodeError:
-            stored_ids = None
-        if stored_ids is None:
-            raise DataError(f"{file}: no sample ids in its metadata ('ids'); rebuild the store with write_store")
-        if stored_ids != ids:
-            raise DataError(f"{file}: its sample ids do not match {INDEX_FILE} (order or content differ); rebuild the store")
-        if data.dim() != 2:
-            raise DataError(f"{file}: 'features' must be 2-D ([N, D] or [sum T, D]), found shape {tuple(data.shape)}")
-        if offsets is not None:
-            offsets = _check_offsets(offsets, len(data), file)
-        rows = len(offsets) - 1 if offsets is not None else data.shape[0]
-        if rows != len(samples):
-            raise DataError(f"{file}: {rows} samples, but {INDEX_FILE} lists {len(samples)}")
+        file = feature_file(root, index, name)
+        array, flat_offsets = read_features(file, name, ids)
+        data = torch.from_numpy(array)
+        offsets = None if flat_offsets is None else torch.from_numpy(flat_offsets)
         if dim is not None and data.shape[1] != dim:
             raise DataError(f"{file}: feature size {data.shape[1]}, but the spec's encoder {name!r} has dim {dim}")
         available = _check_finite(name, file, data, offsets, ids, nan_policy)
@@ -281,28 +248,14 @@ def open_store(
     return store
 
 
-def _check_index(index: Any, where: Path) -> tuple[tuple[str, ...], list[Sample]]:
-    """Validate ``index.json`` as a whole; returns its labels and samples."""
-    if not isinstance(index, dict) or index.get("format") != STORE_FORMAT or index.get("version") != STORE_VERSION:
-        raise DataError(f"{where}: not a {STORE_FORMAT} v{STORE_VERSION} index (its 'format' and 'version' keys)")
-    for key, kind in (("labels", list), ("encoders", dict), ("samples", list)):
-        if not isinstance(index.get(key), kind):
-            raise DataError(f"{where}: '{key}' must be a {'list' if kind is list else 'mapping'}, "
-                            f"found {type(index.get(key)).__name__}")
+def _check_index(index: dict[str, Any], where: Path) -> tuple[tuple[str, ...], list[Sample]]:
+    """What a torch store checks of an index beyond its format (:func:`fusionkit.data.format.read_index`): the
+    encoders' names and each sample's record; returns the labels and samples."""
     labels = index["labels"]
-    if not labels or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
-        raise DataError(f"{where}: 'labels' must be unique non-empty strings, found {labels[:10]!r}")
-    for name, meta in index["encoders"].items():
+    for name in index["encoders"]:
         why = encoder_name_problem(name)
         if why:
             raise DataError(f"{where}: encoder {name!r}: {why}")
-        file = meta.get("file") if isinstance(meta, dict) else None
-        if not isinstance(file, str) or file != Path(file).name or file.startswith(".") or "\\" in file:
-            raise DataError(f"{where}: encoder {name!r}: 'file' must be a plain file name inside the store, "
-                            f"found {file!r}")
-        if not isinstance(meta.get("provenance", {}), dict):
-            raise DataError(f"{where}: encoder {name!r}: 'provenance' must be a mapping (what made the features), "
-                            f"found {type(meta['provenance']).__name__}")
     samples = [sample_from_record(rec, i, where, tuple(labels)) for i, rec in enumerate(index["samples"])]
     check_samples(samples, where)
     return tuple(labels), samples
@@ -367,16 +320,6 @@ def _prediction_problem(answer: Any, labels: Sequence[str]) -> str | None:
     if abs(sum(e["salience"] for e in answer) - 100.0) > 1e-3:
         return f"saliences must sum to 100, found {[e['salience'] for e in answer]}"
     return None
-
-
-def _check_offsets(offsets: torch.Tensor, frames: int, file: Path) -> torch.Tensor:
-    if offsets.dim() != 1 or offsets.is_floating_point() or len(offsets) < 1:
-        raise DataError(f"{file}: 'offsets' must be a 1-D integer tensor [N + 1], found {offsets.dtype} {tuple(offsets.shape)}")
-    offsets = offsets.long()
-    if int(offsets[0]) != 0 or int(offsets[-1]) != frames or bool((offsets[1:] < offsets[:-1]).any()):
-        raise DataError(f"{file}: 'offsets' must start at 0, never decrease and end at the {frames} frames of "
-                        f"'features'; found {offsets[:3].tolist()} ... {offsets[-1:].tolist()}")
-    return offsets
 
 
 def _check_finite(name, file, data, offsets, ids, nan_policy) -> np.ndarray:

@@ -30,12 +30,18 @@ import numpy as np
 
 from fusionkit.errors import DataError
 
-__all__ = ["INTERPOLATIONS", "STEPS", "check_reads", "preprocess", "read_image", "read_images"]
+__all__ = ["INTERPOLATIONS", "STEPS", "MAX_ASPECT", "MAX_RESIZED_PIXELS", "check_reads", "check_image_size",
+           "preprocess", "read_image", "read_images"]
 
 #: Interpolation names (torchvision's ``InterpolationMode`` values) and the PIL filters they stand for.
 INTERPOLATIONS = {"nearest": 0, "nearest-exact": 0, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5, "lanczos": 1}
 #: The preprocessing steps the runtime knows.
 STEPS = ("resize", "center_crop")
+#: The widest aspect ratio read (long side over short side): a 1 x 400,000 strip passes PIL's decompression-bomb
+#: check in a few hundred bytes, and a resize of its short side to 224 would need gigabytes.
+MAX_ASPECT = 100
+#: The most pixels a resize step may make (an 8,192 x 8,192 image).
+MAX_RESIZED_PIXELS = 8192 * 8192
 
 
 def _pair(value: Any, where: str) -> tuple[int, int]:
@@ -72,16 +78,39 @@ def check_reads(reads: Any, where: str) -> None:
             _pair(step.get("size"), f"{where}: reads.steps[{n}]")
 
 
-def _resize(image: Any, size: Any, interpolation: str) -> Any:
-    width, height = image.size
+def _resized(width: int, height: int, size: Any) -> tuple[int, int]:
+    """``(width, height)`` after a resize step of ``size`` (torchvision's rule: an integer is the shorter side)."""
     if isinstance(size, list) and len(size) == 1:
         size = size[0]
     if isinstance(size, int):
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = size, int(size * long / short)
-        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    else:
-        new_h, new_w = size
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    return size[1], size[0]
+
+
+def check_image_size(width: int, height: int, reads: Mapping[str, Any] | None, where: str) -> None:
+    """Refuse an image of ``width`` x ``height`` pixels before it is decoded and resized, when its aspect ratio is over
+    :data:`MAX_ASPECT` or a resize step of ``reads`` would make over :data:`MAX_RESIZED_PIXELS` pixels; the
+    :class:`DataError` names ``where`` (the file). The runtime and the timm plugin both call it, so both refuse
+    alike."""
+    if width < 1 or height < 1:
+        raise DataError(f"{where}: an image of {width} x {height} pixels holds nothing to read")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise DataError(f"{where}: {width} x {height} pixels, an aspect ratio over {MAX_ASPECT}:1, which no image "
+                        "encoder reads; crop it or replace it")
+    for step in (reads or {}).get("steps", ()):
+        if step.get("op") == "resize":
+            new_w, new_h = _resized(width, height, step["size"])
+            if new_w * new_h > MAX_RESIZED_PIXELS:
+                raise DataError(f"{where}: {width} x {height} pixels would be resized to {new_w} x {new_h}, over "
+                                f"{MAX_RESIZED_PIXELS:,} pixels; crop it or replace it")
+            width, height = new_w, new_h
+
+
+def _resize(image: Any, size: Any, interpolation: str) -> Any:
+    width, height = image.size
+    new_w, new_h = _resized(width, height, size)
     if (new_h, new_w) == (height, width):
         return image
     return image.resize((new_w, new_h), INTERPOLATIONS[interpolation])
@@ -133,6 +162,7 @@ def read_image(path: str | os.PathLike, reads: Mapping[str, Any]) -> np.ndarray:
         raise DataError(f"{path}: not a regular file")
     try:
         with Image.open(path) as image:
+            check_image_size(*image.size, reads, path)
             return preprocess(image, reads)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None

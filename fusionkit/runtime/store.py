@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-
+from fusionkit.data.format import feature_file, read_features, read_index
 from fusionkit.data.tables import manifest_is_the_data, manifest_records
 from fusionkit.errors import DataError
 
@@ -37,41 +36,20 @@ class StoreRows:
 
 
 def read_store(path: str | Path, encoders: Sequence[str]) -> StoreRows:
-    """The samples of the store at ``path`` with the features of ``encoders`` (memory-mapped through safetensors;
-    nothing is unpickled). Errors name the file at fault."""
+    """The samples of the store at ``path`` with the features of ``encoders`` (through safetensors; nothing is
+    unpickled), read and checked as :func:`fusionkit.data.store.open_store` reads them
+    (:mod:`fusionkit.data.format`). Errors name the file at fault."""
     root = Path(path)
-    index_path = root / "index.json"
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        samples = index["samples"]
-        ids = [str(s["id"]) for s in samples]
-    except FileNotFoundError:
-        raise DataError(f"{index_path}: missing; is {root} a feature store (docs/feature-store.md)?") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{index_path}: not a readable store index ({str(exc)[:200]})") from None
+    index = read_index(root)
+    samples = index["samples"]
+    ids = [s["id"] for s in samples]
     inputs, lengths = {}, {}
     for name in encoders:
-        meta = index.get("encoders", {}).get(name)
-        if meta is None:
-            raise DataError(f"{root}: no encoder {name!r} in index.json; the store has {sorted(index.get('encoders', {}))}")
-        file = root / meta["file"]
-        try:
-            with safe_open(str(file), framework="numpy") as fh:
-                if json.loads((fh.metadata() or {}).get("ids", "null")) not in (None, ids):
-                    raise DataError(f"{file}: its sample ids differ from index.json's; the files come from different "
-                                    "builds")
-                data = fh.get_tensor("features").astype(np.float32)
-                offsets = fh.get_tensor("offsets") if "offsets" in fh.keys() else None
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            raise DataError(f"{file}: not a readable feature file of encoder {name!r} ({str(exc)[:200]})") from None
+        data, offsets = read_features(feature_file(root, index, name), name, ids)
         if offsets is None:
-            if len(data) != len(ids):
-                raise DataError(f"{file}: {len(data)} rows for {len(ids)} samples")
             inputs[name] = data
             continue
-        steps = np.diff(offsets).astype(np.int64)
-        if len(steps) != len(ids) or (steps < 0).any():
-            raise DataError(f"{file}: offsets do not describe {len(ids)} sequences")
+        steps = np.diff(offsets)
         frames = np.zeros((len(ids), max(int(steps.max(initial=1)), 1), data.shape[1]), dtype=np.float32)
         for i, (start, count) in enumerate(zip(offsets[:-1], steps)):
             frames[i, :count] = data[start:start + count]

@@ -22,6 +22,7 @@ from fusionkit.errors import FusionkitError
 from fusionkit.files import sha256_file
 from fusionkit.interfaces import LiveEncoder, LiveEncoderConfig, freeze_stages, restoring_checkpoint
 from fusionkit.pooling import pool_frames
+from fusionkit.runtime.images import check_image_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -179,11 +180,20 @@ class TimmEncoder(LiveEncoder):
 
         try:
             with Image.open(path) as img:
+                check_image_size(*img.size, self._reads, str(path))  # as the runtime refuses it, before decoding
                 img = img.convert("L" if self.config.in_chans == 1 else "RGB")
         except UnidentifiedImageError as exc:
             raise ValueError(f"not a readable image ({exc})") from None
         pixels = torch.from_numpy(np.array(self._resize_crop(img), dtype=np.uint8))
         return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
+
+    @property
+    def _reads(self) -> dict[str, Any] | None:
+        """The resize and crop in the runtime's words, for :func:`check_image_size` (None where it has none)."""
+        try:
+            return self.export_preprocessing()
+        except FusionkitError:
+            return None
 
     def normalize(self, x):
         """Pixels as :meth:`load` gives them (uint8) -> timm's normalised float input, with the very operations of
