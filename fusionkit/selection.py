@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Selection", "select_top_n", "select_top_p", "slot_count", "gather_slots", "in_encoder_order"]
+__all__ = ["Selection", "select_top_n", "select_top_p", "top_k", "slot_count", "gather_slots", "in_encoder_order"]
 
 
 @dataclass
@@ -52,7 +52,7 @@ def select_top_n(
     if mask is None and first is None:  # every encoder available: no masking work on the hot path
         mask = torch.ones_like(scores, dtype=torch.bool)
         masked = scores
-        top_scores, top_idx = scores.topk(take, dim=1)
+        top_scores, top_idx = top_k(scores, take)
         slot_mask = torch.ones_like(top_idx, dtype=torch.bool)
         weights = torch.softmax(top_scores / temperature, dim=1)
     else:
@@ -60,7 +60,7 @@ def select_top_n(
             mask = torch.ones_like(scores, dtype=torch.bool)
         masked = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         if first is None:
-            top_scores, top_idx = masked.topk(take, dim=1)
+            top_scores, top_idx = top_k(masked, take)
         else:
             top_idx = _first_then_best(masked, mask, first & mask, take)
             top_scores = masked.gather(1, top_idx)
@@ -123,13 +123,28 @@ def select_top_p(
     return ranked
 
 
+def top_k(scores: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``take`` best ``scores`` per row ``[B, K]`` and their indices, best first, and of equal scores the lower
+    index first: ONNX's TopK rule, which ``torch.topk`` does not promise (a static gate's equal scores at
+    initialisation were kept in another order by an export). Each encoder's rank is counted (the better scores, and
+    the equal ones before it), so the rule is the same in torch and in any exported graph; K is small."""
+    k = scores.shape[1]
+    index = torch.arange(k, device=scores.device)
+    mine, other = scores.unsqueeze(2), scores.unsqueeze(1)  # [B, i, 1] against [B, 1, j]
+    ahead = (other > mine) | ((other == mine) & (index.view(1, 1, k) < index.view(1, k, 1)))
+    rank = ahead.sum(2)  # [B, K]: a permutation of 0..K-1 per row
+    slots = torch.arange(take, device=scores.device)
+    indices = (rank.unsqueeze(1) == slots.view(1, take, 1)).to(torch.int64).argmax(2)  # [B, take]
+    return scores.gather(1, indices), indices
+
+
 def _first_then_best(masked: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, take: int) -> torch.Tensor:
     """``[B, take]`` indices: the encoders of ``first`` and then the best-scored others, in the order of their
     scores (``masked``: the scores, the lowest float where ``mask`` says unavailable). Top-k only, so it exports."""
     scores = masked.detach()
     span = (scores.max(dim=1).values - scores.masked_fill(~mask, float("inf")).min(dim=1).values).clamp_min(0) + 1
-    chosen = (scores + first.to(scores.dtype) * span.unsqueeze(1)).topk(take, dim=1).indices
-    return chosen.gather(1, scores.gather(1, chosen).topk(take, dim=1).indices)
+    chosen = top_k(scores + first.to(scores.dtype) * span.unsqueeze(1), take)[1]
+    return chosen.gather(1, top_k(scores.gather(1, chosen), take)[1])
 
 
 def _balance_loss(masked: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, temperature: float) -> torch.Tensor:

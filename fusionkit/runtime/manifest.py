@@ -294,6 +294,7 @@ def graph_bytes(folder: Path, manifest: dict[str, Any], relative: str) -> bytes:
         if data_file not in manifest["sha256"]:
             raise DeploymentError(f"{path}: reads the file {name!r} beside it, which no SHA-256 of the manifest "
                                   "covers; refused. Export the model again")
+        check_files(folder, {"sha256": {data_file: manifest["sha256"][data_file]}})
     return data
 
 

@@ -222,8 +222,8 @@ class RuntimeModel:
             raise DeploymentError(f"inputs: no array for encoder(s) {missing}; the export reads {names}")
         for name in names:
             given = inputs[name]
-            if given is None or isinstance(given, (str, bytes, int, float, complex, bool)) or np.ndim(
-                    given if not isinstance(given, (list, tuple)) else 1) == 0:
+            if (given is None or isinstance(given, (str, bytes, int, float, complex, bool, np.generic))
+                    or (isinstance(given, np.ndarray) and given.ndim == 0) or not hasattr(given, "__len__")):
                 raise DeploymentError(f"inputs[{name!r}]: expected an array with a row per sample (or a list of "
                                       f"image paths), found {type(given).__name__}")
         batch = len(inputs[names[0]])
@@ -257,7 +257,7 @@ class RuntimeModel:
             if x.ndim != len(shape) or any(a != b for a, b in fixed) or len(x) != batch:
                 raise DeploymentError(f"inputs[{name!r}]: expected {shape} with {batch} rows (one per sample), "
                                       f"found {list(x.shape)}")
-            bad = ~np.isfinite(x.reshape(batch, -1)).all(axis=1)
+            bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
             if bad.any():
                 if self.manifest.get("nan_policy") != "mask":
                     raise DeploymentError(f"inputs[{name!r}]: NaN or inf in rows {np.flatnonzero(bad)[:5].tolist()}; the "
