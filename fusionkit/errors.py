@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["FusionkitError", "PluginError", "DuplicateComponentError", "UnknownComponentError", "SpecError",
-           "CheckpointError", "DataError", "FusionkitWarning", "NO_TORCH"]
+           "CheckpointError", "DataError", "FusionkitWarning", "NO_TORCH", "torch_installed", "require_torch"]
 
 
 class FusionkitError(Exception):
@@ -59,3 +59,21 @@ class FusionkitWarning(UserWarning):
 #: that ``pip install 'fusionkit[runtime]'`` deploys without it).
 NO_TORCH = ("this needs PyTorch, which is not installed here: pip install 'fusionkit[torch]' (or first the torch build "
             "for your CUDA version, https://pytorch.org/get-started); an export runs without it (fusionkit-runtime)")
+
+
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here (looked up, not imported)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except ValueError:  # a torch module without a spec: present
+        return True
+
+
+def require_torch(package: str) -> None:
+    """Raise :class:`ModuleNotFoundError` naming ``package`` and saying how to install PyTorch, where it is missing:
+    the first line of a package that needs torch, so that importing it never ends in a bare "No module named
+    'torch'"."""
+    if not torch_installed():
+        raise ModuleNotFoundError(f"{package}: {NO_TORCH}", name="torch")

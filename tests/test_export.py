@@ -256,12 +256,22 @@ def test_a_command_that_needs_torch_says_how_to_install_it():
             fusionkit.build_model
         except ModuleNotFoundError as exc:
             print(exc)
+        for module in ("fusionkit.inference.export", "fusionkit.models.fusion", "fusionkit.training.train"):
+            try:
+                __import__(module)
+            except ModuleNotFoundError as exc:
+                print(exc)
+        from fusionkit.cli import build_parser
+        print(build_parser().format_help().replace("\\n", " "))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.splitlines()[0] == "2", proc.stderr[-2000:]
     assert "fusionkit: error: this needs PyTorch, which is not installed here: pip install 'fusionkit[torch]'" in \
         proc.stderr
     assert proc.stdout.splitlines()[1].startswith("fusionkit.build_model: this needs PyTorch")
+    for line, package in zip(proc.stdout.splitlines()[2:5], ("inference", "models", "training")):
+        assert line.startswith(f"fusionkit.{package}: this needs PyTorch, which is not installed here: pip install")
+    assert "PyTorch is not installed here, and every command above needs it" in " ".join(proc.stdout.split())
 
 
 def test_the_command_line_exports_checks_and_predicts_without_torch(sequences, tmp_path, capsys):

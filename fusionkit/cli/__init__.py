@@ -28,8 +28,12 @@ EXIT_ERROR, EXIT_OS, EXIT_INTERRUPTED, EXIT_PIPE = 2, 74, 130, 141
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fusionkit.errors import torch_installed
+
     parser = argparse.ArgumentParser(
-        prog="fusionkit", description="Build, train and evaluate rank-aware top-n multi-encoder fusion models."
+        prog="fusionkit", description="Build, train and evaluate rank-aware top-n multi-encoder fusion models.",
+        epilog=None if torch_installed() else "PyTorch is not installed here, and every command above needs it: pip "
+        "install 'fusionkit[torch]'. An exported model runs without it: fusionkit-runtime DIR --data STORE --out FILE",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:

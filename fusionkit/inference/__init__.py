@@ -1,6 +1,10 @@
 """Inference: a trained model's outputs over a store, within a budget (:mod:`.outputs`), the one front door that the
 command line, the Python API and an export's checks share."""
 
+from fusionkit.errors import require_torch
+
+require_torch("fusionkit.inference")
+
 from fusionkit.inference.outputs import (
     TIMED_SAMPLES,
     collect_outputs,
