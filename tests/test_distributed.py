@@ -410,6 +410,9 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
 
     kill_after_epoch(1)
     assert not (run / "metrics.json").exists()
+    import shutil
+
+    shutil.copytree(run, tmp_path / "killed-too")  # the same killed run, resumed below on one process
     resumed = torchrun(*common, "--out", run, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
@@ -419,10 +422,7 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
     assert close(resumed_log, whole_log)
 
     # 2 -> 1 process: accepted, said, and recorded
-    import shutil
-
-    shutil.rmtree(run)
-    kill_after_epoch(1)
+    run = tmp_path / "killed-too"
     assert json.loads((run / "last" / "metadata.json").read_text())["extra"]["world_size"] == 2
     with pytest.warns(FusionkitWarning, match=r"started with 2 process\(es\) and resumes with 1"):
         train(tmp_path / "spec.yaml", synthetic_store, run, fold=0, progress=False, resume=True)

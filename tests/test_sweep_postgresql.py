@@ -25,7 +25,7 @@ import pytest
 import yaml
 from conftest import tiny_spec
 
-pytestmark = pytest.mark.xdist_group("torchrun")  # worker processes: never beside the torchrun tests' ranks
+
 
 SPACE = {"train.lr": {"float": [1.0e-3, 1.0e-2], "log": True}, "latent_dim": {"choices": [8, 16]}}
 TRIALS = 3
@@ -74,7 +74,7 @@ def postgres():
 
 
 def test_two_workers_on_postgresql_one_killed_mid_trial(postgres, synthetic_store, tmp_path):
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec(epochs=30)))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec(epochs=12)))
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
 
     def worker(name: str) -> subprocess.Popen:
