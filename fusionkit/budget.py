@@ -10,10 +10,11 @@ import math
 from collections.abc import Mapping, Sequence
 
 import attrs
+import numpy as np
 
 from fusionkit.errors import FusionkitError
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "RowBudgets", "parse_budget"]
 
 
 def _seconds(value: Mapping[str, float] | Sequence[tuple[str, float]] | None) -> tuple[tuple[str, float], ...] | None:
@@ -104,3 +105,48 @@ class Budget:
         if self.seconds is not None:
             amount += " of the measured time"
         return f"mean:{amount}" if self.mean else amount
+
+
+#: What each row of :meth:`RowBudgets.rules` follows.
+GATE_RULE, CAP, MEAN = 0, 1, 2
+
+
+@attrs.frozen
+class RowBudgets:
+    """One budget per row of a batch (None: the gate's own rule), each row decided exactly as if it were alone: what
+    lets a server batch requests that asked for different budgets. Caps and mean budgets (with their fitted
+    thresholds) mix freely; budgets over measured seconds do not (each would choose by other costs)."""
+
+    budgets: tuple[Budget | None, ...] = attrs.field(converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        for n, budget in enumerate(self.budgets):
+            if budget is not None and not isinstance(budget, Budget):
+                raise FusionkitError(f"budget of row {n}: expected a Budget or None, found {type(budget).__name__}")
+            if budget is not None and budget.seconds is not None:
+                raise FusionkitError(f"budget of row {n} ({budget.describe()}): budgets per row count GFLOPs; a "
+                                     "budget over measured time applies to a whole batch")
+            if budget is not None and budget.mean and budget.threshold is None:
+                raise FusionkitError(f"budget of row {n} ({budget.describe()}): a mean budget needs its fitted "
+                                     "threshold (fusionkit.inference.fit_mean_budget, or one an export stores)")
+
+    def __len__(self) -> int:
+        return len(self.budgets)
+
+    def rules(self, full_cost: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: which rule decides (:data:`GATE_RULE`, :data:`CAP` or :data:`MEAN`), a cap's GFLOPs (+inf
+        elsewhere) and a mean budget's threshold (NaN elsewhere), for a model whose encoders cost ``full_cost``."""
+        kind = np.array([GATE_RULE if b is None else MEAN if b.mean else CAP for b in self.budgets], dtype=np.int64)
+        cap = np.array([b.limit(full_cost) if b is not None and not b.mean else np.inf for b in self.budgets])
+        threshold = np.array([b.threshold if b is not None and b.mean else np.nan for b in self.budgets])
+        return kind, cap, threshold.astype(np.float64)
+
+
+def parse_budget(value: Budget | RowBudgets | str | float | list | tuple | None) -> Budget | RowBudgets | None:
+    """``value`` as :meth:`Budget.parse` reads it, or, given a list or tuple, one budget per row
+    (:class:`RowBudgets`)."""
+    if isinstance(value, RowBudgets):
+        return value
+    if isinstance(value, (list, tuple)):
+        return RowBudgets([Budget.parse(v) for v in value])
+    return Budget.parse(value)

@@ -54,7 +54,7 @@ def exported(sequences):
 def test_an_export_runs_as_the_model_at_every_budget(sequences, exported):
     _, model, store = sequences
     report = check_export(model, exported, store)
-    assert [line["budget"] for line in report] == [None, "0%", "25%", "50%", "100%", "mean"]
+    assert [line["budget"] for line in report] == [None, "0%", "25%", "50%", "100%", "mean", "per row"]
     assert all(line["max_prob_diff"] <= 1e-4 for line in report)
     assert report[1]["mean_gflops"] == 0.0 and 0.0 < report[4]["mean_gflops"] <= 4.0  # top_n 2 of 3: the
     # on-demand encoders that could enter a row's top two run at 100%
@@ -92,7 +92,7 @@ def test_the_dynamo_exporter_round_trips_at_every_budget(sequences, tmp_path):
     folder = export_model(model, tmp_path / "dynamo", budget=budget, exporter="dynamo")
     assert json.loads((folder / "manifest.json").read_text())["exporter"] == "dynamo"
     report = check_export(model, folder, store, np.arange(37))  # a batch size the example inputs did not have
-    assert [line["budget"] for line in report] == [None, "0%", "25%", "50%", "100%", "mean"]
+    assert [line["budget"] for line in report] == [None, "0%", "25%", "50%", "100%", "mean", "per row"]
     with pytest.raises(ExportError, match="exporter 'jit': expected one of torchscript, dynamo"):
         export_model(model, tmp_path / "other", exporter="jit")
     assert not (tmp_path / "other").exists()
@@ -209,7 +209,7 @@ def test_a_third_party_encoder_exports_through_its_plugin(tmp_path):
     spec["gate"] = {"type": "attention", "top_n": 2}
     model = fusionkit.build_model(spec).eval()
     report = check_export(model, export_model(model, tmp_path / "exp"), spec_store(model.spec, store))
-    assert len(report) == 5 and all(line["max_prob_diff"] <= 1e-4 for line in report)
+    assert len(report) == 6 and all(line["max_prob_diff"] <= 1e-4 for line in report)
 
 
 def test_the_runtime_imports_no_torch(exported, sequences):
@@ -291,7 +291,7 @@ def test_the_command_line_exports_checks_and_predicts_without_torch(sequences, t
     proc = subprocess.run([sys.executable, "-m", "fusionkit.runtime", str(tmp_path / "exp"), "--data", str(store.path),
                            "--out", str(tmp_path / "sub.json"), "--budget", "mean:10%"], capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 2 and "stores the mean budget mean:40% only" in proc.stderr
+    assert proc.returncode == 2 and "stores the mean budget(s) mean:40%; give one of them" in proc.stderr
     assert main(["export", str(root / "run"), "--out", str(tmp_path / "exp2"), "--budget", "40%"]) == 2
     assert "a cap needs nothing stored" in capsys.readouterr().err
 

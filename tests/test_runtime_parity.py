@@ -100,7 +100,7 @@ def test_the_runtime_equals_pytorch_on_a_random_spec(seed, stores, tmp_path):
     budget = fit_mean_budget(model, store, np.arange(45, 90), "mean:40%") if model.on_demand else None
     folder = export_model(model, tmp_path / "export", budget=budget)
     report = check_export(model, folder, store, np.arange(45))
-    expected = [None, "0%", "25%", "50%", "100%", "mean"] if model.on_demand else [None]
+    expected = [None, "0%", "25%", "50%", "100%", "mean", "per row"] if model.on_demand else [None]
     assert [line["budget"] for line in report] == expected, json.dumps(spec)
     assert all(line["max_prob_diff"] <= 1e-4 for line in report)
 

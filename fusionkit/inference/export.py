@@ -229,14 +229,15 @@ def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, 
     return entry
 
 
-def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, budget: Budget | None = None,
+def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *,
+                 budget: Budget | list[Budget] | None = None,
                  overwrite: bool = False, exporter: str = "torchscript",
                  check: Callable[[Path], Any] | None = None) -> Path:
     """Write ``model`` to the folder ``out`` as split ONNX graphs and a manifest; returns the folder. A two-tower
     model writes each tower's graph (``towers/NAME.onnx``) beside its encoders', for ``RuntimeModel.embed``.
 
-    ``budget``: a mean budget with its fitted threshold (:func:`fusionkit.inference.fit_mean_budget`), stored so
-    that the runtime applies it as ``budget="mean"``. ``exporter``: one of :data:`EXPORTERS`. ``check``: called
+    ``budget``: a mean budget with its fitted threshold (:func:`fusionkit.inference.fit_mean_budget`), or a list of
+    them, stored so that the runtime applies each by its name (``budget="mean:40%"``; ``"mean"`` when one). ``exporter``: one of :data:`EXPORTERS`. ``check``: called
     with the finished folder before it takes ``out``'s place (e.g. :func:`check_export`); when it raises, nothing
     is replaced and nothing is left behind.
 
@@ -250,10 +251,15 @@ def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, 
     if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
         raise ExportError("exporter 'dynamo' needs onnxscript: pip install 'fusionkit[export]' (or onnxscript)")
     model = _exportable(model)
-    if budget is not None and (not budget.mean or budget.threshold is None):
-        raise ExportError(f"budget {budget.describe()}: an export stores a mean budget with its fitted threshold "
-                          "(fusionkit.inference.fit_mean_budget); a cap needs nothing stored: give it at predict time")
-    if budget is not None and (isinstance(model, TwoTowerModel) or not model.on_demand):
+    budgets = [] if budget is None else list(budget) if isinstance(budget, (list, tuple)) else [budget]
+    for one in budgets:
+        if not isinstance(one, Budget) or not one.mean or one.threshold is None or one.seconds is not None:
+            raise ExportError(f"budget {one.describe() if isinstance(one, Budget) else one!r}: an export stores mean "
+                              "budgets in GFLOPs with their fitted thresholds (fusionkit.inference.fit_mean_budget); a "
+                              "cap needs nothing stored: give it at predict time")
+    if len({one.describe() for one in budgets}) != len(budgets):
+        raise ExportError(f"budgets {[one.describe() for one in budgets]}: each mean budget is stored once, by its name")
+    if budgets and (isinstance(model, TwoTowerModel) or not model.on_demand):
         raise ExportError("a budget needs on-demand encoders (run: on_demand); this model runs every encoder")
     target = Path(out)
     with folder_lock(target, "model export", "Wait for it to finish, or choose another --out."):
@@ -264,7 +270,7 @@ def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *, 
             if isinstance(model, TwoTowerModel):
                 _write_towers(model, folder, exporter)
             else:
-                _write(model, folder, budget, exporter)
+                _write(model, folder, budgets, exporter)
             if check is not None:
                 check(folder)
 
@@ -297,7 +303,7 @@ def _hashes(folder: Path) -> dict[str, str]:
             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
 
 
-def _write(model: FusionModel, folder: Path, budget: Budget | None, exporter: str) -> None:
+def _write(model: FusionModel, folder: Path, budgets: list[Budget], exporter: str) -> None:
     (folder / "encoders").mkdir()
     encoders = [_encoder_entry(model, model, name, folder, exporter) for name in model.encoder_names]
     K, d = len(model.encoder_names), model.spec.latent_dim
@@ -317,14 +323,15 @@ def _write(model: FusionModel, folder: Path, budget: Budget | None, exporter: st
                      {n: {0: "batch"} for n in ("tokens", "present", "scores", "runs", "candidates")},
                      f"the scout ({model.spec.gate.type} gate)", exporter)
     decoder = model.spec.decoder
+    stored = [{"describe": b.describe(), "share": b.share, "gflops": b.gflops, "threshold": b.threshold}
+              for b in budgets]
     manifest = {
         **_manifest_head(model, exporter), "kind": "fusion", "neutral": model.decoder.context.neutral_index,
         "encoders": encoders, "on_demand": [model.encoder_names[k] for k in model.on_demand],
         "scout": None if not model.on_demand else model.spec.conditional.scout, "slots": model.top_n,
         "nan_policy": model.spec.data.nan_policy, "heads": roles,
         "decoder": {"type": decoder.type, **{key: float(getattr(decoder.config, key)) for key in DECODERS[decoder.type]}},
-        "budget": None if budget is None else {"describe": budget.describe(), "share": budget.share,
-                                                "gflops": budget.gflops, "threshold": budget.threshold},
+        "budget": stored[0] if stored else None, "budgets": stored,
         "sha256": _hashes(folder),
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -389,14 +396,17 @@ def check_export(model: FusionModel | TwoTowerModel, folder: str | os.PathLike, 
     if isinstance(model, TwoTowerModel):
         return _check_towers(model, runtime, store, index, rows, atol)
     budgets: list[Any] = [None, *(CHECK_BUDGETS if runtime.demand else ())]
-    if runtime.stored_budget is not None:
-        budgets.append("mean")
+    stored = [b.describe() for b in runtime.stored_budgets]
+    budgets += ["mean"] if len(stored) == 1 else stored
+    if runtime.demand:  # every kind at once, one per row: each row decided as if alone
+        budgets.append([[None, *CHECK_BUDGETS, *stored][n % (len(CHECK_BUDGETS) + 1 + len(stored))]
+                        for n in range(len(index))])
     report = []
     for given in budgets:
-        budget = runtime.budget(given)
+        budget = (runtime.row_budgets(given, len(index)) if isinstance(given, list) else runtime.budget(given))
         expected = collect_outputs(model, store, index, budget=budget)
         got = runtime.predict(rows.inputs, given, lengths=rows.lengths)
-        where = f"budget {given or 'the gate rule'}"
+        where = "a budget per row" if isinstance(given, list) else f"budget {given or 'the gate rule'}"
         if runtime.demand and not np.array_equal(expected["ran"].astype(bool), got.ran):
             rows_off = np.flatnonzero((expected["ran"].astype(bool) != got.ran).any(axis=1))
             raise ExportError(f"{runtime.scout_graph} ({where}): the runtime runs other encoders than the model on "
@@ -411,7 +421,8 @@ def check_export(model: FusionModel | TwoTowerModel, folder: str | os.PathLike, 
         if wrong:
             raise ExportError(f"the decoder ({where}): {len(wrong)} answers differ from the model's, e.g. "
                               f"{rows.ids[wrong[0]]}")
-        report.append({"budget": given, "rows": int(len(index)), "max_prob_diff": diff,
+        report.append({"budget": "per row" if isinstance(given, list) else given, "rows": int(len(index)),
+                       "max_prob_diff": diff,
                        "mean_gflops": float(got.cost.mean())})
     return report
 

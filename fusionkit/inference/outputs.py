@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fusionkit.answers import Prediction, from_order
+from fusionkit.budget import RowBudgets, parse_budget
 from fusionkit.data.store import FeatureStore
 from fusionkit.devices import device_of, synchronize
 from fusionkit.distributed import Dist
@@ -39,8 +40,12 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
     field), or ``domain`` for every sample when given.
     With ``dist`` (torchrun), each rank computes its share and every rank gets all of them, in order.
     """
+    budget = parse_budget(budget)  # one per row (a list, or RowBudgets) is sliced with the rows below
+    if isinstance(budget, RowBudgets) and len(budget) != len(index):
+        raise FusionkitError(f"budget: {len(budget)} budgets for {len(index)} samples (one per sample)")
     if dist is not None and dist.enabled:
-        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain, budget=budget,
+        return dist.gather(collect_outputs(model, store, dist.shard(index), batch_size, domain=domain,
+                                           budget=_rows(budget, dist.shard(np.arange(len(index)))),
                                            runs=None if runs is None else dist.shard(runs)))
     if len(model.domains) > 1:  # each sample with its own domain's statistics, in the given order
         index = np.asarray(index)
@@ -50,7 +55,7 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
         try:
             for domain, positions in groups.items():
                 model.set_domain(str(domain))
-                parts[domain] = _collect(model, store, index[positions], batch_size, budget,
+                parts[domain] = _collect(model, store, index[positions], batch_size, _rows(budget, positions),
                                          None if runs is None else runs[positions])
         finally:
             model.set_domain("source")
@@ -67,13 +72,14 @@ def collect_outputs(model: FusionModel, store: FeatureStore, index: np.ndarray, 
 def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_size: int,
              budget: Budget | str | float | None = None, runs: np.ndarray | None = None) -> dict[str, np.ndarray]:
     model.eval()
-    budget = Budget.parse(budget)
+    budget = parse_budget(budget)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(index), batch_size):
         rows = index[start : start + batch_size]
         chosen = None if runs is None else torch.as_tensor(np.asarray(runs[start : start + batch_size], dtype=bool))
         # an on-demand live encoder's files are read only for the rows that run it
-        out = model(*store.inputs_for(model, rows, defer=model.deferrable_inputs()), budget=budget, runs=chosen)
+        out = model(*store.inputs_for(model, rows, defer=model.deferrable_inputs()),
+                    budget=_rows(budget, np.arange(start, start + len(rows))), runs=chosen)
         arrays = decoder_inputs(out)
         bad = ~np.isfinite(arrays["probs"]).all(axis=1)
         if bad.any():
@@ -90,6 +96,13 @@ def _collect(model: FusionModel, store: FeatureStore, index: np.ndarray, batch_s
         for key, value in arrays.items():
             parts.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _rows(budget: Budget | RowBudgets | None, positions: np.ndarray) -> Budget | RowBudgets | None:
+    """The budgets of the rows at ``positions``: one budget is every row's; one per row is sliced."""
+    if isinstance(budget, RowBudgets):
+        return RowBudgets([budget.budgets[int(p)] for p in positions])
+    return budget
 
 
 def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, budget: Budget | str) -> Budget:

@@ -31,6 +31,7 @@ from fusionkit.interfaces import (
     Gate,
     LiveEncoder,
 )
+from fusionkit.budget import CAP, MEAN, RowBudgets, parse_budget
 from fusionkit.models.conditional import (
     Budget,
     RowShare,
@@ -444,6 +445,8 @@ class Trunk(nn.Module):
         scout_scores = None if self.value_head is not None else self.gate.score(  # the gate's scout: before they run
             torch.stack([columns[k] for k in range(len(names))], dim=1) + self.identity, present)
         available = present[:, list(demand)]
+        if isinstance(budget, RowBudgets):  # a budget per row, each decided as if alone
+            return self._encode_rows(columns, present, available, budget, inputs, lengths, batch, first, empty)
         costs, choice = self.cost_vector(device), self.choice_costs(budget, device)  # reported; chosen by
         limit = None  # GFLOPs (or seconds) per row left for the on-demand encoders, under a cap or a sampled budget
         if runs is None and not (budget is not None and budget.mean) and (
@@ -505,6 +508,43 @@ class Trunk(nn.Module):
                                       first=self._demanded(computed[every]))
         if self.training and self.value_head is not None and self.conditional.scout_weight > 0:
             encoded.value = self._value_target(raw[every], tokens[every], present[every], ran[every])
+        return encoded
+
+    def _encode_rows(self, columns: dict[int, torch.Tensor], present: torch.Tensor, available: torch.Tensor,
+                     budgets: RowBudgets, inputs: Mapping[str, Any], lengths: Mapping[str, torch.Tensor], batch: int,
+                     first: torch.Tensor, empty: torch.Tensor) -> Encoded:
+        """:meth:`_encode_on_demand` with one budget per row (:class:`~fusionkit.budget.RowBudgets`): each row's cap,
+        mean threshold or the gate's own rule applied to it alone, then the chosen rows run and are fused."""
+        if len(budgets) != batch:
+            raise FusionkitError(f"budgets: {len(budgets)} for a batch of {batch} rows (one per row)")
+        if self.training:
+            raise FusionkitError("budgets per row decide at inference; in training the budget is sampled per row")
+        demand, device = list(self.on_demand), present.device
+        costs = self.cost_vector(device)
+        kind, cap, threshold = (torch.as_tensor(a, device=device) for a in budgets.rules(float(costs.sum())))
+        threshold = threshold.float()  # compared with float32 values, as a single budget's threshold is
+        paid = (costs * present).sum(1) - (costs[demand] * available).sum(1)  # the always-run encoders
+        limit = torch.where(kind == CAP, cap - paid, torch.full_like(cap, math.inf))
+        run_rows = self._run_rows_of(inputs, lengths, batch, first, empty)
+        if self.value_head is not None:  # under a cap any value goes while the cost fits; the gate's rule: a gain
+            floor = torch.where(kind == CAP, -math.inf, torch.where(kind == MEAN, threshold, 0.0)).float()
+            run = self._stages(columns, present, available, costs, limit, floor, run_rows)[0]
+        else:
+            scores = self.gate.score(torch.stack([columns[k] for k in range(len(self.encoder_names))], dim=1)
+                                     + self.identity, present)
+            candidates = available & self._candidates(scores, present)
+            by_cap = within_budget(scores[:, demand], candidates, costs[demand], limit)
+            by_mean = self.mean_budget_values(scores, present, costs) >= threshold.unsqueeze(1)
+            by_gate = kept_by(self.gate.select(scores, present).kept, demand) & available
+            rule = kind.unsqueeze(1)
+            run = torch.where(rule == CAP, by_cap, torch.where(rule == MEAN, by_mean, by_gate))
+            for j, k in enumerate(demand):
+                columns[k] = columns[k] + run_rows(k, run[:, j].nonzero().squeeze(1))
+        tokens = torch.stack([columns[k] for k in range(len(self.encoder_names))], dim=1) + self.identity
+        ran = present.clone()
+        ran[:, demand] = run
+        encoded = self._fuse(tokens, ran, ran, costs, {}, first=self._demanded(ran))
+        encoded.computed, encoded.available = ran, present
         return encoded
 
     def _demanded(self, ran: torch.Tensor) -> torch.Tensor:
@@ -752,12 +792,12 @@ class FusionModel(Trunk):
         inputs: Mapping[str, torch.Tensor],
         lengths: Mapping[str, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
-        budget: Budget | str | float | None = None,
+        budget: Budget | RowBudgets | str | float | list | None = None,
         everything: bool = False,
         runs: torch.Tensor | None = None,
     ) -> FusionOutput:
         self._check_inputs(inputs, lengths, mask)
-        encoded = self.encode(inputs, lengths, mask, Budget.parse(budget), everything, runs)
+        encoded = self.encode(inputs, lengths, mask, parse_budget(budget), everything, runs)
         tokens, selection, fused = encoded.tokens, encoded.selection, encoded.fused
         logits = {role: head(fused) for role, head in self.heads.items()}
         probs_by_role = {role: self.heads[role].probabilities(logit) for role, logit in logits.items()}

@@ -131,7 +131,7 @@ def _fusion(manifest: dict[str, Any], names: list[str]) -> None:
     if len(demand) == len(names):
         _fail("on_demand", "every encoder is on demand; at least one must always run")
     scout = _key(manifest, "scout")
-    if (scout is None) != (not demand) or (scout is not None and scout not in SCOUTS):
+    if (scout is None) != (not demand) or (scout is not None and (not isinstance(scout, str) or scout not in SCOUTS)):
         _fail("scout", f"expected {'null (no on-demand encoder)' if not demand else ' or '.join(SCOUTS)}, found "
               f"{scout!r:.40}")
     slots = _key(manifest, "slots")
@@ -142,7 +142,7 @@ def _fusion(manifest: dict[str, Any], names: list[str]) -> None:
         _fail("heads", f"expected some of {list(_HEADS)}, found {heads!r:.80}")
     decoder = _mapping(_key(manifest, "decoder"), "decoder")
     kind = _key(decoder, "type", "decoder.")
-    if kind not in DECODERS:
+    if not isinstance(kind, str) or kind not in DECODERS:
         _fail("decoder.type", f"expected one of {', '.join(DECODERS)}, found {kind!r:.40}")
     for key in DECODERS[kind]:
         if not _is_number(_key(decoder, key, "decoder.")):
@@ -157,19 +157,27 @@ def _fusion(manifest: dict[str, Any], names: list[str]) -> None:
         expected = labels.index(spec["neutral"]) if spec["neutral"] in labels else None
         if neutral != expected:
             _fail("neutral", f"{neutral!r} is not the spec's neutral label {spec['neutral']!r} (index {expected})")
-    budget = _key(manifest, "budget")
-    if budget is not None:
-        budget = _mapping(budget, "budget")
+    stored = _key(manifest, "budget")
+    stored = [] if stored is None else [stored]
+    if "budgets" in manifest:
+        stored = _list(manifest["budgets"], "budgets")
+        if manifest["budget"] != (stored[0] if stored else None):
+            _fail("budget", "is not the first of budgets (the mean budgets the export stores)")
+    for n, budget in enumerate(stored):
+        where = "budget" if "budgets" not in manifest else f"budgets[{n}]"
+        budget = _mapping(budget, where)
         if not demand:
-            _fail("budget", "a stored budget needs on-demand encoders")
+            _fail(where, "a stored budget needs on-demand encoders")
         threshold = budget.get("threshold")
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold):
-            _fail("budget.threshold", f"expected a number, found {threshold!r:.40}")
+            _fail(f"{where}.threshold", f"expected a number, found {threshold!r:.40}")
         for key in ("share", "gflops"):
             if budget.get(key) is not None and (not _is_number(budget[key]) or budget[key] < 0):
-                _fail(f"budget.{key}", f"expected a number >= 0 or null, found {budget[key]!r:.40}")
+                _fail(f"{where}.{key}", f"expected a number >= 0 or null, found {budget[key]!r:.40}")
+        if (budget.get("share") is None) == (budget.get("gflops") is None) or (budget.get("share") or 0) > 1:
+            _fail(where, "expected a share from 0 to 1 or GFLOPs, one of them")
         if not isinstance(budget.get("describe"), str):
-            _fail("budget.describe", "expected a string")
+            _fail(f"{where}.describe", "expected a string")
     graphs = ["fusion.onnx", *([SCOUTS[scout]] if demand else [])]
     for graph in graphs:
         if graph not in manifest["sha256"]:
@@ -257,6 +265,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         check_manifest(manifest)
     except _Bad as exc:
         raise DeploymentError(f"{path}: {exc}; the manifest was changed after export: export the model again") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # a shape no check foresaw
+        raise DeploymentError(f"{path}: malformed ({type(exc).__name__}: {str(exc)[:120]}); the manifest was changed "
+                              "after export: export the model again") from None
     return manifest
 
 

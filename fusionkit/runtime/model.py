@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fusionkit.answers import Prediction, from_order
-from fusionkit.budget import Budget
+from fusionkit.budget import CAP, MEAN, Budget, RowBudgets
 from fusionkit.decoding import blemore_decode, presence_salience_decode
 from fusionkit.errors import FusionkitError
 from fusionkit.runtime.images import check_reads, read_images
@@ -177,31 +177,63 @@ class RuntimeModel:
                           if self.scout_kind == "value" else
                           session(self.scout_graph, ("tokens", "present"), ("scores", "runs", "candidates")))
         self.slots = int(manifest.get("slots") or len(self.names))
+        #: The mean budgets the export stores (fitted at export), by which a request may name one.
+        self.stored_budgets: list[Budget] = [
+            Budget(gflops=b["gflops"], share=b["share"], mean=True, threshold=b["threshold"])
+            for b in manifest.get("budgets", [manifest["budget"]] if manifest.get("budget") else [])]
         self.stored_budget = manifest.get("budget")
 
     # --- budgets ------------------------------------------------------------------------------------------------
 
     def budget(self, value: Budget | str | float | None) -> Budget | None:
-        """``value`` as a Budget: a cap (``"40%"``, ``2.5``), or ``"mean"`` (or the stored mean budget written
-        out, e.g. ``"mean:40%"``): the mean budget whose threshold the export stored."""
+        """``value`` as a Budget: a cap (``"40%"``, ``2.5``), or a mean budget the export stores, by its name
+        (``"mean:40%"``; ``"mean"`` when it stores one), with the threshold it fitted."""
         if value is None:
             return None
-        stored = self.stored_budget
         if isinstance(value, str) and value.strip().lower().startswith("mean"):
-            if stored is None:
+            stored = {b.describe().lower(): b for b in self.stored_budgets}
+            names = ", ".join(b.describe() for b in self.stored_budgets)
+            if not stored:
                 raise DeploymentError(f"--budget {value}: this export stores no mean budget; export it with --budget "
-                                    "mean:S% to fit its threshold on the run's validation fold, or give a cap (40%)")
-            budget = Budget(gflops=stored["gflops"], share=stored["share"], mean=True, threshold=stored["threshold"])
-            if value.strip().lower() not in ("mean", budget.describe().lower()):
-                raise DeploymentError(f"--budget {value}: this export stores the mean budget {budget.describe()} only; "
-                                    "give --budget mean (or that one), or a cap")
-            return budget
-        budget = Budget.parse(value)
+                                      "mean:S% to fit its threshold on the run's validation fold, or give a cap (40%)")
+            wanted = value.strip().lower()
+            if wanted == "mean" and len(stored) == 1:
+                return next(iter(stored.values()))
+            if wanted not in stored:
+                raise DeploymentError(f"--budget {value}: this export stores the mean budget(s) {names}; give one of "
+                                      f"them{' (or mean)' if len(stored) == 1 else ''}, or a cap")
+            return stored[wanted]
+        try:
+            budget = Budget.parse(value)
+        except FusionkitError as exc:
+            raise DeploymentError(str(exc)) from None
         if budget.seconds is not None:
             raise DeploymentError("a budget over measured time is not supported by the runtime; give a share or GFLOPs")
         if budget.mean and budget.threshold is None:
             raise DeploymentError(f"budget {budget.describe()}: a mean budget needs its fitted threshold")
         return budget
+
+    def row_budgets(self, value: Any, rows: int) -> RowBudgets:
+        """``value`` as one budget per row: a list of ``rows`` budgets (each as :meth:`budget` reads it), or one budget
+        for every row. Each row is decided as if it were alone, whatever budgets its neighbours have."""
+        if isinstance(value, RowBudgets):
+            budgets = list(value.budgets)
+        elif isinstance(value, (list, tuple, np.ndarray)):
+            budgets = list(value)
+        else:
+            budgets = [value] * rows
+        if len(budgets) != rows:
+            raise DeploymentError(f"budget: {len(budgets)} budgets for {rows} rows; give one per row, or one for all")
+        resolved: dict[Any, Budget | None] = {}
+        for value in budgets:
+            key = value if isinstance(value, (str, Budget)) or value is None else repr(value)
+            if key not in resolved:
+                resolved[key] = self.budget(value)
+        chosen = [resolved[value if isinstance(value, (str, Budget)) or value is None else repr(value)]
+                  for value in budgets]
+        if self.demand or all(b is None for b in chosen):
+            return RowBudgets(chosen)
+        raise DeploymentError("a budget needs on-demand encoders; this export runs every encoder always")
 
     # --- prediction -----------------------------------------------------------------------------------------------
 
@@ -298,46 +330,47 @@ class RuntimeModel:
         live = [e["name"] for e in self.encoders if "reads" in e]
         return read_inputs(data, [n for n in self.names if n not in live], live, raw, confine)
 
-    def _choose(self, scores: np.ndarray, gate_runs: np.ndarray, candidates: np.ndarray, present: np.ndarray,
-                budget: Budget | None) -> np.ndarray:
-        """Which on-demand encoders run for each row: the gate's own rule, or a budget over the ``candidates`` (those
-        that could enter the row's top-n, so that every encoder run is fused), as the PyTorch model chooses."""
+    def _limits(self, present: np.ndarray, budgets: RowBudgets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: the rule that decides (:data:`~fusionkit.budget.CAP`, ``MEAN`` or the gate's), the GFLOPs left
+        for the on-demand encoders under a cap (+inf elsewhere), and a mean budget's threshold (float32, NaN
+        elsewhere)."""
+        kind, cap, threshold = budgets.rules(float(self.costs.sum()))
         available = present[:, self.demand]
-        if budget is None:
-            return gate_runs.astype(bool) & available
+        paid = (self.costs * present).sum(1) - (self.costs[self.demand] * available).sum(1)
+        return kind, np.where(kind == CAP, cap - paid, np.inf), threshold.astype(np.float32)
+
+    def _choose(self, scores: np.ndarray, gate_runs: np.ndarray, candidates: np.ndarray, present: np.ndarray,
+                budgets: RowBudgets) -> np.ndarray:
+        """Which on-demand encoders run for each row, by its own budget: the gate's own rule, or a budget over the
+        ``candidates`` (those that could enter the row's top-n, so that every encoder run is fused), as the PyTorch
+        model chooses."""
+        available = present[:, self.demand]
+        kind, limit, threshold = self._limits(present, budgets)
         candidates = candidates.astype(bool) & available
-        if budget.mean:
-            return (value_per_cost(scores, present, self.costs, self.demand) >= budget.threshold) & candidates
-        choice = self.costs
-        full = (choice * present).sum(1)
-        paid = full - (choice[self.demand] * available).sum(1)
-        limit = np.full_like(full, budget.limit(float(choice.sum()))) - paid
-        return within_budget(scores[:, self.demand], candidates, choice[self.demand], limit)
+        by_cap = within_budget(scores[:, self.demand], candidates, self.costs[self.demand], limit)
+        with np.errstate(invalid="ignore"):
+            by_mean = (value_per_cost(scores, present, self.costs, self.demand) >= threshold[:, None]) & candidates
+        rule = kind[:, None]
+        return np.where(rule == CAP, by_cap, np.where(rule == MEAN, by_mean, gate_runs.astype(bool) & available))
 
     def _stages(self, tokens: np.ndarray, feeds: Mapping[str, Mapping[str, np.ndarray]], present: np.ndarray,
-                budget: Budget | None) -> np.ndarray:
+                budgets: RowBudgets) -> np.ndarray:
         """The value scout's decisions, in stages, as :meth:`fusionkit.models.fusion.Trunk._stages` makes them: each
         row still going picks the on-demand encoder of most predicted value per unit of cost among those left (that
-        fit a cap), runs it when that value reaches the threshold (0 under the gate's own rule, the stored one under
-        a mean budget, any under a cap), and the rest are re-scored with its token, written into ``tokens``."""
+        fit its cap), runs it when that value reaches its threshold (0 under the gate's own rule, the stored one
+        under a mean budget, any under a cap), and the rest are re-scored with its token, written into ``tokens``."""
         demand, batch, m = self.demand, len(present), len(self.demand)
         available = present[:, demand]
         cost = self.costs[demand].astype(np.float32)
         relative = np.maximum(cost / max(float(cost.mean()), 1e-12), np.float32(1e-12)).astype(np.float32)
-        limit, threshold = None, 0.0
-        if budget is not None and budget.mean:
-            threshold = float(budget.threshold)
-        elif budget is not None:
-            full = (self.costs * present).sum(1)
-            paid = full - (self.costs[demand] * available).sum(1)
-            limit, threshold = np.full_like(full, budget.limit(float(self.costs.sum()))) - paid, -np.inf
+        kind, limit, mean_threshold = self._limits(present, budgets)
+        threshold = np.where(kind == CAP, -np.inf, np.where(kind == MEAN, mean_threshold, 0.0)).astype(np.float32)
         run = np.zeros((batch, m), dtype=bool)
         going = available.any(axis=1)
         for _ in range(m):
             values = self.scout.run(["values"], {"tokens": tokens, "present": present, "ran": run})[0]
             eligible = available & ~run & (going & (run.sum(1) < self.slots))[:, None]
-            if limit is not None:
-                eligible &= self.costs[demand][None, :] <= limit[:, None] + 1e-9
+            eligible &= self.costs[demand][None, :] <= limit[:, None] + 1e-9
             key = np.where(eligible, values.astype(np.float32) / relative, np.float32(-np.inf))
             pick, best = key.argmax(axis=1), key.max(axis=1)
             going = np.isfinite(best) & (best >= threshold)
@@ -347,23 +380,21 @@ class RuntimeModel:
                     tokens[rows, k] = self._encode(self.names[k], feeds[self.names[k]],
                                                    None if len(rows) == batch else rows)
             run[np.flatnonzero(going), pick[going]] = True
-            if limit is not None:
-                limit = limit - np.where(going, self.costs[demand][pick], 0.0)
+            limit = limit - np.where(going, self.costs[demand][pick], 0.0)
         return run
 
-    def predict(self, inputs: Mapping[str, np.ndarray], budget: Budget | str | float | None = None, *,
+    def predict(self, inputs: Mapping[str, np.ndarray], budget: Any = None, *,
                 lengths: Mapping[str, np.ndarray] | None = None, mask: np.ndarray | None = None) -> RuntimeOutput:
         """Predict a batch: ``inputs`` maps every encoder name to ``[B, D]`` (or ``[B, T, D]`` frames, with
         ``lengths``), a live image encoder's to ``B`` image paths (read only for the rows that run it) or its
         ``uint8`` ``[B, C, H, W]`` pixels (:func:`fusionkit.runtime.images.read_images`); ``mask`` ``[B, K]`` is
         False where an encoder is missing. ``budget``: None (the gate's own rule), a cap (``"40%"``, ``2.5``
-        GFLOPs) or ``"mean"`` (the mean budget the export stores)."""
+        GFLOPs) or a mean budget the export stores (``"mean:40%"``, or ``"mean"``); or a list of those, one per
+        row, each row decided exactly as if it were alone (:meth:`row_budgets`)."""
         if self.towers:
             raise DeploymentError(f"{self.folder}: a two-tower export embeds and predicts no answers; use embed()")
-        budget = self.budget(budget)
-        if budget is not None and not self.demand:
-            raise DeploymentError("a budget needs on-demand encoders; this export runs every encoder always")
         feeds, present = self._inputs(inputs, lengths, mask)
+        budgets = self.row_budgets(budget, len(present))
         batch, d = len(present), int(self.manifest["latent_dim"])
         if batch == 0:  # what the model gives for no rows: empty arrays of the right widths
             heads = {role: np.zeros((0, len(self.labels)), np.float32) for role in self.manifest["heads"]}
@@ -378,11 +409,11 @@ class RuntimeModel:
         ran = None
         mask_fused = present
         if self.demand and self.scout_kind == "value":
-            run = self._stages(tokens, feeds, present, budget)
+            run = self._stages(tokens, feeds, present, budgets)
         elif self.demand:
             scores, gate_runs, candidates = self.scout.run(["scores", "runs", "candidates"],
                                                            {"tokens": tokens, "present": present})
-            run = self._choose(scores, gate_runs, candidates, present, budget)
+            run = self._choose(scores, gate_runs, candidates, present, budgets)
             for j, k in enumerate(self.demand):
                 rows = np.flatnonzero(run[:, j])
                 if len(rows):  # each on-demand graph runs once, on the rows gathered for it
