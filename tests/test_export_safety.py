@@ -281,7 +281,8 @@ TAMPERS = [
     ("absolute sha key", lambda m: m["sha256"].update({"/etc/hostname": "0" * 64}), "a path inside the export"),
     ("scout", lambda m: m.update(scout="oracle"), "scout: expected gate or value"),
     ("slots", lambda m: m.update(slots=0), "slots: expected an integer from 1"),
-    ("budget", lambda m: m["budgets"][0].update(threshold="x"), r"budgets\[0\].threshold"),
+    ("budget", lambda m: [b.update(threshold="x") for b in (m["budget"], m["budgets"][0])],
+     r"budgets\[0\].threshold"),
     ("budget not the first", lambda m: m["budget"].update(threshold=0.0), "budget: is not the first of budgets"),
     ("kind", lambda m: m.update(kind="other"), "kind: expected 'fusion' or 'two_tower'"),
 ]
