@@ -18,6 +18,7 @@ import fusionkit
 from fusionkit.components.datasets import build_dataset
 from fusionkit.data.open import spec_store
 from fusionkit.errors import SpecError
+from fusionkit.runtime import DeploymentError
 from fusionkit.inference import fit_mean_budget
 from fusionkit.inference.export import check_export, export_model
 
@@ -112,3 +113,53 @@ def test_the_random_specs_cover_what_the_issue_names():
     assert scouts == {None, "gate", "value"}
     assert any(spec.get("conditional", {}).get("scout") == "value" and data == "sequences" for spec, data, _ in drawn)
     assert any(saturated and spec["combiner"]["type"] == "product" for spec, _, saturated in drawn)
+
+
+@pytest.mark.parametrize("scout", ["gate", "value"])
+def test_budgets_per_row_decide_each_row_as_if_alone(scout, stores, tmp_path):
+    """One batch with a budget per row (the gate's rule, caps and two stored mean budgets): the runtime equals
+    PyTorch given the same budgets, and each row equals that row predicted alone with its budget, in both."""
+    from fusionkit.runtime import load, read_store
+
+    spec = {"latent_dim": 8, "data": {"nan_policy": "mask"}, "conditional": {"scout": scout},
+            "gate": {"type": "attention", "top_n": 3},
+            "encoders": [{"name": "enc0", "type": "features", "dim": 6, "pooling": "mean"},
+                         {"name": "enc1", "type": "features", "dim": 6, "pooling": "stats7", "run": "on_demand",
+                          "cost_gflops": 1.0},
+                         {"name": "enc2", "type": "features", "dim": 6, "pooling": "mean", "run": "on_demand",
+                          "cost_gflops": 2.0},
+                         {"name": "enc3", "type": "features", "dim": 6, "pooling": "attention", "run": "on_demand",
+                          "cost_gflops": 4.0}]}
+    torch.manual_seed(3)
+    model = fusionkit.build_model(spec).eval()
+    store = spec_store(model.spec, stores["sequences"])
+    stored = [fit_mean_budget(model, store, np.arange(45, 90), b) for b in ("mean:25%", "mean:60%")]
+    folder = export_model(model, tmp_path / "export", budget=stored)
+    runtime = load(folder)
+    assert [b.describe() for b in runtime.stored_budgets] == ["mean:25%", "mean:60%"]
+    rows = read_store(store.path, runtime.names).take(np.arange(30))
+    choices = [None, "0%", "30%", "100%", "mean:25%", "mean:60%", 3.5]
+    given = [choices[n % len(choices)] for n in range(30)]
+    mixed = runtime.predict(rows.inputs, given, lengths=rows.lengths)
+    torch_budgets = runtime.row_budgets(given, 30)
+    with torch.no_grad():
+        inputs, lengths, mask = store.inputs_for(model, np.arange(30))
+        expected = model(inputs, lengths, mask, budget=torch_budgets)
+    assert np.array_equal(expected.ran.numpy(), mixed.ran)
+    assert np.allclose(expected.probs.numpy(), mixed.probs, atol=1e-5)
+    assert len({tuple(r) for r in mixed.ran[:, 1:]}) > 2  # the budgets chose differently
+    for n in range(30):
+        alone = runtime.predict({k: v[n:n + 1] for k, v in rows.inputs.items()}, given[n],
+                                lengths={k: v[n:n + 1] for k, v in rows.lengths.items()})
+        assert np.array_equal(alone.ran[0], mixed.ran[n]) and alone.answers[0] == mixed.answers[n]
+        assert abs(alone.cost[0] - mixed.cost[n]) < 1e-9
+        with torch.no_grad():
+            one = model({k: v[n:n + 1] for k, v in inputs.items()}, {k: v[n:n + 1] for k, v in lengths.items()},
+                        mask[n:n + 1], budget=torch_budgets.budgets[n])
+        assert torch.equal(one.ran[0], expected.ran[n])
+    cap = runtime.budget("30%").limit(float(runtime.costs.sum()))
+    assert all(mixed.cost[n] <= cap + 1e-9 for n in range(30) if given[n] == "30%")
+    with pytest.raises(DeploymentError, match="stores the mean budget\\(s\\) mean:25%, mean:60%"):
+        runtime.predict(rows.inputs, "mean", lengths=rows.lengths)
+    with pytest.raises(DeploymentError, match="budget: 2 budgets for 30 rows"):
+        runtime.predict(rows.inputs, ["10%", "20%"], lengths=rows.lengths)

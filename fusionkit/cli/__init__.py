@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from fusionkit.cli import data, demo, evaluate, export, plugins, report, spec, sweep, train
+from fusionkit.cli import data, demo, evaluate, export, plugins, report, serve, spec, sweep, train
 from fusionkit.cli.spec import cost_table, model_summary
 from fusionkit.submission import submission_paths
 
@@ -20,7 +20,7 @@ __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OS", "EXIT_INTERRUPTED", "EXIT_PIPE",
            "model_summary", "cost_table", "submission_paths"]
 
 #: The command groups, in the order `fusionkit --help` lists them.
-COMMANDS = (plugins, spec, data, train, evaluate, export, sweep, report, demo)
+COMMANDS = (plugins, spec, data, train, evaluate, export, serve, sweep, report, demo)
 
 #: Exit codes: 2 a fusionkit error (bad input), 74 an operating-system error (EX_IOERR),
 #: 130 interrupted (128 + SIGINT), 141 the output was closed early (128 + SIGPIPE).
@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="fusionkit", description="Build, train and evaluate rank-aware top-n multi-encoder fusion models.",
-        epilog=None if torch_installed() else "PyTorch is not installed here, and every command above needs it: pip "
-        "install 'fusionkit[torch]'. An exported model runs without it: fusionkit-runtime DIR --data STORE --out FILE",
+        epilog=None if torch_installed() else "PyTorch is not installed here, and every command above but serve needs "
+        "it: pip install 'fusionkit[torch]'. An exported model runs without it: fusionkit serve EXPORT_DIR, or "
+        "fusionkit-runtime DIR --data STORE --out FILE",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:

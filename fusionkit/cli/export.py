@@ -22,21 +22,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     run = Path(args.run)
     model = load_model(run / "best", device="cpu")
-    budget = None
-    if args.budget is not None:
-        budget = Budget.parse(args.budget)
+    budgets = []
+    for given in args.budget or ():
+        budget = Budget.parse(given)
         if not budget.mean:
-            raise FusionkitError(f"--budget {args.budget}: an export stores a mean budget (mean:40%), whose threshold "
+            raise FusionkitError(f"--budget {given}: an export stores a mean budget (mean:40%), whose threshold "
                                  "is fitted now; a cap needs nothing stored: give it to the runtime at predict time")
         if args.data is None:
-            raise FusionkitError(f"--budget {args.budget}: its threshold is fitted on the run's validation fold; give "
+            raise FusionkitError(f"--budget {given}: its threshold is fitted on the run's validation fold; give "
                                  "the store the run trained on with --data STORE")
+        budgets.append(budget)
+    if budgets:
         store = DataSource(args.data, args.raw).open(model.spec)
         info = json.loads((run / "run.json").read_text(encoding="utf-8"))
         check_trained_store(run, info, store, "a mean budget's threshold is fitted on the run's validation fold, "
                             "which another store's folds would fill with rows it trained on")
-        budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
-        print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
+        val = make_split(store, info.get("test_fold")).val
+        budgets = [fit_mean_budget(model, store, val, budget) for budget in budgets]
+        for budget in budgets:
+            print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
     report: list[dict] = []
     check = None
     if args.check:  # checked before the export takes --out's place: a failed check replaces and leaves nothing
@@ -45,7 +49,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         def check(folder: Path) -> None:
             report.extend(check_export(model, folder, check_store))
 
-    out = export_model(model, args.out, budget=budget, overwrite=args.overwrite, exporter=args.exporter, check=check)
+    out = export_model(model, args.out, budget=budgets, overwrite=args.overwrite, exporter=args.exporter, check=check)
     graphs = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sha256"]
     print(f"exported to {out}: {', '.join(sorted(graphs))}, with manifest.json")
     if args.check:
@@ -67,8 +71,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="a run directory (its best/ checkpoint is exported)")
     p.add_argument("--out", required=True, metavar="DIR", help="the export folder: new or empty (or, with "
                    "--overwrite, an earlier export)")
-    p.add_argument("--budget", metavar="mean:S%", help="store a mean budget, its threshold fitted on the run's "
-                   "validation fold (needs --data); the runtime applies it as --budget mean")
+    p.add_argument("--budget", metavar="mean:S%", action="append", help="store a mean budget, its threshold "
+                   "fitted on the run's validation fold (needs --data); give it several times for several, which "
+                   "a request names (--budget mean:40%% in the runtime; mean when one is stored)")
     p.add_argument("--data", metavar="STORE", help="the store the run trained on (to fit --budget)")
     p.add_argument("--check", metavar="STORE", help="run the export and the model on this store's first rows at "
                    "several budgets and compare them (probabilities, encoders run, answers) before the export takes "

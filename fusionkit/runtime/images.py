@@ -21,6 +21,7 @@ The result is ``uint8`` ``[C, H, W]``: the graph converts it to float and normal
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Mapping, Sequence
@@ -144,32 +145,37 @@ def preprocess(image: Any, reads: Mapping[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
 
 
-def read_image(path: str | os.PathLike, reads: Mapping[str, Any]) -> np.ndarray:
-    """The image file at ``path`` as the graph takes it (:func:`preprocess`); an unreadable file is a
-    :class:`DataError` that names it. PIL is imported here: only an export of a live image encoder needs it."""
+def read_image(path: str | os.PathLike | bytes, reads: Mapping[str, Any]) -> np.ndarray:
+    """The image file at ``path`` (or an image file's ``bytes``, e.g. an upload) as the graph takes it
+    (:func:`preprocess`); an unreadable file is a :class:`DataError` that names it. PIL is imported here: only an
+    export of a live image encoder needs it."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise DataError("reading images needs Pillow: pip install 'fusionkit[runtime]' (or pillow)") from None
-    path = os.fspath(path)
+    if isinstance(path, bytes):
+        source: Any = io.BytesIO(path)
+        path = f"an image of {len(path)} bytes"
+    else:
+        source = path = os.fspath(path)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise DataError(f"{path}: not a readable image ({exc.strerror or exc})") from None
+        if stat.S_ISDIR(mode):
+            raise DataError(f"{path}: a folder (a clip's frames); the runtime reads one image per sample, not clips")
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block, or never end
+            raise DataError(f"{path}: not a regular file")
     try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable image ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
-        raise DataError(f"{path}: a folder (a clip's frames); the runtime reads one image per sample, not clips")
-    if not stat.S_ISREG(mode):  # a FIFO or a device would block, or never end
-        raise DataError(f"{path}: not a regular file")
-    try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             check_image_size(*image.size, reads, path)
             return preprocess(image, reads)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
 
 
-def read_images(paths: Sequence[str | os.PathLike], reads: Mapping[str, Any]) -> np.ndarray:
-    """Image files -> ``uint8`` ``[N, C, H, W]`` (every image comes out the size its last step gives)."""
+def read_images(paths: Sequence[str | os.PathLike | bytes], reads: Mapping[str, Any]) -> np.ndarray:
+    """Image files (paths, or their bytes) -> ``uint8`` ``[N, C, H, W]`` (every image comes out the size its last step gives)."""
     images = [read_image(path, reads) for path in paths]
     shapes = {image.shape for image in images}
     if len(shapes) > 1:

@@ -92,7 +92,7 @@ def _is_paths(value: Any) -> bool:
     """Whether an input is a sequence of file paths (an image encoder's, read by the runtime) rather than an array."""
     if isinstance(value, np.ndarray):
         return value.dtype == object or value.dtype.kind == "U"
-    return isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike, bytes)) for v in value)
 
 
 class _Graph:
@@ -194,13 +194,13 @@ class RuntimeModel:
             stored = {b.describe().lower(): b for b in self.stored_budgets}
             names = ", ".join(b.describe() for b in self.stored_budgets)
             if not stored:
-                raise DeploymentError(f"--budget {value}: this export stores no mean budget; export it with --budget "
+                raise DeploymentError(f"budget {value}: this export stores no mean budget; export it with --budget "
                                       "mean:S% to fit its threshold on the run's validation fold, or give a cap (40%)")
             wanted = value.strip().lower()
             if wanted == "mean" and len(stored) == 1:
                 return next(iter(stored.values()))
             if wanted not in stored:
-                raise DeploymentError(f"--budget {value}: this export stores the mean budget(s) {names}; give one of "
+                raise DeploymentError(f"budget {value}: this export stores the mean budget(s) {names}; give one of "
                                       f"them{' (or mean)' if len(stored) == 1 else ''}, or a cap")
             return stored[wanted]
         try:
@@ -269,7 +269,9 @@ class RuntimeModel:
             if "reads" in entry and _is_paths(given):  # read later, only for the rows that run the encoder
                 if len(given) != batch:
                     raise DeploymentError(f"inputs[{name!r}]: {len(given)} paths for {batch} rows")
-                feeds[name] = {"paths": np.asarray([os.fspath(p) for p in given], dtype=object)}
+                paths = np.empty(batch, dtype=object)  # a path, or an image file's bytes (an upload)
+                paths[:] = [p if isinstance(p, bytes) else os.fspath(p) for p in given]
+                feeds[name] = {"paths": paths}
                 continue
             spec = entry["inputs"]["x"]
             dtype = np.dtype(spec.get("dtype", "float32"))
@@ -313,6 +315,13 @@ class RuntimeModel:
                 feed["lengths"] = np.maximum(steps, 1) if (steps == 0).any() else steps
             feeds[name] = feed
         return feeds, present
+
+    def check_inputs(self, inputs: Mapping[str, Any], lengths: Mapping[str, np.ndarray] | None = None,
+                     mask: np.ndarray | None = None) -> np.ndarray:
+        """Check a batch's inputs as :meth:`predict` checks them (names, shapes, dtypes, frame counts, NaN under the
+        model's ``nan_policy``) without running a graph or reading an image; returns ``[B, K]``: which encoders each
+        row has. A :class:`DeploymentError` names what is wrong."""
+        return self._inputs(inputs, lengths, mask)[1]
 
     def _encode(self, name: str, feed: Mapping[str, np.ndarray], rows: np.ndarray | None) -> np.ndarray:
         if rows is not None:
