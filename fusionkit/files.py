@@ -249,21 +249,33 @@ def exclusive_lock(directory: Path, what: str, busy: str) -> Iterator[None]:
     pid and host, ``busy`` (what to do). The operating system releases the lock when the process ends, however it ends,
     so a crash never leaves a lock that blocks the next writer.
     """
+    fd = _lock_file(directory / LOCK_FILE, directory, what, busy)
+    _stamp(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_file(path: Path, owner: Path, what: str, busy: str) -> int:
+    """The open descriptor of ``path``, locked exclusively; a :class:`LockedError` naming ``owner`` and the holder
+    when another process holds it."""
     import fcntl
 
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
         os.close(fd)
-        raise LockedError(f"{directory}: another fusionkit process is writing this {what} ({holder}). {busy}") from None
+        raise LockedError(f"{owner}: another fusionkit process is writing this {what} ({holder}). {busy}") from None
+    return fd
+
+
+def _stamp(fd: int) -> None:
+    """Write who holds a lock into its file, for the next writer's error."""
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-    try:
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -274,18 +286,10 @@ def folder_lock(target: Path, what: str, busy: str) -> Iterator[None]:
     A second writer gets :class:`LockedError` at once (``busy`` says what to do). The lock dies with its process,
     however it ends, and a lock file that its last holder removed between another's open and lock is noticed (its
     inode is no longer the path's), so that two writers never hold it together."""
-    import fcntl
-
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.lock"
     for _ in range(100):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
-            raise LockedError(f"{target}: another fusionkit process is writing this {what} ({holder}). {busy}") from None
+        fd = _lock_file(path, target, what, busy)
         try:
             current = os.stat(path).st_ino
         except FileNotFoundError:
@@ -295,8 +299,7 @@ def folder_lock(target: Path, what: str, busy: str) -> Iterator[None]:
         os.close(fd)  # the file we locked was removed by its last holder: lock the one at the path now
     else:
         raise LockedError(f"{target}: its lock {path} keeps changing hands; {busy}")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _stamp(fd)
     try:
         yield
     finally:

@@ -419,11 +419,12 @@ def create_app(model: RuntimeModel, options: ServeOptions | None = None) -> Any:
                   description=f"The export {model.folder.name}: labels {list(model.labels)}, encoders "
                               f"{model.names} (on demand: {[model.names[k] for k in model.demand]}).")
 
-    @app.post("/predict", response_model=Answer, openapi_extra={"requestBody": {"required": True, "content": {
+    @app.post("/predict", response_model=None, openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": request_schema(model)},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "request": {"type": "string", "description": "the JSON body"}}}}}}},
-        responses={413: {"description": "body too large"}, 422: {"description": "a bad request, named"}})
+        responses={200: {"model": Answer}, 413: {"description": "body too large"},
+                   422: {"description": "a bad request, named"}})
     async def predict(request: Request) -> Any:
         start = time.perf_counter()
         status = 200
@@ -436,7 +437,7 @@ def create_app(model: RuntimeModel, options: ServeOptions | None = None) -> Any:
             return JSONResponse({"error": str(exc)}, status_code=status)
         finally:
             metrics.request(status, time.perf_counter() - start)
-        return result
+        return JSONResponse(result)  # built by the batcher: no second validation on the way out
 
     @app.get("/health")
     async def health() -> dict[str, str]:
