@@ -65,7 +65,7 @@ def random_spec(seed: int) -> tuple[dict, str, bool]:
             if k in demand:
                 entry.update(run="on_demand", cost_gflops=rng.choice([0.5, 1.0, 2.0, 4.0]))
             encoders.append(entry)
-        gate = rng.choice(["attention", "mlp"] if demand else ["attention", "mlp", "static", "uniform"])
+        gate = rng.choice(["attention", "mlp", "static"] if demand else ["attention", "mlp", "static", "uniform"])
         spec = {
             "latent_dim": 8,
             "encoders": encoders,

@@ -20,6 +20,7 @@ from torch import nn
 
 from fusionkit.budget import Budget
 from fusionkit.errors import FusionkitError
+from fusionkit.selection import top_k
 
 __all__ = ["Budget", "RowShare", "row_uniform", "gather_rows", "scatter_rows", "within_budget", "kept_by", "scout_loss", "value_per_cost",
            "fit_threshold", "ValueHead", "relative_costs", "path_values"]
@@ -110,7 +111,7 @@ def within_budget(scores: torch.Tensor, available: torch.Tensor, costs: torch.Te
     """``[B, m]`` which of ``m`` on-demand encoders run: per row, in the order of ``scores`` (best first), each one
     whose cost still fits ``limit`` (``[B]``, GFLOPs left after the always-run encoders). ``available`` ``[B, m]``:
     present for the row. A cheaper encoder further down may still fit after a dear one did not."""
-    order = scores.masked_fill(~available, float("-inf")).argsort(dim=1, descending=True)
+    order = top_k(scores.masked_fill(~available, float("-inf")), scores.shape[1])[1]  # equal scores: lower index first
     run = torch.zeros_like(available)
     spent = torch.zeros(scores.shape[0], dtype=costs.dtype, device=scores.device)
     for j in range(scores.shape[1]):
