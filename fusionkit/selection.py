@@ -126,8 +126,12 @@ def select_top_p(
 def top_k(scores: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``take`` best ``scores`` per row ``[B, K]`` and their indices, best first, and of equal scores the lower
     index first: ONNX's TopK rule, which ``torch.topk`` does not promise (a static gate's equal scores at
-    initialisation were kept in another order by an export). Each encoder's rank is counted (the better scores, and
-    the equal ones before it), so the rule is the same in torch and in any exported graph; K is small."""
+    initialisation were kept in another order by an export). Eagerly a stable sort; in an ONNX export, where a stable
+    sort has no form, each encoder's rank is counted (the better scores, and the equal ones before it), which gives
+    the same order; K is small."""
+    if not torch.onnx.is_in_onnx_export():
+        values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+        return values[:, :take], indices[:, :take]
     k = scores.shape[1]
     index = torch.arange(k, device=scores.device)
     mine, other = scores.unsqueeze(2), scores.unsqueeze(1)  # [B, i, 1] against [B, 1, j]
