@@ -119,7 +119,7 @@ def test_runs_are_checked():
 
 def test_the_controls_sit_beside_the_scouts_curve_with_a_verdict(trained):
     model, store, split, _ = trained
-    points = budget_curve(model, store, split.test)
+    points = budget_curve(model, store, split.test, kind="cap")
     controls = curve_controls(model, store, split.test, split.val, points)
     assert len(controls["random"]) == len(controls["cascade"]) == len(points)
     for p, r in zip(points, controls["random"]):  # random rows run each encoder as often as the scout did
@@ -141,8 +141,37 @@ def test_the_command_line_writes_and_reports_the_controls(trained, synthetic_sto
     for key in ("static", "random", "cascade"):
         assert curve[key] and all({"mean_gflops", "score"} <= set(p) for p in curve[key])
     assert curve["frontier"] and isinstance(curve["verdict"]["pays"], bool)
+    assert curve["kind"] == "mean" and {p["kind"] for p in curve["points"]} == {"mean"}  # the default: mean budgets
+    assert all(isinstance(p["threshold"], float) for p in curve["points"]) and "cap_points" not in curve
     assert main(["report", str(run)]) == 0
     assert "Per-sample selection:" in (run / "report" / "summary.md").read_text()
+    assert main(["evaluate", str(run), "--data", str(synthetic_store), "--budget-curve", "both"]) == 0
+    curve = json.loads((run / "budget_curve_test.json").read_text())
+    assert curve["kind"] == "mean" and {p["kind"] for p in curve["cap_points"]} == {"cap"}
+    assert len(curve["cap_points"]) == len(curve["points"]) == len(curve["verdict"]["margins"])
+    assert "at mean budgets:" in capsys.readouterr().out
+    assert main(["report", str(run)]) == 0 and (run / "report" / "budget_curve_test.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as refused:  # argparse names the choices
+        main(["evaluate", str(run), "--data", str(synthetic_store), "--budget-curve", "caps"])
+    assert refused.value.code == 2 and "invalid choice: 'caps' (choose from 'mean', 'cap', 'both')" in \
+        capsys.readouterr().err
+
+
+def test_a_mean_budget_curve_meets_its_budgets_on_the_rows_it_was_fitted_on(trained):
+    """Each point of a curve at mean budgets spends at most its share of the full cost on average over the
+    validation rows its threshold was fitted on; caps spend at most their share on every row."""
+    model, store, split, _ = trained
+    full = float(sum(c or 0.0 for c in model.encoder_costs().values()))
+    points = budget_curve(model, store, split.val, val_index=split.val)
+    assert [p["kind"] for p in points] == ["mean"] * len(points)
+    for p in points:
+        assert p["mean_gflops"] <= p["budget_share"] * full + 1e-9
+    for p in budget_curve(model, store, split.val, kind="cap"):
+        assert p["mean_gflops"] <= p["budget_share"] * full + 1e-9
+    with pytest.raises(FusionkitError, match="give val_index"):
+        budget_curve(model, store, split.test)
+    with pytest.raises(FusionkitError, match="kind 'median': expected one of mean, cap"):
+        budget_curve(model, store, split.test, kind="median")
 
 
 def test_compute_counts_the_on_demand_runs_the_gate_did_not_keep(trained):

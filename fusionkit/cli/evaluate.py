@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from fusionkit.cli.options import SPLITS, add_budget, add_data, add_runs, data_source
+from fusionkit.moved import moved_names
 
-__all__ = ["add_commands", "EVALUATION_FORMAT", "CURVE_FORMAT"]
+__all__ = ["add_commands", "EVALUATION_FORMAT"]
 
 #: The ``format`` of the JSON files ``evaluate`` writes into a run: what marks them as fusionkit's to replace.
 EVALUATION_FORMAT = "fusionkit-evaluation"
-CURVE_FORMAT = "fusionkit-budget-curve"
 
 
 def _run_index(run: Path, store, split_name: str):
@@ -228,11 +228,11 @@ def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
 
 
 def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
-    """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything."""
+    """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything: at
+    mean budgets fitted on the run's validation fold (the default), at caps, or both."""
     from fusionkit.files import atomic_write_text, check_file_replaceable, json_file_marker
-    from fusionkit.training.controls import curve_controls, frontier_at
+    from fusionkit.training.controls import CURVE_FORMAT, curve_document, frontier_at
     from fusionkit.training.rundir import check_trained_store
-    from fusionkit.training.tasks import budget_curve
     from fusionkit.training.train import make_split
 
     if not model.spec.on_demand:
@@ -244,24 +244,23 @@ def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
     check_file_replaceable(out, "a budget curve", json_file_marker("format", (CURVE_FORMAT,)))
     run = Path(args.run[0])
     info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    check_trained_store(run, info, store, "the cascade's thresholds are fitted on the run's validation fold, which "
-                        "another store's folds would fill with rows it trained on")
+    check_trained_store(run, info, store, "mean budgets and the cascade are fitted on the run's validation fold, "
+                        "which another store's folds would fill with rows it trained on")
     seconds = _measured_seconds(args, model, store, index)
-    points = budget_curve(model, store, index, progress=True, seconds=seconds)
-    controls = curve_controls(model, store, index, make_split(store, info.get("test_fold")).val, points, seconds,
-                              progress=True)
-    axis = controls["axis"]
-    frontier = controls["frontier"]
-    print(f"  {'budget':>6}  {'scout':>6}  {'static':>6}  {'random':>6}  {'cascade':>7}  GFLOPs per sample")
-    for p, r, c in zip(points, controls["random"], controls["cascade"]):
+    kinds = {"mean": ("mean",), "cap": ("cap",), "both": ("mean", "cap")}[args.budget_curve]
+    document = curve_document(model, store, index, make_split(store, info.get("test_fold")).val, kinds, args.split,
+                              seconds, progress=True)
+    points, axis, frontier = document["points"], document["axis"], document["frontier"]
+    print(f"  {kinds[0]:>6}  {'scout':>6}  {'static':>6}  {'random':>6}  {'cascade':>7}  GFLOPs per sample")
+    for p, r, c in zip(points, document["random"], document["cascade"]):
         print(f"  {p['budget_share']:>6.0%}  {p['score']:>6.3f}  {frontier_at(frontier, p[axis], axis):>6.3f}  "
               f"{r['score']:>6.3f}  {c['score']:>7.3f}  {p['mean_gflops']:.4g}")
+    for p in document.get("cap_points", []):
+        print(f"  cap {p['budget_share']:>4.0%}  {p['score']:>6.3f}  {p['mean_gflops']:.4g} GFLOPs per sample")
     print("  static choices: " + "; ".join(f"{'+'.join(s['encoders']) or 'none'} {s['score']:.3f} at "
-                                            f"{s['mean_gflops']:.4g}" for s in controls["static"]))
-    print(controls["verdict"]["summary"])
-    atomic_write_text(out, json.dumps({"format": CURVE_FORMAT, "split": args.split, "n": int(len(index)),
-                                       "costs": args.budget_costs, "points": points}
-                                      | ({"encoder_seconds": seconds} if seconds else {}) | controls, indent=2) + "\n")
+                                            f"{s['mean_gflops']:.4g}" for s in document["static"]))
+    print(f"at {kinds[0]} budgets: {document['verdict']['summary']}")
+    atomic_write_text(out, json.dumps(document, indent=2) + "\n")
     print(f"budget curve written to {out}")
     return 0
 
@@ -297,9 +296,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=SPLITS, default="test", help="which samples (default: the run's test fold; "
                    "target: the target-domain rows, e.g. a release's test clips)")
     add_budget(p)
-    p.add_argument("--budget-curve", action="store_true", help="Score against mean GFLOPs per sample and wall "
-                   "seconds at budgets from 0%% to 100%% of the full cost (RUN/budget_curve_SPLIT.json; `fusionkit "
-                   "report` draws it)")
+    p.add_argument("--budget-curve", nargs="?", const="mean", choices=["mean", "cap", "both"], help="Score against "
+                   "mean GFLOPs per sample and wall seconds at budgets from 0%% to 100%% of the full cost, beside the "
+                   "static choices, random rows and a cascade (RUN/budget_curve_SPLIT.json; `fusionkit report` draws "
+                   "it): at mean budgets fitted on the run's validation fold (the default, and the verdict's), at "
+                   "caps per sample, or both")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a challenge submission (JSON, and a zip beside it)")
@@ -311,3 +312,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_budget(p)
     p.add_argument("--id-suffix", default="", help="appended to sample ids, e.g. .mov for BlEmoRE test clips")
     p.set_defaults(func=_cmd_predict)
+
+
+__getattr__ = moved_names(__name__, {"CURVE_FORMAT": "fusionkit.training.controls"})

@@ -31,10 +31,10 @@ from fusionkit.inference import collect_outputs
 from fusionkit.metrics import scores_from_matrices
 from fusionkit.models.fusion import FusionModel
 from fusionkit.progress import progress_bar
-from fusionkit.training.tasks import compute_summary
+from fusionkit.training.tasks import budget_curve, compute_summary
 
-__all__ = ["EXHAUSTIVE", "static_choices", "static_frontier", "frontier_at", "random_rows", "cascade",
-           "curve_controls", "verdict"]
+__all__ = ["EXHAUSTIVE", "CURVE_FORMAT", "curve_document", "static_choices", "static_frontier", "frontier_at",
+           "random_rows", "cascade", "curve_controls", "verdict"]
 
 #: Up to this many on-demand encoders, every subset is a static choice; beyond, a greedy sequence.
 EXHAUSTIVE = 4
@@ -228,6 +228,28 @@ def curve_controls(model: FusionModel, store: FeatureStore, index: np.ndarray, v
     steps = cascade(model, store, index, val_index, [p[axis] for p in points], seconds)
     return {"axis": axis, "static": static, "frontier": frontier, "random": random, "cascade": steps,
             "verdict": verdict(points, frontier, random, steps, axis)}
+
+
+#: The format of a budget curve's JSON (``RUN/budget_curve_SPLIT.json``).
+CURVE_FORMAT = "fusionkit-budget-curve"
+
+
+def curve_document(model: FusionModel, store: FeatureStore, index: np.ndarray, val_index: np.ndarray,
+                   kinds: Sequence[str] = ("mean",), split: str = "test", seconds: dict[str, float] | None = None,
+                   progress: bool = False) -> dict[str, Any]:
+    """An accuracy-compute curve as ``evaluate --budget-curve`` writes it: the scout's points on ``index`` at the
+    first of ``kinds`` (mean budgets, each fitted on ``val_index``, by default), the controls and the verdict computed
+    on them (:func:`curve_controls`), and the points at each other kind (``cap_points``), which ``report`` draws
+    beside them."""
+    first, *others = kinds
+    points = budget_curve(model, store, index, progress=progress, seconds=seconds, val_index=val_index, kind=first)
+    controls = curve_controls(model, store, index, val_index, points, seconds, progress=progress)
+    document = {"format": CURVE_FORMAT, "split": split, "n": int(len(index)), "costs": "time" if seconds else "gflops",
+                "kind": first, "points": points} | ({"encoder_seconds": seconds} if seconds else {}) | controls
+    for kind in others:
+        document[f"{kind}_points"] = budget_curve(model, store, index, progress=progress, seconds=seconds,
+                                                  val_index=val_index, kind=kind)
+    return document
 
 
 def verdict(points: Sequence[dict[str, Any]], frontier: Sequence[dict[str, float]],

@@ -280,7 +280,13 @@ def _budget_curve(plt, curve: Any, path: Path, source: Path) -> None:
     spent = [scale * p[key] for p in points]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     _draw_controls(ax, curve, key, scale)
-    ax.plot(spent, [p["score"] for p in points], marker="o", label="scout", zorder=3)
+    kind = curve.get("kind", "cap")  # a curve from before kinds were written is at caps
+    ax.plot(spent, [p["score"] for p in points], marker="o", label=f"scout ({kind} budgets)", zorder=3)
+    caps = curve.get("cap_points")
+    if kind != "cap" and isinstance(caps, list) and all(isinstance(p, dict) and all(isinstance(p.get(k), (int, float))
+                                                                                    for k in needed) for p in caps):
+        ax.plot([scale * p[key] for p in caps], [p["score"] for p in caps], marker=".", ls=":", color="tab:purple",
+                label="scout (caps per sample)", zorder=3)
     labels: dict[tuple[float, float], list[float]] = {}  # budgets that spend alike share one point's label
     for x, p in zip(spent, points):
         labels.setdefault((x, p["score"]), []).append(p["budget_share"])
