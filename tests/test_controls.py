@@ -191,3 +191,43 @@ def test_compute_counts_the_on_demand_runs_the_gate_did_not_keep(trained):
     assert summary["unused_runs"] == pytest.approx(wasted / runs.sum())
     assert summary["unused_runs"] == 0.0  # the two that ran take the two slots: what runs is fused
     assert compute_summary(model, collect_outputs(model, store, split.test, budget="100%"))["unused_runs"] == 0.0
+
+
+def test_the_known_corruption_control_runs_exactly_the_clean_rows(trained, tmp_path, monkeypatch):
+    """Where the store records which samples' inputs were corrupted, the control runs each on-demand encoder only on
+    the rows whose input of it is clean (and its cheaper variants: the k cheapest clean per row), and the curve's
+    controls and verdict carry it."""
+    import shutil
+
+    import fusionkit.training.controls as controls
+    from fusionkit.data.store import open_store
+    from fusionkit.training.controls import known_corruption
+
+    model, store, split, _ = trained
+    assert known_corruption(model, store, split.test) == []  # nothing recorded: nothing to know
+    copy = tmp_path / "store"
+    shutil.copytree(store.path, copy)
+    index = json.loads((copy / "index.json").read_text())
+    rng = np.random.default_rng(0)
+    for sample in index["samples"]:
+        sample["corrupted"] = [n for n in ("enc0", "enc1", "enc2") if rng.random() < 0.4]
+    (copy / "index.json").write_text(json.dumps(index))
+    corrupt = open_store(copy)
+    seen = []
+    real = controls.collect_outputs
+    monkeypatch.setattr(controls, "collect_outputs", lambda *a, runs=None, **k: seen.append(runs) or
+                        real(*a, runs=runs, **k))
+    points = known_corruption(model, corrupt, split.test)
+    clean = np.array([[n not in corrupt.samples[i].corrupted for n in ("enc1", "enc2")] for i in split.test])
+    assert [p["max_views"] for p in points] == [0, 1, 2] and points[-1]["rule"] == "clean"
+    assert not seen[0].any() and np.array_equal(seen[2], clean)  # every clean view, and only those
+    cheap = clean[:, 0] | (~clean[:, 0] & clean[:, 1])  # at most one: enc1 (1 GFLOP) where clean, else enc2
+    assert np.array_equal(seen[1].sum(1), cheap.astype(int)) and not (seen[1] & ~clean).any()
+    assert seen[1][clean[:, 0], 0].all()
+    assert points[-1]["run_rate"] == {"enc1": pytest.approx(clean[:, 0].mean()),
+                                      "enc2": pytest.approx(clean[:, 1].mean())}
+    monkeypatch.setattr(controls, "collect_outputs", real)
+    curve = curve_controls(model, corrupt, split.test, split.val, budget_curve(model, corrupt, split.test,
+                                                                                 val_index=split.val))
+    assert curve["known"] and curve["known_frontier"] and "under_known" in curve["verdict"]["margins"][0]
+    assert "the rule that knows which inputs are corrupted" in curve["verdict"]["summary"]

@@ -34,7 +34,7 @@ from fusionkit.progress import progress_bar
 from fusionkit.training.tasks import budget_curve, compute_summary
 
 __all__ = ["EXHAUSTIVE", "CURVE_FORMAT", "curve_document", "static_choices", "static_frontier", "frontier_at",
-           "random_rows", "cascade", "curve_controls", "verdict"]
+           "random_rows", "cascade", "known_corruption", "curve_controls", "verdict"]
 
 #: Up to this many on-demand encoders, every subset is a static choice; beyond, a greedy sequence.
 EXHAUSTIVE = 4
@@ -153,6 +153,31 @@ def random_rows(model: FusionModel, store: FeatureStore, index: np.ndarray, rate
     return scorer.point(scorer.outputs(runs))
 
 
+def known_corruption(model: FusionModel, store: FeatureStore, index: np.ndarray,
+                     seconds: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The rule that knows which inputs are bad: each on-demand encoder runs only on the rows whose input of it the
+    store records as clean (a sample's ``corrupted``, written by a dataset that corrupts on purpose), and its variants
+    at lower cost, on each row the ``k`` cheapest clean ones (``k`` = 1 .. m), cheapest first. The ceiling that a
+    rule identifiable from the inputs reaches, which a scout is measured against (``k`` = 0, nothing on demand, starts
+    its frontier). Empty when the store records no corruption of an on-demand encoder on these rows."""
+    scorer = _Scorer(model, store, index, seconds)
+    names = [model.encoder_names[k] for k in scorer.demand]
+    corrupted = np.array([[name in store.samples[i].corrupted for name in names] for i in scorer.index], dtype=bool)
+    if not corrupted.any():
+        return []
+    clean = ~corrupted & np.stack([scorer.available(name) for name in names], axis=1)
+    costs = model.encoder_costs()
+    order = sorted(range(len(names)), key=lambda j: costs[names[j]] or 0.0)
+    taken = np.cumsum(clean[:, order], axis=1)  # clean views so far, in cost order
+    points = []
+    for k in range(len(names) + 1):  # k = 0: nothing on demand, where the control's frontier starts
+        runs = np.zeros_like(clean)
+        runs[:, order] = clean[:, order] & (taken <= k)
+        points.append({"rule": "clean" if k == len(names) else f"clean, at most {k} cheapest" if k else "none",
+                       "max_views": k} | scorer.point(scorer.outputs(runs)))
+    return points
+
+
 class _Cascade:
     """A model's outputs on rows with each prefix of its on-demand encoders in cost order (nothing, the cheapest,
     the two cheapest, ...), so that a cascade of any threshold is read off without running the model again."""
@@ -226,8 +251,11 @@ def curve_controls(model: FusionModel, store: FeatureStore, index: np.ndarray, v
                             seconds)
               for p in progress_bar(points, enabled=progress, desc="random rows", unit="budget", leave=False)]
     steps = cascade(model, store, index, val_index, [p[axis] for p in points], seconds)
+    known = known_corruption(model, store, index, seconds)
+    known_frontier = static_frontier(known, axis) if known else None
     return {"axis": axis, "static": static, "frontier": frontier, "random": random, "cascade": steps,
-            "verdict": verdict(points, frontier, random, steps, axis)}
+            **({"known": known, "known_frontier": known_frontier} if known else {}),
+            "verdict": verdict(points, frontier, random, steps, axis, known_frontier)}
 
 
 #: The format of a budget curve's JSON (``RUN/budget_curve_SPLIT.json``).
@@ -253,16 +281,20 @@ def curve_document(model: FusionModel, store: FeatureStore, index: np.ndarray, v
 
 
 def verdict(points: Sequence[dict[str, Any]], frontier: Sequence[dict[str, float]],
-            random: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], axis: str) -> dict[str, Any]:
-    """The scout's margin (points of Score) over the static frontier, random rows and the cascade at each budget,
-    and a sentence on the middle budgets: those that spend from 20% to 60% of the on-demand cost."""
+            random: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], axis: str,
+            known: Sequence[dict[str, float]] | None = None) -> dict[str, Any]:
+    """The scout's margin (points of Score) over the static frontier, random rows and the cascade at each budget
+    (and, where the store records corruption, against the known-corruption control's frontier: ``under_known``, the
+    scout minus the control at its cost), and a sentence on the middle budgets: those that spend from 20% to 60% of
+    the on-demand cost."""
     low, high = points[0][axis], points[-1][axis]
     rows = []
     for p, r, c in zip(points, random, steps):
         spent = (p[axis] - low) / (high - low) if high > low else 1.0
         rows.append({"budget_share": p["budget_share"], "on_demand_spent": spent,
                      "over_static": p["score"] - frontier_at(frontier, p[axis], axis),
-                     "over_random": p["score"] - r["score"], "over_cascade": p["score"] - c["score"]})
+                     "over_random": p["score"] - r["score"], "over_cascade": p["score"] - c["score"]}
+                    | ({"under_known": p["score"] - frontier_at(known, p[axis], axis)} if known else {}))
     middle = [r for r in rows if 0.2 <= r["on_demand_spent"] <= 0.6]
     if not middle:
         return {"margins": rows, "pays": None,
@@ -275,4 +307,7 @@ def verdict(points: Sequence[dict[str, Any]], frontier: Sequence[dict[str, float
                f"{np.mean([r['over_static'] for r in middle]):+.3f} and {np.mean([r['over_random'] for r in middle]):+.3f}"
                " Score): " + ("per-sample selection pays here" if pays else
                               "a static choice or random rows do as well here; per-sample selection does not pay"))
+    if known:
+        summary += (f"; the rule that knows which inputs are corrupted scores {-np.mean([r['under_known'] for r in middle]):+.3f}"
+                    " over the scout at the same cost")
     return {"margins": rows, "pays": pays, "summary": summary}

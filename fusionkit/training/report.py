@@ -319,6 +319,9 @@ def _draw_controls(ax, curve: dict, key: str, scale: float) -> None:
         ax.plot(*xy(curve["random"]), color="tab:orange", marker="x", ls=":", label="random rows")
     if isinstance(curve.get("cascade"), list):
         ax.plot(*xy(curve["cascade"]), color="tab:green", marker="^", ls="-.", label="confidence cascade")
+    if isinstance(curve.get("known_frontier"), list):
+        ax.plot(*xy(curve["known_frontier"]), color="tab:red", marker="*", ls="--",
+                label="known corruption (each view where clean)")
 
 
 def _heatmap(plt, values: np.ndarray, rows, cols, title: str, path: Path, fmt: str, xlabel: str, ylabel: str) -> None:
