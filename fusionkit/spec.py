@@ -81,6 +81,13 @@ class EncoderRun:
     cost_gflops: float | None = option(
         None, doc="GFLOPs per sample that a deployment pays to run (or extract) this encoder; null: measured for a "
         "live encoder, 0 for pre-extracted features.", validator=non_negative)
+    preview_of: str | None = option(
+        None, doc="This encoder is a cheap look at the on-demand encoder named here (a thumbnail of its image, a "
+        "slice or projection of its features): it runs always, the scout sees it before choosing, and its cost counts "
+        "in every budget (see docs/conditional.md#previews).")
+    fused: bool = option(
+        True, doc="Whether the fusion may keep this encoder's token; false: only the scout sees it (a preview that "
+        "informs the choice without entering the answer).")
 
 
 @attrs.frozen
@@ -92,6 +99,8 @@ class EncoderSpec:
     config: Any
     run: str = "always"
     cost_gflops: float | None = None
+    preview_of: str | None = None
+    fused: bool = True
 
     @property
     def on_demand(self) -> bool:
@@ -99,7 +108,9 @@ class EncoderSpec:
 
     def to_dict(self) -> dict[str, Any]:
         extra = {**({"run": self.run} if self.run != "always" else {}),
-                 **({"cost_gflops": self.cost_gflops} if self.cost_gflops is not None else {})}
+                 **({"cost_gflops": self.cost_gflops} if self.cost_gflops is not None else {}),
+                 **({"preview_of": self.preview_of} if self.preview_of is not None else {}),
+                 **({"fused": False} if not self.fused else {})}
         return {"name": self.name, "type": self.type, **cfg.unstructure(self.config), **extra}
 
 
@@ -606,7 +617,8 @@ def _structure_encoders(blocks: Any, path: str, registry: Registry, problems: li
         running = cfg.structure(EncoderRun, {k: v for k, v in block.items() if k in _RUN_OPTIONS}, where, problems)
         comp = structure_component("encoder", rest, where, registry, problems)
         if comp is not None and running is not None:
-            out.append(EncoderSpec(name, comp.type, comp.config, running.run, running.cost_gflops))
+            out.append(EncoderSpec(name, comp.type, comp.config, running.run, running.cost_gflops,
+                                   running.preview_of, running.fused))
     return tuple(out)
 
 
@@ -757,6 +769,39 @@ def _check_conditional(values: dict[str, Any], written: Mapping[str, Any], regis
                         "static) or run every encoder always")
 
 
+def _check_previews(values: dict[str, Any], written: Mapping[str, Any], registry: Registry,
+                    problems: list[str]) -> None:
+    """A preview looks at an on-demand encoder and runs always; something must be left for the fusion to keep."""
+    encoders = values.get("encoders", ())
+    names = {e.name: e for e in encoders}
+    for i, encoder in enumerate(encoders):
+        target = encoder.preview_of
+        if target is None:
+            continue
+        if target not in names or target == encoder.name:
+            problems.append(f"encoders[{i}].preview_of: {target!r} names no other encoder; a preview names the "
+                            f"on-demand encoder it looks at (one of {sorted(n for n in names if n != encoder.name)})")
+        elif not names[target].on_demand:
+            problems.append(f"encoders[{i}].preview_of: {target!r} runs always; a preview looks at an on-demand "
+                            "encoder before the scout chooses whether to run it")
+        if encoder.on_demand:
+            problems.append(f"encoders[{i}].run: a preview runs always (the scout sees it before choosing); remove "
+                            "run: on_demand, or preview_of")
+    if any(not e.fused for e in encoders) and not any(e.on_demand for e in encoders):
+        problems.append("encoders[*].fused: fused: false leaves a token that only the scout reads, and no encoder is "
+                        "on demand (run: on_demand), so nothing would read it")
+    if encoders and not any(e.fused for e in encoders):
+        problems.append("encoders[*].fused: every encoder is fused: false, so the fusion could keep none; let at least "
+                        "one be fused")
+    for i, encoder in enumerate(encoders):
+        if not encoder.fused and encoder.on_demand:
+            problems.append(f"encoders[{i}].fused: an on-demand encoder runs to be fused; fused: false is for an "
+                            "always-run look that only the scout reads (a preview)")
+    if values.get("towers") and any(e.preview_of or not e.fused for e in encoders):
+        problems.append("encoders[*].preview_of: previews and fused: false are for fusion models with on-demand "
+                        "encoders; a two-tower model fuses every encoder of each tower")
+
+
 def _check_gate_counts(gate: Component | None, encoders: int, path: str, problems: list[str]) -> None:
     """top-p's min_n and max_n must fit each other and the encoders (they were clamped silently)."""
     if gate is None or gate.config.selection != "top_p" or not encoders:
@@ -774,7 +819,7 @@ def _check_gate_counts(gate: Component | None, encoders: int, path: str, problem
 
 #: The checks that relate a spec's fields, run after the fields are structured (each sees what did structure).
 SPEC_CHECKS: tuple[Callable[[dict[str, Any], Mapping[str, Any], Registry, list[str]], None], ...] = (
-    _check_neutral, _check_gates, _check_model_kind, _check_tower_encoders, _check_conditional)
+    _check_neutral, _check_gates, _check_model_kind, _check_tower_encoders, _check_conditional, _check_previews)
 
 
 def structure_component(kind: str, block: Any, path: str, registry: Registry, problems: list[str]) -> Component | None:

@@ -89,7 +89,7 @@ class _ScoutGraph(nn.Module):
         model = self.model
         scores = model.gate.score(tokens + model.identity, present)
         available = present[:, list(model.on_demand)]
-        runs = kept_by(model.gate.select(scores, present).kept, model.on_demand) & available
+        runs = kept_by(model.gate.select(scores, model.fusable_of(present)).kept, model.on_demand) & available
         return scores, runs, model._candidates(scores, present) & available
 
 
@@ -221,6 +221,7 @@ def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, 
     spec = model.spec.encoders[model.spec.encoder_names.index(name)]
     shape = ["batch", "frames", int(x.shape[-1])] if sequences else ["batch", *(int(n) for n in x.shape[1:])]
     entry = {"name": name, "type": spec.type, "run": spec.run, "cost_gflops": trunk.encoder_costs()[name],
+             "fused": spec.fused, **({"preview_of": spec.preview_of} if spec.preview_of else {}),
              "graph": f"encoders/{name}.onnx",
              "inputs": {"x": {"shape": shape, "dtype": str(x.dtype).removeprefix("torch.")},
                         **({"lengths": {"shape": ["batch"], "dtype": "int64"}} if sequences else {})}}

@@ -313,6 +313,10 @@ class Trunk(nn.Module):
         self._context = ctx
         #: Positions (into ``encoder_names``) of the encoders that run on demand (docs/conditional.md).
         self.on_demand: tuple[int, ...] = tuple(k for k, (_, enc) in enumerate(encoders) if enc.on_demand)
+        #: ``[K]``: which encoders the fusion may keep; a preview with ``fused: false`` informs the scout only.
+        self.register_buffer("fusable", torch.tensor([enc.fused for _, enc in encoders], dtype=torch.bool),
+                             persistent=False)
+        self._all_fusable = all(enc.fused for _, enc in encoders)
         #: Set by the trainer under torchrun: where this rank's rows sit in the global batch (the per-row draws
         #: of training are the global batch's).
         self.row_share: RowShare | None = None
@@ -480,7 +484,7 @@ class Trunk(nn.Module):
             candidates = available & self._candidates(scout_scores.detach(), present)
             run = within_budget(scout_scores.detach()[:, list(demand)], candidates, choice[list(demand)], limit)
         else:
-            run = kept_by(self.gate.select(scout_scores, present).kept, demand) & available
+            run = kept_by(self.gate.select(scout_scores, self.fusable_of(present)).kept, demand) & available
         every = torch.zeros(batch, dtype=torch.bool, device=device)
         if self.training and self.conditional.scout_weight > 0:  # rows that run everything: the scout's target
             every = row_uniform(self.row_share, batch, device) < self.conditional.scout_rows
@@ -535,7 +539,7 @@ class Trunk(nn.Module):
             candidates = available & self._candidates(scores, present)
             by_cap = within_budget(scores[:, demand], candidates, costs[demand], limit)
             by_mean = self.mean_budget_values(scores, present, costs) >= threshold.unsqueeze(1)
-            by_gate = kept_by(self.gate.select(scores, present).kept, demand) & available
+            by_gate = kept_by(self.gate.select(scores, self.fusable_of(present)).kept, demand) & available
             rule = kind.unsqueeze(1)
             run = torch.where(rule == CAP, by_cap, torch.where(rule == MEAN, by_mean, by_gate))
             for j, k in enumerate(demand):
@@ -546,6 +550,15 @@ class Trunk(nn.Module):
         encoded = self._fuse(tokens, ran, ran, costs, {}, first=self._demanded(ran))
         encoded.computed, encoded.available = ran, present
         return encoded
+
+    def fusable_of(self, present: torch.Tensor | None, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``[B, K]``: the encoders of ``present`` that the fusion may keep (a preview with ``fused: false`` is
+        seen by the scout only); ``present`` as it is when every encoder is fusable."""
+        if self._all_fusable:
+            return present
+        if present is None:
+            return self.fusable.unsqueeze(0).expand(tokens.shape[0], -1)
+        return present & self.fusable
 
     def _demanded(self, ran: torch.Tensor) -> torch.Tensor:
         """``[B, K]``: the on-demand encoders among ``ran``, which the gate keeps first (what runs is fused)."""
@@ -559,7 +572,7 @@ class Trunk(nn.Module):
         encoder."""
         if self.top_n >= len(self.encoder_names):  # shaped from the batch's tensor, so that a traced graph keeps B
             return torch.ones_like(present[:, list(self.on_demand)])
-        return kept_by(select_top_n(scout_scores, present, self.top_n).kept, self.on_demand)
+        return kept_by(select_top_n(scout_scores, self.fusable_of(present), self.top_n).kept, self.on_demand)
 
     def mean_budget_values(self, scout_scores: torch.Tensor, present: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """``[B, m]``: what a mean budget's threshold compares for the gate's scout: the scout's value per unit of
@@ -687,6 +700,7 @@ class Trunk(nn.Module):
 
     def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
               costs: torch.Tensor | None, aux: dict[str, torch.Tensor], first: torch.Tensor | None = None) -> Encoded:
+        mask = self.fusable_of(mask, tokens)
         # a gate is called as before when nothing must come first (a plugin's own forward(tokens, mask) keeps working)
         selection = self.gate(tokens, mask) if first is None else self.gate(tokens, mask, first)
         fused = self.fusion(gather_slots(tokens, selection), selection.weights, selection.slot_mask)
