@@ -24,8 +24,12 @@ Testbeds (UCI Multiple Features, the clean blended task):
 - cnn: the five stored views always run; two live timm `test_resnet` CNNs on the `pix` images on demand, trained end
   to end, at 10x10 and 40x40 (FLOPs measured by fusionkit), as in `benchmarks/conditional_uci.py`.
 
+- corrupt-views: the views testbed with each on-demand view corrupted per sample (a share of the samples, a level
+  drawn per sample), a preview of each for the scouts, and the known-corruption control beside the others.
+
     .venv/bin/python benchmarks/per_sample.py --testbed views --seeds 2
     .venv/bin/python benchmarks/per_sample.py --testbed cnn --seeds 2
+    .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ from grid import grid_parser, run_grid
 from live import pix_images
 from report import RESULTS, machine, markdown_table, write
 
+#: The corrupted views testbed: each on-demand view corrupted on this share of the samples, independently, at a
+#: level drawn per sample from LEVELS; a preview of each, a fixed random projection to LOOK_DIM dimensions.
+CORRUPT_SHARE = 0.35
+LEVELS = (0.5, 1.0)
+LOOK_DIM = 8
+LOOK_COST = 0.05
 MIDDLE = (0.25, 0.4, 0.55)
 OTHERS = (0.1, 0.7, 0.85)
 VIEW_COSTS = {"kar": 0.5, "fac": 1.0, "pix": 2.0}
@@ -56,6 +66,46 @@ def view_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
         spec = recipes.on_demand(seed, costs=VIEW_COSTS)
         spec["conditional"] = {"scout": scout, **(conditional or {})}
         systems[f"scout: {scout}"] = spec
+    return systems
+
+
+def corrupted_views(clean: Path, work: Path, seed: int = 0) -> Path:
+    """The views testbed with quality that varies per sample: each on-demand view (kar, fac, pix) corrupted on
+    CORRUPT_SHARE of the samples, independently, at a level ``a`` drawn per sample from LEVELS (``x' = (1 - a) x +
+    a (mu + sigma z)``, as ADMN draws each modality's noise level per sample), in every fold alike; and a preview of
+    each, ``NAME_look``: a fixed random projection of the (corrupted) view's standardised features to LOOK_DIM
+    dimensions. The index records which views each sample had corrupted (the known-corruption control reads it)."""
+    import attrs
+
+    from fusionkit.data.store import open_store, write_store
+
+    out = work / "store-corrupted"
+    if (out / "index.json").exists():
+        return out
+    store = open_store(clean)
+    rng = np.random.default_rng(seed)
+    features = {name: store.encoders[name].data.numpy().copy() for name in store.encoders}
+    hit = {name: rng.random(len(store.samples)) < CORRUPT_SHARE for name in VIEW_COSTS}
+    for name in VIEW_COSTS:
+        x = features[name]
+        mu, sigma = x.mean(0), x.std(0) + 1e-6
+        level = rng.uniform(*LEVELS, size=(len(x), 1))
+        noisy = (1 - level) * x + level * (mu + sigma * rng.standard_normal(x.shape))
+        x[hit[name]] = noisy[hit[name]]
+        projection = rng.standard_normal((x.shape[1], LOOK_DIM)) / np.sqrt(x.shape[1])
+        features[f"{name}_look"] = (((x - mu) / sigma) @ projection).astype(np.float32)
+    samples = [attrs.evolve(s, corrupted=tuple(n for n in VIEW_COSTS if hit[n][i])) for i, s in enumerate(store.samples)]
+    write_store(out, store.labels, samples, features)
+    return out
+
+
+def corrupted_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
+    """keep-all on the six views, and each scout with a preview of each on-demand view (``preview_of``, not fused)."""
+    systems = view_specs(seed, conditional)
+    for name, spec in systems.items():
+        if name != "keep-all":
+            spec["encoders"] += [{"name": f"{v}_look", "type": "features", "dim": LOOK_DIM, "preview_of": v,
+                                  "fused": False, "cost_gflops": LOOK_COST} for v in VIEW_COSTS]
     return systems
 
 
@@ -79,6 +129,7 @@ def evaluate(job: dict) -> dict:
     from fusionkit.training.controls import (
         cascade,
         frontier_at,
+        known_corruption,
         random_rows,
         static_choices,
         static_frontier,
@@ -97,6 +148,8 @@ def evaluate(job: dict) -> dict:
     demand_cost = sum(costs[n] for n in demand)
     static = static_choices(model, store, split.test)
     frontier = static_frontier(static)
+    known = known_corruption(model, store, split.test)  # empty where the store records no corruption
+    known_frontier = static_frontier(known) if known else None
     points = []
     for share in (*sorted(MIDDLE + OTHERS), 1.0):
         budget = fit_mean_budget(model, store, split.val, f"mean:{100 * share:g}%") if share < 1 else "100%"
@@ -107,6 +160,8 @@ def evaluate(job: dict) -> dict:
                  "spent": (compute["mean_gflops"] - always) / demand_cost, "rates": rates,
                  "unused_runs": compute.get("unused_runs", 0.0)}
         point["static"] = frontier_at(frontier, compute["mean_gflops"])
+        if known_frontier:
+            point["known"] = frontier_at(known_frontier, compute["mean_gflops"])
         point["random"] = random_rows(model, store, split.test, rates, seed=1000 * job["fold"] + job["seed"])["score"]
         points.append(point)
     steps = cascade(model, store, split.test, split.val, [p["mean_gflops"] for p in points])
@@ -115,7 +170,8 @@ def evaluate(job: dict) -> dict:
         point["cascade"] = step["score"]
         point["oracle"] = oracle.score_at(point["mean_gflops"])
     return {"system": job["system"], "fold": job["fold"], "seed": job["seed"], "checkpoint": job["checkpoint"],
-            "static": static, "frontier": frontier, "points": points, "seconds": time.perf_counter() - started}
+            "static": static, "frontier": frontier, "known": known, "points": points,
+            "seconds": time.perf_counter() - started}
 
 
 class Oracle:
@@ -167,7 +223,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = grid_parser(__doc__, "runs/benchmark-per-sample")
-    parser.add_argument("--testbed", choices=("views", "cnn"), default="views")
+    parser.add_argument("--testbed", choices=("views", "cnn", "corrupt-views"), default="views")
     parser.add_argument("--full-budget-weight", type=float, default=None, help="train the scouts with "
                         "conditional.full_budget_weight (a variant: its runs, results and section are its own)")
     args = parser.parse_args()
@@ -179,10 +235,13 @@ def main() -> None:
         clean, raw, weights = cnn_material(args.source, work)
     else:
         clean, _ = pix_images(args.source, work)
+    if args.testbed == "corrupt-views":
+        clean = corrupted_views(clean, work)
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
             systems = (view_specs(seed, conditional) if args.testbed == "views"
+                       else corrupted_specs(seed, conditional) if args.testbed == "corrupt-views"
                        else cnn_specs(seed, weights, conditional))
             for system, spec in systems.items():
                 job = {"setting": args.testbed, "system": system, "fold": fold, "seed": seed, "store": str(clean),
@@ -240,8 +299,8 @@ def summarize(args, done: dict, evaluated: dict) -> None:
         for i, share in enumerate(shares):
             pts = [r["points"][i] for r in runs]
             score = np.array([p["score"] for p in pts])
-            margins = {c: mean_se([100 * (p["score"] - p[c]) for p in pts]) for c in ("static", "random", "cascade",
-                                                                                         "oracle")}
+            margins = {c: mean_se([100 * (p["score"] - p[c]) for p in pts])
+                       for c in ("static", "random", "cascade", "oracle", *(("known",) if "known" in pts[0] else ()))}
             headroom = mean_se([100 * (p["oracle"] - p["static"]) for p in pts])
             full_gap = mean_se([100 * (p["score"] - k) for p, k in zip(pts, keep_all)])
             entry = {"share": share, "score": [float(score.mean()), float(score.std())],
@@ -253,7 +312,8 @@ def summarize(args, done: dict, evaluated: dict) -> None:
             rows.append([f"{system}, {label}", f"{100 * entry['spent']:.0f}%", f"{score.mean():.3f} ± {score.std():.3f}",
                          *(f"{m:+.1f} ± {se:.1f}" for m, se in (margins["static"], margins["random"],
                                                                  margins["cascade"], full_gap)),
-                         f"{headroom[0]:+.1f} ± {headroom[1]:.1f}", f"{100 * entry['unused_runs']:.1f}%"])
+                         f"{headroom[0]:+.1f} ± {headroom[1]:.1f}", f"{100 * entry['unused_runs']:.1f}%",
+                         *([f"{margins['known'][0]:+.1f} ± {margins['known'][1]:.1f}"] if "known" in margins else [])])
         full = entries[-1]
         best_full = max(float(keep_all.mean()), full["score"][0])
         within = [e for e in entries if e["score"][0] >= best_full - 0.005]
@@ -268,9 +328,19 @@ def summarize(args, done: dict, evaluated: dict) -> None:
             "full_budget_within_half_a_point": full["minus_keep_all"][0] >= -0.5,
             "saving_within_half_a_point": saving, "saving_target_met": saving >= 0.5,
             "training_time_ratio": seconds[system] / seconds["keep-all"],
-            "max_unused_runs": max(e["unused_runs"] for e in entries)}
+            "max_unused_runs": max(e["unused_runs"] for e in entries),
+            **({"within_half_a_point_of_known": all(e["over"]["known"][0] >= -0.5 for e in middle),
+                "full_budget_beats_keep_all_by_1_5": full["minus_keep_all"][0] >= 1.5}
+               if "known" in full["over"] else {})}
         data["systems"][system] = {"points": entries, "targets": targets[system]}
-    testbed_words = ("stored views: fou, zer and mor always run; kar, fac and pix on demand at declared costs of "
+    corrupt_words = (f"the views testbed with each on-demand view corrupted on {100 * CORRUPT_SHARE:g}% of the "
+                     f"samples, independently, at a level drawn per sample from U{LEVELS} (x' = (1 - a) x + a (mu + "
+                     f"sigma z)), in every fold; each scout also runs a preview of each view (`preview_of`, not fused): "
+                     f"a fixed random projection of the corrupted view to {LOOK_DIM} dimensions at {LOOK_COST} GFLOPs. "
+                     "*− known*: the scout against the known-corruption control's frontier (each view run only where "
+                     "clean, and the k cheapest clean per row) at its cost")
+    testbed_words = (corrupt_words if args.testbed == "corrupt-views" else
+                     "stored views: fou, zer and mor always run; kar, fac and pix on demand at declared costs of "
                      "0.5, 1 and 2 GFLOPs" if args.testbed == "views" else
                      "the five stored views always run; two live timm `test_resnet` CNNs on the `pix` images on demand, "
                      "trained end to end, at 10×10 and 40×40 (FLOPs measured by fusionkit)")
@@ -283,7 +353,11 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                         f"{'met' if t['full_budget_within_half_a_point'] else 'not met'}; largest saving within 0.5 of "
                         f"the better full-cost system: {100 * t['saving_within_half_a_point']:.0f}% (target 50%); "
                         f"training time {t['training_time_ratio']:.2f}× keep-all (target ≤ 1.5×); unused on-demand "
-                        f"runs at most {100 * t['max_unused_runs']:.1f}% (target ≤ 5%).")
+                        f"runs at most {100 * t['max_unused_runs']:.1f}% (target ≤ 5%)."
+                        + ("" if "within_half_a_point_of_known" not in t else
+                           f" Within 0.5 of the known-corruption control at 25/40/55%: "
+                           f"{'met' if t['within_half_a_point_of_known'] else 'not met'}; full budget above keep-all "
+                           f"by ≥ 1.5: {'met' if t['full_budget_beats_keep_all_by_1_5'] else 'not met'}."))
     section = "\n".join([
         f"## Per-sample selection against static choices: {args.testbed} testbed"
         + ("" if args.full_budget_weight is None else f", full-budget pass weight {args.full_budget_weight:g}"), "",
@@ -301,8 +375,9 @@ def summarize(args, done: dict, evaluated: dict) -> None:
         f"Training seconds per run: keep-all {seconds['keep-all']:.0f}, "
         + ", ".join(f"{s} {seconds[f'scout: {s}']:.0f}" for s in SCOUTS) + ".", "",
         markdown_table(["system", "spent", "Score", "− static", "− random", "− cascade", "− keep-all",
-                        "oracle − static", "unused runs"],
-                       rows), "", *verdicts, ""])
+                        "oracle − static", "unused runs", *(["− known"] if args.testbed == "corrupt-views" else [])],
+                       [r + ([""] if args.testbed == "corrupt-views" and len(r) == 9 else []) for r in rows]), "",
+        *verdicts, ""])
     data["targets"] = targets
     write(f"per-sample-{args.tag}", data, section)
 
