@@ -99,6 +99,58 @@ def corrupted_views(clean: Path, work: Path, seed: int = 0) -> Path:
     return out
 
 
+def probe_auc(store_path: Path, folds: int) -> dict[str, dict[str, float]]:
+    """Can a scout tell? Per on-demand view, the test-fold AUC (mean over folds) of a logistic regression, fitted on
+    the other folds, from what the scout sees of that view (its preview) to whether the sample's view is corrupted;
+    beside it the same probe from the view's own features (what running the encoder would show)."""
+    import torch
+
+    from fusionkit.data.store import open_store
+
+    store = open_store(store_path)
+    folds_of = store.folds
+    out: dict[str, dict[str, float]] = {}
+    for view in VIEW_COSTS:
+        target = np.array([view in s.corrupted for s in store.samples], dtype=np.float32)
+        out[view] = {}
+        for source in (f"{view}_look", view):
+            x = store.encoders[source].data.numpy()
+            aucs = []
+            for fold in range(folds):
+                train, test = folds_of != fold, folds_of == fold
+                mu, sigma = x[train].mean(0), x[train].std(0) + 1e-6
+                features = torch.tensor((x - mu) / sigma, dtype=torch.float32)
+                features = torch.cat([features, features ** 2], dim=1)  # a quadratic probe: scale and spread
+                torch.manual_seed(0)
+                probe = torch.nn.Linear(features.shape[1], 1)
+                optimiser = torch.optim.Adam(probe.parameters(), lr=0.05)
+                y = torch.tensor(target)
+                for _ in range(300):
+                    optimiser.zero_grad()
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                        probe(features[train]).squeeze(1), y[train])
+                    loss.backward()
+                    optimiser.step()
+                with torch.no_grad():
+                    scores = probe(features[test]).squeeze(1).numpy()
+                aucs.append(_auc(scores, target[test]))
+            out[view]["preview" if source != view else "view"] = float(np.mean(aucs))
+    return out
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The probability that a positive scores above a negative (ties count half)."""
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks of ties
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    positive = labels > 0.5
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / max(n_pos * n_neg, 1))
+
+
 def corrupted_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
     """keep-all on the six views, and each scout with a preview of each on-demand view (``preview_of``, not fused)."""
     systems = view_specs(seed, conditional)
@@ -378,6 +430,13 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                         "oracle − static", "unused runs", *(["− known"] if args.testbed == "corrupt-views" else [])],
                        [r + ([""] if args.testbed == "corrupt-views" and len(r) == 9 else []) for r in rows]), "",
         *verdicts, ""])
+    if args.testbed == "corrupt-views":
+        probes = probe_auc(Path(args.work) / "store-corrupted", args.folds)
+        data["probe_auc"] = probes
+        section += ("\nCan the scout tell? The AUC of a quadratic logistic probe, fitted on the other folds, from each "
+                    "view's preview to whether the sample's view is corrupted (and from the view itself): "
+                    + "; ".join(f"{v} {p['preview']:.2f} from the preview, {p['view']:.2f} from the view"
+                                for v, p in probes.items()) + ".\n")
     data["targets"] = targets
     write(f"per-sample-{args.tag}", data, section)
 
