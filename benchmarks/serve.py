@@ -236,11 +236,11 @@ def views_export(source: str, work: Path, epochs: int, heavy: int) -> tuple[Path
     from export import SPEC
 
     from fusionkit.components.datasets import build_dataset
+    from fusionkit.data.open import spec_store
     from fusionkit.inference.export import export_model
     from fusionkit.models.factory import load_model
     from fusionkit.runtime import load
     from fusionkit.training.train import make_split, train
-    from fusionkit.data.open import spec_store
 
     store_path = work / "store"
     if not store_path.exists():

@@ -20,7 +20,7 @@ import torch
 import fusionkit
 from fusionkit.components.datasets import build_dataset
 from fusionkit.data.open import spec_store
-from fusionkit.errors import DataError, FusionkitError
+from fusionkit.errors import DataError
 from fusionkit.files import LockedError, folder_lock
 from fusionkit.inference import fit_mean_budget
 from fusionkit.inference.export import ExportError, check_export, export_model

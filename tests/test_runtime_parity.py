@@ -18,9 +18,9 @@ import fusionkit
 from fusionkit.components.datasets import build_dataset
 from fusionkit.data.open import spec_store
 from fusionkit.errors import SpecError
-from fusionkit.runtime import DeploymentError
 from fusionkit.inference import fit_mean_budget
 from fusionkit.inference.export import check_export, export_model
+from fusionkit.runtime import DeploymentError
 
 SPECS = 24
 POOLINGS = ["mean", "stats7", "attention"]

@@ -25,8 +25,6 @@ import pytest
 import yaml
 from conftest import tiny_spec
 
-
-
 SPACE = {"train.lr": {"float": [1.0e-3, 1.0e-2], "log": True}, "latent_dim": {"choices": [8, 16]}}
 TRIALS = 3
 

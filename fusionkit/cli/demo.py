@@ -51,8 +51,8 @@ def _on_demand(out: Path, source: str, args: argparse.Namespace) -> dict[tuple[s
     from fusionkit.data.open import spec_store
     from fusionkit.files import atomic_write_text
     from fusionkit.models.factory import load_model
-    from fusionkit.training.report import write_report
     from fusionkit.training.controls import curve_document
+    from fusionkit.training.report import write_report
     from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import make_split, train
 

@@ -5,7 +5,7 @@ from fusionkit.errors import require_torch
 
 require_torch("fusionkit.inference")
 
-from fusionkit.inference.outputs import (
+from fusionkit.inference.outputs import (  # noqa: E402 - after the check that torch is there
     TIMED_SAMPLES,
     collect_outputs,
     fit_mean_budget,

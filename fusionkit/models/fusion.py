@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.answers import Prediction, from_order
+from fusionkit.budget import CAP, MEAN, RowBudgets, parse_budget
 from fusionkit.checkpoint import save_checkpoint
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.interfaces import (
@@ -31,7 +32,6 @@ from fusionkit.interfaces import (
     Gate,
     LiveEncoder,
 )
-from fusionkit.budget import CAP, MEAN, RowBudgets, parse_budget
 from fusionkit.models.conditional import (
     Budget,
     RowShare,

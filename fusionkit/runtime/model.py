@@ -6,7 +6,6 @@ Nothing here imports torch: a deployment installs numpy, onnxruntime and safeten
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass

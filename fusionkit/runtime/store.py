@@ -3,13 +3,13 @@ image encoders a raw manifest (docs/live-encoders.md) whose image paths are read
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fusionkit.data.format import feature_file, read_features, read_index
 from fusionkit.data.tables import manifest_is_the_data, manifest_records
 from fusionkit.errors import DataError
