@@ -69,7 +69,23 @@ def view_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
     return systems
 
 
-def corrupted_views(clean: Path, work: Path, seed: int = 0) -> Path:
+#: The previews the corrupted testbed can give the scouts (``--preview``): a random projection of the view, or a
+#: look at its structure (the lag-1 and lag-2 correlation of its standardised dimensions, which noise breaks, beside a
+#: smaller projection).
+PREVIEWS = ("projection", "structure")
+
+
+def _look(z: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A view's preview from its standardised features ``z`` ``[N, D]`` (LOOK_DIM columns). The projection is drawn
+    whole in both kinds, so that both corrupt the same values."""
+    projection = rng.standard_normal((z.shape[1], LOOK_DIM)) / np.sqrt(z.shape[1])
+    if kind == "projection":
+        return (z @ projection).astype(np.float32)
+    lags = [(z[:, :-lag] * z[:, lag:]).mean(1, keepdims=True) for lag in (1, 2)]
+    return np.concatenate([z @ projection[:, :LOOK_DIM - 2], *lags], axis=1).astype(np.float32)
+
+
+def corrupted_views(clean: Path, work: Path, seed: int = 0, preview: str = "projection") -> Path:
     """The views testbed with quality that varies per sample: each on-demand view (kar, fac, pix) corrupted on
     CORRUPT_SHARE of the samples, independently, at a level ``a`` drawn per sample from LEVELS (``x' = (1 - a) x +
     a (mu + sigma z)``, as ADMN draws each modality's noise level per sample), in every fold alike; and a preview of
@@ -79,7 +95,7 @@ def corrupted_views(clean: Path, work: Path, seed: int = 0) -> Path:
 
     from fusionkit.data.store import open_store, write_store
 
-    out = work / "store-corrupted"
+    out = work / ("store-corrupted" if preview == "projection" else f"store-corrupted-{preview}")
     if (out / "index.json").exists():
         return out
     store = open_store(clean)
@@ -92,8 +108,7 @@ def corrupted_views(clean: Path, work: Path, seed: int = 0) -> Path:
         level = rng.uniform(*LEVELS, size=(len(x), 1))
         noisy = (1 - level) * x + level * (mu + sigma * rng.standard_normal(x.shape))
         x[hit[name]] = noisy[hit[name]]
-        projection = rng.standard_normal((x.shape[1], LOOK_DIM)) / np.sqrt(x.shape[1])
-        features[f"{name}_look"] = (((x - mu) / sigma) @ projection).astype(np.float32)
+        features[f"{name}_look"] = _look((x - mu) / sigma, preview, rng)
     samples = [attrs.evolve(s, corrupted=tuple(n for n in VIEW_COSTS if hit[n][i])) for i, s in enumerate(store.samples)]
     write_store(out, store.labels, samples, features)
     return out
@@ -276,11 +291,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = grid_parser(__doc__, "runs/benchmark-per-sample")
     parser.add_argument("--testbed", choices=("views", "cnn", "corrupt-views"), default="views")
+    parser.add_argument("--preview", choices=PREVIEWS, default="projection", help="corrupt-views: each view's preview "
+                        "(projection: a random projection; structure: its dimensions' lag-1 and lag-2 correlation "
+                        "beside a smaller projection); a variant has its own runs, results and section")
     parser.add_argument("--full-budget-weight", type=float, default=None, help="train the scouts with "
                         "conditional.full_budget_weight (a variant: its runs, results and section are its own)")
     args = parser.parse_args()
     conditional = {} if args.full_budget_weight is None else {"full_budget_weight": args.full_budget_weight}
-    args.tag = args.testbed + ("" if args.full_budget_weight is None else f"-fw{args.full_budget_weight:g}")
+    args.tag = (args.testbed + ("" if args.full_budget_weight is None else f"-fw{args.full_budget_weight:g}")
+                + ("" if args.preview == "projection" else f"-{args.preview}"))
     work = Path(args.work)
     raw = weights = None
     if args.testbed == "cnn":
@@ -288,7 +307,7 @@ def main() -> None:
     else:
         clean, _ = pix_images(args.source, work)
     if args.testbed == "corrupt-views":
-        clean = corrupted_views(clean, work)
+        clean = corrupted_views(clean, work, preview=args.preview)
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
@@ -387,9 +406,13 @@ def summarize(args, done: dict, evaluated: dict) -> None:
         data["systems"][system] = {"points": entries, "targets": targets[system]}
     corrupt_words = (f"the views testbed with each on-demand view corrupted on {100 * CORRUPT_SHARE:g}% of the "
                      f"samples, independently, at a level drawn per sample from U{LEVELS} (x' = (1 - a) x + a (mu + "
-                     f"sigma z)), in every fold; each scout also runs a preview of each view (`preview_of`, not fused): "
-                     f"a fixed random projection of the corrupted view to {LOOK_DIM} dimensions at {LOOK_COST} GFLOPs. "
-                     "*− known*: the scout against the known-corruption control's frontier (each view run only where "
+                     f"sigma z)), in every fold; each scout also runs a preview of each view (`preview_of`, not fused, "
+                     f"{LOOK_COST} GFLOPs): "
+                     + (f"a fixed random projection of the corrupted view to {LOOK_DIM} dimensions. "
+                        if args.preview == "projection" else
+                        f"the lag-1 and lag-2 correlation of its standardised dimensions beside a random projection to "
+                        f"{LOOK_DIM - 2}. ")
+                     + "*− known*: the scout against the known-corruption control's frontier (each view run only where "
                      "clean, and the k cheapest clean per row) at its cost")
     testbed_words = (corrupt_words if args.testbed == "corrupt-views" else
                      "stored views: fou, zer and mor always run; kar, fac and pix on demand at declared costs of "
@@ -412,9 +435,11 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                            f"by ≥ 1.5: {'met' if t['full_budget_beats_keep_all_by_1_5'] else 'not met'}."))
     section = "\n".join([
         f"## Per-sample selection against static choices: {args.testbed} testbed"
-        + ("" if args.full_budget_weight is None else f", full-budget pass weight {args.full_budget_weight:g}"), "",
+        + ("" if args.full_budget_weight is None else f", full-budget pass weight {args.full_budget_weight:g}")
+        + ("" if args.preview == "projection" else f", {args.preview} previews"), "",
         f"`.venv/bin/python benchmarks/per_sample.py --testbed {args.testbed} --seeds {args.seeds} --workers "
         f"{args.workers}" + ("" if args.full_budget_weight is None else f" --full-budget-weight {args.full_budget_weight:g}")
+        + ("" if args.preview == "projection" else f" --preview {args.preview}")
         + f"`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
         f"Score over {args.folds} folds × {args.seeds} seeds; each scout's rows come from one model per fold and seed, at "
         "mean budgets fitted on the validation fold and at a cap of 100%. *spent*: the share of the on-demand cost run. "
@@ -431,7 +456,8 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                        [r + ([""] if args.testbed == "corrupt-views" and len(r) == 9 else []) for r in rows]), "",
         *verdicts, ""])
     if args.testbed == "corrupt-views":
-        probes = probe_auc(Path(args.work) / "store-corrupted", args.folds)
+        probes = probe_auc(Path(args.work) / ("store-corrupted" if args.preview == "projection"
+                                              else f"store-corrupted-{args.preview}"), args.folds)
         data["probe_auc"] = probes
         section += ("\nCan the scout tell? The AUC of a quadratic logistic probe, fitted on the other folds, from each "
                     "view's preview to whether the sample's view is corrupted (and from the view itself): "
