@@ -790,9 +790,6 @@ def _check_previews(values: dict[str, Any], written: Mapping[str, Any], registry
     if any(not e.fused for e in encoders) and not any(e.on_demand for e in encoders):
         problems.append("encoders[*].fused: fused: false leaves a token that only the scout reads, and no encoder is "
                         "on demand (run: on_demand), so nothing would read it")
-    if encoders and not any(e.fused for e in encoders):
-        problems.append("encoders[*].fused: every encoder is fused: false, so the fusion could keep none; let at least "
-                        "one be fused")
     for i, encoder in enumerate(encoders):
         if not encoder.fused and encoder.on_demand:
             problems.append(f"encoders[{i}].fused: an on-demand encoder runs to be fused; fused: false is for an "

@@ -17,10 +17,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if (exc.name or "").split(".")[0] not in ("fastapi", "uvicorn", "pydantic", "starlette", "multipart"):
             raise
         raise FusionkitError(f"fusionkit serve needs {exc.name}: pip install 'fusionkit[serve]'") from None
-    if args.budget is not None:
-        from fusionkit.runtime.model import load  # the default budget is refused before the server starts
-
-        load(args.export, threads=args.threads).budget(args.budget)
     options = ServeOptions(max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000.0,
                            max_body=int(args.max_body_mb * (1 << 20)), confine=args.confine,
                            default_budget=args.budget)

@@ -345,6 +345,25 @@ def _check_finite(name, file, data, offsets, ids, nan_policy) -> np.ndarray:
     return ~(bad | empty)
 
 
+def _feature_tensors(name: str, value: np.ndarray | Sequence[np.ndarray], rows: int
+                     ) -> tuple[dict[str, torch.Tensor], str]:
+    """One encoder's features as the store's file holds them (``features``, and ``offsets`` for sequences), and
+    their kind: ``vectors`` from an ``[N, D]`` array, ``sequences`` from N ``[T_i, D]`` arrays."""
+    if isinstance(value, np.ndarray) and value.ndim == 2:
+        if value.shape[0] != rows:
+            raise DataError(f"encoder {name!r}: {value.shape[0]} rows for {rows} samples")
+        return {"features": torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))}, "vectors"
+    seqs = [np.asarray(v, dtype=np.float32) for v in value]
+    if len(seqs) != rows:
+        raise DataError(f"encoder {name!r}: {len(seqs)} sequences for {rows} samples")
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    dims = {s.shape[1] for s in seqs if s.ndim == 2 and len(s)}
+    if len(dims) != 1:
+        raise DataError(f"encoder {name!r}: sequences must be [T, D] with one D, found sizes {sorted(dims)}")
+    flat = np.concatenate([s.reshape(-1, next(iter(dims))) for s in seqs])
+    return {"features": torch.from_numpy(flat), "offsets": torch.from_numpy(offsets)}, "sequences"
+
+
 def check_store_target(target: Path, overwrite: bool) -> None:
     """A store may be written at ``target``: it is new or an empty directory, or (``overwrite``) a fusionkit store."""
     if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
@@ -400,23 +419,7 @@ def write_store(
         for name, value in features.items():
             file = f"{name}.safetensors"
             meta = {"ids": json.dumps(ids)}
-            if isinstance(value, np.ndarray) and value.ndim == 2:
-                if value.shape[0] != len(ids):
-                    raise DataError(f"encoder {name!r}: {value.shape[0]} rows for {len(ids)} samples")
-                tensors = {"features": torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))}
-                kind = "vectors"
-            else:
-                seqs = [np.asarray(v, dtype=np.float32) for v in value]
-                if len(seqs) != len(ids):
-                    raise DataError(f"encoder {name!r}: {len(seqs)} sequences for {len(ids)} samples")
-                lengths = [len(s) for s in seqs]
-                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-                dims = {s.shape[1] for s in seqs if s.ndim == 2 and len(s)}
-                if len(dims) != 1:
-                    raise DataError(f"encoder {name!r}: sequences must be [T, D] with one D, found sizes {sorted(dims)}")
-                flat = np.concatenate([s.reshape(-1, next(iter(dims))) for s in seqs])
-                tensors = {"features": torch.from_numpy(flat), "offsets": torch.from_numpy(offsets)}
-                kind = "sequences"
+            tensors, kind = _feature_tensors(name, value, len(ids))
             save_file(tensors, str(tmp / file), metadata=meta)
             apply_umask(tmp / file)
             enc_index[name] = {"file": file, "kind": kind, "dim": int(tensors["features"].shape[1])}

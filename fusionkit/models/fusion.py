@@ -452,39 +452,13 @@ class Trunk(nn.Module):
         if isinstance(budget, RowBudgets):  # a budget per row, each decided as if alone
             return self._encode_rows(columns, present, available, budget, inputs, lengths, batch, first, empty)
         costs, choice = self.cost_vector(device), self.choice_costs(budget, device)  # reported; chosen by
-        limit = None  # GFLOPs (or seconds) per row left for the on-demand encoders, under a cap or a sampled budget
-        if runs is None and not (budget is not None and budget.mean) and (
-                budget is not None or (self.training and self.conditional.budget_sampling)):
-            paid = (choice * present).sum(1) - (choice[list(demand)] * available).sum(1)  # the always-run encoders
-            full = (choice * present).sum(1)
-            if budget is not None:
-                limit = torch.full_like(full, budget.limit(float(choice.sum()))) - paid
-            else:  # a random share of each row's on-demand cost, so every budget is seen in training
-                limit = row_uniform(self.row_share, batch, device, full.dtype) * (full - paid)
-                if self.conditional.full_budget_rows > 0:  # and the full budget on a share of the rows
-                    whole = row_uniform(self.row_share, batch, device) < self.conditional.full_budget_rows
-                    limit = torch.where(whole, full - paid, limit)
+        limit = None if runs is not None else self._limit(budget, present, available, choice)
         if budget is not None and budget.mean and budget.threshold is None:
             raise FusionkitError(f"budget {budget.describe()}: a mean budget needs its threshold, fitted on "
                                  "validation rows (fusionkit.inference.fit_mean_budget; the command line "
                                  "fits it on the run's validation fold)")
         run_rows = self._run_rows_of(inputs, lengths, batch, first, empty)
-        if runs is not None:
-            if tuple(runs.shape) != (batch, len(demand)):
-                raise FusionkitError(f"runs: expected [{batch}, {len(demand)}] (a row per sample, a column per "
-                                     f"on-demand encoder), found {list(runs.shape)}")
-            run = runs.to(device=device, dtype=torch.bool) & available
-        elif self.value_head is not None:  # under a cap any value goes while the cost fits; a mean budget has its
-            # threshold; the gate's own rule runs while a gain is expected
-            threshold = -math.inf if limit is not None else budget.threshold if budget is not None else 0.0
-            run = self._stages(columns, present, available, choice, limit, threshold, run_rows)[0]
-        elif budget is not None and budget.mean:
-            run = self.mean_budget_values(scout_scores.detach(), present, choice) >= budget.threshold
-        elif limit is not None:
-            candidates = available & self._candidates(scout_scores.detach(), present)
-            run = within_budget(scout_scores.detach()[:, list(demand)], candidates, choice[list(demand)], limit)
-        else:
-            run = kept_by(self.gate.select(scout_scores, self.fusable_of(present)).kept, demand) & available
+        run = self._choose_runs(runs, budget, limit, columns, present, available, choice, scout_scores, run_rows)
         every = torch.zeros(batch, dtype=torch.bool, device=device)
         if self.training and self.conditional.scout_weight > 0:  # rows that run everything: the scout's target
             every = row_uniform(self.row_share, batch, device) < self.conditional.scout_rows
@@ -513,6 +487,48 @@ class Trunk(nn.Module):
         if self.training and self.value_head is not None and self.conditional.scout_weight > 0:
             encoded.value = self._value_target(raw[every], tokens[every], present[every], ran[every])
         return encoded
+
+    def _limit(self, budget: Budget | None, present: torch.Tensor, available: torch.Tensor,
+               choice: torch.Tensor) -> torch.Tensor | None:
+        """``[B]``: what each row may still spend on its on-demand encoders (GFLOPs, or seconds) under a cap, or, in
+        training with ``budget_sampling``, under a budget drawn per row; None where no limit applies (a mean
+        budget, or the gate's own rule)."""
+        if (budget is not None and budget.mean) or (budget is None and not (self.training
+                                                                           and self.conditional.budget_sampling)):
+            return None
+        batch, device = present.shape[0], present.device
+        full = (choice * present).sum(1)
+        paid = full - (choice[list(self.on_demand)] * available).sum(1)  # the always-run encoders
+        if budget is not None:
+            return torch.full_like(full, budget.limit(float(choice.sum()))) - paid
+        limit = row_uniform(self.row_share, batch, device, full.dtype) * (full - paid)  # every budget seen in training
+        if self.conditional.full_budget_rows > 0:  # and the full budget on a share of the rows
+            whole = row_uniform(self.row_share, batch, device) < self.conditional.full_budget_rows
+            limit = torch.where(whole, full - paid, limit)
+        return limit
+
+    def _choose_runs(self, runs: torch.Tensor | None, budget: Budget | None, limit: torch.Tensor | None,
+                     columns: dict[int, torch.Tensor], present: torch.Tensor, available: torch.Tensor,
+                     choice: torch.Tensor, scout_scores: torch.Tensor | None,
+                     run_rows: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``[B, m]``: which on-demand encoders run on each row: as ``runs`` says; the value scout's stages; a mean
+        budget's threshold, a limit (a cap or a sampled budget) or the gate's own rule over the scout's scores."""
+        demand, batch = list(self.on_demand), present.shape[0]
+        if runs is not None:
+            if tuple(runs.shape) != (batch, len(demand)):
+                raise FusionkitError(f"runs: expected [{batch}, {len(demand)}] (a row per sample, a column per "
+                                     f"on-demand encoder), found {list(runs.shape)}")
+            return runs.to(device=present.device, dtype=torch.bool) & available
+        if self.value_head is not None:  # under a cap any value goes while the cost fits; a mean budget has its
+            # threshold; the gate's own rule runs while a gain is expected
+            threshold = -math.inf if limit is not None else budget.threshold if budget is not None else 0.0
+            return self._stages(columns, present, available, choice, limit, threshold, run_rows)[0]
+        if budget is not None and budget.mean:
+            return self.mean_budget_values(scout_scores.detach(), present, choice) >= budget.threshold
+        if limit is not None:
+            candidates = available & self._candidates(scout_scores.detach(), present)
+            return within_budget(scout_scores.detach()[:, demand], candidates, choice[demand], limit)
+        return kept_by(self.gate.select(scout_scores, self.fusable_of(present)).kept, demand) & available
 
     def _encode_rows(self, columns: dict[int, torch.Tensor], present: torch.Tensor, available: torch.Tensor,
                      budgets: RowBudgets, inputs: Mapping[str, Any], lengths: Mapping[str, torch.Tensor], batch: int,

@@ -9,6 +9,7 @@ never through a symbolic link, and covered by a SHA-256 of the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -286,8 +287,6 @@ def _inside(folder: Path, relative: str) -> Path:
 def graph_bytes(folder: Path, manifest: dict[str, Any], relative: str) -> bytes:
     """The graph ``relative`` read once and checked against its SHA-256, so that what runs is what was hashed; any
     file it reads beside it (ONNX external data) must be covered by a SHA-256 too."""
-    import hashlib
-
     if relative not in manifest["sha256"]:
         raise DeploymentError(f"{folder}: the manifest names {relative} without its SHA-256; refused")
     path = _inside(folder, relative)

@@ -113,42 +113,11 @@ class RuntimeModel:
     so a tampered or mismatched graph is refused before it runs."""
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort  # the one heavy import, deferred: importing fusionkit.runtime stays cheap
-
         self.folder = Path(folder)
         self.manifest = manifest = read_manifest(self.folder)
         self.labels: tuple[str, ...] = tuple(manifest["labels"])
-        threads = None if threads is None else check_threads(threads)
-        providers = providers or ["CPUExecutionProvider"]
-
-        def session(relative: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
-            data = graph_bytes(self.folder, manifest, relative)  # what runs is what was hashed
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            if threads is not None:
-                options.intra_op_num_threads = threads
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             str((self.folder / relative).parent))
-            try:
-                made = ort.InferenceSession(data, options, providers=providers)
-            except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, named with the graph
-                raise DeploymentError(f"{self.folder / relative}: onnxruntime cannot load it "
-                                      f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
-                                      "export the model again") from None
-            found = (tuple(i.name for i in made.get_inputs()), tuple(o.name for o in made.get_outputs()))
-            if found[0][:1] != inputs[:1] or set(found[0]) - set(inputs) or found[1] != outputs:
-                raise DeploymentError(f"{self.folder / relative}: takes {list(found[0])} and gives {list(found[1])}, "
-                                      f"where the manifest's {relative} takes {list(inputs)} and gives "
-                                      f"{list(outputs)}; the graphs were swapped or replaced: export the model again")
-            width = made.get_outputs()[0].shape[-1]
-            expected = len(self.labels) if outputs[0] == "probs" else (
-                int(manifest["latent_dim"]) if outputs[0] == "token" else None)
-            if expected is not None and isinstance(width, int) and width != expected:
-                raise DeploymentError(f"{self.folder / relative}: gives {outputs[0]} of width {width}, where the "
-                                      f"manifest says {expected} ({'labels' if outputs[0] == 'probs' else 'latent_dim'}"
-                                      "); the manifest or the graph was changed: export the model again")
-            return _Graph(made, self.folder / relative)
-
+        self._threads = None if threads is None else check_threads(threads)
+        self._providers = providers or ["CPUExecutionProvider"]
         self.encoders: list[dict[str, Any]] = manifest["encoders"]
         self.names = [e["name"] for e in self.encoders]
         for entry in self.encoders:
@@ -159,28 +128,63 @@ class RuntimeModel:
                     raise DeploymentError(str(exc)) from None
         self.demand = [self.names.index(n) for n in manifest.get("on_demand", [])]
         self.costs = np.array([float(e["cost_gflops"] or 0.0) for e in self.encoders], dtype=np.float64)
-        self.sessions = {e["name"]: session(e["graph"], ("x", "lengths") if "lengths" in e["inputs"] else ("x",),
-                                            ("token",)) for e in self.encoders}
+        self.sessions = {e["name"]: self._session(e["graph"], ("x", "lengths") if "lengths" in e["inputs"] else ("x",),
+                                                  ("token",)) for e in self.encoders}
         self.towers: dict[str, dict[str, Any]] = manifest.get("towers") or {}
-        self.tower_sessions = {name: session(t["graph"], ("tokens", "mask"), ("embedding", "kept"))
+        self.tower_sessions = {name: self._session(t["graph"], ("tokens", "mask"), ("embedding", "kept"))
                                for name, t in self.towers.items()}
-        self.fusion = None if self.towers else session("fusion.onnx", ("tokens", "mask"),
-                                                       ("probs", *manifest["heads"], "kept"))
+        self.fusion = None if self.towers else self._session("fusion.onnx", ("tokens", "mask"),
+                                                             ("probs", *manifest["heads"], "kept"))
         #: Which scout decides what runs: "gate" (scout.onnx) or "value" (value.onnx, in stages); None without
         #: on-demand encoders.
         self.scout_kind: str | None = manifest.get("scout") if self.demand else None
         self.scout_graph = SCOUTS.get(self.scout_kind or "gate")
         self.scout = None
         if self.demand:
-            self.scout = (session(self.scout_graph, ("tokens", "present", "ran"), ("values",))
+            self.scout = (self._session(self.scout_graph, ("tokens", "present", "ran"), ("values",))
                           if self.scout_kind == "value" else
-                          session(self.scout_graph, ("tokens", "present"), ("scores", "runs", "candidates")))
+                          self._session(self.scout_graph, ("tokens", "present"), ("scores", "runs", "candidates")))
         self.slots = int(manifest.get("slots") or len(self.names))
         #: The mean budgets the export stores (fitted at export), by which a request may name one.
         self.stored_budgets: list[Budget] = [
             Budget(gflops=b["gflops"], share=b["share"], mean=True, threshold=b["threshold"])
             for b in manifest.get("budgets", [manifest["budget"]] if manifest.get("budget") else [])]
-        self.stored_budget = manifest.get("budget")
+
+    def _session(self, relative: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> _Graph:
+        """The graph ``relative`` loaded from the bytes its SHA-256 was checked on, its inputs, outputs and width
+        checked against what the manifest says it is."""
+        import onnxruntime as ort  # the one heavy import, deferred: importing fusionkit.runtime stays cheap
+
+        data = graph_bytes(self.folder, self.manifest, relative)  # what runs is what was hashed
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self._threads is not None:
+            options.intra_op_num_threads = self._threads
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str((self.folder / relative).parent))
+        try:
+            made = ort.InferenceSession(data, options, providers=self._providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, named with the graph
+            raise DeploymentError(f"{self.folder / relative}: onnxruntime cannot load it "
+                                  f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+                                  "export the model again") from None
+        self._check_io(made, relative, inputs, outputs)
+        return _Graph(made, self.folder / relative)
+
+    def _check_io(self, made: Any, relative: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+        """Refuse a graph whose inputs, outputs or first output's width are not the manifest's (swapped graphs)."""
+        found = (tuple(i.name for i in made.get_inputs()), tuple(o.name for o in made.get_outputs()))
+        if found[0][:1] != inputs[:1] or set(found[0]) - set(inputs) or found[1] != outputs:
+            raise DeploymentError(f"{self.folder / relative}: takes {list(found[0])} and gives {list(found[1])}, "
+                                  f"where the manifest's {relative} takes {list(inputs)} and gives "
+                                  f"{list(outputs)}; the graphs were swapped or replaced: export the model again")
+        width = made.get_outputs()[0].shape[-1]
+        expected = len(self.labels) if outputs[0] == "probs" else (
+            int(self.manifest["latent_dim"]) if outputs[0] == "token" else None)
+        if expected is not None and isinstance(width, int) and width != expected:
+            raise DeploymentError(f"{self.folder / relative}: gives {outputs[0]} of width {width}, where the "
+                                  f"manifest says {expected} ({'labels' if outputs[0] == 'probs' else 'latent_dim'}"
+                                  "); the manifest or the graph was changed: export the model again")
 
     # --- budgets ------------------------------------------------------------------------------------------------
 
@@ -223,13 +227,11 @@ class RuntimeModel:
             budgets = [value] * rows
         if len(budgets) != rows:
             raise DeploymentError(f"budget: {len(budgets)} budgets for {rows} rows; give one per row, or one for all")
-        resolved: dict[Any, Budget | None] = {}
+        resolved: dict[str, Budget | None] = {}  # each distinct budget read once, however many rows ask for it
         for value in budgets:
-            key = value if isinstance(value, (str, Budget)) or value is None else repr(value)
-            if key not in resolved:
-                resolved[key] = self.budget(value)
-        chosen = [resolved[value if isinstance(value, (str, Budget)) or value is None else repr(value)]
-                  for value in budgets]
+            if repr(value) not in resolved:
+                resolved[repr(value)] = self.budget(value)
+        chosen = [resolved[repr(value)] for value in budgets]
         if self.demand or all(b is None for b in chosen):
             return RowBudgets(chosen)
         raise DeploymentError("a budget needs on-demand encoders; this export runs every encoder always")
@@ -272,48 +274,57 @@ class RuntimeModel:
                 paths[:] = [p if isinstance(p, bytes) else os.fspath(p) for p in given]
                 feeds[name] = {"paths": paths}
                 continue
-            spec = entry["inputs"]["x"]
-            dtype = np.dtype(spec.get("dtype", "float32"))
-            if dtype == np.uint8 and np.asarray(given).dtype != np.uint8:
-                raise DeploymentError(f"inputs[{name!r}]: expected uint8 pixels (fusionkit.runtime.images.read_images "
-                                      f"gives them) or a list of image paths, found {np.asarray(given).dtype}")
-            try:
-                x = np.asarray(given, dtype=dtype)
-            except (TypeError, ValueError) as exc:
-                raise DeploymentError(f"inputs[{name!r}]: not an array of numbers ({str(exc)[:120]})") from None
-            shape = spec["shape"]
-            fixed = [(x.shape[n], size) for n, size in enumerate(shape) if isinstance(size, int) and n < x.ndim]
-            if x.ndim == len(shape) - 1 and all(a == b for a, b in zip(x.shape, shape[1:]) if isinstance(b, int)):
-                raise DeploymentError(f"inputs[{name!r}]: found one sample's {list(x.shape)} without its batch axis; "
-                                      f"give [{', '.join(map(str, ['B', *shape[1:]]))}], e.g. x[None] for one "
-                                      "sample")
-            if x.ndim != len(shape) or any(a != b for a, b in fixed) or len(x) != batch:
-                raise DeploymentError(f"inputs[{name!r}]: expected {shape} with {batch} rows (one per sample), "
-                                      f"found {list(x.shape)}")
-            bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
-            if bad.any():
-                if self.manifest.get("nan_policy") != "mask":
-                    raise DeploymentError(f"inputs[{name!r}]: NaN or inf in rows {np.flatnonzero(bad)[:5].tolist()}; the "
-                                        "model's nan_policy is 'error' (with 'mask' such rows count as missing)")
-                x = np.where(bad.reshape((batch,) + (1,) * (x.ndim - 1)), np.float32(0.0), x)
-                present[bad, k] = False
-            feed = {"x": np.ascontiguousarray(x)}
+            x, bad = self._array(name, entry, given, batch)
+            present[bad, k] = False
+            feed = {"x": x}
             if "lengths" in entry["inputs"]:
-                given = lengths.get(name)
-                try:
-                    steps = (np.full(batch, x.shape[1], dtype=np.int64) if given is None
-                             else np.asarray(given, dtype=np.float64))
-                except (TypeError, ValueError):
-                    steps = np.zeros(0)
-                if (steps.shape != (batch,) or not np.isfinite(steps).all() or (steps != np.round(steps)).any()
-                        or (steps < 0).any() or (steps > x.shape[1]).any()):
-                    raise DeploymentError(f"lengths[{name!r}]: expected [{batch}] whole frame counts from 0 to "
-                                          f"{x.shape[1]} (the frames given), found {np.asarray(given)!r:.80}")
-                steps = steps.astype(np.int64)
+                steps = self._frames(name, lengths.get(name), batch, x.shape[1])
                 present[steps == 0, k] = False
                 feed["lengths"] = np.maximum(steps, 1) if (steps == 0).any() else steps
             feeds[name] = feed
         return feeds, present
+
+    def _array(self, name: str, entry: Mapping[str, Any], given: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Encoder ``name``'s input as its graph takes it (dtype and shape checked, one sample without its batch axis
+        named as such), and ``[B]``: the rows with NaN or inf, zeroed when the model's ``nan_policy`` is ``mask``."""
+        spec = entry["inputs"]["x"]
+        dtype = np.dtype(spec.get("dtype", "float32"))
+        if dtype == np.uint8 and np.asarray(given).dtype != np.uint8:
+            raise DeploymentError(f"inputs[{name!r}]: expected uint8 pixels (fusionkit.runtime.images.read_images "
+                                  f"gives them) or a list of image paths, found {np.asarray(given).dtype}")
+        try:
+            x = np.asarray(given, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise DeploymentError(f"inputs[{name!r}]: not an array of numbers ({str(exc)[:120]})") from None
+        shape = spec["shape"]
+        fixed = [(x.shape[n], size) for n, size in enumerate(shape) if isinstance(size, int) and n < x.ndim]
+        if x.ndim == len(shape) - 1 and all(a == b for a, b in zip(x.shape, shape[1:]) if isinstance(b, int)):
+            raise DeploymentError(f"inputs[{name!r}]: found one sample's {list(x.shape)} without its batch axis; "
+                                  f"give [{', '.join(map(str, ['B', *shape[1:]]))}], e.g. x[None] for one sample")
+        if x.ndim != len(shape) or any(a != b for a, b in fixed) or len(x) != batch:
+            raise DeploymentError(f"inputs[{name!r}]: expected {shape} with {batch} rows (one per sample), "
+                                  f"found {list(x.shape)}")
+        bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
+        if bad.any():
+            if self.manifest.get("nan_policy") != "mask":
+                raise DeploymentError(f"inputs[{name!r}]: NaN or inf in rows {np.flatnonzero(bad)[:5].tolist()}; the "
+                                      "model's nan_policy is 'error' (with 'mask' such rows count as missing)")
+            x = np.where(bad.reshape((batch,) + (1,) * (x.ndim - 1)), np.float32(0.0), x)
+        return np.ascontiguousarray(x), bad
+
+    @staticmethod
+    def _frames(name: str, given: Any, batch: int, frames: int) -> np.ndarray:
+        """``[B]`` int64: each row's frame count of a sequence encoder (every frame when ``given`` is None), each a
+        whole number from 0 to the ``frames`` given."""
+        try:
+            steps = np.full(batch, frames, dtype=np.int64) if given is None else np.asarray(given, dtype=np.float64)
+        except (TypeError, ValueError):
+            steps = np.zeros(0)
+        if (steps.shape != (batch,) or not np.isfinite(steps).all() or (steps != np.round(steps)).any()
+                or (steps < 0).any() or (steps > frames).any()):
+            raise DeploymentError(f"lengths[{name!r}]: expected [{batch}] whole frame counts from 0 to {frames} (the "
+                                  f"frames given), found {np.asarray(given)!r:.80}")
+        return steps.astype(np.int64)
 
     def check_inputs(self, inputs: Mapping[str, Any], lengths: Mapping[str, np.ndarray] | None = None,
                      mask: np.ndarray | None = None) -> np.ndarray:

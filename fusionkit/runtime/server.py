@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import binascii
 import io
 import json
@@ -91,8 +92,8 @@ class Metrics:
     def __init__(self, encoders: list[str]) -> None:
         self.lock = threading.Lock()
         self.requests: dict[int, int] = {}
-        self.latency: list[float] = []
-        self.gflops: list[float] = []
+        self.latency: collections.deque[float] = collections.deque(maxlen=self.KEEP)
+        self.gflops: collections.deque[float] = collections.deque(maxlen=self.KEEP)
         self.gflops_total = 0.0
         self.latency_total = 0.0
         self.runs = {name: 0 for name in encoders}
@@ -102,12 +103,12 @@ class Metrics:
     def request(self, status: int, seconds: float) -> None:
         with self.lock:
             self.requests[status] = self.requests.get(status, 0) + 1
-            self.latency = (self.latency + [seconds])[-self.KEEP:]
+            self.latency.append(seconds)
             self.latency_total += seconds
 
     def spent(self, gflops: float, ran: list[str]) -> None:
         with self.lock:
-            self.gflops = (self.gflops + [gflops])[-self.KEEP:]
+            self.gflops.append(gflops)
             self.gflops_total += gflops
             for name in ran:
                 self.runs[name] += 1
@@ -483,6 +484,8 @@ def serve(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, 
     import uvicorn
 
     model = load(folder, threads=threads)
+    options = options or ServeOptions()
+    model.budget(options.default_budget)  # a bad default budget is refused before the server starts
     config = uvicorn.Config(create_app(model, options), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=30, access_log=False)
     server = uvicorn.Server(config)

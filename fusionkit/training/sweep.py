@@ -469,15 +469,7 @@ def sweep(spec: str | os.PathLike | Mapping[str, Any], data: str | os.PathLike, 
     first failure)."""
     import optuna
 
-    for name, value, least in (("--trials", trials, 1), ("--jobs", jobs, 1), ("--heartbeat", heartbeat, 1),
-                               ("--seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise FusionkitError(f"{name} {value}: expected an integer of at least {least}")
-    if seed + 1000 * jobs > MAX_SAMPLER_SEED:  # each worker's sampler takes seed + 1000 * its number
-        raise FusionkitError(f"--seed {seed}: expected at most {MAX_SAMPLER_SEED - 1000 * jobs} (Optuna's samplers "
-                             "take seeds below 2**32)")
-    if not study_name:
-        raise FusionkitError("--study: give the study a name")
+    _check_options(trials, jobs, heartbeat, seed, study_name)
     spec = _read_spec(spec)
     space_map = load_space(space, spec)
     resolved = load_spec(spec)
@@ -497,19 +489,8 @@ def sweep(spec: str | os.PathLike | Mapping[str, Any], data: str | os.PathLike, 
     study = optuna.create_study(study_name=study_name, storage=opened, direction="maximize", load_if_exists=True)
     _check_same_study(study, opened, spec, space_map, storage or str(out / STUDY_FILE))
     _fail_dead_trials(study)
-    worker = _Worker(spec, space_map, str(data), out, trials, storage, study_name, fold, cv, seed, heartbeat, progress)
-    if jobs <= 1:
-        worker.run()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_end_with_parent) as pool:
-            for future in [pool.submit(_run_worker, attrs.evolve(worker, seed=seed + 1000 * (i + 1), threads=threads))
-                           for i in range(jobs)]:
-                future.result()
+    _run_workers(_Worker(spec, space_map, str(data), out, trials, storage, study_name, fold, cv, seed, heartbeat,
+                         progress), jobs)
     study = optuna.load_study(study_name=study_name, storage=opened)
     _fail_dead_trials(study)
     summary = _summarize(study, spec, space_map, out)
@@ -520,6 +501,36 @@ def sweep(spec: str | os.PathLike | Mapping[str, Any], data: str | os.PathLike, 
         raise FusionkitError(f"every trial failed ({summary['failed']}); the first, trial {first.number}: "
                              f"{' '.join(str(reason).split())}")
     return summary
+
+
+def _check_options(trials: int, jobs: int, heartbeat: int, seed: int, study_name: str) -> None:
+    """The sweep's numbers and study name, refused in one line before anything is read."""
+    for name, value, least in (("--trials", trials, 1), ("--jobs", jobs, 1), ("--heartbeat", heartbeat, 1),
+                               ("--seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise FusionkitError(f"{name} {value}: expected an integer of at least {least}")
+    if seed + 1000 * jobs > MAX_SAMPLER_SEED:  # each worker's sampler takes seed + 1000 * its number
+        raise FusionkitError(f"--seed {seed}: expected at most {MAX_SAMPLER_SEED - 1000 * jobs} (Optuna's samplers "
+                             "take seeds below 2**32)")
+    if not study_name:
+        raise FusionkitError("--study: give the study a name")
+
+
+def _run_workers(worker: _Worker, jobs: int) -> None:
+    """``worker`` here, or ``jobs`` copies of it in processes of their own (each its own sampler seed and a share of
+    the cores), until the study has its trials."""
+    if jobs <= 1:
+        worker.run()
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_end_with_parent) as pool:
+        for future in [pool.submit(_run_worker, attrs.evolve(worker, seed=worker.seed + 1000 * (i + 1),
+                                                             threads=threads)) for i in range(jobs)]:
+            future.result()
 
 
 def _summarize(study: Any, spec: Mapping[str, Any], space: Mapping[str, Any], out: Path) -> dict[str, Any]:
