@@ -51,8 +51,8 @@ def system_spec(base: dict, system, seed: int) -> dict:
 def main() -> None:
     parser = grid_parser(__doc__, "runs/benchmark-adaptation")
     args = parser.parse_args()
-    from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
+    from fusionkit.spec import recipes
 
     store = Path(args.work) / "store-shifted"
     if not (store / "index.json").exists():

@@ -29,7 +29,6 @@ import statistics
 import time
 
 import torch
-
 from report import machine, markdown_table, write
 
 K, DIM, HIDDEN, LATENT, BATCH = 4, 2048, 2048, 64, 256
@@ -121,10 +120,10 @@ def main() -> None:
         large(args.rounds or 3)
         return
     args.rounds = args.rounds or 15
-    import fusionkit
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fusionkit.models.conditional import gather_rows, scatter_rows
+    import fusionkit
+    from fusionkit.conditional.rows import gather_rows, scatter_rows
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -72,7 +72,7 @@ def cnn_material(source: str, work: Path) -> tuple[Path, Path, Path]:
 
 
 def specs(seed: int, weights: Path, variant: dict[str, float] | None = None, heavy: int = HEAVY) -> dict[str, dict]:
-    from fusionkit import recipes
+    from fusionkit.spec import recipes
 
     cnns = {name: {**CNN, "name": name, "img_size": size, "pretrained": str(weights.resolve())}
             for name, size in sizes_for(heavy).items()}
@@ -137,8 +137,8 @@ def evaluate_scout(run: Path, clean: Path, manifest: Path, fold: int, seed: int)
     import torch
 
     from fusionkit.data.open import spec_store
-    from fusionkit.models.factory import load_model
     from fusionkit.inference import fit_mean_budget
+    from fusionkit.models.factory import load_model
     from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import make_split
 

@@ -70,10 +70,10 @@ def encoder_seconds(model, store, index, name: str) -> float:
 def measure(run: Path, clean: Path, manifest: Path, fold: int, rounds: int) -> dict:
     import torch
 
+    from fusionkit.conditional.budget import Budget
     from fusionkit.data.open import spec_store
-    from fusionkit.models.conditional import Budget
-    from fusionkit.models.factory import load_model
     from fusionkit.inference import collect_outputs, fit_mean_budget, measure_encoder_seconds
+    from fusionkit.models.factory import load_model
     from fusionkit.training.tasks import compute_summary, evaluate_outputs
     from fusionkit.training.train import make_split
 

@@ -92,7 +92,7 @@ def cmu_student(seed: int, fraction: float = 0.25) -> dict:
 
 
 def fusion_spec(cnn: dict, cnn_dim: int, seed: int) -> dict:
-    from fusionkit import recipes
+    from fusionkit.spec import recipes
 
     spec = recipes.best(seed, dims={**FIVE, "cnn": cnn_dim})
     spec["encoders"] = [e if e["name"] != "cnn" else cnn for e in spec["encoders"]]

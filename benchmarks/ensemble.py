@@ -23,11 +23,10 @@ def main() -> None:
     args = grid_parser(__doc__, "runs/benchmark-ensemble").parse_args()
     import torch
 
-    from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
     from fusionkit.data.open import spec_store
-    from fusionkit.spec import load_spec
-    from fusionkit.training.ensemble import FoldEnsemble
+    from fusionkit.evaluation.ensemble import FoldEnsemble
+    from fusionkit.spec import load_spec, recipes
     from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import cross_validate
 

@@ -233,8 +233,9 @@ def size_words(env: dict, full_env: int) -> str:
 def views(args: argparse.Namespace, work: Path) -> None:
     from fusionkit.components.datasets import build_dataset
     from fusionkit.data.open import spec_store
+    from fusionkit.export.check import check_export
+    from fusionkit.export.graphs import export_model
     from fusionkit.inference import fit_mean_budget
-    from fusionkit.inference.export import check_export, export_model
     from fusionkit.models.factory import load_model
     from fusionkit.runtime import load
     from fusionkit.training.train import make_split, train
@@ -297,8 +298,9 @@ def cnn(args: argparse.Namespace, work: Path) -> None:
     from conditional_uci import SIZES, cnn_material, scout_system, specs
 
     from fusionkit.data.open import DataSource, spec_store
+    from fusionkit.export.check import check_export
+    from fusionkit.export.graphs import export_model
     from fusionkit.inference import fit_mean_budget
-    from fusionkit.inference.export import check_export, export_model
     from fusionkit.models.factory import load_model
     from fusionkit.runtime import load
     from fusionkit.training.train import make_split, train

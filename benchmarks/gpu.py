@@ -128,7 +128,7 @@ def fine_tuning(device: torch.device, source: str, epochs: int = 2) -> dict:
     """End-to-end training of the live benchmark's small timm CNN on the UCI pix images: samples/s."""
     from live import CNN, pix_images
 
-    from fusionkit import recipes
+    from fusionkit.spec import recipes
     from fusionkit.training.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,8 +143,8 @@ def fine_tuning(device: torch.device, source: str, epochs: int = 2) -> dict:
 
 
 def uci_seconds(device: torch.device, source: str) -> dict:
-    from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
+    from fusionkit.spec import recipes
     from fusionkit.training.train import train
 
     out = {}
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="loader workers of the extraction part")
     parser.add_argument("--source", default="../shared/data/uci-mfeat", help="UCI Multiple Features (part 4)")
     args = parser.parse_args()
-    from fusionkit.devices import device_name, resolve_device
+    from fusionkit.hardware.devices import device_name, resolve_device
 
     device = resolve_device("auto")
     dim, batches, repeats = (64, [8], 2) if args.short else (DIM, [64, 512], 10)

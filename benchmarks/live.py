@@ -74,9 +74,9 @@ def save_cnn_weights(path: Path, cnn: dict = CNN) -> None:
 
 def main() -> None:
     args = grid_parser(__doc__, "runs/benchmark-live").parse_args()
-    from fusionkit import recipes
     from fusionkit.data.extract import extract
     from fusionkit.data.store import open_store, write_store
+    from fusionkit.spec import recipes
 
     work = Path(args.work)
     clean, manifest = pix_images(args.source, work)
@@ -129,7 +129,7 @@ def main() -> None:
         "each sample's `pix` row written as a 16×15 PNG (blends as the weighted sum of their two images), "
         f"read by timm `{CNN['model']}` (grayscale, resized to 32×32 by timm's own transform, {cnn_dim}-d pooled "
         "features, random initial weights saved to a local safetensors file). The other five UCI views stay "
-        "pre-extracted features. Recipe: top-3 attention gate, rank_attention (`fusionkit/recipes.py`); test-fold "
+        "pre-extracted features. Recipe: top-3 attention gate, rank_attention (`fusionkit/spec/recipes.py`); test-fold "
         f"Score over {args.folds} folds × {args.seeds} seeds.", "",
         markdown_table(["system", "ACC_presence", "ACC_salience", "Score", "runs", "s/run"], rows), "",
     ])

@@ -16,9 +16,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
-
 from report import machine, markdown_table, write
+from torch import nn
 
 K, DIM, LATENT, TOP_N, BATCH, LABELS = 7, 7168, 256, 2, 64, 6
 SPEC = {

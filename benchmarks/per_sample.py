@@ -4,7 +4,7 @@ Each testbed trains, per fold and seed, keep-all (every encoder always run) and 
 demand (`conditional.scout: gate`, the gate's scores before they run; `conditional.scout: value`, the value head that
 predicts each encoder's loss drop and decides in stages). Each scout model is evaluated on the test fold at mean
 budgets (25%, 40%, 55%, and 10%, 70%, 85% for the saving; thresholds fitted on the validation fold) and at a cap of
-100%, and beside it, on the same model (`fusionkit.training.controls`):
+100%, and beside it, on the same model (`fusionkit.evaluation.controls`):
 
 - the static frontier: every subset of the on-demand encoders run on every row, its upper hull read at the scout's
   mean cost (mixing two static choices over the rows gives every point between them);
@@ -58,7 +58,7 @@ SCOUTS = ("gate", "value")
 
 
 def view_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
-    from fusionkit import recipes
+    from fusionkit.spec import recipes
 
     keep_all = recipes.best(seed)
     systems = {"keep-all": keep_all}
@@ -191,9 +191,7 @@ def evaluate(job: dict) -> dict:
     import torch
 
     from fusionkit.data.open import spec_store
-    from fusionkit.inference import fit_mean_budget
-    from fusionkit.models.factory import load_model
-    from fusionkit.training.controls import (
+    from fusionkit.evaluation.controls import (
         cascade,
         frontier_at,
         known_corruption,
@@ -201,6 +199,8 @@ def evaluate(job: dict) -> dict:
         static_choices,
         static_frontier,
     )
+    from fusionkit.inference import fit_mean_budget
+    from fusionkit.models.factory import load_model
     from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import make_split
 
@@ -264,8 +264,8 @@ class Oracle:
         self.cost = np.stack([o["cost"] for o in self.outputs])  # [subsets, N]
 
     def score_at(self, mean_cost: float) -> float:
-        from fusionkit.answers import order_to_matrix
-        from fusionkit.metrics import scores_from_matrices
+        from fusionkit.blemore.answers import order_to_matrix
+        from fusionkit.blemore.metrics import scores_from_matrices
 
         low, high = 0.0, 1e6
         for _ in range(60):  # the lowest price per GFLOP whose choices fit the mean cost

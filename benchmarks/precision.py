@@ -1,6 +1,6 @@
 """bf16 against float32 on the quality recipe: does mixed precision keep the Score?
 
-The selective recipe (``fusionkit.recipes.selective``, the seed method) on clean UCI blends, 5 folds x 3 seeds, trained with
+The selective recipe (``fusionkit.spec.recipes.selective``, the seed method) on clean UCI blends, 5 folds x 3 seeds, trained with
 ``train.precision: bf16`` (autocast on this machine's device); the float32 runs are the selection
 benchmark's runs of the same recipe on the same data, with the same code (benchmarks/results/selection-runs.jsonl;
 run benchmarks/selection.py first). The differences are paired by fold and seed.
@@ -21,8 +21,8 @@ SYSTEM = "best: top-p 0.9 (min 2), rank order"  # the selection benchmark's name
 
 def main() -> None:
     args = grid_parser(__doc__, "runs/benchmark-selection").parse_args()
-    from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
+    from fusionkit.spec import recipes
 
     store = Path(args.work) / "store-0"  # the selection benchmark's clean store
     if not (store / "index.json").exists():

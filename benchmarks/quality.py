@@ -20,7 +20,7 @@ SETTINGS = {"clean": 0.0, "corrupted": 0.3}
 
 
 def systems() -> dict[str, tuple[str, dict]]:
-    from fusionkit import recipes
+    from fusionkit.spec import recipes
 
     out = {f"single {e} (baseline recipe)": ("single", recipes.baseline(e)) for e in recipes.UCI_DIMS}
     out["naive fusion, weighted_sum"] = ("naive", recipes.naive("weighted_sum"))
@@ -99,7 +99,7 @@ def summarize(done: dict, table: dict, args) -> None:
                 f"Score over {args.folds} group-disjoint folds × {args.seeds} seeds (single-encoder baselines: "
                 f"{args.single_seeds} seed) as mean ± std; each run validates on the "
                 "next fold (early stopping, decoder thresholds). Corrupted: 30% of samples have 1-3 of their six encoders "
-                "replaced by noise (docs/datasets.md). Systems are the recipes of `fusionkit/recipes.py`.", ""]
+                "replaced by noise (docs/datasets.md). Systems are the recipes of `fusionkit/spec/recipes.py`.", ""]
     for setting, by in stats.items():
         rows = [[n, *(f"{v[k][0]:.3f} ± {v[k][1]:.3f}" for k in ("acc_presence", "acc_salience", "score")), v["score"][2]]
                 for n, v in by.items()]

@@ -63,8 +63,8 @@ def train_step(model, optimizer, batch, target):
 
 def ddp_worker(steps: int) -> None:
     """Run under torchrun: time ``steps`` DDP training steps at global batch 64; rank 0 prints samples/s."""
+    from fusionkit.hardware.distributed import setup, wrap
     from fusionkit.models.factory import build_model
-    from fusionkit.distributed import setup, wrap
 
     torch.set_num_threads(1)
     dist = setup()

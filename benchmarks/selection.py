@@ -1,7 +1,7 @@
 """What selection buys: the best recipe against controls that each remove one thing, on clean data and in
 the regimes where selection should pay (heavy corruption, distractor encoders).
 
-Systems (``fusionkit.recipes.controls``): the best recipe (top-p 0.9, at least 2 encoders, rank_attention,
+Systems (``fusionkit.spec.recipes.controls``): the best recipe (top-p 0.9, at least 2 encoders, rank_attention,
 residual mean); every encoder kept in rank order (no selection); every encoder kept in a fixed order (no
 selection, no ranking); top-p in a fixed order (selection, no ranking); the fusion module over a uniform gate.
 Regimes (the uci-mfeat dataset's options): clean; heavy corruption (80% of samples, 2-4 encoders replaced by
@@ -34,7 +34,7 @@ KEEP_ALL = "keep all, rank order"
 
 
 def dims_of(options: dict) -> dict[str, int]:
-    from fusionkit.recipes import UCI_DIMS
+    from fusionkit.spec.recipes import UCI_DIMS
 
     sizes = list(UCI_DIMS.values())
     extra = {f"x{j:02d}": sizes[j % len(sizes)] for j in range(options.get("distractors", 0))}
@@ -47,7 +47,7 @@ def main() -> None:
                         "four; the last two are measured with --regimes when time allows)")
     args = parser.parse_args()
     from fusionkit.components.datasets import build_dataset
-    from fusionkit.recipes import controls
+    from fusionkit.spec.recipes import controls
 
     jobs = []
     for seed in range(args.seeds):
@@ -73,7 +73,7 @@ def paired(done: dict, setting: str, a: str, b: str) -> tuple[float, float, int]
 
 
 def summarize(done: dict, args) -> None:
-    from fusionkit.recipes import controls
+    from fusionkit.spec.recipes import controls
 
     systems = list(controls())
     stats = {setting: {name: mean_std([r for (st, n, f, s), r in done.items() if st == setting and n == name
@@ -88,8 +88,8 @@ def summarize(done: dict, args) -> None:
                 f"`.venv/bin/python benchmarks/selection.py --source ../shared/data/uci-mfeat --workers 2`: test "
                 f"Score over up to {args.folds} group-disjoint folds × {args.seeds} seeds, mean ± std (runs: how many "
                 "finished). Each control changes one thing of the selective recipe (the seed method, "
-                "`fusionkit.recipes.selective`; its row is named \"best: ...\", the best recipe of the quality "
-                "tables; `fusionkit.recipes.controls`). The differences are paired: the selective recipe minus the "
+                "`fusionkit.spec.recipes.selective`; its row is named \"best: ...\", the best recipe of the quality "
+                "tables; `fusionkit.spec.recipes.controls`). The differences are paired: the selective recipe minus the "
                 "control on the same fold and seed, in Score points, mean ± std over the pairs.", ""]
     for setting, by in stats.items():
         rows = [[name, *(f"{v[k][0]:.3f} ± {v[k][1]:.3f}" if k in v else "-" for k in ("acc_presence", "score")),

@@ -193,7 +193,7 @@ def testbed(name: str, folder: Path, rows, images) -> dict:
 
 
 def Budget_limit(cap: str, total: float) -> float:  # noqa: N802 - a cap's GFLOPs
-    from fusionkit.budget import Budget
+    from fusionkit.conditional.budget import Budget
 
     return Budget.parse(cap).limit(total)
 
@@ -237,7 +237,7 @@ def views_export(source: str, work: Path, epochs: int, heavy: int) -> tuple[Path
 
     from fusionkit.components.datasets import build_dataset
     from fusionkit.data.open import spec_store
-    from fusionkit.inference.export import export_model
+    from fusionkit.export.graphs import export_model
     from fusionkit.models.factory import load_model
     from fusionkit.runtime import load
     from fusionkit.training.train import make_split, train
@@ -257,7 +257,7 @@ def cnn_export(source: str, work: Path, epochs: int, heavy: int) -> tuple[Path, 
     from conditional_uci import cnn_material, scout_system, specs
 
     from fusionkit.data.open import DataSource, spec_store
-    from fusionkit.inference.export import export_model
+    from fusionkit.export.graphs import export_model
     from fusionkit.models.factory import load_model
     from fusionkit.runtime import load
     from fusionkit.training.train import make_split, train

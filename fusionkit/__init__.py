@@ -38,7 +38,7 @@ _LAZY = {
     "register_plugin": "fusionkit.plugins",
     "training_loss": "fusionkit.training.losses",
     "option": "fusionkit.config",
-    "blemore_scores": "fusionkit.metrics",
+    "blemore_scores": "fusionkit.blemore.metrics",
 }
 
 __all__ = ["hookimpl", "__version__", *_LAZY]

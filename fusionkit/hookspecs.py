@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pluggy
 
-__all__ = ["PROJECT_NAME", "hookspec", "hookimpl", "register_encoders", "register_gates", "register_fusions",
+__all__ = ["PROJECT_NAME", "hookspec", "hookimpl", "register_encoders", "register_gates", "register_scouts", "register_fusions",
            "register_heads", "register_combiners", "register_decoders", "register_adaptation_losses",
            "register_distill_losses", "register_distill_presets", "register_datasets", "KIND_HOOKS", "kind_plural"]
 
@@ -36,6 +36,11 @@ def register_encoders(register):
 @hookspec
 def register_gates(register):
     """Register gates: score every encoder for every sample."""
+
+
+@hookspec
+def register_scouts(register):
+    """Register scouts: decide, per sample, which on-demand encoders run (:class:`fusionkit.interfaces.Scout`)."""
 
 
 @hookspec
@@ -95,6 +100,7 @@ def register_datasets(register):
 KIND_HOOKS: dict[str, str] = {
     "encoder": "register_encoders",
     "gate": "register_gates",
+    "scout": "register_scouts",
     "fusion": "register_fusions",
     "head": "register_heads",
     "combiner": "register_combiners",

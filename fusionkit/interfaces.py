@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fusionkit.answers import BLEMORE_LABELS, Prediction
+from fusionkit.blemore.answers import BLEMORE_LABELS, Prediction
+from fusionkit.conditional.selection import Selection, in_encoder_order, select_top_n, select_top_p, slot_count
 from fusionkit.config import non_negative, option, positive, unit_interval
-from fusionkit.devices import full_precision
-from fusionkit.selection import Selection, in_encoder_order, select_top_n, select_top_p, slot_count
+from fusionkit.hardware.devices import full_precision
 
 __all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "DeferredInput", "restoring", "restoring_checkpoint",
-           "freeze_stages", "GateConfig", "Gate", "Fusion", "Head", "Combiner", "Decoder", "Dataset", "DOMAINS",
+           "freeze_stages", "GateConfig", "Gate", "ScoutConfig", "Scout", "Fusion", "Head", "Combiner", "Decoder", "Dataset", "DOMAINS",
            "Sample", "AdaptationConfig", "AdaptationLoss", "Pair", "DistillBatch", "DistillConfig", "DistillLoss"]
 
 
@@ -45,6 +45,10 @@ class BuildContext:
     head_roles: tuple[str, ...] = ()
     #: Domains whose input statistics encoders keep (``data.standardize_per_domain`` adds "target").
     input_domains: tuple[str, ...] = ("source",)
+    #: Positions (into ``encoder_names``) of the encoders that run on demand (for a scout).
+    on_demand: tuple[int, ...] = ()
+    #: The spec's ``conditional`` block (for a scout: its training settings).
+    conditional: Any = None
 
     @property
     def num_labels(self) -> int:
@@ -294,6 +298,62 @@ class Gate(nn.Module):
         else:
             selection = select_top_n(scores, mask, self.top_n, self.temperature, soft_tail, self.balance_weight, first)
         return in_encoder_order(selection) if self.config.slot_order == "fixed" else selection
+
+
+
+@attrs.frozen(kw_only=True)
+class ScoutConfig:
+    """Options every scout takes (none yet): a scout's own config derives from it."""
+
+
+class Scout(nn.Module):
+    """Decides, per sample, which on-demand encoders run (``conditional.scout``; docs/writing-a-plugin.md#scouts).
+
+    **What it sees**, at each stage: ``tokens`` ``[B, K, d]``, every encoder's token computed so far (the always-run
+    encoders and previews from the start, each on-demand encoder once it ran; zeros elsewhere and for a missing
+    encoder; before the identity embeddings), ``present`` ``[B, K]`` (bool: the encoder's input is there) and
+    ``ran`` ``[B, m]`` (bool: which on-demand encoders ran, in ``context.on_demand`` order).
+
+    **What it gives**: :meth:`forward` returns ``[B, m]``, the predicted value of running each on-demand encoder
+    for each row: how much the row's loss would drop when its token joined the fusion. The model decides in
+    stages: each row still going picks the encoder left of most value per unit of cost (relative to the mean
+    on-demand cost), runs it when that reaches the threshold (0 by default: while a gain is expected; a mean
+    budget's fitted threshold; any, under a cap, while the cost fits), and the scout is asked again with its
+    token. The rule lives in :func:`fusionkit.conditional.rules.stage_pick`, with its numpy twin that the runtime
+    calls; a scout writes :meth:`forward` only.
+
+    **How it trains**: on the rows where every on-demand encoder ran (``conditional.scout_rows``), the trainer
+    measures, for each encoder the row's sampled state could add, the drop of the row's loss when its token is
+    added (both fused as at inference), and calls :meth:`loss` with the prediction in that state;
+    ``conditional.scout_weight`` weighs it. Its inputs are detached: a scout learns to predict the fusion, never
+    to shape the tokens.
+
+    **A mean budget** (``--budget mean:S%``) runs a row's stages while their values per cost reach a threshold,
+    fitted on validation rows along each row's path of stages (:func:`fusionkit.inference.fit_mean_budget`).
+
+    **Export**: :meth:`forward` is traced to ``value.onnx`` (inputs ``tokens``, ``present``, ``ran``; output
+    ``values``), which the runtime runs once per stage. It must therefore be traceable: tensor operations only.
+
+    The built-in ``gate`` scout (:attr:`rule` ``"gate"``) is the exception: the gate's own scores before the
+    on-demand encoders run decide, once, and it has no :meth:`forward` of its own.
+    """
+
+    #: How the model applies the scout: ``"staged"`` (the contract above) or ``"gate"`` (the built-in gate scout
+    #: alone: the gate's scores decide).
+    rule: str = "staged"
+
+    def __init__(self, config: ScoutConfig, context: BuildContext) -> None:
+        super().__init__()
+        self.config = config
+        self.context = context
+
+    def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, predicted: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+        """The scout's loss on ``predicted`` and ``measured`` loss drops (``[N]`` each, the (row, encoder) pairs
+        the trainer measured): the squared error by default."""
+        return (predicted.float() - measured.float()).pow(2).mean()
 
 
 class Fusion(nn.Module):

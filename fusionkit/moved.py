@@ -32,7 +32,7 @@ REMOVED_IN = "0.3.0"
 #: Modules that are gone: old path -> the new module, or {name: new module} where the names went apart.
 MOVED_MODULES: dict[str, str | dict[str, str]] = {
     "fusionkit.sweep": "fusionkit.training.sweep",
-    "fusionkit.report": "fusionkit.training.report",
+    "fusionkit.report": "fusionkit.evaluation.report",
     "fusionkit.demo": "fusionkit.cli.demo",
     "fusionkit.scaffold": "fusionkit.cli.scaffold",
     "fusionkit.model": {
@@ -46,7 +46,26 @@ MOVED_MODULES: dict[str, str | dict[str, str]] = {
         **dict.fromkeys(("TowerEncoder", "TowerEncoderConfig"), "fusionkit.components.encoders"),
     },
     "fusionkit.training.distributed": dict.fromkeys(("Dist", "setup", "unused_parameters_possible", "wrap"),
-                                                    "fusionkit.distributed"),
+                                                    "fusionkit.hardware.distributed"),
+    # 0.3.0 layout (issue 43): BlEmoRE, conditional execution, export, evaluation and hardware get folders
+    **{f"fusionkit.{m}": f"fusionkit.blemore.{m}" for m in ("answers", "metrics", "decoding", "submission")},
+    **{f"fusionkit.{m}": f"fusionkit.conditional.{m}" for m in ("budget", "selection")},
+    **{f"fusionkit.{m}": f"fusionkit.hardware.{m}" for m in ("devices", "distributed")},
+    **{f"fusionkit.{m}": f"fusionkit.spec.{m}" for m in ("schema", "yaml_reader", "recipes")},
+    "fusionkit.runtime.manifest": "fusionkit.export.manifest",
+    "fusionkit.inference.export": "fusionkit.export.graphs",
+    "fusionkit.models.conditional": {
+        "Budget": "fusionkit.conditional.budget",
+        **dict.fromkeys(("RowShare", "row_uniform", "gather_rows", "scatter_rows"), "fusionkit.conditional.rows"),
+        **dict.fromkeys(("within_budget", "kept_by", "value_per_cost", "fit_threshold", "relative_costs",
+                         "path_values", "scout_loss"), "fusionkit.conditional.rules"),
+    },
+    **{f"fusionkit.training.{m}": f"fusionkit.evaluation.{m}" for m in ("ensemble", "report")},
+    "fusionkit.training.controls": {
+        **dict.fromkeys(("EXHAUSTIVE", "static_choices", "static_frontier", "frontier_at", "random_rows", "cascade",
+                         "known_corruption", "curve_controls", "verdict"), "fusionkit.evaluation.controls"),
+        **dict.fromkeys(("CURVE_FORMAT", "curve_document"), "fusionkit.evaluation.curves"),
+    },
 }
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusionkit.answers import from_order, order_to_matrix, parse_blemore_name, to_matrix
+from fusionkit.blemore.answers import from_order, order_to_matrix, parse_blemore_name, to_matrix
+from fusionkit.blemore.metrics import blemore_scores, scores_from_matrices
 from fusionkit.components.decoders import blemore_decode, presence_salience_decode
 from fusionkit.errors import DataError
-from fusionkit.metrics import blemore_scores, scores_from_matrices
 
 # Expected outputs of the official BlEmoRE code (a copy of shared/data/blemore-vectors.json, shipped with the tests).
 VECTORS = Path(__file__).parent / "data" / "blemore-vectors.json"
@@ -145,7 +145,7 @@ def test_matrix_round_trip():
 
 def test_acc_salience_is_not_applicable_without_blends():
     """a split without blends reported ACC_salience 0.000, which halved Score."""
-    from fusionkit.metrics import blemore_scores
+    from fusionkit.blemore.metrics import blemore_scores
 
     truth = {"x": [{"emotion": "hap", "salience": 100.0}], "y": [{"emotion": "sad", "salience": 100.0}]}
     pred = {"x": [{"emotion": "hap", "salience": 100.0}], "y": [{"emotion": "ang", "salience": 100.0}]}

@@ -1,4 +1,4 @@
-"""Conditional execution (fusionkit.models.conditional): on-demand encoders scored by the gate before they run, run
+"""Conditional execution (fusionkit.conditional.rules): on-demand encoders scored by the gate before they run, run
 on the rows that keep them, within a compute budget; costs per encoder; the scout's training."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import yaml
 from conftest import tiny_spec
 
 from fusionkit.cli import main
+from fusionkit.conditional.budget import Budget
+from fusionkit.conditional.rules import within_budget
 from fusionkit.errors import DataError, FusionkitError, SpecError
-from fusionkit.models.conditional import Budget, within_budget
 from fusionkit.models.factory import build_model, load_model
 from fusionkit.spec import load_spec
 
@@ -79,7 +80,7 @@ def test_a_budget_caps_every_samples_cost_in_the_scouts_order():
 
 
 def test_a_mean_budgets_threshold_is_the_lowest_that_meets_it():
-    from fusionkit.models.conditional import fit_threshold
+    from fusionkit.conditional.rules import fit_threshold
 
     values = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.2, 0.8], [0.4, float("-inf")]])
     costs, paid = torch.tensor([1.0, 1.0]), torch.zeros(4)
@@ -403,7 +404,7 @@ def test_a_compute_budget_in_the_spec_is_validated():
 
 def test_a_fold_ensemble_takes_a_cap_and_a_mean_budget_fitted_per_model(synthetic_store, tmp_path, capsys):
     from fusionkit.data.open import spec_store
-    from fusionkit.training.ensemble import FoldEnsemble
+    from fusionkit.evaluation.ensemble import FoldEnsemble
     from fusionkit.training.train import cross_validate
 
     cross_validate(demand_spec(epochs=1), synthetic_store, tmp_path / "cv", progress=False)

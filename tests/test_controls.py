@@ -1,4 +1,4 @@
-"""The controls of an accuracy-compute curve (fusionkit.training.controls): static choices and their frontier,
+"""The controls of an accuracy-compute curve (fusionkit.evaluation.controls): static choices and their frontier,
 random rows at the scout's rates, the confidence cascade, and the verdict the command line prints."""
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from conftest import tiny_spec
 
 from fusionkit.cli import main
 from fusionkit.errors import FusionkitError
-from fusionkit.inference import collect_outputs
-from fusionkit.models.factory import build_model
-from fusionkit.training.controls import (
+from fusionkit.evaluation.controls import (
     cascade,
     curve_controls,
     frontier_at,
@@ -22,7 +20,9 @@ from fusionkit.training.controls import (
     static_choices,
     static_frontier,
 )
-from fusionkit.training.tasks import budget_curve
+from fusionkit.evaluation.curves import budget_curve
+from fusionkit.inference import collect_outputs
+from fusionkit.models.factory import build_model
 from fusionkit.training.train import make_split, train
 
 
@@ -199,9 +199,9 @@ def test_the_known_corruption_control_runs_exactly_the_clean_rows(trained, tmp_p
     controls and verdict carry it."""
     import shutil
 
-    import fusionkit.training.controls as controls
+    import fusionkit.evaluation.controls as controls
     from fusionkit.data.store import open_store
-    from fusionkit.training.controls import known_corruption
+    from fusionkit.evaluation.controls import known_corruption
 
     model, store, split, _ = trained
     assert known_corruption(model, store, split.test) == []  # nothing recorded: nothing to know

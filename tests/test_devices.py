@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_spec
+
 from fusionkit.errors import FusionkitError, FusionkitWarning
 from fusionkit.training.train import Trainer, make_split, train
 
@@ -108,7 +108,7 @@ def test_load_model_takes_a_device(tmp_path):
     loaded = fusionkit.load_model(tmp_path / "ckpt", device="cpu")
     assert next(loaded.parameters()).device.type == "cpu"
     with pytest.raises(FusionkitError, match="--device 'tpu'"):
-        from fusionkit.devices import resolve_device
+        from fusionkit.hardware.devices import resolve_device
 
         resolve_device("tpu")
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusionkit.data.open import spec_store
 from fusionkit.errors import CheckpointError, FusionkitError, SpecError
 from fusionkit.interfaces import DistillBatch
 from fusionkit.models.factory import build_model, load_model
 from fusionkit.models.towers import TwoTowerModel, clip_loss, retrieval_metrics
 from fusionkit.plugins import get_registry
-from fusionkit.data.open import spec_store
 from fusionkit.spec import load_spec
 from fusionkit.training.distill import teacher_outputs
 from fusionkit.training.train import train

@@ -17,7 +17,7 @@ import torch
 import yaml
 from conftest import tiny_spec
 
-from fusionkit.distributed import Dist, unused_parameters_possible
+from fusionkit.hardware.distributed import Dist, unused_parameters_possible
 from fusionkit.models.factory import load_model
 from fusionkit.spec import load_spec
 from fusionkit.training.train import train

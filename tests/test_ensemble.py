@@ -1,4 +1,4 @@
-"""Fold ensembles (fusionkit.training.ensemble): averaged models, out-of-fold thresholds, and the checks that come
+"""Fold ensembles (fusionkit.evaluation.ensemble): averaged models, out-of-fold thresholds, and the checks that come
 before anything is combined: a complete cross-validation, one spec, the store the folds trained on."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from conftest import tiny_spec
 from fusionkit.cli import main
 from fusionkit.data.open import spec_store
 from fusionkit.errors import CheckpointError, DataError, FusionkitWarning
-from fusionkit.spec import load_spec
-from fusionkit.training.ensemble import FoldEnsemble, expand_runs
+from fusionkit.evaluation.ensemble import FoldEnsemble, expand_runs
 from fusionkit.inference import collect_outputs
+from fusionkit.spec import load_spec
 from fusionkit.training.train import cross_validate, train
 
 

@@ -1,4 +1,4 @@
-"""Export to split ONNX graphs and the runtime without torch (fusionkit.inference.export, fusionkit.runtime)."""
+"""Export to split ONNX graphs and the runtime without torch (fusionkit.export.graphs, fusionkit.runtime)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import fusionkit
 from fusionkit.cli import main
 from fusionkit.data.open import spec_store
 from fusionkit.errors import FusionkitError
+from fusionkit.export.check import check_export
+from fusionkit.export.graphs import ExportError, export_model
 from fusionkit.inference import fit_mean_budget, predictions_for
-from fusionkit.inference.export import ExportError, check_export, export_model
 from fusionkit.models.factory import load_model
 from fusionkit.runtime import DeploymentError, load, read_store
 from fusionkit.training.train import make_split, train
@@ -68,13 +69,13 @@ def test_each_on_demand_graph_runs_only_on_the_rows_that_keep_it(sequences, expo
     runtime = load(exported)
     rows = read_store(store.path, runtime.names).take(np.arange(40))
     seen = []
-    real = runtime._encode
+    real = runtime.encode
 
     def spy(name, feed, chosen):
         seen.append((name, 40 if chosen is None else len(chosen)))
         return real(name, feed, chosen)
 
-    monkeypatch.setattr(runtime, "_encode", spy)
+    monkeypatch.setattr(runtime, "encode", spy)
     out = runtime.predict(rows.inputs, "25%", lengths=rows.lengths)
     ran = out.ran.sum(axis=0)
     assert dict(seen) == {"enc0": 40, **{runtime.names[k]: int(ran[k]) for k in (1, 2) if ran[k]}}
@@ -182,7 +183,7 @@ def test_a_two_tower_model_exports_each_tower(sequences, tmp_path, capsys):
     with pytest.raises(DeploymentError, match="embeds and predicts no answers"):
         runtime.predict(rows.inputs)
     with pytest.raises(ExportError, match="stores a mean budget|needs on-demand"):
-        export_model(model, tmp_path / "again", budget=fusionkit.models.conditional.Budget(share=0.4, mean=True,
+        export_model(model, tmp_path / "again", budget=fusionkit.conditional.budget.Budget(share=0.4, mean=True,
                                                                                           threshold=0.1))
 
 
@@ -256,7 +257,7 @@ def test_a_command_that_needs_torch_says_how_to_install_it():
             fusionkit.build_model
         except ModuleNotFoundError as exc:
             print(exc)
-        for module in ("fusionkit.inference.export", "fusionkit.models.fusion", "fusionkit.training.train"):
+        for module in ("fusionkit.export.graphs", "fusionkit.models.fusion", "fusionkit.training.train"):
             try:
                 __import__(module)
             except ModuleNotFoundError as exc:
@@ -269,7 +270,7 @@ def test_a_command_that_needs_torch_says_how_to_install_it():
     assert "fusionkit: error: this needs PyTorch, which is not installed here: pip install 'fusionkit[torch]'" in \
         proc.stderr
     assert proc.stdout.splitlines()[1].startswith("fusionkit.build_model: this needs PyTorch")
-    for line, package in zip(proc.stdout.splitlines()[2:5], ("inference", "models", "training")):
+    for line, package in zip(proc.stdout.splitlines()[2:5], ("export", "models", "training")):
         assert line.startswith(f"fusionkit.{package}: this needs PyTorch, which is not installed here: pip install")
     assert "PyTorch is not installed here, and every command above but serve needs it" in " ".join(proc.stdout.split())
 
@@ -294,29 +295,6 @@ def test_the_command_line_exports_checks_and_predicts_without_torch(sequences, t
     assert proc.returncode == 2 and "stores the mean budget(s) mean:40%; give one of them" in proc.stderr
     assert main(["export", str(root / "run"), "--out", str(tmp_path / "exp2"), "--budget", "40%"]) == 2
     assert "a cap needs nothing stored" in capsys.readouterr().err
-
-
-def test_budgets_choose_as_the_model_does_on_random_scores():
-    """The runtime's numpy rules equal the model's torch rules on random scores, costs and availability."""
-    from fusionkit.models import conditional as torch_rules
-    from fusionkit.runtime import model as numpy_rules
-
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        scores = rng.normal(size=(32, 4)).astype(np.float32)
-        present = rng.random((32, 4)) > 0.2
-        costs = rng.uniform(0.5, 5.0, size=4)
-        limit = rng.uniform(0.0, 10.0, size=32)
-        got = numpy_rules.within_budget(scores, present, costs, limit)
-        expected = torch_rules.within_budget(torch.as_tensor(scores), torch.as_tensor(present),
-                                             torch.as_tensor(costs), torch.as_tensor(limit)).numpy()
-        assert np.array_equal(got, expected)
-        demand = [1, 2, 3]
-        got = numpy_rules.value_per_cost(scores, present, costs, demand)
-        expected = torch_rules.value_per_cost(torch.as_tensor(scores), torch.as_tensor(present),
-                                              torch.as_tensor(costs), demand).numpy()
-        assert np.allclose(got, expected, rtol=1e-6, equal_nan=True)
-        assert np.array_equal(np.isinf(got), np.isinf(expected))
 
 
 @pytest.mark.parametrize("gate, fusion, combiner, decoder", [

@@ -17,8 +17,9 @@ from fusionkit.cli import main
 from fusionkit.data.open import spec_store
 from fusionkit.data.store import Sample, write_store
 from fusionkit.errors import DataError
+from fusionkit.export.check import check_export
+from fusionkit.export.graphs import ExportError, export_model
 from fusionkit.inference import predictions_for
-from fusionkit.inference.export import ExportError, check_export, export_model
 from fusionkit.runtime import DeploymentError, load
 from fusionkit.runtime.__main__ import main as main_runtime
 from fusionkit.runtime.images import preprocess, read_image

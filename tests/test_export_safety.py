@@ -21,9 +21,10 @@ import fusionkit
 from fusionkit.components.datasets import build_dataset
 from fusionkit.data.open import spec_store
 from fusionkit.errors import DataError
+from fusionkit.export.check import check_export
+from fusionkit.export.graphs import ExportError, export_model
 from fusionkit.files import LockedError, folder_lock
 from fusionkit.inference import fit_mean_budget
-from fusionkit.inference.export import ExportError, check_export, export_model
 from fusionkit.runtime import DeploymentError, load, read_store
 from fusionkit.runtime.__main__ import main as runtime_main
 from fusionkit.runtime.images import read_image
@@ -167,7 +168,7 @@ def test_the_export_command_checks_before_replacing(setup, tmp_path, capsys, mon
                           tmp_path / "other")
     assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--check", str(other)]) == 0
     capsys.readouterr()
-    import fusionkit.inference.export as export_module
+    import fusionkit.export.check as export_module
 
     real = export_module.check_export
 
@@ -205,9 +206,12 @@ def test_both_readers_give_a_sequence_with_a_bad_frame_the_same_zeros(tmp_path):
 
 
 def test_the_value_head_does_not_read_a_missing_encoders_token():
-    from fusionkit.models.conditional import ValueHead
+    from fusionkit.components.scouts import ValueScout, ValueScoutConfig
+    from fusionkit.interfaces import BuildContext
 
-    head = ValueHead(3, 2, 4, 8).eval()
+    context = BuildContext(labels=("a", "b"), neutral=None, latent_dim=4, encoder_names=("x", "y", "z"),
+                           on_demand=(1, 2))
+    head = ValueScout(ValueScoutConfig(hidden=8), context).eval()
     tokens = torch.randn(5, 3, 4)
     present = torch.ones(5, 3, dtype=torch.bool)
     present[[1, 3], 0] = False
@@ -240,7 +244,7 @@ def test_random_rows_draw_among_the_rows_that_have_the_encoder(tmp_path):
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    from fusionkit.training.controls import random_rows
+    from fusionkit.evaluation.controls import random_rows
 
     root = build_dataset("synthetic", {"samples": 80, "noise": [0.3, 1.0, 2.0], "dim": 6, "seed": 4}, tmp_path / "s")
     file = root / "enc2.safetensors"
@@ -412,7 +416,7 @@ def test_symbolic_links_in_an_export_are_refused(setup, tmp_path):
 
 
 def test_an_absolute_sha_key_is_refused_without_hashing_the_file(setup, tmp_path, monkeypatch):
-    import fusionkit.runtime.manifest as manifest_module
+    import fusionkit.export.manifest as manifest_module
 
     _, _, _, exported = setup
     folder = tmp_path / "exp"

@@ -12,7 +12,6 @@ from test_live import IMG, raw_images, spec_with  # noqa: F401 - the fixture is 
 
 from fusionkit.errors import DataError
 
-
 # --- extraction shards and one writer ------------------------------------------------------------
 
 

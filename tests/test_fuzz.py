@@ -8,17 +8,17 @@ third each); the suite's default keeps it quick.
 from __future__ import annotations
 
 import contextlib
-import functools
 import copy
+import functools
 import json
 import os
 import re
 import signal
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
-import jsonschema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -153,7 +153,7 @@ def inputs_for(model, batch=3):
 @functools.cache
 def SCHEMA():  # noqa: N802 - a constant, built once the plugins are loaded
     from fusionkit.plugins import get_registry
-    from fusionkit.schema import spec_schema
+    from fusionkit.spec.schema import spec_schema
 
     return spec_schema(get_registry())
 

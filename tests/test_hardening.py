@@ -10,8 +10,8 @@ import yaml
 from conftest import tiny_spec
 
 from fusionkit.cli import main
+from fusionkit.conditional.budget import Budget
 from fusionkit.errors import FusionkitError, SpecError
-from fusionkit.models.conditional import Budget
 from fusionkit.spec import load_spec
 
 
@@ -74,7 +74,7 @@ def test_a_crash_between_the_zip_and_the_json_stays_recoverable(run, synthetic_s
         calls.append(path)
         raise Crash
 
-    monkeypatch.setattr("fusionkit.submission.atomic_write_text", crash)
+    monkeypatch.setattr("fusionkit.blemore.submission.atomic_write_text", crash)
     with pytest.raises(Crash):
         cli(*args, "--id-suffix", ".mov")
     assert calls and (tmp_path / "sub.json").read_bytes() == old  # the old JSON, a new zip beside it
@@ -170,7 +170,7 @@ def test_report_names_a_damaged_budget_curve(run, text, message, capsys):
 
 
 def test_the_summary_is_written_atomically(run, monkeypatch):
-    from fusionkit.training import report
+    from fusionkit.evaluation import report
 
     assert cli("report", run) == 0
     before = (run / "report" / "summary.md").read_text()
@@ -339,7 +339,7 @@ def schema_validate(data):
     import jsonschema
 
     from fusionkit.plugins import get_registry
-    from fusionkit.schema import spec_schema
+    from fusionkit.spec.schema import spec_schema
 
     jsonschema.validate(data, spec_schema(get_registry()))
 
@@ -356,7 +356,7 @@ def test_the_docs_reference_block_and_resolved_specs_pass_the_schema():
     import re
     from pathlib import Path
 
-    from fusionkit.yaml_reader import load_yaml
+    from fusionkit.spec.yaml_reader import load_yaml
 
     docs = Path(__file__).resolve().parents[1] / "docs"
     checked = 0

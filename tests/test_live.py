@@ -453,8 +453,8 @@ def test_extract_from_the_command_line(raw_images, capsys):
 
 
 def test_mixed_live_and_stored_encoders_train_and_the_fine_tuned_checkpoint_round_trips(raw_images):
-    from fusionkit.models.factory import load_model
     from fusionkit.data.open import spec_store
+    from fusionkit.models.factory import load_model
     from fusionkit.training.train import train
 
     spec = spec_with(IMG, {"name": "vec", "type": "features", "dim": 5}, lr=0.01)

@@ -9,10 +9,10 @@ import pytest
 from conftest import tiny_spec
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fusionkit.data.open import spec_store
 from fusionkit.errors import FusionkitError, SpecError
 from fusionkit.spec import load_spec
 from fusionkit.training.loggers import RunLogger
-from fusionkit.data.open import spec_store
 from fusionkit.training.train import Trainer, make_split, train
 
 

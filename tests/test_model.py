@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusionkit import build_model
-from fusionkit.pooling import stats7
+from fusionkit.conditional.selection import select_top_n, select_top_p
 from fusionkit.errors import DataError
-from fusionkit.selection import select_top_n, select_top_p
+from fusionkit.pooling import stats7
 
 
 def spec(gate="attention", top_n=2, fusion="rank_concat", **extra):

@@ -8,10 +8,10 @@ import torch
 from conftest import tiny_spec
 from test_conditional import halves_spec, halves_store  # noqa: F401 - the store is a fixture
 
+from fusionkit.conditional.selection import select_top_n, select_top_p
 from fusionkit.errors import FusionkitError
 from fusionkit.inference import collect_outputs, fit_mean_budget
 from fusionkit.models.factory import build_model, load_model
-from fusionkit.selection import select_top_n, select_top_p
 from fusionkit.training.losses import row_losses, training_loss
 from fusionkit.training.tasks import compute_summary
 from fusionkit.training.train import make_split, train
@@ -69,7 +69,7 @@ def test_the_value_target_is_computed_on_the_rows_where_everything_ran():
     expected = ((out.value_predicted - drop)[out.value_addable] ** 2).mean()
     assert parts["scout"] == pytest.approx(float(expected.detach()), rel=1e-4) and parts["scout"] > 0
     loss.backward()
-    assert model.value_head.net[0].weight.grad.abs().sum() > 0
+    assert model.scout.net[0].weight.grad.abs().sum() > 0
 
 
 class _Scripted(torch.nn.Module):
@@ -91,7 +91,7 @@ class _Scripted(torch.nn.Module):
 def test_the_stages_gather_and_scatter_and_rescore_with_the_tokens_that_ran():
     torch.manual_seed(0)
     model = build_model(value_spec()).eval()
-    model.value_head = _Scripted()
+    model.scout = _Scripted()
     seen = {"enc1": [], "enc2": []}
     for name in seen:
         model.encoders[name].register_forward_hook(lambda m, args, out, name=name: seen[name].append(len(args[0])))
@@ -102,7 +102,7 @@ def test_the_stages_gather_and_scatter_and_rescore_with_the_tokens_that_ran():
     assert 0 < int(wants_2.sum()) < 16
     assert out.ran[:, 1].all() and torch.equal(out.ran[:, 2], wants_2)
     assert seen["enc1"] == [16, 16] and seen["enc2"] == [int(wants_2.sum())]  # the last enc1 call: the test's own
-    stage_2_tokens, stage_2_ran = model.value_head.seen[1]
+    stage_2_tokens, stage_2_ran = model.scout.seen[1]
     assert stage_2_ran[:, 0].all() and torch.allclose(stage_2_tokens[:, 1], tokens_1, atol=1e-6)
     assert (stage_2_tokens[:, 2] == 0).all()  # enc2 had not run when it was re-scored
     reference = model(x, mask=out.ran, everything=True)
@@ -200,7 +200,8 @@ def test_value_path_needs_the_value_scout():
 
 def test_a_value_scout_exports_and_the_runtime_decides_in_the_same_stages(synthetic_store, tmp_path):
     from fusionkit.data.store import open_store
-    from fusionkit.inference.export import check_export, export_model
+    from fusionkit.export.check import check_export
+    from fusionkit.export.graphs import export_model
     from fusionkit.runtime import load
 
     spec = value_spec()

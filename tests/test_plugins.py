@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fusionkit
 from fusionkit import build_model, plugins
@@ -310,8 +311,8 @@ def test_plugin_new_makes_every_kind_and_each_one_works(tmp_path, monkeypatch, c
 
     import fusionkit
     from fusionkit.cli import main
-    from fusionkit.components.datasets import build_dataset
     from fusionkit.cli.scaffold import PLUGIN_KINDS
+    from fusionkit.components.datasets import build_dataset
     from fusionkit.training.train import train
 
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -340,6 +341,13 @@ def test_plugin_new_makes_every_kind_and_each_one_works(tmp_path, monkeypatch, c
     metrics = train(student, store, tmp_path / "student", fold=0, progress=False, target=target)
     log = json.loads((tmp_path / "student" / "log.jsonl").read_text().splitlines()[0])
     assert {"distill_my_distill_loss"} <= set(log) and metrics["test"]["n"] > 0
+    demand = {**teacher, "encoders": [*teacher["encoders"], {"name": "more", "type": "features", "dim": 8,
+                                                             "run": "on_demand", "cost_gflops": 1.0}],
+              "conditional": {"scout": {"type": "my_scout", "hidden": 8}}}
+    model = fusionkit.build_model(demand).eval()
+    with torch.no_grad():
+        out = model({"features": torch.randn(6, 8), "more": torch.randn(6, 8)}, budget="100%")
+    assert type(model.scout).__name__ == "MyScout" and out.ran.shape == (6, 2)
 
 
 # --- distillation presets ----------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import fusionkit
 from fusionkit.components.datasets import build_dataset
 from fusionkit.data.open import spec_store
 from fusionkit.errors import SpecError
+from fusionkit.export.check import check_export
+from fusionkit.export.graphs import export_model
 from fusionkit.inference import fit_mean_budget
-from fusionkit.inference.export import check_export, export_model
 
 
 def preview_spec(**look):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusionkit.selection import in_encoder_order, select_top_n, select_top_p
+from fusionkit.conditional.selection import in_encoder_order, select_top_n, select_top_p
 
 
 def test_fixed_order_keeps_the_same_encoders_and_weights_in_the_spec_order():
@@ -60,7 +60,7 @@ def test_distractors_and_heavy_corruption_are_dataset_options(uci_source, tmp_pa
 
 
 def test_the_controls_each_change_one_thing_of_the_best_recipe():
-    from fusionkit.recipes import controls, selective
+    from fusionkit.spec.recipes import controls, selective
 
     found = controls()
     assert found["best: top-p 0.9 (min 2), rank order"] == selective()
@@ -85,10 +85,10 @@ def test_the_gate_diagnostics_split_keep_rates_by_corruption(uci_source, tmp_pat
     """Per encoder, the keep rate on clean against corrupted samples, in metrics.json and the report."""
     import json
 
-    from fusionkit import recipes
     from fusionkit.components.datasets import build_dataset
     from fusionkit.data.store import open_store
-    from fusionkit.training.report import write_report
+    from fusionkit.evaluation.report import write_report
+    from fusionkit.spec import recipes
     from fusionkit.training.train import train
 
     store = build_dataset("uci-mfeat", {"source": uci_source, "corrupt_fraction": 0.5, "blends_per_single": 0.2},

@@ -23,8 +23,8 @@ import torch
 import fusionkit
 from fusionkit.components.datasets import build_dataset
 from fusionkit.data.open import spec_store
+from fusionkit.export.graphs import export_model
 from fusionkit.inference import fit_mean_budget
-from fusionkit.inference.export import export_model
 from fusionkit.runtime import load, read_store
 
 BUDGETS = [None, "0%", "30%", "100%", "mean:25%", "mean:60%", 2.5]

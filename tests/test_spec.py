@@ -169,7 +169,7 @@ def test_schema_accepts_the_example_and_rejects_a_bad_spec():
     import jsonschema
 
     from fusionkit.plugins import get_registry
-    from fusionkit.schema import spec_schema
+    from fusionkit.spec.schema import spec_schema
 
     schema = spec_schema(get_registry())
     data = yaml.safe_load(EXAMPLE.read_text())
@@ -245,8 +245,8 @@ def test_spec_validate_warns_of_a_missing_teacher(tmp_path, capsys):
 def test_a_label_mismatch_says_which_labels_to_write(tmp_path, uci_source):
     """docs/training.md's command failed on label names with no hint."""
     from fusionkit.components.datasets import build_dataset
-    from fusionkit.spec import load_spec
     from fusionkit.data.open import spec_store
+    from fusionkit.spec import load_spec
 
     store = build_dataset("uci-mfeat", {"source": uci_source}, tmp_path / "uci")
     spec = load_spec({"encoders": [{"name": "fou", "type": "features", "dim": 76}]})
@@ -327,8 +327,8 @@ def test_the_schema_covers_every_top_level_key_and_accepts_a_two_tower_spec_with
     import jsonschema
 
     from fusionkit.plugins import get_registry
-    from fusionkit.schema import spec_schema
     from fusionkit.spec import TOP_LEVEL_KEYS
+    from fusionkit.spec.schema import spec_schema
 
     schema = spec_schema(get_registry())
     assert list(schema["properties"]) == list(TOP_LEVEL_KEYS)

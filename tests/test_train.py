@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import tiny_spec
 
+from fusionkit.data.open import spec_store
 from fusionkit.data.store import open_store
 from fusionkit.errors import CheckpointError, DataError
 from fusionkit.models.factory import load_model
 from fusionkit.spec import load_spec
-from fusionkit.data.open import spec_store
 from fusionkit.training.train import Trainer, make_split, train
 
 

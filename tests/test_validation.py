@@ -239,8 +239,8 @@ def test_several_missing_plugins_are_named_at_once(ckpt):
 
 
 def test_evaluation_refuses_nan_outputs(tmp_path, synthetic_store):
-    from fusionkit.inference import collect_outputs
     from fusionkit.data.open import spec_store
+    from fusionkit.inference import collect_outputs
     from fusionkit.training.train import make_split
 
     model = build_model(tiny_spec())

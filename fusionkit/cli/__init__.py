@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from fusionkit.blemore.submission import submission_paths
 from fusionkit.cli import data, demo, evaluate, export, plugins, report, serve, spec, sweep, train
 from fusionkit.cli.spec import cost_table, model_summary
-from fusionkit.submission import submission_paths
 
 __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OS", "EXIT_INTERRUPTED", "EXIT_PIPE", "build_parser", "main",
            "model_summary", "cost_table", "submission_paths"]
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     code = _run(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: ends without the interpreter's finalization
-        from fusionkit.distributed import end_rank
+        from fusionkit.hardware.distributed import end_rank
 
         end_rank(code)
     return code

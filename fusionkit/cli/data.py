@@ -25,7 +25,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_data_build(args: argparse.Namespace) -> int:
     from fusionkit.components.datasets import build_dataset
     from fusionkit.errors import FusionkitError
-    from fusionkit.yaml_reader import load_yaml
+    from fusionkit.spec.yaml_reader import load_yaml
 
     options = {}
     for item in args.set or []:

@@ -47,12 +47,12 @@ def _on_demand(out: Path, source: str, args: argparse.Namespace) -> dict[tuple[s
     drawn by the report)."""
     import json
 
-    from fusionkit import recipes
     from fusionkit.data.open import spec_store
+    from fusionkit.evaluation.curves import curve_document
+    from fusionkit.evaluation.report import write_report
     from fusionkit.files import atomic_write_text
     from fusionkit.models.factory import load_model
-    from fusionkit.training.controls import curve_document
-    from fusionkit.training.report import write_report
+    from fusionkit.spec import recipes
     from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import make_split, train
 
@@ -78,11 +78,11 @@ def _on_demand(out: Path, source: str, args: argparse.Namespace) -> dict[tuple[s
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from fusionkit import recipes
+    from fusionkit.blemore.metrics import format_metric
     from fusionkit.components.datasets import build_dataset
-    from fusionkit.metrics import format_metric
+    from fusionkit.evaluation.report import write_report
     from fusionkit.plugins import loaded
-    from fusionkit.training.report import write_report
+    from fusionkit.spec import recipes
     from fusionkit.training.train import train
 
     started = time.perf_counter()

@@ -40,7 +40,7 @@ def _run_index(run: Path, store, split_name: str):
 
 
 def _open_run(args: argparse.Namespace):
-    from fusionkit.devices import resolve_device
+    from fusionkit.hardware.devices import resolve_device
     from fusionkit.models.factory import load_model
 
     model = load_model(Path(args.run[0]) / "best", device=resolve_device(args.device or "auto"))
@@ -49,9 +49,9 @@ def _open_run(args: argparse.Namespace):
 
 def _open_ensemble(args: argparse.Namespace):
     """The runs of ``args.run`` as a fold ensemble with its thresholds fitted out of fold, or None for one run."""
-    from fusionkit.devices import resolve_device
     from fusionkit.errors import FusionkitError
-    from fusionkit.training.ensemble import FoldEnsemble, expand_runs
+    from fusionkit.evaluation.ensemble import FoldEnsemble, expand_runs
+    from fusionkit.hardware.devices import resolve_device
 
     runs = expand_runs(args.run, partial=args.partial)
     if len(runs) == 1 and not args.cv:
@@ -122,7 +122,7 @@ def _budget_suffix(args: argparse.Namespace) -> str:
     equal (``10`` and ``1e+1``), never when they differ (``1e-1`` and ``1e+1``)."""
     if args.budget is None:
         return ""
-    from fusionkit.models.conditional import Budget
+    from fusionkit.conditional.budget import Budget
 
     budget = Budget.parse(args.budget)
     amount = _exact(100 * budget.share) + "pct" if budget.share is not None else _exact(budget.gflops)
@@ -137,8 +137,8 @@ def _exact(value: float) -> str:
 
 def _check_budget_costs(args: argparse.Namespace) -> None:
     """``--budget-costs time`` counts a budget: refuse it alone, or with GFLOPs, before anything is measured."""
+    from fusionkit.conditional.budget import Budget
     from fusionkit.errors import FusionkitError
-    from fusionkit.models.conditional import Budget
 
     if args.budget_costs != "time":
         return
@@ -167,8 +167,8 @@ def _budget_option(args: argparse.Namespace, model, store, index) -> dict:
     _check_budget_costs(args)
     if args.budget is None:
         return {}
+    from fusionkit.conditional.budget import Budget
     from fusionkit.errors import FusionkitError
-    from fusionkit.models.conditional import Budget
 
     if not model.spec.on_demand:
         raise FusionkitError(f"--budget {args.budget}: {args.run[0]} runs every encoder always (no encoder has run: "
@@ -179,14 +179,9 @@ def _budget_option(args: argparse.Namespace, model, store, index) -> dict:
         budget = budget.timed(seconds)
     _warn_over_cap(model, budget)
     if budget.mean:  # its threshold comes from the run's validation fold
-        from fusionkit.inference import fit_mean_budget
-        from fusionkit.training.rundir import check_trained_store
-        from fusionkit.training.train import make_split
+        from fusionkit.evaluation.budgets import fit_run_budget
 
-        info = json.loads((Path(args.run[0]) / "run.json").read_text(encoding="utf-8"))
-        check_trained_store(Path(args.run[0]), info, store, "a mean budget's threshold is fitted on the run's "
-                            "validation fold, which another store's folds would fill with rows it trained on")
-        budget = fit_mean_budget(model, store, make_split(store, info.get("test_fold")).val, budget)
+        budget = fit_run_budget(args.run[0], model, store, budget)
         print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
     return {"budget": budget}
 
@@ -208,8 +203,8 @@ def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
     _check_budget_costs(args)
     if args.budget is None:
         return None
+    from fusionkit.conditional.budget import Budget
     from fusionkit.errors import FusionkitError
-    from fusionkit.models.conditional import Budget
 
     budget = Budget.parse(args.budget)
     if not ensemble.spec.on_demand:
@@ -230,8 +225,9 @@ def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
 def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
     """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything: at
     mean budgets fitted on the run's validation fold (the default), at caps, or both."""
+    from fusionkit.evaluation.controls import frontier_at
+    from fusionkit.evaluation.curves import CURVE_FORMAT, curve_document
     from fusionkit.files import atomic_write_text, check_file_replaceable, json_file_marker
-    from fusionkit.training.controls import CURVE_FORMAT, curve_document, frontier_at
     from fusionkit.training.rundir import check_trained_store
     from fusionkit.training.train import make_split
 
@@ -266,9 +262,9 @@ def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from fusionkit.blemore.submission import check_submission_replaceable, submission_paths, write_submission
     from fusionkit.errors import FusionkitError
     from fusionkit.inference import predictions_for
-    from fusionkit.submission import check_submission_replaceable, submission_paths, write_submission
     from fusionkit.training.tasks import task_class
 
     check_submission_replaceable(*submission_paths(Path(args.out)))
@@ -314,4 +310,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
-__getattr__ = moved_names(__name__, {"CURVE_FORMAT": "fusionkit.training.controls"})
+__getattr__ = moved_names(__name__, {"CURVE_FORMAT": "fusionkit.evaluation.curves"})

@@ -11,14 +11,13 @@ __all__ = ["add_commands"]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from fusionkit.conditional.budget import Budget
     from fusionkit.data.open import DataSource
     from fusionkit.errors import FusionkitError
-    from fusionkit.inference import fit_mean_budget
-    from fusionkit.inference.export import check_export, export_model
-    from fusionkit.models.conditional import Budget
+    from fusionkit.evaluation.budgets import fit_run_budget
+    from fusionkit.export.check import check_export
+    from fusionkit.export.graphs import export_model
     from fusionkit.models.factory import load_model
-    from fusionkit.training.rundir import check_trained_store
-    from fusionkit.training.train import make_split
 
     run = Path(args.run)
     model = load_model(run / "best", device="cpu")
@@ -34,11 +33,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         budgets.append(budget)
     if budgets:
         store = DataSource(args.data, args.raw).open(model.spec)
-        info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-        check_trained_store(run, info, store, "a mean budget's threshold is fitted on the run's validation fold, "
-                            "which another store's folds would fill with rows it trained on")
-        val = make_split(store, info.get("test_fold")).val
-        budgets = [fit_mean_budget(model, store, val, budget) for budget in budgets]
+        budgets = [fit_run_budget(run, model, store, budget) for budget in budgets]
         for budget in budgets:
             print(f"mean budget {budget.describe()}: threshold {budget.threshold:.4g} fitted on the validation fold")
     report: list[dict] = []

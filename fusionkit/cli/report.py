@@ -1,4 +1,4 @@
-"""``fusionkit report``: plots and a markdown summary of a run (drawn by :mod:`fusionkit.training.report`)."""
+"""``fusionkit report``: plots and a markdown summary of a run (drawn by :mod:`fusionkit.evaluation.report`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ __all__ = ["add_commands"]
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fusionkit.training.report import write_report
+    from fusionkit.evaluation.report import write_report
 
     out = write_report(args.run)
     print(f"report written to {out}")

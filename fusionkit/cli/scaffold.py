@@ -166,6 +166,28 @@ class ${cls}(Gate):
         return self.net(tokens).squeeze(-1)
 ''', factory="${cls}", summary="a gate scoring each encoder token with an MLP",
         usage="In a spec:\n\n```yaml\ngate: {type: $component, top_n: 2, hidden: 32}\n```"),
+    "scout": dict(
+        base_import="from fusionkit.interfaces import Scout, ScoutConfig", config_base="(ScoutConfig)",
+        imports="import torch\nfrom torch import nn",
+        body='''    hidden: int = option(16, doc="Hidden size of the MLP.", validator=positive)
+
+
+class ${cls}(Scout):
+    """Each on-demand encoder's predicted loss drop from the mean of the tokens a sample has and what already ran;
+    fusionkit decides in stages, trains it on measured drops, fits mean budgets and exports it."""
+
+    def __init__(self, config: ${cls}Config, context) -> None:
+        super().__init__(config, context)
+        demand = len(context.on_demand)
+        self.net = nn.Sequential(nn.Linear(context.latent_dim + demand, config.hidden), nn.GELU(),
+                                 nn.Linear(config.hidden, demand))
+
+    def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
+        weight = present.unsqueeze(-1).float()
+        mean = (tokens.detach().float() * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        return self.net(torch.cat([mean, ran.float()], dim=1))
+''', factory="${cls}", summary="a scout predicting each on-demand encoder's loss drop with an MLP",
+        usage="In a spec with on-demand encoders:\n\n```yaml\nconditional: {scout: {type: $component, hidden: 16}}\n```"),
     "fusion": dict(
         base_import="from fusionkit.interfaces import Fusion", config_base="",
         imports="import torch",
@@ -243,8 +265,8 @@ class ${cls}(Decoder):
         return order, saliences
 
     def fit(self, outputs: dict[str, np.ndarray], truth: np.ndarray) -> ${cls}Config:
-        from fusionkit.answers import order_to_matrix
-        from fusionkit.metrics import scores_from_matrices
+        from fusionkit.blemore.answers import order_to_matrix
+        from fusionkit.blemore.metrics import scores_from_matrices
 
         best = (-1.0, self.config)
         for ratio in np.linspace(0.1, 1.0, 19):

@@ -58,7 +58,7 @@ def _cmd_spec_resolve(args: argparse.Namespace) -> int:
 
 def _cmd_spec_schema(args: argparse.Namespace) -> int:
     from fusionkit.plugins import get_registry
-    from fusionkit.schema import spec_schema
+    from fusionkit.spec.schema import spec_schema
 
     print(json.dumps(spec_schema(get_registry()), indent=2))
     return 0

@@ -11,7 +11,7 @@ __all__ = ["add_commands"]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fusionkit.metrics import format_metric
+    from fusionkit.blemore.metrics import format_metric
     from fusionkit.training.train import cross_validate, train
 
     progress = not args.quiet

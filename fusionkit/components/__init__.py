@@ -19,8 +19,14 @@ def _from_config(cls):
 
 @hookimpl
 def register_encoders(register):
-    from fusionkit.components.encoders import (FeaturesConfig, FeaturesEncoder, SequenceCnnConfig, SequenceCnnEncoder,
-                                               TowerEncoder, TowerEncoderConfig)
+    from fusionkit.components.encoders import (
+        FeaturesConfig,
+        FeaturesEncoder,
+        SequenceCnnConfig,
+        SequenceCnnEncoder,
+        TowerEncoder,
+        TowerEncoderConfig,
+    )
 
     register("features", FeaturesEncoder, config=FeaturesConfig,
              description="Pre-extracted vectors, or sequences pooled by mean, stats7 or attention.")
@@ -40,6 +46,17 @@ def register_gates(register):
     register("static", gates.StaticGate, config=gates.StaticGateConfig, description="One learned score per encoder.")
     register("uniform", gates.UniformGate, config=gates.UniformGateConfig,
              description="Equal scores: naive fusion when top_n covers every encoder.")
+
+
+@hookimpl
+def register_scouts(register):
+    from fusionkit.components import scouts
+    from fusionkit.interfaces import ScoutConfig
+
+    register("gate", scouts.GateScout, config=ScoutConfig,
+             description="The gate's own scores before the on-demand encoders run, taught its scores with every token.")
+    register("value", scouts.ValueScout, config=scouts.ValueScoutConfig,
+             description="A small head that predicts each on-demand encoder's loss drop per sample; decides in stages.")
 
 
 @hookimpl

@@ -5,11 +5,11 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from fusionkit.answers import order_to_matrix
+from fusionkit.blemore.answers import order_to_matrix
+from fusionkit.blemore.decoding import blemore_decode, presence_salience_decode
+from fusionkit.blemore.metrics import scores_from_matrices
 from fusionkit.config import option, unit_interval
-from fusionkit.decoding import blemore_decode, presence_salience_decode
 from fusionkit.interfaces import BuildContext, Decoder
-from fusionkit.metrics import scores_from_matrices
 
 __all__ = ["OFFICIAL_GRID", "THRESHOLD_GRID", "SHARE_GAP_GRID", "BlemoreDecoderConfig",
            "PresenceSalienceDecoderConfig", "blemore_decode", "presence_salience_decode", "BlemoreDecoder",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.config import non_negative, option, positive
-from fusionkit.devices import full_precision
+from fusionkit.hardware.devices import full_precision
 from fusionkit.interfaces import DistillBatch, DistillConfig, DistillLoss
 
 __all__ = ["row_kl", "scaled", "Mode", "softmax_relation_loss", "LOG_CLIP_SCALE", "KDConfig", "FDConfig",

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from fusionkit.answers import BLEMORE_LABELS, Prediction, parse_blemore_name
+from fusionkit.blemore.answers import BLEMORE_LABELS, Prediction, parse_blemore_name
 from fusionkit.data.tables import read_csv
 from fusionkit.errors import DataError
 from fusionkit.interfaces import Sample

@@ -28,8 +28,6 @@ import torch
 
 from fusionkit.data.raw import RawManifest, load_batches, read_manifest
 from fusionkit.data.store import check_store_target, write_store
-from fusionkit.devices import resolve_device
-from fusionkit.distributed import Dist, setup
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.files import (
     atomic_write,
@@ -39,6 +37,8 @@ from fusionkit.files import (
     make_temp_dir,
     remove_temporaries,
 )
+from fusionkit.hardware.devices import resolve_device
+from fusionkit.hardware.distributed import Dist, setup
 from fusionkit.interfaces import LiveEncoder
 from fusionkit.models.factory import build_model
 from fusionkit.plugins import get_registry

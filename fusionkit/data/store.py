@@ -27,11 +27,11 @@ import attrs
 import numpy as np
 import torch
 
-from fusionkit.answers import to_matrix
+from fusionkit.blemore.answers import to_matrix
 from fusionkit.data.format import INDEX_FILE, STORE_FORMAT, STORE_VERSION, feature_file, read_features, read_index
-from fusionkit.devices import device_of, to_device
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.files import apply_umask, check_replaceable, json_marker, write_directory
+from fusionkit.hardware.devices import device_of, to_device
 from fusionkit.interfaces import DOMAINS, DeferredInput, Sample  # noqa: F401 - DOMAINS, Sample: their public home is interfaces
 from fusionkit.pooling import stats7
 from fusionkit.spec import encoder_name_problem

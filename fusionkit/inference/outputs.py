@@ -15,13 +15,13 @@ import attrs
 import numpy as np
 import torch
 
-from fusionkit.answers import Prediction, from_order
-from fusionkit.budget import RowBudgets, parse_budget
+from fusionkit.blemore.answers import Prediction, from_order
+from fusionkit.conditional.budget import Budget, RowBudgets, parse_budget
+from fusionkit.conditional.rules import fit_threshold, path_values
 from fusionkit.data.store import FeatureStore
-from fusionkit.devices import device_of, synchronize
-from fusionkit.distributed import Dist
 from fusionkit.errors import FusionkitError
-from fusionkit.models.conditional import Budget, fit_threshold, path_values
+from fusionkit.hardware.devices import device_of, synchronize
+from fusionkit.hardware.distributed import Dist
 from fusionkit.models.fusion import FusionModel, decoder_inputs
 
 __all__ = ["collect_outputs", "predictions_for", "fit_mean_budget", "measure_encoder_seconds", "TIMED_SAMPLES"]
@@ -114,7 +114,7 @@ def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, 
     found by walking them with every encoder's token at hand."""
     budget = attrs.evolve(Budget.parse(budget), mean=True, threshold=None)
     costs, demand = model.choice_costs(budget, torch.device("cpu")), list(model.on_demand)
-    if model.value_head is not None:
+    if model.staged:
         values, spent, present = _value_paths(model, store, index, budget)
     else:
         outputs = collect_outputs(model, store, index, budget=Budget(share=0.0))  # the scout's view, nothing run
@@ -129,7 +129,7 @@ def fit_mean_budget(model: FusionModel, store: FeatureStore, index: np.ndarray, 
 def _value_paths(model: FusionModel, store: FeatureStore, index: np.ndarray,
                  budget: Budget) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The value scout's paths on ``index`` (:meth:`~fusionkit.models.fusion.Trunk.value_path`) as
-    :func:`~fusionkit.models.conditional.fit_threshold` reads them: each stage's threshold, its cost, and which
+    :func:`~fusionkit.conditional.rules.fit_threshold` reads them: each stage's threshold, its cost, and which
     encoders each row holds (``[N, m]``, ``[N, m]``, ``[N, K]``)."""
     model.eval()
     values, spent, present = [], [], []

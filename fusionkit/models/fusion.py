@@ -19,9 +19,12 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from fusionkit.answers import Prediction, from_order
-from fusionkit.budget import CAP, MEAN, RowBudgets, parse_budget
+from fusionkit.blemore.answers import Prediction, from_order
 from fusionkit.checkpoint import save_checkpoint
+from fusionkit.conditional.budget import CAP, MEAN, Budget, RowBudgets, parse_budget
+from fusionkit.conditional.rows import RowShare, gather_rows, row_uniform, scatter_rows
+from fusionkit.conditional.rules import kept_by, relative_costs, scout_loss, stage_pick, value_per_cost, within_budget
+from fusionkit.conditional.selection import Selection, gather_slots, select_top_n, slot_count
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.interfaces import (
     DOMAINS,
@@ -31,23 +34,10 @@ from fusionkit.interfaces import (
     Encoder,
     Gate,
     LiveEncoder,
-)
-from fusionkit.models.conditional import (
-    Budget,
-    RowShare,
-    ValueHead,
-    gather_rows,
-    kept_by,
-    relative_costs,
-    row_uniform,
-    scatter_rows,
-    scout_loss,
-    value_per_cost,
-    within_budget,
+    Scout,
 )
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
-from fusionkit.selection import Selection, gather_slots, select_top_n, slot_count
 from fusionkit.spec import Component, EncoderSpec, ProjectorConfig, Spec
 
 __all__ = ["FusionOutput", "Encoded", "ValueTarget", "measure_gflops", "has_batch_norm", "synchronizes", "as_at_inference", "DOMAINS", "GlobalBatchNorm", "DomainNorm", "Projector", "Trunk",
@@ -321,9 +311,14 @@ class Trunk(nn.Module):
         #: of training are the global batch's).
         self.row_share: RowShare | None = None
         self.conditional = spec.conditional
-        #: The value scout (``conditional.scout: value``): what each on-demand encoder would add to a sample.
-        self.value_head = (ValueHead(len(encoders), len(self.on_demand), spec.latent_dim, spec.conditional.value_hidden)
-                           if self.on_demand and spec.conditional.scout == "value" else None)
+        #: The scout (``conditional.scout``, a registered :class:`~fusionkit.interfaces.Scout`): what decides which
+        #: on-demand encoders run for a sample; None without on-demand encoders.
+        self.scout: Scout | None = None if not self.on_demand else _build(
+            registry, "scout", spec.conditional.scout, "conditional.scout",
+            attrs.evolve(ctx, on_demand=self.on_demand, conditional=spec.conditional))
+        #: Whether the scout decides in stages (its :meth:`~fusionkit.interfaces.Scout.forward` asked at each).
+        self.staged = self.scout is not None and self.scout.rule == "staged"
+        self._register_load_state_dict_pre_hook(_renamed_keys)
         self._declared_costs = {enc.name: enc.cost_gflops for _, enc in encoders}
         self._costs: dict[str, float | None] | None = None
 
@@ -446,7 +441,7 @@ class Trunk(nn.Module):
         empty = first.new_zeros(batch, first.shape[1])
         for k in demand:
             columns[k] = empty
-        scout_scores = None if self.value_head is not None else self.gate.score(  # the gate's scout: before they run
+        scout_scores = None if self.staged else self.gate.score(  # the gate's scout: before they run
             torch.stack([columns[k] for k in range(len(names))], dim=1) + self.identity, present)
         available = present[:, list(demand)]
         if isinstance(budget, RowBudgets):  # a budget per row, each decided as if alone
@@ -462,31 +457,51 @@ class Trunk(nn.Module):
         every = torch.zeros(batch, dtype=torch.bool, device=device)
         if self.training and self.conditional.scout_weight > 0:  # rows that run everything: the scout's target
             every = row_uniform(self.row_share, batch, device) < self.conditional.scout_rows
-        computed = present.clone()
-        staged = self.value_head is not None and runs is None
-        for j, k in enumerate(demand):
-            computed[:, k] = (run[:, j] | every) & available[:, j]
-            # the stages ran their rows already: what is left is the scout's target rows
-            need = computed[:, k] & ~run[:, j] if staged else computed[:, k]
-            columns[k] = columns[k] + run_rows(k, need.nonzero().squeeze(1))
+        computed = self._run_chosen(columns, run, every, present, run_rows, self.staged and runs is None)
         raw = torch.stack([columns[k] for k in range(len(names))], dim=1)
         tokens = raw + self.identity
         ran = present.clone()
         ran[:, list(demand)] = run
-        aux = {}
-        if every.any() and not self.gate.supervision and self.value_head is None:  # with rank supervision, its
-            # target teaches the scout
-            full_scores = self.gate.score(tokens[every], computed[every])
-            aux["scout"] = self.conditional.scout_weight * scout_loss(scout_scores[every], full_scores, present[every])
+        aux = self._gate_scout_loss(tokens, computed, present, scout_scores, every)
         encoded = self._fuse(tokens, ran, ran, costs, aux, first=self._demanded(ran))
         encoded.computed, encoded.scout_scores, encoded.scout_rows = computed, scout_scores, every
         encoded.available = present
-        if self.training and self.conditional.full_budget_weight > 0 and every.any():
-            encoded.full = self._fuse(tokens[every], computed[every], computed[every], costs, {},
-                                      first=self._demanded(computed[every]))
-        if self.training and self.value_head is not None and self.conditional.scout_weight > 0:
-            encoded.value = self._value_target(raw[every], tokens[every], present[every], ran[every])
+        if self.training:
+            self._training_passes(encoded, raw, costs)
         return encoded
+
+    def _run_chosen(self, columns: dict[int, torch.Tensor], run: torch.Tensor, every: torch.Tensor,
+                    present: torch.Tensor, run_rows: Callable[[int, torch.Tensor], torch.Tensor],
+                    staged: bool) -> torch.Tensor:
+        """Run each on-demand encoder on the rows that chose it (``run`` ``[B, m]``) and on the scout's target rows
+        (``every``), its tokens scattered into ``columns``; ``[B, K]``: what was computed. The stages of a staged
+        scout ran their rows already: what is left then is the target rows."""
+        computed = present.clone()
+        for j, k in enumerate(self.on_demand):
+            computed[:, k] = (run[:, j] | every) & present[:, k]
+            need = computed[:, k] & ~run[:, j] if staged else computed[:, k]
+            columns[k] = columns[k] + run_rows(k, need.nonzero().squeeze(1))
+        return computed
+
+    def _gate_scout_loss(self, tokens: torch.Tensor, computed: torch.Tensor, present: torch.Tensor,
+                         scout_scores: torch.Tensor | None, every: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gate scout's loss on its target rows: its scores before the on-demand encoders ran against the
+        gate's with every token (with rank supervision, its target teaches the scout instead)."""
+        if not every.any() or self.gate.supervision or self.staged:
+            return {}
+        full_scores = self.gate.score(tokens[every], computed[every])
+        return {"scout": self.conditional.scout_weight * scout_loss(scout_scores[every], full_scores, present[every])}
+
+    def _training_passes(self, encoded: Encoded, raw: torch.Tensor, costs: torch.Tensor) -> None:
+        """Training's extra passes over the scout's target rows: every token they computed fused and supervised
+        (``conditional.full_budget_weight``), and a staged scout's example (:class:`ValueTarget`)."""
+        every, computed = encoded.scout_rows, encoded.computed
+        if self.conditional.full_budget_weight > 0 and every.any():
+            encoded.full = self._fuse(encoded.tokens[every], computed[every], computed[every], costs, {},
+                                      first=self._demanded(computed[every]))
+        if self.staged and self.conditional.scout_weight > 0:
+            encoded.value = self._value_target(raw[every], encoded.tokens[every], encoded.available[every],
+                                               encoded.ran[every])
 
     def _limit(self, budget: Budget | None, present: torch.Tensor, available: torch.Tensor,
                choice: torch.Tensor) -> torch.Tensor | None:
@@ -519,7 +534,7 @@ class Trunk(nn.Module):
                 raise FusionkitError(f"runs: expected [{batch}, {len(demand)}] (a row per sample, a column per "
                                      f"on-demand encoder), found {list(runs.shape)}")
             return runs.to(device=present.device, dtype=torch.bool) & available
-        if self.value_head is not None:  # under a cap any value goes while the cost fits; a mean budget has its
+        if self.staged:  # under a cap any value goes while the cost fits; a mean budget has its
             # threshold; the gate's own rule runs while a gain is expected
             threshold = -math.inf if limit is not None else budget.threshold if budget is not None else 0.0
             return self._stages(columns, present, available, choice, limit, threshold, run_rows)[0]
@@ -533,7 +548,7 @@ class Trunk(nn.Module):
     def _encode_rows(self, columns: dict[int, torch.Tensor], present: torch.Tensor, available: torch.Tensor,
                      budgets: RowBudgets, inputs: Mapping[str, Any], lengths: Mapping[str, torch.Tensor], batch: int,
                      first: torch.Tensor, empty: torch.Tensor) -> Encoded:
-        """:meth:`_encode_on_demand` with one budget per row (:class:`~fusionkit.budget.RowBudgets`): each row's cap,
+        """:meth:`_encode_on_demand` with one budget per row (:class:`~fusionkit.conditional.budget.RowBudgets`): each row's cap,
         mean threshold or the gate's own rule applied to it alone, then the chosen rows run and are fused."""
         if len(budgets) != batch:
             raise FusionkitError(f"budgets: {len(budgets)} for a batch of {batch} rows (one per row)")
@@ -546,7 +561,7 @@ class Trunk(nn.Module):
         paid = (costs * present).sum(1) - (costs[demand] * available).sum(1)  # the always-run encoders
         limit = torch.where(kind == CAP, cap - paid, torch.full_like(cap, math.inf))
         run_rows = self._run_rows_of(inputs, lengths, batch, first, empty)
-        if self.value_head is not None:  # under a cap any value goes while the cost fits; the gate's rule: a gain
+        if self.staged:  # under a cap any value goes while the cost fits; the gate's rule: a gain
             floor = torch.where(kind == CAP, -math.inf, torch.where(kind == MEAN, threshold, 0.0)).float()
             run = self._stages(columns, present, available, costs, limit, floor, run_rows)[0]
         else:
@@ -592,7 +607,7 @@ class Trunk(nn.Module):
 
     def mean_budget_values(self, scout_scores: torch.Tensor, present: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """``[B, m]``: what a mean budget's threshold compares for the gate's scout: the scout's value per unit of
-        cost (:func:`~fusionkit.models.conditional.value_per_cost`), -inf for an encoder that could not enter the
+        cost (:func:`~fusionkit.conditional.rules.value_per_cost`), -inf for an encoder that could not enter the
         row's top-n."""
         values = value_per_cost(scout_scores, present, choice, self.on_demand)
         return values.masked_fill(~self._candidates(scout_scores, present), float("-inf"))
@@ -644,13 +659,11 @@ class Trunk(nn.Module):
         picks = torch.full((batch, m), -1, dtype=torch.long, device=available.device)
         going = available.any(1)
         for stage in range(m):
-            values = self.value_head(torch.stack([columns[k] for k in range(len(names))], dim=1), present, run)
+            values = self.scout(torch.stack([columns[k] for k in range(len(names))], dim=1), present, run)
             eligible = available & ~run & (going & (run.sum(1) < self.top_n)).unsqueeze(1)
             if limit is not None:
                 eligible = eligible & (choice[demand].unsqueeze(0) <= limit.unsqueeze(1) + 1e-9)
-            key = (values.detach().float() / relative).masked_fill(~eligible, float("-inf"))
-            best, pick = key.max(dim=1)
-            going = torch.isfinite(best) & (best >= threshold)
+            pick, best, going = stage_pick(values, relative, eligible, threshold)
             keys[:, stage] = torch.where(going, best, keys[:, stage])
             picks[:, stage] = torch.where(going, pick, picks[:, stage])
             for j, k in enumerate(demand):  # every encoder is called at every stage (with no rows if none picked
@@ -668,7 +681,7 @@ class Trunk(nn.Module):
         ``(keys, costs)``, each ``[B, m]`` by stage: the value per unit of cost of the encoder a row picks at each
         stage (-inf past its end) and its cost (``budget``'s choice costs). A mean budget with threshold ``t`` runs
         a row's stages while their keys reach ``t``: what :func:`fusionkit.inference.fit_mean_budget` fits."""
-        if self.value_head is None:
+        if not self.staged:
             raise FusionkitError("value_path: the model's scout is the gate (conditional.scout: gate)")
         lengths = lengths or {}
         batch = len(next(v for v in inputs.values() if torch.is_tensor(v)))
@@ -695,7 +708,7 @@ class Trunk(nn.Module):
         them added is what the head learns (:func:`fusionkit.training.losses.value_loss`)."""
         demand = list(self.on_demand)
         state = ran[:, demand]
-        predicted = self.value_head(raw * ran.unsqueeze(-1).to(raw.dtype), present, state)
+        predicted = self.scout(raw * ran.unsqueeze(-1).to(raw.dtype), present, state)
         return ValueTarget(predicted, present[:, demand] & ~state, tokens.detach(), ran)
 
     @torch.no_grad()
@@ -924,6 +937,16 @@ def _input_rows(value: torch.Tensor | DeferredInput, lengths: torch.Tensor | Non
     return gather_rows(value, rows), gather_rows(lengths, rows)
 
 
+#: How a scout's values decide: in stages (every scout but the gate's), or by the gate's own scores.
+SCOUT_RULES = ("staged", "gate")
+
+
+def _renamed_keys(state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Read a 0.2.0 checkpoint of a value scout: its weights were ``value_head.*``, now ``scout.*``."""
+    for key in [k for k in state if k.startswith(prefix + "value_head.")]:
+        state[prefix + "scout." + key[len(prefix + "value_head."):]] = state.pop(key)
+
+
 def _build(registry: Registry, kind: str, component: Component, path: str, ctx: BuildContext) -> Any:
     reg = registry.get(kind, component.type)
     try:
@@ -934,6 +957,12 @@ def _build(registry: Registry, kind: str, component: Component, path: str, ctx: 
         raise FusionkitError(
             f"{path}: building {kind} {component.type!r} ({reg.provider.describe()}) failed: {type(exc).__name__}: {exc}"
         ) from exc
+    if kind == "scout" and not isinstance(built, Scout):
+        raise FusionkitError(f"{path}: scout {component.type!r} ({reg.provider.describe()}) built a "
+                             f"{type(built).__name__}, not a fusionkit.interfaces.Scout; fix the plugin")
+    if kind == "scout" and built.rule not in SCOUT_RULES:
+        raise FusionkitError(f"{path}: scout {component.type!r} ({reg.provider.describe()}) declares rule "
+                             f"{built.rule!r}; a plugin's scout decides in stages (rule 'staged')")
     if kind == "gate" and not isinstance(built, Gate):  # a 0.1.0-style factory function must still build a Gate
         raise FusionkitError(f"{path}: gate {component.type!r} ({reg.provider.describe()}) built a "
                              f"{type(built).__name__}, not a fusionkit.interfaces.Gate; fix the plugin")

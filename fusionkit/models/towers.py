@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.checkpoint import save_checkpoint
-from fusionkit.devices import full_precision
 from fusionkit.errors import DataError
+from fusionkit.hardware.devices import full_precision
 from fusionkit.models.fusion import Trunk, count_parameters
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry

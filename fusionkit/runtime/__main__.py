@@ -7,10 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from fusionkit.blemore.submission import check_submission_replaceable, submission_paths, write_submission
 from fusionkit.errors import FusionkitError
 from fusionkit.runtime.model import load
 from fusionkit.runtime.store import select_rows
-from fusionkit.submission import check_submission_replaceable, submission_paths, write_submission
 
 __all__ = ["main", "build_parser"]
 

@@ -14,16 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from fusionkit.answers import Prediction, from_order
-from fusionkit.budget import CAP, MEAN, Budget, RowBudgets
-from fusionkit.decoding import blemore_decode, presence_salience_decode
+from fusionkit.blemore.answers import Prediction, from_order
+from fusionkit.blemore.decoding import blemore_decode, presence_salience_decode
+from fusionkit.conditional import numpy_rules
+from fusionkit.conditional.budget import CAP, MEAN, Budget, RowBudgets
 from fusionkit.errors import FusionkitError
+from fusionkit.export.manifest import EXPORT_FORMAT, MANIFEST_FILE, SCOUTS, DeploymentError, graph_bytes, read_manifest
+from fusionkit.moved import moved_names
 from fusionkit.runtime.images import check_reads, read_images
-from fusionkit.runtime.manifest import EXPORT_FORMAT, MANIFEST_FILE, SCOUTS, DeploymentError, graph_bytes, read_manifest
 from fusionkit.runtime.store import StoreRows, read_inputs
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "DeploymentError", "RuntimeOutput", "RuntimeModel", "load",
-           "within_budget", "value_per_cost", "check_threads"]
+           "check_threads"]
 
 
 def check_threads(threads: Any) -> int:
@@ -51,40 +53,6 @@ class RuntimeOutput:
     kept: np.ndarray
     presence: np.ndarray | None = None
     salience: np.ndarray | None = None
-
-
-def within_budget(scores: np.ndarray, available: np.ndarray, costs: np.ndarray, limit: np.ndarray) -> np.ndarray:
-    """``[B, m]`` which on-demand encoders run: per row, in the order of ``scores`` (best first), each whose cost
-    still fits ``limit`` (``[B]``, GFLOPs left after the always-run encoders); the rule of
-    :func:`fusionkit.models.conditional.within_budget`, in numpy."""
-    masked = np.where(available, scores, -np.inf)
-    order = np.argsort(-masked, axis=1, kind="stable")
-    rows = np.arange(len(scores))
-    run = np.zeros_like(available)
-    spent = np.zeros(len(scores), dtype=np.float64)
-    for j in range(scores.shape[1]):
-        k = order[:, j]
-        cost = costs[k]
-        fits = available[rows, k] & (spent + cost <= limit + 1e-9)
-        run[rows, k] = fits
-        spent = spent + cost * fits
-    return run
-
-
-def value_per_cost(scores: np.ndarray, present: np.ndarray, costs: np.ndarray, demand: list[int]) -> np.ndarray:
-    """``[B, m]``: the scout's softmax share of each on-demand encoder per unit of its cost (relative to the mean
-    on-demand cost), -inf where absent; :func:`fusionkit.models.conditional.value_per_cost` in numpy (float32)."""
-    logits = np.where(present, scores.astype(np.float32), np.float32(-np.inf))
-    top = np.max(logits, axis=1, keepdims=True)
-    top = np.where(np.isfinite(top), top, np.float32(0.0))
-    exp = np.exp(logits - top).astype(np.float32)
-    total = exp.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.nan_to_num(exp / total, nan=0.0).astype(np.float32)
-    cost = costs[demand].astype(np.float32)
-    relative = cost / np.float32(max(float(cost.mean()), 1e-12))
-    value = share[:, demand] / np.maximum(relative, np.float32(1e-12))
-    return np.where(present[:, demand], value, np.float32(-np.inf))
 
 
 def _is_paths(value: Any) -> bool:
@@ -238,7 +206,7 @@ class RuntimeModel:
 
     # --- prediction -----------------------------------------------------------------------------------------------
 
-    def _inputs(self, inputs: Mapping[str, np.ndarray], lengths: Mapping[str, np.ndarray] | None,
+    def feeds(self, inputs: Mapping[str, np.ndarray], lengths: Mapping[str, np.ndarray] | None,
                 mask: np.ndarray | None, names: list[str] | None = None
                 ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
         """The graph inputs of the encoders ``names`` (default: every encoder) and their ``[B, len(names)]``
@@ -331,9 +299,10 @@ class RuntimeModel:
         """Check a batch's inputs as :meth:`predict` checks them (names, shapes, dtypes, frame counts, NaN under the
         model's ``nan_policy``) without running a graph or reading an image; returns ``[B, K]``: which encoders each
         row has. A :class:`DeploymentError` names what is wrong."""
-        return self._inputs(inputs, lengths, mask)[1]
+        return self.feeds(inputs, lengths, mask)[1]
 
-    def _encode(self, name: str, feed: Mapping[str, np.ndarray], rows: np.ndarray | None) -> np.ndarray:
+    def encode(self, name: str, feed: Mapping[str, np.ndarray], rows: np.ndarray | None) -> np.ndarray:
+        """Encoder ``name``'s tokens ``[rows, d]`` from its graph inputs ``feed`` (of :meth:`feeds`), on ``rows`` (None: all)."""
         if rows is not None:
             feed = {key: value[rows] for key, value in feed.items()}
         if "paths" in feed:  # a live encoder's images, read now for these rows alone
@@ -350,7 +319,7 @@ class RuntimeModel:
         return read_inputs(data, [n for n in self.names if n not in live], live, raw, confine)
 
     def _limits(self, present: np.ndarray, budgets: RowBudgets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per row: the rule that decides (:data:`~fusionkit.budget.CAP`, ``MEAN`` or the gate's), the GFLOPs left
+        """Per row: the rule that decides (:data:`~fusionkit.conditional.budget.CAP`, ``MEAN`` or the gate's), the GFLOPs left
         for the on-demand encoders under a cap (+inf elsewhere), and a mean budget's threshold (float32, NaN
         elsewhere)."""
         kind, cap, threshold = budgets.rules(float(self.costs.sum()))
@@ -366,9 +335,9 @@ class RuntimeModel:
         available = present[:, self.demand]
         kind, limit, threshold = self._limits(present, budgets)
         candidates = candidates.astype(bool) & available
-        by_cap = within_budget(scores[:, self.demand], candidates, self.costs[self.demand], limit)
+        by_cap = numpy_rules.within_budget(scores[:, self.demand], candidates, self.costs[self.demand], limit)
         with np.errstate(invalid="ignore"):
-            by_mean = (value_per_cost(scores, present, self.costs, self.demand) >= threshold[:, None]) & candidates
+            by_mean = (numpy_rules.value_per_cost(scores, present, self.costs, self.demand) >= threshold[:, None]) & candidates
         rule = kind[:, None]
         return np.where(rule == CAP, by_cap, np.where(rule == MEAN, by_mean, gate_runs.astype(bool) & available))
 
@@ -380,8 +349,7 @@ class RuntimeModel:
         under a mean budget, any under a cap), and the rest are re-scored with its token, written into ``tokens``."""
         demand, batch, m = self.demand, len(present), len(self.demand)
         available = present[:, demand]
-        cost = self.costs[demand].astype(np.float32)
-        relative = np.maximum(cost / max(float(cost.mean()), 1e-12), np.float32(1e-12)).astype(np.float32)
+        relative = numpy_rules.relative_costs(self.costs, demand)
         kind, limit, mean_threshold = self._limits(present, budgets)
         threshold = np.where(kind == CAP, -np.inf, np.where(kind == MEAN, mean_threshold, 0.0)).astype(np.float32)
         run = np.zeros((batch, m), dtype=bool)
@@ -390,13 +358,11 @@ class RuntimeModel:
             values = self.scout.run(["values"], {"tokens": tokens, "present": present, "ran": run})[0]
             eligible = available & ~run & (going & (run.sum(1) < self.slots))[:, None]
             eligible &= self.costs[demand][None, :] <= limit[:, None] + 1e-9
-            key = np.where(eligible, values.astype(np.float32) / relative, np.float32(-np.inf))
-            pick, best = key.argmax(axis=1), key.max(axis=1)
-            going = np.isfinite(best) & (best >= threshold)
+            pick, _, going = numpy_rules.stage_pick(values, relative, eligible, threshold)
             for j, k in enumerate(demand):
                 rows = np.flatnonzero(going & (pick == j))
                 if len(rows):  # each stage runs each on-demand graph once, on the rows that picked it
-                    tokens[rows, k] = self._encode(self.names[k], feeds[self.names[k]],
+                    tokens[rows, k] = self.encode(self.names[k], feeds[self.names[k]],
                                                    None if len(rows) == batch else rows)
             run[np.flatnonzero(going), pick[going]] = True
             limit = limit - np.where(going, self.costs[demand][pick], 0.0)
@@ -412,7 +378,7 @@ class RuntimeModel:
         row, each row decided exactly as if it were alone (:meth:`row_budgets`)."""
         if self.towers:
             raise DeploymentError(f"{self.folder}: a two-tower export embeds and predicts no answers; use embed()")
-        feeds, present = self._inputs(inputs, lengths, mask)
+        feeds, present = self.feeds(inputs, lengths, mask)
         budgets = self.row_budgets(budget, len(present))
         batch, d = len(present), int(self.manifest["latent_dim"])
         if batch == 0:  # what the model gives for no rows: empty arrays of the right widths
@@ -424,7 +390,7 @@ class RuntimeModel:
         tokens = np.zeros((batch, len(self.names), d), dtype=np.float32)
         always = [k for k in range(len(self.names)) if k not in self.demand]
         for k in always:
-            tokens[:, k] = self._encode(self.names[k], feeds[self.names[k]], None)
+            tokens[:, k] = self.encode(self.names[k], feeds[self.names[k]], None)
         ran = None
         mask_fused = present
         if self.demand and self.scout_kind == "value":
@@ -436,7 +402,7 @@ class RuntimeModel:
             for j, k in enumerate(self.demand):
                 rows = np.flatnonzero(run[:, j])
                 if len(rows):  # each on-demand graph runs once, on the rows gathered for it
-                    tokens[rows, k] = self._encode(self.names[k], feeds[self.names[k]],
+                    tokens[rows, k] = self.encode(self.names[k], feeds[self.names[k]],
                                                    None if len(rows) == batch else rows)
         if self.demand:
             ran = present.copy()
@@ -462,11 +428,11 @@ class RuntimeModel:
         out = {}
         for name in towers or list(self.towers):
             names = self.towers[name]["encoders"]
-            feeds, present = self._inputs(inputs, lengths, (masks or {}).get(name), names)
+            feeds, present = self.feeds(inputs, lengths, (masks or {}).get(name), names)
             if len(present) == 0:
                 out[name] = np.zeros((0, int(self.towers[name]["embed_dim"])), np.float32)
                 continue
-            tokens = np.stack([self._encode(n, feeds[n], None) for n in names], axis=1)
+            tokens = np.stack([self.encode(n, feeds[n], None) for n in names], axis=1)
             out[name] = self.tower_sessions[name].run(["embedding"], {"tokens": tokens, "mask": present})[0]
         return out
 
@@ -486,3 +452,7 @@ def load(folder: str | Path, providers: list[str] | None = None, threads: int | 
     ``providers``: onnxruntime's execution providers (default: the CPU); ``threads``: the threads each graph runs
     on (default: onnxruntime's, every core)."""
     return RuntimeModel(folder, providers, threads)
+
+
+__getattr__ = moved_names(__name__, dict.fromkeys(("within_budget", "value_per_cost"),
+                                                  "fusionkit.conditional.numpy_rules"))

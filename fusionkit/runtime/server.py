@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import binascii
+import collections
 import io
 import json
 import os
@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
-from fusionkit.budget import Budget
+from fusionkit.conditional.budget import Budget
 from fusionkit.errors import DataError, FusionkitError
 from fusionkit.runtime.images import check_image_size
 from fusionkit.runtime.model import DeploymentError, RuntimeModel, load

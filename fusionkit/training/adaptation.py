@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusionkit.conditional.rows import RowShare
 from fusionkit.data.store import FeatureStore, target_rows
-from fusionkit.distributed import Dist
 from fusionkit.errors import DataError
+from fusionkit.hardware.distributed import Dist
 from fusionkit.interfaces import AdaptationLoss as _AdaptationLoss
 from fusionkit.interfaces import BuildContext
-from fusionkit.models.conditional import RowShare
 from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.moved import moved_names
 from fusionkit.plugins import get_registry
@@ -35,7 +35,7 @@ class AdaptationObjective(ObjectiveTerm):
 
     Under torchrun each step draws one global target batch, and each rank runs the model on its share of it, as
     source batches are shared out; a loss that declares ``global_batch`` sees every rank's source and target rows
-    (:meth:`fusionkit.distributed.Dist.gather_fields`)."""
+    (:meth:`fusionkit.hardware.distributed.Dist.gather_fields`)."""
 
     forwards_model = True
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fusionkit.conditional.selection import slot_count
 from fusionkit.models.fusion import FusionModel
-from fusionkit.selection import slot_count
 from fusionkit.training.objective import ObjectiveTerm
 
 __all__ = ["ComputeTerm", "expected_cost"]

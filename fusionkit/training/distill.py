@@ -35,9 +35,9 @@ from torch import nn
 from fusionkit.data.open import spec_store
 from fusionkit.data.raw import is_manifest, live_encoder_names
 from fusionkit.data.store import FeatureStore
-from fusionkit.devices import device_of
-from fusionkit.distributed import Dist
 from fusionkit.errors import CheckpointError, DataError, FusionkitError
+from fusionkit.hardware.devices import device_of
+from fusionkit.hardware.distributed import Dist
 from fusionkit.interfaces import DistillBatch as _DistillBatch
 from fusionkit.interfaces import DistillLoss as _DistillLoss
 from fusionkit.models.factory import load_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusionkit.interfaces import Scout
 from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.spec import TrainConfig
 
@@ -67,8 +68,9 @@ def row_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, train: Tra
     return total
 
 
-def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weight: float) -> torch.Tensor:
-    """The value scout's loss: the squared error of its predicted loss drops against the measured ones, on the rows
+def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weight: float, scout: Scout) -> torch.Tensor:
+    """A staged scout's loss (:meth:`fusionkit.interfaces.Scout.loss`, by default the squared error) of its
+    predicted loss drops against the measured ones, on the rows
     where everything ran (``out.scout_rows``), for each on-demand encoder the row's state could add
     (``out.value_addable``). The measured drop is the row's loss in its state (what its sampled budget ran) less its
     loss with the encoder's token added, both fused as at inference (positive: it helps this sample)."""
@@ -77,7 +79,7 @@ def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weig
         return 0.0 * predicted.sum()
     losses = row_losses(out.value_logits, target[out.scout_rows].float(), train)  # [m + 1, R]
     drop = (losses[:1] - losses[1:]).T  # [R, m]
-    return weight * (predicted[addable] - drop[addable]).pow(2).mean()
+    return weight * scout.loss(predicted[addable], drop[addable])
 
 
 def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
@@ -101,7 +103,7 @@ def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
             label_losses(out.full_logits, target[out.scout_rows], train).values())
     parts.update(out.aux_losses)
     if out.value_predicted is not None and model is not None:
-        parts["scout"] = value_loss(out, target, train, model.spec.conditional.scout_weight)
+        parts["scout"] = value_loss(out, target, train, model.spec.conditional.scout_weight, model.scout)
     if out.token_logits is not None and model is not None:
         parts.update(rank_supervision(model, out, target))
     total = sum(parts.values())
@@ -113,7 +115,7 @@ def training_loss(model: FusionModel, out: FusionOutput, target: torch.Tensor,
     """The whole loss ``fusionkit train`` optimises for one batch, for embedders' own loops.
 
     ``target`` [B, L] are soft targets summing to 1 (salience / 100, e.g. from
-    :func:`fusionkit.answers.to_matrix` / 100). It adds the supervised terms, the model's
+    :func:`fusionkit.blemore.answers.to_matrix` / 100). It adds the supervised terms, the model's
     auxiliary losses and rank supervision, weighted by ``train`` (default: the model's spec).
     Returns the loss tensor and its parts as floats.
     """

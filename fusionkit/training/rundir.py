@@ -244,3 +244,17 @@ def teacher_fingerprint(teacher: str | os.PathLike) -> str | None:
         return sha256_file(Path(teacher) / WEIGHTS_FILE)
     except OSError:
         return None
+
+
+def run_info(run: Path) -> dict[str, Any]:
+    """A run's ``run.json``, checked to be a fusionkit run's or cross-validation's."""
+    path = run / RUN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run}: not a fusionkit run directory (no {RUN_FILE})")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc}); the run directory is damaged") from None
+    if not isinstance(info, dict) or info.get("format") not in (RUN_FORMAT, CV_FORMAT):
+        raise CheckpointError(f"{path}: not a fusionkit run record (its format is not {RUN_FORMAT} or {CV_FORMAT})")
+    return info

@@ -44,9 +44,9 @@ import torch
 
 from fusionkit.data.open import spec_store
 from fusionkit.data.raw import live_encoder_names
-from fusionkit.devices import resolve_device
 from fusionkit.errors import FusionkitError, SpecError
 from fusionkit.files import atomic_write_text, describe_contents, is_temporary, json_marker
+from fusionkit.hardware.devices import resolve_device
 from fusionkit.models.factory import build_model
 from fusionkit.spec import dump_spec, load_spec, read_spec_file, spec_differences
 from fusionkit.training.loggers import RunLogger

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import abc
 import json
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,22 +21,20 @@ import numpy as np
 import torch
 
 from fusionkit import inference
-from fusionkit.answers import from_order, order_to_matrix
+from fusionkit.blemore.answers import from_order, order_to_matrix
+from fusionkit.blemore.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
+from fusionkit.conditional.budget import Budget
 from fusionkit.data.store import FeatureStore
-from fusionkit.distributed import Dist
-from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
-from fusionkit.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
-from fusionkit.models.conditional import Budget
+from fusionkit.hardware.distributed import Dist
 from fusionkit.models.fusion import FusionModel
 from fusionkit.models.towers import clip_loss, local_clip_loss, retrieval_metrics
 from fusionkit.moved import moved_names
-from fusionkit.progress import progress_bar
 from fusionkit.spec import Spec
 from fusionkit.training.losses import supervised_loss
 from fusionkit.training.statistics import fit_standardization
 
-__all__ = ["keep_rates", "evaluate_outputs", "compute_summary", "budget_curve", "CURVE_SHARES", "CURVE_KINDS",
+__all__ = ["keep_rates", "evaluate_outputs", "compute_summary", 
            "kept_counts", "write_predictions", "Task", "ClassificationTask", "ContrastiveTask", "collect_embeddings", "task_class",
            "task_for"]
 
@@ -57,44 +53,6 @@ def evaluate_outputs(model: FusionModel, outputs: dict[str, np.ndarray], truth: 
     if "ran" in outputs:
         metrics["compute"] = compute_summary(model, outputs, budget=budget)
     return metrics
-
-
-#: The budgets of an accuracy-compute curve: shares of the full cost.
-CURVE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-#: The kinds of budget an accuracy-compute curve puts its points at.
-CURVE_KINDS = ("mean", "cap")
-
-
-def budget_curve(model: FusionModel, store: FeatureStore, index: np.ndarray,
-                 shares: Sequence[float] = CURVE_SHARES, progress: bool = False,
-                 seconds: dict[str, float] | None = None, val_index: np.ndarray | None = None,
-                 kind: str = "mean") -> list[dict[str, Any]]:
-    """Score against mean GFLOPs per sample and wall seconds on the labelled rows ``index``, one point per budget:
-    the accuracy-compute curve of one trained model. ``kind`` "mean" (the default): each share is a mean budget, its
-    threshold fitted on the validation rows ``val_index`` as ``--budget mean:S%`` is, so that a hard sample may spend
-    more than an easy one; "cap": each share caps every sample (with unequal costs a cap leaves little to choose
-    per sample). With ``seconds`` (:func:`measure_encoder_seconds`), the shares are of the measured encoder time
-    instead of the FLOPs. Each point says its ``kind`` (and a mean point its ``threshold``)."""
-    if kind not in CURVE_KINDS:
-        raise FusionkitError(f"budget curve kind {kind!r}: expected one of {', '.join(CURVE_KINDS)}")
-    if kind == "mean" and val_index is None:
-        raise FusionkitError("a curve at mean budgets fits each budget's threshold on validation rows: give "
-                             "val_index (or kind='cap')")
-    points = []
-    for share in progress_bar(shares, enabled=progress, desc=f"{kind} budgets", unit="budget", leave=False):
-        budget = Budget(share=share, seconds=seconds)
-        if kind == "mean":
-            budget = inference.fit_mean_budget(model, store, val_index, attrs.evolve(budget, mean=True))
-        started = time.perf_counter()
-        metrics = ClassificationTask.evaluate_model(model, store, index, budget=budget)
-        points.append({"kind": kind, "budget_share": share, "score": metrics["score"],
-                       "mean_gflops": metrics["compute"]["mean_gflops"],
-                       "seconds": time.perf_counter() - started, "run_rate": metrics["compute"]["run_rate"]}
-                      | ({"threshold": budget.threshold} if kind == "mean" else {})
-                      | ({"mean_encoder_seconds": metrics["compute"]["mean_encoder_seconds"]} if seconds else {}))
-    return points
 
 
 def compute_summary(model: FusionModel, outputs: dict[str, np.ndarray], seconds: dict[str, float] | None = None,
@@ -401,5 +359,8 @@ def task_for(spec: Spec, store: FeatureStore, split: Any, target_store: FeatureS
     return task_class(spec)(spec, store, split, target_store, dist)
 
 
-__getattr__ = moved_names(__name__, {name: "fusionkit.inference" for name in (
-    "collect_outputs", "predictions_for", "fit_mean_budget", "measure_encoder_seconds", "TIMED_SAMPLES")})
+__getattr__ = moved_names(__name__, {
+    **{name: "fusionkit.inference" for name in (
+        "collect_outputs", "predictions_for", "fit_mean_budget", "measure_encoder_seconds", "TIMED_SAMPLES")},
+    **dict.fromkeys(("budget_curve", "CURVE_SHARES", "CURVE_KINDS"), "fusionkit.evaluation.curves"),
+})

@@ -5,7 +5,7 @@ branch per feature."""
 from __future__ import annotations
 
 from fusionkit.data.store import FeatureStore
-from fusionkit.distributed import Dist
+from fusionkit.hardware.distributed import Dist
 from fusionkit.spec import Spec
 from fusionkit.training.adaptation import adaptation_loss_factory
 from fusionkit.training.compute import ComputeTerm

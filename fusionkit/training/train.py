@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from fusionkit.checkpoint import save_checkpoint
+from fusionkit.conditional.rows import RowShare
 from fusionkit.data.open import DataSource
 from fusionkit.data.store import FeatureStore
-from fusionkit.devices import device_name, resolve_device
-from fusionkit.distributed import Dist, setup, wrap
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning
 from fusionkit.files import atomic_write_text
-from fusionkit.models.conditional import RowShare
+from fusionkit.hardware.devices import device_name, resolve_device
+from fusionkit.hardware.distributed import Dist, setup, wrap
 from fusionkit.models.factory import build_model, load_checkpoint
 from fusionkit.models.fusion import FusionModel, has_batch_norm
 from fusionkit.moved import moved_names

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_spec
+
 from fusionkit.models.factory import load_model
 from fusionkit.training.train import train
 

@@ -6,12 +6,18 @@ import os
 from pathlib import Path
 
 from fusionkit import config as cfg
-from fusionkit.answers import RATIOS
+from fusionkit.blemore.answers import RATIOS
 from fusionkit.components.datasets.blemore import BlemoreConfig, BlemoreRelease
 from fusionkit.components.datasets.cmudict import PHONES, SPELLING, Cmudict, CmudictConfig, read_cmudict
 from fusionkit.components.datasets.synthetic import Synthetic, SyntheticConfig
-from fusionkit.components.datasets.uci_mfeat import (UCI_VIEWS, UCI_WHEEL_DIR, UciMfeat, UciMfeatConfig, read_uci_mfeat,
-                                                     uci_source)
+from fusionkit.components.datasets.uci_mfeat import (
+    UCI_VIEWS,
+    UCI_WHEEL_DIR,
+    UciMfeat,
+    UciMfeatConfig,
+    read_uci_mfeat,
+    uci_source,
+)
 from fusionkit.data.store import write_store
 from fusionkit.errors import SpecError
 from fusionkit.plugins import get_registry

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import attrs
 import numpy as np
 
-from fusionkit.answers import BLEMORE_LABELS, RATIOS
+from fusionkit.blemore.answers import BLEMORE_LABELS, RATIOS
 from fusionkit.config import non_negative, option, positive, seed_range, unit_interval
 from fusionkit.interfaces import Dataset, Sample
 

@@ -12,7 +12,7 @@ from typing import Literal
 import attrs
 import numpy as np
 
-from fusionkit.answers import RATIOS
+from fusionkit.blemore.answers import RATIOS
 from fusionkit.config import non_negative, option, positive, seed_range, unit_interval
 from fusionkit.errors import DataError
 from fusionkit.interfaces import Dataset, Sample

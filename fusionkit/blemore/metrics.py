@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fusionkit.answers import Prediction, align, to_matrix
+from fusionkit.blemore.answers import Prediction, align, to_matrix
 
 __all__ = ["scores_from_matrices", "format_metric", "blemore_scores", "per_label_f1", "presence_map"]
 

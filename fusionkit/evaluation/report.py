@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from fusionkit.blemore.metrics import format_metric
 from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text, is_temporary
-from fusionkit.metrics import format_metric
 from fusionkit.spec import load_spec
 from fusionkit.training.tasks import task_class
 

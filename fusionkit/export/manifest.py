@@ -1,5 +1,5 @@
 """An export's manifest and files, read and checked in one place, without torch: what the writer
-(:mod:`fusionkit.inference.export`) recognises as its own before replacing a folder, and what the runtime reads
+(:mod:`fusionkit.export.graphs`) recognises as its own before replacing a folder, and what the runtime reads
 before it runs a graph.
 
 Every key the runtime reads is checked here (its type, its range, and how it agrees with the others), so a tampered
@@ -27,9 +27,11 @@ EXPORT_FORMAT = "fusionkit-export"
 MANIFEST_FILE = "manifest.json"
 #: The largest manifest read (bytes): a real one is a few kilobytes.
 MANIFEST_LIMIT = 16 << 20
-#: The decoders a runtime applies (``fusionkit.decoding``), by type, with the config keys it reads.
+#: The decoders a runtime applies (``fusionkit.blemore.decoding``), by type, with the config keys it reads.
 DECODERS = {"blemore": ("alpha", "beta"), "presence_salience": ("threshold", "beta")}
-#: The scouts whose rule the runtime applies, by the graph each exports.
+#: The rules by which the runtime applies a scout, and the graph each reads: "gate" (the gate scout's scores) and
+#: "value" (every staged scout: the built-in value scout and a plugin's, its graph run once per stage). The
+#: manifest's ``scout_type`` names the registered scout.
 SCOUTS = {"gate": "scout.onnx", "value": "value.onnx"}
 _HEADS = ("presence", "salience")
 _DTYPES = ("float32", "uint8")

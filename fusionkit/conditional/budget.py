@@ -1,7 +1,7 @@
 """Compute budgets per sample (a cap or a mean over the data), as a value: what ``--budget`` parses into.
 
 Torch-free, so that the runtime (:mod:`fusionkit.runtime`) parses and checks budgets exactly as a model does; the
-rules that choose rows within a budget are :mod:`fusionkit.models.conditional` (torch) and the runtime's (NumPy).
+rules that choose rows within a budget are :mod:`fusionkit.conditional.rules` (torch) and the runtime's (NumPy).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusionkit.conditional.selection import slot_count
 from fusionkit.plugins import get_registry
-from fusionkit.selection import slot_count
 
 __all__ = ["Dist", "setup", "unused_parameters_possible", "wrap", "end_rank"]
 

@@ -24,16 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from fusionkit.answers import order_to_matrix
+from fusionkit.blemore.answers import order_to_matrix
+from fusionkit.blemore.metrics import scores_from_matrices
 from fusionkit.data.store import FeatureStore
 from fusionkit.errors import FusionkitError
 from fusionkit.inference import collect_outputs
-from fusionkit.metrics import scores_from_matrices
 from fusionkit.models.fusion import FusionModel
 from fusionkit.progress import progress_bar
-from fusionkit.training.tasks import budget_curve, compute_summary
+from fusionkit.training.tasks import compute_summary
 
-__all__ = ["EXHAUSTIVE", "CURVE_FORMAT", "curve_document", "static_choices", "static_frontier", "frontier_at",
+__all__ = ["EXHAUSTIVE", "static_choices", "static_frontier", "frontier_at",
            "random_rows", "cascade", "known_corruption", "curve_controls", "verdict"]
 
 #: Up to this many on-demand encoders, every subset is a static choice; beyond, a greedy sequence.
@@ -236,7 +236,7 @@ def cascade(model: FusionModel, store: FeatureStore, index: np.ndarray, val_inde
 def curve_controls(model: FusionModel, store: FeatureStore, index: np.ndarray, val_index: np.ndarray,
                    points: Sequence[dict[str, Any]], seconds: dict[str, float] | None = None, seed: int = 0,
                    progress: bool = False) -> dict[str, Any]:
-    """The controls of a scout's curve (``points`` from :func:`fusionkit.training.tasks.budget_curve` on ``index``):
+    """The controls of a scout's curve (``points`` from :func:`fusionkit.evaluation.curves.budget_curve` on ``index``):
     ``static`` (every static choice), ``frontier`` (their upper hull), ``random`` (random rows at each point's run
     rates), ``cascade`` (at each point's mean cost, fitted on ``val_index``) and ``verdict``."""
     if not model.on_demand:
@@ -256,28 +256,6 @@ def curve_controls(model: FusionModel, store: FeatureStore, index: np.ndarray, v
     return {"axis": axis, "static": static, "frontier": frontier, "random": random, "cascade": steps,
             **({"known": known, "known_frontier": known_frontier} if known else {}),
             "verdict": verdict(points, frontier, random, steps, axis, known_frontier)}
-
-
-#: The format of a budget curve's JSON (``RUN/budget_curve_SPLIT.json``).
-CURVE_FORMAT = "fusionkit-budget-curve"
-
-
-def curve_document(model: FusionModel, store: FeatureStore, index: np.ndarray, val_index: np.ndarray,
-                   kinds: Sequence[str] = ("mean",), split: str = "test", seconds: dict[str, float] | None = None,
-                   progress: bool = False) -> dict[str, Any]:
-    """An accuracy-compute curve as ``evaluate --budget-curve`` writes it: the scout's points on ``index`` at the
-    first of ``kinds`` (mean budgets, each fitted on ``val_index``, by default), the controls and the verdict computed
-    on them (:func:`curve_controls`), and the points at each other kind (``cap_points``), which ``report`` draws
-    beside them."""
-    first, *others = kinds
-    points = budget_curve(model, store, index, progress=progress, seconds=seconds, val_index=val_index, kind=first)
-    controls = curve_controls(model, store, index, val_index, points, seconds, progress=progress)
-    document = {"format": CURVE_FORMAT, "split": split, "n": int(len(index)), "costs": "time" if seconds else "gflops",
-                "kind": first, "points": points} | ({"encoder_seconds": seconds} if seconds else {}) | controls
-    for kind in others:
-        document[f"{kind}_points"] = budget_curve(model, store, index, progress=progress, seconds=seconds,
-                                                  val_index=val_index, kind=kind)
-    return document
 
 
 def verdict(points: Sequence[dict[str, Any]], frontier: Sequence[dict[str, float]],

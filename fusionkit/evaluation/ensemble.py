@@ -9,7 +9,6 @@ for, so the thresholds of the single models are not reused.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -19,36 +18,23 @@ from typing import Any
 import attrs
 import numpy as np
 
-from fusionkit.answers import from_order
+from fusionkit.blemore.answers import from_order
 from fusionkit.checkpoint import SPEC_FILE
+from fusionkit.conditional.budget import Budget
 from fusionkit.data.store import FeatureStore
 from fusionkit.errors import CheckpointError, DataError, FusionkitError, FusionkitWarning, SpecError
-from fusionkit.inference import collect_outputs, fit_mean_budget
-from fusionkit.models.conditional import Budget
+from fusionkit.evaluation.budgets import fit_run_budget
+from fusionkit.inference import collect_outputs
 from fusionkit.models.factory import load_model
 from fusionkit.models.fusion import FusionModel
 from fusionkit.spec import Spec, load_spec, spec_differences
-from fusionkit.training.rundir import CV_FORMAT, RUN_FILE, RUN_FORMAT, check_trained_store
+from fusionkit.training.rundir import CV_FORMAT, RUN_FILE, check_trained_store, run_info
 from fusionkit.training.tasks import evaluate_outputs
 from fusionkit.training.train import make_split
 
-__all__ = ["expand_runs", "run_info", "check_same_specs", "FoldEnsemble"]
+__all__ = ["expand_runs", "check_same_specs", "FoldEnsemble"]
 
 _FOLD_DIR = re.compile(r"fold(\d+)")
-
-
-def run_info(run: Path) -> dict[str, Any]:
-    """A run's ``run.json``, checked to be a fusionkit run's or cross-validation's."""
-    path = run / RUN_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{run}: not a fusionkit run directory (no {RUN_FILE})")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc}); the run directory is damaged") from None
-    if not isinstance(info, dict) or info.get("format") not in (RUN_FORMAT, CV_FORMAT):
-        raise CheckpointError(f"{path}: not a fusionkit run record (its format is not {RUN_FORMAT} or {CV_FORMAT})")
-    return info
 
 
 def _unfinished(run: Path) -> str | None:
@@ -193,8 +179,7 @@ class FoldEnsemble:
         if key not in self._fitted:
             self.check_store(store)
             part = parsed if parsed.gflops is None else attrs.evolve(parsed, gflops=parsed.gflops / len(self.models))
-            self._fitted[key] = [fit_mean_budget(model, store, make_split(store, run_info(run).get("test_fold")).val,
-                                                 part) for run, model in zip(self.runs, self.models)]
+            self._fitted[key] = [fit_run_budget(run, model, store, part) for run, model in zip(self.runs, self.models)]
         return list(self._fitted[key])
 
     def check_store(self, store: FeatureStore) -> None:

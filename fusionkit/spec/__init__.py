@@ -24,15 +24,15 @@ import attrs
 import yaml
 
 from fusionkit import config as cfg
-from fusionkit.answers import BLEMORE_LABELS
+from fusionkit.blemore.answers import BLEMORE_LABELS
 from fusionkit.config import key_text, non_negative, option, positive, seed_range, short_repr, unit_interval
 from fusionkit.errors import DuplicateComponentError, SpecError, UnknownComponentError
 from fusionkit.files import atomic_write_text
-from fusionkit.interfaces import Gate, GateConfig
+from fusionkit.interfaces import Gate, GateConfig, Scout, ScoutConfig
 from fusionkit.moved import moved_names
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
-from fusionkit.yaml_reader import MAX_DEPTH, MAX_INT_DIGITS, check_bounds, load_yaml
+from fusionkit.spec.yaml_reader import MAX_DEPTH, MAX_INT_DIGITS, check_bounds, load_yaml
 
 __all__ = ["SPEC_VERSION", "BLEMORE_LABELS", "HEAD_ROLES", "ENCODER_NAME", "MAX_LATENT_DIM", "encoder_name_problem",
            "Component", "EncoderSpec", "ProjectorConfig", "DataConfig", "TrainConfig", "ContrastiveConfig",
@@ -69,6 +69,10 @@ class Component:
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **cfg.unstructure(self.config)}
+
+
+# a block nested in a config (conditional.scout) is written as the spec writes it: {type: name, ...options}
+cfg.converter.register_unstructure_hook(Component, Component.to_dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -175,13 +179,16 @@ class TrainConfig:
 class ConditionalConfig:
     """How a model with on-demand encoders trains its scout (see docs/conditional.md)."""
 
-    scout: Literal["gate", "value"] = option(
-        "gate", doc="What decides which on-demand encoders run for a sample. gate: the gate's own scores before they "
-        "run, taught the gate's scores with every token, in the scout's order. value: a small value head that "
+    scout: Annotated[Component, Block("scout")] = option(
+        Component("gate", ScoutConfig()), doc="What decides which on-demand encoders run for a sample: a registered "
+        "scout (fusionkit plugins lists them), a name or {type: name, ...options}. gate: the gate's own scores before "
+        "they run, taught the gate's scores with every token, in the scout's order. value: a small value head that "
         "predicts, from the tokens computed so far, how much this sample's loss drops when each on-demand encoder's "
         "token joins the fusion, taught on the rows where everything ran; it decides in stages (one encoder per row "
-        "at each stage, the rest re-scored with its token) by predicted value per unit of cost.")
-    value_hidden: int = option(64, doc="Hidden width of the value head (scout: value).", validator=positive)
+        "at each stage, the rest re-scored with its token) by predicted value per unit of cost. A plugin's scout "
+        "decides as the value scout does (docs/writing-a-plugin.md#scouts).")
+    value_hidden: int = option(64, doc="Hidden width of the value scout's MLP, unless its block sets hidden.",
+                               validator=positive)
     scout_rows: float = option(
         1.0, doc="Share of each training batch on which every on-demand encoder runs, so the scout learns what the "
         "gate would score with every token (1: every row; less is cheaper, and teaches the scout from fewer rows).",
@@ -477,7 +484,7 @@ def read_spec_file(path: str | Path) -> Any:
 
 
 def _bounded_int(text: str) -> int:
-    """A JSON integer, refused past :data:`fusionkit.yaml_reader.MAX_INT_DIGITS` digits."""
+    """A JSON integer, refused past :data:`fusionkit.spec.yaml_reader.MAX_INT_DIGITS` digits."""
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise ValueError(f"an integer of {len(text.lstrip('-'))} digits; no spec value has more than "
                          f"{MAX_INT_DIGITS} digits")
@@ -848,6 +855,12 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
                       "0.1.0 allowed; register the Gate subclass itself (register(name, MyGate, config=...)), so "
                       "that its class declares whether it scouts. Factory functions for gates stop working in "
                       "fusionkit 0.3.0.", DeprecationWarning, stacklevel=2)
+    if kind == "scout" and not (isinstance(reg.factory, type) and issubclass(reg.factory, Scout)
+                                and issubclass(reg.config, ScoutConfig)):
+        problems.append(f"{path}.type: scout {name!r} ({reg.provider.describe()}) must register a subclass of "
+                        "fusionkit.interfaces.Scout with a config that derives from ScoutConfig (see "
+                        "docs/writing-a-plugin.md#scouts). Fix the plugin, or block it with FUSIONKIT_DISABLE_PLUGINS")
+        return None
     options = {k: v for k, v in block.items() if k != "type"}
     config = cfg.structure(reg.config, options, path, problems)
     return None if config is None else Component(name, config)

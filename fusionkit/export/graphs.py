@@ -9,7 +9,8 @@ to drive them, as Hugging Face Optimum splits an encoder-decoder::
     DIR/scout.onnx           the always-run tokens -> the scout's scores, the gate's own choice of on-demand
                              encoders and those that could enter each row's top-n (on-demand encoders, gate scout)
     DIR/value.onnx           the tokens computed so far, which encoders are present and which on-demand ones ran ->
-                             each on-demand encoder's predicted value (the value scout, run once per stage)
+                             each on-demand encoder's predicted value (a staged scout: the value scout or a
+                             plugin's, run once per stage)
     DIR/fusion.onnx          every token and which are present -> gate, top-n, fusion, heads and combiner
 
 The runtime (:mod:`fusionkit.runtime`) runs them with numpy and onnxruntime alone. Any encoder exports when its class
@@ -30,28 +31,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
+from fusionkit.errors import FusionkitError, require_torch
 
-from fusionkit.answers import from_order
-from fusionkit.budget import Budget
-from fusionkit.data.store import FeatureStore
-from fusionkit.errors import FusionkitError
-from fusionkit.files import check_replaceable, folder_lock, recover_directory, sha256_file, write_directory
-from fusionkit.inference.outputs import collect_outputs
-from fusionkit.interfaces import LiveEncoder
-from fusionkit.models.conditional import kept_by
-from fusionkit.models.fusion import FusionModel, Trunk
-from fusionkit.models.towers import Tower, TwoTowerModel
-from fusionkit.plugins import loaded
-from fusionkit.runtime.images import check_reads
-from fusionkit.runtime.manifest import DECODERS, EXPORT_FORMAT, MANIFEST_FILE, foreign_entries
-from fusionkit.runtime.model import RuntimeModel, load
-from fusionkit.runtime.store import StoreRows
+require_torch("fusionkit.export")
 
-__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "EXPORTERS", "DECODERS", "CHECK_ROWS", "CHECK_BUDGETS",
-           "export_model", "check_export", "ExportError"]
+import torch  # noqa: E402 - after the check that torch is there
+from torch import nn  # noqa: E402
+
+from fusionkit.conditional.budget import Budget  # noqa: E402
+from fusionkit.conditional.rules import kept_by  # noqa: E402
+from fusionkit.export.manifest import DECODERS, EXPORT_FORMAT, MANIFEST_FILE, foreign_entries  # noqa: E402
+from fusionkit.files import check_replaceable, folder_lock, recover_directory, sha256_file, write_directory  # noqa: E402
+from fusionkit.interfaces import LiveEncoder  # noqa: E402
+from fusionkit.models.fusion import FusionModel, Trunk  # noqa: E402
+from fusionkit.models.towers import Tower, TwoTowerModel  # noqa: E402
+from fusionkit.moved import moved_names  # noqa: E402
+from fusionkit.plugins import loaded  # noqa: E402
+from fusionkit.runtime.images import check_reads  # noqa: E402
+
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "OPSET", "EXPORTERS", "DECODERS", "export_model", "ExportError"]
 
 #: The ONNX opset the graphs are written in.
 OPSET = 18
@@ -94,16 +92,16 @@ class _ScoutGraph(nn.Module):
 
 
 class _ValueGraph(nn.Module):
-    """``(tokens [B, K, d], present [B, K], ran [B, m]) -> values [B, m]``: the value scout's predicted loss drop of
-    each on-demand encoder, from the tokens computed so far (zeros for the rest); the runtime calls it once per
-    stage."""
+    """``(tokens [B, K, d], present [B, K], ran [B, m]) -> values [B, m]``: a staged scout's predicted loss drop of
+    each on-demand encoder (:meth:`fusionkit.interfaces.Scout.forward`), from the tokens computed so far (zeros for
+    the rest); the runtime calls it once per stage."""
 
     def __init__(self, model: FusionModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
-        return self.model.value_head(tokens, present, ran)
+        return self.model.scout(tokens, present, ran)
 
 
 class _FusionGraph(nn.Module):
@@ -239,7 +237,7 @@ def export_model(model: FusionModel | TwoTowerModel, out: str | os.PathLike, *,
 
     ``budget``: a mean budget with its fitted threshold (:func:`fusionkit.inference.fit_mean_budget`), or a list of
     them, stored so that the runtime applies each by its name (``budget="mean:40%"``; ``"mean"`` when one). ``exporter``: one of :data:`EXPORTERS`. ``check``: called
-    with the finished folder before it takes ``out``'s place (e.g. :func:`check_export`); when it raises, nothing
+    with the finished folder before it takes ``out``'s place (e.g. :func:`fusionkit.export.check.check_export`); when it raises, nothing
     is replaced and nothing is left behind.
 
     ``out`` must be new or empty, or, with ``overwrite``, an earlier export that holds nothing but what its export
@@ -313,11 +311,11 @@ def _write(model: FusionModel, folder: Path, budgets: list[Budget], exporter: st
     _onnx_export(_FusionGraph(model), (tokens, mask), folder / "fusion.onnx", ["tokens", "mask"],
                  ["probs", *roles, "kept"], {n: {0: "batch"} for n in ["tokens", "mask", "probs", *roles, "kept"]},
                  "the fusion (gate, selection, fusion, heads, combiner)", exporter)
-    if model.value_head is not None:
+    if model.staged:
         ran = torch.zeros(2, len(model.on_demand), dtype=torch.bool)
         _onnx_export(_ValueGraph(model), (tokens, mask, ran), folder / "value.onnx", ["tokens", "present", "ran"],
                      ["values"], {n: {0: "batch"} for n in ("tokens", "present", "ran", "values")},
-                     "the value scout (conditional.scout: value)", exporter)
+                     f"the scout ({model.spec.conditional.scout.type})", exporter)
     elif model.on_demand:
         _onnx_export(_ScoutGraph(model), (tokens, mask), folder / "scout.onnx", ["tokens", "present"],
                      ["scores", "runs", "candidates"],
@@ -329,7 +327,8 @@ def _write(model: FusionModel, folder: Path, budgets: list[Budget], exporter: st
     manifest = {
         **_manifest_head(model, exporter), "kind": "fusion", "neutral": model.decoder.context.neutral_index,
         "encoders": encoders, "on_demand": [model.encoder_names[k] for k in model.on_demand],
-        "scout": None if not model.on_demand else model.spec.conditional.scout, "slots": model.top_n,
+        "scout": None if not model.on_demand else "value" if model.staged else "gate",
+        "scout_type": None if not model.on_demand else model.spec.conditional.scout.type, "slots": model.top_n,
         "nan_policy": model.spec.data.nan_policy, "heads": roles,
         "decoder": {"type": decoder.type, **{key: float(getattr(decoder.config, key)) for key in DECODERS[decoder.type]}},
         "budget": stored[0] if stored else None, "budgets": stored,
@@ -377,99 +376,5 @@ def _plugin_versions() -> dict[str, str | None]:
     return loaded().versions()
 
 
-#: How many of a store's rows ``check_export`` compares (the first ones).
-CHECK_ROWS = 512
-#: The budgets ``check_export`` compares at, beside the gate's own rule and an export's stored mean budget.
-CHECK_BUDGETS = ("0%", "25%", "50%", "100%")
-
-
-def check_export(model: FusionModel | TwoTowerModel, folder: str | os.PathLike, store: FeatureStore, index: np.ndarray | None = None,
-                 atol: float = 1e-4) -> list[dict[str, Any]]:
-    """Run the export in ``folder`` (without torch) and ``model`` on the rows ``index`` of ``store`` (default: its
-    first :data:`CHECK_ROWS`) at the gate's own rule, several caps and the stored mean budget, and compare: the
-    probabilities within ``atol``, the same encoders run on the same rows, the same answers except on exact ties.
-    Returns one line per budget; a mismatch is an :class:`ExportError` that names the graph at fault."""
-    runtime = load(folder)
-    index = np.arange(min(len(store), CHECK_ROWS)) if index is None else np.asarray(index)
-    raw = None if store.raw is None or Path(store.raw.path) == Path(store.path) else store.raw.path
-    rows = runtime.read(store.path, raw).take(index)
-    _check_tokens(model, runtime, store, index, rows, atol)
-    if isinstance(model, TwoTowerModel):
-        return _check_towers(model, runtime, store, index, rows, atol)
-    budgets: list[Any] = [None, *(CHECK_BUDGETS if runtime.demand else ())]
-    stored = [b.describe() for b in runtime.stored_budgets]
-    budgets += ["mean"] if len(stored) == 1 else stored
-    if runtime.demand:  # every kind at once, one per row: each row decided as if alone
-        budgets.append([[None, *CHECK_BUDGETS, *stored][n % (len(CHECK_BUDGETS) + 1 + len(stored))]
-                        for n in range(len(index))])
-    report = []
-    for given in budgets:
-        budget = (runtime.row_budgets(given, len(index)) if isinstance(given, list) else runtime.budget(given))
-        expected = collect_outputs(model, store, index, budget=budget)
-        got = runtime.predict(rows.inputs, given, lengths=rows.lengths)
-        where = "a budget per row" if isinstance(given, list) else f"budget {given or 'the gate rule'}"
-        if runtime.demand and not np.array_equal(expected["ran"].astype(bool), got.ran):
-            rows_off = np.flatnonzero((expected["ran"].astype(bool) != got.ran).any(axis=1))
-            raise ExportError(f"{runtime.scout_graph} ({where}): the runtime runs other encoders than the model on "
-                              f"{len(rows_off)} of {len(index)} rows (e.g. {[rows.ids[i] for i in rows_off[:3]]})")
-        diff = float(np.abs(expected["probs"] - got.probs).max())
-        if diff > atol:
-            raise ExportError(f"fusion.onnx ({where}): probabilities differ from the model's by up to {diff:.3g} "
-                              f"(more than {atol:g})")
-        order, sal = model.decoder.decode(expected)
-        wrong = [i for i, (a, b) in enumerate(zip(from_order(order, sal, model.labels), got.answers))
-                 if a != b and not _tied(expected, i)]
-        if wrong:
-            raise ExportError(f"the decoder ({where}): {len(wrong)} answers differ from the model's, e.g. "
-                              f"{rows.ids[wrong[0]]}")
-        report.append({"budget": "per row" if isinstance(given, list) else given, "rows": int(len(index)),
-                       "max_prob_diff": diff,
-                       "mean_gflops": float(got.cost.mean())})
-    return report
-
-
-def _tied(outputs: dict[str, np.ndarray], row: int, tolerance: float = 1e-6) -> bool:
-    """Whether a row's decoding rests on an exact tie (two top probabilities within ``tolerance``)."""
-    for key in ("probs", "presence", "salience"):
-        if key in outputs:
-            top = np.sort(outputs[key][row])[::-1]
-            if len(top) > 2 and (abs(top[0] - top[1]) <= tolerance or abs(top[1] - top[2]) <= tolerance):
-                return True
-    return False
-
-
-def _check_tokens(model: FusionModel | TwoTowerModel, runtime: RuntimeModel, store: FeatureStore, index: np.ndarray,
-                  rows: StoreRows, atol: float) -> None:
-    """Each encoder graph against the model's encoder and projector on the same rows, so that a mismatch names the
-    encoder's graph rather than the fusion."""
-    inputs, lengths, mask = store.inputs_for(model, index)
-    feeds, present = runtime._inputs(rows.inputs, rows.lengths, None)
-    trunks = [model] if isinstance(model, FusionModel) else list(model.towers.values())
-    with torch.no_grad():
-        for trunk in trunks:
-            for name in trunk.encoder_names:
-                k = model.encoder_names.index(name)
-                expected = trunk.projectors[name](trunk.encoders[name](inputs[name], lengths.get(name))).cpu().numpy()
-                got = runtime._encode(name, feeds[name], None)
-                valid = mask[:, k].cpu().numpy() & present[:, runtime.names.index(name)]
-                diff = float(np.abs(expected[valid] - got[valid]).max()) if valid.any() else 0.0
-                if diff > atol:
-                    raise ExportError(f"encoders/{name}.onnx: its tokens differ from the model's by up to {diff:.3g} "
-                                      f"(more than {atol:g})")
-
-
-def _check_towers(model: TwoTowerModel, runtime: RuntimeModel, store: FeatureStore, index: np.ndarray,
-                  rows: StoreRows, atol: float) -> list[dict[str, Any]]:
-    """Each tower's embeddings from the export against the model's."""
-    inputs, lengths, mask = store.inputs_for(model, index)
-    with torch.no_grad():
-        expected = model(inputs, lengths, mask).embeddings
-    got = runtime.embed(rows.inputs, lengths=rows.lengths)
-    report = []
-    for name, value in expected.items():
-        diff = float(np.abs(value.cpu().numpy() - got[name]).max())
-        if diff > atol:
-            raise ExportError(f"towers/{name}.onnx: its embeddings differ from the model's by up to {diff:.3g} "
-                              f"(more than {atol:g})")
-        report.append({"tower": name, "rows": int(len(index)), "max_embedding_diff": diff})
-    return report
+__getattr__ = moved_names(__name__, dict.fromkeys(("check_export", "CHECK_ROWS", "CHECK_BUDGETS"),
+                                                  "fusionkit.export.check"))
