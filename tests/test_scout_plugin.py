@@ -3,7 +3,6 @@ hook, trains, evaluates at a mean budget, exports, and the runtime (without torc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -97,20 +96,31 @@ def test_a_scout_that_breaks_the_contract_is_refused_naming_its_plugin():
         fusionkit.load_spec(scout_spec("broken_scout"))
 
 
-def test_a_0_2_0_value_scout_checkpoint_loads(tmp_path):
-    """0.2.0 saved the value scout's weights as value_head.*; they load as scout.*."""
-    from safetensors.torch import load_file, save_file
+OLD = Path(__file__).resolve().parent / "data"
 
-    spec = scout_spec("value")
-    model = fusionkit.build_model(spec)
-    model.save_pretrained(str(tmp_path / "m"))
-    weights = tmp_path / "m" / "model.safetensors"
-    state = load_file(str(weights))
-    old = {(k.replace("scout.", "value_head.", 1) if k.startswith("scout.") else k): v for k, v in state.items()}
-    assert any(k.startswith("value_head.") for k in old)
-    save_file(old, str(weights))
-    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
-    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()  # as 0.2.0 wrote it
-    (tmp_path / "m" / "metadata.json").write_text(json.dumps(meta))
-    loaded = load_model(tmp_path / "m")
-    assert torch.equal(loaded.scout.net[0].weight, model.scout.net[0].weight)
+
+@pytest.mark.parametrize("scout", ["gate", "value"])
+def test_an_export_made_before_the_layout_step_runs_unchanged(scout):
+    """tests/data/export-0.2.0 was written by fusionkit 0.2.0 before this layout (its expected.json records what
+    that runtime answered); today's runtime answers the same."""
+    expected = json.loads((OLD / "export-0.2.0" / "expected.json").read_text())
+    runtime = load(OLD / "export-0.2.0" / scout)
+    inputs = {name: np.asarray(value, dtype=np.float32) for name, value in expected["rows"].items()}
+    for given, old in expected[scout].items():
+        got = runtime.predict(inputs, None if given == "None" else given)
+        assert np.array_equal(got.ran, np.asarray(old["ran"])), given
+        assert np.allclose(got.probs, np.asarray(old["probs"]), atol=1e-6), given
+        assert got.answers == old["answers"], given
+
+
+def test_a_checkpoint_made_before_the_layout_step_loads_and_predicts_as_its_export():
+    """A 0.2.0 value scout's checkpoint (its weights under value_head.*, its spec with `scout: value`) loads, and
+    predicts as its 0.2.0 export did."""
+    model = load_model(OLD / "checkpoint-0.2.0-value")
+    assert type(model.scout).__name__ == "ValueScout" and model.spec.conditional.scout.type == "value"
+    expected = json.loads((OLD / "export-0.2.0" / "expected.json").read_text())
+    inputs = {name: torch.tensor(value) for name, value in expected["rows"].items()}
+    with torch.no_grad():
+        out = model(inputs)
+    assert np.array_equal(out.ran.numpy(), np.asarray(expected["value"]["None"]["ran"]))
+    assert np.allclose(out.probs.numpy(), np.asarray(expected["value"]["None"]["probs"]), atol=1e-4)

@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 
 from fusionkit.conditional.budget import Budget  # noqa: E402
 from fusionkit.conditional.rules import kept_by  # noqa: E402
-from fusionkit.export.manifest import DECODERS, EXPORT_FORMAT, MANIFEST_FILE, foreign_entries  # noqa: E402
+from fusionkit.export.manifest import DECODERS, EXPORT_FORMAT, MANIFEST_FILE, SCOUTS, foreign_entries, graph_io  # noqa: E402
 from fusionkit.files import check_replaceable, folder_lock, recover_directory, sha256_file, write_directory  # noqa: E402
 from fusionkit.interfaces import LiveEncoder  # noqa: E402
 from fusionkit.models.fusion import FusionModel, Trunk  # noqa: E402
@@ -88,7 +88,7 @@ class _ScoutGraph(nn.Module):
         scores = model.gate.score(tokens + model.identity, present)
         available = present[:, list(model.on_demand)]
         runs = kept_by(model.gate.select(scores, model.fusable_of(present)).kept, model.on_demand) & available
-        return scores, runs, model._candidates(scores, present) & available
+        return scores, runs, model.candidates(scores, present) & available
 
 
 class _ValueGraph(nn.Module):
@@ -114,8 +114,8 @@ class _FusionGraph(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model
-        first = model._demanded(mask) if model.on_demand else None  # an on-demand encoder that ran is fused
-        encoded = model._fuse(tokens + model.identity, mask, None, None, {}, first=first)
+        first = model.demanded(mask) if model.on_demand else None  # an on-demand encoder that ran is fused
+        encoded = model.fuse(tokens + model.identity, mask, None, None, {}, first=first)
         probs = {role: head.probabilities(head(encoded.fused)) for role, head in model.heads.items()}
         combined = model.combiner(probs.get("presence"), probs.get("salience"))
         outputs = [combined, *(probs[role] for role in _roles(model)), encoded.selection.kept]
@@ -132,7 +132,7 @@ class _TowerGraph(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tower = self.tower
-        encoded = tower._fuse(tokens + tower.identity, mask, None, None, {})
+        encoded = tower.fuse(tokens + tower.identity, mask, None, None, {})
         return torch.nn.functional.normalize(tower.embed(encoded.fused), dim=-1), encoded.selection.kept
 
 
@@ -176,6 +176,11 @@ def _reads(encoder: LiveEncoder, name: str) -> dict[str, Any] | None:
     return reads
 
 
+def _batch_axes(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    """Axis 0 of every input and output is the batch (dynamic)."""
+    return {name: {0: "batch"} for name in (*inputs, *outputs)}
+
+
 def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
                  dynamic: dict[str, dict[int, str]], what: str, exporter: str) -> None:
     """One graph with its dynamic axes, by the ``exporter`` of :data:`EXPORTERS`."""
@@ -211,10 +216,9 @@ def _encoder_entry(model: FusionModel | TwoTowerModel, trunk: Trunk, name: str, 
     graph = _EncoderGraph(encoder, trunk.projectors[name], sequences).eval()
     path = folder / "encoders" / f"{name}.onnx"
     args = (x, lengths) if sequences else (x,)
-    inputs = ["x", "lengths"] if sequences else ["x"]
-    dynamic = {"x": {0: "batch", **({1: "frames"} if sequences else {})}, "token": {0: "batch"},
-               **({"lengths": {0: "batch"}} if sequences else {})}
-    _onnx_export(graph, args, path, inputs, ["token"], dynamic, f"encoder {name!r} ({type(encoder).__name__})",
+    inputs, outputs = graph_io("encoder", sequences=sequences)
+    dynamic = {**_batch_axes(inputs, outputs), **({"x": {0: "batch", 1: "frames"}} if sequences else {})}
+    _onnx_export(graph, args, path, inputs, outputs, dynamic, f"encoder {name!r} ({type(encoder).__name__})",
                  exporter)
     spec = model.spec.encoders[model.spec.encoder_names.index(name)]
     shape = ["batch", "frames", int(x.shape[-1])] if sequences else ["batch", *(int(n) for n in x.shape[1:])]
@@ -308,19 +312,18 @@ def _write(model: FusionModel, folder: Path, budgets: list[Budget], exporter: st
     K, d = len(model.encoder_names), model.spec.latent_dim
     tokens, mask = torch.zeros(2, K, d), torch.ones(2, K, dtype=torch.bool)
     roles = _roles(model)
-    _onnx_export(_FusionGraph(model), (tokens, mask), folder / "fusion.onnx", ["tokens", "mask"],
-                 ["probs", *roles, "kept"], {n: {0: "batch"} for n in ["tokens", "mask", "probs", *roles, "kept"]},
-                 "the fusion (gate, selection, fusion, heads, combiner)", exporter)
+    inputs, outputs = graph_io("fusion", heads=tuple(roles))
+    _onnx_export(_FusionGraph(model), (tokens, mask), folder / "fusion.onnx", inputs, outputs,
+                 _batch_axes(inputs, outputs), "the fusion (gate, selection, fusion, heads, combiner)", exporter)
     if model.staged:
         ran = torch.zeros(2, len(model.on_demand), dtype=torch.bool)
-        _onnx_export(_ValueGraph(model), (tokens, mask, ran), folder / "value.onnx", ["tokens", "present", "ran"],
-                     ["values"], {n: {0: "batch"} for n in ("tokens", "present", "ran", "values")},
-                     f"the scout ({model.spec.conditional.scout.type})", exporter)
+        inputs, outputs = graph_io("value")
+        _onnx_export(_ValueGraph(model), (tokens, mask, ran), folder / SCOUTS["value"], inputs, outputs,
+                     _batch_axes(inputs, outputs), f"the scout ({model.spec.conditional.scout.type})", exporter)
     elif model.on_demand:
-        _onnx_export(_ScoutGraph(model), (tokens, mask), folder / "scout.onnx", ["tokens", "present"],
-                     ["scores", "runs", "candidates"],
-                     {n: {0: "batch"} for n in ("tokens", "present", "scores", "runs", "candidates")},
-                     f"the scout ({model.spec.gate.type} gate)", exporter)
+        inputs, outputs = graph_io("gate")
+        _onnx_export(_ScoutGraph(model), (tokens, mask), folder / SCOUTS["gate"], inputs, outputs,
+                     _batch_axes(inputs, outputs), f"the scout ({model.spec.gate.type} gate)", exporter)
     decoder = model.spec.decoder
     stored = [{"describe": b.describe(), "share": b.share, "gflops": b.gflops, "threshold": b.threshold}
               for b in budgets]
@@ -354,9 +357,10 @@ def _write_towers(model: TwoTowerModel, folder: Path, exporter: str) -> None:
     for name, tower in model.towers.items():
         encoders += [_encoder_entry(model, tower, n, folder, exporter) for n in tower.encoder_names]
         k, d = len(tower.encoder_names), model.spec.latent_dim
+        inputs, outputs = graph_io("tower")
         _onnx_export(_TowerGraph(tower), (torch.zeros(2, k, d), torch.ones(2, k, dtype=torch.bool)),
-                     folder / "towers" / f"{name}.onnx", ["tokens", "mask"], ["embedding", "kept"],
-                     {n: {0: "batch"} for n in ("tokens", "mask", "embedding", "kept")}, f"tower {name!r}", exporter)
+                     folder / "towers" / f"{name}.onnx", inputs, outputs, _batch_axes(inputs, outputs),
+                     f"tower {name!r}", exporter)
         towers[name] = {"encoders": list(tower.encoder_names), "graph": f"towers/{name}.onnx",
                         "embed_dim": tower.embed_dim}
     manifest = {**_manifest_head(model, exporter), "kind": "two_tower", "encoders": encoders, "towers": towers,

@@ -20,7 +20,8 @@ from typing import Any
 from fusionkit.errors import FusionkitError
 from fusionkit.files import describe_contents, sha256_file
 
-__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "MANIFEST_LIMIT", "DECODERS", "SCOUTS", "DeploymentError",
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "MANIFEST_LIMIT", "DECODERS", "SCOUTS", "GRAPH_IO", "graph_io",
+           "DeploymentError",
            "read_manifest", "check_manifest", "check_files", "graph_bytes", "foreign_entries"]
 
 EXPORT_FORMAT = "fusionkit-export"
@@ -33,6 +34,27 @@ DECODERS = {"blemore": ("alpha", "beta"), "presence_salience": ("threshold", "be
 #: "value" (every staged scout: the built-in value scout and a plugin's, its graph run once per stage). The
 #: manifest's ``scout_type`` names the registered scout.
 SCOUTS = {"gate": "scout.onnx", "value": "value.onnx"}
+#: Each graph's input and output names, declared once for the writer (:mod:`fusionkit.export.graphs`) and the
+#: runtime; every axis 0 is the batch. An encoder reading a sequence also takes ``lengths``, and the fusion gives one
+#: output per head between ``probs`` and ``kept`` (:func:`graph_io`).
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "encoder": (("x",), ("token",)),
+    "fusion": (("tokens", "mask"), ("probs", "kept")),
+    "gate": (("tokens", "present"), ("scores", "runs", "candidates")),
+    "value": (("tokens", "present", "ran"), ("values",)),
+    "tower": (("tokens", "mask"), ("embedding", "kept")),
+}
+
+
+def graph_io(graph: str, heads: tuple[str, ...] = (), sequences: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(inputs, outputs)`` of a graph of :data:`GRAPH_IO`, with a sequence encoder's ``lengths`` and the fusion's
+    ``heads``."""
+    inputs, outputs = GRAPH_IO[graph]
+    if graph == "encoder" and sequences:
+        inputs = (*inputs, "lengths")
+    if graph == "fusion":
+        outputs = (outputs[0], *heads, outputs[1])
+    return inputs, outputs
 _HEADS = ("presence", "salience")
 _DTYPES = ("float32", "uint8")
 _SHA = re.compile(r"^[0-9a-f]{64}$")

@@ -423,9 +423,9 @@ class Trunk(nn.Module):
             if mask is not None:
                 mask = mask.to(device=tokens.device, dtype=torch.bool)
             if not self.on_demand:
-                return self._fuse(tokens, mask, None, None, {})
+                return self.fuse(tokens, mask, None, None, {})
             ran = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
-            return self._fuse(tokens, mask, ran, self.cost_vector(tokens.device), {}, first=self._demanded(ran))
+            return self.fuse(tokens, mask, ran, self.cost_vector(tokens.device), {}, first=self.demanded(ran))
         return self._encode_on_demand(inputs, lengths, mask, budget, runs)
 
     def _encode_on_demand(self, inputs: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor],
@@ -463,7 +463,7 @@ class Trunk(nn.Module):
         ran = present.clone()
         ran[:, list(demand)] = run
         aux = self._gate_scout_loss(tokens, computed, present, scout_scores, every)
-        encoded = self._fuse(tokens, ran, ran, costs, aux, first=self._demanded(ran))
+        encoded = self.fuse(tokens, ran, ran, costs, aux, first=self.demanded(ran))
         encoded.computed, encoded.scout_scores, encoded.scout_rows = computed, scout_scores, every
         encoded.available = present
         if self.training:
@@ -497,8 +497,8 @@ class Trunk(nn.Module):
         (``conditional.full_budget_weight``), and a staged scout's example (:class:`ValueTarget`)."""
         every, computed = encoded.scout_rows, encoded.computed
         if self.conditional.full_budget_weight > 0 and every.any():
-            encoded.full = self._fuse(encoded.tokens[every], computed[every], computed[every], costs, {},
-                                      first=self._demanded(computed[every]))
+            encoded.full = self.fuse(encoded.tokens[every], computed[every], computed[every], costs, {},
+                                      first=self.demanded(computed[every]))
         if self.staged and self.conditional.scout_weight > 0:
             encoded.value = self._value_target(raw[every], encoded.tokens[every], encoded.available[every],
                                                encoded.ran[every])
@@ -541,7 +541,7 @@ class Trunk(nn.Module):
         if budget is not None and budget.mean:
             return self.mean_budget_values(scout_scores.detach(), present, choice) >= budget.threshold
         if limit is not None:
-            candidates = available & self._candidates(scout_scores.detach(), present)
+            candidates = available & self.candidates(scout_scores.detach(), present)
             return within_budget(scout_scores.detach()[:, demand], candidates, choice[demand], limit)
         return kept_by(self.gate.select(scout_scores, self.fusable_of(present)).kept, demand) & available
 
@@ -567,7 +567,7 @@ class Trunk(nn.Module):
         else:
             scores = self.gate.score(torch.stack([columns[k] for k in range(len(self.encoder_names))], dim=1)
                                      + self.identity, present)
-            candidates = available & self._candidates(scores, present)
+            candidates = available & self.candidates(scores, present)
             by_cap = within_budget(scores[:, demand], candidates, costs[demand], limit)
             by_mean = self.mean_budget_values(scores, present, costs) >= threshold.unsqueeze(1)
             by_gate = kept_by(self.gate.select(scores, self.fusable_of(present)).kept, demand) & available
@@ -578,7 +578,7 @@ class Trunk(nn.Module):
         tokens = torch.stack([columns[k] for k in range(len(self.encoder_names))], dim=1) + self.identity
         ran = present.clone()
         ran[:, demand] = run
-        encoded = self._fuse(tokens, ran, ran, costs, {}, first=self._demanded(ran))
+        encoded = self.fuse(tokens, ran, ran, costs, {}, first=self.demanded(ran))
         encoded.computed, encoded.available = ran, present
         return encoded
 
@@ -591,13 +591,13 @@ class Trunk(nn.Module):
             return self.fusable.unsqueeze(0).expand(tokens.shape[0], -1)
         return present & self.fusable
 
-    def _demanded(self, ran: torch.Tensor) -> torch.Tensor:
+    def demanded(self, ran: torch.Tensor) -> torch.Tensor:
         """``[B, K]``: the on-demand encoders among ``ran``, which the gate keeps first (what runs is fused)."""
         first = torch.zeros_like(ran)
         first[:, list(self.on_demand)] = ran[:, list(self.on_demand)]
         return first
 
-    def _candidates(self, scout_scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def candidates(self, scout_scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """``[B, m]``: the on-demand encoders that could enter a row's top-n (the gate's slots) by the scout's scores:
         the only ones a budget may run, so that every encoder run is fused. Every one when the slots hold every
         encoder."""
@@ -610,7 +610,7 @@ class Trunk(nn.Module):
         cost (:func:`~fusionkit.conditional.rules.value_per_cost`), -inf for an encoder that could not enter the
         row's top-n."""
         values = value_per_cost(scout_scores, present, choice, self.on_demand)
-        return values.masked_fill(~self._candidates(scout_scores, present), float("-inf"))
+        return values.masked_fill(~self.candidates(scout_scores, present), float("-inf"))
 
     def _run_rows_of(self, inputs: Mapping[str, Any], lengths: Mapping[str, torch.Tensor], batch: int,
                      first: torch.Tensor, empty: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -723,12 +723,15 @@ class Trunk(nn.Module):
             masks.append(added)
         stacked = torch.cat(masks)
         with as_at_inference(self.gate, self.fusion, self.residual):
-            fused = self._fuse(value.tokens.repeat(len(masks), 1, 1), stacked, None, None, {},
-                               first=self._demanded(stacked)).fused
+            fused = self.fuse(value.tokens.repeat(len(masks), 1, 1), stacked, None, None, {},
+                               first=self.demanded(stacked)).fused
         return fused.view(len(masks), len(value.tokens), -1)
 
-    def _fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
-              costs: torch.Tensor | None, aux: dict[str, torch.Tensor], first: torch.Tensor | None = None) -> Encoded:
+    def fuse(self, tokens: torch.Tensor, mask: torch.Tensor | None, ran: torch.Tensor | None,
+             costs: torch.Tensor | None, aux: dict[str, torch.Tensor], first: torch.Tensor | None = None) -> Encoded:
+        """Gate, select and fuse ``tokens`` ``[B, K, d]`` (identity embeddings added) where ``mask`` allows (the
+        encoders ``first`` take the slots first); ``ran`` and ``costs`` give each row's cost, ``aux`` the losses to
+        carry. What :meth:`encode` ends with, and what an export's fusion graph runs."""
         mask = self.fusable_of(mask, tokens)
         # a gate is called as before when nothing must come first (a plugin's own forward(tokens, mask) keeps working)
         selection = self.gate(tokens, mask) if first is None else self.gate(tokens, mask, first)

@@ -19,7 +19,15 @@ from fusionkit.blemore.decoding import blemore_decode, presence_salience_decode
 from fusionkit.conditional import numpy_rules
 from fusionkit.conditional.budget import CAP, MEAN, Budget, RowBudgets
 from fusionkit.errors import FusionkitError
-from fusionkit.export.manifest import EXPORT_FORMAT, MANIFEST_FILE, SCOUTS, DeploymentError, graph_bytes, read_manifest
+from fusionkit.export.manifest import (
+    EXPORT_FORMAT,
+    MANIFEST_FILE,
+    SCOUTS,
+    DeploymentError,
+    graph_bytes,
+    graph_io,
+    read_manifest,
+)
 from fusionkit.moved import moved_names
 from fusionkit.runtime.images import check_reads, read_images
 from fusionkit.runtime.store import StoreRows, read_inputs
@@ -96,22 +104,19 @@ class RuntimeModel:
                     raise DeploymentError(str(exc)) from None
         self.demand = [self.names.index(n) for n in manifest.get("on_demand", [])]
         self.costs = np.array([float(e["cost_gflops"] or 0.0) for e in self.encoders], dtype=np.float64)
-        self.sessions = {e["name"]: self._session(e["graph"], ("x", "lengths") if "lengths" in e["inputs"] else ("x",),
-                                                  ("token",)) for e in self.encoders}
+        self.sessions = {e["name"]: self._session(e["graph"], *graph_io("encoder", sequences="lengths" in e["inputs"]))
+                         for e in self.encoders}
         self.towers: dict[str, dict[str, Any]] = manifest.get("towers") or {}
-        self.tower_sessions = {name: self._session(t["graph"], ("tokens", "mask"), ("embedding", "kept"))
-                               for name, t in self.towers.items()}
-        self.fusion = None if self.towers else self._session("fusion.onnx", ("tokens", "mask"),
-                                                             ("probs", *manifest["heads"], "kept"))
+        self.tower_sessions = {name: self._session(t["graph"], *graph_io("tower")) for name, t in self.towers.items()}
+        self.fusion = None if self.towers else self._session("fusion.onnx",
+                                                             *graph_io("fusion", heads=tuple(manifest["heads"])))
         #: Which scout decides what runs: "gate" (scout.onnx) or "value" (value.onnx, in stages); None without
         #: on-demand encoders.
         self.scout_kind: str | None = manifest.get("scout") if self.demand else None
         self.scout_graph = SCOUTS.get(self.scout_kind or "gate")
         self.scout = None
         if self.demand:
-            self.scout = (self._session(self.scout_graph, ("tokens", "present", "ran"), ("values",))
-                          if self.scout_kind == "value" else
-                          self._session(self.scout_graph, ("tokens", "present"), ("scores", "runs", "candidates")))
+            self.scout = self._session(self.scout_graph, *graph_io(self.scout_kind))
         self.slots = int(manifest.get("slots") or len(self.names))
         #: The mean budgets the export stores (fitted at export), by which a request may name one.
         self.stored_budgets: list[Budget] = [
