@@ -55,6 +55,12 @@ MIDDLE = (0.25, 0.4, 0.55)
 OTHERS = (0.1, 0.7, 0.85)
 VIEW_COSTS = {"kar": 0.5, "fac": 1.0, "pix": 2.0}
 SCOUTS = ("gate", "value")
+#: The corrupted testbed also trains the quality scout, which judges each view's input from its preview.
+CORRUPT_SCOUTS = (*SCOUTS, "quality")
+
+
+def scouts_of(testbed: str) -> tuple[str, ...]:
+    return CORRUPT_SCOUTS if testbed == "corrupt-views" else SCOUTS
 
 
 def view_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
@@ -169,6 +175,9 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def corrupted_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
     """keep-all on the six views, and each scout with a preview of each on-demand view (``preview_of``, not fused)."""
     systems = view_specs(seed, conditional)
+    quality = json.loads(json.dumps(systems["scout: value"]))
+    quality["conditional"]["scout"] = "quality"
+    systems["scout: quality"] = quality
     for name, spec in systems.items():
         if name != "keep-all":
             spec["encoders"] += [{"name": f"{v}_look", "type": "features", "dim": LOOK_DIM, "preview_of": v,
@@ -231,13 +240,18 @@ def evaluate(job: dict) -> dict:
             point["known"] = frontier_at(known_frontier, compute["mean_gflops"])
         point["random"] = random_rows(model, store, split.test, rates, seed=1000 * job["fold"] + job["seed"])["score"]
         points.append(point)
+    metrics = ClassificationTask.evaluate_model(model, store, split.test, budget=None)  # the model's own rule
+    own = {"score": metrics["score"], "mean_gflops": metrics["compute"]["mean_gflops"],
+           "spent": (metrics["compute"]["mean_gflops"] - always) / demand_cost,
+           "static": frontier_at(frontier, metrics["compute"]["mean_gflops"]),
+           **({"known": frontier_at(known_frontier, metrics["compute"]["mean_gflops"])} if known_frontier else {})}
     steps = cascade(model, store, split.test, split.val, [p["mean_gflops"] for p in points])
     oracle = Oracle(model, store, split.test)
     for point, step in zip(points, steps):
         point["cascade"] = step["score"]
         point["oracle"] = oracle.score_at(point["mean_gflops"])
     return {"system": job["system"], "fold": job["fold"], "seed": job["seed"], "checkpoint": job["checkpoint"],
-            "static": static, "frontier": frontier, "known": known, "points": points,
+            "static": static, "frontier": frontier, "known": known, "points": points, "own": own,
             "seconds": time.perf_counter() - started}
 
 
@@ -283,6 +297,23 @@ class Oracle:
         return float(scores_from_matrices(order_to_matrix(order, sal, len(self.model.labels)), self.truth)["score"])
 
 
+def _own_rule_row(system: str, runs: list[dict], keep_all: np.ndarray, rows: list[list[str]]) -> dict | None:
+    """The model's own rule (no budget) of a scout, as a table row, where its evaluation has it."""
+    if not all("own" in r for r in runs):
+        return None
+    own = [r["own"] for r in runs]
+    score = np.array([o["score"] for o in own])
+    entry = {"score": [float(score.mean()), float(score.std())], "spent": float(np.mean([o["spent"] for o in own])),
+             "minus_keep_all": mean_se([100 * (o["score"] - k) for o, k in zip(own, keep_all)]),
+             "over_static": mean_se([100 * (o["score"] - o["static"]) for o in own]),
+             **({"over_known": mean_se([100 * (o["score"] - o["known"]) for o in own])} if "known" in own[0] else {})}
+    rows.append([f"{system}, own rule", f"{100 * entry['spent']:.0f}%", f"{score.mean():.3f} ± {score.std():.3f}",
+                 "{:+.1f} ± {:.1f}".format(*entry["over_static"]), "", "",
+                 "{:+.1f} ± {:.1f}".format(*entry["minus_keep_all"]), "", "",
+                 *(["{:+.1f} ± {:.1f}".format(*entry["over_known"])] if "over_known" in entry else [])])
+    return entry
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
@@ -298,6 +329,7 @@ def main() -> None:
                         "conditional.full_budget_weight (a variant: its runs, results and section are its own)")
     args = parser.parse_args()
     conditional = {} if args.full_budget_weight is None else {"full_budget_weight": args.full_budget_weight}
+    args.scouts = scouts_of(args.testbed)
     args.tag = (args.testbed + ("" if args.full_budget_weight is None else f"-fw{args.full_budget_weight:g}")
                 + ("" if args.preview == "projection" else f"-{args.preview}"))
     work = Path(args.work)
@@ -356,13 +388,13 @@ def summarize(args, done: dict, evaluated: dict) -> None:
     keys = [(f, s) for f in range(args.folds) for s in range(args.seeds)]
     keep_all = np.array([done[(args.testbed, "keep-all", f, s)]["test"]["score"] for f, s in keys])
     seconds = {name: float(np.mean([done[(args.testbed, name, f, s)]["seconds"] for f, s in keys]))
-               for name in ("keep-all", *(f"scout: {x}" for x in SCOUTS))}
+               for name in ("keep-all", *(f"scout: {x}" for x in args.scouts))}
     rows, data = [], {"machine": machine(), "testbed": args.testbed, "folds": args.folds, "seeds": args.seeds,
                       "keep_all": [float(keep_all.mean()), float(keep_all.std())], "seconds_per_training_run": seconds,
                       "systems": {}}
     rows.append(["keep-all", "100%", f"{keep_all.mean():.3f} ± {keep_all.std():.3f}", "-", "-", "-", "-", "-", "-"])
     targets = {}
-    for scout in SCOUTS:
+    for scout in args.scouts:
         system = f"scout: {scout}"
         runs = [evaluated[(system, f, s)] for f, s in keys]
         shares = [p["share"] for p in runs[0]["points"]]
@@ -385,6 +417,7 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                                                                  margins["cascade"], full_gap)),
                          f"{headroom[0]:+.1f} ± {headroom[1]:.1f}", f"{100 * entry['unused_runs']:.1f}%",
                          *([f"{margins['known'][0]:+.1f} ± {margins['known'][1]:.1f}"] if "known" in margins else [])])
+        own = _own_rule_row(system, runs, keep_all, rows)
         full = entries[-1]
         best_full = max(float(keep_all.mean()), full["score"][0])
         within = [e for e in entries if e["score"][0] >= best_full - 0.005]
@@ -402,7 +435,8 @@ def summarize(args, done: dict, evaluated: dict) -> None:
             "max_unused_runs": max(e["unused_runs"] for e in entries),
             **({"within_half_a_point_of_known": all(e["over"]["known"][0] >= -0.5 for e in middle),
                 "full_budget_beats_keep_all_by_1_5": full["minus_keep_all"][0] >= 1.5}
-               if "known" in full["over"] else {})}
+               if "known" in full["over"] else {}),
+            **({"own_rule": own, "own_rule_beats_keep_all_by_1_5": own["minus_keep_all"][0] >= 1.5} if own else {})}
         data["systems"][system] = {"points": entries, "targets": targets[system]}
     corrupt_words = (f"the views testbed with each on-demand view corrupted on {100 * CORRUPT_SHARE:g}% of the "
                      f"samples, independently, at a level drawn per sample from U{LEVELS} (x' = (1 - a) x + a (mu + "
@@ -432,7 +466,12 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                         + ("" if "within_half_a_point_of_known" not in t else
                            f" Within 0.5 of the known-corruption control at 25/40/55%: "
                            f"{'met' if t['within_half_a_point_of_known'] else 'not met'}; full budget above keep-all "
-                           f"by ≥ 1.5: {'met' if t['full_budget_beats_keep_all_by_1_5'] else 'not met'}."))
+                           f"by ≥ 1.5: {'met' if t['full_budget_beats_keep_all_by_1_5'] else 'not met'}.")
+                        + ("" if "own_rule" not in t else
+                           f" Its own rule (no budget: every encoder available, chosen per sample) "
+                           f"{t['own_rule']['minus_keep_all'][0]:+.1f} ± {t['own_rule']['minus_keep_all'][1]:.1f} "
+                           f"over keep-all at {100 * t['own_rule']['spent']:.0f}% of the on-demand cost: above by ≥ 1.5 "
+                           f"{'met' if t['own_rule_beats_keep_all_by_1_5'] else 'not met'}."))
     section = "\n".join([
         f"## Per-sample selection against static choices: {args.testbed} testbed"
         + ("" if args.full_budget_weight is None else f", full-budget pass weight {args.full_budget_weight:g}")
@@ -450,7 +489,8 @@ def summarize(args, done: dict, evaluated: dict) -> None:
         "plus a price per GFLOP, priced to the scout's mean cost), against the static frontier; no scout can beat "
         "the oracle on the same model. "
         f"Training seconds per run: keep-all {seconds['keep-all']:.0f}, "
-        + ", ".join(f"{s} {seconds[f'scout: {s}']:.0f}" for s in SCOUTS) + ".", "",
+        + ", ".join(f"{s} {seconds[f'scout: {s}']:.0f}" for s in args.scouts) + ". *own rule*: the model's own "
+        "rule, no budget (every encoder available; the scout runs what it judges worth running).", "",
         markdown_table(["system", "spent", "Score", "− static", "− random", "− cascade", "− keep-all",
                         "oracle − static", "unused runs", *(["− known"] if args.testbed == "corrupt-views" else [])],
                        [r + ([""] if args.testbed == "corrupt-views" and len(r) == 9 else []) for r in rows]), "",

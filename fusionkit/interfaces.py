@@ -27,7 +27,7 @@ from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.hardware.devices import full_precision
 
 __all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "DeferredInput", "restoring", "restoring_checkpoint",
-           "freeze_stages", "GateConfig", "Gate", "ScoutConfig", "Scout", "Fusion", "Head", "Combiner", "Decoder", "Dataset", "DOMAINS",
+           "freeze_stages", "GateConfig", "Gate", "ScoutConfig", "ScoutExample", "Scout", "Fusion", "Head", "Combiner", "Decoder", "Dataset", "DOMAINS",
            "Sample", "AdaptationConfig", "AdaptationLoss", "Pair", "DistillBatch", "DistillConfig", "DistillLoss"]
 
 
@@ -47,6 +47,8 @@ class BuildContext:
     input_domains: tuple[str, ...] = ("source",)
     #: Positions (into ``encoder_names``) of the encoders that run on demand (for a scout).
     on_demand: tuple[int, ...] = ()
+    #: Per on-demand encoder (in ``on_demand`` order), the position of its preview (``preview_of``), or -1.
+    previews: tuple[int, ...] = ()
     #: The spec's ``conditional`` block (for a scout: its training settings).
     conditional: Any = None
 
@@ -301,6 +303,24 @@ class Gate(nn.Module):
 
 
 
+@dataclass
+class ScoutExample:
+    """What the trainer gives a scout's :meth:`Scout.loss`, on the rows where every on-demand encoder ran (``R``):
+    its ``predicted`` values ``[R, m]`` in the state each row's sampled budget ran (``state`` ``[R, m]``), which
+    encoders that state could add (``addable``), the ``measured`` drop of each row's loss when each is added
+    (``[R, m]``, fused as at inference; None for a scout that sets ``needs_drops = False``), every token the rows
+    computed before the identity embeddings (``tokens`` ``[R, K, d]``, detached), which encoders are there
+    (``present`` ``[R, K]``) and the rows' label targets (``target`` ``[R, L]``, each row summing to 1)."""
+
+    predicted: torch.Tensor
+    addable: torch.Tensor
+    state: torch.Tensor
+    measured: torch.Tensor | None
+    tokens: torch.Tensor
+    present: torch.Tensor
+    target: torch.Tensor
+
+
 @attrs.frozen(kw_only=True)
 class ScoutConfig:
     """Options every scout takes (none yet): a scout's own config derives from it."""
@@ -324,9 +344,10 @@ class Scout(nn.Module):
 
     **How it trains**: on the rows where every on-demand encoder ran (``conditional.scout_rows``), the trainer
     measures, for each encoder the row's sampled state could add, the drop of the row's loss when its token is
-    added (both fused as at inference), and calls :meth:`loss` with the prediction in that state;
-    ``conditional.scout_weight`` weighs it. Its inputs are detached: a scout learns to predict the fusion, never
-    to shape the tokens.
+    added (both fused as at inference), and calls :meth:`loss` with a :class:`ScoutExample` (the prediction in
+    that state, the drops, the rows' tokens and labels); ``conditional.scout_weight`` weighs it. Its inputs are
+    detached: a scout learns to predict the fusion, never to shape the tokens. A scout that learns from the
+    tokens and labels alone sets :attr:`needs_drops` False and spares the trainer the fusions.
 
     **A mean budget** (``--budget mean:S%``) runs a row's stages while their values per cost reach a threshold,
     fitted on validation rows along each row's path of stages (:func:`fusionkit.inference.fit_mean_budget`).
@@ -341,6 +362,8 @@ class Scout(nn.Module):
     #: How the model applies the scout: ``"staged"`` (the contract above) or ``"gate"`` (the built-in gate scout
     #: alone: the gate's scores decide).
     rule: str = "staged"
+    #: Whether :meth:`loss` reads ``example.measured`` (the trainer fuses each row once more per addable encoder).
+    needs_drops: bool = True
 
     def __init__(self, config: ScoutConfig, context: BuildContext) -> None:
         super().__init__()
@@ -350,10 +373,13 @@ class Scout(nn.Module):
     def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, predicted: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
-        """The scout's loss on ``predicted`` and ``measured`` loss drops (``[N]`` each, the (row, encoder) pairs
-        the trainer measured): the squared error by default."""
-        return (predicted.float() - measured.float()).pow(2).mean()
+    def loss(self, example: ScoutExample) -> torch.Tensor:
+        """The scout's loss on one training example: by default the squared error of its predicted loss drops
+        against the measured ones, over the encoders each row's state could add."""
+        addable = example.addable
+        if example.measured is None or not addable.any():  # nothing to learn from: a zero term keeps it in the graph
+            return 0.0 * example.predicted.sum()
+        return (example.predicted.float()[addable] - example.measured.float()[addable]).pow(2).mean()
 
 
 class Fusion(nn.Module):

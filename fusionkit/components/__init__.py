@@ -57,6 +57,8 @@ def register_scouts(register):
              description="The gate's own scores before the on-demand encoders run, taught its scores with every token.")
     register("value", scouts.ValueScout, config=scouts.ValueScoutConfig,
              description="A small head that predicts each on-demand encoder's loss drop per sample; decides in stages.")
+    register("quality", scouts.QualityScout, config=scouts.QualityScoutConfig,
+             description="Judges from each on-demand encoder's preview whether its input is good for the sample.")
 
 
 @hookimpl

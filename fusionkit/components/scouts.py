@@ -1,5 +1,6 @@
-"""The built-in scouts (``conditional.scout``): ``gate``, the gate's own scores before the on-demand encoders run,
-and ``value``, a small head that predicts each on-demand encoder's loss drop and decides in stages.
+"""The built-in scouts (``conditional.scout``): ``gate``, the gate's own scores before the on-demand encoders run;
+``value``, a small head that predicts each on-demand encoder's loss drop and decides in stages; and ``quality``,
+which judges from each on-demand encoder's preview whether its input is good for the sample.
 
 Both register in :mod:`fusionkit.components` through ``register_scouts``, the hook a third-party scout uses
 (docs/writing-a-plugin.md#scouts).
@@ -10,11 +11,12 @@ from __future__ import annotations
 import attrs
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fusionkit.config import option, positive
-from fusionkit.interfaces import BuildContext, Scout, ScoutConfig
+from fusionkit.interfaces import BuildContext, Scout, ScoutConfig, ScoutExample
 
-__all__ = ["GateScout", "ValueScoutConfig", "ValueScout"]
+__all__ = ["GateScout", "ValueScoutConfig", "ValueScout", "QualityScoutConfig", "QualityScout"]
 
 
 class GateScout(Scout):
@@ -55,3 +57,63 @@ class ValueScout(Scout):
         # a missing encoder's token is not read: its value would depend on how its reader filled the gap
         x = self.norm((tokens.detach().float() * present.unsqueeze(-1).float()).flatten(1))
         return self.net(torch.cat([x, present.float(), ran.float()], dim=1))
+
+
+@attrs.frozen(kw_only=True)
+class QualityScoutConfig(ScoutConfig):
+    """The quality scout's width."""
+
+    hidden: int = option(32, doc="Hidden width of each on-demand encoder's judge.", validator=positive)
+
+
+class QualityScout(Scout):
+    """Whether each on-demand encoder's input is good for this sample, judged before it runs from its preview
+    (``preview_of``; without one, from the always-run tokens alone), and run where it is.
+
+    Each on-demand encoder has a *probe*, a linear layer that predicts the labels from its token alone, and a
+    *judge*, a small MLP from its preview's token and the mean of the always-run tokens to how much of the
+    sample's label mass the probe's top label holds (a sample whose input of the encoder is corrupted, or simply
+    uninformative, gets its probe wrong). Both learn on the rows where every on-demand encoder ran, from the tokens
+    (detached) and the labels: no loss drop is measured, and nothing says which inputs are bad. Its value is the
+    judged agreement less one half, so that the model's own rule (threshold 0) runs an encoder where its probe is
+    judged more likely right than wrong, and a mean budget runs the best judged per unit of cost."""
+
+    needs_drops = False
+
+    def __init__(self, config: QualityScoutConfig, context: BuildContext) -> None:
+        super().__init__(config, context)
+        d, labels = context.latent_dim, context.num_labels
+        self.looks = list(context.previews) or [-1] * len(context.on_demand)
+        self.always = [k for k in range(context.num_encoders)
+                       if k not in context.on_demand and k not in self.looks]
+        self.probes = nn.ModuleList(nn.Linear(d, labels) for _ in context.on_demand)
+        self.judges = nn.ModuleList(nn.Sequential(nn.Linear(2 * d, config.hidden), nn.GELU(),
+                                                  nn.Linear(config.hidden, 1)) for _ in context.on_demand)
+
+    def judged(self, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``[B, m]``: each judge's logit, from the preview's token and the mean always-run token."""
+        tokens = tokens.detach().float()
+        weight = present[:, self.always].unsqueeze(-1).float()
+        context = (tokens[:, self.always] * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        looks = [tokens[:, k] * present[:, k].unsqueeze(-1).float() if k >= 0 else torch.zeros_like(context)
+                 for k in self.looks]
+        return torch.cat([judge(torch.cat([look, context], dim=1)) for judge, look in zip(self.judges, looks)], dim=1)
+
+    def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.judged(tokens, present)) - 0.5
+
+    def loss(self, example: ScoutExample) -> torch.Tensor:
+        """Each probe's cross-entropy on the rows that computed its encoder, plus each judge's binary cross-entropy
+        against the label mass its probe's top label holds on those rows."""
+        target, present = example.target, example.present
+        judged = self.judged(example.tokens, present)
+        total = 0.0 * judged.sum()
+        for j, k in enumerate(self.context.on_demand):
+            rows = present[:, k]
+            if not rows.any():
+                continue
+            logits = self.probes[j](example.tokens[rows, k].float())
+            total = total - (target[rows] * torch.log_softmax(logits, dim=1)).sum(1).mean()
+            agreement = target[rows].gather(1, logits.detach().argmax(1, keepdim=True)).squeeze(1)
+            total = total + F.binary_cross_entropy_with_logits(judged[rows, j], agreement)
+        return total

@@ -315,12 +315,18 @@ class Trunk(nn.Module):
         #: on-demand encoders run for a sample; None without on-demand encoders.
         self.scout: Scout | None = None if not self.on_demand else _build(
             registry, "scout", spec.conditional.scout, "conditional.scout",
-            attrs.evolve(ctx, on_demand=self.on_demand, conditional=spec.conditional))
+            attrs.evolve(ctx, on_demand=self.on_demand, conditional=spec.conditional, previews=self._previews(encoders)))
         #: Whether the scout decides in stages (its :meth:`~fusionkit.interfaces.Scout.forward` asked at each).
         self.staged = self.scout is not None and self.scout.rule == "staged"
         self._register_load_state_dict_pre_hook(_renamed_keys)
         self._declared_costs = {enc.name: enc.cost_gflops for _, enc in encoders}
         self._costs: dict[str, float | None] | None = None
+
+    def _previews(self, encoders: list[tuple[int, EncoderSpec]]) -> tuple[int, ...]:
+        """Per on-demand encoder, the position of its preview (``preview_of``), or -1."""
+        names = [enc.name for _, enc in encoders]
+        looks = {enc.preview_of: k for k, (_, enc) in enumerate(encoders) if enc.preview_of}
+        return tuple(looks.get(names[k], -1) for k in self.on_demand)
 
     def set_domain(self, domain: str) -> None:
         """Use ``domain``'s input and normalisation statistics from now on ("source" for a domain the
@@ -867,7 +873,7 @@ class FusionModel(Trunk):
         if value is None:
             return {}
         logits = None
-        if value.addable.any():
+        if value.addable.any() and self.scout.needs_drops:
             fused = self.value_fusions(value)
             with torch.no_grad(), as_at_inference(*self.heads.values()):
                 logits = {role: head(fused) for role, head in self.heads.items()}

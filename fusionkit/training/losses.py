@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusionkit.interfaces import Scout
+from fusionkit.interfaces import ScoutExample
 from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.spec import TrainConfig
 
@@ -68,18 +68,23 @@ def row_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, train: Tra
     return total
 
 
-def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weight: float, scout: Scout) -> torch.Tensor:
-    """A staged scout's loss (:meth:`fusionkit.interfaces.Scout.loss`, by default the squared error) of its
-    predicted loss drops against the measured ones, on the rows
-    where everything ran (``out.scout_rows``), for each on-demand encoder the row's state could add
-    (``out.value_addable``). The measured drop is the row's loss in its state (what its sampled budget ran) less its
-    loss with the encoder's token added, both fused as at inference (positive: it helps this sample)."""
-    predicted, addable = out.value_predicted.float(), out.value_addable
-    if out.value_logits is None or not addable.any():  # no row to learn from: a zero term keeps the head in the graph
-        return 0.0 * predicted.sum()
-    losses = row_losses(out.value_logits, target[out.scout_rows].float(), train)  # [m + 1, R]
-    drop = (losses[:1] - losses[1:]).T  # [R, m]
-    return weight * scout.loss(predicted[addable], drop[addable])
+def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weight: float,
+               model: FusionModel) -> torch.Tensor:
+    """A staged scout's loss (:meth:`fusionkit.interfaces.Scout.loss`, by default the squared error of its predicted
+    loss drops against the measured ones), on the rows where everything ran (``out.scout_rows``), for each on-demand
+    encoder the row's state could add (``out.value_addable``). The measured drop is the row's loss in its state
+    (what its sampled budget ran) less its loss with the encoder's token added, both fused as at inference
+    (positive: it helps this sample)."""
+    rows = out.scout_rows
+    measured = None
+    if out.value_logits is not None:
+        losses = row_losses(out.value_logits, target[rows].float(), train)  # [m + 1, R]
+        measured = (losses[:1] - losses[1:]).T  # [R, m]
+    demand = list(model.on_demand)
+    example = ScoutExample(
+        predicted=out.value_predicted, addable=out.value_addable, state=out.ran[rows][:, demand], measured=measured,
+        tokens=(out.tokens[rows] - model.identity).detach(), present=out.computed[rows], target=target[rows].float())
+    return weight * model.scout.loss(example)
 
 
 def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
@@ -103,7 +108,7 @@ def supervised_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig,
             label_losses(out.full_logits, target[out.scout_rows], train).values())
     parts.update(out.aux_losses)
     if out.value_predicted is not None and model is not None:
-        parts["scout"] = value_loss(out, target, train, model.spec.conditional.scout_weight, model.scout)
+        parts["scout"] = value_loss(out, target, train, model.spec.conditional.scout_weight, model)
     if out.token_logits is not None and model is not None:
         parts.update(rank_supervision(model, out, target))
     total = sum(parts.values())
