@@ -1,17 +1,18 @@
 """The quality scout (conditional.scout: quality): from a preview that tells, it learns where an on-demand
-encoder's input is bad, without being told which inputs are, and its own rule skips the encoder there."""
+encoder's input is bad, without being told which inputs are, and a budget runs the encoder where it is good."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fusionkit.components.datasets import build_dataset
 from fusionkit.data.store import open_store, write_store
 from fusionkit.errors import SpecError
 from fusionkit.export.check import check_export
 from fusionkit.export.graphs import export_model
-from fusionkit.inference import collect_outputs
+from fusionkit.inference import collect_outputs, fit_mean_budget
 from fusionkit.models.factory import load_model
 from fusionkit.spec import load_spec
 from fusionkit.training.train import make_split, train
@@ -44,17 +45,29 @@ def quality_spec(**scout):
             "train": {"epochs": 8, "batch_size": 32, "lr": 3e-3, "seed": 0}}
 
 
-def test_the_quality_scout_skips_an_encoder_where_its_input_is_bad_and_exports(corrupted_store, tmp_path):
+def test_the_quality_scout_learns_where_an_input_is_bad_and_runs_it_where_it_is_good(corrupted_store, tmp_path):
     run = tmp_path / "run"
     train(quality_spec(), corrupted_store, run, fold=0, progress=False)
     model = load_model(run / "best")
     store = open_store(corrupted_store)
-    test = make_split(store, 0).test
-    bad = np.array(["enc1" in store.samples[i].corrupted for i in test])
-    ran = collect_outputs(model, store, test)["ran"][:, 1].astype(bool)  # the model's own rule, no budget
-    assert ran[~bad].mean() > 0.7 and ran[bad].mean() < 0.3, (ran[~bad].mean(), ran[bad].mean())
-    folder = export_model(model, tmp_path / "exported")
-    check_export(model, folder, store)  # the runtime judges and runs the same rows
+    split = make_split(store, 0)
+    bad = np.array(["enc1" in store.samples[i].corrupted for i in split.test])
+    inputs, lengths, mask = store.inputs_for(model, split.test)
+    with torch.no_grad():  # the judge, never told which inputs are bad, tells them from the preview
+        tokens = torch.stack([model.projectors[n](model.encoders[n](inputs[n])) for n in model.encoder_names], 1)
+        judged = model.scout.judged(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))[:, 0].numpy()
+    assert _auc(-judged, bad) > 0.9
+    budget = fit_mean_budget(model, store, split.val, "mean:50%")
+    ran = collect_outputs(model, store, split.test, budget=budget)["ran"][:, 1].astype(bool)
+    assert ran[~bad].mean() > ran[bad].mean() + 0.3, (ran[~bad].mean(), ran[bad].mean())
+    folder = export_model(model, tmp_path / "exported", budget=budget)
+    check_export(model, folder, store)  # the runtime judges and runs the same rows, the stored budget included
+
+
+def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """The probability that a positive scores above a negative."""
+    pos, neg = scores[positive], scores[~positive]
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
 def test_the_quality_scouts_options_are_checked():

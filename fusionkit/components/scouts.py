@@ -68,27 +68,27 @@ class QualityScoutConfig(ScoutConfig):
 
 class QualityScout(Scout):
     """Whether each on-demand encoder's input is good for this sample, judged before it runs from its preview
-    (``preview_of``; without one, from the always-run tokens alone), and run where it is.
+    (``preview_of``; without one, from the always-run tokens alone), and what running it would add given that.
 
     Each on-demand encoder has a *probe*, a linear layer that predicts the labels from its token alone, and a
     *judge*, a small MLP from its preview's token and the mean of the always-run tokens to how much of the
-    sample's label mass the probe's top label holds (a sample whose input of the encoder is corrupted, or simply
-    uninformative, gets its probe wrong). Both learn on the rows where every on-demand encoder ran, from the tokens
-    (detached) and the labels: no loss drop is measured, and nothing says which inputs are bad. Its value is the
-    judged agreement less one half, so that the model's own rule (threshold 0) runs an encoder where its probe is
-    judged more likely right than wrong, and a mean budget runs the best judged per unit of cost."""
-
-    needs_drops = False
+    sample's label mass the probe's top label holds: a sample whose input of the encoder is corrupted, or simply
+    uninformative, gets its probe wrong, so the judge learns to tell bad inputs from their previews without being
+    told which are bad. A small value head then predicts each encoder's loss drop (as the value scout's target,
+    measured on the rows where everything ran) from the judges' verdicts and what already ran: a few inputs that
+    say much, where the value scout must find the same signal among every token. It decides in stages, as the
+    value scout does."""
 
     def __init__(self, config: QualityScoutConfig, context: BuildContext) -> None:
         super().__init__(config, context)
-        d, labels = context.latent_dim, context.num_labels
-        self.looks = list(context.previews) or [-1] * len(context.on_demand)
+        d, labels, m = context.latent_dim, context.num_labels, len(context.on_demand)
+        self.looks = list(context.previews) or [-1] * m
         self.always = [k for k in range(context.num_encoders)
                        if k not in context.on_demand and k not in self.looks]
         self.probes = nn.ModuleList(nn.Linear(d, labels) for _ in context.on_demand)
         self.judges = nn.ModuleList(nn.Sequential(nn.Linear(2 * d, config.hidden), nn.GELU(),
                                                   nn.Linear(config.hidden, 1)) for _ in context.on_demand)
+        self.value = nn.Sequential(nn.Linear(2 * m, config.hidden), nn.GELU(), nn.Linear(config.hidden, m))
 
     def judged(self, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """``[B, m]``: each judge's logit, from the preview's token and the mean always-run token."""
@@ -100,14 +100,15 @@ class QualityScout(Scout):
         return torch.cat([judge(torch.cat([look, context], dim=1)) for judge, look in zip(self.judges, looks)], dim=1)
 
     def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.judged(tokens, present)) - 0.5
+        return self.value(torch.cat([self.judged(tokens, present).detach(), ran.float()], dim=1))
 
     def loss(self, example: ScoutExample) -> torch.Tensor:
-        """Each probe's cross-entropy on the rows that computed its encoder, plus each judge's binary cross-entropy
-        against the label mass its probe's top label holds on those rows."""
+        """The value head's squared error on the measured drops (:meth:`Scout.loss`), each probe's cross-entropy on
+        the rows that computed its encoder, and each judge's binary cross-entropy against the label mass its probe's
+        top label holds on those rows."""
         target, present = example.target, example.present
         judged = self.judged(example.tokens, present)
-        total = 0.0 * judged.sum()
+        total = super().loss(example) + 0.0 * judged.sum()
         for j, k in enumerate(self.context.on_demand):
             rows = present[:, k]
             if not rows.any():
