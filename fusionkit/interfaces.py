@@ -27,8 +27,8 @@ from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.hardware.devices import full_precision
 
 __all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "DeferredInput", "restoring", "restoring_checkpoint",
-           "freeze_stages", "GateConfig", "Gate", "ScoutConfig", "ScoutExample", "Scout", "Fusion", "Head", "Combiner", "Decoder", "Dataset", "DOMAINS",
-           "Sample", "AdaptationConfig", "AdaptationLoss", "Pair", "DistillBatch", "DistillConfig", "DistillLoss"]
+           "freeze_stages", "GateConfig", "Gate", "ScoutConfig", "ScoutExample", "Scout", "Fusion", "Head", "Combiner",
+           "Decoder", "Dataset", "DOMAINS", "Sample", "AdaptationConfig", "AdaptationLoss", "Pair", "DistillBatch", "DistillConfig", "DistillLoss"]
 
 
 @attrs.frozen(kw_only=True)
@@ -300,7 +300,6 @@ class Gate(nn.Module):
         else:
             selection = select_top_n(scores, mask, self.top_n, self.temperature, soft_tail, self.balance_weight, first)
         return in_encoder_order(selection) if self.config.slot_order == "fixed" else selection
-
 
 
 @dataclass

@@ -225,11 +225,10 @@ def _ensemble_budget(args: argparse.Namespace, ensemble, store, index):
 def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
     """Score against mean GFLOPs per sample and wall seconds, for budgets from nothing on demand to everything: at
     mean budgets fitted on the run's validation fold (the default), at caps, or both."""
+    from fusionkit.evaluation.budgets import run_validation_rows
     from fusionkit.evaluation.controls import frontier_at
     from fusionkit.evaluation.curves import CURVE_FORMAT, curve_document
     from fusionkit.files import atomic_write_text, check_file_replaceable, json_file_marker
-    from fusionkit.training.rundir import check_trained_store
-    from fusionkit.training.train import make_split
 
     if not model.spec.on_demand:
         from fusionkit.errors import FusionkitError
@@ -238,14 +237,11 @@ def _budget_curve(args: argparse.Namespace, model, store, index) -> int:
                              "would run the same encoders")
     out = Path(args.run[0]) / f"budget_curve_{args.split}{'_time' if args.budget_costs == 'time' else ''}.json"
     check_file_replaceable(out, "a budget curve", json_file_marker("format", (CURVE_FORMAT,)))
-    run = Path(args.run[0])
-    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    check_trained_store(run, info, store, "mean budgets and the cascade are fitted on the run's validation fold, "
-                        "which another store's folds would fill with rows it trained on")
+    val = run_validation_rows(args.run[0], store, "mean budgets and the cascade are fitted on the run's validation "
+                              "fold, which another store's folds would fill with rows it trained on")
     seconds = _measured_seconds(args, model, store, index)
     kinds = {"mean": ("mean",), "cap": ("cap",), "both": ("mean", "cap")}[args.budget_curve]
-    document = curve_document(model, store, index, make_split(store, info.get("test_fold")).val, kinds, args.split,
-                              seconds, progress=True)
+    document = curve_document(model, store, index, val, kinds, args.split, seconds, progress=True)
     points, axis, frontier = document["points"], document["axis"], document["frontier"]
     print(f"  {kinds[0]:>6}  {'scout':>6}  {'static':>6}  {'random':>6}  {'cascade':>7}  GFLOPs per sample")
     for p, r, c in zip(points, document["random"], document["cascade"]):
