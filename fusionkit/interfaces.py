@@ -27,7 +27,7 @@ from fusionkit.config import non_negative, option, positive, unit_interval
 from fusionkit.hardware.devices import full_precision
 
 __all__ = ["BuildContext", "Encoder", "LiveEncoderConfig", "LiveEncoder", "DeferredInput", "restoring", "restoring_checkpoint",
-           "freeze_stages", "GateConfig", "Gate", "ScoutConfig", "ScoutExample", "Scout", "Fusion", "Head", "Combiner",
+           "freeze_stages", "GateConfig", "Gate", "SCOUT_VALUES_FROM", "ScoutConfig", "ScoutExample", "Scout", "Fusion", "Head", "Combiner",
            "Decoder", "Dataset", "DOMAINS", "Sample", "AdaptationConfig", "AdaptationLoss", "Pair", "DistillBatch", "DistillConfig", "DistillLoss"]
 
 
@@ -320,6 +320,10 @@ class ScoutExample:
     target: torch.Tensor
 
 
+#: Where a scout's values may learn the measured drops (:attr:`Scout.values_from`).
+SCOUT_VALUES_FROM = ("training", "validation")
+
+
 @attrs.frozen(kw_only=True)
 class ScoutConfig:
     """Options every scout takes (none yet): a scout's own config derives from it."""
@@ -351,6 +355,13 @@ class Scout(nn.Module):
     **A mean budget** (``--budget mean:S%``) runs a row's stages while their values per cost reach a threshold,
     fitted on validation rows along each row's path of stages (:func:`fusionkit.inference.fit_mean_budget`).
 
+    **Values learned on held-out rows** (:attr:`values_from` ``"validation"``): a drop measured on a row the model
+    is trained on is an in-sample drop. Where an input is corrupted on some samples, the model memorises those
+    samples through their noise, so adding a corrupted token drops a training row's loss as much as a clean one,
+    while on a new row it raises it. A scout that sets ``values_from = "validation"`` is given, at every evaluation,
+    the drops measured on the validation rows (every state a row could be in, :class:`ScoutExample` each) and fits
+    its values to them in :meth:`fit_values`; its :meth:`loss` then trains only what learns without the drops.
+
     **Export**: :meth:`forward` is traced to ``value.onnx`` (inputs ``tokens``, ``present``, ``ran``; output
     ``values``), which the runtime runs once per stage. It must therefore be traceable: tensor operations only.
 
@@ -363,6 +374,9 @@ class Scout(nn.Module):
     rule: str = "staged"
     #: Whether :meth:`loss` reads ``example.measured`` (the trainer fuses each row once more per addable encoder).
     needs_drops: bool = True
+    #: Where its values learn the measured drops: ``"training"`` (:meth:`loss`, every step, on the training rows)
+    #: or ``"validation"`` (:meth:`fit_values`, at every evaluation, on the validation rows).
+    values_from: str = "training"
 
     def __init__(self, config: ScoutConfig, context: BuildContext) -> None:
         super().__init__()
@@ -379,6 +393,14 @@ class Scout(nn.Module):
         if example.measured is None or not addable.any():  # nothing to learn from: a zero term keeps it in the graph
             return 0.0 * example.predicted.sum()
         return (example.predicted.float()[addable] - example.measured.float()[addable]).pow(2).mean()
+
+    def fit_values(self, examples: Sequence[ScoutExample]) -> None:
+        """For a scout whose :attr:`values_from` is ``"validation"``: fit its values to the drops measured on the
+        validation rows, one example per state the rows could be in (``measured`` given; ``predicted`` is the
+        scout's prediction when the examples were made, without gradients). Called at every evaluation, before
+        the validation score; it must give the same values wherever it runs on the same examples (seed any
+        initialisation itself, leave the global random state alone)."""
+        raise NotImplementedError(f"{type(self).__name__} sets values_from = 'validation' and must define fit_values")
 
 
 class Fusion(nn.Module):

@@ -23,7 +23,7 @@ def corrupted_store(tmp_path_factory):
     """enc1 (strong) replaced by noise on 40% of the samples, recorded in the index; enc1_look, its preview, a
     cheap signal of whether it was (its level, with noise)."""
     root = tmp_path_factory.mktemp("quality")
-    base = open_store(build_dataset("synthetic", {"samples": 600, "noise": [2.0, 0.3], "dim": 8, "seed": 0},
+    base = open_store(build_dataset("synthetic", {"samples": 600, "noise": [0.8, 0.3], "dim": 8, "seed": 0},
                                     root / "base"))
     rng = np.random.default_rng(0)
     enc0, enc1 = (base.encoders[n].data.numpy() for n in ("enc0", "enc1"))
@@ -56,7 +56,7 @@ def test_the_quality_scout_learns_where_an_input_is_bad_and_runs_it_where_it_is_
     with torch.no_grad():  # the judge, never told which inputs are bad, tells them from the preview
         tokens = torch.stack([model.projectors[n](model.encoders[n](inputs[n])) for n in model.encoder_names], 1)
         judged = model.scout.judged(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))[:, 0].numpy()
-    assert _auc(-judged, bad) > 0.9
+    assert _auc(judged, bad) > 0.9
     budget = fit_mean_budget(model, store, split.val, "mean:50%")
     ran = collect_outputs(model, store, split.test, budget=budget)["ran"][:, 1].astype(bool)
     assert ran[~bad].mean() > ran[bad].mean() + 0.3, (ran[~bad].mean(), ran[bad].mean())

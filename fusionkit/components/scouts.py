@@ -8,6 +8,8 @@ Both register in :mod:`fusionkit.components` through ``register_scouts``, the ho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import torch
 from torch import nn
@@ -63,58 +65,148 @@ class ValueScout(Scout):
 class QualityScoutConfig(ScoutConfig):
     """The quality scout's width."""
 
-    hidden: int = option(32, doc="Hidden width of each on-demand encoder's judge.", validator=positive)
+    hidden: int = option(32, doc="Hidden width of each on-demand encoder's judge (its predictor: twice).",
+                         validator=positive)
 
 
 class QualityScout(Scout):
     """Whether each on-demand encoder's input is good for this sample, judged before it runs from its preview
     (``preview_of``; without one, from the always-run tokens alone), and what running it would add given that.
 
-    Each on-demand encoder has a *probe*, a linear layer that predicts the labels from its token alone, and a
-    *judge*, a small MLP from its preview's token and the mean of the always-run tokens to how much of the
-    sample's label mass the probe's top label holds: a sample whose input of the encoder is corrupted, or simply
-    uninformative, gets its probe wrong, so the judge learns to tell bad inputs from their previews without being
-    told which are bad. A small value head then predicts each encoder's loss drop (as the value scout's target,
-    measured on the rows where everything ran) from the judges' verdicts and what already ran: a few inputs that
-    say much, where the value scout must find the same signal among every token. It decides in stages, as the
-    value scout does."""
+    A good input agrees with the rest of the sample. Each on-demand encoder has a *predictor*, a small MLP from the
+    always-run tokens to that encoder's token, and a *judge*, a small MLP from its preview's token and the mean
+    always-run token to how far the predictor misses (the log of its squared error) on the sample. A corrupted
+    input gives a token that the other encoders do not predict, whatever the label, so the judge learns to tell
+    bad inputs from their previews without being told which are bad. Both learn in every training step
+    (:meth:`loss`), from the tokens alone.
+
+    Its *values* come from the validation rows (:attr:`values_from` ``"validation"``, :meth:`fit_values`): on the
+    training rows the model has memorised the corrupted samples, and a corrupted input's drop there looks as good
+    as a clean one's. Where an encoder's input is bad on some samples, its judge's verdicts fall in two groups; a
+    two-component Gaussian mixture over the validation rows' verdicts gives each row the chance that its input is
+    in the worse group, and each encoder's value is linear in that chance and in which encoders already ran,
+    fitted to the measured drops' medians. A few parameters per encoder: a verdict that also rises on hard samples
+    cannot bend the value the wrong way, as a flexible fit to noisy drops does, and the few rows whose loss any
+    added token rescues cannot decide it, as they decide a mean.
+    It decides in stages, as the value scout does."""
+
+    needs_drops = False
+    values_from = "validation"
 
     def __init__(self, config: QualityScoutConfig, context: BuildContext) -> None:
         super().__init__(config, context)
-        d, labels, m = context.latent_dim, context.num_labels, len(context.on_demand)
+        d, m, h = context.latent_dim, len(context.on_demand), config.hidden
         self.looks = list(context.previews) or [-1] * m
         self.always = [k for k in range(context.num_encoders)
                        if k not in context.on_demand and k not in self.looks]
-        self.probes = nn.ModuleList(nn.Linear(d, labels) for _ in context.on_demand)
-        self.judges = nn.ModuleList(nn.Sequential(nn.Linear(2 * d, config.hidden), nn.GELU(),
-                                                  nn.Linear(config.hidden, 1)) for _ in context.on_demand)
-        self.value = nn.Sequential(nn.Linear(2 * m, config.hidden), nn.GELU(), nn.Linear(config.hidden, m))
+        self.predictors = nn.ModuleList(nn.Sequential(nn.Linear(len(self.always) * d, 2 * h), nn.GELU(),
+                                                      nn.Linear(2 * h, d)) for _ in context.on_demand)
+        self.judges = nn.ModuleList(nn.Sequential(nn.Linear(2 * d, h), nn.GELU(), nn.Linear(h, 1))
+                                    for _ in context.on_demand)
+        # per encoder, the mixture over its verdicts (the better group first): means, variances, weights
+        self.register_buffer("mixture", torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.5, 0.5]]).repeat(m, 1, 1))
+        # per encoder, its value's coefficients on [1, P(worse group), ran...]; until fitted, every value is 0
+        self.register_buffer("coefficients", torch.zeros(m, 2 + m))
+
+    def _context(self, tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The always-run tokens, zeros where missing: ``([B, A*d], [B, d])``, side by side and their mean."""
+        weight = present[:, self.always].unsqueeze(-1).float()
+        always = tokens[:, self.always].float() * weight
+        return always.flatten(1), always.sum(1) / weight.sum(1).clamp_min(1.0)
 
     def judged(self, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """``[B, m]``: each judge's logit, from the preview's token and the mean always-run token."""
+        """``[B, m]``: each judge's verdict, the predicted log squared error of the predictor on each on-demand
+        encoder's token (higher: its input agrees less with the rest of the sample), from the preview's token and
+        the mean always-run token."""
         tokens = tokens.detach().float()
-        weight = present[:, self.always].unsqueeze(-1).float()
-        context = (tokens[:, self.always] * weight).sum(1) / weight.sum(1).clamp_min(1.0)
-        looks = [tokens[:, k] * present[:, k].unsqueeze(-1).float() if k >= 0 else torch.zeros_like(context)
+        _, mean = self._context(tokens, present)
+        looks = [tokens[:, k] * present[:, k].unsqueeze(-1).float() if k >= 0 else torch.zeros_like(mean)
                  for k in self.looks]
-        return torch.cat([judge(torch.cat([look, context], dim=1)) for judge, look in zip(self.judges, looks)], dim=1)
+        return torch.cat([judge(torch.cat([look, mean], dim=1)) for judge, look in zip(self.judges, looks)], dim=1)
+
+    def worse(self, judged: torch.Tensor) -> torch.Tensor:
+        """``[B, m]``: the chance that each verdict belongs to its encoder's worse group (the mixture's)."""
+        means, variances, weights = self.mixture.unbind(1)  # each [m, 2]
+        log_density = (weights.log() - 0.5 * variances.log()
+                       - 0.5 * (judged.unsqueeze(-1) - means) ** 2 / variances)  # [B, m, 2]
+        return torch.softmax(log_density, dim=-1)[..., 1]
 
     def forward(self, tokens: torch.Tensor, present: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
-        return self.value(torch.cat([self.judged(tokens, present).detach(), ran.float()], dim=1))
+        worse = self.worse(self.judged(tokens, present).detach())
+        design = torch.cat([torch.ones_like(worse).unsqueeze(-1), worse.unsqueeze(-1),
+                            ran.float().unsqueeze(1).expand(-1, worse.shape[1], -1)], dim=-1)  # [B, m, 2 + m]
+        return (design * self.coefficients).sum(-1)
 
     def loss(self, example: ScoutExample) -> torch.Tensor:
-        """The value head's squared error on the measured drops (:meth:`Scout.loss`), each probe's cross-entropy on
-        the rows that computed its encoder, and each judge's binary cross-entropy against the label mass its probe's
-        top label holds on those rows."""
-        target, present = example.target, example.present
-        judged = self.judged(example.tokens, present)
-        total = super().loss(example) + 0.0 * judged.sum()
+        """Each predictor's squared error on the rows that computed its encoder, and each judge's squared error
+        against the log of that error (the values come from validation rows, :meth:`fit_values`)."""
+        tokens, present = example.tokens.detach().float(), example.present
+        judged = self.judged(tokens, present)
+        side_by_side, _ = self._context(tokens, present)
+        total = 0.0 * (example.predicted.sum() + judged.sum())  # every parameter stays in the graph
         for j, k in enumerate(self.context.on_demand):
             rows = present[:, k]
             if not rows.any():
                 continue
-            logits = self.probes[j](example.tokens[rows, k].float())
-            total = total - (target[rows] * torch.log_softmax(logits, dim=1)).sum(1).mean()
-            agreement = target[rows].gather(1, logits.detach().argmax(1, keepdim=True)).squeeze(1)
-            total = total + F.binary_cross_entropy_with_logits(judged[rows, j], agreement)
+            missed = (self.predictors[j](side_by_side[rows]) - tokens[rows, k]).pow(2).mean(1)
+            total = total + missed.mean() + (judged[rows, j] - torch.log(missed.detach() + 1e-6)).pow(2).mean()
         return total
+
+    @torch.no_grad()
+    def fit_values(self, examples: Sequence[ScoutExample]) -> None:
+        """Per encoder: the mixture over the validation rows' verdicts (EM from the verdicts' 10th and 90th
+        percentiles), then its value's coefficients by a median fit to the drops measured in every state."""
+        examples = [e for e in examples if e.measured is not None]
+        if not examples:
+            return
+        demand = list(self.context.on_demand)
+        judged = self.judged(examples[0].tokens, examples[0].present)
+        for j, k in enumerate(demand):
+            rows = examples[0].present[:, k]
+            if rows.sum() >= 4:
+                self.mixture[j] = _two_groups(judged[rows, j].double()).to(self.mixture)
+        worse = self.worse(judged)
+        for j in range(len(demand)):
+            design, drops = [], []
+            for example in examples:
+                rows = example.addable[:, j]
+                design.append(torch.cat([torch.ones_like(worse[rows, j:j + 1]), worse[rows, j:j + 1],
+                                         example.state[rows].to(worse.dtype)], dim=1))
+                drops.append(example.measured[rows, j].to(worse.dtype))
+            x, y = torch.cat(design).double(), torch.cat(drops).double()
+            if len(y):
+                self.coefficients[j] = _median_fit(x, y).to(self.coefficients)
+
+
+def _median_fit(x: torch.Tensor, y: torch.Tensor, steps: int = 50) -> torch.Tensor:
+    """Coefficients ``[p]`` of the least absolute deviations fit of ``y`` ``[N]`` on ``x`` ``[N, p]`` (iteratively
+    reweighted least squares, a little ridge beside the intercept, column 0). A drop is heavy-tailed: adding any
+    token now and then rescues a row whose fusion without it fails, whatever the token holds, and a mean chases
+    those rows; the median follows the common row."""
+    ridge = 1e-4 * len(y) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    ridge[0, 0] = 0.0
+    weights = torch.ones_like(y)
+    for _ in range(steps):
+        weighted = x * weights[:, None]
+        coefficients = torch.linalg.solve(x.T @ weighted + ridge, weighted.T @ y)
+        weights = 1.0 / (y - x @ coefficients).abs().clamp_min(1e-4)
+    return coefficients
+
+
+def _two_groups(values: torch.Tensor, steps: int = 100) -> torch.Tensor:
+    """A two-component Gaussian mixture with one variance over ``values`` ``[N]`` by EM, the lower-mean component first:
+    ``[[mean, mean], [variance, variance], [weight, weight]]``."""
+    means = torch.quantile(values, values.new_tensor([0.1, 0.9]))
+    floor = values.var().clamp_min(1e-12) * 1e-3
+    variances = values.var().clamp_min(1e-12).repeat(2)
+    weights = values.new_tensor([0.5, 0.5])
+    for _ in range(steps):
+        log_density = weights.log() - 0.5 * variances.log() - 0.5 * (values[:, None] - means) ** 2 / variances
+        share = torch.softmax(log_density, dim=1)  # [N, 2]
+        mass = share.sum(0).clamp_min(1e-9)
+        weights = (mass / len(values)).clamp_min(1e-6)
+        means = (share * values[:, None]).sum(0) / mass
+        # one variance for both: the chance of the worse group then rises with the verdict, never at both ends
+        variances = ((share * (values[:, None] - means) ** 2).sum() / len(values)).clamp_min(floor).repeat(2)
+    order = torch.argsort(means)
+    return torch.stack([means[order], variances[order], weights[order]])

@@ -28,7 +28,7 @@ from fusionkit.blemore.answers import BLEMORE_LABELS
 from fusionkit.config import key_text, non_negative, option, positive, seed_range, short_repr, unit_interval
 from fusionkit.errors import DuplicateComponentError, SpecError, UnknownComponentError
 from fusionkit.files import atomic_write_text
-from fusionkit.interfaces import Gate, GateConfig, Scout, ScoutConfig
+from fusionkit.interfaces import SCOUT_VALUES_FROM, Gate, GateConfig, Scout, ScoutConfig
 from fusionkit.moved import moved_names
 from fusionkit.plugins import get_registry
 from fusionkit.registry import Registry
@@ -862,6 +862,11 @@ def structure_component(kind: str, block: Any, path: str, registry: Registry, pr
         problems.append(f"{path}.type: scout {name!r} ({reg.provider.describe()}) must register a subclass of "
                         "fusionkit.interfaces.Scout with a config that derives from ScoutConfig (see "
                         "docs/writing-a-plugin.md#scouts). Fix the plugin, or block it with FUSIONKIT_DISABLE_PLUGINS")
+        return None
+    if kind == "scout" and reg.factory.values_from not in SCOUT_VALUES_FROM:
+        problems.append(f"{path}.type: scout {name!r} ({reg.provider.describe()}) sets values_from = "
+                        f"{reg.factory.values_from!r}; it must be one of {', '.join(map(repr, SCOUT_VALUES_FROM))} "
+                        "(docs/writing-a-plugin.md#scouts). Fix the plugin, or block it with FUSIONKIT_DISABLE_PLUGINS")
         return None
     options = {k: v for k, v in block.items() if k != "type"}
     config = cfg.structure(reg.config, options, path, problems)

@@ -25,6 +25,7 @@ from fusionkit.blemore.answers import from_order, order_to_matrix
 from fusionkit.blemore.metrics import format_metric, per_label_f1, presence_map, scores_from_matrices
 from fusionkit.conditional.budget import Budget
 from fusionkit.data.store import FeatureStore
+from fusionkit.errors import FusionkitError
 from fusionkit.files import atomic_write_text
 from fusionkit.hardware.distributed import Dist
 from fusionkit.models.fusion import FusionModel
@@ -32,6 +33,7 @@ from fusionkit.models.towers import clip_loss, local_clip_loss, retrieval_metric
 from fusionkit.moved import moved_names
 from fusionkit.spec import Spec
 from fusionkit.training.losses import supervised_loss
+from fusionkit.training.scout_values import fit_scout_values, fits_on_validation
 from fusionkit.training.statistics import fit_standardization
 
 __all__ = ["keep_rates", "evaluate_outputs", "compute_summary", 
@@ -239,10 +241,24 @@ class ClassificationTask(Task):
     def restore(self, model: FusionModel, saved: FusionModel) -> None:
         model.set_decoder(saved.decoder.config)  # the thresholds fitted on validation so far
 
+    def prepare(self, model: Any) -> None:
+        """Before training: the input statistics (:meth:`Task.prepare`); a scout whose values learn on validation
+        rows needs some."""
+        if fits_on_validation(model) and not len(self.split.val):
+            raise FusionkitError(f"conditional.scout: {model.spec.conditional.scout.type!r} fits its values on the "
+                                 "validation rows, and this run has none (its split leaves no validation fold); "
+                                 "train with a validation fold, or choose another scout")
+        super().prepare(model)
+
     def validate(self, model: FusionModel, dist: Dist | None = None) -> dict[str, Any]:
-        """Fit the decoder's thresholds on validation and score with them."""
+        """Fit a scout's values on validation where it learns them there, the decoder's thresholds, and score
+        with them."""
+        fit_scout_values(model, self.store, self.split.val, self.spec.train, dist)
         truth = self.store.truth_matrix(self.split.val)
-        outputs = inference.collect_outputs(model, self.store, self.split.val, dist=dist)
+        # values fitted afresh at each evaluation would make the best epoch a fit's luck: such a model is chosen
+        # with every encoder run, on the fusion's quality
+        budget = "100%" if fits_on_validation(model) else None
+        outputs = inference.collect_outputs(model, self.store, self.split.val, dist=dist, budget=budget)
         model.set_decoder(model.decoder.fit(outputs, truth))
         return evaluate_outputs(model, outputs, truth)
 
