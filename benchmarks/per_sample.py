@@ -30,6 +30,8 @@ Testbeds (UCI Multiple Features, the clean blended task):
     .venv/bin/python benchmarks/per_sample.py --testbed views --seeds 2
     .venv/bin/python benchmarks/per_sample.py --testbed cnn --seeds 2
     .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2
+    .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2 --preview structure
+    .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2 --preview structure --corruption occlusion
 """
 
 from __future__ import annotations
@@ -91,17 +93,39 @@ def _look(z: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([z @ projection[:, :LOOK_DIM - 2], *lags], axis=1).astype(np.float32)
 
 
-def corrupted_views(clean: Path, work: Path, seed: int = 0, preview: str = "projection") -> Path:
+#: How the corrupted testbed corrupts a view (``--corruption``): ``noise``, mixed toward noise of the view's own mean
+#: and spread; ``occlusion``, a share of its dimensions blanked to their mean (a patch covered), each at a level
+#: drawn per sample.
+CORRUPTIONS = ("noise", "occlusion")
+
+
+def corrupt_tag(preview: str = "projection", corruption: str = "noise") -> str:
+    """The corrupted testbed's variant, as its stores, runs and results are named (the defaults: nothing)."""
+    return ("" if preview == "projection" else f"-{preview}") + ("" if corruption == "noise" else f"-{corruption}")
+
+
+def _corrupt(x: np.ndarray, level: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """``x`` ``[N, D]`` corrupted at ``level`` ``[N, 1]`` per row (see CORRUPTIONS)."""
+    mu, sigma = x.mean(0), x.std(0) + 1e-6
+    if kind == "noise":
+        return (1 - level) * x + level * (mu + sigma * rng.standard_normal(x.shape))
+    covered = rng.random(x.shape) < level
+    return np.where(covered, mu, x)
+
+
+def corrupted_views(clean: Path, work: Path, seed: int = 0, preview: str = "projection",
+                    corruption: str = "noise") -> Path:
     """The views testbed with quality that varies per sample: each on-demand view (kar, fac, pix) corrupted on
-    CORRUPT_SHARE of the samples, independently, at a level ``a`` drawn per sample from LEVELS (``x' = (1 - a) x +
-    a (mu + sigma z)``, as ADMN draws each modality's noise level per sample), in every fold alike; and a preview of
-    each, ``NAME_look``: a fixed random projection of the (corrupted) view's standardised features to LOOK_DIM
-    dimensions. The index records which views each sample had corrupted (the known-corruption control reads it)."""
+    CORRUPT_SHARE of the samples, independently, at a level ``a`` drawn per sample from LEVELS (``noise``: ``x' =
+    (1 - a) x + a (mu + sigma z)``, as ADMN draws each modality's noise level per sample; ``occlusion``: a share
+    ``a`` of its dimensions set to their mean), in every fold alike; and a preview of each, ``NAME_look``: a fixed
+    random projection of the (corrupted) view's standardised features to LOOK_DIM dimensions. The index records
+    which views each sample had corrupted (the known-corruption control reads it)."""
     import attrs
 
     from fusionkit.data.store import open_store, write_store
 
-    out = work / ("store-corrupted" if preview == "projection" else f"store-corrupted-{preview}")
+    out = work / f"store-corrupted{corrupt_tag(preview, corruption)}"
     if (out / "index.json").exists():
         return out
     store = open_store(clean)
@@ -112,7 +136,7 @@ def corrupted_views(clean: Path, work: Path, seed: int = 0, preview: str = "proj
         x = features[name]
         mu, sigma = x.mean(0), x.std(0) + 1e-6
         level = rng.uniform(*LEVELS, size=(len(x), 1))
-        noisy = (1 - level) * x + level * (mu + sigma * rng.standard_normal(x.shape))
+        noisy = _corrupt(x, level, corruption, rng)
         x[hit[name]] = noisy[hit[name]]
         features[f"{name}_look"] = _look((x - mu) / sigma, preview, rng)
     samples = [attrs.evolve(s, corrupted=tuple(n for n in VIEW_COSTS if hit[n][i])) for i, s in enumerate(store.samples)]
@@ -325,13 +349,16 @@ def main() -> None:
     parser.add_argument("--preview", choices=PREVIEWS, default="projection", help="corrupt-views: each view's preview "
                         "(projection: a random projection; structure: its dimensions' lag-1 and lag-2 correlation "
                         "beside a smaller projection); a variant has its own runs, results and section")
+    parser.add_argument("--corruption", choices=CORRUPTIONS, default="noise", help="corrupt-views: how each view is "
+                        "corrupted (noise: mixed toward noise; occlusion: a share of its dimensions blanked); a variant "
+                        "has its own runs, results and section")
     parser.add_argument("--full-budget-weight", type=float, default=None, help="train the scouts with "
                         "conditional.full_budget_weight (a variant: its runs, results and section are its own)")
     args = parser.parse_args()
     conditional = {} if args.full_budget_weight is None else {"full_budget_weight": args.full_budget_weight}
     args.scouts = scouts_of(args.testbed)
     args.tag = (args.testbed + ("" if args.full_budget_weight is None else f"-fw{args.full_budget_weight:g}")
-                + ("" if args.preview == "projection" else f"-{args.preview}"))
+                + corrupt_tag(args.preview, args.corruption))
     work = Path(args.work)
     raw = weights = None
     if args.testbed == "cnn":
@@ -339,7 +366,7 @@ def main() -> None:
     else:
         clean, _ = pix_images(args.source, work)
     if args.testbed == "corrupt-views":
-        clean = corrupted_views(clean, work, preview=args.preview)
+        clean = corrupted_views(clean, work, preview=args.preview, corruption=args.corruption)
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
@@ -439,8 +466,10 @@ def summarize(args, done: dict, evaluated: dict) -> None:
             **({"own_rule": own, "own_rule_beats_keep_all_by_1_5": own["minus_keep_all"][0] >= 1.5} if own else {})}
         data["systems"][system] = {"points": entries, "targets": targets[system]}
     corrupt_words = (f"the views testbed with each on-demand view corrupted on {100 * CORRUPT_SHARE:g}% of the "
-                     f"samples, independently, at a level drawn per sample from U{LEVELS} (x' = (1 - a) x + a (mu + "
-                     f"sigma z)), in every fold; each scout also runs a preview of each view (`preview_of`, not fused, "
+                     f"samples, independently, at a level drawn per sample from U{LEVELS} ("
+                     + ("x' = (1 - a) x + a (mu + sigma z)" if args.corruption == "noise" else
+                        "a share a of its dimensions set to their mean")
+                     + "), in every fold; each scout also runs a preview of each view (`preview_of`, not fused, "
                      f"{LOOK_COST} GFLOPs): "
                      + (f"a fixed random projection of the corrupted view to {LOOK_DIM} dimensions. "
                         if args.preview == "projection" else
@@ -475,10 +504,12 @@ def summarize(args, done: dict, evaluated: dict) -> None:
     section = "\n".join([
         f"## Per-sample selection against static choices: {args.testbed} testbed"
         + ("" if args.full_budget_weight is None else f", full-budget pass weight {args.full_budget_weight:g}")
-        + ("" if args.preview == "projection" else f", {args.preview} previews"), "",
+        + ("" if args.preview == "projection" else f", {args.preview} previews")
+        + ("" if args.corruption == "noise" else f", {args.corruption}"), "",
         f"`.venv/bin/python benchmarks/per_sample.py --testbed {args.testbed} --seeds {args.seeds} --workers "
         f"{args.workers}" + ("" if args.full_budget_weight is None else f" --full-budget-weight {args.full_budget_weight:g}")
         + ("" if args.preview == "projection" else f" --preview {args.preview}")
+        + ("" if args.corruption == "noise" else f" --corruption {args.corruption}")
         + f"`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
         f"Score over {args.folds} folds × {args.seeds} seeds; each scout's rows come from one model per fold and seed, at "
         "mean budgets fitted on the validation fold and at a cap of 100%. *spent*: the share of the on-demand cost run. "
@@ -496,8 +527,7 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                        [r + ([""] if args.testbed == "corrupt-views" and len(r) == 9 else []) for r in rows]), "",
         *verdicts, ""])
     if args.testbed == "corrupt-views":
-        probes = probe_auc(Path(args.work) / ("store-corrupted" if args.preview == "projection"
-                                              else f"store-corrupted-{args.preview}"), args.folds)
+        probes = probe_auc(Path(args.work) / f"store-corrupted{corrupt_tag(args.preview, args.corruption)}", args.folds)
         data["probe_auc"] = probes
         section += ("\nCan the scout tell? The AUC of a quadratic logistic probe, fitted on the other folds, from each "
                     "view's preview to whether the sample's view is corrupted (and from the view itself): "

@@ -4,6 +4,8 @@ kept scout models (`benchmarks/per_sample.py --testbed corrupt-views`, run it fi
 - **Does the scout's choice see the corruption?** The AUC, per on-demand view, of the scout's value for the view
   before anything on demand ran (its first stage) against whether the sample's view is corrupted (a lower value
   where it is: AUC above 0.5).
+- **Is a drop on a training row what a new row shows?** Each view's mean drop of the training loss when it joins a
+  row that ran nothing on demand, clean and corrupted, on the training rows and on the test rows.
 - **What could a rule that reads the previews reach?** A *preview-probe rule*: a quadratic logistic probe fitted
   on the training fold WITH the corruption labels, from each view's preview token to whether the view is corrupted;
   each view then runs where the probe's P(clean) exceeds tau, and at most the k cheapest such views per row
@@ -13,6 +15,7 @@ kept scout models (`benchmarks/per_sample.py --testbed corrupt-views`, run it fi
 
     .venv/bin/python benchmarks/scout_diagnostics.py --seeds 1
     .venv/bin/python benchmarks/scout_diagnostics.py --seeds 1 --preview structure
+    .venv/bin/python benchmarks/scout_diagnostics.py --seeds 1 --preview structure --corruption occlusion
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from per_sample import CORRUPT_SCOUTS, MIDDLE, PREVIEWS, _auc
+from per_sample import CORRUPT_SCOUTS, CORRUPTIONS, MIDDLE, PREVIEWS, _auc, corrupt_tag
 from report import machine, markdown_table, write
 
 TAUS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -61,6 +64,7 @@ def diagnose(job: dict) -> dict:
     from fusionkit.evaluation.controls import _Scorer, frontier_at, known_corruption, static_frontier
     from fusionkit.inference import fit_mean_budget
     from fusionkit.models.factory import load_model
+    from fusionkit.training.scout_values import held_out_examples
     from fusionkit.training.tasks import ClassificationTask
     from fusionkit.training.train import make_split
 
@@ -81,6 +85,13 @@ def diagnose(job: dict) -> dict:
     def corrupted(index: np.ndarray) -> np.ndarray:
         return np.array([[names[k] in store.samples[i].corrupted for k in demand] for i in index])
 
+    drops = {}  # in-sample against held-out: each view's mean drop from the empty state, clean and corrupted
+    for part in ("train", "test"):
+        index = getattr(split, part)
+        measured = held_out_examples(model, store, index, model.spec.train)[0].measured.numpy()
+        bad = corrupted(index)
+        drops[part] = {names[k]: [float(measured[~bad[:, j], j].mean()), float(measured[bad[:, j], j].mean())]
+                       for j, k in enumerate(demand)}
     raw, present = tokens(split.test)
     first = raw.clone()
     first[:, demand] = 0.0
@@ -115,6 +126,7 @@ def diagnose(job: dict) -> dict:
         points.append({"share": share, "scout": metrics["score"], "probe_rule": frontier_at(probe_frontier, cost),
                        "known": frontier_at(known, cost)})
     return {"system": job["system"], "fold": job["fold"], "seed": job["seed"], "auc": auc, "points": points,
+            "drops": drops,
             "seconds": time.perf_counter() - started}
 
 
@@ -125,10 +137,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", default="runs/benchmark-per-sample")
     parser.add_argument("--preview", choices=PREVIEWS, default="projection")
+    parser.add_argument("--corruption", choices=CORRUPTIONS, default="noise")
     args = parser.parse_args()
     work = Path(args.work)
-    tag = "corrupt-views" + ("" if args.preview == "projection" else f"-{args.preview}")
-    store = work / ("store-corrupted" if args.preview == "projection" else f"store-corrupted-{args.preview}")
+    tag = "corrupt-views" + corrupt_tag(args.preview, args.corruption)
+    store = work / f"store-corrupted{corrupt_tag(args.preview, args.corruption)}"
     jobs = [{"system": scout, "fold": fold, "seed": seed, "store": str(store),
              "run": str(work / "runs" / f"{tag}-{scout}-f{fold}-s{seed}")}
             for scout in CORRUPT_SCOUTS for fold in range(args.folds) for seed in range(args.seeds)]
@@ -138,8 +151,8 @@ def main() -> None:
                          f"{missing[:3]}")
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(diagnose, jobs))
-    rows, data = [], {"machine": machine(), "preview": args.preview, "folds": args.folds, "seeds": args.seeds,
-                      "systems": {}}
+    rows, drop_rows = [], []
+    data = {"machine": machine(), "preview": args.preview, "folds": args.folds, "seeds": args.seeds, "systems": {}}
     for scout in CORRUPT_SCOUTS:
         runs = [r for r in results if r["system"] == scout]
         aucs = {view: float(np.mean([r["auc"][view] for r in runs])) for view in runs[0]["auc"]}
@@ -151,11 +164,17 @@ def main() -> None:
             rows.append([f"{scout}, mean {100 * share:g}%", f"{np.mean([p['scout'] for p in pts]):.3f}",
                          f"{gap['probe_rule']:+.1f}", f"{gap['known']:+.1f}",
                          ", ".join(f"{v} {a:.2f}" for v, a in aucs.items()) if i == 0 else ""])
+        entry["drops"] = {part: {view: [float(np.mean([r["drops"][part][view][i] for r in runs])) for i in (0, 1)]
+                                 for view in runs[0]["drops"][part]} for part in ("train", "test")}
+        drop_rows.append([scout, *("{:.3f} / {:.3f}".format(*entry["drops"][part][view])
+                                   for view in entry["drops"]["train"] for part in ("train", "test"))])
         data["systems"][scout] = entry
     section = "\n".join([
-        f"## Scout diagnostics: corrupt-views testbed, {args.preview} previews", "",
+        f"## Scout diagnostics: corrupt-views testbed, {args.preview} previews"
+        + ("" if args.corruption == "noise" else f", {args.corruption}"), "",
         f"`.venv/bin/python benchmarks/scout_diagnostics.py --seeds {args.seeds}"
         + ("" if args.preview == "projection" else f" --preview {args.preview}")
+        + ("" if args.corruption == "noise" else f" --corruption {args.corruption}")
         + f"`, on the kept models of `benchmarks/per_sample.py --testbed corrupt-views` ({args.folds} folds × "
         f"{args.seeds} seed, test folds). *probe rule − scout*: a rule that reads each view's preview through a probe "
         "fitted WITH the corruption labels (each view run where P(clean) > tau, at most the k cheapest per row; "
@@ -163,6 +182,10 @@ def main() -> None:
         "known-corruption control. *first-stage AUC*: how well the scout's value for each view before anything on "
         "demand ran tells a corrupted view (0.5: not at all).", "",
         markdown_table(["scout, budget", "Score", "probe rule − scout", "known − scout", "first-stage AUC"], rows),
+        "", "In-sample against held-out: each view's mean drop of the training loss when it joins a row that ran "
+        "nothing on demand, on the training rows and on the test rows, clean / corrupted (the same models).", "",
+        markdown_table(["scout model", *(f"{view}, {part} rows" for view in data["systems"][CORRUPT_SCOUTS[0]]["drops"]
+                                         ["train"] for part in ("training", "test"))], drop_rows),
         ""])
     write(f"scout-diagnostics-{tag}", data, section)
 
