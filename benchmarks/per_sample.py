@@ -380,8 +380,9 @@ def main() -> None:
                     job["keep"] = str(work / "runs" / f"{args.tag}-{system.split(': ')[1]}-f{fold}-s{seed}")
                 jobs.append(job)
     runs_cache = RESULTS / f"per-sample-{args.tag}-runs.jsonl"
-    base = RESULTS / f"per-sample-{args.testbed}-runs.jsonl"
-    if runs_cache != base and not runs_cache.exists() and base.exists():  # a variant shares keep-all's runs
+    # a variant of the scouts or previews shares keep-all's runs (keep-all reads neither); another corruption does not
+    base = RESULTS / f"per-sample-{args.testbed}{corrupt_tag(corruption=args.corruption)}-runs.jsonl"
+    if runs_cache != base and not runs_cache.exists() and base.exists():
         runs_cache.write_text("".join(line + "\n" for line in base.read_text().splitlines()
                                       if json.loads(line)["system"] == "keep-all"))
     done = run_grid(jobs, runs_cache, args.workers)

@@ -100,6 +100,11 @@ def diagnose(job: dict) -> dict:
                   else model.gate.score(first + model.identity, present)[:, demand])
     bad = corrupted(split.test)
     auc = {names[k]: _auc(-values[:, j].numpy(), bad[:, j]) for j, k in enumerate(demand)}
+    judged = None
+    if hasattr(model.scout, "judged"):  # the quality scout's verdicts: higher where the input agrees less
+        with torch.no_grad():
+            verdicts = model.scout.judged(first, present).numpy()
+        judged = {names[k]: _auc(verdicts[:, j], bad[:, j]) for j, k in enumerate(demand)}
 
     train_raw, _ = tokens(split.train)
     train_bad = corrupted(split.train)
@@ -126,7 +131,7 @@ def diagnose(job: dict) -> dict:
         points.append({"share": share, "scout": metrics["score"], "probe_rule": frontier_at(probe_frontier, cost),
                        "known": frontier_at(known, cost)})
     return {"system": job["system"], "fold": job["fold"], "seed": job["seed"], "auc": auc, "points": points,
-            "drops": drops,
+            "drops": drops, "judged": judged,
             "seconds": time.perf_counter() - started}
 
 
@@ -157,13 +162,18 @@ def main() -> None:
         runs = [r for r in results if r["system"] == scout]
         aucs = {view: float(np.mean([r["auc"][view] for r in runs])) for view in runs[0]["auc"]}
         entry = {"auc_first_stage": aucs, "points": []}
+        if runs[0]["judged"] is not None:
+            entry["auc_verdicts"] = {view: float(np.mean([r["judged"][view] for r in runs]))
+                                     for view in runs[0]["judged"]}
         for i, share in enumerate(sorted(MIDDLE)):
             pts = [r["points"][i] for r in runs]
             gap = {key: 100 * float(np.mean([p[key] - p["scout"] for p in pts])) for key in ("probe_rule", "known")}
             entry["points"].append({"share": share, "scout": float(np.mean([p["scout"] for p in pts])), **gap})
             rows.append([f"{scout}, mean {100 * share:g}%", f"{np.mean([p['scout'] for p in pts]):.3f}",
                          f"{gap['probe_rule']:+.1f}", f"{gap['known']:+.1f}",
-                         ", ".join(f"{v} {a:.2f}" for v, a in aucs.items()) if i == 0 else ""])
+                         ", ".join(f"{v} {a:.2f}" for v, a in aucs.items()) if i == 0 else
+                         ", ".join(f"{v} {a:.2f}" for v, a in entry["auc_verdicts"].items()) + " (verdicts)"
+                         if i == 1 and "auc_verdicts" in entry else ""])
         entry["drops"] = {part: {view: [float(np.mean([r["drops"][part][view][i] for r in runs])) for i in (0, 1)]
                                  for view in runs[0]["drops"][part]} for part in ("train", "test")}
         drop_rows.append([scout, *("{:.3f} / {:.3f}".format(*entry["drops"][part][view])
@@ -180,7 +190,8 @@ def main() -> None:
         "fitted WITH the corruption labels (each view run where P(clean) > tau, at most the k cheapest per row; "
         "tau and k chosen on the test fold: optimistic), at the scout's mean cost, in points. *known − scout*: the "
         "known-corruption control. *first-stage AUC*: how well the scout's value for each view before anything on "
-        "demand ran tells a corrupted view (0.5: not at all).", "",
+        "demand ran tells a corrupted view (0.5: not at all); for the quality scout, the second row gives its judges' "
+        "verdicts' AUC.", "",
         markdown_table(["scout, budget", "Score", "probe rule − scout", "known − scout", "first-stage AUC"], rows),
         "", "In-sample against held-out: each view's mean drop of the training loss when it joins a row that ran "
         "nothing on demand, on the training rows and on the test rows, clean / corrupted (the same models).", "",
