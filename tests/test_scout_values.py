@@ -83,15 +83,17 @@ def test_values_are_fitted_on_the_validation_rows_at_every_evaluation(recording,
     assert torch.allclose(model.scout.mean_drop, mean_drops(examples))  # the best model holds its fitted values
 
 
-def test_a_held_out_drop_is_the_rows_loss_without_the_encoder_less_its_loss_with_it(recording, synthetic_store,
-                                                                                     tmp_path):
-    model = fusionkit.build_model(held_out_spec()).eval()
+@pytest.mark.parametrize("scout", ["recording", "gate"])
+def test_a_held_out_drop_is_the_rows_loss_without_the_encoder_less_its_loss_with_it(recording, synthetic_store, scout):
+    model = fusionkit.build_model(held_out_spec(scout)).eval()
     store = open_store(synthetic_store)
     rows = make_split(store, 0).val[:20]
     examples = held_out_examples(model, store, rows, model.spec.train)
     target = torch.as_tensor(store.truth_matrix(rows) / 100.0, dtype=torch.float32)
     inputs, lengths, mask = store.inputs_for(model, rows)
     for example, state in zip(examples, held_out_states(2)):
+        if scout == "gate":  # the gate scout predicts no drops
+            assert not example.predicted.any()
         with torch.no_grad():
             before = row_losses(model(inputs, lengths, mask, runs=torch.tensor([state] * len(rows))).logits, target,
                                 model.spec.train)

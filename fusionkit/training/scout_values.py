@@ -46,8 +46,9 @@ def fits_on_validation(model: object) -> bool:
 def held_out_examples(model: FusionModel, store: FeatureStore, index: np.ndarray, train: TrainConfig,
                       batch_size: int = 256) -> list[ScoutExample]:
     """One :class:`ScoutExample` per state of :func:`held_out_states`, over the rows ``index`` (every on-demand
-    encoder run on them once): the scout's prediction in that state, which encoders it could add, and the measured
-    drop of each row's loss (the training loss's, per row) when each is added, fused as at inference."""
+    encoder run on them once): the scout's prediction in that state (zeros for the gate scout, which predicts no
+    drops), which encoders it could add, and the measured drop of each row's loss (the training loss's, per row)
+    when each is added, fused as at inference."""
     model.eval()
     demand = list(model.on_demand)
     states = held_out_states(len(demand))
@@ -65,7 +66,8 @@ def held_out_examples(model: FusionModel, store: FeatureStore, index: np.ndarray
             chosen = torch.as_tensor(state, device=tokens.device).expand(len(rows), -1) & present[:, demand]
             ran = present.clone()
             ran[:, demand] = chosen
-            predicted = model.scout(raw * ran.unsqueeze(-1).to(raw.dtype), present, chosen)
+            predicted = (model.scout(raw * ran.unsqueeze(-1).to(raw.dtype), present, chosen) if model.staged
+                         else torch.zeros(chosen.shape, dtype=raw.dtype, device=raw.device))
             addable = present[:, demand] & ~chosen
             fused = model.value_fusions(ValueTarget(predicted, addable, tokens, ran))
             with as_at_inference(*model.heads.values()):
