@@ -358,9 +358,10 @@ class Scout(nn.Module):
     **Values learned on held-out rows** (:attr:`values_from` ``"validation"``): a drop measured on a row the model
     is trained on is an in-sample drop. Where an input is corrupted on some samples, the model memorises those
     samples through their noise, so adding a corrupted token drops a training row's loss as much as a clean one,
-    while on a new row it raises it. A scout that sets ``values_from = "validation"`` is given, at every evaluation,
-    the drops measured on the validation rows (every state a row could be in, :class:`ScoutExample` each) and fits
-    its values to them in :meth:`fit_values`; its :meth:`loss` then trains only what learns without the drops.
+    while on a new row it adds little or hurts. A scout that sets ``values_from = "validation"`` is given, at every
+    evaluation, the drops measured on the validation rows (every state a row could be in, :class:`ScoutExample`
+    each) and fits its values to them in :meth:`fit_values`; its :meth:`loss` then trains only what learns without
+    the drops.
 
     **Export**: :meth:`forward` is traced to ``value.onnx`` (inputs ``tokens``, ``present``, ``ran``; output
     ``values``), which the runtime runs once per stage. It must therefore be traceable: tensor operations only.

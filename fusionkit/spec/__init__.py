@@ -187,8 +187,8 @@ class ConditionalConfig:
         "token joins the fusion, taught on the rows where everything ran; it decides in stages (one encoder per row "
         "at each stage, the rest re-scored with its token) by predicted value per unit of cost. quality: judges from each "
         "on-demand encoder's preview whether its input agrees with the rest of the sample (never told which inputs "
-        "are bad), its values fitted on the validation rows, and decides in stages from those verdicts. A plugin's scout decides as the "
-        "value scout does (docs/writing-a-plugin.md#scouts).")
+        "are bad), its values fitted on the validation rows, and decides in stages from those verdicts. A plugin's "
+        "scout decides as the value scout does (docs/writing-a-plugin.md#scouts).")
     value_hidden: int = option(64, doc="Hidden width of the value scout's MLP, unless its block sets hidden.",
                                validator=positive)
     scout_rows: float = option(

@@ -2,9 +2,9 @@
 
 A drop of the loss measured on a row the model is trained on is an in-sample drop: where an input is corrupted on
 some samples, the model memorises those samples through their noise, and adding the corrupted token drops a
-training row's loss as much as a clean one, while it raises a new row's. So such a scout's values learn from the
-validation rows, at every evaluation: each row is put in every state it could be in (which on-demand encoders have
-run), and the drop of its loss when each encoder is added, fused as at inference, is measured
+training row's loss as much as a clean one, while on a new row it adds little or hurts. So such a scout's values
+learn from the validation rows, at every evaluation: each row is put in every state it could be in (which on-demand
+encoders have run), and the drop of its loss when each encoder is added, fused as at inference, is measured
 (:func:`held_out_examples`); the scout fits its values to them (:meth:`~fusionkit.interfaces.Scout.fit_values`).
 """
 
