@@ -20,8 +20,9 @@ from fusionkit.training.train import make_split, train
 
 @pytest.fixture(scope="module")
 def corrupted_store(tmp_path_factory):
-    """enc1 (strong) replaced by noise on 40% of the samples, recorded in the index; enc1_look, its preview, a
-    cheap signal of whether it was (its level, with noise)."""
+    """enc1 (strong) replaced by noise on 40% of the samples, recorded in the index; enc0 (always run) says enough
+    of the sample that a clean enc1 agrees with it; enc1_look, its preview, a cheap signal of whether it was (its
+    level, with noise)."""
     root = tmp_path_factory.mktemp("quality")
     base = open_store(build_dataset("synthetic", {"samples": 600, "noise": [0.8, 0.3], "dim": 8, "seed": 0},
                                     root / "base"))
