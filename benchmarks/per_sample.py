@@ -104,6 +104,12 @@ def corrupt_tag(preview: str = "projection", corruption: str = "noise") -> str:
     return ("" if preview == "projection" else f"-{preview}") + ("" if corruption == "noise" else f"-{corruption}")
 
 
+def corrupt_flags(preview: str = "projection", corruption: str = "noise") -> str:
+    """The command-line flags that choose the corrupted testbed's variant (the defaults: none)."""
+    return ("" if preview == "projection" else f" --preview {preview}") + ("" if corruption == "noise"
+                                                                           else f" --corruption {corruption}")
+
+
 def _corrupt(x: np.ndarray, level: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """``x`` ``[N, D]`` corrupted at ``level`` ``[N, 1]`` per row (see CORRUPTIONS)."""
     mu, sigma = x.mean(0), x.std(0) + 1e-6
@@ -509,9 +515,7 @@ def summarize(args, done: dict, evaluated: dict) -> None:
         + ("" if args.corruption == "noise" else f", {args.corruption}"), "",
         f"`.venv/bin/python benchmarks/per_sample.py --testbed {args.testbed} --seeds {args.seeds} --workers "
         f"{args.workers}" + ("" if args.full_budget_weight is None else f" --full-budget-weight {args.full_budget_weight:g}")
-        + ("" if args.preview == "projection" else f" --preview {args.preview}")
-        + ("" if args.corruption == "noise" else f" --corruption {args.corruption}")
-        + f"`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
+        + corrupt_flags(args.preview, args.corruption) + f"`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
         f"Score over {args.folds} folds × {args.seeds} seeds; each scout's rows come from one model per fold and seed, at "
         "mean budgets fitted on the validation fold and at a cap of 100%. *spent*: the share of the on-demand cost run. "
         "The margins are the scout's, in points, ± standard error over the runs: over the **static frontier** (every "

@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from per_sample import CORRUPT_SCOUTS, CORRUPTIONS, MIDDLE, PREVIEWS, _auc, corrupt_tag
+from per_sample import CORRUPT_SCOUTS, CORRUPTIONS, MIDDLE, PREVIEWS, _auc, corrupt_flags, corrupt_tag
 from report import machine, markdown_table, write
 
 TAUS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -183,9 +183,7 @@ def main() -> None:
         f"## Scout diagnostics: corrupt-views testbed, {args.preview} previews"
         + ("" if args.corruption == "noise" else f", {args.corruption}"), "",
         f"`.venv/bin/python benchmarks/scout_diagnostics.py --seeds {args.seeds}"
-        + ("" if args.preview == "projection" else f" --preview {args.preview}")
-        + ("" if args.corruption == "noise" else f" --corruption {args.corruption}")
-        + f"`, on the kept models of `benchmarks/per_sample.py --testbed corrupt-views` ({args.folds} folds × "
+        + corrupt_flags(args.preview, args.corruption) + f"`, on the kept models of `benchmarks/per_sample.py --testbed corrupt-views` ({args.folds} folds × "
         f"{args.seeds} seed, test folds). *probe rule − scout*: a rule that reads each view's preview through a probe "
         "fitted WITH the corruption labels (each view run where P(clean) > tau, at most the k cheapest per row; "
         "tau and k chosen on the test fold: optimistic), at the scout's mean cost, in points. *known − scout*: the "

@@ -309,7 +309,9 @@ class ScoutExample:
     encoders that state could add (``addable``), the ``measured`` drop of each row's loss when each is added
     (``[R, m]``, fused as at inference; None for a scout that sets ``needs_drops = False``), every token the rows
     computed before the identity embeddings (``tokens`` ``[R, K, d]``, detached), which encoders are there
-    (``present`` ``[R, K]``) and the rows' label targets (``target`` ``[R, L]``, each row summing to 1)."""
+    (``present`` ``[R, K]``) and the rows' label targets (``target`` ``[R, L]``, each row summing to 1). A scout
+    whose values learn on validation rows gets one per state in :meth:`Scout.fit_values`, there with the drops
+    measured on those rows."""
 
     predicted: torch.Tensor
     addable: torch.Tensor
@@ -397,8 +399,9 @@ class Scout(nn.Module):
 
     def fit_values(self, examples: Sequence[ScoutExample]) -> None:
         """For a scout whose :attr:`values_from` is ``"validation"``: fit its values to the drops measured on the
-        validation rows, one example per state the rows could be in (``measured`` given; ``predicted`` is the
-        scout's prediction when the examples were made, without gradients). Called at every evaluation, before
+        validation rows, one example per state the rows could be in, each over the same rows in the same order
+        (``measured`` given; ``predicted`` is the scout's prediction when the examples were made, without
+        gradients). Called at every evaluation, before
         the validation score; it must give the same values wherever it runs on the same examples (seed any
         initialisation itself, leave the global random state alone)."""
         raise NotImplementedError(f"{type(self).__name__} sets values_from = 'validation' and must define fit_values")

@@ -872,12 +872,16 @@ class FusionModel(Trunk):
     def _value_outputs(self, value: ValueTarget | None) -> dict[str, Any]:
         if value is None:
             return {}
-        logits = None
-        if value.addable.any() and self.scout.needs_drops:
-            fused = self.value_fusions(value)
-            with torch.no_grad(), as_at_inference(*self.heads.values()):
-                logits = {role: head(fused) for role, head in self.heads.items()}
+        logits = self.value_logits(value) if value.addable.any() and self.scout.needs_drops else None
         return {"value_predicted": value.predicted, "value_addable": value.addable, "value_logits": logits}
+
+    @torch.no_grad()
+    def value_logits(self, value: ValueTarget) -> dict[str, torch.Tensor]:
+        """Each head's logits ``[m + 1, R, L]`` of :meth:`value_fusions` (the rows in their state, then with each
+        on-demand encoder added), computed as at inference: what a scout's measured drops are read from."""
+        fused = self.value_fusions(value)
+        with as_at_inference(*self.heads.values()):
+            return {role: head(fused) for role, head in self.heads.items()}
 
     @torch.no_grad()
     def predict(

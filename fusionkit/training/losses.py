@@ -9,7 +9,7 @@ from fusionkit.interfaces import ScoutExample
 from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.spec import TrainConfig
 
-__all__ = ["label_losses", "row_losses", "value_loss", "rank_supervision", "supervised_loss", "training_loss"]
+__all__ = ["label_losses", "row_losses", "measured_drops", "value_loss", "rank_supervision", "supervised_loss", "training_loss"]
 
 
 def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -68,6 +68,13 @@ def row_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, train: Tra
     return total
 
 
+def measured_drops(logits: dict[str, torch.Tensor], target: torch.Tensor, train: TrainConfig) -> torch.Tensor:
+    """``[R, m]``: each row's loss in its state less its loss with each on-demand encoder added (positive: it
+    helps the row), from :meth:`~fusionkit.models.fusion.FusionModel.value_logits` (``[m + 1, R, L]`` per head)."""
+    losses = row_losses(logits, target, train)  # [m + 1, R]
+    return (losses[:1] - losses[1:]).T
+
+
 def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weight: float,
                model: FusionModel) -> torch.Tensor:
     """A staged scout's loss (:meth:`fusionkit.interfaces.Scout.loss`, by default the squared error of its predicted
@@ -76,10 +83,7 @@ def value_loss(out: FusionOutput, target: torch.Tensor, train: TrainConfig, weig
     (what its sampled budget ran) less its loss with the encoder's token added, both fused as at inference
     (positive: it helps this sample)."""
     rows = out.scout_rows
-    measured = None
-    if out.value_logits is not None:
-        losses = row_losses(out.value_logits, target[rows].float(), train)  # [m + 1, R]
-        measured = (losses[:1] - losses[1:]).T  # [R, m]
+    measured = None if out.value_logits is None else measured_drops(out.value_logits, target[rows].float(), train)
     demand = list(model.on_demand)
     example = ScoutExample(
         predicted=out.value_predicted, addable=out.value_addable, state=out.ran[rows][:, demand], measured=measured,

@@ -18,9 +18,9 @@ import torch
 from fusionkit.data.store import FeatureStore
 from fusionkit.hardware.distributed import Dist
 from fusionkit.interfaces import ScoutExample
-from fusionkit.models.fusion import FusionModel, ValueTarget, as_at_inference
+from fusionkit.models.fusion import FusionModel, ValueTarget
 from fusionkit.spec import TrainConfig
-from fusionkit.training.losses import row_losses
+from fusionkit.training.losses import measured_drops
 
 __all__ = ["ALL_STATES_UP_TO", "held_out_states", "held_out_examples", "fit_scout_values", "fits_on_validation"]
 
@@ -69,13 +69,9 @@ def held_out_examples(model: FusionModel, store: FeatureStore, index: np.ndarray
             predicted = (model.scout(raw * ran.unsqueeze(-1).to(raw.dtype), present, chosen) if model.staged
                          else torch.zeros(chosen.shape, dtype=raw.dtype, device=raw.device))
             addable = present[:, demand] & ~chosen
-            fused = model.value_fusions(ValueTarget(predicted, addable, tokens, ran))
-            with as_at_inference(*model.heads.values()):
-                logits = {role: head(fused) for role, head in model.heads.items()}
-            losses = row_losses(logits, target, train)
-            part.append(ScoutExample(predicted=predicted, addable=addable, state=chosen,
-                                     measured=(losses[:1] - losses[1:]).T, tokens=raw, present=present,
-                                     target=target))
+            measured = measured_drops(model.value_logits(ValueTarget(predicted, addable, tokens, ran)), target, train)
+            part.append(ScoutExample(predicted=predicted, addable=addable, state=chosen, measured=measured,
+                                     tokens=raw, present=present, target=target))
     return [ScoutExample(**{field: torch.cat([getattr(p, field) for p in part])
                             for field in ScoutExample.__dataclass_fields__}) for part in parts if part]
 
