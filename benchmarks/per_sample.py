@@ -26,12 +26,17 @@ Testbeds (UCI Multiple Features, the clean blended task):
 
 - corrupt-views: the views testbed with each on-demand view corrupted per sample (a share of the samples, a level
   drawn per sample), a preview of each for the scouts, and the known-corruption control beside the others.
+- corrupt-cnn: the cnn testbed with the `pix` image corrupted per sample (a share of the samples; noise, blur or
+  occlusion, the kind and level drawn per sample), so both CNNs read a bad image there; each scout also runs a
+  thumbnail of the image per CNN (a live `test_resnet` at 8x8, `preview_of`, not fused), and the known-corruption
+  control stands beside the others.
 
     .venv/bin/python benchmarks/per_sample.py --testbed views --seeds 2
     .venv/bin/python benchmarks/per_sample.py --testbed cnn --seeds 2
     .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2
     .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2 --preview structure
     .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2 --preview structure --corruption occlusion
+    .venv/bin/python benchmarks/per_sample.py --testbed corrupt-cnn --seeds 2
 """
 
 from __future__ import annotations
@@ -42,9 +47,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from conditional_uci import checkpoint_hash, cnn_material, specs
+from conditional_uci import SIZES, checkpoint_hash, cnn_material, specs
 from grid import grid_parser, run_grid
-from live import pix_images
+from live import CNN, pix_images
 from report import RESULTS, machine, markdown_table, write
 
 #: The corrupted views testbed: each on-demand view corrupted on this share of the samples, independently, at a
@@ -61,8 +66,12 @@ SCOUTS = ("gate", "value")
 CORRUPT_SCOUTS = (*SCOUTS, "quality")
 
 
+#: The testbeds whose inputs are corrupted on some samples (their stores record which; the known control reads it).
+CORRUPTED = ("corrupt-views", "corrupt-cnn")
+
+
 def scouts_of(testbed: str) -> tuple[str, ...]:
-    return CORRUPT_SCOUTS if testbed == "corrupt-views" else SCOUTS
+    return CORRUPT_SCOUTS if testbed in CORRUPTED else SCOUTS
 
 
 def view_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
@@ -150,6 +159,72 @@ def corrupted_views(clean: Path, work: Path, seed: int = 0, preview: str = "proj
     return out
 
 
+#: The corrupted images testbed: the `pix` image corrupted on CORRUPT_SHARE of the samples, by a kind drawn per sample
+#: from IMAGE_CORRUPTIONS at a level drawn per sample from LEVELS; each CNN previewed by a thumbnail, a live CNN at
+#: THUMB x THUMB on the same image.
+IMAGE_CORRUPTIONS = ("noise", "blur", "occlusion")
+THUMB = 8
+
+
+def _corrupt_image(image: np.ndarray, kind: str, level: float, gray: tuple[float, float],
+                   rng: np.random.Generator) -> np.ndarray:
+    """One image (pixels 0-255) corrupted at ``level``: ``noise``, mixed toward pixel noise of the images' mean and
+    spread (``gray``); ``blur``, a Gaussian blur of 2 ``level`` pixels; ``occlusion``, a rectangle of a share
+    ``level`` of its area, at a random place, set to the images' mean."""
+    from scipy.ndimage import gaussian_filter
+
+    if kind == "noise":
+        return (1 - level) * image + level * (gray[0] + gray[1] * rng.standard_normal(image.shape))
+    if kind == "blur":
+        return gaussian_filter(image, sigma=2 * level)
+    h, w = (max(1, round(side * np.sqrt(level))) for side in image.shape)
+    top, left = rng.integers(0, image.shape[0] - h + 1), rng.integers(0, image.shape[1] - w + 1)
+    out = image.copy()
+    out[top:top + h, left:left + w] = gray[0]
+    return out
+
+
+def corrupted_images(clean: Path, work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The cnn testbed with quality that varies per sample: each sample's `pix` image (16 x 15) corrupted on
+    CORRUPT_SHARE of the samples by a kind drawn per sample from IMAGE_CORRUPTIONS at a level ``a`` drawn from
+    LEVELS, in every fold alike; both CNNs and their thumbnails read the same image. Returns the store (the clean
+    one's features; the index records the CNNs as corrupted on those samples, for the known control) and the
+    images' manifest, a column per CNN and per thumbnail."""
+    import csv
+
+    import attrs
+    from PIL import Image
+
+    from fusionkit.data.store import open_store, write_store
+
+    out, folder = work / "store-corrupted-images", work / "corrupted-images"
+    manifest = folder / "manifest.csv"
+    if (out / "index.json").exists() and manifest.exists():
+        return out, manifest
+    store = open_store(clean)
+    rng = np.random.default_rng(seed)
+    pixels = store.encoders["pix"].data.numpy().reshape(-1, 16, 15) * 255 / 6
+    gray = (float(pixels.mean()), float(pixels.std()))
+    hit = rng.random(len(pixels)) < CORRUPT_SHARE
+    kinds = rng.integers(0, len(IMAGE_CORRUPTIONS), len(pixels))
+    levels = rng.uniform(*LEVELS, size=len(pixels))
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    columns = [*SIZES, *(f"{c}_look" for c in SIZES)]
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "labels", "group", "fold", "domain", *columns])
+        for i, (sample, image) in enumerate(zip(store.samples, pixels)):
+            if hit[i]:
+                image = _corrupt_image(image, IMAGE_CORRUPTIONS[kinds[i]], levels[i], gray, rng)
+            name = f"img/{sample.id}.png"
+            Image.fromarray(np.round(image).clip(0, 255).astype(np.uint8)).save(folder / name)
+            labels = ";".join(f"{e['emotion']}:{e['salience']:g}" for e in sample.labels)
+            writer.writerow([sample.id, labels, sample.group, sample.fold, sample.domain, *[name] * len(columns)])
+    samples = [attrs.evolve(s, corrupted=tuple(SIZES) if hit[i] else ()) for i, s in enumerate(store.samples)]
+    write_store(out, store.labels, samples, {name: store.encoders[name].data.numpy() for name in store.encoders})
+    return out, manifest
+
+
 def probe_auc(store_path: Path, folds: int) -> dict[str, dict[str, float]]:
     """Can a scout tell? Per on-demand view, the test-fold AUC (mean over folds) of a logistic regression, fitted on
     the other folds, from what the scout sees of that view (its preview) to whether the sample's view is corrupted;
@@ -225,6 +300,48 @@ def cnn_specs(seed: int, weights: Path, conditional: dict | None = None) -> dict
     return systems
 
 
+def corrupted_cnn_specs(seed: int, weights: Path, conditional: dict | None = None) -> dict[str, dict]:
+    """The cnn testbed's systems and the quality scout, each scout with a thumbnail of each CNN's image (a live CNN
+    at THUMB x THUMB, ``preview_of``, not fused; its FLOPs measured and counted in every budget)."""
+    systems = cnn_specs(seed, weights, conditional)
+    quality = json.loads(json.dumps(systems["scout: value"]))
+    quality["conditional"]["scout"] = "quality"
+    systems["scout: quality"] = quality
+    for name, spec in systems.items():
+        if name != "keep-all":
+            spec["encoders"] += [{**CNN, "name": f"{c}_look", "img_size": [THUMB, THUMB], "preview_of": c,
+                                  "fused": False, "pretrained": str(weights.resolve())} for c in SIZES]
+    return systems
+
+
+def tokens_of(model, store, index: np.ndarray):
+    """Every encoder's token on the rows ``index`` (each encoder run), and which are present: ``[N, K, d]``,
+    ``[N, K]``."""
+    import torch
+
+    inputs, lengths, mask = store.inputs_for(model, index)
+    names = model.encoder_names
+    with torch.no_grad():
+        raw = torch.stack([model.projectors[n](model.encoders[n](inputs[n], lengths.get(n))) for n in names], 1)
+    return raw, torch.ones(raw.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+
+
+def verdict_auc(model, store, index: np.ndarray) -> dict[str, float]:
+    """Can the quality scout tell? Per on-demand encoder, the AUC of its judge's verdict, before anything on demand
+    ran, against whether the row's input of it is corrupted (empty for another scout)."""
+    import torch
+
+    if not hasattr(model.scout, "judged"):
+        return {}
+    names, demand = model.encoder_names, list(model.on_demand)
+    first, present = tokens_of(model, store, index)
+    first[:, demand] = 0.0
+    with torch.no_grad():
+        verdicts = model.scout.judged(first, present).numpy()
+    bad = np.array([[names[k] in store.samples[i].corrupted for k in demand] for i in index])
+    return {names[k]: _auc(verdicts[:, j], bad[:, j]) for j, k in enumerate(demand)}
+
+
 def evaluate(job: dict) -> dict:
     """One scout model on its fold's test rows: its points and their controls."""
     import torch
@@ -256,6 +373,7 @@ def evaluate(job: dict) -> dict:
     frontier = static_frontier(static)
     known = known_corruption(model, store, split.test)  # empty where the store records no corruption
     known_frontier = static_frontier(known) if known else None
+    judged = verdict_auc(model, store, split.test) if known else {}
     points = []
     for share in (*sorted(MIDDLE + OTHERS), 1.0):
         budget = fit_mean_budget(model, store, split.val, f"mean:{100 * share:g}%") if share < 1 else "100%"
@@ -281,7 +399,7 @@ def evaluate(job: dict) -> dict:
         point["cascade"] = step["score"]
         point["oracle"] = oracle.score_at(point["mean_gflops"])
     return {"system": job["system"], "fold": job["fold"], "seed": job["seed"], "checkpoint": job["checkpoint"],
-            "static": static, "frontier": frontier, "known": known, "points": points, "own": own,
+            "static": static, "frontier": frontier, "known": known, "points": points, "own": own, "judged": judged,
             "seconds": time.perf_counter() - started}
 
 
@@ -351,7 +469,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = grid_parser(__doc__, "runs/benchmark-per-sample")
-    parser.add_argument("--testbed", choices=("views", "cnn", "corrupt-views"), default="views")
+    parser.add_argument("--testbed", choices=("views", "cnn", *CORRUPTED), default="views")
     parser.add_argument("--preview", choices=PREVIEWS, default="projection", help="corrupt-views: each view's preview "
                         "(projection: a random projection; structure: its dimensions' lag-1 and lag-2 correlation "
                         "beside a smaller projection); a variant has its own runs, results and section")
@@ -367,18 +485,21 @@ def main() -> None:
                 + corrupt_tag(args.preview, args.corruption))
     work = Path(args.work)
     raw = weights = None
-    if args.testbed == "cnn":
+    if args.testbed in ("cnn", "corrupt-cnn"):
         clean, raw, weights = cnn_material(args.source, work)
     else:
         clean, _ = pix_images(args.source, work)
     if args.testbed == "corrupt-views":
         clean = corrupted_views(clean, work, preview=args.preview, corruption=args.corruption)
+    if args.testbed == "corrupt-cnn":
+        clean, raw = corrupted_images(clean, work)
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
             systems = (view_specs(seed, conditional) if args.testbed == "views"
                        else corrupted_specs(seed, conditional) if args.testbed == "corrupt-views"
-                       else cnn_specs(seed, weights, conditional))
+                       else cnn_specs(seed, weights, conditional) if args.testbed == "cnn"
+                       else corrupted_cnn_specs(seed, weights, conditional))
             for system, spec in systems.items():
                 job = {"setting": args.testbed, "system": system, "fold": fold, "seed": seed, "store": str(clean),
                        "raw": None if raw is None else str(raw), "spec": spec}
@@ -484,11 +605,20 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                         f"{LOOK_DIM - 2}. ")
                      + "*− known*: the scout against the known-corruption control's frontier (each view run only where "
                      "clean, and the k cheapest clean per row) at its cost")
-    testbed_words = (corrupt_words if args.testbed == "corrupt-views" else
+    cnn_words = ("the five stored views always run; two live timm `test_resnet` CNNs on the `pix` images on demand, "
+                 "trained end to end, at 10×10 and 40×40 (FLOPs measured by fusionkit)")
+    image_words = (f"{cnn_words}; the image corrupted on {100 * CORRUPT_SHARE:g}% of the samples (both CNNs read it), "
+                   f"by a kind drawn per sample from {', '.join(IMAGE_CORRUPTIONS)} at a level a drawn per sample from "
+                   f"U{LEVELS} (noise: mixed toward pixel noise, (1 - a) x + a (mu + sigma z); blur: a Gaussian of 2a "
+                   "pixels; occlusion: a rectangle of a share a of the image set to the mean), in every fold; each "
+                   f"scout also runs a thumbnail per CNN (a live `test_resnet` on the same image at {THUMB}×{THUMB}, "
+                   "`preview_of`, not fused, its FLOPs counted in every budget). *− known*: the scout against the "
+                   "known-corruption control's frontier (the CNNs run only where the image is clean, and the k "
+                   "cheapest per clean row) at its cost")
+    testbed_words = (corrupt_words if args.testbed == "corrupt-views" else image_words if args.testbed == "corrupt-cnn"
+                     else
                      "stored views: fou, zer and mor always run; kar, fac and pix on demand at declared costs of "
-                     "0.5, 1 and 2 GFLOPs" if args.testbed == "views" else
-                     "the five stored views always run; two live timm `test_resnet` CNNs on the `pix` images on demand, "
-                     "trained end to end, at 10×10 and 40×40 (FLOPs measured by fusionkit)")
+                     "0.5, 1 and 2 GFLOPs" if args.testbed == "views" else cnn_words)
     verdicts = []
     for system, t in targets.items():
         verdicts.append(f"- **{system}**: beats the static frontier by ≥ 1 point beyond 2 SE at 25/40/55%: "
@@ -528,8 +658,8 @@ def summarize(args, done: dict, evaluated: dict) -> None:
         + ", ".join(f"{s} {seconds[f'scout: {s}']:.0f}" for s in args.scouts) + ". *own rule*: the model's own "
         "rule, no budget (every encoder available; the scout runs what it judges worth running).", "",
         markdown_table(["system", "spent", "Score", "− static", "− random", "− cascade", "− keep-all",
-                        "oracle − static", "unused runs", *(["− known"] if args.testbed == "corrupt-views" else [])],
-                       [r + ([""] if args.testbed == "corrupt-views" and len(r) == 9 else []) for r in rows]), "",
+                        "oracle − static", "unused runs", *(["− known"] if args.testbed in CORRUPTED else [])],
+                       [r + ([""] if args.testbed in CORRUPTED and len(r) == 9 else []) for r in rows]), "",
         *verdicts, ""])
     if args.testbed == "corrupt-views":
         probes = probe_auc(Path(args.work) / f"store-corrupted{corrupt_tag(args.preview, args.corruption)}", args.folds)
@@ -538,6 +668,13 @@ def summarize(args, done: dict, evaluated: dict) -> None:
                     "view's preview to whether the sample's view is corrupted (and from the view itself): "
                     + "; ".join(f"{v} {p['preview']:.2f} from the preview, {p['view']:.2f} from the view"
                                 for v, p in probes.items()) + ".\n")
+    judged = {name: float(np.mean([evaluated[("scout: quality", f, s)]["judged"][name] for f, s in keys]))
+              for name in evaluated[("scout: quality", 0, 0)].get("judged", {})} if "quality" in args.scouts else {}
+    if judged:
+        data["verdict_auc"] = judged
+        section += ("\nCan the quality scout tell? The AUC of its judges' verdicts on the test rows, before anything "
+                    "on demand ran, against whether the row's input is corrupted (mean over the runs): "
+                    + ", ".join(f"{name} {auc:.2f}" for name, auc in judged.items()) + ".\n")
     data["targets"] = targets
     write(f"per-sample-{args.tag}", data, section)
 

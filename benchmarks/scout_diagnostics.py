@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from per_sample import CORRUPT_SCOUTS, CORRUPTIONS, MIDDLE, PREVIEWS, _auc, corrupt_flags, corrupt_tag
+from per_sample import CORRUPT_SCOUTS, CORRUPTIONS, MIDDLE, PREVIEWS, _auc, corrupt_flags, corrupt_tag, tokens_of
 from report import machine, markdown_table, write
 
 TAUS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -76,12 +76,6 @@ def diagnose(job: dict) -> dict:
     names, demand = model.encoder_names, list(model.on_demand)
     looks = {names.index(e.preview_of): names.index(e.name) for e in model.spec.encoders if e.preview_of}
 
-    def tokens(index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, lengths, mask = store.inputs_for(model, index)
-        with torch.no_grad():
-            raw = torch.stack([model.projectors[n](model.encoders[n](inputs[n], lengths.get(n))) for n in names], 1)
-        return raw, torch.ones(raw.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
-
     def corrupted(index: np.ndarray) -> np.ndarray:
         return np.array([[names[k] in store.samples[i].corrupted for k in demand] for i in index])
 
@@ -92,7 +86,7 @@ def diagnose(job: dict) -> dict:
         bad = corrupted(index)
         drops[part] = {names[k]: [float(measured[~bad[:, j], j].mean()), float(measured[bad[:, j], j].mean())]
                        for j, k in enumerate(demand)}
-    raw, present = tokens(split.test)
+    raw, present = tokens_of(model, store, split.test)
     first = raw.clone()
     first[:, demand] = 0.0
     with torch.no_grad():
@@ -106,7 +100,7 @@ def diagnose(job: dict) -> dict:
             verdicts = model.scout.judged(first, present).numpy()
         judged = {names[k]: _auc(verdicts[:, j], bad[:, j]) for j, k in enumerate(demand)}
 
-    train_raw, _ = tokens(split.train)
+    train_raw, _ = tokens_of(model, store, split.train)
     train_bad = corrupted(split.train)
     clean = np.stack([1 - _probe(train_raw[:, looks[k]].numpy(), train_bad[:, j], raw[:, looks[k]].numpy())
                       for j, k in enumerate(demand)], 1)

@@ -74,3 +74,56 @@ def test_a_preview_exports_and_the_runtime_runs_it(tmp_path):
 
         entry = load(folder).encoders[2]
         assert entry["preview_of"] == "enc1" and entry["fused"] is False
+
+
+def test_a_live_thumbnail_previews_a_live_encoder_runs_on_every_row_and_exports(tmp_path):
+    """A thumbnail of an on-demand CNN's image (a live CNN at 8x8, ``preview_of``, not fused, reading its own column
+    of the manifest: the same paths): trained, it runs on every row at every budget and its measured FLOPs count in
+    every cost; exported, the runtime reads its images on every row and the on-demand CNN's only where it runs, and
+    answers as the model does."""
+    from PIL import Image
+
+    from fusionkit.data.store import Sample, write_store
+    from fusionkit.errors import DataError
+    from fusionkit.runtime import load
+    from fusionkit.training.train import train
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines, samples = ["id,labels,fold,cam,cam_thumb"], []
+    for i in range(20):
+        label = "ab"[i % 2]
+        image = rng.random((16, 15)) * 60 + (150 if label == "a" else 40)
+        Image.fromarray(image.astype(np.uint8)).save(tmp_path / "img" / f"s{i}.png")
+        lines.append(f"s{i},{label},{i % 5},img/s{i}.png,img/s{i}.png")
+        samples.append(Sample(id=f"s{i}", labels=[{"emotion": label, "salience": 100.0}], fold=i % 5))
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    write_store(tmp_path / "store", ["a", "b"], samples, {"vec": rng.normal(size=(20, 4)).astype(np.float32)})
+    cnn = {"type": "timm", "model": "test_resnet", "in_chans": 1, "crop_pct": 1.0}
+    spec = {"labels": ["a", "b"], "latent_dim": 8, "gate": {"type": "attention", "top_n": 2},
+            "encoders": [{"name": "vec", "type": "features", "dim": 4},
+                         {**cnn, "name": "cam", "img_size": [16, 16], "run": "on_demand"},
+                         {**cnn, "name": "cam_thumb", "img_size": [8, 8], "preview_of": "cam", "fused": False}],
+            "conditional": {"scout": "value"}, "train": {"epochs": 2, "batch_size": 16}}
+    train(spec, tmp_path / "store", tmp_path / "run", fold=0, raw=tmp_path / "manifest.csv", progress=False)
+    model = fusionkit.load_model(tmp_path / "run" / "best").eval()
+    store = spec_store(model.spec, tmp_path / "store", tmp_path / "manifest.csv")
+    costs = model.encoder_costs()
+    assert 0 < costs["cam_thumb"] < costs["cam"]
+    inputs, lengths, _ = store.inputs_for(model, np.arange(20))
+    with torch.no_grad():
+        for budget in (None, "0%", "50%", "100%"):
+            out = model(inputs, lengths, budget=budget)
+            assert out.ran[:, 2].all() and not (out.kept == 2).any()
+            assert torch.allclose(out.cost, costs["cam_thumb"] + costs["cam"] * out.ran[:, 1].double())
+    folder = export_model(model, tmp_path / "export")
+    report = check_export(model, folder, store)
+    assert all(line["max_prob_diff"] <= 1e-4 for line in report)
+    assert all(line["mean_gflops"] >= costs["cam_thumb"] - 1e-9 for line in report)
+    runtime = load(folder)
+    rows = runtime.read(tmp_path / "store", tmp_path / "manifest.csv")
+    absent = np.array([str(tmp_path / f"absent{i}.png") for i in range(20)], dtype=object)
+    out = runtime.predict({**rows.inputs, "cam": absent}, "0%")  # the CNN's images are never read at 0%
+    assert out.ran[:, 2].all() and not out.ran[:, 1].any()
+    with pytest.raises(DataError, match=r"absent\d+\.png: not a readable image"):  # the thumbnail's are read on every row
+        runtime.predict({**rows.inputs, "cam_thumb": absent}, "0%")
