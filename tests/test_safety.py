@@ -264,7 +264,7 @@ def test_a_kill_at_each_crash_point_resumes_to_the_uninterrupted_result(point, f
 
 def test_ctrl_c_prints_one_line_marks_the_run_interrupted_and_it_resumes(tmp_path, synthetic_store):
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(tiny_spec(epochs=30, patience=500)))
+    spec_file.write_text(yaml.safe_dump(tiny_spec(epochs=10, patience=500)))
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fusionkit", "train", str(spec_file), "--data", str(synthetic_store),
                              "--out", str(run), "--fold", "0", "--quiet"], stdout=subprocess.PIPE,
@@ -281,11 +281,11 @@ def test_ctrl_c_prints_one_line_marks_the_run_interrupted_and_it_resumes(tmp_pat
     assert err.startswith("fusionkit: interrupted; the run is resumable: add --resume")
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
     state = json.loads((run / "last" / "metadata.json").read_text())["extra"]["trainer"]
-    assert 1 <= state["epoch"] < 30
+    assert 1 <= state["epoch"] < 10
     proc = cli("train", spec_file, "--data", synthetic_store, "--out", run, "--fold", 0, "--quiet", "--resume",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert [r["epoch"] for r in RunDirectory(run).log()] == list(range(30))
+    assert [r["epoch"] for r in RunDirectory(run).log()] == list(range(10))
 
 
 # --- 10. the command line ends every failure with one line -------------------------------------------------

@@ -62,7 +62,7 @@ def test_trials_that_fall_behind_are_pruned(synthetic_store, tmp_path):
 
 
 def test_a_sweep_killed_mid_trial_resumes_to_n_finished_trials(synthetic_store, tmp_path):
-    spec, space = write(tmp_path, tiny_spec(epochs=15), SPACE)
+    spec, space = write(tmp_path, tiny_spec(epochs=6), SPACE)
     args = [sys.executable, "-m", "fusionkit", "sweep", spec, "--data", synthetic_store, "--space", space,
             "--trials", "3", "--out", tmp_path / "sweep", "--heartbeat", "1"]
     proc = subprocess.Popen(list(map(str, args)), start_new_session=True, stdout=subprocess.DEVNULL,
@@ -73,7 +73,7 @@ def test_a_sweep_killed_mid_trial_resumes_to_n_finished_trials(synthetic_store, 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert states(tmp_path / "sweep")[0].count("RUNNING") == 1
-    spec_short, _ = write(tmp_path, tiny_spec(epochs=15), SPACE)
+    spec_short, _ = write(tmp_path, tiny_spec(epochs=6), SPACE)
     done = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     got, _ = states(tmp_path / "sweep")
