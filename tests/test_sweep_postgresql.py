@@ -72,7 +72,7 @@ def postgres():
 
 
 def test_two_workers_on_postgresql_one_killed_mid_trial(postgres, synthetic_store, tmp_path):
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec(epochs=12)))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec(epochs=6)))
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
 
     def worker(name: str) -> subprocess.Popen:
