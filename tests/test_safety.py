@@ -304,20 +304,23 @@ def test_os_errors_and_broken_pipes_end_with_one_line_and_an_exit_code(tmp_path)
     assert pipe.wait(timeout=60) == 141 and err == "fusionkit: output closed early (broken pipe)\n"
 
 
-def test_predict_writes_both_files_whichever_is_named_and_never_a_user_file(tmp_path, synthetic_store):
+def test_predict_writes_both_files_whichever_is_named_and_never_a_user_file(tmp_path, synthetic_store, capsys):
+    from fusionkit.cli import main
+
     run = tmp_path / "run"
     train(tiny_spec(epochs=1), synthetic_store, run, fold=0, progress=False)
-    proc = cli("predict", run, "--data", synthetic_store, "--split", "test", "--out", tmp_path / "sub.zip", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    common = ["predict", str(run), "--data", str(synthetic_store), "--split", "test", "--out"]
+    assert main([*common, str(tmp_path / "sub.zip")]) == 0
     sub = json.loads((tmp_path / "sub.json").read_text())
     with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
         assert zf.namelist() == ["sub.json"] and json.loads(zf.read("sub.json")) == sub
     (tmp_path / "mine.json").write_text('{"my": "data"}')
-    proc = cli("predict", run, "--data", synthetic_store, "--split", "test", "--out", tmp_path / "mine.json", cwd=tmp_path)
-    assert proc.returncode == 2 and "not a fusionkit submission" in proc.stderr
+    capsys.readouterr()
+    assert main([*common, str(tmp_path / "mine.json")]) == 2
+    assert "not a fusionkit submission" in capsys.readouterr().err
     assert (tmp_path / "mine.json").read_text() == '{"my": "data"}'
-    proc = cli("predict", run, "--data", synthetic_store, "--split", "test", "--out", tmp_path, cwd=tmp_path)
-    assert proc.returncode == 2 and "FILE.json or FILE.zip" in proc.stderr
+    assert main([*common, str(tmp_path)]) == 2
+    assert "FILE.json or FILE.zip" in capsys.readouterr().err
 
 
 # --- 11. outputs respect the umask ---------------------------------------------------------------------------
