@@ -47,14 +47,18 @@ def assert_untouched(path: Path) -> None:
 # --- 1. --overwrite never deletes what is not ours ---------------------------------------------------
 
 
-def test_data_build_overwrite_refuses_the_current_directory_and_user_files(tmp_path):
+def test_data_build_overwrite_refuses_the_current_directory_and_user_files(tmp_path, monkeypatch, capsys):
+    from fusionkit.cli import main
+
     home = user_dir(tmp_path / "home")
-    proc = cli("data", "build", "synthetic", "--out", ".", "--overwrite", "--set", "samples=50", cwd=home)
-    assert proc.returncode == 2 and "current directory" in proc.stderr
+    monkeypatch.chdir(home)
+    assert main(["data", "build", "synthetic", "--out", ".", "--overwrite", "--set", "samples=50"]) == 2
+    assert "current directory" in capsys.readouterr().err
     assert_untouched(home)
-    proc = cli("data", "build", "synthetic", "--out", home, "--overwrite", "--set", "samples=50", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "not a feature store made by fusionkit" in proc.stderr and "thesis.tex" in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "build", "synthetic", "--out", str(home), "--overwrite", "--set", "samples=50"]) == 2
+    err = capsys.readouterr().err
+    assert "not a feature store made by fusionkit" in err and "thesis.tex" in err
     assert_untouched(home)
     assert not list(tmp_path.glob(".home.*"))  # no temporary left beside it either
 
