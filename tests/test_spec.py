@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import attrs
@@ -136,28 +134,26 @@ def test_parse_error_names_the_file(tmp_path):
         load_spec(tmp_path / "missing.yaml")
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fusionkit", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    from fusionkit.cli import main
 
-
-def test_cli_validate_exit_codes(tmp_path):
-    ok = run_cli("spec", "validate", str(EXAMPLE))
-    assert ok.returncode == 0, ok.stderr
-    assert "valid" in ok.stdout
+    assert main(["spec", "validate", str(EXAMPLE)]) == 0
+    assert "valid" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     data = yaml.safe_load(EXAMPLE.read_text())
     data["encoders"][2]["dim"] = "big"
     data["gate"]["type"] = "atention"
     bad.write_text(yaml.safe_dump(data))
-    proc = run_cli("spec", "validate", str(bad))
-    assert proc.returncode == 1
-    assert "encoders[2].dim" in proc.stderr and "gate.type" in proc.stderr and "'attention'" in proc.stderr
+    assert main(["spec", "validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "encoders[2].dim" in err and "gate.type" in err and "'attention'" in err
 
 
-def test_cli_schema_covers_installed_components():
-    proc = run_cli("spec", "schema")
-    assert proc.returncode == 0, proc.stderr
-    schema = json.loads(proc.stdout)
+def test_cli_schema_covers_installed_components(capsys):
+    from fusionkit.cli import main
+
+    assert main(["spec", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
     encoder_types = {v["properties"]["type"]["const"] for v in schema["properties"]["encoders"]["items"]["oneOf"]}
     assert {"features", "example_mlp", "timm"} <= encoder_types
     gates = {v["properties"]["type"]["const"]: v for v in schema["properties"]["gate"]["oneOf"] if "properties" in v}
