@@ -303,25 +303,22 @@ def test_tower_and_distill_blocks_are_validated(change, message):
     assert any(p.startswith(message) for p in err.value.problems), err.value.problems
 
 
-def test_distillation_from_the_command_line(teacher_run, pair_store, tmp_path):
-    import subprocess
-    import sys
-
+def test_distillation_from_the_command_line(teacher_run, pair_store, tmp_path, capsys):
     import yaml
+
+    from fusionkit.cli import main
 
     out, _ = teacher_run
     spec = tower_spec(width=16, embed=8, epochs=2, distill={"teacher": str(out / "best"),
                                                            "losses": [{"type": "crd"}, {"type": "vrd"}, {"type": "xrd"}]})
     (tmp_path / "student.yaml").write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "fusionkit", "train", str(tmp_path / "student.yaml"), "--data",
-                           str(pair_store), "--out", str(tmp_path / "run"), "--fold", "0", "--quiet"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "test  R@1" in proc.stdout
+    assert main(["train", str(tmp_path / "student.yaml"), "--data", str(pair_store), "--out", str(tmp_path / "run"),
+                 "--fold", "0", "--quiet"]) == 0
+    assert "test  R@1" in capsys.readouterr().out
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert {"clip", "distill_crd", "distill_vrd", "distill_xrd"} <= set(log)
-    proc = subprocess.run([sys.executable, "-m", "fusionkit", "plugins"], capture_output=True, text=True, timeout=120)
-    listed = proc.stdout.split("  distill_loss:\n", 1)[1]
+    assert main(["plugins"]) == 0
+    listed = capsys.readouterr().out.split("  distill_loss:\n", 1)[1]
     assert [line.split()[0] for line in listed.splitlines()[:7]] == ["crd", "fd", "icl", "kd", "rkd", "vrd", "xrd"]
 
 

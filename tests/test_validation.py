@@ -264,17 +264,15 @@ def test_error_message_slips_are_fixed():
     assert "did you mean 'hidden'? Options of ProjectorConfig" in problem
 
 
-def test_dataset_options_are_discoverable():
-    import subprocess
-    import sys
+def test_dataset_options_are_discoverable(capsys):
+    from fusionkit.cli import main
 
-    proc = subprocess.run([sys.executable, "-m", "fusionkit", "data", "options", "synthetic"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0
-    assert "samples (int, default 600): Number of samples" in proc.stdout and "seed (int, default 0)" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "fusionkit", "data", "build", "--help"], capture_output=True,
-                          text=True, timeout=120)
-    assert "fusionkit data options" in proc.stdout
+    assert main(["data", "options", "synthetic"]) == 0
+    out = capsys.readouterr().out
+    assert "samples (int, default 600): Number of samples" in out and "seed (int, default 0)" in out
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--help"])
+    assert "fusionkit data options" in capsys.readouterr().out
 
 
 def test_a_dataset_option_without_a_value_is_a_fusionkit_error(tmp_path, capsys):
