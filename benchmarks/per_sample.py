@@ -277,12 +277,16 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / max(n_pos * n_neg, 1))
 
 
-def corrupted_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
-    """keep-all on the six views, and each scout with a preview of each on-demand view (``preview_of``, not fused)."""
-    systems = view_specs(seed, conditional)
+def with_quality(systems: dict[str, dict]) -> dict[str, dict]:
+    """The systems and the quality scout, on the value scout's spec."""
     quality = json.loads(json.dumps(systems["scout: value"]))
     quality["conditional"]["scout"] = "quality"
-    systems["scout: quality"] = quality
+    return {**systems, "scout: quality": quality}
+
+
+def corrupted_specs(seed: int, conditional: dict | None = None) -> dict[str, dict]:
+    """keep-all on the six views, and each scout with a preview of each on-demand view (``preview_of``, not fused)."""
+    systems = with_quality(view_specs(seed, conditional))
     for name, spec in systems.items():
         if name != "keep-all":
             spec["encoders"] += [{"name": f"{v}_look", "type": "features", "dim": LOOK_DIM, "preview_of": v,
@@ -303,10 +307,7 @@ def cnn_specs(seed: int, weights: Path, conditional: dict | None = None) -> dict
 def corrupted_cnn_specs(seed: int, weights: Path, conditional: dict | None = None) -> dict[str, dict]:
     """The cnn testbed's systems and the quality scout, each scout with a thumbnail of each CNN's image (a live CNN
     at THUMB x THUMB, ``preview_of``, not fused; its FLOPs measured and counted in every budget)."""
-    systems = cnn_specs(seed, weights, conditional)
-    quality = json.loads(json.dumps(systems["scout: value"]))
-    quality["conditional"]["scout"] = "quality"
-    systems["scout: quality"] = quality
+    systems = with_quality(cnn_specs(seed, weights, conditional))
     for name, spec in systems.items():
         if name != "keep-all":
             spec["encoders"] += [{**CNN, "name": f"{c}_look", "img_size": [THUMB, THUMB], "preview_of": c,
