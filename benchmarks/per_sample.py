@@ -37,6 +37,7 @@ Testbeds (UCI Multiple Features, the clean blended task):
     .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2 --preview structure
     .venv/bin/python benchmarks/per_sample.py --testbed corrupt-views --seeds 2 --preview structure --corruption occlusion
     .venv/bin/python benchmarks/per_sample.py --testbed corrupt-cnn --seeds 2
+    .venv/bin/python benchmarks/per_sample.py --testbed corrupt-cnn --seeds 2 --images swapped
 """
 
 from __future__ import annotations
@@ -108,15 +109,16 @@ def _look(z: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
 CORRUPTIONS = ("noise", "occlusion")
 
 
-def corrupt_tag(preview: str = "projection", corruption: str = "noise") -> str:
-    """The corrupted testbed's variant, as its stores, runs and results are named (the defaults: nothing)."""
-    return ("" if preview == "projection" else f"-{preview}") + ("" if corruption == "noise" else f"-{corruption}")
+def corrupt_tag(preview: str = "projection", corruption: str = "noise", images: str = "degraded") -> str:
+    """The corrupted testbeds' variant, as its stores, runs and results are named (the defaults: nothing)."""
+    return ("" if preview == "projection" else f"-{preview}") + ("" if corruption == "noise" else f"-{corruption}") + (
+        "" if images == "degraded" else f"-{images}")
 
 
-def corrupt_flags(preview: str = "projection", corruption: str = "noise") -> str:
-    """The command-line flags that choose the corrupted testbed's variant (the defaults: none)."""
-    return ("" if preview == "projection" else f" --preview {preview}") + ("" if corruption == "noise"
-                                                                           else f" --corruption {corruption}")
+def corrupt_flags(preview: str = "projection", corruption: str = "noise", images: str = "degraded") -> str:
+    """The command-line flags that choose the corrupted testbeds' variant (the defaults: none)."""
+    return ("" if preview == "projection" else f" --preview {preview}") + ("" if corruption == "noise" else (
+        f" --corruption {corruption}")) + ("" if images == "degraded" else f" --images {images}")
 
 
 def _corrupt(x: np.ndarray, level: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -164,6 +166,10 @@ def corrupted_views(clean: Path, work: Path, seed: int = 0, preview: str = "proj
 #: THUMB x THUMB on the same image.
 IMAGE_CORRUPTIONS = ("noise", "blur", "occlusion")
 THUMB = 8
+#: How the images testbed corrupts an image (``--images``): ``degraded``, by one of IMAGE_CORRUPTIONS (the corruption
+#: shows in the image); ``swapped``, replaced by another sample's clean image, as a desynchronised stream or a misfiled
+#: frame gives (nothing in the image shows it; only its disagreement with the rest of the sample does).
+IMAGE_RECIPES = ("degraded", "swapped")
 
 
 def _corrupt_image(image: np.ndarray, kind: str, level: float, gray: tuple[float, float],
@@ -184,12 +190,13 @@ def _corrupt_image(image: np.ndarray, kind: str, level: float, gray: tuple[float
     return out
 
 
-def corrupted_images(clean: Path, work: Path, seed: int = 0) -> tuple[Path, Path]:
+def corrupted_images(clean: Path, work: Path, seed: int = 0, recipe: str = "degraded") -> tuple[Path, Path]:
     """The cnn testbed with quality that varies per sample: each sample's `pix` image (16 x 15) corrupted on
-    CORRUPT_SHARE of the samples by a kind drawn per sample from IMAGE_CORRUPTIONS at a level ``a`` drawn from
-    LEVELS, in every fold alike; both CNNs and their thumbnails read the same image. Returns the store (the clean
-    one's features; the index records the CNNs as corrupted on those samples, for the known control) and the
-    images' manifest, a column per CNN and per thumbnail."""
+    CORRUPT_SHARE of the samples, in every fold alike (IMAGE_RECIPES: ``degraded``, by a kind drawn per sample from
+    IMAGE_CORRUPTIONS at a level ``a`` drawn from LEVELS; ``swapped``, replaced by the image of another sample drawn
+    at random); both CNNs and their thumbnails read the same image. Returns the store (the clean one's features; the
+    index records the CNNs as corrupted on those samples, for the known control) and the images' manifest, a column
+    per CNN and per thumbnail."""
     import csv
 
     import attrs
@@ -197,7 +204,8 @@ def corrupted_images(clean: Path, work: Path, seed: int = 0) -> tuple[Path, Path
 
     from fusionkit.data.store import open_store, write_store
 
-    out, folder = work / "store-corrupted-images", work / "corrupted-images"
+    tag = corrupt_tag(images=recipe)
+    out, folder = work / f"store-corrupted-images{tag}", work / f"corrupted-images{tag}"
     manifest = folder / "manifest.csv"
     if (out / "index.json").exists() and manifest.exists():
         return out, manifest
@@ -208,13 +216,17 @@ def corrupted_images(clean: Path, work: Path, seed: int = 0) -> tuple[Path, Path
     hit = rng.random(len(pixels)) < CORRUPT_SHARE
     kinds = rng.integers(0, len(IMAGE_CORRUPTIONS), len(pixels))
     levels = rng.uniform(*LEVELS, size=len(pixels))
+    if recipe == "swapped":  # drawn after the degraded recipe's draws, which stay as they were
+        others = (np.arange(len(pixels)) + rng.integers(1, len(pixels), len(pixels))) % len(pixels)  # never itself
     (folder / "img").mkdir(parents=True, exist_ok=True)
     columns = [*SIZES, *(f"{c}_look" for c in SIZES)]
     with open(manifest, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "labels", "group", "fold", "domain", *columns])
         for i, (sample, image) in enumerate(zip(store.samples, pixels)):
-            if hit[i]:
+            if hit[i] and recipe == "swapped":
+                image = pixels[others[i]]
+            elif hit[i]:
                 image = _corrupt_image(image, IMAGE_CORRUPTIONS[kinds[i]], levels[i], gray, rng)
             name = f"img/{sample.id}.png"
             Image.fromarray(np.round(image).clip(0, 255).astype(np.uint8)).save(folder / name)
@@ -477,13 +489,16 @@ def main() -> None:
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="noise", help="corrupt-views: how each view is "
                         "corrupted (noise: mixed toward noise; occlusion: a share of its dimensions blanked); a variant "
                         "has its own runs, results and section")
+    parser.add_argument("--images", choices=IMAGE_RECIPES, default="degraded", help="corrupt-cnn: how an image "
+                        "is corrupted (degraded: noise, blur or occlusion; swapped: another sample's image); a "
+                        "variant has its own runs, results and section")
     parser.add_argument("--full-budget-weight", type=float, default=None, help="train the scouts with "
                         "conditional.full_budget_weight (a variant: its runs, results and section are its own)")
     args = parser.parse_args()
     conditional = {} if args.full_budget_weight is None else {"full_budget_weight": args.full_budget_weight}
     args.scouts = scouts_of(args.testbed)
     args.tag = (args.testbed + ("" if args.full_budget_weight is None else f"-fw{args.full_budget_weight:g}")
-                + corrupt_tag(args.preview, args.corruption))
+                + corrupt_tag(args.preview, args.corruption, args.images))
     work = Path(args.work)
     raw = weights = None
     if args.testbed in ("cnn", "corrupt-cnn"):
@@ -493,7 +508,7 @@ def main() -> None:
     if args.testbed == "corrupt-views":
         clean = corrupted_views(clean, work, preview=args.preview, corruption=args.corruption)
     if args.testbed == "corrupt-cnn":
-        clean, raw = corrupted_images(clean, work)
+        clean, raw = corrupted_images(clean, work, recipe=args.images)
     jobs = []
     for fold in range(args.folds):
         for seed in range(args.seeds):
@@ -509,7 +524,8 @@ def main() -> None:
                 jobs.append(job)
     runs_cache = RESULTS / f"per-sample-{args.tag}-runs.jsonl"
     # a variant of the scouts or previews shares keep-all's runs (keep-all reads neither); another corruption does not
-    base = RESULTS / f"per-sample-{args.testbed}{corrupt_tag(corruption=args.corruption)}-runs.jsonl"
+    own_data = corrupt_tag(corruption=args.corruption, images=args.images)
+    base = RESULTS / f"per-sample-{args.testbed}{own_data}-runs.jsonl"
     if runs_cache != base and not runs_cache.exists() and base.exists():
         runs_cache.write_text("".join(line + "\n" for line in base.read_text().splitlines()
                                       if json.loads(line)["system"] == "keep-all"))
@@ -609,9 +625,13 @@ def summarize(args, done: dict, evaluated: dict) -> None:
     cnn_words = ("the five stored views always run; two live timm `test_resnet` CNNs on the `pix` images on demand, "
                  "trained end to end, at 10×10 and 40×40 (FLOPs measured by fusionkit)")
     image_words = (f"{cnn_words}; the image corrupted on {100 * CORRUPT_SHARE:g}% of the samples (both CNNs read it), "
-                   f"by a kind drawn per sample from {', '.join(IMAGE_CORRUPTIONS)} at a level a drawn per sample from "
-                   f"U{LEVELS} (noise: mixed toward pixel noise, (1 - a) x + a (mu + sigma z); blur: a Gaussian of 2a "
-                   "pixels; occlusion: a rectangle of a share a of the image set to the mean), in every fold; each "
+                   + (f"by a kind drawn per sample from {', '.join(IMAGE_CORRUPTIONS)} at a level a drawn per sample "
+                      f"from U{LEVELS} (noise: mixed toward pixel noise, (1 - a) x + a (mu + sigma z); blur: a "
+                      "Gaussian of 2a pixels; occlusion: a rectangle of a share a of the image set to the mean)"
+                      if args.images == "degraded" else
+                      "replaced by the clean image of another sample drawn at random (a desynchronised stream or a "
+                      "misfiled frame: nothing in the image shows it)")
+                   + ", in every fold; each "
                    f"scout also runs a thumbnail per CNN (a live `test_resnet` on the same image at {THUMB}×{THUMB}, "
                    "`preview_of`, not fused, its FLOPs counted in every budget). *− known*: the scout against the "
                    "known-corruption control's frontier (the CNNs run only where the image is clean, and the k "
@@ -643,10 +663,12 @@ def summarize(args, done: dict, evaluated: dict) -> None:
         f"## Per-sample selection against static choices: {args.testbed} testbed"
         + ("" if args.full_budget_weight is None else f", full-budget pass weight {args.full_budget_weight:g}")
         + ("" if args.preview == "projection" else f", {args.preview} previews")
-        + ("" if args.corruption == "noise" else f", {args.corruption}"), "",
+        + ("" if args.corruption == "noise" else f", {args.corruption}")
+        + ("" if args.images == "degraded" else f", {args.images} images"), "",
         f"`.venv/bin/python benchmarks/per_sample.py --testbed {args.testbed} --seeds {args.seeds} --workers "
         f"{args.workers}" + ("" if args.full_budget_weight is None else f" --full-budget-weight {args.full_budget_weight:g}")
-        + corrupt_flags(args.preview, args.corruption) + f"`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
+        + corrupt_flags(args.preview, args.corruption, args.images)
+        + f"`: {testbed_words}. Recipe: `recipes.best()` (every encoder kept when it runs). Test-fold "
         f"Score over {args.folds} folds × {args.seeds} seeds; each scout's rows come from one model per fold and seed, at "
         "mean budgets fitted on the validation fold and at a cap of 100%. *spent*: the share of the on-demand cost run. "
         "The margins are the scout's, in points, ± standard error over the runs: over the **static frontier** (every "
