@@ -125,5 +125,6 @@ def test_a_live_thumbnail_previews_a_live_encoder_runs_on_every_row_and_exports(
     absent = np.array([str(tmp_path / f"absent{i}.png") for i in range(20)], dtype=object)
     out = runtime.predict({**rows.inputs, "cam": absent}, "0%")  # the CNN's images are never read at 0%
     assert out.ran[:, 2].all() and not out.ran[:, 1].any()
-    with pytest.raises(DataError, match=r"absent\d+\.png: not a readable image"):  # the thumbnail's are read on every row
+    # the thumbnail's images are read on every row
+    with pytest.raises(DataError, match=r"absent\d+\.png: not a readable image"):
         runtime.predict({**rows.inputs, "cam_thumb": absent}, "0%")

@@ -93,8 +93,9 @@ def test_a_store_index_with_an_unknown_domain_is_refused(tmp_path):
 
 
 def test_a_large_manifest_with_one_duplicate_is_rejected_quickly(tmp_path):
-    """100k rows with one duplicate took 133 s (quadratic; 50k rows: about 33 s). Measured against a clean read of the same
-    file in the same process, so the test holds on any machine: the rejection costs about as much as the read."""
+    """100k rows with one duplicate took 133 s (quadratic; 50k rows: about 33 s). Measured against a clean read of
+    the same file in the same process, so the test holds on any machine: the rejection costs about as much as the
+    read."""
     rows = [f"s{i},a,t{i}" for i in range(50_000)]
     clean = write(tmp_path / "clean.csv", "id,labels,text\n" + "\n".join(rows) + "\n")
     started = time.perf_counter()
