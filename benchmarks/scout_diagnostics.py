@@ -26,7 +26,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from per_sample import CORRUPT_SCOUTS, CORRUPTIONS, MIDDLE, PREVIEWS, _auc, corrupt_flags, corrupt_tag, tokens_of
+from per_sample import (
+    CORRUPT_SCOUTS,
+    CORRUPTIONS,
+    MIDDLE,
+    PREVIEWS,
+    _auc,
+    corrupt_flags,
+    corrupt_tag,
+    tokens_of,
+    verdict_auc,
+)
 from report import machine, markdown_table, write
 
 TAUS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -94,11 +104,7 @@ def diagnose(job: dict) -> dict:
                   else model.gate.score(first + model.identity, present)[:, demand])
     bad = corrupted(split.test)
     auc = {names[k]: _auc(-values[:, j].numpy(), bad[:, j]) for j, k in enumerate(demand)}
-    judged = None
-    if hasattr(model.scout, "judged"):  # the quality scout's verdicts: higher where the input agrees less
-        with torch.no_grad():
-            verdicts = model.scout.judged(first, present).numpy()
-        judged = {names[k]: _auc(verdicts[:, j], bad[:, j]) for j, k in enumerate(demand)}
+    judged = verdict_auc(model, store, split.test) or None  # the quality scout's verdicts; None for the others
 
     train_raw, _ = tokens_of(model, store, split.train)
     train_bad = corrupted(split.train)
@@ -139,8 +145,8 @@ def main() -> None:
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="noise")
     args = parser.parse_args()
     work = Path(args.work)
-    tag = "corrupt-views" + corrupt_tag(args.preview, args.corruption)
-    store = work / f"store-corrupted{corrupt_tag(args.preview, args.corruption)}"
+    variant = corrupt_tag(args.preview, args.corruption)
+    tag, store = f"corrupt-views{variant}", work / f"store-corrupted{variant}"
     jobs = [{"system": scout, "fold": fold, "seed": seed, "store": str(store),
              "run": str(work / "runs" / f"{tag}-{scout}-f{fold}-s{seed}")}
             for scout in CORRUPT_SCOUTS for fold in range(args.folds) for seed in range(args.seeds)]
@@ -177,7 +183,8 @@ def main() -> None:
         f"## Scout diagnostics: corrupt-views testbed, {args.preview} previews"
         + ("" if args.corruption == "noise" else f", {args.corruption}"), "",
         f"`.venv/bin/python benchmarks/scout_diagnostics.py --seeds {args.seeds}"
-        + corrupt_flags(args.preview, args.corruption) + f"`, on the kept models of `benchmarks/per_sample.py --testbed corrupt-views` ({args.folds} folds × "
+        + corrupt_flags(args.preview, args.corruption)
+        + f"`, on the kept models of `benchmarks/per_sample.py --testbed corrupt-views` ({args.folds} folds × "
         f"{args.seeds} seed, test folds). *probe rule − scout*: a rule that reads each view's preview through a probe "
         "fitted WITH the corruption labels (each view run where P(clean) > tau, at most the k cheapest per row; "
         "tau and k chosen on the test fold: optimistic), at the scout's mean cost, in points. *known − scout*: the "

@@ -9,7 +9,8 @@ from fusionkit.interfaces import ScoutExample
 from fusionkit.models.fusion import FusionModel, FusionOutput
 from fusionkit.spec import TrainConfig
 
-__all__ = ["label_losses", "row_losses", "measured_drops", "value_loss", "rank_supervision", "supervised_loss", "training_loss"]
+__all__ = ["label_losses", "row_losses", "measured_drops", "value_loss", "rank_supervision", "supervised_loss",
+           "training_loss"]
 
 
 def rank_supervision(model: FusionModel, out: FusionOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
