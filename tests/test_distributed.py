@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from conftest import tiny_spec
 from fusionkit.hardware.distributed import Dist, unused_parameters_possible
 from fusionkit.models.factory import load_model
 from fusionkit.spec import load_spec
-from fusionkit.training.train import train
+from fusionkit.training.train import cross_validate, train
 
 
 def ddp_spec(**train_options):
@@ -76,18 +77,91 @@ def close(a, b, tol=1e-5):
     return a == b
 
 
-def test_two_processes_end_as_one_with_the_same_global_batch(one_process, synthetic_store):
+# --- one torchrun launch for every case that compares two processes with one --------------------------------------
+#
+# A torchrun launch costs about ten seconds of interpreter starts here (torch, and torch._dynamo, which the first
+# optimizer imports, in the launcher and in each rank), and the training each case compares takes about one. So the
+# cases train in one launch, one after the other, as a loop that embeds fusionkit would: each `train` call joins the
+# process group and leaves it. Each test then trains its case in this process and compares. A case that trains
+# after others in the same ranks must still equal a fresh single process: nothing may carry over between runs.
+
+#: name -> prepare(folder, synthetic store) -> the case: {"spec": file, "data": path} for `train` on fold 0, with
+#: "cv": {options} for `cross_validate`; the cases train in the shared launch in this order
+CASES: dict[str, Callable[[Path, Path], dict]] = {}
+
+
+def case(prepare: Callable[[Path, Path], dict]) -> Callable[[Path, Path], dict]:
+    CASES[prepare.__name__] = prepare
+    return prepare
+
+
+@pytest.fixture(scope="module")
+def two_processes(synthetic_store, tmp_path_factory):
+    """Every case of :data:`CASES` run on two processes under one torchrun launch, into ROOT/NAME/two (a fusionkit
+    error into ROOT/NAME/error.txt); returns ROOT, the launch's completed process and the cases."""
+    root = tmp_path_factory.mktemp("two-processes")
+    cases = {}
+    for name, prepare in CASES.items():
+        (root / name).mkdir()
+        prepared = prepare(root / name, synthetic_store)
+        cases[name] = {k: str(v) if isinstance(v, Path) else v for k, v in prepared.items()}
+        cases[name]["out"] = str(root / name / "two")
+    script = root / "cases.py"
+    script.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+
+        from fusionkit.errors import FusionkitError
+        from fusionkit.hardware.distributed import end_rank
+        from fusionkit.training.train import cross_validate, train
+
+        for case in {list(cases.values())!r}:
+            try:
+                if "cv" in case:
+                    cross_validate(case["spec"], case["data"], case["out"], progress=False, **case["cv"])
+                else:
+                    train(case["spec"], case["data"], case["out"], fold=0, progress=False)
+            except FusionkitError as exc:
+                Path(case["out"]).with_name("error.txt").write_text(str(exc))
+        end_rank(0)
+    """))
+    return root, torchrun(script, cwd=root), cases
+
+
+def launched(two_processes, name: str, written: str = "metrics.json") -> Path:
+    """The case ``name``'s run on two processes (the launch's errors where its ``written`` file is missing)."""
+    root, proc, _ = two_processes
+    run = root / name / "two"
+    assert (run / written).exists(), f"torchrun exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return run
+
+
+def equals_one_process(two_processes, name: str) -> list[list[dict]]:
+    """Train the case ``name`` in this process (one thread, as torchrun's processes here) into ROOT/NAME/one, check
+    that its metrics equal the two processes' and return the log records of both."""
+    root, _, cases = two_processes
+    two = launched(two_processes, name)
+    with one_thread():
+        one = train(cases[name]["spec"], cases[name]["data"], root / name / "one", fold=0, progress=False)
+    assert close(json.loads((two / "metrics.json").read_text()), one)
+    return [[json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()] for run in (root / name / "one", two)]
+
+
+@case
+def same_global_batch(folder: Path, store: Path) -> dict:
+    (folder / "spec.yaml").write_text(yaml.safe_dump(ddp_spec(epochs=4)))  # one_process's spec
+    return {"spec": folder / "spec.yaml", "data": store}
+
+
+def test_two_processes_end_as_one_with_the_same_global_batch(one_process, two_processes):
     root, metrics = one_process
-    proc = torchrun("-m", "fusionkit", "train", root / "spec.yaml", "--data", synthetic_store, "--out", root / "two",
-                    "--fold", 0, "--quiet", cwd=root)
+    _, proc, _ = two_processes
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Expected to have finished reduction" not in proc.stderr  # the DDP error of unused parameters
-    assert proc.stdout.count("run written to") == 1  # rank 0 reports
-    two = json.loads((root / "two" / "metrics.json").read_text())
-    assert close(two, metrics)
-    a, b = load_model(root / "one" / "best").state_dict(), load_model(root / "two" / "best").state_dict()
+    two = launched(two_processes, "same_global_batch")
+    assert close(json.loads((two / "metrics.json").read_text()), metrics)
+    a, b = load_model(root / "one" / "best").state_dict(), load_model(two / "best").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert json.loads((root / "two" / "run.json").read_text())["world_size"] == 2
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
 
 
 def test_a_killed_distributed_run_resumes_to_the_same_metrics(one_process, synthetic_store):
@@ -106,6 +180,7 @@ def test_a_killed_distributed_run_resumes_to_the_same_metrics(one_process, synth
     assert not (run / "metrics.json").exists()
     resumed = torchrun(*args, "--resume", cwd=root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("run written to") == 1  # rank 0 reports
     assert close(json.loads((run / "metrics.json").read_text()), metrics)
 
 
@@ -161,12 +236,40 @@ def test_dist_helpers_shard_weight_and_gather_in_order():
 
 
 def test_cross_validation_folds_in_separate_processes(synthetic_store, tmp_path):
-    from fusionkit.training.train import cross_validate
-
     with one_thread():
         serial = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "serial", progress=False)
     parallel = cross_validate(tiny_spec(epochs=1), synthetic_store, tmp_path / "parallel", progress=False, jobs=2)
     assert parallel == serial
+
+
+@case
+def cross_validated(folder: Path, store: Path) -> dict:
+    (folder / "spec.yaml").write_text(yaml.safe_dump(ddp_spec(epochs=1)))
+    return {"spec": folder / "spec.yaml", "data": store, "cv": {}}
+
+
+@case
+def cross_validated_in_jobs(folder: Path, store: Path) -> dict:
+    return {**cross_validated(folder, store), "cv": {"jobs": 2}}
+
+
+def test_cross_validation_under_torchrun_trains_each_fold_on_every_rank_as_one_process(two_processes):
+    """Under torchrun the ranks train each fold together and rank 0 alone writes the cross-validation's directory
+    (every rank started it: rank 0 found it "already holds a run"); the ranks leave the process group only at the
+    end (each fold joined it again, and a second join waited forever on the first one's stale addresses)."""
+    root, _, cases = two_processes
+    two = launched(two_processes, "cross_validated", "cv.json")
+    with one_thread():
+        one = cross_validate(cases["cross_validated"]["spec"], cases["cross_validated"]["data"],
+                             root / "cross_validated" / "one", progress=False)
+    assert close(json.loads((two / "cv.json").read_text())["test"], one)
+    assert json.loads((two / "run.json").read_text())["status"] == "finished"
+    folds = sorted(p.name for p in two.glob("fold*"))
+    assert len(folds) > 1 and all((two / f / "metrics.json").exists() for f in folds)
+    error = root / "cross_validated_in_jobs" / "error.txt"
+    assert error.exists(), "cross-validation with jobs=2 under torchrun was not refused"
+    assert "jobs=2" in error.read_text() and "torchrun" in error.read_text()
+    assert not (root / "cross_validated_in_jobs" / "two").exists()  # refused before anything was written
 
 
 def test_the_batch_source_prefetches_in_order_and_passes_errors_on():
@@ -220,26 +323,25 @@ def tower_ddp_spec(local_loss: bool) -> dict:
             "train": {"epochs": 3, "batch_size": 33, "lr": 3e-3, "seed": 0}}
 
 
-def one_and_two_processes(spec_file, store, root) -> tuple[dict, list[list[dict]]]:
-    """Train ``spec_file`` in this process (one thread, as torchrun's processes here) into ROOT/one and with
-    torchrun on two processes into ROOT/two; check the two metrics are equal and return the log records of both."""
-    with one_thread():
-        one = train(spec_file, store, root / "one", fold=0, progress=False)
-    proc = torchrun("-m", "fusionkit", "train", spec_file, "--data", store, "--out", root / "two", "--fold", 0,
-                    "--quiet", cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert close(json.loads((root / "two" / "metrics.json").read_text()), one)
-    return one, [[json.loads(x) for x in (root / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+@case
+def towers_global_batch(folder: Path, store: Path) -> dict:
+    (folder / "spec.yaml").write_text(yaml.safe_dump(tower_ddp_spec(False)))
+    return {"spec": folder / "spec.yaml", "data": pair_store_for(folder)}
 
 
-@pytest.mark.parametrize("local_loss", [False, True])
-def test_two_tower_training_on_two_processes_equals_one(local_loss, tmp_path):
+@case
+def towers_local_loss(folder: Path, store: Path) -> dict:
+    (folder / "spec.yaml").write_text(yaml.safe_dump(tower_ddp_spec(True)))
+    return {"spec": folder / "spec.yaml", "data": pair_store_for(folder)}
+
+
+@pytest.mark.parametrize("name", ["towers_global_batch", "towers_local_loss"])
+def test_two_tower_training_on_two_processes_equals_one(name, two_processes):
     """The CLIP loss sees the global batch (every rank's embeddings gathered, gradients through each rank's own
     rows), or with local_loss each rank's rows against every column: either way 2 processes = 1 process."""
-    store = pair_store_for(tmp_path)
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tower_ddp_spec(local_loss)))
-    _, logs = one_and_two_processes(tmp_path / "spec.yaml", store, tmp_path)
-    a, b = load_model(tmp_path / "one" / "best").state_dict(), load_model(tmp_path / "two" / "best").state_dict()
+    logs = equals_one_process(two_processes, name)
+    root = two_processes[0] / name
+    a, b = load_model(root / "one" / "best").state_dict(), load_model(root / "two" / "best").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert close([r["clip"] for r in logs[0]], [r["clip"] for r in logs[1]])
 
@@ -302,52 +404,67 @@ def test_extraction_on_two_processes_is_byte_identical_and_resumes_from_one(tmp_
     assert one == two and not (tmp_path / "two.partial").exists()
 
 
-def test_distillation_of_towers_on_two_processes_equals_one(tmp_path):
+@case
+def distilled_towers(folder: Path, store: Path) -> dict:
+    pairs = pair_store_for(folder)
+    teacher = tower_ddp_spec(False)
+    teacher["latent_dim"], teacher["towers"]["a"]["embed_dim"], teacher["towers"]["b"]["embed_dim"] = 32, 16, 16
+    train(teacher, pairs, folder / "teacher", fold=0, progress=False)
+    student = {**tower_ddp_spec(False),
+               "distill": {"teacher": str(folder / "teacher" / "best"), "preset": "clip-rd",
+                           "losses": [{"type": "rkd", "angle_samples": 8}]}}
+    (folder / "student.yaml").write_text(yaml.safe_dump(student))
+    return {"spec": folder / "student.yaml", "data": pairs}
+
+
+def test_distillation_of_towers_on_two_processes_equals_one(two_processes):
     """CLIP-RD (its preset) and RKD on the gathered global batch: the teacher's cache covers every row, the
     relational losses see the batch one process sees, and the losses' own parameters (the learned scales, the
     projection) average over ranks: 2 processes = 1 process."""
-    store = pair_store_for(tmp_path)
-    teacher = tower_ddp_spec(False)
-    teacher["latent_dim"], teacher["towers"]["a"]["embed_dim"], teacher["towers"]["b"]["embed_dim"] = 32, 16, 16
-    train(teacher, store, tmp_path / "teacher", fold=0, progress=False)
-    student = {**tower_ddp_spec(False),
-               "distill": {"teacher": str(tmp_path / "teacher" / "best"), "preset": "clip-rd",
-                           "losses": [{"type": "rkd", "angle_samples": 8}]}}
-    (tmp_path / "student.yaml").write_text(yaml.safe_dump(student))
-    _, logs = one_and_two_processes(tmp_path / "student.yaml", store, tmp_path)
+    logs = equals_one_process(two_processes, "distilled_towers")
     for key in ("distill_vrd", "distill_xrd", "distill_rkd", "distill_icl", "distill_fd", "clip"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
 
 
-def test_kd_distillation_of_a_fusion_student_on_two_processes_equals_one(synthetic_store, tmp_path):
+@case
+def distilled_fusion(folder: Path, store: Path) -> dict:
     teacher = ddp_spec(epochs=2)
     teacher["latent_dim"] = 24
-    train(teacher, synthetic_store, tmp_path / "teacher", fold=0, progress=False)
-    student = {**ddp_spec(epochs=3), "distill": {"teacher": str(tmp_path / "teacher" / "best"),
+    train(teacher, store, folder / "teacher", fold=0, progress=False)
+    student = {**ddp_spec(epochs=3), "distill": {"teacher": str(folder / "teacher" / "best"),
                                                  "losses": [{"type": "kd"}, {"type": "rkd", "angle_samples": 8}]}}
-    (tmp_path / "student.yaml").write_text(yaml.safe_dump(student))
-    _, logs = one_and_two_processes(tmp_path / "student.yaml", synthetic_store, tmp_path)
+    (folder / "student.yaml").write_text(yaml.safe_dump(student))
+    return {"spec": folder / "student.yaml", "data": store}
+
+
+def test_kd_distillation_of_a_fusion_student_on_two_processes_equals_one(two_processes):
+    logs = equals_one_process(two_processes, "distilled_fusion")
     for key in ("distill_kd", "distill_rkd", "loss"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
 
 
-def test_adaptation_on_two_processes_equals_one(tmp_path):
-    """Adaptation under torchrun: target batches shared out like source batches; mmd, coral, DANN and entropy on the
-    gathered global source and target batches; DANN's discriminator averaged over ranks; per-domain input statistics
-    and AdaBN's batch statistics global (GlobalBatchNorm): 2 processes = 1 process."""
+@case
+def adaptation(folder: Path, store: Path) -> dict:
     from test_adaptation import shifted_store
 
-    store = shifted_store(tmp_path / "store", samples=240, target_shift=1.0)
     spec = ddp_spec(epochs=3)
     spec["projector"] = {"dropout": 0.0, "domain_norm": True}
     spec["data"] = {"standardize_per_domain": True}
     spec["adaptation"] = [{"type": "mmd"}, {"type": "coral", "on": "encoders"}, {"type": "dann", "weight": 0.1},
                           {"type": "entropy", "weight": 0.05}]
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    _, logs = one_and_two_processes(tmp_path / "spec.yaml", store, tmp_path)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return {"spec": folder / "spec.yaml", "data": shifted_store(folder / "store", samples=240, target_shift=1.0)}
+
+
+def test_adaptation_on_two_processes_equals_one(two_processes):
+    """Adaptation under torchrun: target batches shared out like source batches; mmd, coral, DANN and entropy on the
+    gathered global source and target batches; DANN's discriminator averaged over ranks; per-domain input statistics
+    and AdaBN's batch statistics global (GlobalBatchNorm): 2 processes = 1 process."""
+    logs = equals_one_process(two_processes, "adaptation")
     for key in ("adapt_mmd", "adapt_coral", "adapt_dann", "adapt_entropy", "loss"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-6, abs=1e-5), key
-    a, b = load_model(tmp_path / "one" / "best").state_dict(), load_model(tmp_path / "two" / "best").state_dict()
+    root = two_processes[0] / "adaptation"
+    a, b = load_model(root / "one" / "best").state_dict(), load_model(root / "two" / "best").state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
@@ -429,40 +546,41 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
     assert json.loads((run / "run.json").read_text())["world_size"] == 1
 
 
-def test_an_on_demand_model_with_sampled_budgets_trains_in_two_processes_as_in_one(synthetic_store, tmp_path):
-    """The per-row budgets drawn in training are the global batch's draws, so 2 processes = 1 process."""
+@case
+def sampled_budgets(folder: Path, store: Path) -> dict:
     spec = ddp_spec(epochs=1)
     spec["gate"] = {"type": "static", "top_n": 2}
     spec["encoders"][1].update(run="on_demand", cost_gflops=1.0)
     spec["encoders"][2].update(run="on_demand", cost_gflops=3.0)
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    with one_thread():
-        one = train(tmp_path / "spec.yaml", synthetic_store, tmp_path / "one", fold=0, progress=False)
-    proc = torchrun("-m", "fusionkit", "train", tmp_path / "spec.yaml", "--data", synthetic_store, "--out",
-                    tmp_path / "two", "--fold", 0, "--quiet", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-            for run in ("one", "two")]
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return {"spec": folder / "spec.yaml", "data": store}
+
+
+def test_an_on_demand_model_with_sampled_budgets_trains_in_two_processes_as_in_one(two_processes):
+    """The per-row budgets drawn in training are the global batch's draws, so 2 processes = 1 process."""
+    logs = equals_one_process(two_processes, "sampled_budgets")
     assert close(logs[1][0]["loss"], logs[0][0]["loss"])
-    assert close(json.loads((tmp_path / "two" / "metrics.json").read_text()), one)
 
 
-def test_domain_norm_with_on_demand_encoders_trains_under_torchrun(tmp_path):
-    """A rank with no row for an on-demand encoder still joins its projector's global batch norm (with no rows, in
-    the forward and the backward pass), and a loss term that only one rank's rows gave in an epoch (the scout's, on
-    2% of the rows) is summed with the others' zero: the ranks' collectives match (they did not: gloo's size
-    mismatch, SIGABRT)."""
+@case
+def domain_norm_on_demand(folder: Path, store: Path) -> dict:
     from fusionkit.components.datasets import build_dataset
 
     store = build_dataset("synthetic", {"samples": 120, "noise": [0.5, 1.0, 2.0], "dim": 8, "seed": 0,
-                                        "target_shift": 1.5}, tmp_path / "store")
+                                        "target_shift": 1.5}, folder / "store")
     spec = tiny_spec(epochs=1, batch_size=8)
     spec["encoders"][1].update(run="on_demand", cost_gflops=1.0)
     spec["encoders"][2].update(run="on_demand", cost_gflops=3.0)
     spec["projector"] = {"domain_norm": True, "dropout": 0.0}
     spec["conditional"] = {"scout_rows": 0.02}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    proc = torchrun("-m", "fusionkit", "train", tmp_path / "spec.yaml", "--data", store, "--out", tmp_path / "run",
-                    "--fold", 0, "--quiet", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_run"] == 1
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return {"spec": folder / "spec.yaml", "data": store}
+
+
+def test_domain_norm_with_on_demand_encoders_trains_under_torchrun(two_processes):
+    """A rank with no row for an on-demand encoder still joins its projector's global batch norm (with no rows, in
+    the forward and the backward pass), and a loss term that only one rank's rows gave in an epoch (the scout's, on
+    2% of the rows) is summed with the others' zero: the ranks' collectives match (they did not: gloo's size
+    mismatch, SIGABRT)."""
+    run = launched(two_processes, "domain_norm_on_demand")
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 1

@@ -19,6 +19,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.cv:
         summary = cross_validate(args.spec, data_source(args, args.target), args.out, resume=args.resume, progress=progress,
                                  overwrite=args.overwrite, jobs=args.jobs, device=args.device)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+            return 0
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
             print(f"  {key:<13} {format_metric(value['mean'])} ± {format_metric(value['std'])}")

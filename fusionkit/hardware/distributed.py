@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
 import sys
 import typing
@@ -41,6 +42,9 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: str = "cpu"
+    #: whether the :func:`setup` that made it joined the process group (so its :meth:`close` leaves it); False
+    #: where the group was joined already, by the caller's own loop or by an outer fusionkit call
+    joined: bool = attrs.field(default=False, kw_only=True)
 
     @property
     def enabled(self) -> bool:
@@ -189,9 +193,9 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group once every rank is done (before the process exits: a process group
-        still open at exit can abort the interpreter while the other ranks shut down)."""
-        if not self.enabled:
+        """Leave the process group once every rank is done, if :func:`setup` joined it here (before the process
+        exits: a process group still open at exit can abort the interpreter while the other ranks shut down)."""
+        if not self.enabled or not self.joined:
             return
         import torch.distributed as dist
 
@@ -232,11 +236,16 @@ class _GatherRows(torch.autograd.Function):
         return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
 
 
+#: How many times this process has joined a process group (each join names its keys in the store afresh).
+_joins = itertools.count()
+
+
 def setup(backend: str | None = None, timeout_s: float = 1800) -> Dist:
-    """Join the process group that torchrun describes in the environment (once per process).
+    """Join the process group that torchrun describes in the environment, unless this process is in it already.
 
     Without torchrun (no ``WORLD_SIZE`` above 1) it returns a single-process :class:`Dist`.
-    The backend is NCCL when CUDA is available, else gloo.
+    The backend is NCCL when CUDA is available, else gloo. A process may join, leave (:meth:`Dist.close`) and
+    join again, as a loop that trains several runs does: every rank must then make the same calls in the same order.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -245,14 +254,20 @@ def setup(backend: str | None = None, timeout_s: float = 1800) -> Dist:
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+    joined = not dist.is_initialized()
+    if joined:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun's store outlives a group that was left, and torch names a group's keys by a count that starts
+        # again from 0 once the last group is left: a second join under the first one's names could read the first
+        # group's stale addresses and wait forever. So every join has keys of its own.
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=timeout, rank=rank, world_size=world,
+                                store=dist.PrefixStore(f"fusionkit-join-{next(_joins)}", store))
     device = "cpu"
     if cuda:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    return Dist(rank, world, local, device)
+    return Dist(rank, world, local, device, joined=joined)
 
 
 def end_rank(code: int) -> typing.NoReturn:

@@ -16,6 +16,7 @@ last fold validates and every other labelled source sample trains.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -549,16 +550,25 @@ def cross_validate(spec: Spec | dict | str, data: DataSource | str | os.PathLike
     raises stops the cross-validation, whose status then says so.
     """
     spec, source = on_device(load_spec(spec), device), DataSource.of(data, raw, confine, target)
+    dist = setup()  # under torchrun the ranks train each fold together, and rank 0 alone writes RUN itself
+    if dist.enabled and jobs > 1:
+        dist.close()
+        raise FusionkitError(f"cross-validation with jobs={jobs} trains folds in processes of its own, which torchrun "
+                             "cannot share out: under torchrun every rank trains each fold together, so leave jobs "
+                             "at 1 (--jobs), or run without torchrun")
     store = source.open(spec)
     folds = sorted(int(f) for f in np.unique(store.folds[store.select(labelled=True, domain="source")]) if f >= 0)
-    root = RunDirectory(out, fmt=CV_FORMAT)
-    root.check_owned(resume=resume, overwrite=overwrite)
-    with root.locked():
-        root.recover()
-        if overwrite and not resume:
-            root.clear()
-        if not root.read():
-            root.start({"data": os.path.abspath(source.data), "folds": folds})
+    root, main = RunDirectory(out, fmt=CV_FORMAT), dist.is_main
+    if main:
+        root.check_owned(resume=resume, overwrite=overwrite)
+    with root.locked() if main else contextlib.nullcontext():
+        if main:
+            root.recover()
+            if overwrite and not resume:
+                root.clear()
+            if not root.read():
+                root.start({"data": os.path.abspath(source.data), "folds": folds})
+        dist.barrier()  # the other ranks wait for rank 0 to have checked, locked and started RUN
         kwargs = [dict(spec=spec.to_dict(), data=source, out=Path(out) / f"fold{fold}", fold=fold,
                        resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
         try:
@@ -585,13 +595,17 @@ def cross_validate(spec: Spec | dict | str, data: DataSource | str | os.PathLike
             per_fold = dict(zip(folds, results))
             summary = summarize_folds({f: m["test"] for f, m in per_fold.items()}, task_class(spec).record_keys)
         except KeyboardInterrupt:
-            root.update(status="interrupted")
+            if main:
+                root.update(status="interrupted")
             raise
         except BaseException as exc:
-            root.update(status="stopped", error=f"{type(exc).__name__}: {exc}"[:2000])
+            if main:
+                root.update(status="stopped", error=f"{type(exc).__name__}: {exc}"[:2000])
             raise
-        atomic_write_text(Path(out) / "cv.json", json.dumps({"folds": folds, "test": summary}, indent=2) + "\n")
-        root.update(status="finished", error=None)
+        if main:
+            atomic_write_text(Path(out) / "cv.json", json.dumps({"folds": folds, "test": summary}, indent=2) + "\n")
+            root.update(status="finished", error=None)
+    dist.close()
     return summary
 
 
