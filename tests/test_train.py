@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_spec
 
+from fusionkit.cli import main
 from fusionkit.data.open import spec_store
 from fusionkit.data.store import open_store
 from fusionkit.errors import CheckpointError, DataError
@@ -114,33 +114,43 @@ def test_training_beats_chance_and_decoder_thresholds_come_from_validation(synth
     assert {"loss", "presence_bce", "salience_kl", "token_kl", "gate_rank", "val", "lr"} <= set(log[0])
 
 
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "fusionkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+@dataclasses.dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_command_line_end_to_end(tmp_path):
+def cli(capsys, *args) -> Ran:
+    """A command run through the command line's entry point in this process (what `python -m fusionkit` runs; the
+    process itself is tested where it matters, e.g. tests/test_safety.py)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return Ran(code, out.out, out.err)
+
+
+def test_command_line_end_to_end(tmp_path, capsys):
     import yaml
 
     store = tmp_path / "store"
-    proc = cli("data", "build", "synthetic", "--out", store, "--set", "samples=300", "--set", "dim=8",
-               "--set", "noise=[0.3, 1.0, 3.0]", cwd=tmp_path)
+    proc = cli(capsys, "data", "build", "synthetic", "--out", store, "--set", "samples=300", "--set", "dim=8",
+               "--set", "noise=[0.3, 1.0, 3.0]")
     assert proc.returncode == 0, proc.stderr
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_spec(epochs=3)))
-    proc = cli("train", spec_file, "--data", store, "--out", tmp_path / "run", "--fold", 0, "--quiet", cwd=tmp_path)
+    proc = cli(capsys, "train", spec_file, "--data", store, "--out", tmp_path / "run", "--fold", 0, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "test  ACC_presence" in proc.stdout
     for name in ("spec.yaml", "run.json", "log.jsonl", "metrics.json", "best/model.safetensors", "last/model.safetensors"):
         assert (tmp_path / "run" / name).exists(), name
 
-    proc = cli("evaluate", tmp_path / "run", "--data", store, cwd=tmp_path)
+    proc = cli(capsys, "evaluate", tmp_path / "run", "--data", store)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert f"Score {metrics['test']['score']:.3f}" in proc.stdout
 
-    proc = cli("predict", tmp_path / "run", "--data", store, "--out", tmp_path / "sub.json", "--split", "test",
-               "--id-suffix", ".mov", cwd=tmp_path)
+    proc = cli(capsys, "predict", tmp_path / "run", "--data", store, "--out", tmp_path / "sub.json", "--split", "test",
+               "--id-suffix", ".mov")
     assert proc.returncode == 0, proc.stderr
     sub = json.loads((tmp_path / "sub.json").read_text())["predictions"]
     assert len(sub) == metrics["test"]["n"] and all(k.endswith(".mov") for k in sub)
@@ -150,11 +160,11 @@ def test_command_line_end_to_end(tmp_path):
     with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
         assert json.loads(zf.read("sub.json"))["predictions"] == sub
 
-    proc = cli("predict", tmp_path / "run", "--data", store, "--out", tmp_path / "none.json", cwd=tmp_path)
+    proc = cli(capsys, "predict", tmp_path / "run", "--data", store, "--out", tmp_path / "none.json")
     assert proc.returncode == 2 and "no unlabelled samples" in proc.stderr
     assert not (tmp_path / "none.json").exists()
 
-    proc = cli("report", tmp_path / "run", cwd=tmp_path)
+    proc = cli(capsys, "report", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     report = tmp_path / "run" / "report"
     for name in ("learning_curves.png", "kept_per_label.png", "presence_confusion.png", "salience_confusion.png"):
