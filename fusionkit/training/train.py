@@ -547,7 +547,8 @@ def cross_validate(spec: Spec | dict | str, data: DataSource | str | os.PathLike
     the others continue (or start). ``jobs`` > 1 trains that many folds at a time, each in its
     own process (the cores are shared out among them). ``after_fold(fold, metrics, last)`` is
     called after each fold, in fold order (a sweep reports and prunes there); an exception it
-    raises stops the cross-validation, whose status then says so.
+    raises stops the cross-validation, whose status then says so. Under torchrun every rank trains
+    each fold together and rank 0 alone writes RUN; ``jobs`` must then be 1.
     """
     spec, source = on_device(load_spec(spec), device), DataSource.of(data, raw, confine, target)
     dist = setup()  # under torchrun the ranks train each fold together, and rank 0 alone writes RUN itself
