@@ -488,17 +488,23 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(synthetic_store, tmp_path):
-    """only rank 0's random state was saved and every rank restored it, so with dropout the resumed run
-    differed from its first resumed epoch on. Then a resume on another world size: a warning, and run.json says so."""
-    from fusionkit.errors import FusionkitWarning
-
+@case
+def dropout(folder: Path, store: Path) -> dict:
     spec = ddp_spec(epochs=4)
     spec["projector"] = {"dropout": 0.3}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return {"spec": folder / "spec.yaml", "data": store}
+
+
+def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(two_processes, synthetic_store, tmp_path):
+    """only rank 0's random state was saved and every rank restored it, so with dropout the resumed run
+    differed from its first resumed epoch on. Then a resume on another world size: a warning, and run.json says so.
+    The uninterrupted run is the shared launch's (its `train` call is what the command line calls)."""
+    from fusionkit.errors import FusionkitWarning
+
+    whole = launched(two_processes, "dropout")
+    (tmp_path / "spec.yaml").write_text(Path(two_processes[2]["dropout"]["spec"]).read_text())
     common = ("-m", "fusionkit", "train", tmp_path / "spec.yaml", "--data", synthetic_store, "--fold", 0, "--quiet")
-    whole = torchrun(*common, "--out", tmp_path / "whole", cwd=tmp_path)
-    assert whole.returncode == 0, whole.stderr[-3000:]
     run = tmp_path / "killed"
 
     def kill_after_epoch(n: int) -> None:
@@ -532,9 +538,9 @@ def test_a_killed_torchrun_run_with_dropout_resumes_to_the_uninterrupted_run(syn
     shutil.copytree(run, tmp_path / "killed-too")  # the same killed run, resumed below on one process
     resumed = torchrun(*common, "--out", run, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    expected = json.loads((whole / "metrics.json").read_text())
     assert close(json.loads((run / "metrics.json").read_text()), expected)
-    whole_log = [json.loads(x)["loss"] for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    whole_log = [json.loads(x)["loss"] for x in (whole / "log.jsonl").read_text().splitlines()]
     resumed_log = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]
     assert close(resumed_log, whole_log)
 
