@@ -573,26 +573,7 @@ def cross_validate(spec: Spec | dict | str, data: DataSource | str | os.PathLike
         kwargs = [dict(spec=spec.to_dict(), data=source, out=Path(out) / f"fold{fold}", fold=fold,
                        resume=resume and (Path(out) / f"fold{fold}" / "last").exists()) for fold in folds]
         try:
-            if jobs > 1:  # each process validates the spec and opens the data itself
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                threads = max(1, (os.cpu_count() or 1) // jobs)
-                with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-                    results = []
-                    for k, metrics in zip(folds, pool.map(_train_fold, kwargs)):
-                        results.append(metrics)
-                        if after_fold is not None:
-                            after_fold(k, metrics, k == folds[-1])
-            else:
-                target_store = source.open_target(spec)
-                results = []
-                for k in kwargs:
-                    results.append(_train_opened(spec, store, target_store, source.data, k["out"], k["fold"], k["resume"],
-                                                 progress, False))
-                    if after_fold is not None:
-                        after_fold(k["fold"], results[-1], k["fold"] == folds[-1])
+            results = _run_folds(spec, source, store, kwargs, jobs, progress, after_fold)
             per_fold = dict(zip(folds, results))
             summary = summarize_folds({f: m["test"] for f, m in per_fold.items()}, task_class(spec).record_keys)
         except KeyboardInterrupt:
@@ -608,6 +589,33 @@ def cross_validate(spec: Spec | dict | str, data: DataSource | str | os.PathLike
             root.update(status="finished", error=None)
     dist.close()
     return summary
+
+
+def _run_folds(spec: Spec, source: DataSource, store: FeatureStore, kwargs: list[dict[str, Any]], jobs: int,
+               progress: bool, after_fold: Callable[[int, dict[str, Any], bool], None] | None) -> list[dict[str, Any]]:
+    """Each fold's metrics, in fold order (``kwargs``: :func:`train`'s arguments per fold), trained here one after
+    another or ``jobs`` at a time in processes of their own; ``after_fold`` is called after each, in fold order."""
+    last = kwargs[-1]["fold"] if kwargs else None
+    results = []
+    if jobs > 1:  # each process validates the spec and opens the data itself
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            for k, metrics in zip(kwargs, pool.map(_train_fold, kwargs)):
+                results.append(metrics)
+                if after_fold is not None:
+                    after_fold(k["fold"], metrics, k["fold"] == last)
+        return results
+    target_store = source.open_target(spec)
+    for k in kwargs:
+        results.append(_train_opened(spec, store, target_store, source.data, k["out"], k["fold"], k["resume"],
+                                     progress, False))
+        if after_fold is not None:
+            after_fold(k["fold"], results[-1], k["fold"] == last)
+    return results
 
 
 def _train_fold(kwargs: dict[str, Any]) -> dict[str, Any]:
