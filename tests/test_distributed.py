@@ -58,7 +58,7 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_process(synthetic_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     (root / "spec.yaml").write_text(yaml.safe_dump(ddp_spec(epochs=4)))
@@ -95,10 +95,12 @@ def case(prepare: Callable[[Path, Path], dict]) -> Callable[[Path, Path], dict]:
     return prepare
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_processes(synthetic_store, tmp_path_factory):
     """Every case of :data:`CASES` run on two processes under one torchrun launch, into ROOT/NAME/two (a fusionkit
-    error into ROOT/NAME/error.txt); returns ROOT, the launch's completed process and the cases."""
+    error into ROOT/NAME/error.txt); returns ROOT, the launch's completed process and the cases. Once per session:
+    a module's fixture is torn down whenever pytest-xdist runs another module's test in between, and the launch
+    would run again."""
     root = tmp_path_factory.mktemp("two-processes")
     cases = {}
     for name, prepare in CASES.items():
