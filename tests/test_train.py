@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import subprocess
 import zipfile
 
 import numpy as np
@@ -114,19 +114,12 @@ def test_training_beats_chance_and_decoder_thresholds_come_from_validation(synth
     assert {"loss", "presence_bce", "salience_kl", "token_kl", "gate_rank", "val", "lr"} <= set(log[0])
 
 
-@dataclasses.dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def cli(capsys, *args) -> Ran:
+def cli(capsys, *args) -> subprocess.CompletedProcess:
     """A command run through the command line's entry point in this process (what `python -m fusionkit` runs; the
     process itself is tested where it matters, e.g. tests/test_safety.py)."""
     code = main([str(a) for a in args])
     out = capsys.readouterr()
-    return Ran(code, out.out, out.err)
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def test_command_line_end_to_end(tmp_path, capsys):

@@ -14,12 +14,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fusionkit.blemore.metrics import format_metric
     from fusionkit.training.train import cross_validate, train
 
-    progress = not args.quiet
+    progress, reports = not args.quiet, os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
     args.interrupt_hint = f"the run is resumable: add --resume to the same command (run: {args.out})"
     if args.cv:
         summary = cross_validate(args.spec, data_source(args, args.target), args.out, resume=args.resume, progress=progress,
                                  overwrite=args.overwrite, jobs=args.jobs, device=args.device)
-        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        if not reports:
             return 0
         print(f"cross-validation over {len(summary['score']['values'])} folds (test folds):")
         for key, value in summary.items():
@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     metrics = train(args.spec, data_source(args, args.target), args.out, fold=args.fold, resume=args.resume, progress=progress,
                     overwrite=args.overwrite, device=args.device)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+    if not reports:
         return 0
     from fusionkit.spec import load_spec
     from fusionkit.training.tasks import task_class
